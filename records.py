@@ -45,6 +45,8 @@ class EpisodeRecord:
     q_values: list[float] = field(default_factory=list)
     controller_s: float = 0.0         # telemetry + prompt analysis + Q-network
     failed: str | None = None         # reason when the episode raised and was skipped
+    hardware: list[float] = field(default_factory=list)   # telemetry vector seen (replayable)
+    truncated: bool = False           # prompt cut from the left to fit the context
 
 
 @dataclass

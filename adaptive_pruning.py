@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Runtime-adaptive pruning via RL: train, test, evaluate and report (see README.md).
+
+Thin CLI: parses arguments into a RunConfig and calls modes.py. Bad input ends in one line
+naming the fix and exit code 2 (a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import offline  # noqa: F401  (must precede transformers/datasets/lm_eval imports)
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from environment import EnvConfig
+from reward import RewardConfig
+from rl_agent import DQNConfig
+from run_config import RunConfig
+
+MODES = ("train", "test", "eval", "report")
+EXIT_USAGE = 2
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from err
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _budget(text: str) -> float | None:
+    if text.lower() in ("none", "off", "0"):
+        return None
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("latency budget must be > 0 (a multiple of the idle dense latency) or 'none'")
+    return value
+
+
+# (flag, RunConfig path, type, help). Defaults come from the dataclasses, so --help and code agree;
+# argparse defaults stay None so test mode can tell explicit flags from checkpoint settings.
+RUN_FLAGS = [
+    ("--model", "model", str, "auto | smollm2-135m | tiny | llama-3.2-1b-shape | HF id | local dir"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--seed", "seed", int, "seed for data order, exploration, network init"),
+    ("--episodes", "episodes", int, "training episodes (one prompt each)"),
+    ("--checkpoint", "checkpoint", str, "policy checkpoint to write (train) or read (test, eval)"),
+    ("--train-dataset", "train_dataset", str, "builtin | local .jsonl/.json/.csv (Dolly or Alpaca schema) | HF id"),
+    ("--train-samples", "train_samples", _positive_int, "training prompts used at most"),
+    ("--test-dataset", "test_dataset", str, "test prompts (default: held-out split of the training data set)"),
+    ("--test-samples", "test_samples", _positive_int, "held-out prompts evaluated in test mode"),
+    ("--test-fraction", "test_fraction", float, "share of the data set held out for testing"),
+    ("--importance", "importance", str, "unit ordering: magnitude | activation | block_influence"),
+    ("--targets", "targets", _words, "pruning targets in the action space (comma-separated)"),
+    ("--intensities", "intensities", _floats, "intensities per target (comma-separated fractions)"),
+    ("--scenarios", "scenarios", str, "contention scenarios: idle,light,loaded,memory (comma-separated)"),
+    ("--scenario-block", "scenario_block", _positive_int, "episodes per scenario block"),
+    ("--redecide-every", "redecide_every", int, "re-decide every N generated tokens (0: once per prompt)"),
+    ("--save-every", "save_every", _positive_int, "checkpoint and partial report every N episodes"),
+    ("--latency-table", "latency_table", str, "reuse a latency_table.json from an earlier run (reproducibility)"),
+    ("--telemetry-trace", "telemetry_trace", str, "replay hardware states from an earlier train run's metrics.json"),
+    ("--ablation", "ablation", str, "none | no_hardware | no_prompt (zero that part of the state)"),
+    ("--report-dir", "report_dir", str, "folder for report folders"),
+    ("--telemetry-hz", "telemetry_hz", float, "background telemetry sampling rate"),
+    ("--max-new-tokens", "env.max_new_tokens", _positive_int, "tokens generated per prompt (EOS ignored while timing)"),
+    ("--timing", "env.timing", str, "table (calibrated interleaved latency table) | interleaved (A B A B per episode)"),
+    ("--calibration-tokens", "env.calibration_tokens", _positive_int, "new tokens per calibration timing"),
+    ("--calibration-repeats", "env.calibration_repeats", _positive_int, "interleaved pairs per latency-table entry"),
+    ("--long-prompt-tokens", "env.long_prompt_tokens", _positive_int, "prompts this long are 'long' (KV pruning applies)"),
+    ("--alpha", "reward.alpha", float, "reward weight on log speedup"),
+    ("--beta", "reward.beta", float, "reward weight on log PPL ratio"),
+    ("--kl-weight", "reward.kl_weight", float, "reward weight on token KL(dense||pruned)"),
+    ("--energy-weight", "reward.energy_weight", float, "reward weight on log energy ratio (where measurable)"),
+    ("--latency-budget", "reward.latency_budget", _budget, "budget as a multiple of idle dense latency, or 'none'"),
+    ("--budget-weight", "reward.budget_weight", float, "penalty per unit of relative budget overrun"),
+    ("--gamma", "dqn.gamma", float, "discount (0: one decision per prompt)"),
+    ("--lr", "dqn.learning_rate", float, "Adam learning rate"),
+    ("--batch-size", "dqn.batch_size", _positive_int, "replay minibatch size"),
+    ("--buffer-size", "dqn.buffer_size", _positive_int, "replay buffer capacity"),
+    ("--learning-starts", "dqn.learning_starts", int, "transitions before the first update"),
+    ("--epsilon-start", "dqn.epsilon_start", float, "initial exploration rate"),
+    ("--epsilon-end", "dqn.epsilon_end", float, "final exploration rate"),
+    ("--exploration-fraction", "dqn.exploration_fraction", float, "share of episodes over which epsilon decays"),
+    ("--target-update", "dqn.target_update", str, "soft | hard"),
+    ("--tau", "dqn.tau", float, "soft target update rate"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = RunConfig()
+    p = argparse.ArgumentParser(prog="adaptive_pruning.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", required=True, choices=MODES, help="what to run")
+    p.add_argument("run_dirs", nargs="*", help="report mode: run folder(s); several write a comparison")
+    for flag, path, kind, text in RUN_FLAGS:
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {_get(defaults, path)})")
+    p.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
+    p.add_argument("--no-save-buffer", action="store_true", help="leave the replay buffer out of checkpoints")
+    pruning = p.add_mutually_exclusive_group()
+    pruning.add_argument("--structural", dest="structural", action="store_true", default=None,
+                         help="slice weights: real speedups (default unless STRUCTURAL_PRUNING=0 in .env)")
+    pruning.add_argument("--mask", dest="structural", action="store_false",
+                         help="zero units with hooks: quality only, NO speedup")
+    p.add_argument("--test-scenarios", default=None, help="scenarios for test mode (default: the training ones)")
+    p.add_argument("--debug", action="store_true", help="verbose logging and full tracebacks")
+    return p
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
+    """RunConfig from defaults + flags; also the config paths the user set explicitly."""
+    cfg = RunConfig(mode=args.mode)
+    explicit: set[str] = set()
+    nested = {"env": {}, "reward": {}, "dqn": {}}
+    top = {}
+    for flag, path, _, _ in RUN_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        explicit.add(path)
+        if "." in path:
+            group, name = path.split(".")
+            nested[group][name] = value
+        else:
+            top[path] = value
+    structural = args.structural
+    if structural is None:
+        structural = os.environ.get("STRUCTURAL_PRUNING", "1").strip() not in ("0", "false", "False")
+    else:
+        explicit.add("structural")
+    cfg = dataclasses.replace(cfg, **top, structural=structural, resume=args.resume,
+                              save_buffer=not args.no_save_buffer,
+                              env=dataclasses.replace(cfg.env, **nested["env"]),
+                              reward=dataclasses.replace(cfg.reward, **nested["reward"]),
+                              dqn=dataclasses.replace(cfg.dqn, **nested["dqn"], seed=top.get("seed", cfg.seed)))
+    return cfg, explicit
+
+
+def validate(cfg: RunConfig) -> None:
+    """Catch bad values before any model is loaded."""
+    if cfg.episodes <= 0 or cfg.episodes > 10_000_000:
+        raise ValueError(f"--episodes must be between 1 and 10,000,000, got {cfg.episodes}")
+    if not 0 < cfg.test_fraction < 1:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
+    if cfg.env.timing not in ("table", "interleaved"):
+        raise ValueError(f"--timing must be table or interleaved, got {cfg.env.timing}")
+    if cfg.env.max_new_tokens > 100_000:
+        raise ValueError(f"--max-new-tokens {cfg.env.max_new_tokens} is absurd: use at most the model's context")
+    if cfg.dqn.target_update not in ("soft", "hard"):
+        raise ValueError(f"--target-update must be soft or hard, got {cfg.dqn.target_update}")
+    if not 0 <= cfg.dqn.gamma <= 1:
+        raise ValueError(f"--gamma must be in [0, 1], got {cfg.dqn.gamma}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        logging.getLogger("adaptive_pruning").warning("interrupted; checkpoint and partial report were saved")
+        return 130
+    except Exception as err:   # noqa: BLE001 — the CLI boundary turns every failure into one clear line
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run(args: argparse.Namespace) -> int:
+    import modes
+
+    if args.mode == "report":
+        if not args.run_dirs:
+            raise ValueError("--mode report needs one or more run folders, e.g. reports/train-...")
+        modes.run_report([Path(d) for d in args.run_dirs])
+        return 0
+    cfg, explicit = config_from_args(args)
+    validate(cfg)
+    if args.mode == "train":
+        modes.run_train(cfg)
+    elif args.mode == "test":
+        modes.run_test(cfg, explicit, test_scenarios=args.test_scenarios)
+    else:
+        modes.run_eval(cfg, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

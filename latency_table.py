@@ -1,0 +1,82 @@
+"""Per-action latency, measured interleaved against the dense model under the current load.
+
+One timing per episode is noise; a table of interleaved (dense, pruned) medians per load
+scenario and prompt-length bucket gives a speedup that noise cannot fake and makes rewards
+reproducible for a fixed table.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LatencyEntry:
+    """Medians of interleaved timings of one action against the dense model."""
+    prefill_s: float
+    decode_per_token_s: float
+    dense_prefill_s: float
+    dense_decode_per_token_s: float
+    samples: int
+
+    def latency(self, new_tokens: int) -> float:
+        return self.prefill_s + new_tokens * self.decode_per_token_s
+
+    def dense_latency(self, new_tokens: int) -> float:
+        return self.dense_prefill_s + new_tokens * self.dense_decode_per_token_s
+
+    def speedup(self, new_tokens: int) -> float:
+        return self.dense_latency(new_tokens) / self.latency(new_tokens)
+
+
+Timer = Callable[[str, str], tuple[float, float]]   # (action label, bucket) -> (prefill_s, decode_per_token_s)
+
+
+@dataclass
+class LatencyTable:
+    entries: dict[str, LatencyEntry] = field(default_factory=dict)   # key "scenario|bucket|action"
+
+    @staticmethod
+    def key(scenario: str, bucket: str, action: str) -> str:
+        return f"{scenario}|{bucket}|{action}"
+
+    def has(self, scenario: str) -> bool:
+        return any(k.startswith(scenario + "|") for k in self.entries)
+
+    def get(self, scenario: str, bucket: str, action: str) -> LatencyEntry:
+        try:
+            return self.entries[self.key(scenario, bucket, action)]
+        except KeyError as err:
+            raise KeyError(f"no latency calibrated for action {action} ({bucket} prompts) "
+                           f"under scenario '{scenario}'") from err
+
+    def calibrate(self, scenario: str, buckets: list[str], actions: list[str], time_one: Timer,
+                  repeats: int = 2) -> None:
+        """Time dense and each action alternately (A B A B) and store per-action medians."""
+        pairs = [(b, a) for b in buckets for a in actions]
+        for bucket in buckets:
+            time_one("none", bucket)   # warm-up: first run pays allocation and thread start-up
+        for bucket, action in tqdm(pairs, desc=f"latency table [{scenario}]", leave=False):
+            dense, pruned = [], []
+            for _ in range(repeats):
+                dense.append(time_one("none", bucket))
+                pruned.append(time_one(action, bucket))
+            self.entries[self.key(scenario, bucket, action)] = LatencyEntry(
+                prefill_s=statistics.median(p for p, _ in pruned),
+                decode_per_token_s=statistics.median(d for _, d in pruned),
+                dense_prefill_s=statistics.median(p for p, _ in dense),
+                dense_decode_per_token_s=statistics.median(d for _, d in dense), samples=repeats)
+        log.info("latency table calibrated for scenario '%s': %d entries", scenario, len(pairs))
+
+    def to_dict(self) -> dict:
+        return {k: asdict(v) for k, v in self.entries.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyTable":
+        return cls({k: LatencyEntry(**v) for k, v in d.items()})

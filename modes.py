@@ -1,0 +1,134 @@
+"""What each CLI mode does, as functions a test can call without argv."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import checkpointing
+import provenance
+import reporting
+from data import load_prompts
+from records import SCHEMA_VERSION, to_jsonable
+from rl_agent import DoubleDQNAgent
+from run_config import RunConfig
+from scenarios import contention, parse_scenarios
+from session import open_session
+from state import state_feature_names
+from trainer import Trainer, evaluate_prompts, greedy_chooser, train_prompts
+
+log = logging.getLogger(__name__)
+
+
+def _metrics(kind: str, cfg: RunConfig, prov: dict, action_space: list[str], **parts) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "partial": False, "partial_reason": None,
+            "provenance": prov, "config": cfg.to_dict(),
+            "action_space": action_space, **parts}
+
+
+def _finish(run_dir, metrics: dict) -> Path:
+    run_dir.write_metrics(metrics)
+    path = reporting.render(run_dir.path)
+    print(reporting.console_summary(metrics))
+    print(f"report: {path}")
+    return run_dir.path
+
+
+def run_train(cfg: RunConfig) -> Path:
+    prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
+    texts = [p.text for p in prompts]
+    with open_session(cfg, calibration_texts=texts[:16]) as s:
+        s.env.set_calibration_prompts(texts[:64])
+        run_dir = reporting.RunDir.create(Path(cfg.report_dir), "train", s.loaded.name)
+        run_dir.write_config(cfg.to_dict())
+        prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
+                                  scenario=cfg.scenarios, nlp_backend=s.analyzer.backend)
+        trainer = Trainer(s, prompts, run_dir, prov)
+        if cfg.resume:
+            trainer.resume()
+        labels = [a.label for a in s.actions]
+
+        def write(episodes, partial=False, reason=None):
+            metrics = _metrics("train", cfg, prov, labels, episodes=to_jsonable(episodes),
+                               latency_table=s.env.table.to_dict())
+            metrics.update(partial=partial, partial_reason=reason)
+            run_dir.write_metrics(metrics)
+            return metrics
+
+        completed = trainer.run(write)
+        metrics = write(trainer.episodes, partial=not completed,
+                        reason=None if completed else "interrupted; resume with --resume")
+        (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
+        _finish(run_dir, metrics)
+        print(f"checkpoint: {cfg.checkpoint}")
+        if not completed:
+            raise KeyboardInterrupt
+        return run_dir.path
+
+
+def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) -> RunConfig:
+    """Test with the settings the policy was trained under, unless the user set them explicitly."""
+    trained = payload["config"]
+    keep = {"model", "targets", "intensities", "structural", "importance", "ablation", "train_dataset",
+            "seed", "test_fraction", "scenarios"}
+    updates = {k: (tuple(v) if isinstance(v, list) else v) for k, v in trained.items()
+               if k in keep and k not in explicit}
+    reward = dataclasses.replace(cfg.reward, **{k: v for k, v in trained["reward"].items()
+                                                if f"reward.{k}" not in explicit})
+    env = dataclasses.replace(cfg.env, **{k: v for k, v in trained["env"].items() if f"env.{k}" not in explicit})
+    return dataclasses.replace(cfg, **updates, reward=reward, env=env)
+
+
+def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: str | None = None) -> Path:
+    payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
+    cfg = config_from_checkpoint(cfg, payload, explicit)
+    if cfg.test_dataset and cfg.test_dataset != cfg.train_dataset:
+        prompt_set = load_prompts(cfg.test_dataset, seed=cfg.seed)
+    else:   # the held-out split of the training data set: never a training prompt
+        prompt_set = load_prompts(cfg.train_dataset, seed=cfg.seed).split(cfg.test_fraction, seed=cfg.seed)[1]
+    prompts = list(prompt_set.take(cfg.test_samples).prompts)
+    with open_session(cfg, calibration_texts=None) as s:
+        checkpointing.check_compatible(payload, model_id=s.loaded.name, action_space=[a.label for a in s.actions],
+                                       state_features=state_feature_names())
+        agent = DoubleDQNAgent(len(state_feature_names()), len(s.actions), cfg.dqn)
+        agent.load_state_dict(payload["agent"])
+        s.env.set_calibration_prompts([p.text for p in prompts])
+        run_dir = reporting.RunDir.create(Path(cfg.report_dir), "test", s.loaded.name)
+        run_dir.write_config(cfg.to_dict())
+        scenarios = parse_scenarios(test_scenarios or cfg.scenarios)
+        prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
+                                  scenario=",".join(sc.name for sc in scenarios), nlp_backend=s.analyzer.backend)
+        labels = [a.label for a in s.actions]
+        results = []
+        s.env.calibrate("idle", s.actions)
+        for scenario in scenarios:
+            with contention(scenario):
+                if scenario.cpu_workers:
+                    time.sleep(0.5)
+                if scenario.name != "idle":
+                    s.env.calibrate(scenario.name, s.actions)
+                results += evaluate_prompts(s, prompts, scenario.name, greedy_chooser(agent))
+                partial = _metrics("test", cfg, prov, labels, prompts=to_jsonable(results))
+                partial.update(partial=True, partial_reason="test still running")
+                run_dir.write_metrics(partial)
+        rows = to_jsonable(results)
+        metrics = _metrics("test", cfg, prov, labels, prompts=rows, checkpoint=str(cfg.checkpoint),
+                           latency_table=s.env.table.to_dict())
+        return _finish(run_dir, metrics)
+
+
+def run_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
+    missing = [d for d in run_dirs if not (Path(d) / "metrics.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no metrics.json in {', '.join(map(str, missing))}: pass a run folder under reports/")
+    if len(run_dirs) == 1:
+        path = reporting.render(Path(run_dirs[0]))
+        print(reporting.console_summary(json.loads((Path(run_dirs[0]) / "metrics.json").read_text())))
+        print(f"report: {path}")
+        return path
+    out = out_dir or Path(run_dirs[0]).parent / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = reporting.compare([Path(d) for d in run_dirs], out)
+    print(f"comparison: {path}")
+    return path

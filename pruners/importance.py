@@ -1,0 +1,177 @@
+"""Importance scores that order KV groups, FFN channels and layers (higher = keep longer).
+
+Criteria:
+- ``magnitude`` (data-free): FFN channel j = ||gate_j||*||up_j||*||down_:,j||; KV group g =
+  ||v_g||_F * ||o_:,g||_F (q/k only re-weight, v and o carry the signal). Layers: a weak
+  data-free proxy, the norm bound of how far each block can move the residual stream,
+  ||W_o|| ||W_v diag(g_in)|| + ||W_down|| ||W_up diag(g_post)||.
+- ``activation`` (Wanda-style): unit score = sum over its weights of |W_ij| * ||X_j||, where X is
+  the input of down_proj (FFN) / o_proj (heads) on calibration text; layers by Block Influence.
+- ``block_influence`` (ShortGPT): layers by BI = 1 - mean cos(layer input, layer output) on
+  calibration text; heads and FFN by magnitude.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruners.model_info import ModelDims, decoder_layers
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("magnitude", "activation", "block_influence")
+DATA_CRITERIA = ("activation", "block_influence")
+
+# Used only when a data-driven criterion is chosen without calibration prompts.
+DEFAULT_CALIBRATION = (
+    "The history of the region is marked by centuries of trade, migration and conflict between "
+    "neighbouring kingdoms, whose borders shifted with every treaty.",
+    "To compute the derivative of a product of two functions, apply the product rule: the "
+    "derivative of f times g equals f prime times g plus f times g prime.",
+    "Write a short Python function that reads a CSV file, filters the rows where the price is "
+    "above the average, and writes the result to a new file.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose; it takes place "
+    "in the chloroplasts of plant cells and releases oxygen as a by-product.",
+    "Dear team, the meeting has been moved to Thursday at three o'clock. Please bring the quarterly "
+    "figures and your notes on the new onboarding process.",
+    "She opened the old wooden door slowly, and the smell of dust and rain filled the room where "
+    "her grandfather had written his last letters.",
+    "Q: What is the capital of Australia? A: Canberra. Q: Which planet is closest to the sun? "
+    "A: Mercury. Q: How many legs does a spider have? A: Eight.",
+    "The central bank raised interest rates by a quarter point, citing persistent inflation in "
+    "services and a labour market that remains tight.",
+)
+
+
+@dataclass
+class ImportanceScores:
+    """Per-layer unit scores in the model's current channel/group order."""
+    criterion: str
+    ffn: torch.Tensor         # [layers, intermediate]
+    kv_groups: torch.Tensor   # [layers, num_kv_heads]
+    layers: torch.Tensor      # [layers]
+    layer_source: str         # "block_influence" or "magnitude"
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "ffn": self.ffn, "kv_groups": self.kv_groups,
+                "layers": self.layers, "layer_source": self.layer_source}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ImportanceScores":
+        return cls(**data)
+
+
+def _norms(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    return weight.float().norm(dim=dim)
+
+
+def _group_sum(values: torch.Tensor, n_groups: int) -> torch.Tensor:
+    return values.reshape(n_groups, -1).sum(dim=1)
+
+
+@torch.no_grad()
+def magnitude_scores(model: nn.Module, dims: ModelDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ffn [L, I], kv_groups [L, G], layers [L]) from weights alone."""
+    ffn, groups, layer_scores = [], [], []
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        ffn.append(_norms(mlp.gate_proj.weight, 1) * _norms(mlp.up_proj.weight, 1) * _norms(mlp.down_proj.weight, 0))
+        v_sq = _group_sum(_norms(attn.v_proj.weight, 1) ** 2, dims.num_kv_heads)
+        o_sq = _group_sum(_norms(attn.o_proj.weight, 0) ** 2, dims.num_kv_heads)
+        groups.append((v_sq * o_sq).sqrt())
+        g_in = layer.input_layernorm.weight.float()
+        g_post = layer.post_attention_layernorm.weight.float()
+        attn_bound = attn.o_proj.weight.float().norm() * (attn.v_proj.weight.float() * g_in).norm()
+        mlp_bound = mlp.down_proj.weight.float().norm() * (mlp.up_proj.weight.float() * g_post).norm()
+        layer_scores.append(attn_bound + mlp_bound)
+    return torch.stack(ffn).cpu(), torch.stack(groups).cpu(), torch.stack(layer_scores).cpu()
+
+
+@dataclass
+class _Activations:
+    down_sq: list[torch.Tensor]   # per layer: sum over tokens of x^2 for down_proj inputs
+    o_sq: list[torch.Tensor]      # same for o_proj inputs
+    cos_sum: torch.Tensor         # per layer: sum over tokens of cos(input, output)
+    tokens: int
+
+
+@torch.no_grad()
+def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> _Activations:
+    """One pass over the calibration prompts with hooks; nothing but sums is kept."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    acts = _Activations(down_sq=[torch.zeros(0)] * n, o_sq=[torch.zeros(0)] * n,
+                        cos_sum=torch.zeros(n, dtype=torch.float64), tokens=0)
+    layer_inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def add_sq(store: list[torch.Tensor], i: int, x: torch.Tensor) -> None:
+        sq = x.detach().double().pow(2).reshape(-1, x.shape[-1]).sum(0).cpu()
+        store[i] = sq if store[i].numel() == 0 else store[i] + sq
+
+    def layer_hooks(i: int, layer: nn.Module) -> None:
+        def pre(_m, args, kwargs):
+            layer_inputs[i] = args[0] if args else kwargs["hidden_states"]
+
+        def post(_m, _args, _kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            cos = F.cosine_similarity(layer_inputs.pop(i).float(), out.float(), dim=-1)
+            acts.cos_sum[i] += cos.double().sum().cpu()
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.register_forward_hook(post, with_kwargs=True))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: add_sq(acts.down_sq, i, a[0])))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: add_sq(acts.o_sq, i, a[0])))
+
+    for i, layer in enumerate(layers):
+        layer_hooks(i, layer)
+    device = next(model.parameters()).device
+    try:
+        for ids in calibration_ids:
+            model(input_ids=ids.to(device), use_cache=False)
+            acts.tokens += ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return acts
+
+
+def wanda_scores(model: nn.Module, dims: ModelDims, acts: _Activations) -> tuple[torch.Tensor, torch.Tensor]:
+    """Structured Wanda: sum_i |W_ij| * ||X_j|| over each unit's input columns."""
+    ffn, groups = [], []
+    for i, layer in enumerate(decoder_layers(model)):
+        down_abs = layer.mlp.down_proj.weight.detach().float().abs().sum(0).cpu()
+        ffn.append(down_abs * acts.down_sq[i].sqrt().float())
+        o_abs = layer.self_attn.o_proj.weight.detach().float().abs().sum(0).cpu()
+        groups.append(_group_sum(o_abs * acts.o_sq[i].sqrt().float(), dims.num_kv_heads))
+    return torch.stack(ffn), torch.stack(groups)
+
+
+def tokenize_calibration(texts: Sequence[str], tokenizer, max_tokens: int) -> list[torch.Tensor]:
+    ids = [tokenizer(t, return_tensors="pt", truncation=True, max_length=max_tokens).input_ids for t in texts]
+    ids = [x for x in ids if x.numel() > 1]
+    if not ids:
+        raise ValueError("calibration prompts tokenised to nothing")
+    return ids
+
+
+def compute_importance(model: nn.Module, criterion: str, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown importance criterion '{criterion}': choose from {', '.join(CRITERIA)}")
+    dims = ModelDims.from_model(model)
+    ffn, groups, layer_scores = magnitude_scores(model, dims)
+    if criterion == "magnitude":
+        return ImportanceScores(criterion, ffn, groups, layer_scores, "magnitude")
+    if not calibration_ids:
+        raise ValueError(f"importance '{criterion}' needs calibration prompts")
+    acts = collect_activations(model, calibration_ids)
+    block_influence = (1.0 - acts.cos_sum / acts.tokens).float()
+    if criterion == "activation":
+        ffn, groups = wanda_scores(model, dims, acts)
+    log.info("importance %s from %d calibration tokens", criterion, acts.tokens)
+    return ImportanceScores(criterion, ffn, groups, block_influence, "block_influence")

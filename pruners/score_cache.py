@@ -1,0 +1,63 @@
+"""Disk cache of importance scores, keyed so that a stale entry can never be reused.
+
+Key = model name + full config + a weight fingerprint (detects a different checkpoint with the
+same config, and a model whose channels were already reordered) + criterion + calibration hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruners.importance import ImportanceScores
+from pruners.model_info import decoder_layers
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def weight_fingerprint(model: nn.Module) -> str:
+    """Hash of the leading values of every projection: cheap, and order-sensitive."""
+    digest = hashlib.sha256()
+    for layer in decoder_layers(model):
+        for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
+            digest.update(proj.weight.detach()[0, :64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def calibration_hash(texts: Sequence[str] | None, max_tokens: int) -> str:
+    payload = json.dumps({"texts": list(texts or []), "max_tokens": max_tokens})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cache_key(model: nn.Module, criterion: str, texts: Sequence[str] | None, max_tokens: int) -> str:
+    config = model.config.to_dict()
+    config.pop("_attn_implementation_internal", None)
+    payload = json.dumps({"version": FORMAT_VERSION, "name": getattr(model.config, "name_or_path", ""),
+                          "config": config, "weights": weight_fingerprint(model), "criterion": criterion,
+                          "calibration": calibration_hash(texts if criterion != "magnitude" else None, max_tokens)},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def load_or_compute(path: Path, compute: Callable[[], ImportanceScores]) -> tuple[ImportanceScores, bool]:
+    """Return (scores, loaded_from_cache)."""
+    if path.is_file():
+        try:
+            scores = ImportanceScores.from_dict(torch.load(path, weights_only=True))
+            log.info("importance scores loaded from %s", path)
+            return scores, True
+        except (OSError, RuntimeError, TypeError, KeyError) as err:
+            log.warning("ignoring unreadable importance cache %s (%s)", path, err)
+    scores = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(scores.to_dict(), tmp)
+    tmp.replace(path)
+    log.info("importance scores cached at %s", path)
+    return scores, False

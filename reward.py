@@ -1,0 +1,66 @@
+"""Reward: speed gained against quality lost, both measured against the dense model.
+
+Log-ratios make a 2x speedup and a 2x perplexity increase weigh the same and keep the scale
+stable across models. The latency budget is what makes hardware state matter: under load
+the same action is slower, so a budget that the dense model meets when idle is missed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class RewardConfig:
+    alpha: float = 1.0            # weight on log(speedup)
+    beta: float = 1.0             # weight on log(PPL ratio pruned/dense)
+    kl_weight: float = 0.0        # weight on mean token KL(dense || pruned), nats
+    energy_weight: float = 0.0    # weight on log(energy ratio dense/pruned) where energy is measured
+    latency_budget: float | None = 1.1   # budget = this x idle dense latency of the prompt's bucket; None = off
+    budget_weight: float = 1.0    # penalty per unit of relative budget overrun
+    battery_tightening: float = 0.8  # budget multiplier when running on battery
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RewardTerms:
+    speed: float      # gain: alpha * log(speedup)
+    quality: float    # cost: beta * log(PPL ratio)
+    kl: float         # cost
+    energy: float     # gain: energy_weight * log(energy dense / pruned)
+    budget: float     # cost: budget_weight * relative overrun
+
+    @property
+    def total(self) -> float:
+        return self.speed - self.quality - self.kl + self.energy - self.budget
+
+
+def effective_budget(cfg: RewardConfig, idle_dense_s: float | None, on_battery: bool | None) -> float | None:
+    """Seconds allowed for a generation: fixed relative to the idle dense model, tighter on battery."""
+    if cfg.latency_budget is None or idle_dense_s is None:
+        return None
+    return cfg.latency_budget * idle_dense_s * (cfg.battery_tightening if on_battery else 1.0)
+
+
+def reward_terms(cfg: RewardConfig, *, speedup: float, ppl_ratio: float, kl: float,
+                 latency_s: float | None = None, idle_dense_s: float | None = None,
+                 energy_ratio: float | None = None, on_battery: bool | None = None) -> RewardTerms:
+    """Each term separately so reports can show what drove a decision."""
+    if not (speedup > 0 and ppl_ratio > 0 and math.isfinite(speedup) and math.isfinite(ppl_ratio)):
+        raise FloatingPointError(f"non-finite reward inputs: speedup={speedup}, ppl_ratio={ppl_ratio}")
+    budget = effective_budget(cfg, idle_dense_s, on_battery)
+    overrun = 0.0
+    if budget is not None and latency_s is not None:
+        overrun = max(0.0, latency_s / budget - 1.0)
+    energy = cfg.energy_weight * math.log(energy_ratio) if energy_ratio else 0.0
+    return RewardTerms(speed=cfg.alpha * math.log(speedup), quality=cfg.beta * math.log(ppl_ratio),
+                       kl=cfg.kl_weight * kl, energy=energy, budget=cfg.budget_weight * overrun)
+
+
+def compute_reward(cfg: RewardConfig, **kwargs) -> float:
+    value = reward_terms(cfg, **kwargs).total
+    if not math.isfinite(value):
+        raise FloatingPointError("non-finite reward")
+    return value

@@ -1,0 +1,50 @@
+"""Build the parts a run needs (model, engine, observation, environment) from a RunConfig."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from environment import PruningEnvironment
+from model_loader import LoadedModel, load_model
+from pruners import ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
+from run_config import RunConfig
+from state import StateBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    loaded: LoadedModel
+    engine: PruningEngine
+    actions: list[PruningAction]
+    states: StateBuilder
+    env: PruningEnvironment
+    sampler: object
+    analyzer: object
+
+
+def action_space(cfg: RunConfig) -> list[PruningAction]:
+    return build_action_space(ActionSpaceConfig(targets=tuple(cfg.targets), intensities=tuple(cfg.intensities)))
+
+
+@contextlib.contextmanager
+def open_session(cfg: RunConfig, calibration_texts: list[str] | None = None):
+    """Yields a Session; the telemetry sampler runs for the session's lifetime."""
+    from nlp_analyzer import PromptAnalyzer
+    from telemetry import TelemetrySampler
+
+    loaded = load_model(cfg.model, device=cfg.device)
+    engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
+                           importance=cfg.importance, calibration=calibration_texts, tokenizer=loaded.tokenizer,
+                           kv_min_tokens=cfg.env.long_prompt_tokens)
+    analyzer = PromptAnalyzer()
+    with TelemetrySampler(hz=cfg.telemetry_hz) as sampler:
+        states = StateBuilder(analyzer, sampler, tokenizer=loaded.tokenizer, ablation=cfg.ablation)
+        env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
+        try:
+            yield Session(cfg, loaded, engine, action_space(cfg), states, env, sampler, analyzer)
+        finally:
+            engine.restore()

