@@ -20,6 +20,7 @@ from pruners import NONE, PruningAction, PruningEngine
 from quality import TokenScores, mean_kl, ppl_ratio, score_reference
 from records import Outcome
 from reward import RewardConfig, reward_terms
+from telemetry import EnergyMeter
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,14 @@ class Reference:
     truncated: bool
     source: str                        # "dataset" or "dense_greedy"
     dense_total_s: float               # dense generation time of this prompt (measured once)
+    dense_energy_j: float | None       # its energy where a counter is readable
 
 
 class PruningEnvironment:
-    def __init__(self, loaded, engine: PruningEngine, reward: RewardConfig, cfg: EnvConfig):
+    def __init__(self, loaded, engine: PruningEngine, reward: RewardConfig, cfg: EnvConfig, gpu=None):
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.engine = engine
+        self.gpu = gpu                     # open NVML handle to reuse for energy metering (None: none)
         self.reward_cfg, self.cfg = reward, cfg
         self.table = LatencyTable()
         self.device = next(self.model.parameters()).device
@@ -76,7 +79,7 @@ class PruningEnvironment:
             return self._references[prompt.id]
         prompt_ids, truncated = self.encode(prompt.text)
         self.engine.restore()
-        dense = self._generate(prompt_ids, self.cfg.max_new_tokens)
+        dense, dense_energy = self._generate_metered(prompt_ids, self.cfg.max_new_tokens)
         ref_ids, source = torch.tensor(dense.tokens), "dense_greedy"
         if prompt.reference:
             answer = self.tokenizer(prompt.reference, add_special_tokens=False,
@@ -84,7 +87,7 @@ class PruningEnvironment:
             # A one-word answer ("1989") is too few tokens for a stable PPL ratio.
             if answer.numel() >= min(MIN_REFERENCE_TOKENS, self.cfg.max_new_tokens):
                 ref_ids, source = answer, "dataset"
-        ref = Reference(prompt_ids, ref_ids.to(self.device), truncated, source, dense.total_s)
+        ref = Reference(prompt_ids, ref_ids.to(self.device), truncated, source, dense.total_s, dense_energy)
         self._references[prompt.id] = ref
         return ref
 
@@ -113,6 +116,11 @@ class PruningEnvironment:
     # ---- timing --------------------------------------------------------------------------
     def _generate(self, prompt_ids: torch.Tensor, new_tokens: int) -> GenerationResult:
         return generate(self.model, prompt_ids.view(1, -1), new_tokens, engine=self.engine)
+
+    def _generate_metered(self, prompt_ids: torch.Tensor, new_tokens: int) -> tuple[GenerationResult, float | None]:
+        with EnergyMeter(gpu=self.gpu) as meter:
+            result = self._generate(prompt_ids, new_tokens)
+        return result, meter.joules
 
     def set_calibration_prompts(self, texts: list[str]) -> None:
         """Short = the median-length prompt; long = prompts joined to `long_prompt_tokens`."""
@@ -163,11 +171,11 @@ class PruningEnvironment:
         context, target = self.segment(prompt, start, length)
         dense = self.dense_scores(prompt, start, length)
         n_context, n_new = context.numel(), target.numel()
-        gen = None
+        gen, energy = None, None
         with self.engine.pruned(action):
-            pruned = score_reference(self.model, context, target, prune_cache=self.engine.cache_pruner(n_context))
+            pruned = score_reference(self.model, context, target, kv=self.engine.kv_hook)
             if measure:
-                gen = self._generate(context, n_new)
+                gen, energy = self._generate_metered(context, n_new)
         if self.cfg.timing == "interleaved" and action != NONE:
             speedup, latency = self._interleaved_speedup(context, action, n_new)
         else:
@@ -176,12 +184,13 @@ class PruningEnvironment:
             latency = entry.latency(n_new)
         ratio, kl = ppl_ratio(pruned, dense), mean_kl(dense, pruned)
         on_battery = getattr(hardware, "power_plugged", None) is False
+        whole = start == 0 and n_new == ref.ref_ids.numel()
+        energy_ratio = ref.dense_energy_j / energy if whole and energy and ref.dense_energy_j else None
         terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=ratio, kl=kl, latency_s=latency,
                              idle_dense_s=self.idle_dense_latency(self.bucket(n_context), n_new),
-                             on_battery=on_battery)
-        whole = start == 0 and n_new == ref.ref_ids.numel()
+                             energy_ratio=energy_ratio, on_battery=on_battery)
         return Outcome(action=action.label, reward=terms.total, speedup=speedup, ppl_ratio=ratio, kl=kl,
                        latency_s=gen.total_s if gen else None, prefill_s=gen.prefill_s if gen else None,
                        decode_s=gen.decode_s if gen else None,
                        measured_speedup=(ref.dense_total_s / gen.total_s) if gen and whole else None,
-                       kv_applied=gen.kv_applied if gen else None)
+                       energy_j=energy, kv_applied=gen.kv_applied if gen else None)

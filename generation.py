@@ -10,8 +10,9 @@ the same tokens as ``model.generate(do_sample=False)``.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,11 +31,17 @@ class GenerationResult:
     cache_tokens_after_prune: int     # == prompt_tokens unless the KV cache was pruned
     kv_applied: bool                  # False when there is no kv action or the prompt is too short
     kv_prune_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)   # wall time of each decode step
 
     @property
     def decode_s_per_token(self) -> float:
         steps = len(self.tokens) - 1
         return self.decode_s / steps if steps > 0 else float("nan")
+
+    @property
+    def median_step_s(self) -> float:
+        """Robust per-token decode time: a preempted step on a shared machine does not move it."""
+        return statistics.median(self.step_s) if self.step_s else float("nan")
 
 
 def _kv_pruner(engine) -> KVCachePruner | None:
@@ -108,17 +115,21 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eng
     prefilled = time.perf_counter()
     cache_after = pre.cache.get_seq_length()
 
-    tokens = [int(token)]
+    tokens, steps = [int(token)], []
     position = ids.shape[1]
+    step_started = prefilled
     while len(tokens) < max_new_tokens and tokens[-1] not in stop:
         out = model(input_ids=token, position_ids=torch.tensor([[position]], device=device),
                     past_key_values=pre.cache, use_cache=True)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        tokens.append(int(token))
+        tokens.append(int(token))            # int() waits for the device: the step is complete
         position += 1
+        now = time.perf_counter()
+        steps.append(now - step_started)
+        step_started = now
     _sync(device)
     finished = time.perf_counter()
     return GenerationResult(tokens=tokens, prefill_s=prefilled - started, decode_s=finished - prefilled,
                             total_s=finished - started, prompt_tokens=ids.shape[1],
                             cache_tokens_after_prune=cache_after, kv_applied=pre.kv_applied,
-                            kv_prune_s=pre.kv_prune_s)
+                            kv_prune_s=pre.kv_prune_s, step_s=steps)

@@ -20,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 PAGE = 4096
@@ -60,6 +62,9 @@ class LoadGenerator:
         if self._procs:
             return self
         lv = self.level
+        available_mib = psutil.virtual_memory().available >> 20
+        if lv.ballast_mib > 0.9 * available_mib:      # leave the OOM killer nothing to choose
+            raise MemoryError(f"ballast of {lv.ballast_mib} MiB exceeds 90% of the {available_mib} MiB available")
         try:
             if lv.duty > 0:
                 for _ in range(lv.workers):

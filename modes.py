@@ -11,6 +11,7 @@ import checkpointing
 import provenance
 import reporting
 from data import load_prompts
+from latency_table import LatencyTable
 from records import SCHEMA_VERSION, to_jsonable
 from rl_agent import DoubleDQNAgent
 from run_config import RunConfig
@@ -36,11 +37,23 @@ def _finish(run_dir, metrics: dict) -> Path:
     return run_dir.path
 
 
+def load_table(path: str) -> LatencyTable:
+    """A latency_table.json written by an earlier run (for reproducible rewards)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--latency-table {path} not found: pass the latency_table.json of an earlier run")
+    try:
+        return LatencyTable.from_dict(json.loads(file.read_text()))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"--latency-table {path} is not a latency table ({err})") from err
+
+
 def run_train(cfg: RunConfig) -> Path:
     prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     texts = [p.text for p in prompts]
     with open_session(cfg, calibration_texts=texts[:16]) as s:
         s.env.set_calibration_prompts(texts[:64])
+        s.analyzer.analyze_batch(texts, tokenizer=s.loaded.tokenizer, progress=True)   # fills the feature cache
         run_dir = reporting.RunDir.create(Path(cfg.report_dir), "train", s.loaded.name)
         run_dir.write_config(cfg.to_dict())
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
@@ -48,6 +61,8 @@ def run_train(cfg: RunConfig) -> Path:
         trainer = Trainer(s, prompts, run_dir, prov)
         if cfg.resume:
             trainer.resume()
+        elif cfg.latency_table:
+            s.env.table = load_table(cfg.latency_table)
         labels = [a.label for a in s.actions]
 
         def write(episodes, partial=False, reason=None):
@@ -95,6 +110,7 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
         agent = DoubleDQNAgent(len(state_feature_names()), len(s.actions), cfg.dqn)
         agent.load_state_dict(payload["agent"])
         s.env.set_calibration_prompts([p.text for p in prompts])
+        s.analyzer.analyze_batch([p.text for p in prompts], tokenizer=s.loaded.tokenizer, progress=True)
         run_dir = reporting.RunDir.create(Path(cfg.report_dir), "test", s.loaded.name)
         run_dir.write_config(cfg.to_dict())
         scenarios = parse_scenarios(test_scenarios or cfg.scenarios)
@@ -102,12 +118,15 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
                                   scenario=",".join(sc.name for sc in scenarios), nlp_backend=s.analyzer.backend)
         labels = [a.label for a in s.actions]
         results = []
-        s.env.calibrate("idle", s.actions)
+        if cfg.latency_table:
+            s.env.table = load_table(cfg.latency_table)
+        else:
+            s.env.calibrate("idle", s.actions)
         for scenario in scenarios:
             with contention(scenario):
-                if scenario.cpu_workers:
+                if scenario.loaded:
                     time.sleep(0.5)
-                if scenario.name != "idle":
+                if not s.env.table.has(scenario.name):
                     s.env.calibrate(scenario.name, s.actions)
                 results += evaluate_prompts(s, prompts, scenario.name, greedy_chooser(agent))
                 partial = _metrics("test", cfg, prov, labels, prompts=to_jsonable(results))

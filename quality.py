@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from generation import prefill
 
 
 @dataclass
@@ -20,38 +21,24 @@ class TokenScores:
     nll: float                  # mean negative log-likelihood of the reference tokens
 
 
-CachePruner = Callable[[object, int], None]   # (cache, prompt_len) -> shortens cache in place
-
-
 @torch.inference_mode()
-def score_reference(model, prompt_ids: torch.Tensor, ref_ids: torch.Tensor,
-                    prune_cache: CachePruner | None = None) -> TokenScores:
-    """Prefill the prompt, optionally prune its KV cache, then score the reference in one pass.
+def score_reference(model, prompt_ids: torch.Tensor, ref_ids: torch.Tensor, kv=None) -> TokenScores:
+    """Prefill the prompt (pruning its KV cache when `kv` applies), then score the reference in one pass.
 
     Position j of the reference is predicted from position prompt_len-1+j, so the same path
-    serves dense, width/depth-pruned and KV-pruned models.
+    serves dense, width/depth-pruned and KV-pruned models, exactly as generation sees them.
     """
-    from transformers import DynamicCache
-
     prompt_ids = prompt_ids.view(1, -1)
-    ref_ids = ref_ids.view(1, -1)
+    ref_ids = ref_ids.view(1, -1).to(prompt_ids.device)
     n_prompt, n_ref = prompt_ids.shape[1], ref_ids.shape[1]
     if n_ref == 0:
         raise ValueError("empty reference continuation")
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
-    first = out.logits[:, -1:, :]
-    if n_ref == 1:
-        logits = first
-    else:
-        if prune_cache is not None:
-            prune_cache(cache, n_prompt)
+    pre = prefill(model, prompt_ids, kv)
+    logits = pre.logits.unsqueeze(1)                                   # [1, 1, V] predicts ref[0]
+    if n_ref > 1:
         positions = torch.arange(n_prompt, n_prompt + n_ref - 1, device=prompt_ids.device).unsqueeze(0)
-        cache_len = cache.get_seq_length()
-        cache_position = torch.arange(cache_len, cache_len + n_ref - 1, device=prompt_ids.device)
-        rest = model(input_ids=ref_ids[:, :-1], past_key_values=cache, use_cache=True,
-                     position_ids=positions, cache_position=cache_position)
-        logits = torch.cat([first, rest.logits], dim=1)
+        rest = model(input_ids=ref_ids[:, :-1], position_ids=positions, past_key_values=pre.cache, use_cache=True)
+        logits = torch.cat([logits, rest.logits], dim=1)
     logprobs = F.log_softmax(logits[0].float(), dim=-1)
     nll = -logprobs.gather(1, ref_ids[0].unsqueeze(1)).mean().item()
     return TokenScores(logprobs=logprobs, nll=nll)

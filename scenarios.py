@@ -11,25 +11,30 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from load_generator import LoadGenerator, LoadLevel
+
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    cpu_workers: int = 0          # busy-loop processes
-    duty_cycle: float = 1.0       # fraction of each period a worker spins
-    ballast_mb: int = 0           # memory held while the scenario runs
+    load: LoadLevel | None = None      # None: nothing extra runs
+
+    @property
+    def loaded(self) -> bool:
+        return self.load is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def presets() -> dict[str, Scenario]:
+    """Levels scale with this machine's core count, so 'loaded' means the same on any host."""
     cores = os.cpu_count() or 1
     return {
         "idle": Scenario("idle"),
-        "light": Scenario("light", cpu_workers=max(1, cores // 2), duty_cycle=0.5),
-        "loaded": Scenario("loaded", cpu_workers=cores, duty_cycle=1.0),
-        "memory": Scenario("memory", ballast_mb=2048),
+        "light": Scenario("light", LoadLevel(workers=max(1, cores // 2), duty=0.5)),
+        "loaded": Scenario("loaded", LoadLevel(workers=cores, duty=1.0)),
+        "memory": Scenario("memory", LoadLevel(workers=0, ballast_mib=2048)),
     }
 
 
@@ -51,15 +56,10 @@ class ScenarioSchedule:
         self.scenarios, self.block, self.seed = scenarios, block, seed
 
     def scenario_for(self, episode: int) -> Scenario:
-        block_index = episode // self.block
-        rng = np.random.default_rng([self.seed, block_index])
+        rng = np.random.default_rng([self.seed, episode // self.block])
         return self.scenarios[int(rng.integers(len(self.scenarios)))]
 
 
 def contention(scenario: Scenario):
-    """Context manager running the scenario's load; idle scenarios run nothing."""
-    if scenario.cpu_workers == 0 and scenario.ballast_mb == 0:
-        return contextlib.nullcontext()
-    from load_generator import LoadGenerator
-    return LoadGenerator(cpu_workers=scenario.cpu_workers, duty_cycle=scenario.duty_cycle,
-                         ballast_mb=scenario.ballast_mb)
+    """Context manager running the scenario's load for as long as it is entered."""
+    return LoadGenerator(scenario.load) if scenario.loaded else contextlib.nullcontext()

@@ -37,13 +37,16 @@ def open_session(cfg: RunConfig, calibration_texts: list[str] | None = None):
     from telemetry import TelemetrySampler
 
     loaded = load_model(cfg.model, device=cfg.device)
+    if cfg.env.max_new_tokens >= loaded.context_length // 2:
+        raise ValueError(f"--max-new-tokens {cfg.env.max_new_tokens} leaves too little of {loaded.name}'s "
+                         f"{loaded.context_length}-token context for the prompt: use at most {loaded.context_length // 2 - 1}")
     engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
                            importance=cfg.importance, calibration=calibration_texts, tokenizer=loaded.tokenizer,
                            kv_min_tokens=cfg.env.long_prompt_tokens)
     analyzer = PromptAnalyzer()
-    with TelemetrySampler(hz=cfg.telemetry_hz) as sampler:
+    with TelemetrySampler(rate_hz=cfg.telemetry_hz) as sampler:
         states = StateBuilder(analyzer, sampler, tokenizer=loaded.tokenizer, ablation=cfg.ablation)
-        env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
+        env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, gpu=sampler.probe.gpu)
         try:
             yield Session(cfg, loaded, engine, action_space(cfg), states, env, sampler, analyzer)
         finally:

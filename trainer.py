@@ -114,30 +114,26 @@ class Trainer:
 
     def run(self, metrics_writer) -> bool:
         """Train; returns True when all episodes ran, False when interrupted."""
-        env, agent, cfg = self.s.env, self.agent, self.cfg
-        if not self.s.env.table.has("idle"):
-            self.ensure_calibrated("idle")        # the latency budget is relative to idle dense latency
-        current, load = None, contextlib.nullcontext()
+        cfg = self.cfg
+        current, load = None, contextlib.ExitStack()
         bar = tqdm(range(self.start_episode, cfg.episodes), desc="train", initial=self.start_episode,
                    total=cfg.episodes)
         next_episode = self.start_episode
         try:
             with sigterm_as_interrupt():
+                self.ensure_calibrated("idle")     # the latency budget is relative to idle dense latency
                 for episode in bar:
                     scenario = self.schedule.scenario_for(episode)
                     if scenario != current:
-                        load.__exit__(None, None, None)
-                        load = contention(scenario)
-                        load.__enter__()
+                        load.close()
+                        load.enter_context(contention(scenario))
                         current = scenario
-                        time.sleep(0.5 if scenario.cpu_workers else 0.0)   # let telemetry see the load
+                        time.sleep(0.5 if scenario.loaded else 0.0)   # let telemetry see the load
                         self.ensure_calibrated(scenario.name)
                     records = self.episode(episode, scenario.name)
                     self.episodes.extend(records)
                     next_episode = episode + 1
-                    record = records[-1]
-                    if record.outcome:
-                        bar.set_postfix_str(f"{scenario.name} {record.outcome.action} r={record.outcome.reward:+.3f}")
+                    bar.set_postfix_str(self.live_summary(scenario.name))
                     if next_episode % cfg.save_every == 0:
                         self.save(next_episode)
                         metrics_writer(self.episodes, partial=True)
@@ -148,7 +144,7 @@ class Trainer:
             metrics_writer(self.episodes, partial=True, reason=f"interrupted after episode {next_episode}")
             return False
         finally:
-            load.__exit__(None, None, None)
+            load.close()
         self.save(cfg.episodes)
         return True
 
@@ -165,6 +161,14 @@ class Trainer:
             return [(0, None)]
         total = self.s.env.reference(prompt).ref_ids.numel()
         return [(start, n) for start in range(0, total, n)]
+
+    def live_summary(self, scenario: str, window: int = 20) -> str:
+        """Scenario, last action and the recent mean reward, for the progress bar."""
+        recent = [r.outcome.reward for r in self.episodes[-window:] if r.outcome]
+        last = self.episodes[-1]
+        action = last.outcome.action if last.outcome else "failed"
+        mean = f"{sum(recent) / len(recent):+.3f}" if recent else "n/a"
+        return f"{scenario} | {action} | mean r (last {len(recent)}) {mean}"
 
     def episode(self, episode: int, scenario: str) -> list[EpisodeRecord]:
         """One prompt: one decision, or a decision every --redecide-every tokens (gamma applies)."""

@@ -1,8 +1,9 @@
 """Does every pruning action buy the speed its size promises? One row per action.
 
 Columns: parameters read per decoded token, ideal decode speedup (bytes read per token,
-dense / pruned; the tied lm_head is read every token), measured decode speedup (interleaved
-dense/pruned runs, medians, EOS ignored), achieved / ideal, prefill speedup, apply+restore time
+dense / pruned; the tied lm_head is read every token), measured decode speedup (median over
+interleaved dense/pruned run pairs of the ratio of median decode-step times, EOS ignored),
+achieved / ideal, prefill speedup, apply+restore time
 (median of 100), the time naive pruning takes to rebuild nn.Linear modules, and the WikiText-2
 perplexity ratio pruned / dense on a fixed slice (skipped for random-weight models).
 KV-cache actions run on a long prompt (--kv-prompt-tokens); their PPL scores the tokens that
@@ -12,24 +13,31 @@ follow a pruned long context.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import math
-import platform
-import statistics
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import os
 
-import torch
+# Before torch loads OpenMP: on a shared machine a spinning OpenMP thread that loses its core
+# stalls every op (measured here under load ~6 on 2 cores: SmolLM2 decode 190-260 ms/token
+# with the default policy, ~60 ms passive; 1 thread ~60 ms). Override by exporting it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 from torch import nn
 
-import model_loader
-from generation import generate, prefill
-from pruners import ACTION_SPACE, NONE, PruningAction
-from pruners.engine import PruningEngine
-from pruners.kv_cache import KVCachePruner
+import model_loader  # noqa: E402
+from generation import generate, prefill  # noqa: E402
+from pruners import ACTION_SPACE, NONE, PruningAction  # noqa: E402
+from pruners.engine import PruningEngine  # noqa: E402
+from pruners.kv_cache import KVCachePruner  # noqa: E402
 
 log = logging.getLogger("bench.pruning_speed")
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
@@ -128,9 +136,9 @@ def kv_mean_nll(model: nn.Module, windows: list[torch.Tensor], context: int, kv:
     return total / count
 
 
-def timed_pair(engine: PruningEngine, action: PruningAction, prompt: torch.Tensor, new_tokens: int,
-               repeats: int) -> tuple[list, list]:
-    """Interleaved A/B runs (ABBA order) so drifting load hits both sides alike."""
+def timed_pairs(engine: PruningEngine, action: PruningAction, prompt: torch.Tensor, new_tokens: int,
+                repeats: int) -> tuple[list, list]:
+    """Interleaved A/B runs (ABAB.. with alternating order) so drifting load hits both sides alike."""
     model = engine.model
     dense, pruned = [], []
     for rep in range(repeats):
@@ -148,10 +156,19 @@ def median_of(results, attr: str) -> float:
     return statistics.median(getattr(r, attr) for r in results)
 
 
-def wikitext_ids(path: Path, tokenizer) -> torch.Tensor:
+def paired_speedup(dense: list, pruned: list, attr: str) -> float:
+    """Median over adjacent (dense, pruned) pairs of dense / pruned: slow load drift cancels."""
+    return statistics.median(getattr(d, attr) / getattr(p, attr) for d, p in zip(dense, pruned))
+
+
+def wikitext_ids(path: Path, tokenizer, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of the file (a fixed slice; at most 8 characters per token read)."""
     if not path.is_file():
         raise SystemExit(f"WikiText-2 not found at {path}: pass --wikitext-path")
-    return tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ids = tokenizer(path.read_text(encoding="utf-8")[: 8 * tokens], return_tensors="pt").input_ids[0]
+    if ids.numel() < tokens:
+        raise SystemExit(f"{path} gives only {ids.numel()} tokens, {tokens} needed")
+    return ids[:tokens]
 
 
 def calibration_texts(path: Path, count: int = 16) -> list[str]:
@@ -163,12 +180,15 @@ def calibration_texts(path: Path, count: int = 16) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     loaded = model_loader.load_model(args.model, device=args.device)
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     real_weights = loaded.source != "random"
     importance = args.importance or ("activation" if real_weights else "magnitude")
-    text_ids = wikitext_ids(args.wikitext_path, tok).to(device)
+    kv_len = args.kv_prompt_tokens + args.kv_ppl_scored_tokens
+    needed = max(args.ppl_windows * args.ppl_window_tokens, args.kv_ppl_windows * kv_len, args.kv_prompt_tokens)
+    text_ids = wikitext_ids(args.wikitext_path, tok, needed).to(device)
     calibration = calibration_texts(args.wikitext_path) if importance != "magnitude" else None
     engine = PruningEngine(model, mode=args.mode, importance=importance, calibration=calibration, tokenizer=tok,
                            kv_policy=args.kv_policy)
@@ -177,7 +197,6 @@ def run(args: argparse.Namespace) -> dict:
     kv_prompt = text_ids[:args.kv_prompt_tokens]
 
     windows = [text_ids[i * args.ppl_window_tokens:(i + 1) * args.ppl_window_tokens] for i in range(args.ppl_windows)]
-    kv_len = args.kv_prompt_tokens + args.kv_ppl_scored_tokens
     kv_windows = [text_ids[i * kv_len:(i + 1) * kv_len] for i in range(args.kv_ppl_windows)]
     dense_nll = mean_nll(model, windows) if real_weights else None
     dense_kv_nll = kv_mean_nll(model, kv_windows, args.kv_prompt_tokens, None) if real_weights else None
@@ -189,14 +208,14 @@ def run(args: argparse.Namespace) -> dict:
             continue
         is_kv = action.target == "kv_cache"
         ids = kv_prompt if is_kv else prompt
-        dense_runs, pruned_runs = timed_pair(engine, action, ids, args.new_tokens, args.repeats)
-        dense_tok, pruned_tok = median_of(dense_runs, "decode_s_per_token"), median_of(pruned_runs, "decode_s_per_token")
+        dense_runs, pruned_runs = timed_pairs(engine, action, ids, args.new_tokens, args.repeats)
+        dense_tok, pruned_tok = median_of(dense_runs, "median_step_s"), median_of(pruned_runs, "median_step_s")
         ideal = engine.ideal_speedup(action, ids.numel(), args.new_tokens / 2)
-        measured = dense_tok / pruned_tok
+        measured = paired_speedup(dense_runs, pruned_runs, "median_step_s")
         switch_us = median_us(lambda: (engine.apply(action), engine.restore()), 100, device)
         rebuild = None
         if action.target in ("attention_heads", "ffn_neurons"):
-            rebuild = median_us(lambda: rebuild_linears(engine, action), 5, device) / 1e3
+            rebuild = median_us(lambda: rebuild_linears(engine, action), 3, device) / 1e3
         ppl_ratio = None
         if real_weights:
             with engine.pruned(action):
@@ -209,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
             action=action.label, effective_intensity=engine.effective_intensity(action, ids.numel() if is_kv else None),
             params_per_token=engine.decode_cost(action).weight_params, ideal_speedup=ideal,
             decode_speedup=measured, achieved_over_ideal=measured / ideal,
-            prefill_speedup=median_of(dense_runs, "prefill_s") / median_of(pruned_runs, "prefill_s"),
+            prefill_speedup=paired_speedup(dense_runs, pruned_runs, "prefill_s"),
             dense_decode_ms=dense_tok * 1e3, pruned_decode_ms=pruned_tok * 1e3, apply_restore_us=switch_us,
             rebuild_ms=rebuild, ppl_ratio=ppl_ratio, prompt_tokens=ids.numel(),
             cache_tokens=pruned_runs[0].cache_tokens_after_prune))
@@ -220,6 +239,8 @@ def run(args: argparse.Namespace) -> dict:
                 "kv_prompt_tokens": kv_prompt.numel(), "dtype": str(next(model.parameters()).dtype),
                 "dense_params_per_token": engine.decode_cost(NONE).weight_params,
                 "dense_ppl": math.exp(dense_nll) if dense_nll is not None else None,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
                 "torch": torch.__version__, "platform": platform.platform(), "cpu": platform.processor()}
     return {"settings": settings, "rows": [asdict(r) for r in rows]}
 
@@ -230,7 +251,8 @@ def format_table(result: dict) -> str:
             f"importance={s['importance']}, kv={s['kv_policy']}; {s['new_tokens']} new tokens, {s['repeats']} "
             f"interleaved pairs; prompt {s['prompt_tokens']} tok (KV: {s['kv_prompt_tokens']}); dense "
             f"{s['dense_params_per_token'] / 1e6:.1f}M params/token"
-            + (f", dense PPL {s['dense_ppl']:.2f}" if s["dense_ppl"] else ""))
+            + (f", dense PPL {s['dense_ppl']:.2f}" if s["dense_ppl"] else "")
+            + f"; OMP_WAIT_POLICY={s['omp_wait_policy']}, load avg before/after {s['loadavg_1m_before_after']}")
     cols = ("action", "eff", "Mparam/tok", "ideal", "decode", "ach/ideal", "prefill", "ms/tok d->p",
             "switch us", "rebuild ms", "PPL ratio", "cache")
     lines = [head, " | ".join(cols), " | ".join("-" * len(c) for c in cols)]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import offline
 from pruners.actions import NONE, PruningAction
 from pruners.cost import DecodeCost, decode_cost, ideal_speedup
 from pruners.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels
@@ -39,7 +40,15 @@ MODES = ("structural", "mask")
 
 
 class PruningEngine:
-    """Reversible structured pruning of one LLaMA-family model (one action at a time)."""
+    """Reversible structured pruning of one LLaMA-family model (one action at a time).
+
+    mode: "structural" slices weights (real speedup); "mask" zeroes the same units with hooks
+    (quality checks only, no speedup). Layer and KV actions are real in both modes.
+    importance: "magnitude" | "activation" | "block_influence" (see pruners.importance);
+    the data-driven ones read ``calibration`` prompts (a built-in set when None) with ``tokenizer``.
+    cache_dir: folder for the score cache (default ``offline.cache_dir()/importance``).
+    kv_*: policy, minimum prompt length and attention sinks of kv_cache actions.
+    """
 
     def __init__(self, model: nn.Module, mode: str = "structural", importance: str = "magnitude",
                  calibration: Sequence[str] | None = None, tokenizer=None, cache_dir: Path | None = None,
@@ -55,10 +64,9 @@ class PruningEngine:
         self.scores, self.importance_from_cache = self._importance(
             importance, calibration, tokenizer, cache_dir, calibration_max_tokens)
         self._reorder()
-        layers = decoder_layers(model)
+        projections = [(cut.path, cut.dim) for cut in attention_cuts(1, self.dims) + ffn_cuts(1)]
         self._linears = {(i, path): PrefixLinear(layer.get_submodule(path), dim)
-                         for i, layer in enumerate(layers)
-                         for path, dim in ((c.path, c.dim) for c in attention_cuts(1, self.dims) + ffn_cuts(1))}
+                         for i, layer in enumerate(decoder_layers(model)) for path, dim in projections}
         self._layers = LayerDropper(model)
         self._masks = InputMasks()
         self._plans: dict[PruningAction, PruningPlan] = {}
@@ -76,9 +84,7 @@ class PruningEngine:
             if not calibration:
                 log.info("importance '%s': no calibration prompts given, using the built-in set", criterion)
             texts = list(calibration or DEFAULT_CALIBRATION)
-        if cache_dir is None:
-            import offline
-            cache_dir = offline.cache_dir() / "importance"
+        cache_dir = offline.cache_dir() / "importance" if cache_dir is None else cache_dir
         path = Path(cache_dir) / f"{criterion}-{cache_key(self.model, criterion, texts, max_tokens)}.pt"
 
         def compute() -> ImportanceScores:
@@ -198,11 +204,12 @@ class PruningEngine:
         if plan.layers_kept is not None:
             return 1 - len(plan.layers_kept) / dims.num_layers
         if plan.kv is not None:
-            return action.intensity if prompt_tokens is None else 1 - plan.kv.budget(prompt_tokens) / prompt_tokens
+            return action.intensity if not prompt_tokens else 1 - plan.kv.budget(prompt_tokens) / prompt_tokens
         return 0.0
 
     def parameters_in_use(self) -> int:
-        """Parameters the current forward multiplies (tied embeddings counted once; masks don't count)."""
+        """Parameters the current forward multiplies (tied embeddings counted once). Mask mode
+        reports the dense count: its hooks zero units, the full matrices are still multiplied."""
         return sum(p.numel() for p in self.model.parameters())   # de-duplicates tied weights
 
     def decode_cost(self, action: PruningAction, prompt_tokens: int = 0, generated: float = 0.0) -> DecodeCost:

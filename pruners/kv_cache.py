@@ -57,8 +57,11 @@ class KVCachePruner:
         """Sorted kept positions: [budget] (streaming) or [batch, kv_heads, budget] (h2o)."""
         budget = self.budget(length)
         sinks = torch.arange(self.sink_tokens)
-        if self.policy == "streaming" or scores is None:
+        if self.policy == "streaming":
             return torch.cat([sinks, torch.arange(length - (budget - self.sink_tokens), length)])
+        if scores is None:
+            raise ValueError("h2o needs the prefill's attention scores: run it under record_attention "
+                             "(generation.prefill does)")
         recent = (budget - self.sink_tokens) // 2
         heavy = budget - self.sink_tokens - recent
         middle = scores[..., self.sink_tokens:length - recent]

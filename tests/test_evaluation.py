@@ -1,7 +1,6 @@
 """Evaluation suite on the tiny model: window arithmetic, local lm-eval tasks, the policy route, errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from eval_routes import EvaluationError, ModelSpec, PolicyRoute, parse_specs
 from evaluation import EvalConfig, run_evaluation
 from lm_eval_run import evaluate_tasks
 from lm_eval_tasks import KNOWN_TASKS, builtin_tasks_dir, parse_task_data, prepare_tasks, wikitext_documents
-from pruners import NONE, PruningAction
+from pruners import NONE, PruningAction, PruningEngine
 from wikitext_ppl import (CorpusText, compute_perplexity, load_wikitext2_test, make_windows, raw_file_rows)
 
 ACTIONS = [PruningAction("ffn_neurons", 0.5), NONE, PruningAction("transformer_layers", 0.25)]
@@ -59,12 +58,10 @@ class ScalingEngine:
 
 
 def real_engine(model):
-    from pruners.engine import PruningEngine
     return PruningEngine(model, mode="structural")
 
 
-ENGINES = [ScalingEngine, pytest.param(real_engine, marks=pytest.mark.skipif(
-    importlib.util.find_spec("pruners.engine") is None, reason="pruners.engine not written yet"))]
+ENGINES = [ScalingEngine, real_engine]
 
 
 class CheckingEngine:

@@ -35,6 +35,7 @@ def test_result_accounting(tiny):
     assert result.cache_tokens_after_prune == 16 and not result.kv_applied
     assert 0 < result.prefill_s <= result.total_s and 0 < result.decode_s <= result.total_s
     assert result.decode_s_per_token == pytest.approx(result.decode_s / 5)
+    assert len(result.step_s) == 5 and sum(result.step_s) <= result.decode_s
 
 
 def test_stops_at_eos_unless_ignored(tiny):

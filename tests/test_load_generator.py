@@ -85,6 +85,12 @@ def test_invalid_levels_are_refused(kwargs: dict) -> None:
         LoadLevel(**kwargs)
 
 
+def test_ballast_beyond_available_memory_is_refused() -> None:
+    too_much = psutil.virtual_memory().available >> 20
+    with pytest.raises(MemoryError):
+        LoadGenerator(LoadLevel(workers=1, ballast_mib=too_much)).start()
+
+
 def test_zero_level_starts_nothing() -> None:
     with LoadGenerator(LoadLevel(workers=3, duty=0.0)) as load:
         assert load.pids == []

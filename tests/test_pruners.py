@@ -208,6 +208,8 @@ def test_h2o_keeps_sinks_recent_window_and_heaviest_tokens():
     assert keep[0, 0, :2].tolist() == [0, 1] and keep[0, 0, -9:].tolist() == list(range(31, 40))
     assert keep[0, 0, 2:11].tolist() == list(range(10, 19))
     assert keep[0, 1, 2:11].tolist() == list(range(5, 14))
+    with pytest.raises(ValueError, match="attention scores"):
+        pruner.keep_indices(40, None)      # never silently fall back to another policy
 
 
 # ------------------------------------------------------------------ importance cache

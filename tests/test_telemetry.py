@@ -191,6 +191,19 @@ def test_sampler_latest_is_cheap_and_stops_cleanly(no_gpu) -> None:
     assert not [t for t in threading.enumerate() if t.name == "telemetry-sampler"]
 
 
+def test_cpu_fields_are_averages_over_the_window(monkeypatch, no_gpu) -> None:
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 4)
+    probe = HardwareProbe()
+    try:
+        start = telemetry.CpuCounters(monotonic=10.0, busy_s=100.0, total_s=400.0, process_s=5.0)
+        end = telemetry.CpuCounters(monotonic=11.0, busy_s=103.0, total_s=404.0, process_s=6.0)
+        state = probe.read(start, end)
+    finally:
+        probe.close()
+    assert state.cpu_percent == pytest.approx(75.0)           # 3 of 4 core-seconds busy
+    assert state.process_cpu_percent == pytest.approx(25.0)   # 1 core-second of 4
+
+
 def test_background_load_raises_the_cpu_field(no_gpu) -> None:
     """Busy loops on every core (started and stopped by the test) must show in cpu_util."""
     with TelemetrySampler(rate_hz=20, window_s=0.5) as sampler:
