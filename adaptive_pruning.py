@@ -6,12 +6,17 @@ naming the fix and exit code 2 (a traceback only with --debug).
 """
 from __future__ import annotations
 
-import offline  # noqa: F401  (must precede transformers/datasets/lm_eval imports)
+import os
+
+# Before torch loads OpenMP: under contention (the load scenarios) a spinning OpenMP thread
+# that loses its core stalls every op; passive waiting keeps a loaded machine usable.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import offline  # noqa: E402,F401  (must precede transformers/datasets/lm_eval imports)
 
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -156,7 +161,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Catch bad values before any model is loaded."""
+    """Catch bad values before any model or data is loaded."""
+    from model_loader import check_model_name
+    from scenarios import parse_scenarios
+    check_model_name(cfg.model)
+    parse_scenarios(cfg.scenarios)
     if cfg.episodes <= 0 or cfg.episodes > 10_000_000:
         raise ValueError(f"--episodes must be between 1 and 10,000,000, got {cfg.episodes}")
     if not 0 < cfg.test_fraction < 1:

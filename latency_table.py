@@ -58,8 +58,12 @@ class LatencyTable:
 
     def calibrate(self, scenario: str, buckets: list[str], actions: list[str], time_one: Timer,
                   repeats: int = 2) -> None:
-        """Time dense and each action alternately (A B A B) and store per-action medians."""
+        """Time dense and each action alternately (A B A B) and store per-action medians.
+
+        Entries are committed together at the end, so an interrupted calibration leaves none.
+        """
         pairs = [(b, a) for b in buckets for a in actions]
+        fresh: dict[str, LatencyEntry] = {}
         for bucket in buckets:
             time_one("none", bucket)   # warm-up: first run pays allocation and thread start-up
         for bucket, action in tqdm(pairs, desc=f"latency table [{scenario}]", leave=False):
@@ -67,11 +71,12 @@ class LatencyTable:
             for _ in range(repeats):
                 dense.append(time_one("none", bucket))
                 pruned.append(time_one(action, bucket))
-            self.entries[self.key(scenario, bucket, action)] = LatencyEntry(
+            fresh[self.key(scenario, bucket, action)] = LatencyEntry(
                 prefill_s=statistics.median(p for p, _ in pruned),
                 decode_per_token_s=statistics.median(d for _, d in pruned),
                 dense_prefill_s=statistics.median(p for p, _ in dense),
                 dense_decode_per_token_s=statistics.median(d for _, d in dense), samples=repeats)
+        self.entries.update(fresh)
         log.info("latency table calibrated for scenario '%s': %d entries", scenario, len(pairs))
 
     def to_dict(self) -> dict:

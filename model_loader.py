@@ -66,6 +66,7 @@ def load_model(name: str = "auto", device: str = "auto", dtype: torch.dtype | No
     dev = resolve_device(device)
     dtype = dtype or _default_dtype(dev)
     started = time.perf_counter()
+    check_model_name(name)
     if name == "auto":
         loaded = _load_auto(dtype)
     elif name == EMBEDDED_NAME:
@@ -74,16 +75,35 @@ def load_model(name: str = "auto", device: str = "auto", dtype: torch.dtype | No
         loaded = _load_random(name, dtype)
     elif Path(name).expanduser().exists():
         loaded = _load_local(Path(name).expanduser(), dtype)
-    elif "/" in name:
-        loaded = _load_hub(name, dtype)
     else:
-        raise ModelLoadError(
-            f"unknown model '{name}': use auto, {EMBEDDED_NAME}, tiny, llama-3.2-1b-shape, "
-            "a Hugging Face id (org/name) or a local directory")
+        loaded = _load_hub(name, dtype)
     loaded.model.to(dev).eval().requires_grad_(False)
     log.info("loaded %s (%s, %.1fM params) in %.1fs", loaded.name, loaded.source,
              loaded.num_parameters / 1e6, time.perf_counter() - started)
     return loaded
+
+
+def check_model_name(name: str) -> None:
+    """Fail before any data or weights are read when `name` cannot possibly load."""
+    import offline as off
+    path = Path(name).expanduser()
+    if name in ("auto", EMBEDDED_NAME, "tiny", "llama-3.2-1b-shape"):
+        return
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json): pass a folder written by save_pretrained")
+        return
+    if "/" not in name:
+        raise ModelLoadError(
+            f"unknown model '{name}': use auto, {EMBEDDED_NAME}, tiny, llama-3.2-1b-shape, "
+            "a Hugging Face id (org/name) or a local directory")
+    if off.is_offline():
+        raise ModelLoadError(_offline_message(name))
+
+
+def _offline_message(model_id: str) -> str:
+    return (f"cannot download '{model_id}': the Hugging Face Hub is unreachable (offline). Use "
+            f"--model {EMBEDDED_NAME} (embedded) or --model /path/to/saved/model")
 
 
 def _load_auto(dtype: torch.dtype) -> LoadedModel:
@@ -182,8 +202,6 @@ def _ensure_pad(tok) -> None:
 
 def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a model directory (no config.json): pass a folder written by save_pretrained")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -196,9 +214,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
 def _load_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
     import offline as off
     if off.is_offline():
-        raise ModelLoadError(
-            f"cannot download '{model_id}': the Hugging Face Hub is unreachable (offline). Use "
-            f"--model {EMBEDDED_NAME} (embedded) or --model /path/to/saved/model")
+        raise ModelLoadError(_offline_message(model_id))
     from transformers import AutoModelForCausalLM, AutoTokenizer
     token = off.hf_token()
     try:

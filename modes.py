@@ -18,7 +18,7 @@ from run_config import RunConfig
 from scenarios import contention, parse_scenarios
 from session import open_session
 from state import state_feature_names
-from trainer import Trainer, evaluate_prompts, greedy_chooser, train_prompts
+from trainer import Trainer, evaluate_prompts, greedy_chooser, sigterm_as_interrupt, train_prompts
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,12 @@ def load_table(path: str) -> LatencyTable:
 def run_train(cfg: RunConfig) -> Path:
     prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     texts = [p.text for p in prompts]
-    with open_session(cfg, calibration_texts=texts[:16]) as s:
-        s.env.set_calibration_prompts(texts[:64])
-        s.analyzer.analyze_batch(texts, tokenizer=s.loaded.tokenizer, progress=True)   # fills the feature cache
-        run_dir = reporting.RunDir.create(Path(cfg.report_dir), "train", s.loaded.name)
-        run_dir.write_config(cfg.to_dict())
+    with sigterm_as_interrupt(), open_session(cfg, calibration_texts=texts[:16]) as s:
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
                                   scenario=cfg.scenarios, nlp_backend=s.analyzer.backend)
-        trainer = Trainer(s, prompts, run_dir, prov)
-        if cfg.resume:
-            trainer.resume()
-        elif cfg.latency_table:
-            s.env.table = load_table(cfg.latency_table)
         labels = [a.label for a in s.actions]
+        trainer = Trainer(s, prompts, prov)
+        run_dir = reporting.RunDir.create(Path(cfg.report_dir), "train", s.loaded.name)
 
         def write(episodes, partial=False, reason=None):
             metrics = _metrics("train", cfg, prov, labels, episodes=to_jsonable(episodes),
@@ -72,9 +65,25 @@ def run_train(cfg: RunConfig) -> Path:
             run_dir.write_metrics(metrics)
             return metrics
 
-        completed = trainer.run(write)
+        completed = False
+        try:   # from here on an interrupt always leaves a checkpoint and a partial report
+            run_dir.write_config(cfg.to_dict())
+            if cfg.resume:
+                trainer.resume()
+            elif cfg.latency_table:
+                s.env.table = load_table(cfg.latency_table)
+            s.env.set_calibration_prompts(texts[:64])
+            s.analyzer.analyze_batch(texts, tokenizer=s.loaded.tokenizer, progress=True)   # fills the feature cache
+            trainer.run(write)
+            completed = True
+        except KeyboardInterrupt as err:
+            log.warning("interrupted (%s) after episode %d: saving checkpoint and partial report",
+                        err, trainer.next_episode)
+            s.engine.restore()
+            trainer.save(trainer.next_episode)
         metrics = write(trainer.episodes, partial=not completed,
-                        reason=None if completed else "interrupted; resume with --resume")
+                        reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
+                                                      "continue with --resume")
         (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
         _finish(run_dir, metrics)
         print(f"checkpoint: {cfg.checkpoint}")

@@ -6,34 +6,37 @@ and report.md. ``render`` rebuilds plots and report.md from metrics.json alone, 
 (partial metrics.json) or an old run can always be re-reported. report.md, the console summary
 and the stored summary are all built from the same ``summaries.summarize`` dict.
 
-Figures are drawn on ``matplotlib.figure.Figure`` objects (no pyplot, no global backend or
-rcParams change); the style is applied with ``matplotlib.rc_context``.
+This module is the public entry point (``RunDir``, ``render``, ``compare``, ``console_summary``,
+``load_metrics``, ``report_markdown``); the figures live in ``report_plots`` and the metrics.json
+checks in ``metrics_schema``, and their public names are re-exported here.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import re
 import tempfile
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, is_dataclass
 from datetime import datetime
 from pathlib import Path
 
-import matplotlib
-import matplotlib.colors
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 import provenance
 import summaries
-from records import RUN_KINDS, SCHEMA_VERSION, EpisodeRecord, PromptResult, to_jsonable
-from summaries import ALL, DENSE, action_intensity, action_target
+from metrics_schema import is_number
+from records import RUN_KINDS, SCHEMA_VERSION, to_jsonable
+from report_plots import overlay_pareto, overlay_reward
+from summaries import ALL, DENSE
+
+# Re-exported: these names lived here before the plots and the schema checks had modules of their own.
+from metrics_schema import MAX_PROBLEMS, SPEED_NUMBERS, TASK_NUMBERS, validate_metrics  # noqa: F401
+from report_plots import (  # noqa: F401
+    DENSE_COLOUR, ORACLE_COLOUR, PLOTS, POLICY_COLOUR, RANDOM_COLOUR, STYLE, TARGET_CMAPS, PlotFn, action_colour,
+    model_colour, plot_action_choice, plot_action_usage, plot_baselines, plot_evaluation, plot_latency_breakdown,
+    plot_loss, plot_outcome_boxes, plot_pareto, plot_training_reward, render_plots)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +44,6 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
-MAX_PROBLEMS = 25
-TASK_NUMBERS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")
-SPEED_NUMBERS = ("prefill_tok_s", "decode_tok_s", "latency_s", "peak_rss_mb", "energy_j", "controller_s")
 
 # --------------------------------------------------------------------------- run folders
 
@@ -144,160 +144,6 @@ def load_metrics(run_dir: Path) -> dict:
     return data
 
 
-# --------------------------------------------------------------------------- schema validation
-
-
-def validate_metrics(d: object) -> list[str]:
-    """Problems with a metrics.json object (empty when valid); record fields are checked against records.py."""
-    if not isinstance(d, Mapping):
-        return [f"metrics must be an object, got {type(d).__name__}"]
-    problems: list[str] = []
-    version = d.get("schema_version")
-    if version is None:
-        problems.append("schema_version: missing")
-    elif version != SCHEMA_VERSION:
-        problems.append(f"schema_version: {version!r} is not supported (this code reads {SCHEMA_VERSION})")
-    kind = d.get("kind")
-    if kind not in RUN_KINDS:
-        problems.append(f"kind: {kind!r} is not one of {', '.join(RUN_KINDS)}")
-    _expect(d, "partial", bool, problems, required=True)
-    if d.get("partial_reason") is not None:
-        _expect(d, "partial_reason", str, problems)
-    for key in ("provenance", "config", "summary"):
-        _expect(d, key, Mapping, problems, required=key != "summary")
-    _check_value(d.get("action_space", []), list[str], "action_space", problems)
-    required = {"train": "episodes", "test": "prompts", "eval": "evaluation", "baselines": "baselines"}.get(kind)
-    if required and required not in d:
-        problems.append(f"{required}: missing (a {kind} run records it, empty while nothing is done yet)")
-    _check_value(d.get("episodes", []), list[EpisodeRecord], "episodes", problems)
-    _check_value(d.get("prompts", []), list[PromptResult], "prompts", problems)
-    _check_ablations(d.get("ablations", {}), problems)
-    _check_evaluation(d.get("evaluation", {"models": {}}), problems)
-    _check_baselines(d.get("baselines", []), problems)
-    if len(problems) > MAX_PROBLEMS:
-        problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problems"]
-    return problems
-
-
-def _expect(d: Mapping, key: str, typ: type, problems: list[str], required: bool = False) -> None:
-    if key not in d:
-        if required:
-            problems.append(f"{key}: missing")
-    elif not isinstance(d[key], typ) or (typ is not bool and isinstance(d[key], bool)):
-        problems.append(f"{key}: expected {typ.__name__}, got {type(d[key]).__name__}")
-
-
-def _check_value(value: object, hint: object, path: str, problems: list[str]) -> None:
-    """Check a JSON value against a records.py type hint (scalars, X | None, list[X], dict[str, X], records)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return
-        options = [a for a in args if a is not type(None)]
-        trial: list[str] = []
-        for option in options:
-            trial = []
-            _check_value(value, option, path, trial)
-            if not trial:
-                return
-        problems.extend(trial if len(options) == 1 else [f"{path}: {_type_name(value)} matches none of {hint}"])
-    elif is_dataclass(hint):
-        _check_record(value, hint, path, problems)
-    elif origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{path}: expected a list, got {_type_name(value)}")
-            return
-        for i, item in enumerate(value):
-            _check_value(item, args[0], f"{path}[{i}]", problems)
-    elif origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{path}: expected an object, got {_type_name(value)}")
-            return
-        for key, item in value.items():
-            _check_value(item, args[1], f"{path}.{key}", problems)
-    elif not _is_instance(value, hint):
-        problems.append(f"{path}: expected {getattr(hint, '__name__', hint)}, got {_type_name(value)}")
-
-
-def _is_instance(value: object, hint: object) -> bool:
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _check_record(value: object, cls: type, path: str, problems: list[str]) -> None:
-    if not isinstance(value, Mapping):
-        problems.append(f"{path}: expected a {cls.__name__} object, got {_type_name(value)}")
-        return
-    hints = _record_hints(cls)
-    for f in fields(cls):
-        if f.name in value:
-            _check_value(value[f.name], hints[f.name], f"{path}.{f.name}", problems)
-        elif f.default is MISSING and f.default_factory is MISSING:
-            problems.append(f"{path}.{f.name}: missing")
-
-
-@functools.lru_cache(maxsize=None)
-def _record_hints(cls: type) -> dict[str, object]:
-    """Resolved field types of a record class (memoised: thousands of records share a few classes)."""
-    return typing.get_type_hints(cls)
-
-
-def _check_ablations(ablations: object, problems: list[str]) -> None:
-    if not isinstance(ablations, Mapping):
-        problems.append(f"ablations: expected an object, got {_type_name(ablations)}")
-        return
-    for name, value in ablations.items():
-        if not isinstance(value, Mapping):
-            _check_value(value, list[PromptResult], f"ablations.{name}", problems)
-
-
-def _check_evaluation(evaluation: object, problems: list[str]) -> None:
-    models = evaluation.get("models") if isinstance(evaluation, Mapping) else None
-    if not isinstance(models, Mapping):
-        problems.append("evaluation.models: expected an object of model label -> results")
-        return
-    for label, m in models.items():
-        path = f"evaluation.models.{label}"
-        if not isinstance(m, Mapping):
-            problems.append(f"{path}: expected an object, got {_type_name(m)}")
-            continue
-        _check_numbers(m.get("wikitext") or {}, ("ppl", "tokens"), f"{path}.wikitext", problems)
-        tasks = m.get("tasks", {})
-        if not isinstance(tasks, Mapping):
-            problems.append(f"{path}.tasks: expected an object, got {_type_name(tasks)}")
-            tasks = {}
-        for task, row in tasks.items():
-            _check_numbers(row, TASK_NUMBERS, f"{path}.tasks.{task}", problems)
-        _check_numbers(m.get("speed", {}), SPEED_NUMBERS, f"{path}.speed", problems)
-        _check_value(m.get("actions", {}), dict[str, int], f"{path}.actions", problems)
-
-
-def _check_numbers(row: object, keys: Sequence[str], path: str, problems: list[str]) -> None:
-    """The named fields, where present, are numbers or null; other fields are the producer's business."""
-    if not isinstance(row, Mapping):
-        problems.append(f"{path}: expected an object, got {_type_name(row)}")
-        return
-    for key in keys:
-        if key in row:
-            _check_value(row[key], float | None, f"{path}.{key}", problems)
-
-
-def _check_baselines(rows: object, problems: list[str]) -> None:
-    if not isinstance(rows, list):
-        problems.append(f"baselines: expected a list, got {_type_name(rows)}")
-        return
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping) or not isinstance(row.get("method"), str):
-            problems.append(f"baselines[{i}]: expected an object with a 'method' name")
-
-
-def _type_name(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
 # --------------------------------------------------------------------------- number formatting
 # One formatter for report.md and the console, so the two always print the same strings.
 
@@ -342,427 +188,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return lines + [""]
-
-
-# --------------------------------------------------------------------------- colours and style
-
-STYLE = {
-    "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 9.5,
-    "ytick.labelsize": 9.5, "legend.fontsize": 8.5, "figure.titlesize": 13,
-    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-    "savefig.dpi": 150, "svg.hashsalt": "adaptive-pruning", "svg.fonttype": "path",
-}
-TARGET_CMAPS = {"kv_cache": "Blues", "attention_heads": "Oranges", "ffn_neurons": "Greens",
-                "transformer_layers": "Purples"}
-DENSE_COLOUR = "#000000"
-POLICY_COLOUR = "#d62728"
-ORACLE_COLOUR = "#d4a017"
-RANDOM_COLOUR = "#7f7f7f"
-
-
-def action_colour(label: str) -> tuple[float, float, float, float]:
-    """Fixed target -> colour family, intensity -> shade (darker = more pruned), same in every run."""
-    target = action_target(label)
-    if target == "none":
-        return matplotlib.colors.to_rgba(DENSE_COLOUR)
-    cmap = matplotlib.colormaps[TARGET_CMAPS.get(target, "YlOrBr")]
-    return cmap(float(np.clip(0.35 + 1.1 * action_intensity(label), 0.35, 0.95)))
-
-
-def model_colour(label: str) -> tuple[float, float, float, float]:
-    """Evaluation model labels: dense, static:<action>, policy:<checkpoint>."""
-    kind, _, rest = label.partition(":")
-    if kind == "policy":
-        return matplotlib.colors.to_rgba(POLICY_COLOUR)
-    if kind == "static":
-        return action_colour(rest)
-    return action_colour(DENSE if kind in ("dense", DENSE) else label)
-
-
-def _save(fig: Figure, out: Path) -> list[Path]:
-    """PNG for screens, SVG for print; Date metadata dropped so re-renders are byte-identical."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png, svg = out.with_suffix(".png"), out.with_suffix(".svg")
-    fig.savefig(png)
-    fig.savefig(svg, metadata={"Date": None})
-    return [png, svg]
-
-
-def _rotate_xticks(ax) -> None:
-    """Long action labels: slanted, anchored at their right end under the tick."""
-    for label in ax.get_xticklabels():
-        label.set(rotation=50, ha="right", rotation_mode="anchor")
-
-
-def _skip(name: str, why: str) -> list[Path]:
-    log.info("plot %s skipped: %s", name, why)
-    return []
-
-
-def _summary(metrics: Mapping, summary: Mapping | None) -> Mapping:
-    return summary if summary is not None else summaries.summarize(metrics)
-
-
-def _errbar(ci: Mapping) -> list[list[float]]:
-    mean, lo, hi = _ci_parts(ci)
-    return [[mean - lo], [hi - mean]]
-
-
-def _action_legend(fig: Figure, labels: Sequence[str], extra: Sequence[Line2D] = (), marker: str = "s") -> None:
-    handles = list(extra) + [Line2D([], [], marker="s" if a == DENSE else marker, ls="", color=action_colour(a),
-                                    markersize=8, label=a) for a in labels]
-    fig.legend(handles=handles, loc="outside right upper", ncols=1 if len(handles) <= 16 else 2)
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def plot_training_reward(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """Reward per episode, its moving average, and epsilon on a twin axis."""
-    series = summaries.per_episode_series(metrics.get("episodes") or [])
-    pts = [(e, r) for e, r in zip(series["episode"], series["reward"]) if r is not None]
-    if not pts:
-        return _skip("training_reward", "no episode with an outcome")
-    eps, rewards = zip(*pts)
-    window = summaries.default_window(len(rewards))
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(8, 4.5), layout="constrained")
-        ax = fig.add_subplot()
-        ax.plot(eps, rewards, ".", color=RANDOM_COLOUR, alpha=0.5, label="reward per episode")
-        ax.plot(eps, summaries.moving_average(rewards, window), color=POLICY_COLOUR, lw=2,
-                label=f"moving average ({window} episodes)")
-        ax.set(xlabel="episode", ylabel="reward (unitless)", title="Training reward")
-        twin = ax.twinx()
-        twin.plot(series["episode"], series["epsilon"], "--", color="#1f77b4", label="ε (exploration rate)")
-        twin.set(ylabel="ε (probability of a random action)", ylim=(0, 1.05))
-        twin.grid(False)
-        twin.spines["right"].set_visible(True)
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="lower right")
-        return _save(fig, out)
-
-
-def plot_loss(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """TD loss per episode (log scale when positive) with a moving average."""
-    series = summaries.per_episode_series(metrics.get("episodes") or [])
-    pts = [(e, v) for e, v in zip(series["episode"], series["loss"]) if v is not None]
-    if not pts:
-        return _skip("loss", "no loss recorded (replay buffer never reached a batch?)")
-    eps, losses = zip(*pts)
-    window = summaries.default_window(len(losses))
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(8, 4), layout="constrained")
-        ax = fig.add_subplot()
-        ax.plot(eps, losses, color=RANDOM_COLOUR, alpha=0.5, lw=1, label="loss per episode")
-        ax.plot(eps, summaries.moving_average(losses, window), color=POLICY_COLOUR, lw=2,
-                label=f"moving average ({window} episodes)")
-        if min(losses) > 0:
-            ax.set_yscale("log")
-        ax.set(xlabel="episode", ylabel="TD loss (Huber, reward units²)", title="Q-network loss")
-        ax.legend()
-        return _save(fig, out)
-
-
-def plot_action_usage(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """Stacked share of each action per window of decisions: how the choice settles during training."""
-    episodes = metrics.get("episodes") or []
-    if not episodes:
-        return _skip("action_usage", "no episodes")
-    usage = summaries.windowed_action_shares(episodes, metrics.get("action_space"))
-    labels = list(usage["shares"])
-    # Each window is a flat block from its first episode to the next window's first (contiguous steps).
-    x = [v for s, e in zip(usage["start"], usage["start"][1:] + usage["end"][-1:]) for v in (s, e)]
-    ys = [[v for v in usage["shares"][a] for _ in (0, 1)] for a in labels]
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(9, 4.5), layout="constrained")
-        ax = fig.add_subplot()
-        ax.stackplot(x, *ys, colors=[action_colour(a) for a in labels], labels=labels, lw=0)
-        ax.set(xlabel="episode", ylabel="share of decisions", ylim=(0, 1), xlim=(min(x), max(x)),
-               title=f"Action usage over training (windows of {usage['window']} decisions)")
-        _action_legend(fig, labels)
-        return _save(fig, out)
-
-
-def plot_action_choice(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """Policy's choice by prompt-complexity bucket and by load scenario (test; greedy choices if train)."""
-    choice = _choice_tables(_summary(metrics, summary))
-    if choice is None:
-        return _skip("action_choice", "no test prompts or greedy training decisions")
-    title, panels, order = choice
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(10, 4.5), layout="constrained")
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, (xlabel, counts) in zip(axes, panels):
-            _stacked_shares(ax, counts, order)
-            ax.set(xlabel=xlabel, ylabel="share of prompts", ylim=(0, 1.08))
-        fig.suptitle(title)
-        _action_legend(fig, [a for a in order if any(a in c for c in (v for _, p in panels for v in p.values()))])
-        return _save(fig, out)
-
-
-def _choice_tables(summary: Mapping) -> tuple[str, list[tuple[str, dict]], list[str]] | None:
-    test = summary.get("test")
-    if test:
-        groups = test["by_scenario"]
-        overall = groups[ALL if ALL in groups else test["scenarios"][0]]
-        panels = [("prompt complexity (tertiles)", overall["by_complexity"]),
-                  ("load scenario", {s: groups[s]["policy_actions"] for s in test["scenarios"]})]
-        return "Policy's action choice on held-out prompts", panels, test["actions"]
-    train = summary.get("train")
-    if train and train["greedy_by_scenario"]:
-        panels = [("prompt complexity (tertiles)", train["greedy_by_complexity"]),
-                  ("load scenario", train["greedy_by_scenario"])]
-        return "Greedy (non-exploring) choices during training", panels, list(train["per_action"])
-    return None
-
-
-def _stacked_shares(ax, counts: Mapping[str, Mapping[str, int]], order: Sequence[str]) -> None:
-    groups = list(counts)
-    totals = [sum(counts[g].values()) or 1 for g in groups]
-    bottom = np.zeros(len(groups))
-    for a in order:
-        share = np.array([counts[g].get(a, 0) / t for g, t in zip(groups, totals)])
-        if share.any():
-            ax.bar(groups, share, bottom=bottom, color=action_colour(a), width=0.7, edgecolor="white", lw=0.5)
-            bottom += share
-    for i, t in enumerate(totals):
-        ax.text(i, 1.01, f"n={t}", ha="center", va="bottom", fontsize=9)
-
-
-def plot_outcome_boxes(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """Distribution over prompts of speedup and PPL ratio per action (test: every static action + policy)."""
-    data = _outcome_samples(metrics)
-    if not data:
-        return _skip("outcome_boxes", "no outcomes")
-    labels = list(data)
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(max(8, 0.45 * len(labels) + 3), 7.5), layout="constrained")
-        axes = fig.subplots(2, 1, sharex=True)
-        for ax, metric, ylabel in ((axes[0], "speedup", "speedup (× vs dense)"),
-                                   (axes[1], "ppl_ratio", "PPL ratio (pruned / dense)")):
-            values = [data[a][metric] or [np.nan] for a in labels]
-            box = ax.boxplot(values, tick_labels=labels, patch_artist=True, widths=0.6, showfliers=True,
-                             medianprops={"color": "white", "lw": 1.5})
-            for patch, a in zip(box["boxes"], labels):
-                patch.set_facecolor(POLICY_COLOUR if a == "policy" else action_colour(a))
-            ax.axhline(1.0, color=DENSE_COLOUR, lw=0.8, ls=":")
-            ax.set_ylabel(ylabel)
-            finite = [v for vs in values for v in vs if np.isfinite(v) and v > 0]
-            if metric == "ppl_ratio" and finite and max(finite) / min(finite) > 20:
-                ax.set_yscale("log")
-        _rotate_xticks(axes[1])
-        fig.suptitle("Speed and quality per action (1.0 = dense)")
-        return _save(fig, out)
-
-
-def _outcome_samples(metrics: Mapping) -> dict[str, dict[str, list[float]]]:
-    """{action: {"speedup": [...], "ppl_ratio": [...]}} in action-space order, finite values only."""
-    outcomes: list[tuple[str, Mapping]] = []
-    if metrics.get("prompts"):
-        for p in metrics["prompts"]:
-            outcomes += [("policy", p["policy"])] + list(p["static"].items())
-    else:
-        outcomes = [(e["outcome"]["action"], e["outcome"]) for e in metrics.get("episodes") or [] if e.get("outcome")]
-    order = summaries.order_actions({a for a, _ in outcomes} - {"policy"}, metrics.get("action_space"))
-    order = (["policy"] if metrics.get("prompts") else []) + order
-    data = {a: {"speedup": [], "ppl_ratio": []} for a in order}
-    for a, o in outcomes:
-        for m in ("speedup", "ppl_ratio"):
-            v = o.get(m)
-            if isinstance(v, (int, float)) and np.isfinite(v):
-                data[a][m].append(float(v))
-    return data
-
-
-def plot_pareto(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """Speedup vs PPL ratio: every static action, dense, random, oracle and the policy, 95% CIs, static front."""
-    test = _summary(metrics, summary).get("test")
-    if not test:
-        return _skip("pareto", "no test prompts")
-    groups = test["scenarios"]
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(6.2 * len(groups) + 2.5, 5.5), layout="constrained")
-        axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
-        for ax, group in zip(axes, groups):
-            _pareto_panel(ax, test["by_scenario"][group], f"scenario {group}")
-        axes[0].set_ylabel("PPL ratio (pruned / dense, lower is better)")
-        extra = [Line2D([], [], marker="*", ls="", color=POLICY_COLOUR, markersize=14, label="policy (95% CI)"),
-                 Line2D([], [], marker="P", ls="", color=ORACLE_COLOUR, markersize=10, label="oracle"),
-                 Line2D([], [], marker="D", ls="", color=RANDOM_COLOUR, markersize=8, label="random action"),
-                 Line2D([], [], ls="--", color=DENSE_COLOUR, label="static Pareto front")]
-        _action_legend(fig, [a for a in test["actions"] if any(a in test["by_scenario"][g]["static"] for g in groups)],
-                       extra, marker="o")
-        fig.suptitle("Speed vs quality: learned policy against static pruning")
-        return _save(fig, out)
-
-
-def _pareto_panel(ax, group: Mapping, title: str) -> None:
-    static = group["static"]
-    for a, s in static.items():
-        if s["speedup"]["mean"] is None or s["ppl_ratio"]["mean"] is None:
-            continue
-        ax.errorbar(s["speedup"]["mean"], s["ppl_ratio"]["mean"], xerr=_errbar(s["speedup"]),
-                    yerr=_errbar(s["ppl_ratio"]), fmt="s" if a == DENSE else "o", color=action_colour(a),
-                    markersize=9 if a == DENSE else 7, elinewidth=0.8, capsize=2, zorder=3)
-    front = group["pareto"]["front"]
-    ax.plot([static[a]["speedup"]["mean"] for a in front], [static[a]["ppl_ratio"]["mean"] for a in front],
-            "--", color=DENSE_COLOUR, lw=1, zorder=2)
-    for arm, marker, colour, size in (("random", "D", RANDOM_COLOUR, 8), ("oracle", "P", ORACLE_COLOUR, 11),
-                                      ("policy", "*", POLICY_COLOUR, 17)):
-        point = group[arm]
-        if point["speedup"]["mean"] is None or point["ppl_ratio"]["mean"] is None:
-            continue
-        ax.errorbar(point["speedup"]["mean"], point["ppl_ratio"]["mean"], xerr=_errbar(point["speedup"]),
-                    yerr=_errbar(point["ppl_ratio"]), fmt=marker, color=colour, markersize=size,
-                    markeredgecolor="black", markeredgewidth=0.6, elinewidth=1.2, capsize=3, zorder=5)
-    ax.axvline(1.0, color=DENSE_COLOUR, lw=0.6, ls=":")
-    ax.axhline(1.0, color=DENSE_COLOUR, lw=0.6, ls=":")
-    ax.set(xlabel="speedup (× vs dense, higher is better)", title=f"{title} (n={group['n']})")
-
-
-def plot_latency_breakdown(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """Controller overhead next to prefill and decode time, seconds per prompt."""
-    summary = _summary(metrics, summary)
-    bars = _latency_bars(summary)
-    if not bars:
-        return _skip("latency_breakdown", "no timing recorded")
-    parts = (("controller", "controller_s", POLICY_COLOUR), ("prefill", "prefill_s", "#1f77b4"),
-             ("decode", "decode_s", "#9ecae1"), ("generation (not split)", "generation_s", RANDOM_COLOUR))
-    names = list(bars)
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(max(7, 0.5 * len(names) + 3), 5), layout="constrained")
-        ax = fig.add_subplot()
-        bottom = np.zeros(len(names))
-        for label, key, colour in parts:
-            values = np.array([bars[n].get(key) or 0.0 for n in names])
-            if values.any():
-                ax.bar(names, values, bottom=bottom, color=colour, label=label, width=0.7)
-                bottom += values
-        ax.set(ylabel="seconds per prompt (mean)", title="Where the time goes: controller vs model",
-               xlabel="policy per scenario, then each static action over all prompts" if "test" in summary
-               else "action chosen during training")
-        _rotate_xticks(ax)
-        ax.legend()
-        return _save(fig, out)
-
-
-def _latency_bars(summary: Mapping) -> dict[str, dict[str, float | None]]:
-    """Bar name -> mean seconds per part; generation_s only where prefill/decode are not split."""
-    bars: dict[str, dict] = {}
-    test, train = summary.get("test"), summary.get("train")
-    if test:
-        for s in test["scenarios"]:
-            bars[f"policy ({s})"] = dict(test["by_scenario"][s]["overhead"])
-        overall = test["by_scenario"][test["groups"][-1]]
-        for a, st in overall["static"].items():
-            bars[a] = {"controller_s": 0.0, **st["timing"]}
-    elif train:
-        controller = train["overhead"]["controller_s"]
-        for a, pa in train["per_action"].items():
-            bars[a] = {"controller_s": controller, "prefill_s": pa["prefill_s"], "decode_s": pa["decode_s"],
-                       "latency_s": pa["latency_s"]}
-    for b in bars.values():
-        split = b.get("prefill_s") is not None or b.get("decode_s") is not None
-        b["generation_s"] = None if split else b.get("latency_s")
-    return {k: v for k, v in bars.items() if any(v.get(p) for p in ("prefill_s", "decode_s", "generation_s"))}
-
-
-def plot_evaluation(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """WikiText-2 PPL and zero-shot accuracy per task for each evaluated model."""
-    ev = _summary(metrics, summary).get("evaluation")
-    if not ev:
-        return _skip("evaluation", "no evaluation results")
-    models = list(ev["models"])
-    colours = [model_colour(m) for m in models]
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(max(10, 1.2 * len(ev["tasks"]) * max(1, len(models) / 3) + 5), 5),
-                     layout="constrained")
-        ax_ppl, ax_acc = fig.subplots(1, 2, width_ratios=[1, max(1, len(ev["tasks"]))])
-        ppl = [ev["models"][m]["ppl"] for m in models]
-        ax_ppl.bar(range(len(models)), [p or 0 for p in ppl], color=colours)
-        for i, p in enumerate(ppl):
-            if p is not None:
-                ax_ppl.text(i, p, f"{p:.2f}", ha="center", va="bottom", fontsize=8)
-        finite = [p for p in ppl if p]
-        if finite and max(finite) / min(finite) > 10:
-            ax_ppl.set_yscale("log")
-        ax_ppl.set_xticks(range(len(models)), models)
-        _rotate_xticks(ax_ppl)
-        ax_ppl.set(ylabel="WikiText-2 perplexity (lower is better)", title="Perplexity")
-        _accuracy_bars(ax_acc, ev, models, colours)
-        fig.suptitle("Evaluation per model")
-        return _save(fig, out)
-
-
-def _accuracy_bars(ax, ev: Mapping, models: Sequence[str], colours: Sequence) -> None:
-    tasks = ev["tasks"]
-    if not tasks:
-        ax.set_axis_off()
-        return
-    width = 0.8 / len(models)
-    for i, (m, colour) in enumerate(zip(models, colours)):
-        rows = [ev["models"][m]["tasks"].get(t, {}) for t in tasks]
-        acc = [100 * (r.get("acc") or 0) for r in rows]
-        err = [100 * (r.get("acc_stderr") or 0) for r in rows]
-        ax.bar(np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width, acc, width, yerr=err,
-               color=colour, label=m, capsize=2, error_kw={"elinewidth": 0.8})
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set(ylabel="accuracy (%, ± stderr)", title="Zero-shot accuracy", ylim=(0, 100))
-    ax.legend(ncols=min(3, len(models)))
-
-
-def plot_baselines(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
-    """Static baselines: speedup vs WikiText-2 PPL, one line per method over budgets, front marked."""
-    rows = metrics.get("baselines") or []
-    front = set((_summary(metrics, summary).get("baselines") or {}).get("front", []))
-    usable = [r for r in rows if _number(r.get("speedup")) and _number(r.get("ppl"))]
-    if not usable:
-        return _skip("baselines", "no baseline with speedup and PPL")
-    methods = list(dict.fromkeys(r["method"] for r in usable))
-    palette = matplotlib.colormaps["tab10"]
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(8, 5.5), layout="constrained")
-        ax = fig.add_subplot()
-        for i, method in enumerate(methods):
-            mine = sorted((r for r in usable if r["method"] == method), key=lambda r: r["speedup"])
-            ax.plot([r["speedup"] for r in mine], [r["ppl"] for r in mine], "o-", color=palette(i % 10),
-                    label=method)
-            on_front = [r for r in mine if summaries.baseline_label(r) in front]
-            ax.plot([r["speedup"] for r in on_front], [r["ppl"] for r in on_front], "o", ms=12, mfc="none",
-                    color=DENSE_COLOUR)
-        ax.set(xlabel="speedup (× vs dense)", ylabel="WikiText-2 perplexity", title="Static baselines "
-               "(circled: Pareto front)")
-        ax.legend()
-        return _save(fig, out)
-
-
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
-
-
-PlotFn = Callable[[Mapping, Path, "Mapping | None"], list[Path]]
-PLOTS: tuple[tuple[str, str, PlotFn], ...] = (
-    ("training_reward", "Training reward and exploration rate", plot_training_reward),
-    ("loss", "Q-network loss", plot_loss),
-    ("action_usage", "Action usage over training", plot_action_usage),
-    ("action_choice", "Action choice by prompt complexity and load scenario", plot_action_choice),
-    ("outcome_boxes", "Speedup and PPL ratio per action", plot_outcome_boxes),
-    ("pareto", "Pareto plot: speedup vs PPL ratio", plot_pareto),
-    ("latency_breakdown", "Latency breakdown: controller vs prefill vs decode", plot_latency_breakdown),
-    ("evaluation", "Evaluation: perplexity and accuracy per model", plot_evaluation),
-    ("baselines", "Static baselines: speedup vs perplexity", plot_baselines),
-)
-
-
-def render_plots(metrics: Mapping, plots_dir: Path, summary: Mapping | None = None) -> dict[str, list[Path]]:
-    """Every plot whose data the run has; name -> files written."""
-    summary = _summary(metrics, summary)
-    written = {}
-    for name, _, fn in PLOTS:
-        paths = fn(metrics, plots_dir / name, summary)
-        if paths:
-            written[name] = paths
-    return written
 
 
 # --------------------------------------------------------------------------- report.md
@@ -1023,12 +448,12 @@ def _evaluation_section(ev: Mapping) -> list[str]:
 
 def _task_cell(row: Mapping) -> str:
     acc = row.get("acc")
-    if not _number(acc):
+    if not is_number(acc):
         return "–"
     text = f"{100 * acc:.1f}"
-    if _number(row.get("acc_stderr")):
+    if is_number(row.get("acc_stderr")):
         text += f" ± {100 * row['acc_stderr']:.1f}"
-    if _number(row.get("acc_norm")):
+    if is_number(row.get("acc_norm")):
         text += f" ({100 * row['acc_norm']:.1f})"
     return text
 
@@ -1039,7 +464,7 @@ def _pct_or_dash(x: float | None) -> str:
 
 def _baselines_section(rows: Sequence[Mapping], b: Mapping) -> list[str]:
     fixed = ("method", "budget", "params", "speedup", "ppl")
-    extra = sorted({k for r in rows for k, v in r.items() if k not in fixed and _number(v)})
+    extra = sorted({k for r in rows for k, v in r.items() if k not in fixed and is_number(v)})
     front = set(b.get("front", []))
     table = [(r.get("method"), fmt(r.get("budget")), fmt(r.get("params")), fmt(r.get("speedup")), fmt(r.get("ppl"), 2),
               *(fmt(r.get(k)) for k in extra), "yes" if summaries.baseline_label(r) in front else "")
@@ -1073,7 +498,8 @@ def _config_section(config: object) -> list[str]:
 
 def console_summary(metrics: Mapping, summary: Mapping | None = None) -> str:
     """The short end-of-run summary; the same formatted numbers as the report.md tables."""
-    summary = _summary(metrics, summary)
+    if summary is None:
+        summary = summaries.summarize(metrics)
     lines = [f"{metrics.get('kind', 'run')} run" + (f" (PARTIAL: {metrics.get('partial_reason') or 'unfinished'})"
                                                      if metrics.get("partial") else "")]
     if "train" in summary:
@@ -1106,8 +532,8 @@ def compare(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     sums = {name: summaries.summarize(m) for name, m in runs}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {name: paths for name, paths in (("comparison_reward", _overlay_reward(runs, out_dir / PLOTS_DIR)),
-                                             ("comparison_pareto", _overlay_pareto(runs, sums, out_dir / PLOTS_DIR)))
+    plots = {name: paths for name, paths in (("comparison_reward", overlay_reward(runs, out_dir / PLOTS_DIR)),
+                                             ("comparison_pareto", overlay_pareto(runs, sums, out_dir / PLOTS_DIR)))
              if paths}
     lines = [f"# Comparison of {len(runs)} runs", ""]
     lines += _table(["run", "kind", "model", "seed", "partial", "wall time (s)"],
@@ -1181,49 +607,3 @@ def _compare_eval(sums: Mapping[str, Mapping]) -> list[str]:
         return []
     return ["## Evaluation", ""] + _table(["run", "model", "WikiText-2 PPL", "PPL ratio", "mean acc %",
                                            "decode tok/s"], rows)
-
-
-def _overlay_reward(runs: Sequence[tuple[str, Mapping]], plots_dir: Path) -> list[Path]:
-    curves = []
-    for name, m in runs:
-        series = summaries.per_episode_series(m.get("episodes") or [])
-        pts = [(e, r) for e, r in zip(series["episode"], series["reward"]) if r is not None]
-        if pts:
-            curves.append((name, *zip(*pts)))
-    if not curves:
-        return []
-    palette = matplotlib.colormaps["tab10"]
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(9, 4.5), layout="constrained")
-        ax = fig.add_subplot()
-        for i, (name, eps, rewards) in enumerate(curves):
-            ax.plot(eps, summaries.moving_average(rewards, summaries.default_window(len(rewards))),
-                    color=palette(i % 10), lw=2, label=name)
-        ax.set(xlabel="episode", ylabel="reward, moving average (unitless)", title="Training reward by run")
-        fig.legend(loc="outside right upper")
-        return _save(fig, plots_dir / "comparison_reward")
-
-
-def _overlay_pareto(runs: Sequence[tuple[str, Mapping]], sums: Mapping[str, Mapping], plots_dir: Path) -> list[Path]:
-    tests = [(name, sums[name]["test"]) for name, _ in runs if sums[name].get("test")]
-    if not tests:
-        return []
-    palette = matplotlib.colormaps["tab10"]
-    markers = "o^sDvP*X"
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(9, 5.5), layout="constrained")
-        ax = fig.add_subplot()
-        for i, (name, t) in enumerate(tests):
-            for j, g in enumerate(t["scenarios"]):
-                p = t["by_scenario"][g]["policy"]
-                if p["speedup"]["mean"] is None or p["ppl_ratio"]["mean"] is None:
-                    continue
-                ax.errorbar(p["speedup"]["mean"], p["ppl_ratio"]["mean"], xerr=_errbar(p["speedup"]),
-                            yerr=_errbar(p["ppl_ratio"]), fmt=markers[j % len(markers)], color=palette(i % 10),
-                            markersize=9, capsize=3, label=f"{name} [{g}]")
-        ax.axvline(1.0, color=DENSE_COLOUR, lw=0.6, ls=":")
-        ax.axhline(1.0, color=DENSE_COLOUR, lw=0.6, ls=":")
-        ax.set(xlabel="speedup (× vs dense)", ylabel="PPL ratio (pruned / dense)",
-               title="Policy per run and scenario (95% CI)")
-        fig.legend(loc="outside right upper")
-        return _save(fig, plots_dir / "comparison_pareto")

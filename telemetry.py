@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -96,6 +96,12 @@ class HardwareState:
     gpu_power_limit_w: float | None = None
     gpu_temp_c: float | None = None
     gpu_temp_limit_c: float | None = None
+
+    def degraded(self) -> "HardwareState":
+        """This state with the live fields marked unavailable (after a failed read)."""
+        return replace(self, timestamp=time.time(), cpu_percent=None, process_cpu_percent=None, load_avg_1m=None,
+                       gpu_util_percent=None, gpu_mem_used=None, gpu_mem_free=None, gpu_power_w=None,
+                       gpu_temp_c=None)
 
     FEATURE_NAMES: ClassVar[tuple[str, ...]] = (
         "cpu_util", "process_cpu_util", "load_per_core", "ram_used_frac", "ram_available_frac",
@@ -360,8 +366,9 @@ class TelemetrySampler:
         while not self._stop.wait(self.period_s):
             try:
                 self._tick()
-            except Exception:                # a sampler that dies silently would freeze the state
-                log.exception("telemetry read failed; keeping the previous state")
+            except Exception:                # a failed read must not kill the thread or freeze the state
+                log.warning("telemetry read failed; CPU, load and GPU fields marked unavailable", exc_info=True)
+                self._latest = self._latest.degraded()
 
 
 # ---------------------------------------------------------------------------------------------

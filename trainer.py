@@ -66,17 +66,17 @@ def load_trace(path: str) -> list[list[float]]:
 
 
 class Trainer:
-    def __init__(self, session: Session, train_prompts: list[Prompt], run_dir, provenance: dict):
+    def __init__(self, session: Session, train_prompts: list[Prompt], provenance: dict):
         self.s, self.cfg = session, session.cfg
         self.prompts = train_prompts
-        self.run_dir, self.provenance = run_dir, provenance
+        self.provenance = provenance
         self.feature_names = state_feature_names()
         self.agent = DoubleDQNAgent(len(self.feature_names), len(session.actions), self.cfg.dqn)
         self.schedule = ScenarioSchedule(parse_scenarios(self.cfg.scenarios), self.cfg.scenario_block, self.cfg.seed)
         self.order = np.random.default_rng(self.cfg.seed + 2).permutation(len(train_prompts))
         self.trace = load_trace(self.cfg.telemetry_trace) if self.cfg.telemetry_trace else None
         self.episodes: list[EpisodeRecord] = []
-        self.start_episode = 0
+        self.start_episode = self.next_episode = 0
 
     # ---- checkpoint -----------------------------------------------------------------------
     def checkpoint_payload(self, next_episode: int) -> dict:
@@ -100,7 +100,7 @@ class Trainer:
                                        state_features=self.feature_names)
         self.agent.load_state_dict(payload["agent"])
         self.s.env.table = LatencyTable.from_dict(json.loads(payload["latency_table"]))
-        self.start_episode = int(payload["next_episode"])
+        self.start_episode = self.next_episode = int(payload["next_episode"])
         self.episodes = [EpisodeRecord(**{**e, "outcome": Outcome(**e["outcome"]) if e["outcome"] else None})
                          for e in json.loads(payload["history"])]
         log.info("resumed from %s at episode %d", self.cfg.checkpoint, self.start_episode)
@@ -112,41 +112,30 @@ class Trainer:
         if not env.table.has(scenario_name):
             env.calibrate(scenario_name, actions)
 
-    def run(self, metrics_writer) -> bool:
-        """Train; returns True when all episodes ran, False when interrupted."""
+    def run(self, metrics_writer) -> None:
+        """Train from start_episode; KeyboardInterrupt propagates with `next_episode` up to date."""
         cfg = self.cfg
-        current, load = None, contextlib.ExitStack()
-        bar = tqdm(range(self.start_episode, cfg.episodes), desc="train", initial=self.start_episode,
-                   total=cfg.episodes)
-        next_episode = self.start_episode
-        try:
-            with sigterm_as_interrupt():
-                self.ensure_calibrated("idle")     # the latency budget is relative to idle dense latency
-                for episode in bar:
-                    scenario = self.schedule.scenario_for(episode)
-                    if scenario != current:
-                        load.close()
-                        load.enter_context(contention(scenario))
-                        current = scenario
-                        time.sleep(0.5 if scenario.loaded else 0.0)   # let telemetry see the load
-                        self.ensure_calibrated(scenario.name)
-                    records = self.episode(episode, scenario.name)
-                    self.episodes.extend(records)
-                    next_episode = episode + 1
-                    bar.set_postfix_str(self.live_summary(scenario.name))
-                    if next_episode % cfg.save_every == 0:
-                        self.save(next_episode)
-                        metrics_writer(self.episodes, partial=True)
-        except KeyboardInterrupt as err:
-            log.warning("interrupted (%s) after episode %d: saving checkpoint and partial report", err, next_episode)
-            self.s.engine.restore()
-            self.save(next_episode)
-            metrics_writer(self.episodes, partial=True, reason=f"interrupted after episode {next_episode}")
-            return False
-        finally:
-            load.close()
+        current = None
+        with contextlib.ExitStack() as load:
+            self.ensure_calibrated("idle")         # the latency budget is relative to idle dense latency
+            bar = tqdm(range(self.start_episode, cfg.episodes), desc="train", initial=self.start_episode,
+                       total=cfg.episodes)
+            for episode in bar:
+                scenario = self.schedule.scenario_for(episode)
+                if scenario != current:
+                    load.close()
+                    load.enter_context(contention(scenario))
+                    current = scenario
+                    time.sleep(0.5 if scenario.loaded else 0.0)   # let telemetry see the load
+                    self.ensure_calibrated(scenario.name)
+                records = self.episode(episode, scenario.name)
+                self.episodes.extend(records)
+                self.next_episode = episode + 1
+                bar.set_postfix_str(self.live_summary(scenario.name))
+                if self.next_episode % cfg.save_every == 0:
+                    self.save(self.next_episode)
+                    metrics_writer(self.episodes, partial=True, reason="training in progress")
         self.save(cfg.episodes)
-        return True
 
     def observe(self, prompt: Prompt):
         """Live telemetry, or the recorded state of this decision when replaying a trace."""
@@ -187,8 +176,9 @@ class Trainer:
             started = time.perf_counter()
             index, explored, q = agent.act(obs.state, epsilon)
             controller_s = obs.controller_s + time.perf_counter() - started
-            base = self._base(episode, prompt, scenario, obs, epsilon, ref) | dict(
-                action_index=index, explored=explored, q_values=[float(v) for v in q], controller_s=controller_s)
+            decision = dict(action_index=index, explored=explored, q_values=[float(v) for v in q],
+                            controller_s=controller_s)
+            base = self._base(episode, prompt, scenario, obs, epsilon, ref) | decision
             last = k == len(segments) - 1
             try:
                 outcome = env.step(prompt, self.s.actions[index], scenario, hardware=obs.hardware,
@@ -197,7 +187,7 @@ class Trainer:
                 loss = agent.observe(obs.state, index, outcome.reward, next_obs.state, last)
             except (RuntimeError, FloatingPointError, ValueError) as err:   # OOM is a RuntimeError
                 self.s.engine.restore()
-                records.append(self._failed(episode, prompt, scenario, obs, epsilon, err, ref, **base))
+                records.append(self._failed(episode, prompt, scenario, obs, epsilon, err, ref, **decision))
                 break
             records.append(EpisodeRecord(**base, outcome=outcome, loss=loss))
             obs = next_obs
@@ -210,9 +200,9 @@ class Trainer:
                     complexity=float(obs.features.complexity), scenario=scenario, epsilon=epsilon,
                     hardware=[float(v) for v in obs.hardware.vector])
 
-    def _failed(self, episode, prompt, scenario, obs, epsilon, err, ref, **base) -> EpisodeRecord:
+    def _failed(self, episode, prompt, scenario, obs, epsilon, err, ref, **decision) -> EpisodeRecord:
         log.warning("episode %d failed and was skipped: %s", episode, err)
-        fields = {"action_index": -1, "explored": False} | self._base(episode, prompt, scenario, obs, epsilon, ref) | base
+        fields = {"action_index": -1, "explored": False} | self._base(episode, prompt, scenario, obs, epsilon, ref) | decision
         return EpisodeRecord(**fields, outcome=None, failed=f"{err.__class__.__name__}: {err}")
 
 

@@ -104,15 +104,14 @@ class _Activations:
 def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> _Activations:
     """One pass over the calibration prompts with hooks; nothing but sums is kept."""
     layers = decoder_layers(model)
-    n = len(layers)
-    acts = _Activations(down_sq=[torch.zeros(0)] * n, o_sq=[torch.zeros(0)] * n,
-                        cos_sum=torch.zeros(n, dtype=torch.float64), tokens=0)
+    acts = _Activations(down_sq=[torch.zeros(ly.mlp.down_proj.in_features, dtype=torch.float64) for ly in layers],
+                        o_sq=[torch.zeros(ly.self_attn.o_proj.in_features, dtype=torch.float64) for ly in layers],
+                        cos_sum=torch.zeros(len(layers), dtype=torch.float64), tokens=0)
     layer_inputs: dict[int, torch.Tensor] = {}
     handles = []
 
     def add_sq(store: list[torch.Tensor], i: int, x: torch.Tensor) -> None:
-        sq = x.detach().double().pow(2).reshape(-1, x.shape[-1]).sum(0).cpu()
-        store[i] = sq if store[i].numel() == 0 else store[i] + sq
+        store[i] += x.detach().double().pow(2).reshape(-1, x.shape[-1]).sum(0).cpu()
 
     def layer_hooks(i: int, layer: nn.Module) -> None:
         def pre(_m, args, kwargs):

@@ -2,12 +2,16 @@
 (a PruningEngine reorders weights in place)."""
 from __future__ import annotations
 
-import copy
+import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: see adaptive_pruning.py
 
-import model_loader
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import model_loader  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
