@@ -107,8 +107,7 @@ RUN_FLAGS = [
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
-    p = argparse.ArgumentParser(prog="adaptive_pruning.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="adaptive_pruning.py", description=__doc__.splitlines()[0])
     p.add_argument("--mode", required=True, choices=MODES, help="what to run")
     p.add_argument("run_dirs", nargs="*", help="report mode: run folder(s); several write a comparison")
     for flag, path, kind, text in RUN_FLAGS:
@@ -121,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--mask", dest="structural", action="store_false",
                          help="zero units with hooks: quality only, NO speedup")
     p.add_argument("--test-scenarios", default=None, help="scenarios for test mode (default: the training ones)")
+    ev = p.add_argument_group("evaluation (--mode eval; --lm-eval also in test mode)")
+    ev.add_argument("--eval-models", default="dense",
+                    help="comma-separated: dense, static:TARGET:INTENSITY, policy:CHECKPOINT (default: dense)")
+    ev.add_argument("--wikitext-path", default=None,
+                    help="local wiki.test.raw (default: the Hub when online, else $ADAPTIVE_PRUNING_DATA)")
+    ev.add_argument("--wikitext-samples", type=_positive_int, default=200, help="WikiText-2 windows scored at most (default: 200)")
+    ev.add_argument("--eval-seq-len", type=_positive_int, default=2048, help="window length, capped at the context (default: 2048)")
+    ev.add_argument("--eval-stride", type=_positive_int, default=None, help="window stride (default: seq len)")
+    ev.add_argument("--lm-eval", action="store_true", help="also run lm-eval-harness zero-shot tasks")
+    ev.add_argument("--eval-tasks", type=_words, default=None,
+                    help="lm-eval tasks (default: arc_easy,hellaswag,winogrande,lambada_openai)")
+    ev.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
+                    help="local data for a task (repeatable), e.g. arc_easy=../shared/data/ai2_arc/ARC-Easy-Test.jsonl")
+    ev.add_argument("--eval-limit", type=_positive_int, default=None, help="documents per lm-eval task")
     p.add_argument("--debug", action="store_true", help="verbose logging and full tracebacks")
     return p
 
@@ -212,10 +225,28 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "train":
         modes.run_train(cfg)
     elif args.mode == "test":
-        modes.run_test(cfg, explicit, test_scenarios=args.test_scenarios)
+        modes.run_test(cfg, explicit, test_scenarios=args.test_scenarios,
+                       eval_cfg=eval_config(args) if args.lm_eval else None)
     else:
-        modes.run_eval(cfg, args)
+        modes.run_eval(cfg, eval_config(args), args.eval_models)
     return 0
+
+
+def eval_config(args: argparse.Namespace):
+    """EvalConfig from the evaluation flags (imported lazily: lm-eval is slow to import)."""
+    from evaluation import DEFAULT_TASKS, EvalConfig
+    task_data = {}
+    for item in args.task_data:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise ValueError(f"--task-data expects TASK=PATH, got '{item}'")
+        task_data[task.strip()] = path.strip()
+    tasks = tuple(args.eval_tasks or DEFAULT_TASKS) if args.lm_eval else ()
+    if task_data and not args.lm_eval:
+        raise ValueError("--task-data only matters with --lm-eval")
+    return EvalConfig(wikitext_path=args.wikitext_path, seq_len=args.eval_seq_len, stride=args.eval_stride,
+                      wikitext_samples=args.wikitext_samples, tasks=tasks, task_data=task_data,
+                      eval_limit=args.eval_limit)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class BaselineConfig:
     policies: tuple[str, ...] = ()             # policy checkpoints, one routed point each
     policy_importance: str | None = None       # the policies' engine criterion; None: read from the checkpoint
     calibration_dataset: str = "builtin"       # data.load_prompts spec; prompt + reference texts
-    calibration_samples: int = 32
+    calibration_samples: int = 64
     calibration_max_tokens: int = 256
     speed_prompts: int = 2                     # WikiText slices timed per point
     speed_prompt_tokens: int = 128

@@ -105,7 +105,19 @@ def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) ->
     return dataclasses.replace(cfg, **updates, reward=reward, env=env)
 
 
-def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: str | None = None) -> Path:
+def best_static(rows: list[dict]) -> str:
+    """The static action with the highest mean reward over the test prompts (hindsight choice)."""
+    labels = rows[0]["static"].keys()
+    return max(labels, key=lambda a: sum(r["static"][a]["reward"] for r in rows) / len(rows))
+
+
+def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: str | None = None,
+             eval_cfg=None) -> Path:
+    """Policy vs every static action vs the oracle on held-out prompts, per scenario.
+
+    With `eval_cfg` (--lm-eval) the dense model, the best static action and the policy are also
+    evaluated on WikiText-2 and the lm-eval tasks.
+    """
     payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
     cfg = config_from_checkpoint(cfg, payload, explicit)
     if cfg.test_dataset and cfg.test_dataset != cfg.train_dataset:
@@ -142,9 +154,34 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
                 partial.update(partial=True, partial_reason="test still running")
                 run_dir.write_metrics(partial)
         rows = to_jsonable(results)
+        extra = {}
+        if eval_cfg is not None:
+            from evaluation import run_evaluation
+            static = best_static(rows)
+            specs = ["dense"] + ([f"static:{static}"] if static != "none" else []) + [f"policy:{cfg.checkpoint}"]
+            extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
         metrics = _metrics("test", cfg, prov, labels, prompts=rows, checkpoint=str(cfg.checkpoint),
-                           latency_table=s.env.table.to_dict())
+                           latency_table=s.env.table.to_dict(), **extra)
         return _finish(run_dir, metrics)
+
+
+def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
+    """WikiText-2 (and with --lm-eval, zero-shot tasks) for dense, static and policy-routed models."""
+    from evaluation import run_evaluation
+    from model_loader import load_model
+    from pruners import PruningEngine
+
+    loaded = load_model(cfg.model, device=cfg.device)
+    engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
+                           importance=cfg.importance, tokenizer=loaded.tokenizer,
+                           kv_min_tokens=cfg.env.long_prompt_tokens)
+    run_dir = reporting.RunDir.create(Path(cfg.report_dir), "eval", loaded.name)
+    run_dir.write_config({**cfg.to_dict(), "eval": dataclasses.asdict(eval_cfg), "eval_models": specs})
+    prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device))
+    with sigterm_as_interrupt():
+        block = run_evaluation(loaded, specs, eval_cfg, engine=engine)
+    metrics = _metrics("eval", cfg, prov, sorted(block["models"]), evaluation=block)
+    return _finish(run_dir, metrics)
 
 
 def run_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
