@@ -19,9 +19,9 @@ install: $(STAMP)
 # Train a short policy on the embedded SmolLM2-135M under idle/loaded contention, then test it.
 demo: $(STAMP)
 	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin \
-		--episodes 120 --max-new-tokens 24 --intensities 0.2,0.4 --scenario-block 20 \
-		--checkpoint checkpoints/demo.pt
-	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 16
+		--episodes 100 --max-new-tokens 20 --intensities 0.2,0.4 --scenarios idle,loaded \
+		--scenario-block 20 --long-prompt-tokens 384 --checkpoint checkpoints/demo.pt
+	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 12
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

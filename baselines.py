@@ -175,6 +175,8 @@ class _Sweep:
         self.calibration_ids = tokenize_calibration(self.calibration, loaded.tokenizer, cfg.calibration_max_tokens)
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
         self.dense_params = count_parameters(loaded.model)
+        # Read the policies' checkpoints now, so a wrong path fails before the long sweep, not after it.
+        self.policy_importance = {c: cfg.policy_importance or _checkpoint_importance(c) for c in cfg.policies}
 
     def score(self, route: Route) -> dict:
         return evaluate_route(self.loaded, route, self.corpus, self.tasks, self.task_manager, self.eval)
@@ -212,7 +214,7 @@ class _Sweep:
                            accuracies=_accuracies(entry))
 
     def policy(self, checkpoint: str, router_factory: RouterFactory | None) -> BaselineRow:
-        importance = self.cfg.policy_importance or _checkpoint_importance(checkpoint)
+        importance = self.policy_importance[checkpoint]
         engine = PruningEngine(self.loaded.model, mode="structural", importance=importance,
                                calibration=self.calibration, tokenizer=self.loaded.tokenizer,
                                cache_dir=self.cache_dir, calibration_max_tokens=self.cfg.calibration_max_tokens)

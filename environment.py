@@ -125,7 +125,7 @@ class PruningEnvironment:
     def set_calibration_prompts(self, texts: list[str]) -> None:
         """Short = the median-length prompt; long = prompts joined to `long_prompt_tokens`."""
         encoded = sorted((self.encode(t)[0] for t in texts), key=len)
-        self._calibration_ids["short"] = encoded[len(encoded) // 2]
+        self._calibration_ids["short"] = encoded[len(encoded) // 2][: self.cfg.long_prompt_tokens - 1]
         long_ids = torch.cat(encoded[::-1])
         target = min(int(self.cfg.long_prompt_tokens * 1.25), self.loaded.context_length - self.cfg.calibration_tokens)
         while long_ids.numel() < target:
@@ -141,8 +141,12 @@ class PruningEnvironment:
     def calibrate(self, scenario: str, actions: list[PruningAction]) -> None:
         if not self._calibration_ids:
             raise RuntimeError("set_calibration_prompts() must be called before calibrate()")
-        self.table.calibrate(scenario, ["short", "long"], [a.label for a in actions], self._time_action,
-                             repeats=self.cfg.calibration_repeats)
+        labels = [a.label for a in actions]
+        if NONE.label not in labels:
+            labels.insert(0, NONE.label)
+        self.table.calibrate(scenario, ["short", "long"], labels, self._time_action,
+                             repeats=self.cfg.calibration_repeats,
+                             inert=lambda bucket, label: bucket == "short" and label.startswith("kv_cache"))
 
     def idle_dense_latency(self, bucket: str, new_tokens: int) -> float | None:
         """The budget's reference: dense latency of this bucket with no background load."""

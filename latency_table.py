@@ -57,16 +57,24 @@ class LatencyTable:
                            f"under scenario '{scenario}'") from err
 
     def calibrate(self, scenario: str, buckets: list[str], actions: list[str], time_one: Timer,
-                  repeats: int = 2) -> None:
+                  repeats: int = 2, inert: Callable[[str, str], bool] = lambda bucket, action: False) -> None:
         """Time dense and each action alternately (A B A B) and store per-action medians.
 
         Entries are committed together at the end, so an interrupted calibration leaves none.
+        An `inert(bucket, action)` action does nothing in that bucket (KV pruning of short prompts):
+        it gets the dense model's entry (samples=0) instead of a timing of the same computation.
         """
         pairs = [(b, a) for b in buckets for a in actions]
         fresh: dict[str, LatencyEntry] = {}
         for bucket in buckets:
             time_one("none", bucket)   # warm-up: first run pays allocation and thread start-up
         for bucket, action in tqdm(pairs, desc=f"latency table [{scenario}]", leave=False):
+            if inert(bucket, action) and self.key(scenario, bucket, "none") in fresh:
+                same = fresh[self.key(scenario, bucket, "none")]
+                fresh[self.key(scenario, bucket, action)] = LatencyEntry(
+                    same.dense_prefill_s, same.dense_decode_per_token_s, same.dense_prefill_s,
+                    same.dense_decode_per_token_s, samples=0)
+                continue
             dense, pruned = [], []
             for _ in range(repeats):
                 dense.append(time_one("none", bucket))

@@ -371,10 +371,27 @@ def _test_group_section(name: str, g: Mapping) -> list[str]:
     lines += _left_out_note(g)
     lines += ["Paired reward differences:", ""] + _table(["comparison", "mean [95% CI]", "CI excludes 0"],
                                                           [(k, fmt_ci(v), _excludes_zero(v)) for k, v in diffs])
-    lines += [_pareto_sentence(g), "",
+    lines += [_verdict(g["vs_best_static"], best), "", _pareto_sentence(g), "",
               f"Policy agrees with the oracle on {fmt_pct(g['oracle_agreement'])} of prompts; mean intensity of its "
               f"actions: {fmt_ci(g['aggressiveness'])}.", ""]
     return lines
+
+
+def _verdict(diff: Mapping | None, best: str | None) -> str:
+    """The claim the run tests, stated from the paired CI: beats, loses to, or cannot tell apart."""
+    name = _code(best) if best else "the best static action"
+    lo, hi = (diff or {}).get("lo"), (diff or {}).get("hi")
+    if not (is_number(lo) and is_number(hi)):
+        return f"**Verdict:** not enough prompts to compare the policy with {name}."
+    if lo > 0:
+        return f"**Verdict:** the policy beats the best static action ({name}): the 95% CI of the paired reward difference excludes zero."
+    if hi < 0:
+        return (f"**Verdict:** the policy does not beat the best static action ({name}); it is worse, and the 95% CI "
+                "excludes zero. Longer training, a richer action space or a reward whose best action depends more "
+                "on load and prompt would be needed.")
+    return (f"**Verdict:** the policy does not beat the best static action ({name}) in this run: the 95% CI of the "
+            "paired difference includes zero, so the two cannot be told apart (more test prompts narrow the CI; "
+            "more training or state-dependent rewards may separate them).")
 
 
 def _left_out_note(g: Mapping) -> list[str]:

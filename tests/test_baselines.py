@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import summaries
+from checkpointing import CheckpointError
 from baselines import BaselineConfig, format_table, parse_unstructured, run_baselines
 from budget import count_parameters, match_budget
 from evaluation import EvalConfig
@@ -225,15 +226,20 @@ class FixedRouter:
         return PruningAction("ffn_neurons", 0.5) if self.calls % 2 else NONE
 
 
-def test_sweep_rows_table_and_dense_model_afterwards(tiny, ids, tmp_path):
+def sweep_config(tmp_path, **overrides) -> BaselineConfig:
     raw = tmp_path / "wiki.test.raw"
     raw.write_text(" \n = Title = \n \n" + "The tower was built in 1887 and rebuilt after the fire .\n" * 40,
                    encoding="utf-8")
-    config = BaselineConfig(
+    settings = dict(
         methods=("magnitude", "shortgpt"), budgets=(0.25,), unstructured=("wanda:2:4",), policies=("fake.pt",),
         policy_importance="magnitude", calibration_samples=4, calibration_max_tokens=64, speed_prompts=2,
         speed_prompt_tokens=16, speed_new_tokens=3, speed_repeats=1, cache_dir=str(tmp_path),
         eval=EvalConfig(wikitext_path=str(raw), seq_len=64, wikitext_samples=2, tasks=(), progress=False))
+    return BaselineConfig(**{**settings, **overrides})
+
+
+def test_sweep_rows_table_and_dense_model_afterwards(tiny, ids, tmp_path):
+    config = sweep_config(tmp_path)
     dense = logits(tiny.model, ids)
     written = []
     rows = run_baselines(tiny, config, out_dir=tmp_path, router_factory=lambda checkpoint, loaded: FixedRouter(),
@@ -270,3 +276,10 @@ def test_config_rejects_bad_inputs():
         BaselineConfig(unstructured=("wanda",))
     with pytest.raises(ValueError, match="WikiText"):
         BaselineConfig(eval=EvalConfig(wikitext=False))
+
+
+def test_missing_policy_checkpoint_fails_before_any_scoring(tiny, tmp_path, monkeypatch):
+    import baselines
+    monkeypatch.setattr(baselines, "evaluate_route", lambda *a, **k: pytest.fail("scored before checking inputs"))
+    with pytest.raises(CheckpointError, match="not found"):
+        run_baselines(tiny, sweep_config(tmp_path, policies=(str(tmp_path / "missing.pt"),), policy_importance=None))

@@ -274,3 +274,11 @@ def test_compare_runs(synthetic, tmp_path):
     assert "## Config differences" in text and "y.pt" in text and "## Test" in text and "## Training" in text
     assert (tmp_path / "cmp" / "plots" / "comparison_pareto.png").stat().st_size > 5000
     assert (tmp_path / "cmp" / "plots" / "comparison_reward.png").is_file()
+
+
+def test_verdict_follows_the_confidence_interval():
+    from reporting import _verdict
+    assert "beats" in _verdict({"mean": 0.2, "lo": 0.1, "hi": 0.3}, "ffn_neurons:0.2")
+    assert "worse" in _verdict({"mean": -0.2, "lo": -0.3, "hi": -0.1}, "none")
+    assert "cannot be told apart" in _verdict({"mean": 0.0, "lo": -0.1, "hi": 0.1}, "none")
+    assert "not enough" in _verdict(None, None)
