@@ -25,7 +25,7 @@ from reward import RewardConfig
 from rl_agent import DQNConfig
 from run_config import RunConfig
 
-MODES = ("train", "test", "eval", "report")
+MODES = ("train", "test", "eval", "report", "baselines", "export")
 EXIT_USAGE = 2
 
 
@@ -134,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
                     help="local data for a task (repeatable), e.g. arc_easy=../shared/data/ai2_arc/ARC-Easy-Test.jsonl")
     ev.add_argument("--eval-limit", type=_positive_int, default=None, help="documents per lm-eval task")
+    bl = p.add_argument_group("baselines (--mode baselines) and export (--mode export)")
+    bl.add_argument("--baseline-methods", type=_words, default=None,
+                    help="structured methods: magnitude,wanda-sp,taylor,shortgpt (default: all)")
+    bl.add_argument("--budgets", type=_floats, default=None,
+                    help="shares of non-embedding parameters removed (default: 0.1,0.2,0.3,0.4,0.5)")
+    bl.add_argument("--unstructured", type=_words, default=None,
+                    help="quality-only references, e.g. wanda:0.5,wanda:2:4,sparsegpt:0.5 ('none' to skip)")
+    bl.add_argument("--policy", action="append", default=[], metavar="CHECKPOINT",
+                    help="add a policy's point to the sweep (repeatable)")
+    bl.add_argument("--calibration-dataset", default=None, help="prompts for data-driven importance (default: builtin)")
+    bl.add_argument("--calibration-samples", type=_positive_int, default=None, help="calibration prompts (default: 64)")
+    bl.add_argument("--speed-repeats", type=_positive_int, default=None,
+                    help="interleaved (dense, pruned) pairs per timed point (default: 3)")
+    bl.add_argument("--export", dest="export_dir", default=None, metavar="DIR",
+                    help="export mode: folder for the pruned model (save_pretrained)")
+    bl.add_argument("--action", default=None, help="export mode: TARGET:INTENSITY to export, e.g. ffn_neurons:0.5")
+    bl.add_argument("--baseline", default=None, help="export mode: METHOD@BUDGET to export, e.g. taylor@0.3")
     p.add_argument("--debug", action="store_true", help="verbose logging and full tracebacks")
     return p
 
@@ -227,9 +244,26 @@ def run(args: argparse.Namespace) -> int:
     elif args.mode == "test":
         modes.run_test(cfg, explicit, test_scenarios=args.test_scenarios,
                        eval_cfg=eval_config(args) if args.lm_eval else None)
-    else:
+    elif args.mode == "eval":
         modes.run_eval(cfg, eval_config(args), args.eval_models)
+    elif args.mode == "baselines":
+        modes.run_baselines(cfg, baseline_config(args))
+    else:
+        modes.run_export(cfg, args.export_dir, action=args.action, baseline=args.baseline,
+                         calibration_dataset=args.calibration_dataset or "builtin",
+                         samples=args.calibration_samples or 64)
     return 0
+
+
+def baseline_config(args: argparse.Namespace):
+    """BaselineConfig from the flags that were given (the rest keep the dataclass defaults)."""
+    from baselines import BaselineConfig
+    given = {"methods": args.baseline_methods, "budgets": args.budgets, "calibration_dataset": args.calibration_dataset,
+             "calibration_samples": args.calibration_samples, "speed_repeats": args.speed_repeats}
+    if args.unstructured is not None:
+        given["unstructured"] = () if args.unstructured == ("none",) else args.unstructured
+    return BaselineConfig(policies=tuple(args.policy), eval=eval_config(args),
+                          **{k: v for k, v in given.items() if v is not None})
 
 
 def eval_config(args: argparse.Namespace):

@@ -12,6 +12,7 @@ import provenance
 import reporting
 from data import load_prompts
 from latency_table import LatencyTable
+from pruners import PruningAction, PruningEngine
 from records import SCHEMA_VERSION, to_jsonable
 from rl_agent import DoubleDQNAgent
 from run_config import RunConfig
@@ -51,7 +52,7 @@ def load_table(path: str) -> LatencyTable:
 def run_train(cfg: RunConfig) -> Path:
     prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     texts = [p.text for p in prompts]
-    with sigterm_as_interrupt(), open_session(cfg, calibration_texts=texts[:16]) as s:
+    with sigterm_as_interrupt(), open_session(cfg) as s:
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
                                   scenario=cfg.scenarios, nlp_backend=s.analyzer.backend)
         labels = [a.label for a in s.actions]
@@ -125,7 +126,7 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
     else:   # the held-out split of the training data set: never a training prompt
         prompt_set = load_prompts(cfg.train_dataset, seed=cfg.seed).split(cfg.test_fraction, seed=cfg.seed)[1]
     prompts = list(prompt_set.take(cfg.test_samples).prompts)
-    with open_session(cfg, calibration_texts=None) as s:
+    with open_session(cfg) as s:
         checkpointing.check_compatible(payload, model_id=s.loaded.name, action_space=[a.label for a in s.actions],
                                        state_features=state_feature_names())
         agent = DoubleDQNAgent(len(state_feature_names()), len(s.actions), cfg.dqn)
@@ -169,7 +170,6 @@ def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
     """WikiText-2 (and with --lm-eval, zero-shot tasks) for dense, static and policy-routed models."""
     from evaluation import run_evaluation
     from model_loader import load_model
-    from pruners import PruningEngine
 
     loaded = load_model(cfg.model, device=cfg.device)
     engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
@@ -182,6 +182,49 @@ def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
         block = run_evaluation(loaded, specs, eval_cfg, engine=engine)
     metrics = _metrics("eval", cfg, prov, sorted(block["models"]), evaluation=block)
     return _finish(run_dir, metrics)
+
+
+def run_baselines(cfg: RunConfig, bcfg) -> Path:
+    """Static structured and unstructured baselines (and policy points) on one protocol."""
+    from baselines import run_baselines as sweep
+    from model_loader import load_model
+
+    loaded = load_model(cfg.model, device=cfg.device)
+    run_dir = reporting.RunDir.create(Path(cfg.report_dir), "baselines", loaded.name)
+    run_dir.write_config({**cfg.to_dict(), "baselines": dataclasses.asdict(bcfg)})
+    prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device))
+
+    def write(rows, partial=True):
+        metrics = _metrics("baselines", cfg, prov, [], baselines=rows, baseline_config=dataclasses.asdict(bcfg))
+        metrics.update(partial=partial, partial_reason="run in progress" if partial else None)
+        run_dir.write_metrics(metrics)
+        return metrics
+
+    with sigterm_as_interrupt():
+        rows = sweep(loaded, bcfg, out_dir=run_dir.path, on_row=write)
+    return _finish(run_dir, write(rows, partial=False))
+
+
+def run_export(cfg: RunConfig, out_dir: str | None, action: str | None, baseline: str | None,
+               calibration_dataset: str = "builtin", samples: int = 64) -> Path:
+    """Save a pruned model that stock `from_pretrained` loads (plus tokenizer and pruning.json)."""
+    from model_loader import load_model
+    if not out_dir:
+        raise ValueError("--mode export needs --export DIR")
+    if (action is None) == (baseline is None):
+        raise ValueError("--mode export needs exactly one of --action TARGET:INTENSITY or --baseline METHOD@BUDGET")
+    target = PruningAction.parse(action) if action else None
+    loaded = load_model(cfg.model, device=cfg.device)
+    if baseline:
+        from baselines import calibration_texts
+        from structured import export_baseline
+        path = export_baseline(loaded, baseline, Path(out_dir), calibration_texts(calibration_dataset, samples))
+    else:
+        from export import export_pruned
+        engine = PruningEngine(loaded.model, importance=cfg.importance, tokenizer=loaded.tokenizer)
+        path = export_pruned(loaded, engine, target, out_dir)
+    print(f"exported: {path}")
+    return path
 
 
 def run_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:

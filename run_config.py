@@ -23,7 +23,7 @@ class RunConfig:
     test_samples: int = 50
     test_fraction: float = 0.2
     structural: bool = True                 # False: masks (quality only, no speedup)
-    importance: str = "magnitude"
+    importance: str = "activation"          # magnitude ruins SmolLM2's FFN (see README)
     targets: tuple[str, ...] = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
     intensities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     scenarios: str = "idle,loaded"

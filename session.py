@@ -31,8 +31,12 @@ def action_space(cfg: RunConfig) -> list[PruningAction]:
 
 
 @contextlib.contextmanager
-def open_session(cfg: RunConfig, calibration_texts: list[str] | None = None):
-    """Yields a Session; the telemetry sampler runs for the session's lifetime."""
+def open_session(cfg: RunConfig):
+    """Yields a Session; the telemetry sampler runs for the session's lifetime.
+
+    Importance uses the engine's fixed built-in calibration prompts, so train, test and eval
+    prune the same units for the same action.
+    """
     from nlp_analyzer import PromptAnalyzer
     from telemetry import TelemetrySampler
 
@@ -41,7 +45,7 @@ def open_session(cfg: RunConfig, calibration_texts: list[str] | None = None):
         raise ValueError(f"--max-new-tokens {cfg.env.max_new_tokens} leaves too little of {loaded.name}'s "
                          f"{loaded.context_length}-token context for the prompt: use at most {loaded.context_length // 2 - 1}")
     engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
-                           importance=cfg.importance, calibration=calibration_texts, tokenizer=loaded.tokenizer,
+                           importance=cfg.importance, tokenizer=loaded.tokenizer,
                            kv_min_tokens=cfg.env.long_prompt_tokens)
     analyzer = PromptAnalyzer()
     with TelemetrySampler(rate_hz=cfg.telemetry_hz) as sampler:

@@ -52,6 +52,18 @@ def get_method(name: str) -> StructuredMethod:
         raise ValueError(f"unknown structured baseline '{name}': choose from {', '.join(STRUCTURED_METHODS)}") from None
 
 
+def parse_baseline(spec: str) -> tuple[StructuredMethod, float]:
+    """'taylor@0.3' -> (the taylor method, budget 0.3), as ``--baseline`` takes it."""
+    name, sep, budget = spec.partition("@")
+    try:
+        value = float(budget)
+    except ValueError:
+        value = None
+    if not sep or value is None or not 0.0 < value < 1.0:
+        raise ValueError(f"baseline '{spec}' must look like METHOD@BUDGET with BUDGET in (0, 1), e.g. taylor@0.3")
+    return get_method(name), value
+
+
 class ScoredEngine(PruningEngine):
     """A PruningEngine ordered by precomputed scores (for criteria the engine does not know).
 
@@ -83,12 +95,12 @@ def resolve(engine: PruningEngine, method: StructuredMethod, budget: float) -> B
     return match
 
 
-def export_baseline(loaded, name: str, budget: float, out_dir: Path, calibration: Sequence[str],
-                    max_tokens: int = 256, cache_dir: Path | None = None) -> Path:
-    """Export the model a baseline prunes to ``budget`` (see ``export.export_pruned``)."""
+def export_baseline(loaded, spec: str, out_dir: Path, calibration: Sequence[str], max_tokens: int = 256,
+                    cache_dir: Path | None = None) -> Path:
+    """Export the model a baseline ``METHOD@BUDGET`` prunes (see ``export.export_pruned``)."""
     from export import export_pruned
 
-    method = get_method(name)
+    method, budget = parse_baseline(spec)
     engine = build_engine(loaded, method, calibration, max_tokens, cache_dir)
     match = resolve(engine, method, budget)
     return export_pruned(loaded, engine, match.action, out_dir, method=method.name, budget=budget)

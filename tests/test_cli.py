@@ -69,3 +69,18 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and "unknown model" in proc.stderr
     with pytest.raises(SystemExit):
         adaptive_pruning.main(["--mode", "fly"])
+
+
+def test_export_mode_writes_a_model_stock_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "exported"
+    assert adaptive_pruning.main(["--mode", "export", "--model", "tiny", "--action", "ffn_neurons:0.5",
+                                  "--export", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 128
+    assert json.loads((out / "pruning.json").read_text())["action"] == "ffn_neurons:0.5"
+
+
+def test_export_mode_needs_exactly_one_source(tmp_path, capsys):
+    assert adaptive_pruning.main(["--mode", "export", "--model", "tiny", "--export", str(tmp_path / "x")]) == 2
+    assert "exactly one of --action" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import model_loader
 from export import ExportError, export_pruned
 from pruners import NONE, PruningAction, PruningEngine
 from pruners.importance import DEFAULT_CALIBRATION
-from structured import export_baseline
+from structured import export_baseline, parse_baseline
 
 ACTIONS = ["attention_heads:0.5", "ffn_neurons:0.5", "transformer_layers:0.5", "ffn_neurons:0.3"]
 
@@ -100,7 +100,7 @@ def test_export_dense_action_is_the_dense_model(tiny, ids, tmp_path):
 
 
 def test_export_baseline_records_method_and_budget(tiny, ids, tmp_path):
-    out = export_baseline(tiny, "taylor", 0.3, tmp_path / "out", DEFAULT_CALIBRATION[:3], 64, cache_dir=tmp_path)
+    out = export_baseline(tiny, "taylor@0.3", tmp_path / "out", DEFAULT_CALIBRATION[:3], 64, cache_dir=tmp_path)
     record = json.loads((out / "pruning.json").read_text())
     assert record["method"] == "taylor" and record["budget"] == 0.3 and record["importance"] == "taylor"
     assert abs(record["parameters"]["non_embedding_removed"] - 0.3) < 0.01
@@ -117,3 +117,12 @@ def test_embedded_ffn_half_round_trip(embedded_loaded, tmp_path):
     record = check_round_trip(loaded, engine, PruningAction("ffn_neurons", 0.5), tmp_path / "out", ids)
     assert record["shapes"]["after"]["intermediate_size"] == 768
     assert record["shapes"]["after"]["num_hidden_layers"] == 30
+
+
+def test_baseline_spec_errors_name_the_format():
+    for bad in ("taylor", "taylor@", "taylor@1.5", "taylor@x"):
+        with pytest.raises(ValueError, match="METHOD@BUDGET"):
+            parse_baseline(bad)
+    with pytest.raises(ValueError, match="unknown structured baseline"):
+        parse_baseline("obs@0.3")
+    assert parse_baseline("shortgpt@0.25")[0].target == "transformer_layers"
