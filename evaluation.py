@@ -78,7 +78,12 @@ def run_evaluation(loaded, specs: str | Sequence[str] | Sequence[ModelSpec], con
         if route.spec.action.target == "kv_cache":
             log.warning("%s: scoring is teacher-forced without a cache, so its perplexity and accuracies "
                         "equal the dense model's; only the speed probe reflects the action", route.label)
-        models[route.label] = evaluate_route(loaded, route, corpus, plan, task_manager, config)
+        try:
+            models[route.label] = evaluate_route(loaded, route, corpus, plan, task_manager, config)
+        finally:
+            close = getattr(getattr(route, "router", None), "close", None)
+            if close is not None:
+                close()             # a policy router's own telemetry thread
     block = {"models": models, "config": asdict(config),
              "lm_eval_version": lm_eval_version() if plan else None,
              "task_data": plan.data if plan else {}}

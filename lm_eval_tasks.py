@@ -243,7 +243,13 @@ def _evaluated_split(include: Path) -> str:
 def _loader_for(task: str, path: Path) -> tuple[str, list[str]]:
     """`datasets` builder name and files for a local path (a `save_to_disk` folder reads its arrow files)."""
     if path.is_dir():
-        arrows = sorted(str(p) for p in path.glob("*.arrow"))
+        # The files state.json lists, not every *.arrow: `datasets` may leave cache-*.arrow files beside them.
+        state = path / "state.json"
+        try:
+            names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = [p.name for p in path.glob("data-*.arrow")]
+        arrows = sorted(str(path / n) for n in names if (path / n).is_file())
         if not arrows:
             raise EvaluationError(f"--task-data {task}={path}: the folder holds no .arrow files "
                                   "(expected a datasets save_to_disk folder)")

@@ -16,11 +16,17 @@ from state import StateBuilder, state_feature_names
 class PolicyRouter:
     """Greedy policy over a checkpoint's action space; counts its choices and its own overhead."""
 
-    def __init__(self, agent: DoubleDQNAgent, actions: list[PruningAction], states: StateBuilder):
+    def __init__(self, agent: DoubleDQNAgent, actions: list[PruningAction], states: StateBuilder, owned_sampler=None):
         self.agent, self.actions, self.states = agent, actions, states
+        self.owned_sampler = owned_sampler     # started by load_router, so stopped by close()
         self.histogram: Counter[str] = Counter()
         self.overhead_s = 0.0
         self.decisions = 0
+
+    def close(self) -> None:
+        if self.owned_sampler is not None:
+            self.owned_sampler.stop()
+            self.owned_sampler = None
 
     def choose(self, text: str) -> PruningAction:
         started = time.perf_counter()
@@ -50,9 +56,7 @@ def load_router(checkpoint: str | Path, loaded, sampler=None, analyzer=None) -> 
     dqn = DQNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["dqn"].items()})
     agent = DoubleDQNAgent(len(features), len(actions), dqn)
     agent.load_state_dict(payload["agent"])
-    if sampler is None:
-        sampler = TelemetrySampler()
-        sampler.start()
-    states = StateBuilder(analyzer or PromptAnalyzer(), sampler, tokenizer=loaded.tokenizer,
+    owned = TelemetrySampler().start() if sampler is None else None
+    states = StateBuilder(analyzer or PromptAnalyzer(), sampler or owned, tokenizer=loaded.tokenizer,
                           ablation=cfg.get("ablation", "none"))
-    return PolicyRouter(agent, actions, states)
+    return PolicyRouter(agent, actions, states, owned_sampler=owned)

@@ -124,7 +124,7 @@ def stock_rows(dataset_path: str, name: str | None):
                  "answerKey": r["answerKey"]} for r in _jsonl(root / "ai2_arc" / "ARC-Easy-Test.jsonl")]
         return datasets.Dataset.from_list(rows)
     if dataset_path == "Rowan/hellaswag":
-        return datasets.load_from_disk(str(root / "hellaswag" / "validation"))
+        return datasets.load_from_disk(str(root / "hellaswag" / "validation"), keep_in_memory=True)  # no cache files in shared/
     if dataset_path == "allenai/winogrande":
         return datasets.Dataset.from_list(_jsonl(root / "winogrande" / "dev.jsonl"))
     if dataset_path == "EleutherAI/lambada_openai":

@@ -57,6 +57,7 @@ def test_checkpoint_loads_back_to_same_q_values(tmp_path):
     import torch
     expected = q(torch.from_numpy(router.agent.normalizer(state)).unsqueeze(0))[0].detach().numpy()
     assert np.allclose(router.agent.q_values(state), expected)
+    router.close()
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
