@@ -18,8 +18,8 @@ install: $(STAMP)
 
 # Train a short policy on the embedded SmolLM2-135M under idle/loaded contention, then test it.
 demo: $(STAMP)
-	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin \
-		--episodes 100 --max-new-tokens 20 --intensities 0.2,0.4 --scenarios idle,loaded \
+	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin --train-samples 40 \
+		--episodes 100 --max-new-tokens 16 --intensities 0.2,0.4 --scenarios idle,loaded \
 		--scenario-block 20 --long-prompt-tokens 384 --checkpoint checkpoints/demo.pt
 	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 12
 

@@ -20,9 +20,6 @@ import logging
 import sys
 from pathlib import Path
 
-from environment import EnvConfig
-from reward import RewardConfig
-from rl_agent import DQNConfig
 from run_config import RunConfig
 
 MODES = ("train", "test", "eval", "report", "baselines", "export")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 

@@ -3,11 +3,11 @@
 Why a fixed probe: tokens/s from a benchmark run depend on its request lengths and batching, so
 every model (dense, static, policy) is also timed on the same prompt and the same number of new
 tokens, greedy with EOS ignored, median over repeats. Prefill and decode are timed apart because
-pruning changes them differently (decode is memory-bound).
+pruning changes them differently (decode is memory-bound). These are absolute figures per model,
+timed one model after another; speedup claims belong to the interleaved timings of test mode.
 """
 from __future__ import annotations
 
-import logging
 import statistics
 import threading
 from contextlib import nullcontext
@@ -19,8 +19,6 @@ import torch
 from eval_routes import Route
 from generation import generate
 from telemetry import EnergyMeter
-
-log = logging.getLogger(__name__)
 
 PROBE_TEXT = ("The committee met on a grey morning to review the harbour plans. Engineers described the "
               "new sea wall, the costs of dredging the channel, and the schedule for the works, while "

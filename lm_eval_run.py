@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import offline  # noqa: F401  (HF offline flags before `lm_eval` loads)
 
-import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from tqdm.auto import tqdm
 
 from eval_routes import Route
 from lm_eval_tasks import TaskPlan
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +36,7 @@ class TaskScore:
     acc_stderr: float | None
     acc_norm: float | None
     acc_norm_stderr: float | None
-    n: int                     # documents scored (after --eval-limit)
+    n: int | None              # documents scored (after --eval-limit); None for a group's aggregate
     metrics: dict[str, float]  # every other metric lm-eval reported (e.g. lambada perplexity)
     data: str                  # local file read, or "hub"
 
@@ -104,19 +101,18 @@ def evaluate_tasks(model, tokenizer, plan: TaskPlan, route: Route | None = None,
                           limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False)
     seconds = time.perf_counter() - started
     scores = scores_from_results(out, plan)
-    return LmEvalResult(scores, seconds, sum(s.n for s in scores.values()), lm_eval_version())
+    return LmEvalResult(scores, seconds, sum(s.n or 0 for s in scores.values()), lm_eval_version())
 
 
 def scores_from_results(out: dict, plan: TaskPlan) -> dict[str, TaskScore]:
     """lm-eval's result dict -> one TaskScore per task (metric keys look like 'acc,none')."""
     scores = {}
-    for task in plan.tasks:
-        raw = out["results"][task]
+    for task, raw in out["results"].items():   # the plan's tasks, and for a group also its subtasks
         values = {key.split(",")[0]: _number(value) for key, value in raw.items() if "," in key}
         scores[task] = TaskScore(
             acc=values.pop("acc", None), acc_stderr=values.pop("acc_stderr", None),
             acc_norm=values.pop("acc_norm", None), acc_norm_stderr=values.pop("acc_norm_stderr", None),
-            n=int(out["n-samples"][task]["effective"]),
+            n=int(out["n-samples"][task]["effective"]) if task in out["n-samples"] else None,
             metrics={k: v for k, v in values.items() if v is not None}, data=plan.data.get(task, "hub"))
     return scores
 

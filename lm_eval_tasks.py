@@ -200,15 +200,18 @@ def _check_mentioned(task: str) -> None:
         _unknown_task(task, sorted({path.stem for path in files} | set(KNOWN_TASKS)))
 
 
-def _builtin_index() -> dict[str, Path]:
-    """Every built-in task name -> its YAML (parses all built-in YAMLs: ~8 s, so only when needed)."""
+def _builtin_index() -> dict[str, Path | None]:
+    """Every built-in task, group and tag name -> its YAML for single tasks, None for groups and tags.
+
+    Parses all built-in YAMLs (~8 s), so only when a task outside KNOWN_TASKS is asked for.
+    """
     from lm_eval.tasks import TaskManager
     manager = TaskManager()
-    return {name: entry.yaml_path for name, entry in manager.task_index.items()
-            if entry.yaml_path is not None and name in manager.all_subtasks}
+    leaves = set(manager.all_subtasks)
+    return {name: entry.yaml_path if name in leaves else None for name, entry in manager.task_index.items()}
 
 
-def _derived_config(task: str, path: Path, builtin_index: Mapping[str, Path], cache: Path) -> dict:
+def _derived_config(task: str, path: Path, builtin_index: Mapping[str, Path | None], cache: Path) -> dict:
     """The YAML body for one task: the built-in config, reading `path` for the evaluated split."""
     if not path.exists():
         raise EvaluationError(
@@ -217,6 +220,9 @@ def _derived_config(task: str, path: Path, builtin_index: Mapping[str, Path], ca
     known = KNOWN_TASKS.get(task)
     if known is not None:
         include, split = builtin_tasks_dir() / known.builtin_yaml, known.split
+    elif builtin_index[task] is None:
+        raise EvaluationError(f"--task-data {task}=PATH: '{task}' is an lm-eval group or tag; give local data "
+                              "for each of its tasks by name instead")
     else:
         include = Path(builtin_index[task])
         split = _evaluated_split(include)

@@ -20,9 +20,8 @@ from data import Prompt, load_prompts
 from latency_table import LatencyTable
 from records import EpisodeRecord, Outcome, PromptResult, to_jsonable
 from rl_agent import DoubleDQNAgent, linear_epsilon
-from run_config import RunConfig
 from scenarios import ScenarioSchedule, contention, parse_scenarios
-from session import Session, open_session
+from session import Session
 from state import state_feature_names
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,10 @@ agree within 2 points.
 
     PYTHONPATH=. .venv/bin/python bench/eval_check.py [--wikitext-samples N]
     PYTHONPATH=. .venv/bin/python bench/eval_check.py --lm-eval --eval-limit 200
+
+Each stage's figures are saved to ``--results`` as soon as it finishes (the independent loop
+every few windows), and a rerun with the same settings skips finished stages and resumes the
+loop: a full-split run takes hours on a busy 2-core CPU. ``--stages`` runs a subset.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import offline  # noqa: E402,F401  (HF offline flags first)
+import offline  # noqa: E402  (HF offline flags first)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -29,82 +33,112 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 
 import torch  # noqa: E402
 
 import model_loader  # noqa: E402
 from data import data_root  # noqa: E402
-from lm_eval_run import evaluate_tasks, lm_eval_version  # noqa: E402
+from lm_eval_run import evaluate_tasks  # noqa: E402
 from lm_eval_tasks import prepare_tasks  # noqa: E402
 from wikitext_ppl import compute_perplexity, load_wikitext2_test  # noqa: E402
 
 TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai", "boolq")
+WIKITEXT_STAGES = ("wikitext-ours", "wikitext-independent", "wikitext-lm-eval")
+TASK_STAGES = ("tasks-ours", "tasks-stock")
+
+
+class Results:
+    """Stage results in one JSON file, keyed by the settings that produced them."""
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path, self.key = path, json.dumps(settings, sort_keys=True)
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        self.all = stored
+        self.stages: dict = stored.setdefault(self.key, {})
+
+    def save(self, stage: str, value: dict) -> None:
+        self.stages[stage] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.all, indent=2))
+        tmp.replace(self.path)
 
 
 # ---------------------------------------------------------------- WikiText-2
 
-def independent_wikitext_nll(model, tokenizer, raw_path: Path, seq_len: int, max_windows: int | None) -> dict:
+def wikitext_raw_path(args) -> Path:
+    return Path(args.wikitext_path or data_root() / "wikitext-2-raw-v1" / "wiki.test.raw")
+
+
+def ours_wikitext(args, loaded) -> dict:
+    corpus = load_wikitext2_test(wikitext_raw_path(args))
+    started = time.perf_counter()
+    result = compute_perplexity(loaded.model, loaded.tokenizer, corpus, seq_len=args.seq_len,
+                                max_windows=args.wikitext_samples, context_length=loaded.context_length)
+    return {"ppl": result.ppl, "tokens": result.tokens_scored, "windows": result.windows,
+            "total_windows": result.protocol.total_windows, "text_sha256": corpus.sha256,
+            "seconds": time.perf_counter() - started}
+
+
+def independent_wikitext(args, loaded, results: Results) -> dict:
     """From scratch: HF's row rule (iterate the file's lines, blank -> ""), join, disjoint chunks.
 
     Chunk i feeds ids[i*L:(i+1)*L] and is scored on the next token at every position. The HF-docs
     variant (model(labels=input_ids)) scores the same logits minus the last position per chunk.
+    Partial sums are saved every 5 chunks so an interrupted run resumes.
     """
-    with open(raw_path, encoding="utf-8") as fh:
+    with open(wikitext_raw_path(args), encoding="utf-8") as fh:
         rows = [row if row.strip() else "" for row in fh]
-    ids = torch.tensor(tokenizer("\n\n".join(rows)).input_ids)
-    starts = list(range(0, len(ids) - 1, seq_len))[:max_windows]
-    nll = nll_hf = 0.0
-    count = count_hf = 0
-    started = time.perf_counter()
+    ids = torch.tensor(loaded.tokenizer("\n\n".join(rows)).input_ids)
+    starts = list(range(0, len(ids) - 1, args.seq_len))[:args.wikitext_samples]
+    state = results.stages.get("wikitext-independent-partial") or {
+        "done": 0, "nll": 0.0, "tokens": 0, "nll_hf": 0.0, "tokens_hf": 0, "seconds": 0.0}
     with torch.inference_mode():
-        for i, start in enumerate(starts):
-            labels = ids[start + 1:start + seq_len + 1]
-            inputs = ids[start:start + len(labels)]
-            logp = torch.log_softmax(model(input_ids=inputs[None]).logits[0].double(), dim=-1)
+        for i in range(state["done"], len(starts)):
+            started = time.perf_counter()
+            labels = ids[starts[i] + 1:starts[i] + args.seq_len + 1]
+            inputs = ids[starts[i]:starts[i] + len(labels)]
+            logp = torch.log_softmax(loaded.model(input_ids=inputs[None]).logits[0].double(), dim=-1)
             token_nll = -logp.gather(1, labels[:, None])[:, 0]
-            nll += float(token_nll.sum())
-            count += len(labels)
-            nll_hf += float(token_nll[:-1].sum())
-            count_hf += len(labels) - 1
+            state["nll"] += float(token_nll.sum())
+            state["tokens"] += len(labels)
+            state["nll_hf"] += float(token_nll[:-1].sum())
+            state["tokens_hf"] += len(labels) - 1
+            state["done"] = i + 1
+            state["seconds"] += time.perf_counter() - started
             print(f"\r  independent loop: window {i + 1}/{len(starts)}", end="", flush=True)
+            if state["done"] % 5 == 0:
+                results.save("wikitext-independent-partial", state)
     print()
-    return {"ppl": math.exp(nll / count), "tokens": count, "windows": len(starts),
-            "hf_docs_ppl": math.exp(nll_hf / count_hf), "seconds": time.perf_counter() - started}
+    return {"ppl": math.exp(state["nll"] / state["tokens"]), "tokens": state["tokens"], "windows": len(starts),
+            "hf_docs_ppl": math.exp(state["nll_hf"] / state["tokens_hf"]), "seconds": state["seconds"]}
 
 
-def lm_eval_wikitext(loaded, seq_len: int, limit: int | None, batch_size: int) -> dict:
-    plan = prepare_tasks(["wikitext"], online=False)
-    result = evaluate_tasks(loaded.model, loaded.tokenizer, plan, limit=limit, batch_size=batch_size,
-                            max_length=seq_len)
+def lm_eval_wikitext(args, loaded) -> dict:
+    plan = prepare_tasks(["wikitext"], {"wikitext": str(wikitext_raw_path(args))}, online=False)
+    result = evaluate_tasks(loaded.model, loaded.tokenizer, plan, limit=args.wikitext_docs,
+                            batch_size=args.batch_size, max_length=args.seq_len)
     score = result.tasks["wikitext"]
     return {"documents": score.n, "seconds": result.seconds, **score.metrics}
 
 
-def wikitext_check(args, loaded) -> dict:
-    raw_path = Path(args.wikitext_path or data_root() / "wikitext-2-raw-v1" / "wiki.test.raw")
-    corpus = load_wikitext2_test(raw_path)
-    print(f"WikiText-2 test: {raw_path} sha256(joined)={corpus.sha256[:16]}…  seq_len={args.seq_len}")
-    started = time.perf_counter()
-    ours = compute_perplexity(loaded.model, loaded.tokenizer, corpus, seq_len=args.seq_len,
-                              max_windows=args.wikitext_samples, context_length=loaded.context_length)
-    ours_s = time.perf_counter() - started
-    indep = independent_wikitext_nll(loaded.model, loaded.tokenizer, raw_path, args.seq_len, args.wikitext_samples)
-    rel = abs(ours.ppl - indep["ppl"]) / indep["ppl"]
-    print(f"  ours:        ppl {ours.ppl:.4f}  tokens {ours.tokens_scored}  windows {ours.windows}/"
-          f"{ours.protocol.total_windows}  {ours_s:.1f} s")
-    print(f"  independent: ppl {indep['ppl']:.4f}  tokens {indep['tokens']}  windows {indep['windows']}  "
-          f"{indep['seconds']:.1f} s   (HF-docs variant, first token of each window unscored: "
-          f"{indep['hf_docs_ppl']:.4f})")
-    print(f"  relative difference {rel:.2e}  -> {'PASS' if rel < 0.005 else 'FAIL'} (< 0.5%)")
-    out = {"ours": {"ppl": ours.ppl, "tokens": ours.tokens_scored, "windows": ours.windows, "seconds": ours_s},
-           "independent": indep, "relative_difference": rel}
-    if args.lm_eval_wikitext:
-        lm = lm_eval_wikitext(loaded, args.seq_len, args.wikitext_docs, args.batch_size)
-        print(f"  lm-eval wikitext ({lm['documents']} documents, rolling windows of {args.seq_len}): "
-              f"word_perplexity {lm.get('word_perplexity', float('nan')):.4f}  "
-              f"byte_perplexity {lm.get('byte_perplexity', float('nan')):.4f}  {lm['seconds']:.1f} s")
-        out["lm_eval_wikitext"] = lm
-    return out
+def report_wikitext(stages: dict) -> None:
+    ours, indep, lm = (stages.get(s) for s in WIKITEXT_STAGES)
+    if ours:
+        print(f"  ours:        ppl {ours['ppl']:.4f}  tokens {ours['tokens']}  windows {ours['windows']}/"
+              f"{ours['total_windows']}  {ours['seconds']:.1f} s")
+    if indep:
+        print(f"  independent: ppl {indep['ppl']:.4f}  tokens {indep['tokens']}  windows {indep['windows']}  "
+              f"{indep['seconds']:.1f} s   (HF-docs variant, first token of each window unscored: "
+              f"{indep['hf_docs_ppl']:.4f})")
+    if ours and indep:
+        rel = abs(ours["ppl"] - indep["ppl"]) / indep["ppl"]
+        print(f"  relative difference {rel:.2e}  -> {'PASS' if rel < 0.005 else 'FAIL'} (< 0.5%)")
+    if lm:
+        print(f"  lm-eval wikitext ({lm['documents']} documents, rolling windows of the seq len): "
+              f"word_perplexity {lm['word_perplexity']:.4f}  byte_perplexity {lm['byte_perplexity']:.4f}  "
+              f"bits_per_byte {lm['bits_per_byte']:.4f}  {lm['seconds']:.1f} s")
 
 
 # ---------------------------------------------------------------- lm-eval tasks: ours vs the stock task
@@ -124,7 +158,7 @@ def stock_rows(dataset_path: str, name: str | None):
                  "answerKey": r["answerKey"]} for r in _jsonl(root / "ai2_arc" / "ARC-Easy-Test.jsonl")]
         return datasets.Dataset.from_list(rows)
     if dataset_path == "Rowan/hellaswag":
-        return datasets.load_from_disk(str(root / "hellaswag" / "validation"), keep_in_memory=True)  # no cache files in shared/
+        return datasets.load_from_disk(str(root / "hellaswag" / "validation"))
     if dataset_path == "allenai/winogrande":
         return datasets.Dataset.from_list(_jsonl(root / "winogrande" / "dev.jsonl"))
     if dataset_path == "EleutherAI/lambada_openai":
@@ -152,41 +186,47 @@ def hub_answered_locally():
         datasets.load_dataset = original
 
 
-def stock_scores(loaded, tasks, limit: int, batch_size: int) -> tuple[dict, float]:
+def ours_tasks(args, loaded) -> dict:
+    plan = prepare_tasks(TASKS, online=False)
+    result = evaluate_tasks(loaded.model, loaded.tokenizer, plan, limit=args.eval_limit, batch_size=args.batch_size)
+    return {"seconds": result.seconds, "version": result.version,
+            "tasks": {task: asdict(score) for task, score in result.tasks.items()}}
+
+
+def stock_tasks(args, loaded) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=args.batch_size)
     started = time.perf_counter()
     with hub_answered_locally():
-        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(), limit=limit,
+        out = simple_evaluate(model=lm, tasks=list(TASKS), task_manager=TaskManager(), limit=args.eval_limit,
                               bootstrap_iters=1000, log_samples=False)
-    seconds = time.perf_counter() - started
-    return {t: {k.split(",")[0]: v for k, v in out["results"][t].items() if "," in k} for t in tasks}, seconds
+    tasks = {t: {k.split(",")[0]: v for k, v in out["results"][t].items() if "," in k} for t in TASKS}
+    return {"seconds": time.perf_counter() - started, "tasks": tasks}
 
 
-def lm_eval_check(args, loaded) -> dict:
-    plan = prepare_tasks(TASKS, online=False)
-    ours = evaluate_tasks(loaded.model, loaded.tokenizer, plan, limit=args.eval_limit, batch_size=args.batch_size)
-    stock, stock_s = stock_scores(loaded, TASKS, args.eval_limit, args.batch_size)
-    print(f"lm-eval {lm_eval_version()}, limit {args.eval_limit}: ours {ours.seconds:.1f} s, stock {stock_s:.1f} s")
-    print(f"  {'task':16} {'n':>4} {'metric':9} {'ours':>8} {'stock':>8} {'diff':>7}")
-    rows, ok = {}, True
+def report_tasks(stages: dict, limit: int) -> None:
+    ours, stock = stages.get("tasks-ours"), stages.get("tasks-stock")
+    if not (ours and stock):
+        return
+    print(f"lm-eval {ours['version']}, limit {limit}: ours {ours['seconds']:.1f} s, stock {stock['seconds']:.1f} s")
+    print(f"  {'task':16} {'n':>4} {'metric':9} {'ours':>8} {'±stderr':>8} {'stock':>8} {'diff':>7}")
+    ok = True
     for task in TASKS:
-        score = ours.tasks[task]
+        mine, theirs = ours["tasks"][task], stock["tasks"][task]
         for metric in ("acc", "acc_norm"):
-            mine = getattr(score, metric)
-            theirs = stock[task].get(metric)
-            if mine is None and theirs is None:
+            if mine.get(metric) is None:
                 continue
-            diff = abs(mine - theirs)
+            diff = abs(mine[metric] - theirs[metric])
             ok &= diff <= 0.02
-            rows[f"{task}/{metric}"] = {"ours": mine, "stock": theirs, "n": score.n}
-            print(f"  {task:16} {score.n:>4} {metric:9} {mine:8.4f} {theirs:8.4f} {diff:7.4f}")
+            print(f"  {task:16} {mine['n']:>4} {metric:9} {mine[metric]:8.4f} {mine[metric + '_stderr']:8.4f} "
+                  f"{theirs[metric]:8.4f} {diff:7.4f}")
     print(f"  -> {'PASS' if ok else 'FAIL'} (every |diff| <= 0.02)")
-    return {"rows": rows, "ours_seconds": ours.seconds, "stock_seconds": stock_s, "pass": ok}
 
+
+# ---------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,19 +235,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wikitext-path", default=None)
     parser.add_argument("--wikitext-samples", type=int, default=None, help="first N windows only (default: all)")
     parser.add_argument("--wikitext-docs", type=int, default=None, help="lm-eval wikitext: first N documents")
-    parser.add_argument("--no-lm-eval-wikitext", dest="lm_eval_wikitext", action="store_false")
     parser.add_argument("--lm-eval", action="store_true", help="compare the five tasks instead of WikiText-2")
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--stages", default=None,
+                        help=f"comma-separated subset of {', '.join(WIKITEXT_STAGES + TASK_STAGES)}")
+    parser.add_argument("--results", type=Path, default=offline.cache_dir() / "eval_check.json")
+    parser.add_argument("--fresh", action="store_true", help="recompute stages already in --results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    stages = args.stages.split(",") if args.stages else list(TASK_STAGES if args.lm_eval else WIKITEXT_STAGES)
+    settings = ({"check": "tasks", "model": args.model, "limit": args.eval_limit} if args.lm_eval else
+                {"check": "wikitext", "model": args.model, "seq_len": args.seq_len,
+                 "windows": args.wikitext_samples, "docs": args.wikitext_docs})
+    results = Results(args.results, settings)
+    if args.fresh:
+        results.stages.clear()
     loaded = model_loader.load_model(args.model, device="cpu")
-    print(f"{loaded.name} ({loaded.source}), torch threads {torch.get_num_threads()}")
-    result = lm_eval_check(args, loaded) if args.lm_eval else wikitext_check(args, loaded)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    print(f"{loaded.name} ({loaded.source}), torch threads {torch.get_num_threads()}, results in {args.results}")
+    runners = {"wikitext-ours": lambda: ours_wikitext(args, loaded),
+               "wikitext-independent": lambda: independent_wikitext(args, loaded, results),
+               "wikitext-lm-eval": lambda: lm_eval_wikitext(args, loaded),
+               "tasks-ours": lambda: ours_tasks(args, loaded),
+               "tasks-stock": lambda: stock_tasks(args, loaded)}
+    for stage in stages:
+        if stage in results.stages:
+            print(f"{stage}: done earlier, kept (--fresh recomputes)")
+            continue
+        print(f"{stage}: running")
+        results.save(stage, runners[stage]())
+    if args.lm_eval:
+        report_tasks(results.stages, args.eval_limit)
+    else:
+        print(f"WikiText-2 test ({wikitext_raw_path(args)}), seq_len {args.seq_len}:")
+        report_wikitext(results.stages)
     return 0
 
 

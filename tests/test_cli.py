@@ -85,3 +85,14 @@ def test_export_mode_writes_a_model_stock_transformers_loads(tmp_path):
 def test_export_mode_needs_exactly_one_source(tmp_path, capsys):
     assert adaptive_pruning.main(["--mode", "export", "--model", "tiny", "--export", str(tmp_path / "x")]) == 2
     assert "exactly one of --action" in capsys.readouterr().err
+
+
+def test_eval_mode_scores_dense_and_static_on_tiny(tmp_path):
+    rc = adaptive_pruning.main(["--mode", "eval", "--model", "tiny", "--eval-models", "dense,static:ffn_neurons:0.5",
+                                "--wikitext-samples", "2", "--eval-seq-len", "64", "--report-dir", str(tmp_path)])
+    assert rc == 0
+    metrics = json.loads((_run_dir(tmp_path, "eval") / "metrics.json").read_text())
+    models = metrics["evaluation"]["models"]
+    assert set(models) == {"dense", "static:ffn_neurons:0.5"}
+    assert models["dense"]["wikitext"]["tokens_scored"] == models["static:ffn_neurons:0.5"]["wikitext"]["tokens_scored"] > 0
+    assert models["dense"]["wikitext"]["ppl"] != models["static:ffn_neurons:0.5"]["wikitext"]["ppl"]
