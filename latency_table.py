@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from tqdm import tqdm
@@ -62,7 +62,7 @@ class LatencyTable:
 
         Entries are committed together at the end, so an interrupted calibration leaves none.
         An `inert(bucket, action)` action does nothing in that bucket (KV pruning of short prompts):
-        it gets the dense model's entry (samples=0) instead of a timing of the same computation.
+        it gets a copy of the `none` entry (samples=0), so its reward equals the dense model's exactly.
         """
         pairs = [(b, a) for b in buckets for a in actions]
         fresh: dict[str, LatencyEntry] = {}
@@ -70,10 +70,7 @@ class LatencyTable:
             time_one("none", bucket)   # warm-up: first run pays allocation and thread start-up
         for bucket, action in tqdm(pairs, desc=f"latency table [{scenario}]", leave=False):
             if inert(bucket, action) and self.key(scenario, bucket, "none") in fresh:
-                same = fresh[self.key(scenario, bucket, "none")]
-                fresh[self.key(scenario, bucket, action)] = LatencyEntry(
-                    same.dense_prefill_s, same.dense_decode_per_token_s, same.dense_prefill_s,
-                    same.dense_decode_per_token_s, samples=0)
+                fresh[self.key(scenario, bucket, action)] = replace(fresh[self.key(scenario, bucket, "none")], samples=0)
                 continue
             dense, pruned = [], []
             for _ in range(repeats):

@@ -31,7 +31,8 @@ def test_inert_actions_copy_the_dense_entry_without_timing():
                     inert=lambda bucket, action: action.startswith("kv_cache"))
     assert "kv_cache:0.5" not in calls
     entry = table.get("idle", "short", "kv_cache:0.5")
-    assert entry.samples == 0 and entry.speedup(8) == pytest.approx(1.0)
+    none = table.get("idle", "short", "none")
+    assert entry.samples == 0 and entry.latency(8) == none.latency(8) and entry.speedup(8) == none.speedup(8)
 
 
 def test_interrupted_calibration_leaves_no_entries():
