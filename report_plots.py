@@ -273,7 +273,8 @@ def plot_pareto(metrics: Mapping, out: Path, summary: Mapping | None = None) -> 
         axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
         for ax, group in zip(axes, groups):
             _pareto_panel(ax, test["by_scenario"][group], f"scenario {group}")
-        axes[0].set_ylabel("PPL ratio (pruned / dense, lower is better)")
+        axes[0].set_ylabel("PPL ratio (pruned / dense, log scale, lower is better)")
+        axes[0].set_yscale("log")           # ratios span 1 to hundreds; shared y: all panels follow
         extra = [Line2D([], [], marker="*", ls="", color=POLICY_COLOUR, markersize=14, label="policy (95% CI)"),
                  Line2D([], [], marker="P", ls="", color=ORACLE_COLOUR, markersize=10, label="oracle"),
                  Line2D([], [], marker="D", ls="", color=RANDOM_COLOUR, markersize=8, label="random action"),
