@@ -261,3 +261,22 @@ def test_training_under_cpu_load_and_memory_ballast_completes(tmp_path):
     metrics = json.loads(next((tmp_path / "r").glob("train-*")).joinpath("metrics.json").read_text())
     assert {e["scenario"] for e in metrics["episodes"]} <= {"loaded", "memory"}
     assert all(e["outcome"] for e in metrics["episodes"])
+
+
+def test_telemetry_failure_mid_run_degrades_to_unavailable(monkeypatch):
+    import psutil
+    import telemetry
+    with telemetry.TelemetrySampler(rate_hz=50) as sampler:
+        time.sleep(0.1)
+        assert sampler.latest().ram_total > 0
+
+        def broken(*args, **kwargs):
+            raise OSError("sensor gone")
+
+        monkeypatch.setattr(psutil, "cpu_times", broken)
+        time.sleep(0.2)
+        state = sampler.latest()
+        assert state.cpu_percent is None and state.load_avg_1m is None
+        names = telemetry.HardwareState.FEATURE_NAMES
+        assert state.vector[names.index("cpu_util_ok")] == 0.0
+        assert sampler._thread is not None and sampler._thread.is_alive()   # the sampler keeps running
