@@ -14,9 +14,9 @@ agree within 2 points.
     PYTHONPATH=. .venv/bin/python bench/eval_check.py [--wikitext-samples N]
     PYTHONPATH=. .venv/bin/python bench/eval_check.py --lm-eval --eval-limit 200
 
-Each stage's figures are saved to ``--results`` as soon as it finishes (the independent loop
-every few windows), and a rerun with the same settings skips finished stages and resumes the
-loop: a full-split run takes hours on a busy 2-core CPU. ``--stages`` runs a subset.
+Each stage's figures are saved to ``--results`` as soon as it finishes (the two WikiText loops
+every 5 windows), and a rerun with the same settings skips finished stages and resumes the
+loops: a full-split run takes hours on a busy 2-core CPU. ``--stages`` runs a subset.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ import torch  # noqa: E402
 
 import model_loader  # noqa: E402
 from data import data_root  # noqa: E402
-from lm_eval_run import evaluate_tasks  # noqa: E402
+from lm_eval_run import evaluate_tasks, lm_eval_version  # noqa: E402
 from lm_eval_tasks import prepare_tasks  # noqa: E402
-from wikitext_ppl import compute_perplexity, load_wikitext2_test  # noqa: E402
+from wikitext_ppl import compute_perplexity, load_wikitext2_test, make_windows, window_nll  # noqa: E402
 
 TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai", "boolq")
 WIKITEXT_STAGES = ("wikitext-ours", "wikitext-independent", "wikitext-lm-eval")
@@ -71,14 +71,42 @@ def wikitext_raw_path(args) -> Path:
     return Path(args.wikitext_path or data_root() / "wikitext-2-raw-v1" / "wiki.test.raw")
 
 
-def ours_wikitext(args, loaded) -> dict:
+def ours_wikitext(args, loaded, results: Results) -> dict:
+    """`wikitext_ppl` on the full split, resumable: its own windows and scorer, saved every 5 windows.
+
+    `compute_perplexity` is one uninterruptible call; this runs the same steps (load, tokenise,
+    `make_windows`, `window_nll`) window by window, and first checks that `compute_perplexity` on
+    the first windows gives exactly the same sum, so the figure is the product's.
+    """
     corpus = load_wikitext2_test(wikitext_raw_path(args))
-    started = time.perf_counter()
-    result = compute_perplexity(loaded.model, loaded.tokenizer, corpus, seq_len=args.seq_len,
-                                max_windows=args.wikitext_samples, context_length=loaded.context_length)
-    return {"ppl": result.ppl, "tokens": result.tokens_scored, "windows": result.windows,
-            "total_windows": result.protocol.total_windows, "text_sha256": corpus.sha256,
-            "seconds": time.perf_counter() - started}
+    seq_len = min(args.seq_len, loaded.context_length)
+    ids = torch.tensor(loaded.tokenizer(corpus.text)["input_ids"], dtype=torch.long)
+    windows = make_windows(len(ids), seq_len, seq_len)
+    total = len(windows)
+    windows = windows[:args.wikitext_samples]
+    state = results.stages.get("wikitext-ours-partial")
+    if state is None:
+        started = time.perf_counter()
+        prefix = compute_perplexity(loaded.model, loaded.tokenizer, corpus, seq_len=seq_len,
+                                    max_windows=min(2, len(windows)), progress=False)
+        state = {"done": prefix.windows, "nll": prefix.nll_sum, "tokens": prefix.tokens_scored,
+                 "seconds": time.perf_counter() - started,
+                 "prefix_matches": prefix.nll_sum == sum(window_nll(loaded.model, ids, [w])
+                                                         for w in windows[:prefix.windows])}
+        results.save("wikitext-ours-partial", state)
+    for i in range(state["done"], len(windows)):
+        started = time.perf_counter()
+        state["nll"] += window_nll(loaded.model, ids, [windows[i]])
+        state["tokens"] += windows[i].n_new
+        state["done"] = i + 1
+        state["seconds"] += time.perf_counter() - started
+        print(f"\r  ours: window {i + 1}/{len(windows)}", end="", flush=True)
+        if state["done"] % 5 == 0:
+            results.save("wikitext-ours-partial", state)
+    print()
+    return {"ppl": math.exp(state["nll"] / state["tokens"]), "tokens": state["tokens"], "windows": len(windows),
+            "total_windows": total, "text_sha256": corpus.sha256, "seconds": state["seconds"],
+            "compute_perplexity_prefix_matches": state["prefix_matches"]}
 
 
 def independent_wikitext(args, loaded, results: Results) -> dict:
@@ -127,7 +155,8 @@ def report_wikitext(stages: dict) -> None:
     ours, indep, lm = (stages.get(s) for s in WIKITEXT_STAGES)
     if ours:
         print(f"  ours:        ppl {ours['ppl']:.4f}  tokens {ours['tokens']}  windows {ours['windows']}/"
-              f"{ours['total_windows']}  {ours['seconds']:.1f} s")
+              f"{ours['total_windows']}  {ours['seconds']:.1f} s  (compute_perplexity on the first windows "
+              f"identical: {ours['compute_perplexity_prefix_matches']})")
     if indep:
         print(f"  independent: ppl {indep['ppl']:.4f}  tokens {indep['tokens']}  windows {indep['windows']}  "
               f"{indep['seconds']:.1f} s   (HF-docs variant, first token of each window unscored: "
@@ -186,25 +215,44 @@ def hub_answered_locally():
         datasets.load_dataset = original
 
 
-def ours_tasks(args, loaded) -> dict:
-    plan = prepare_tasks(TASKS, online=False)
-    result = evaluate_tasks(loaded.model, loaded.tokenizer, plan, limit=args.eval_limit, batch_size=args.batch_size)
-    return {"seconds": result.seconds, "version": result.version,
-            "tasks": {task: asdict(score) for task, score in result.tasks.items()}}
+def per_task(stage: str, results: Results, run) -> dict:
+    """Run `run(task)` task by task, saving each, so an interrupted stage resumes at the next task."""
+    done = results.stages.get(stage + "-partial") or {"seconds": 0.0, "tasks": {}}
+    for task in TASKS:
+        if task in done["tasks"]:
+            continue
+        print(f"  {stage}: {task}")
+        done["tasks"][task], seconds = run(task)
+        done["seconds"] += seconds
+        results.save(stage + "-partial", done)
+    return done
 
 
-def stock_tasks(args, loaded) -> dict:
+def ours_tasks(args, loaded, results: Results) -> dict:
+    def run(task: str):
+        plan = prepare_tasks([task], online=False)
+        result = evaluate_tasks(loaded.model, loaded.tokenizer, plan, limit=args.eval_limit,
+                                batch_size=args.batch_size)
+        return asdict(result.tasks[task]), result.seconds
+    return {**per_task("tasks-ours", results, run), "version": lm_eval_version()}
+
+
+def stock_tasks(args, loaded, results: Results) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=args.batch_size)
-    started = time.perf_counter()
-    with hub_answered_locally():
-        out = simple_evaluate(model=lm, tasks=list(TASKS), task_manager=TaskManager(), limit=args.eval_limit,
-                              bootstrap_iters=1000, log_samples=False)
-    tasks = {t: {k.split(",")[0]: v for k, v in out["results"][t].items() if "," in k} for t in TASKS}
-    return {"seconds": time.perf_counter() - started, "tasks": tasks}
+    manager = TaskManager()
+
+    def run(task: str):
+        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=args.batch_size)
+        started = time.perf_counter()
+        with hub_answered_locally():
+            out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=args.eval_limit,
+                                  bootstrap_iters=1000, log_samples=False)
+        return ({k.split(",")[0]: v for k, v in out["results"][task].items() if "," in k},
+                time.perf_counter() - started)
+    return per_task("tasks-stock", results, run)
 
 
 def report_tasks(stages: dict, limit: int) -> None:
@@ -254,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         results.stages.clear()
     loaded = model_loader.load_model(args.model, device="cpu")
     print(f"{loaded.name} ({loaded.source}), torch threads {torch.get_num_threads()}, results in {args.results}")
-    runners = {"wikitext-ours": lambda: ours_wikitext(args, loaded),
+    runners = {"wikitext-ours": lambda: ours_wikitext(args, loaded, results),
                "wikitext-independent": lambda: independent_wikitext(args, loaded, results),
                "wikitext-lm-eval": lambda: lm_eval_wikitext(args, loaded),
-               "tasks-ours": lambda: ours_tasks(args, loaded),
-               "tasks-stock": lambda: stock_tasks(args, loaded)}
+               "tasks-ours": lambda: ours_tasks(args, loaded, results),
+               "tasks-stock": lambda: stock_tasks(args, loaded, results)}
     for stage in stages:
         if stage in results.stages:
             print(f"{stage}: done earlier, kept (--fresh recomputes)")
