@@ -17,6 +17,7 @@ import offline  # noqa: E402,F401  (must precede transformers/datasets/lm_eval i
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -76,6 +77,7 @@ RUN_FLAGS = [
     ("--latency-table", "latency_table", str, "reuse a latency_table.json from an earlier run (reproducibility)"),
     ("--telemetry-trace", "telemetry_trace", str, "replay hardware states from an earlier train run's metrics.json"),
     ("--ablation", "ablation", str, "none | no_hardware | no_prompt (zero that part of the state)"),
+    ("--nlp-backend", "nlp_backend", str, "prompt analysis: auto (spaCy > NLTK > regex) | spacy | nltk | regex"),
     ("--report-dir", "report_dir", str, "folder for report folders"),
     ("--telemetry-hz", "telemetry_hz", float, "background telemetry sampling rate"),
     ("--max-new-tokens", "env.max_new_tokens", _positive_int, "tokens generated per prompt (EOS ignored while timing)"),
@@ -190,8 +192,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
 def validate(cfg: RunConfig) -> None:
     """Catch bad values before any model or data is loaded."""
     from model_loader import check_model_name
+    from nlp_analyzer import BACKENDS
     from scenarios import parse_scenarios
     check_model_name(cfg.model)
+    if cfg.nlp_backend not in ("auto", *BACKENDS):
+        raise ValueError(f"--nlp-backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.nlp_backend}")
     parse_scenarios(cfg.scenarios)
     if cfg.episodes <= 0 or cfg.episodes > 10_000_000:
         raise ValueError(f"--episodes must be between 1 and 10,000,000, got {cfg.episodes}")
@@ -280,5 +285,24 @@ def eval_config(args: argparse.Namespace):
                       eval_limit=args.eval_limit)
 
 
+def cli() -> int:
+    """The process entry point: a signal at any moment ends in 0 or 130, never a kill mid-shutdown.
+
+    SIGTERM is an interrupt for the whole process (not only inside training), and once main has
+    returned both signals are ignored: CPython resets Python-level handlers to the default action
+    during finalization, so a late Ctrl-C would otherwise kill the process while it tears down.
+    """
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return main()
+    except KeyboardInterrupt:   # landed after main's own handler had finished
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -96,7 +96,7 @@ def run_train(cfg: RunConfig) -> Path:
 def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) -> RunConfig:
     """Test with the settings the policy was trained under, unless the user set them explicitly."""
     trained = payload["config"]
-    keep = {"model", "targets", "intensities", "structural", "importance", "ablation", "train_dataset",
+    keep = {"model", "targets", "intensities", "structural", "importance", "ablation", "nlp_backend", "train_dataset",
             "seed", "test_fraction", "scenarios"}
     updates = {k: (tuple(v) if isinstance(v, list) else v) for k, v in trained.items()
                if k in keep and k not in explicit}

@@ -47,7 +47,7 @@ def open_session(cfg: RunConfig):
     engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
                            importance=cfg.importance, tokenizer=loaded.tokenizer,
                            kv_min_tokens=cfg.env.long_prompt_tokens)
-    analyzer = PromptAnalyzer()
+    analyzer = PromptAnalyzer(cfg.nlp_backend)
     with TelemetrySampler(rate_hz=cfg.telemetry_hz) as sampler:
         states = StateBuilder(analyzer, sampler, tokenizer=loaded.tokenizer, ablation=cfg.ablation)
         env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, gpu=sampler.probe.gpu)

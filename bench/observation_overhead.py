@@ -73,13 +73,15 @@ def main() -> None:
         share = (idle_cpu1.user + idle_cpu1.system - idle_cpu0.user - idle_cpu0.system) / 2.0
         print(f"{'sampler thread at 10 Hz':40s} {share * 100:.2f}% of one core")
 
-        print(f"\n{'backend':8s} {'observation, uncached (wall)':>34s} {'CPU median':>11s} {'cached':>10s} "
+        print(f"\n{'backend':9s} {'observation, uncached (wall)':>34s} {'CPU median':>11s} {'cached':>10s} "
               f"{'batched/prompt':>15s}")
-        for backend in BACKENDS:
+        variants = [(b, b, {}) for b in BACKENDS]
+        variants.insert(1, ("spacy+ner", "spacy", {"spacy_ner": True}))   # the full pipeline, for comparison
+        for label, backend, options in variants:
             try:
-                analyzer = PromptAnalyzer(backend)
+                analyzer = PromptAnalyzer(backend, **options)
             except BackendUnavailable as err:
-                print(f"{backend:8s} unavailable: {err}")
+                print(f"{label:9s} unavailable: {err}")
                 continue
             analyzer.analyze_batch(warm)
 
@@ -89,11 +91,11 @@ def main() -> None:
 
             med, p95, cpu = timings_ms(observe, n)
             cached_med, _, _ = timings_ms(observe, n)
-            batch_analyzer = PromptAnalyzer(backend, cache_size=0)
+            batch_analyzer = PromptAnalyzer(backend, cache_size=0, **options)
             t0 = time.perf_counter()
             batch_analyzer.analyze_batch(timed)
             batched = (time.perf_counter() - t0) * 1e3 / n
-            print(f"{backend:8s} median {med:7.2f} ms  p95 {p95:7.2f} ms {cpu:8.2f} ms {cached_med * 1e3:7.1f} us "
+            print(f"{label:9s} median {med:7.2f} ms  p95 {p95:7.2f} ms {cpu:8.2f} ms {cached_med * 1e3:7.1f} us "
                   f"{batched:12.2f} ms")
 
 

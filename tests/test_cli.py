@@ -72,6 +72,22 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         adaptive_pruning.main(["--mode", "fly"])
 
 
+def test_nlp_backend_is_chosen_checkpointed_and_reused_by_test(tmp_path, capsys):
+    ckpt = tmp_path / "p.pt"
+    assert adaptive_pruning.main(["--mode", "train", "--episodes", "2", "--checkpoint", str(ckpt), "--nlp-backend",
+                                  "regex", "--report-dir", str(tmp_path / "r"), *TINY_TRAIN]) == 0
+    train = json.loads((_run_dir(tmp_path / "r", "train") / "metrics.json").read_text())
+    assert train["provenance"]["nlp_backend"] == "regex"
+    assert load_checkpoint(ckpt)["config"]["nlp_backend"] == "regex"
+    assert adaptive_pruning.main(["--mode", "test", "--model", "tiny", "--checkpoint", str(ckpt),
+                                  "--test-samples", "2", "--report-dir", str(tmp_path / "r")]) == 0
+    test = json.loads((_run_dir(tmp_path / "r", "test") / "metrics.json").read_text())
+    assert test["provenance"]["nlp_backend"] == "regex"     # the policy sees features as it was trained
+    capsys.readouterr()
+    assert adaptive_pruning.main(["--mode", "train", "--model", "tiny", "--nlp-backend", "stanza"]) == 2
+    assert "--nlp-backend must be" in capsys.readouterr().err
+
+
 def test_export_mode_writes_a_model_stock_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "exported"

@@ -89,6 +89,23 @@ def test_vector_has_the_same_length_and_order_on_every_backend(analyzer, labelle
     assert (features.max_dep_depth is None) == (analyzer.backend != "spacy")
 
 
+def test_fast_spacy_profile_keeps_pos_chunks_and_parse_of_the_full_pipeline() -> None:
+    """Without NER/attribute ruler the POS, chunks and parse match the full pipeline's closely."""
+    try:
+        fast, full = PromptAnalyzer("spacy"), PromptAnalyzer("spacy", spacy_ner=True)
+    except BackendUnavailable as err:
+        pytest.skip(f"spaCy unavailable here: {err}")
+    assert "ner" not in fast._backend.nlp.pipe_names and "ner" in full._backend.nlp.pipe_names
+    text = ("Marie Curie moved from Warsaw to Paris in 1891. She studied physics at the Sorbonne, "
+            "and later she won two Nobel Prizes for her research on radioactivity.")
+    a, b = fast.analyze(text), full.analyze(text)
+    assert a.n_noun_chunks == b.n_noun_chunks > 3
+    assert a.max_dep_depth == b.max_dep_depth and a.n_words == b.n_words
+    assert a.n_entities >= 3 and b.n_entities >= 3     # proper-noun runs vs NER spans
+    fractions = ("verb_frac", "noun_frac", "adj_frac", "num_frac")
+    assert [getattr(a, f) for f in fractions] == pytest.approx([getattr(b, f) for f in fractions], abs=0.05)
+
+
 # ----------------------------------------------------------------------------------- fallbacks
 
 
