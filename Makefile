@@ -16,12 +16,15 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)
 
-# Train a short policy on the embedded SmolLM2-135M under idle/loaded contention, then test it.
+# Train a short policy on the embedded SmolLM2-135M under idle/loaded contention (two blocks of
+# each), test it on held-out prompts in both scenarios, and evaluate dense / best static / policy
+# on a slice of WikiText-2 and ARC-Easy (from ../shared/data). About 10 minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin --train-samples 40 \
-		--episodes 100 --max-new-tokens 16 --intensities 0.2,0.4 --scenarios idle,loaded \
-		--scenario-block 20 --long-prompt-tokens 384 --checkpoint checkpoints/demo.pt
-	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 12
+		--episodes 60 --max-new-tokens 8 --intensities 0.2,0.4 --scenarios idle,loaded --scenario-block 15 \
+		--long-prompt-tokens 256 --calibration-repeats 1 --checkpoint checkpoints/demo.pt
+	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 6 \
+		--lm-eval --eval-tasks arc_easy --eval-limit 40 --wikitext-samples 2 --eval-seq-len 512
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -48,7 +48,11 @@ def parse_scenarios(spec: str) -> list[Scenario]:
 
 
 class ScenarioSchedule:
-    """Blocks of `block` episodes, each under a scenario drawn with a seeded RNG."""
+    """Blocks of `block` episodes; every round of len(scenarios) blocks is a seeded permutation.
+
+    Balanced rather than drawn independently per block: a short run (the demo has four blocks)
+    must see every scenario, or the policy cannot learn how load changes the best action.
+    """
 
     def __init__(self, scenarios: list[Scenario], block: int, seed: int):
         if block < 1:
@@ -56,8 +60,9 @@ class ScenarioSchedule:
         self.scenarios, self.block, self.seed = scenarios, block, seed
 
     def scenario_for(self, episode: int) -> Scenario:
-        rng = np.random.default_rng([self.seed, episode // self.block])
-        return self.scenarios[int(rng.integers(len(self.scenarios)))]
+        round_, slot = divmod(episode // self.block, len(self.scenarios))
+        order = np.random.default_rng([self.seed, round_]).permutation(len(self.scenarios))
+        return self.scenarios[int(order[slot])]
 
 
 def contention(scenario: Scenario):

@@ -94,3 +94,16 @@ def test_ballast_beyond_available_memory_is_refused() -> None:
 def test_zero_level_starts_nothing() -> None:
     with LoadGenerator(LoadLevel(workers=3, duty=0.0)) as load:
         assert load.pids == []
+
+
+def test_scenario_schedule_is_balanced_seeded_and_blocked() -> None:
+    from scenarios import ScenarioSchedule, parse_scenarios
+    scenarios = parse_scenarios("idle,light,loaded")
+    schedule = ScenarioSchedule(scenarios, block=5, seed=0)
+    names = [schedule.scenario_for(e).name for e in range(5 * 3 * 4)]
+    blocks = [names[i:i + 5] for i in range(0, len(names), 5)]
+    assert all(len(set(b)) == 1 for b in blocks)                      # one scenario per block
+    for r in range(4):                                                 # each round visits all
+        assert sorted(b[0] for b in blocks[3 * r:3 * r + 3]) == ["idle", "light", "loaded"]
+    assert names == [ScenarioSchedule(scenarios, 5, 0).scenario_for(e).name for e in range(60)]
+    assert any(names != [ScenarioSchedule(scenarios, 5, s).scenario_for(e).name for e in range(60)] for s in (1, 2, 3))
