@@ -106,9 +106,13 @@ def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) ->
     return dataclasses.replace(cfg, **updates, reward=reward, env=env)
 
 
-def best_static(rows: list[dict]) -> str:
-    """The static action with the highest mean reward over the test prompts (hindsight choice)."""
-    labels = rows[0]["static"].keys()
+def best_static(rows: list[dict], pruning_only: bool = False) -> str:
+    """The static action with the highest mean reward over the test prompts (hindsight choice).
+
+    ``pruning_only`` skips ``none``: the evaluation always shows one pruned static model beside
+    dense and the policy, even when staying dense earned the most reward.
+    """
+    labels = [a for a in rows[0]["static"] if not (pruning_only and a == "none")]
     return max(labels, key=lambda a: sum(r["static"][a]["reward"] for r in rows) / len(rows))
 
 
@@ -116,8 +120,8 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
              eval_cfg=None) -> Path:
     """Policy vs every static action vs the oracle on held-out prompts, per scenario.
 
-    With `eval_cfg` (--lm-eval) the dense model, the best static action and the policy are also
-    evaluated on WikiText-2 and the lm-eval tasks.
+    With `eval_cfg` (--lm-eval) the dense model, the best static pruning action and the policy are
+    also evaluated on WikiText-2 and the lm-eval tasks.
     """
     payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
     cfg = config_from_checkpoint(cfg, payload, explicit)
@@ -158,8 +162,7 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
         extra = {}
         if eval_cfg is not None:
             from evaluation import run_evaluation
-            static = best_static(rows)
-            specs = ["dense"] + ([f"static:{static}"] if static != "none" else []) + [f"policy:{cfg.checkpoint}"]
+            specs = ["dense", f"static:{best_static(rows, pruning_only=True)}", f"policy:{cfg.checkpoint}"]
             extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
         metrics = _metrics("test", cfg, prov, labels, prompts=rows, checkpoint=str(cfg.checkpoint),
                            latency_table=s.env.table.to_dict(), **extra)

@@ -447,7 +447,9 @@ def _evaluation_section(ev: Mapping) -> list[str]:
     lines = ["## Evaluation", ""] + _table(header, rows)
     protocols = {json.dumps(s["protocol"], sort_keys=True) for s in ev["models"].values() if s["protocol"]}
     for p in sorted(protocols):
-        lines += ["WikiText-2 protocol: " + ", ".join(f"{k}={v}" for k, v in json.loads(p).items()), ""]
+        shown = (f"{k}={v!r}" if isinstance(v, str) and not v.strip() else f"{k}={v}"   # joiner="\n\n"
+                 for k, v in json.loads(p).items())
+        lines += ["WikiText-2 protocol: " + ", ".join(shown), ""]
     speed_keys = (("prefill_tok_s", "prefill tok/s", 1), ("decode_tok_s", "decode tok/s", 1),
                   ("latency_s", "latency (s)", 4), ("peak_rss_mb", "peak RSS (MB)", 0),
                   ("energy_j", "energy (J)", 2), ("controller_s", "controller (s)", 4))

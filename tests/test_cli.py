@@ -88,6 +88,29 @@ def test_nlp_backend_is_chosen_checkpointed_and_reused_by_test(tmp_path, capsys)
     assert "--nlp-backend must be" in capsys.readouterr().err
 
 
+def test_best_static_can_skip_none():
+    from modes import best_static
+    rows = [{"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.1}, "ffn_neurons:0.2": {"reward": -0.5}}},
+            {"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.3}, "ffn_neurons:0.2": {"reward": 0.1}}}]
+    assert best_static(rows) == "none"
+    assert best_static(rows, pruning_only=True) == "kv_cache:0.2"
+
+
+def test_test_mode_with_lm_eval_evaluates_dense_a_pruned_static_and_the_policy(tmp_path):
+    ckpt = tmp_path / "p.pt"
+    assert adaptive_pruning.main(["--mode", "train", "--episodes", "2", "--checkpoint", str(ckpt),
+                                  "--report-dir", str(tmp_path / "r"), *TINY_TRAIN]) == 0
+    assert adaptive_pruning.main(["--mode", "test", "--model", "tiny", "--checkpoint", str(ckpt), "--test-samples", "2",
+                                  "--lm-eval", "--eval-tasks", "arc_easy", "--eval-limit", "4", "--wikitext-samples", "1",
+                                  "--eval-seq-len", "64", "--report-dir", str(tmp_path / "r")]) == 0
+    run = _run_dir(tmp_path / "r", "test")
+    models = json.loads((run / "metrics.json").read_text())["evaluation"]["models"]
+    statics = [m for m in models if m.startswith("static:")]
+    assert "dense" in models and len(statics) == 1 and statics[0] != "static:none"
+    assert any(m.startswith("policy:") for m in models)
+    assert (run / "plots" / "evaluation.png").stat().st_size > 0
+
+
 def test_export_mode_writes_a_model_stock_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "exported"
