@@ -17,7 +17,7 @@ from records import RUN_KINDS, SCHEMA_VERSION, EpisodeRecord, PromptResult
 
 MAX_PROBLEMS = 25
 TASK_NUMBERS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")
-SPEED_NUMBERS = ("prefill_tok_s", "decode_tok_s", "latency_s", "peak_rss_mb", "energy_j", "controller_s")
+SPEED_NUMBERS = ("prefill_tokens_per_s", "decode_tokens_per_s", "latency_s", "peak_rss_mb", "energy_j", "controller_s")
 
 
 def validate_metrics(d: object) -> list[str]:
@@ -137,7 +137,7 @@ def _check_evaluation(evaluation: object, problems: list[str]) -> None:
         if not isinstance(m, Mapping):
             problems.append(f"{path}: expected an object, got {_type_name(m)}")
             continue
-        _check_numbers(m.get("wikitext") or {}, ("ppl", "tokens"), f"{path}.wikitext", problems)
+        _check_numbers(m.get("wikitext") or {}, ("ppl", "tokens_scored"), f"{path}.wikitext", problems)
         tasks = m.get("tasks", {})
         if not isinstance(tasks, Mapping):
             problems.append(f"{path}.tasks: expected an object, got {_type_name(tasks)}")

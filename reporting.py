@@ -450,7 +450,7 @@ def _evaluation_section(ev: Mapping) -> list[str]:
         shown = (f"{k}={v!r}" if isinstance(v, str) and not v.strip() else f"{k}={v}"   # joiner="\n\n"
                  for k, v in json.loads(p).items())
         lines += ["WikiText-2 protocol: " + ", ".join(shown), ""]
-    speed_keys = (("prefill_tok_s", "prefill tok/s", 1), ("decode_tok_s", "decode tok/s", 1),
+    speed_keys = (("prefill_tokens_per_s", "prefill tok/s", 1), ("decode_tokens_per_s", "decode tok/s", 1),
                   ("latency_s", "latency (s)", 4), ("peak_rss_mb", "peak RSS (MB)", 0),
                   ("energy_j", "energy (J)", 2), ("controller_s", "controller (s)", 4))
     lines += ["### Speed and resources", ""]
@@ -620,7 +620,7 @@ def _compare_test(sums: Mapping[str, Mapping]) -> list[str]:
 
 def _compare_eval(sums: Mapping[str, Mapping]) -> list[str]:
     rows = [(_code(n), _code(m), fmt(e["ppl"], 2), fmt(e["ppl_ratio"]), _pct_or_dash(e["mean_acc"]),
-             fmt(e["speed"].get("decode_tok_s"), 1))
+             fmt(e["speed"].get("decode_tokens_per_s"), 1))
             for n, s in sums.items() for m, e in (s.get("evaluation") or {}).get("models", {}).items()]
     if not rows:
         return []

@@ -425,7 +425,7 @@ def summarize_eval(evaluation: Mapping) -> dict:
         out[label] = {
             "ppl": wikitext.get("ppl"),
             "ppl_ratio": wikitext["ppl"] / dense_ppl if _is_finite(wikitext.get("ppl")) and dense_ppl else None,
-            "tokens": wikitext.get("tokens"),
+            "tokens": wikitext.get("tokens_scored"),
             "protocol": dict(wikitext.get("protocol") or {}),
             "tasks": task_rows,
             # Over the same task set only: a model missing a task gets no mean rather than a biased one.

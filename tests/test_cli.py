@@ -109,6 +109,9 @@ def test_test_mode_with_lm_eval_evaluates_dense_a_pruned_static_and_the_policy(t
     assert "dense" in models and len(statics) == 1 and statics[0] != "static:none"
     assert any(m.startswith("policy:") for m in models)
     assert (run / "plots" / "evaluation.png").stat().st_size > 0
+    from summaries import summarize_eval   # the report reads the keys the evaluation writes
+    dense = summarize_eval(json.loads((run / "metrics.json").read_text())["evaluation"])["models"]["dense"]
+    assert dense["tokens"] == 64 and dense["speed"]["decode_tokens_per_s"] > 0
 
 
 def test_export_mode_writes_a_model_stock_transformers_loads(tmp_path):

@@ -77,12 +77,12 @@ def make_test_metrics(n: int = 12) -> dict:
 
 def make_eval_metrics() -> dict:
     def model(ppl: float, acc: float, actions: dict | None = None) -> dict:
-        return {"wikitext": {"ppl": ppl, "tokens": 2048, "protocol": {"seq_len": 2048, "stride": 2048}},
+        return {"wikitext": {"ppl": ppl, "tokens_scored": 2048, "protocol": {"seq_len": 2048, "stride": 2048}},
                 "tasks": {"arc_easy": {"acc": acc, "acc_stderr": 0.02, "acc_norm": acc + 0.01,
                                        "acc_norm_stderr": 0.02, "n": 200},
                           "boolq": {"acc": acc - 0.05, "acc_stderr": 0.03, "acc_norm": None,
                                     "acc_norm_stderr": None, "n": 200}},
-                "speed": {"prefill_tok_s": 900.0, "decode_tok_s": 40.0, "latency_s": 1.2, "peak_rss_mb": 800.0,
+                "speed": {"prefill_tokens_per_s": 900.0, "decode_tokens_per_s": 40.0, "latency_s": 1.2, "peak_rss_mb": 800.0,
                           "energy_j": None, "controller_s": 0.003 if actions else 0.0},
                 "actions": actions or {}}
     return {"schema_version": SCHEMA_VERSION, "kind": "eval", "partial": False, "partial_reason": None,

@@ -136,8 +136,8 @@ def test_summarize_train_hand_example():
 
 
 def test_summarize_eval_and_dispatch():
-    models = {"dense": {"wikitext": {"ppl": 20.0, "tokens": 10}, "tasks": {"arc": {"acc": 0.6}, "boolq": {"acc": 0.4}}},
-              "static:x": {"wikitext": {"ppl": 30.0, "tokens": 10}, "tasks": {"arc": {"acc": 0.5}}}}
+    models = {"dense": {"wikitext": {"ppl": 20.0, "tokens_scored": 10}, "tasks": {"arc": {"acc": 0.6}, "boolq": {"acc": 0.4}}},
+              "static:x": {"wikitext": {"ppl": 30.0, "tokens_scored": 10}, "tasks": {"arc": {"acc": 0.5}}}}
     ev = summaries.summarize_eval({"models": models})
     assert ev["tasks"] == ["arc", "boolq"]
     assert ev["models"]["dense"]["mean_acc"] == pytest.approx(0.5) and ev["models"]["static:x"]["mean_acc"] is None
