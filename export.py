@@ -156,6 +156,30 @@ def export_pruned(loaded, engine: PruningEngine, action: PruningAction, out_dir:
                       for new, old in enumerate(layers)],
         "transformers_version": transformers.__version__,
     }
+    record["reload_check"] = reload_check(loaded, engine, action, out)
     (out / "pruning.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    log.info("exported %s (%s) to %s: %d -> %d parameters", loaded.name, action.label, out, before.total, after.total)
+    log.info("exported %s (%s) to %s: %d -> %d parameters; stock from_pretrained reload: max |logit diff| %.2e",
+             loaded.name, action.label, out, before.total, after.total, record["reload_check"]["max_abs_logit_diff"])
     return out
+
+
+def reload_check(loaded, engine: PruningEngine, action: PruningAction, out: Path, tokens: int = 32) -> dict:
+    """Reload ``out`` with stock transformers and compare its logits with the engine's pruned model.
+
+    Recorded in pruning.json so every export carries its own evidence that the file on disk is the
+    model the engine measured (not only the unit tests' tiny models).
+    """
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    device = next(loaded.model.parameters()).device
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=loaded.model.dtype).to(device).eval()
+    current = engine.current_action
+    with torch.inference_mode():
+        engine.restore()
+        try:
+            with engine.pruned(action):
+                expected = loaded.model(input_ids=ids.to(device)).logits.float()
+        finally:
+            engine.apply(current)
+        got = reloaded(input_ids=ids.to(device)).logits.float()
+    return {"max_abs_logit_diff": float((got - expected).abs().max()), "tokens": tokens,
+            "parameters_reloaded": sum(t.numel() for t in reloaded.parameters())}

@@ -68,6 +68,8 @@ def test_round_trip(tiny, ids, tmp_path, label):
         assert sorted(record["layers_kept"] + record["layers_removed"]) == [0, 1, 2, 3]
     assert record["source_model"] == "tiny" and record["action"] == label and record["importance"] == "activation"
     assert record["parameters"]["after"] < record["parameters"]["before"]
+    assert record["reload_check"]["max_abs_logit_diff"] < 1e-4        # the export checks itself
+    assert record["reload_check"]["parameters_reloaded"] == record["parameters"]["after"]
     assert len(record["per_layer"]) == config.num_hidden_layers
     assert record["shapes"]["after"]["num_key_value_heads"] == config.num_key_value_heads
     assert (tmp_path / "out" / "tokenizer.json").is_file()
