@@ -144,14 +144,36 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
 # ------------------------------------------------------------------ calibration statistics
 
 class _Stop(Exception):
-    """Ends a calibration forward once the layer of interest has run."""
+    """Ends a calibration forward once the first decoder layer's inputs are captured."""
+
+
+LayerInputs = list[tuple[tuple, dict]]     # per calibration prompt: a decoder layer's (args, kwargs)
 
 
 @torch.no_grad()
-def layer_input_stats(model: nn.Module, index: int, calibration_ids: Sequence[torch.Tensor],
-                      full: bool) -> dict[str, torch.Tensor]:
-    """Per input group of layer ``index``: X^T X ([in, in], ``full``) or its diagonal ([in])."""
-    layer = decoder_layers(model)[index]
+def first_layer_inputs(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> LayerInputs:
+    """What the model passes to its first decoder layer for each prompt (hidden states, position
+    embeddings, mask, ...): one embedding-only forward per prompt, stopped at the layer."""
+    captured: LayerInputs = []
+
+    def grab(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for ids in calibration_ids:
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def layer_input_stats(layer: nn.Module, inputs: LayerInputs, full: bool) -> dict[str, torch.Tensor]:
+    """Per input group of ``layer``: X^T X ([in, in], ``full``) or its diagonal ([in])."""
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -161,20 +183,33 @@ def layer_input_stats(model: nn.Module, index: int, calibration_ids: Sequence[to
             stats[name] = stats[name] + value if name in stats else value
         return add
 
-    def stop(_module, _args, _output):
-        raise _Stop
-
     handles = [layer.get_submodule(name).register_forward_pre_hook(hook(name)) for name in INPUT_GROUPS]
-    handles.append(layer.register_forward_hook(stop))
-    device = next(model.parameters()).device
     try:
-        for ids in calibration_ids:
-            with contextlib.suppress(_Stop):
-                model(input_ids=ids.to(device), use_cache=False)
+        for args, kwargs in inputs:
+            layer(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
     return stats
+
+
+@torch.no_grad()
+def next_layer_inputs(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
+    """Run ``layer`` (already pruned) on its inputs: its outputs are the next layer's hidden states.
+
+    Position embeddings and the mask are the same for every layer, so only the hidden states
+    change; this keeps sequential calibration linear in depth instead of re-running the model
+    from the embedding up to each layer.
+    """
+    out = []
+    for args, kwargs in inputs:
+        result = layer(*args, **kwargs)
+        hidden = result[0] if isinstance(result, tuple) else result
+        if args:
+            out.append(((hidden, *args[1:]), kwargs))
+        else:
+            out.append(((), {**kwargs, "hidden_states": hidden}))
+    return out
 
 
 # ------------------------------------------------------------------ applying
@@ -203,9 +238,12 @@ def sparsify(model: nn.Module, method: str, sparsity: Sparsity,
     if needs_data and not calibration_ids:
         raise ValueError(f"{method} needs calibration prompts")
     layers = decoder_layers(model)
+    inputs = first_layer_inputs(model, calibration_ids) if needs_data else []
     for i in tqdm(range(len(layers)), desc=f"{method} {sparsity.label}", unit="layer", disable=not progress):
-        stats = layer_input_stats(model, i, calibration_ids, full=method == "sparsegpt") if needs_data else {}
+        stats = layer_input_stats(layers[i], inputs, full=method == "sparsegpt") if needs_data else {}
         _sparsify_layer(layers[i], method, sparsity, stats)
+        if needs_data and i + 1 < len(layers):
+            inputs = next_layer_inputs(layers[i], inputs)   # from the pruned layer, as in SparseGPT
     weights = [layer.get_submodule(p).weight for layer in layers for p in PROJECTIONS]
     return SparsityReport(zeros=sum(int((w == 0).sum()) for w in weights), total=sum(w.numel() for w in weights))
 

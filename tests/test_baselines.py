@@ -154,6 +154,35 @@ def test_taylor_engine_orders_by_taylor_and_keeps_dense_outputs(tiny, ids, tmp_p
 
 # ------------------------------------------------------------------ unstructured references
 
+def test_layer_by_layer_inputs_match_a_full_forward(tiny, calibration_ids):
+    """Calibration runs each layer on the previous layer's outputs (linear in depth): the
+    statistics must equal those hooked inside ordinary full-model forwards."""
+    from unstructured import INPUT_GROUPS, first_layer_inputs, layer_input_stats, next_layer_inputs
+    layers = tiny.model.model.layers
+    reference: dict[tuple[int, str], torch.Tensor] = {}
+
+    def hook(key):
+        def add(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            reference[key] = reference.get(key, 0) + x.pow(2).sum(0)
+        return add
+
+    handles = [layer.get_submodule(name).register_forward_pre_hook(hook((i, name)))
+               for i, layer in enumerate(layers) for name in INPUT_GROUPS]
+    with torch.no_grad():
+        for ids_ in calibration_ids:
+            tiny.model(input_ids=ids_, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    inputs = first_layer_inputs(tiny.model, calibration_ids)
+    assert len(inputs) == len(calibration_ids)
+    for i, layer in enumerate(layers):
+        stats = layer_input_stats(layer, inputs, full=False)
+        for name in INPUT_GROUPS:
+            assert torch.allclose(stats[name], reference[(i, name)], rtol=1e-5, atol=1e-6), (i, name)
+        inputs = next_layer_inputs(layer, inputs)
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_two_four_keeps_exactly_two_of_every_four(tiny, calibration_ids, method):
     with sparsified(tiny.model, method, Sparsity(n=2, m=4), calibration_ids, progress=False) as report:
