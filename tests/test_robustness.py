@@ -280,3 +280,35 @@ def test_telemetry_failure_mid_run_degrades_to_unavailable(monkeypatch):
         names = telemetry.HardwareState.FEATURE_NAMES
         assert state.vector[names.index("cpu_util_ok")] == 0.0
         assert sampler._thread is not None and sampler._thread.is_alive()   # the sampler keeps running
+
+
+def test_inert_actions_score_exactly_dense_without_a_forward(monkeypatch):
+    """none, and a KV action on a prompt below its minimum length, reuse the dense scores."""
+    import environment
+    from data import Prompt
+    from run_config import RunConfig
+    from session import open_session
+    from environment import EnvConfig
+    cfg = RunConfig(model="tiny", intensities=(0.3,), env=EnvConfig(max_new_tokens=4, calibration_tokens=2,
+                                                                     calibration_repeats=1, long_prompt_tokens=64))
+    with open_session(cfg) as s:
+        prompt = Prompt("p", "Tell me about rivers and the sea.", None, None, "test")
+        s.env.reference(prompt)
+        s.env.set_calibration_prompts(["Tell me about rivers and the sea."])
+        s.env.calibrate("idle", s.actions)
+        s.env.dense_scores(prompt, 0, None)      # cached: the one forward every action compares with
+        calls = {"n": 0}
+        real = environment.score_reference
+
+        def counted(*args, **kwargs):
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(environment, "score_reference", counted)
+        by_label = {a.label: a for a in s.actions}
+        for label in ("none", "kv_cache:0.3"):
+            out = s.env.step(prompt, by_label[label], "idle", measure=False)
+            assert out.ppl_ratio == 1.0 and out.kl == 0.0
+        assert calls["n"] == 0
+        out = s.env.step(prompt, by_label["ffn_neurons:0.3"], "idle", measure=False)
+        assert calls["n"] == 1 and out.ppl_ratio != 1.0
