@@ -3,6 +3,7 @@ against autograd, N:M masks, SparseGPT reconstruction, exact restore, and one sm
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -312,3 +313,16 @@ def test_missing_policy_checkpoint_fails_before_any_scoring(tiny, tmp_path, monk
     monkeypatch.setattr(baselines, "evaluate_route", lambda *a, **k: pytest.fail("scored before checking inputs"))
     with pytest.raises(CheckpointError, match="not found"):
         run_baselines(tiny, sweep_config(tmp_path, policies=(str(tmp_path / "missing.pt"),), policy_importance=None))
+
+
+def test_sweep_with_tasks_reports_accuracy_columns(tiny, tmp_path):
+    """With lm-eval tasks the table gains one accuracy column per task (here ARC-Easy, 4 docs)."""
+    base = sweep_config(tmp_path)
+    config = sweep_config(tmp_path, methods=("shortgpt",), unstructured=(), policies=(),
+                          eval=dataclasses.replace(base.eval, tasks=("arc_easy",), eval_limit=4))
+    rows = run_baselines(tiny, config, out_dir=tmp_path)
+    assert [r["method"] for r in rows] == ["dense", "shortgpt"]
+    for row in rows:
+        assert 0.0 <= row["arc_easy"] <= 1.0 and row["mean_acc"] == row["arc_easy"]
+    table = (tmp_path / "baselines.md").read_text()
+    assert "arc_easy" in table.splitlines()[0]
