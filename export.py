@@ -174,9 +174,8 @@ def reload_check(loaded, engine: PruningEngine, action: PruningAction, out: Path
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=loaded.model.dtype).to(device).eval()
     current = engine.current_action
     with torch.inference_mode():
-        engine.restore()
         try:
-            with engine.pruned(action):
+            with engine.pruned(action):       # apply() restores whatever was applied first
                 expected = loaded.model(input_ids=ids.to(device)).logits.float()
         finally:
             engine.apply(current)

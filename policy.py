@@ -57,6 +57,6 @@ def load_router(checkpoint: str | Path, loaded, sampler=None, analyzer=None) -> 
     agent = DoubleDQNAgent(len(features), len(actions), dqn)
     agent.load_state_dict(payload["agent"])
     owned = TelemetrySampler().start() if sampler is None else None
-    states = StateBuilder(analyzer or PromptAnalyzer(cfg.get("nlp_backend", "auto")), sampler or owned, tokenizer=loaded.tokenizer,
-                          ablation=cfg.get("ablation", "none"))
+    analyzer = analyzer or PromptAnalyzer(cfg.get("nlp_backend", "auto"))   # the features it was trained on
+    states = StateBuilder(analyzer, sampler or owned, tokenizer=loaded.tokenizer, ablation=cfg.get("ablation", "none"))
     return PolicyRouter(agent, actions, states, owned_sampler=owned)

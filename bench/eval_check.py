@@ -71,6 +71,22 @@ def wikitext_raw_path(args) -> Path:
     return Path(args.wikitext_path or data_root() / "wikitext-2-raw-v1" / "wiki.test.raw")
 
 
+def resume_windows(results: Results, stage: str, state: dict, count: int, label: str, score) -> dict:
+    """Add ``score(i)``'s sums into ``state`` for windows ``state["done"]`` .. ``count - 1``, timing
+    each and saving the partial state every 5 windows, so an interrupted loop resumes where it was."""
+    for i in range(state["done"], count):
+        started = time.perf_counter()
+        for key, value in score(i).items():
+            state[key] += value
+        state["done"] = i + 1
+        state["seconds"] += time.perf_counter() - started
+        print(f"\r  {label}: window {i + 1}/{count}", end="", flush=True)
+        if state["done"] % 5 == 0:
+            results.save(stage, state)
+    print()
+    return state
+
+
 def ours_wikitext(args, loaded, results: Results) -> dict:
     """`wikitext_ppl` on the full split, resumable: its own windows and scorer, saved every 5 windows.
 
@@ -94,16 +110,8 @@ def ours_wikitext(args, loaded, results: Results) -> dict:
                  "prefix_matches": prefix.nll_sum == sum(window_nll(loaded.model, ids, [w])
                                                          for w in windows[:prefix.windows])}
         results.save("wikitext-ours-partial", state)
-    for i in range(state["done"], len(windows)):
-        started = time.perf_counter()
-        state["nll"] += window_nll(loaded.model, ids, [windows[i]])
-        state["tokens"] += windows[i].n_new
-        state["done"] = i + 1
-        state["seconds"] += time.perf_counter() - started
-        print(f"\r  ours: window {i + 1}/{len(windows)}", end="", flush=True)
-        if state["done"] % 5 == 0:
-            results.save("wikitext-ours-partial", state)
-    print()
+    resume_windows(results, "wikitext-ours-partial", state, len(windows), "ours",
+                   lambda i: {"nll": window_nll(loaded.model, ids, [windows[i]]), "tokens": windows[i].n_new})
     return {"ppl": math.exp(state["nll"] / state["tokens"]), "tokens": state["tokens"], "windows": len(windows),
             "total_windows": total, "text_sha256": corpus.sha256, "seconds": state["seconds"],
             "compute_perplexity_prefix_matches": state["prefix_matches"]}
@@ -122,23 +130,17 @@ def independent_wikitext(args, loaded, results: Results) -> dict:
     starts = list(range(0, len(ids) - 1, args.seq_len))[:args.wikitext_samples]
     state = results.stages.get("wikitext-independent-partial") or {
         "done": 0, "nll": 0.0, "tokens": 0, "nll_hf": 0.0, "tokens_hf": 0, "seconds": 0.0}
-    with torch.inference_mode():
-        for i in range(state["done"], len(starts)):
-            started = time.perf_counter()
-            labels = ids[starts[i] + 1:starts[i] + args.seq_len + 1]
-            inputs = ids[starts[i]:starts[i] + len(labels)]
-            logp = torch.log_softmax(loaded.model(input_ids=inputs[None]).logits[0].double(), dim=-1)
-            token_nll = -logp.gather(1, labels[:, None])[:, 0]
-            state["nll"] += float(token_nll.sum())
-            state["tokens"] += len(labels)
-            state["nll_hf"] += float(token_nll[:-1].sum())
-            state["tokens_hf"] += len(labels) - 1
-            state["done"] = i + 1
-            state["seconds"] += time.perf_counter() - started
-            print(f"\r  independent loop: window {i + 1}/{len(starts)}", end="", flush=True)
-            if state["done"] % 5 == 0:
-                results.save("wikitext-independent-partial", state)
-    print()
+
+    @torch.inference_mode()
+    def score(i: int) -> dict:
+        labels = ids[starts[i] + 1:starts[i] + args.seq_len + 1]
+        inputs = ids[starts[i]:starts[i] + len(labels)]
+        logp = torch.log_softmax(loaded.model(input_ids=inputs[None]).logits[0].double(), dim=-1)
+        token_nll = -logp.gather(1, labels[:, None])[:, 0]
+        return {"nll": float(token_nll.sum()), "tokens": len(labels),
+                "nll_hf": float(token_nll[:-1].sum()), "tokens_hf": len(labels) - 1}
+
+    resume_windows(results, "wikitext-independent-partial", state, len(starts), "independent loop", score)
     return {"ppl": math.exp(state["nll"] / state["tokens"]), "tokens": state["tokens"], "windows": len(starts),
             "hf_docs_ppl": math.exp(state["nll_hf"] / state["tokens_hf"]), "seconds": state["seconds"]}
 
