@@ -21,8 +21,8 @@ install: $(STAMP)
 # on a slice of WikiText-2 and ARC-Easy (from ../shared/data). About 10 minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin --train-samples 40 \
-		--episodes 60 --max-new-tokens 8 --intensities 0.2,0.4 --scenarios idle,loaded --scenario-block 15 \
-		--long-prompt-tokens 256 --calibration-repeats 1 --checkpoint checkpoints/demo.pt
+		--episodes 60 --max-new-tokens 8 --intensities 0.1,0.2 --scenarios idle,loaded --scenario-block 15 \
+		--long-prompt-tokens 256 --calibration-repeats 1 --budget-weight 4 --checkpoint checkpoints/demo.pt
 	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 6 \
 		--lm-eval --eval-tasks arc_easy --eval-limit 40 --wikitext-samples 2 --eval-seq-len 512
 

@@ -77,11 +77,14 @@ RUN_FLAGS = [
     ("--latency-table", "latency_table", str, "reuse a latency_table.json from an earlier run (reproducibility)"),
     ("--telemetry-trace", "telemetry_trace", str, "replay hardware states from an earlier train run's metrics.json"),
     ("--ablation", "ablation", str, "none | no_hardware | no_prompt (zero that part of the state)"),
-    ("--nlp-backend", "nlp_backend", str, "prompt analysis: auto (spaCy > NLTK > regex) | spacy | nltk | regex"),
+    ("--nlp-backend", "nlp_backend", str, "prompt analysis: auto (first of spaCy, NLTK, regex within the budget) | spacy | nltk | regex"),
+    ("--observation-budget-ms", "observation_budget_ms", float, "auto's per-prompt analysis budget in ms (<= 0: no timing)"),
     ("--report-dir", "report_dir", str, "folder for report folders"),
     ("--telemetry-hz", "telemetry_hz", float, "background telemetry sampling rate"),
     ("--max-new-tokens", "env.max_new_tokens", _positive_int, "tokens generated per prompt (EOS ignored while timing)"),
     ("--timing", "env.timing", str, "table (calibrated interleaved latency table) | interleaved (A B A B per episode)"),
+    ("--load-timing", "env.load_timing", str, "loaded scenarios' latency table: scaled (idle table x the dense "
+     "slowdown measured under the load) | measured (interleaved pairs per action under the load)"),
     ("--calibration-tokens", "env.calibration_tokens", _positive_int, "new tokens per calibration timing"),
     ("--calibration-repeats", "env.calibration_repeats", _positive_int, "interleaved pairs per latency-table entry"),
     ("--long-prompt-tokens", "env.long_prompt_tokens", _positive_int, "prompts this long are 'long' (KV pruning applies)"),
@@ -93,6 +96,8 @@ RUN_FLAGS = [
     ("--budget-weight", "reward.budget_weight", float, "penalty per unit of relative budget overrun"),
     ("--gamma", "dqn.gamma", float, "discount (0: one decision per prompt)"),
     ("--lr", "dqn.learning_rate", float, "Adam learning rate"),
+    ("--weight-decay", "dqn.weight_decay", float, "L2 weight decay of the Q-network (Adam)"),
+    ("--gradient-steps", "dqn.gradient_steps", _positive_int, "gradient steps per stored transition"),
     ("--batch-size", "dqn.batch_size", _positive_int, "replay minibatch size"),
     ("--buffer-size", "dqn.buffer_size", _positive_int, "replay buffer capacity"),
     ("--learning-starts", "dqn.learning_starts", int, "transitions before the first update"),
@@ -119,9 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--mask", dest="structural", action="store_false",
                          help="zero units with hooks: quality only, NO speedup")
     p.add_argument("--test-scenarios", default=None, help="scenarios for test mode (default: the training ones)")
+    p.add_argument("--ablation-checkpoints", type=_words, default=(),
+                   help="test mode: policies trained with --ablation (comma-separated checkpoints), scored on the "
+                        "same prompts and observations and paired with --checkpoint's policy")
     ev = p.add_argument_group("evaluation (--mode eval; --lm-eval also in test mode)")
     ev.add_argument("--eval-models", default="dense",
-                    help="comma-separated: dense, static:TARGET:INTENSITY, policy:CHECKPOINT (default: dense)")
+                    help="comma-separated: dense, static:TARGET:INTENSITY, static:all (every action of "
+                         "--targets x --intensities), policy:CHECKPOINT (default: dense)")
     ev.add_argument("--wikitext-path", default=None,
                     help="local wiki.test.raw (default: the Hub when online, else $ADAPTIVE_PRUNING_DATA)")
     ev.add_argument("--wikitext-samples", type=_positive_int, default=200, help="WikiText-2 windows scored at most (default: 200)")
@@ -204,6 +213,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
     if cfg.env.timing not in ("table", "interleaved"):
         raise ValueError(f"--timing must be table or interleaved, got {cfg.env.timing}")
+    if cfg.env.load_timing not in ("scaled", "measured"):
+        raise ValueError(f"--load-timing must be scaled or measured, got {cfg.env.load_timing}")
     if cfg.env.max_new_tokens > 100_000:
         raise ValueError(f"--max-new-tokens {cfg.env.max_new_tokens} is absurd: use at most the model's context")
     if cfg.dqn.target_update not in ("soft", "hard"):
@@ -245,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
         modes.run_train(cfg)
     elif args.mode == "test":
         modes.run_test(cfg, explicit, test_scenarios=args.test_scenarios,
-                       eval_cfg=eval_config(args) if args.lm_eval else None)
+                       eval_cfg=eval_config(args) if args.lm_eval else None,
+                       ablation_checkpoints=args.ablation_checkpoints)
     elif args.mode == "eval":
         modes.run_eval(cfg, eval_config(args), args.eval_models)
     elif args.mode == "baselines":

@@ -30,6 +30,7 @@ MIN_REFERENCE_TOKENS = 8
 class EnvConfig:
     max_new_tokens: int = 50
     timing: str = "table"              # "table": calibrated latency table; "interleaved": A B A B per episode
+    load_timing: str = "scaled"        # loaded scenarios: "scaled" (idle table x measured dense slowdown) | "measured"
     calibration_tokens: int = 16       # new tokens per calibration timing
     calibration_repeats: int = 2       # interleaved (dense, pruned) pairs per table entry
     long_prompt_tokens: int = 512      # prompts this long use the "long" row of the table
@@ -138,8 +139,17 @@ class PruningEnvironment:
         return result.prefill_s, result.decode_s / max(1, len(result.tokens) - 1)
 
     def calibrate(self, scenario: str, actions: list[PruningAction]) -> None:
+        """Idle (and, with load_timing="measured", every scenario): interleaved pairs per action.
+        A loaded scenario with load_timing="scaled": the idle table times the dense slowdown."""
         if not self._calibration_ids:
             raise RuntimeError("set_calibration_prompts() must be called before calibrate()")
+        if scenario != IDLE and self.cfg.load_timing == "scaled":
+            if not self.table.has(IDLE):
+                self.calibrate(IDLE, actions)
+            self.table.calibrate_scaled(IDLE, scenario, ["short", "long"],
+                                        lambda bucket: self._time_action(NONE.label, bucket),
+                                        repeats=max(6, 2 * self.cfg.calibration_repeats))
+            return
         labels = [a.label for a in actions]
         if NONE.label not in labels:
             labels.insert(0, NONE.label)

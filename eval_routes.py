@@ -4,8 +4,8 @@ Why one abstraction: the WikiText loop and the lm-eval wrapper both need the sam
 cycle for the policy (observe, decide, apply, score, restore, record) and nothing per request
 for dense or static models, so both ask a `Route` instead of knowing which kind they hold.
 
-Spec strings (``--eval-models``): ``dense``, ``static:TARGET:INTENSITY`` (``static:ffn_neurons:0.5``)
-and ``policy:CHECKPOINT``, comma-separated.
+Spec strings (``--eval-models``): ``dense``, ``static:TARGET:INTENSITY`` (``static:ffn_neurons:0.5``),
+``static:all`` (every pruning action of the run's action space) and ``policy:CHECKPOINT``, comma-separated.
 """
 from __future__ import annotations
 
@@ -75,7 +75,16 @@ class ModelSpec:
             return cls("policy", checkpoint=rest)
         raise EvaluationError(
             f"--eval-models entry '{text}' not understood: use dense, static:TARGET:INTENSITY "
-            "(e.g. static:ffn_neurons:0.5) or policy:CHECKPOINT")
+            "(e.g. static:ffn_neurons:0.5), static:all or policy:CHECKPOINT")
+
+
+def expand_static_all(specs: str, actions: Sequence[PruningAction]) -> str:
+    """'static:all' -> one static entry per pruning action (the thesis table: dense vs every static vs policy)."""
+    items = [item.strip() for item in specs.split(",") if item.strip()]
+    expanded: list[str] = []
+    for item in items:
+        expanded += [f"static:{a.label}" for a in actions if a != NONE] if item == "static:all" else [item]
+    return ",".join(expanded)
 
 
 def parse_specs(specs: str | Sequence[str]) -> list[ModelSpec]:

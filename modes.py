@@ -6,6 +6,9 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
 
 import checkpointing
 import provenance
@@ -14,11 +17,11 @@ from data import load_prompts
 from latency_table import LatencyTable
 from pruners import PruningAction, PruningEngine
 from records import SCHEMA_VERSION, to_jsonable
-from rl_agent import DoubleDQNAgent
+from policy import agent_from_checkpoint
 from run_config import RunConfig
 from scenarios import contention, parse_scenarios
-from session import open_session
-from state import state_feature_names
+from session import action_space, open_session
+from state import state_vector
 from trainer import Trainer, evaluate_prompts, greedy_chooser, sigterm_as_interrupt, train_prompts
 
 log = logging.getLogger(__name__)
@@ -39,12 +42,17 @@ def _finish(run_dir, metrics: dict) -> Path:
 
 
 def load_table(path: str) -> LatencyTable:
-    """A latency_table.json written by an earlier run (for reproducible rewards)."""
+    """A train run's latency_table.json, or any run's metrics.json (its table), for reproducible rewards.
+
+    A test run's table lets a second policy (an ablation) be tested on exactly the same timings.
+    """
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"--latency-table {path} not found: pass the latency_table.json of an earlier run")
+        raise FileNotFoundError(f"--latency-table {path} not found: pass the latency_table.json or "
+                                "metrics.json of an earlier run")
     try:
-        return LatencyTable.from_dict(json.loads(file.read_text()))
+        data = json.loads(file.read_text())
+        return LatencyTable.from_dict(data.get("latency_table", data))
     except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"--latency-table {path} is not a latency table ({err})") from err
 
@@ -53,6 +61,7 @@ def run_train(cfg: RunConfig) -> Path:
     prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     texts = [p.text for p in prompts]
     with sigterm_as_interrupt(), open_session(cfg) as s:
+        cfg = s.cfg            # with the prompt-analysis backend resolved
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
                                   scenario=cfg.scenarios, nlp_backend=s.analyzer.backend)
         labels = [a.label for a in s.actions]
@@ -117,13 +126,15 @@ def best_static(rows: list[dict], pruning_only: bool = False) -> str:
 
 
 def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: str | None = None,
-             eval_cfg=None) -> Path:
+             eval_cfg=None, ablation_checkpoints: Sequence[str] = ()) -> Path:
     """Policy vs every static action vs the oracle on held-out prompts, per scenario.
 
     With `eval_cfg` (--lm-eval) the dense model, the best static pruning action and the policy are
-    also evaluated on WikiText-2 and the lm-eval tasks.
+    also evaluated on WikiText-2 and the lm-eval tasks. `ablation_checkpoints` are further policies
+    (trained with --ablation) that decide on the same observations, paired with the main policy.
     """
     payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
+    others = {path: checkpointing.load_checkpoint(Path(path)) for path in ablation_checkpoints}
     cfg = config_from_checkpoint(cfg, payload, explicit)
     if cfg.test_dataset and cfg.test_dataset != cfg.train_dataset:
         prompt_set = load_prompts(cfg.test_dataset, seed=cfg.seed)
@@ -131,19 +142,19 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
         prompt_set = load_prompts(cfg.train_dataset, seed=cfg.seed).split(cfg.test_fraction, seed=cfg.seed)[1]
     prompts = list(prompt_set.take(cfg.test_samples).prompts)
     with open_session(cfg) as s:
-        checkpointing.check_compatible(payload, model_id=s.loaded.name, action_space=[a.label for a in s.actions],
-                                       state_features=state_feature_names())
-        agent = DoubleDQNAgent(len(state_feature_names()), len(s.actions), cfg.dqn)
-        agent.load_state_dict(payload["agent"])
+        cfg = s.cfg
+        agent, _ = agent_from_checkpoint(payload, s.loaded.name)
+        labels = [a.label for a in s.actions]
+        choosers = ablation_choosers(others, s.loaded.name, labels, s.analyzer.backend)
         s.env.set_calibration_prompts([p.text for p in prompts])
         s.analyzer.analyze_batch([p.text for p in prompts], tokenizer=s.loaded.tokenizer, progress=True)
         run_dir = reporting.RunDir.create(Path(cfg.report_dir), "test", s.loaded.name)
-        run_dir.write_config(cfg.to_dict())
+        run_dir.write_config({**cfg.to_dict(), "ablation_checkpoints": list(ablation_checkpoints)})
         scenarios = parse_scenarios(test_scenarios or cfg.scenarios)
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
                                   scenario=",".join(sc.name for sc in scenarios), nlp_backend=s.analyzer.backend)
-        labels = [a.label for a in s.actions]
-        results = []
+        results: list = []
+        ablations: dict[str, list] = {name: [] for name in choosers}
         if cfg.latency_table:
             s.env.table = load_table(cfg.latency_table)
         else:
@@ -154,12 +165,15 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
                     time.sleep(0.5)
                 if not s.env.table.has(scenario.name):
                     s.env.calibrate(scenario.name, s.actions)
-                results += evaluate_prompts(s, prompts, scenario.name, greedy_chooser(agent))
+                main, other = evaluate_prompts(s, prompts, scenario.name, greedy_chooser(agent), choosers)
+                results += main
+                for name, rows in other.items():
+                    ablations[name] += rows
                 partial = _metrics("test", cfg, prov, labels, prompts=to_jsonable(results))
                 partial.update(partial=True, partial_reason="test still running")
                 run_dir.write_metrics(partial)
         rows = to_jsonable(results)
-        extra = {}
+        extra = {"ablations": to_jsonable(ablations)} if ablations else {}
         if eval_cfg is not None:
             from evaluation import run_evaluation
             specs = ["dense", f"static:{best_static(rows, pruning_only=True)}", f"policy:{cfg.checkpoint}"]
@@ -169,10 +183,33 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
         return _finish(run_dir, metrics)
 
 
+def ablation_choosers(payloads: dict[str, dict], model_id: str, labels: list[str],
+                      backend: str) -> dict[str, Callable]:
+    """name -> chooser of an Observation, one per ablation checkpoint (named by its --ablation)."""
+    choosers: dict[str, Callable] = {}
+    for path, payload in payloads.items():
+        other, actions = agent_from_checkpoint(payload, model_id)
+        if [a.label for a in actions] != labels:
+            raise ValueError(f"--ablation-checkpoints {path} was trained on another action space "
+                             f"({len(actions)} actions vs {len(labels)}): train it with the same --targets/--intensities")
+        trained_backend = payload["config"].get("nlp_backend", "auto")
+        if trained_backend not in ("auto", backend):
+            raise ValueError(f"--ablation-checkpoints {path} saw {trained_backend} prompt features, the policy "
+                             f"{backend}: train both with the same --nlp-backend")
+        ablation = payload["config"].get("ablation", "none")
+        name = ablation if ablation != "none" and ablation not in choosers else Path(path).stem
+        choosers[name] = (lambda obs, agent=other, ablation=ablation:
+                          int(np.argmax(agent.q_values(state_vector(obs.hardware, obs.features, ablation)))))
+    return choosers
+
+
 def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
     """WikiText-2 (and with --lm-eval, zero-shot tasks) for dense, static and policy-routed models."""
+    from eval_routes import expand_static_all
     from evaluation import run_evaluation
     from model_loader import load_model
+
+    specs = expand_static_all(specs, action_space(cfg))
 
     loaded = load_model(cfg.model, device=cfg.device)
     engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",

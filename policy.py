@@ -48,15 +48,22 @@ def load_router(checkpoint: str | Path, loaded, sampler=None, analyzer=None) -> 
 
     payload = checkpointing.load_checkpoint(Path(checkpoint))
     cfg = payload["config"]
-    actions = build_action_space(ActionSpaceConfig(targets=tuple(cfg["targets"]),
-                                                   intensities=tuple(cfg["intensities"])))
-    features = state_feature_names()
-    checkpointing.check_compatible(payload, model_id=loaded.name, action_space=[a.label for a in actions],
-                                   state_features=features)
-    dqn = DQNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["dqn"].items()})
-    agent = DoubleDQNAgent(len(features), len(actions), dqn)
-    agent.load_state_dict(payload["agent"])
+    agent, actions = agent_from_checkpoint(payload, loaded.name)
     owned = TelemetrySampler().start() if sampler is None else None
     analyzer = analyzer or PromptAnalyzer(cfg.get("nlp_backend", "auto"))   # the features it was trained on
     states = StateBuilder(analyzer, sampler or owned, tokenizer=loaded.tokenizer, ablation=cfg.get("ablation", "none"))
     return PolicyRouter(agent, actions, states, owned_sampler=owned)
+
+
+def agent_from_checkpoint(payload: dict, model_id: str) -> tuple[DoubleDQNAgent, list[PruningAction]]:
+    """The trained agent (with its own network shape) and its action space; refused for another model."""
+    cfg = payload["config"]
+    actions = build_action_space(ActionSpaceConfig(targets=tuple(cfg["targets"]),
+                                                   intensities=tuple(cfg["intensities"])))
+    features = state_feature_names()
+    checkpointing.check_compatible(payload, model_id=model_id, action_space=[a.label for a in actions],
+                                   state_features=features)
+    dqn = DQNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["dqn"].items()})
+    agent = DoubleDQNAgent(len(features), len(actions), dqn)
+    agent.load_state_dict(payload["agent"])
+    return agent, actions

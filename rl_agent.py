@@ -19,6 +19,8 @@ from torch import nn
 class DQNConfig:
     hidden_sizes: tuple[int, ...] = (128, 128)
     learning_rate: float = 1e-3
+    weight_decay: float = 1e-2         # L2 on the Q-network: with ~160 prompts it otherwise memorises them
+                                       # (held-out reward MSE 0.94 -> 0.60, bench/q_generalization.py)
     gamma: float = 0.0                 # discount: 0 for one decision per prompt
     buffer_size: int = 10_000
     batch_size: int = 32
@@ -159,7 +161,7 @@ class DoubleDQNAgent:
             torch.manual_seed(cfg.seed)
             self.q = QNetwork(state_dim, n_actions, cfg.hidden_sizes)
         self.q_target = copy.deepcopy(self.q)
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=cfg.learning_rate)
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.buffer = ReplayBuffer(cfg.buffer_size, state_dim, seed=cfg.seed)
         self.normalizer = RunningNormalizer(state_dim)
         self.rng = np.random.default_rng(cfg.seed + 1)

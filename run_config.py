@@ -34,7 +34,8 @@ class RunConfig:
     latency_table: str | None = None        # reuse a saved table instead of calibrating
     telemetry_trace: str | None = None      # replay hardware states from a previous train run
     ablation: str = "none"
-    nlp_backend: str = "auto"               # auto: spaCy, else NLTK, else regex (nltk: ~1.5 ms vs ~11 ms)
+    nlp_backend: str = "auto"               # auto: first of spaCy, NLTK, regex within the budget; runs store the one used
+    observation_budget_ms: float = 5.0      # auto's per-prompt analysis budget (<= 0: first backend that loads)
     report_dir: str = "reports"
     telemetry_hz: float = 10.0
     dqn: DQNConfig = field(default_factory=DQNConfig)

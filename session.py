@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from environment import PruningEnvironment
 from model_loader import LoadedModel, load_model
@@ -47,7 +47,9 @@ def open_session(cfg: RunConfig):
     engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
                            importance=cfg.importance, tokenizer=loaded.tokenizer,
                            kv_min_tokens=cfg.env.long_prompt_tokens)
-    analyzer = PromptAnalyzer(cfg.nlp_backend)
+    budget = cfg.observation_budget_ms if cfg.observation_budget_ms > 0 else None
+    analyzer = PromptAnalyzer(cfg.nlp_backend, budget_ms=budget)
+    cfg = replace(cfg, nlp_backend=analyzer.backend)   # checkpoints store the backend used, not "auto"
     with TelemetrySampler(rate_hz=cfg.telemetry_hz) as sampler:
         states = StateBuilder(analyzer, sampler, tokenizer=loaded.tokenizer, ablation=cfg.ablation)
         env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, gpu=sampler.probe.gpu)

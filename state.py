@@ -37,10 +37,21 @@ class StateBuilder:
         started = time.perf_counter()
         hw = hardware if hardware is not None else self.sampler.latest()
         features = self.analyzer.analyze(text, tokenizer=self.tokenizer)
-        hw_vec = np.asarray(hw.vector, dtype=np.float64)
-        pf_vec = np.asarray(features.vector, dtype=np.float64)
-        if self.ablation == "no_hardware":
-            hw_vec = np.zeros_like(hw_vec)
-        elif self.ablation == "no_prompt":
-            pf_vec = np.zeros_like(pf_vec)
-        return Observation(np.concatenate([hw_vec, pf_vec]), hw, features, time.perf_counter() - started)
+        return Observation(state_vector(hw, features, self.ablation), hw, features, time.perf_counter() - started)
+
+
+def state_vector(hardware, features, ablation: str = "none") -> np.ndarray:
+    """Hardware then prompt features, with the ablated part zeroed.
+
+    Test mode rebuilds an ablation policy's state from the main policy's observation with this, so
+    both decide on the very same telemetry reading and prompt.
+    """
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation '{ablation}': choose from {', '.join(ABLATIONS)}")
+    hw_vec = np.asarray(hardware.vector, dtype=np.float64)
+    pf_vec = np.asarray(features.vector, dtype=np.float64)
+    if ablation == "no_hardware":
+        hw_vec = np.zeros_like(hw_vec)
+    elif ablation == "no_prompt":
+        pf_vec = np.zeros_like(pf_vec)
+    return np.concatenate([hw_vec, pf_vec])

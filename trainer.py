@@ -11,6 +11,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -123,9 +124,12 @@ class Trainer:
                 scenario = self.schedule.scenario_for(episode)
                 if scenario != current:
                     load.close()
-                    load.enter_context(contention(scenario))
                     current = scenario
-                    time.sleep(0.5 if scenario.loaded else 0.0)   # let telemetry see the load
+                    # Replaying a telemetry trace against a given table: no reward or state depends on
+                    # the live load, so none is generated.
+                    if self.trace is None or not self.s.env.table.has(scenario.name):
+                        load.enter_context(contention(scenario))
+                        time.sleep(0.5 if scenario.loaded else 0.0)   # let telemetry see the load
                     self.ensure_calibrated(scenario.name)
                 records = self.episode(episode, scenario.name)
                 self.episodes.extend(records)
@@ -205,9 +209,17 @@ class Trainer:
         return EpisodeRecord(**fields, outcome=None, failed=f"{err.__class__.__name__}: {err}")
 
 
-def evaluate_prompts(session: Session, prompts: list[Prompt], scenario_name: str, choose) -> list[PromptResult]:
-    """Per prompt: the policy's action, every static action, and the oracle (best reward)."""
+def evaluate_prompts(session: Session, prompts: list[Prompt], scenario_name: str, choose,
+                     others: Mapping[str, Callable[[Any], int]] | None = None,
+                     ) -> tuple[list[PromptResult], dict[str, list[PromptResult]]]:
+    """Per prompt: the policy's action, every static action, and the oracle (best reward).
+
+    `others` (name -> chooser of an Observation) are further policies, e.g. ablations, deciding on
+    the same observation; their outcome is the static outcome of the action they pick (the same
+    reward, no extra generation), so their difference to the policy is paired exactly.
+    """
     env, results = session.env, []
+    other_results: dict[str, list[PromptResult]] = {name: [] for name in others or {}}
     for prompt in tqdm(prompts, desc=f"test [{scenario_name}]", leave=False):
         obs = session.states.observe(prompt.text)
         started = time.perf_counter()
@@ -219,13 +231,22 @@ def evaluate_prompts(session: Session, prompts: list[Prompt], scenario_name: str
         policy_action = session.actions[index]
         policy = env.step(prompt, policy_action, scenario_name, hardware=obs.hardware, measure=True)
         oracle = max(static.values(), key=lambda o: o.reward)
-        results.append(PromptResult(prompt_id=prompt.id, category=prompt.category,
-                                    prompt_tokens=int(ref.prompt_ids.numel()),
-                                    complexity=float(obs.features.complexity), scenario=scenario_name,
-                                    policy_action=policy_action.label, policy=policy, static=static,
-                                    oracle_action=oracle.action, oracle_reward=oracle.reward,
-                                    controller_s=controller_s, truncated=ref.truncated))
-    return results
+
+        def result(action, outcome: Outcome, overhead_s: float) -> PromptResult:
+            return PromptResult(prompt_id=prompt.id, category=prompt.category,
+                                prompt_tokens=int(ref.prompt_ids.numel()),
+                                complexity=float(obs.features.complexity), scenario=scenario_name,
+                                policy_action=action.label, policy=outcome, static=static,
+                                oracle_action=oracle.action, oracle_reward=oracle.reward,
+                                controller_s=overhead_s, truncated=ref.truncated)
+
+        results.append(result(policy_action, policy, controller_s))
+        for name, other in (others or {}).items():
+            started = time.perf_counter()
+            action = session.actions[other(obs)]
+            other_results[name].append(result(action, static[action.label],
+                                              obs.controller_s + time.perf_counter() - started))
+    return results, other_results
 
 
 def greedy_chooser(agent: DoubleDQNAgent):

@@ -73,16 +73,21 @@ def main() -> None:
         share = (idle_cpu1.user + idle_cpu1.system - idle_cpu0.user - idle_cpu0.system) / 2.0
         print(f"{'sampler thread at 10 Hz':40s} {share * 100:.2f}% of one core")
 
-        print(f"\n{'backend':9s} {'observation, uncached (wall)':>34s} {'CPU median':>11s} {'cached':>10s} "
+        print(f"\n{'backend':10s} {'observation, uncached (wall)':>34s} {'CPU median':>11s} {'cached':>10s} "
               f"{'batched/prompt':>15s}")
         variants = [(b, b, {}) for b in BACKENDS]
         variants.insert(1, ("spacy+ner", "spacy", {"spacy_ner": True}))   # the full pipeline, for comparison
+        variants.insert(0, ("auto", "auto", {}))       # the default: the first backend within the 5 ms budget
         for label, backend, options in variants:
             try:
                 analyzer = PromptAnalyzer(backend, **options)
             except BackendUnavailable as err:
                 print(f"{label:9s} unavailable: {err}")
                 continue
+            if backend == "auto":
+                probes = ", ".join(f"{name} {ms:.2f} ms" for name, ms in analyzer.probe_ms.items())
+                print(f"auto: start-up probe {probes} -> {analyzer.backend}")
+                label, backend = f"auto={analyzer.backend}", analyzer.backend
             analyzer.analyze_batch(warm)
 
             def observe(i: int) -> None:
@@ -95,7 +100,7 @@ def main() -> None:
             t0 = time.perf_counter()
             batch_analyzer.analyze_batch(timed)
             batched = (time.perf_counter() - t0) * 1e3 / n
-            print(f"{label:9s} median {med:7.2f} ms  p95 {p95:7.2f} ms {cpu:8.2f} ms {cached_med * 1e3:7.1f} us "
+            print(f"{label:10s} median {med:7.2f} ms  p95 {p95:7.2f} ms {cpu:8.2f} ms {cached_med * 1e3:7.1f} us "
                   f"{batched:12.2f} ms")
 
 

@@ -88,6 +88,43 @@ def test_nlp_backend_is_chosen_checkpointed_and_reused_by_test(tmp_path, capsys)
     assert "--nlp-backend must be" in capsys.readouterr().err
 
 
+def test_ablation_checkpoints_are_scored_on_the_same_prompts(tmp_path, capsys):
+    from nlp_analyzer import BACKENDS
+    main_ckpt, nohw, other_space = tmp_path / "main.pt", tmp_path / "nohw.pt", tmp_path / "other.pt"
+    for ckpt, extra in ((main_ckpt, []), (nohw, ["--ablation", "no_hardware"]),
+                        (other_space, ["--intensities", "0.3"])):
+        assert adaptive_pruning.main(["--mode", "train", "--episodes", "3", "--checkpoint", str(ckpt),
+                                      "--report-dir", str(tmp_path / "r"), *TINY_TRAIN, *extra]) == 0
+    assert load_checkpoint(main_ckpt)["config"]["nlp_backend"] in BACKENDS     # "auto" stored resolved
+    assert adaptive_pruning.main(["--mode", "test", "--model", "tiny", "--checkpoint", str(main_ckpt),
+                                  "--ablation-checkpoints", str(nohw), "--test-samples", "3",
+                                  "--report-dir", str(tmp_path / "t")]) == 0
+    run = _run_dir(tmp_path / "t", "test")
+    test = json.loads((run / "metrics.json").read_text())
+    rows = test["ablations"]["no_hardware"]
+    assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in test["prompts"]]
+    for ablated, main in zip(rows, test["prompts"]):
+        assert ablated["static"] == main["static"]                        # the same measured outcomes
+        assert ablated["policy"] == ablated["static"][ablated["policy_action"]]
+    assert "### Ablations (same prompts)" in (run / "report.md").read_text()
+    capsys.readouterr()
+    assert adaptive_pruning.main(["--mode", "test", "--model", "tiny", "--checkpoint", str(main_ckpt),
+                                  "--ablation-checkpoints", str(other_space), "--test-samples", "2",
+                                  "--report-dir", str(tmp_path / "t2")]) == 2
+    assert "--ablation-checkpoints" in capsys.readouterr().err
+
+
+def test_ablated_state_zeroes_only_its_part():
+    from types import SimpleNamespace
+    from state import state_vector
+    hw, pf = SimpleNamespace(vector=[0.5, 0.25]), SimpleNamespace(vector=[0.75])
+    assert list(state_vector(hw, pf)) == [0.5, 0.25, 0.75]
+    assert list(state_vector(hw, pf, "no_hardware")) == [0.0, 0.0, 0.75]
+    assert list(state_vector(hw, pf, "no_prompt")) == [0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="unknown ablation"):
+        state_vector(hw, pf, "no_anything")
+
+
 def test_best_static_can_skip_none():
     from modes import best_static
     rows = [{"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.1}, "ffn_neurons:0.2": {"reward": -0.5}}},

@@ -12,7 +12,7 @@ import yaml
 
 import model_loader
 from data import data_root
-from eval_routes import EvaluationError, ModelSpec, PolicyRoute, parse_specs
+from eval_routes import EvaluationError, ModelSpec, PolicyRoute, expand_static_all, parse_specs
 from evaluation import EvalConfig, run_evaluation
 from lm_eval_run import evaluate_tasks
 from lm_eval_tasks import KNOWN_TASKS, builtin_tasks_dir, parse_task_data, prepare_tasks, wikitext_documents
@@ -266,6 +266,14 @@ def test_model_specs():
     for bad in ("static", "static:ffn_neurons", "sparse:0.5", "dense,dense"):
         with pytest.raises(EvaluationError, match="--eval-models"):
             parse_specs(bad)
+
+
+def test_static_all_expands_to_every_pruning_action():
+    actions = [NONE, PruningAction("ffn_neurons", 0.1), PruningAction("transformer_layers", 0.2)]
+    expanded = expand_static_all("dense, static:all,policy:p.pt", actions)
+    assert expanded == "dense,static:ffn_neurons:0.1,static:transformer_layers:0.2,policy:p.pt"
+    assert [s.label for s in parse_specs(expanded)][1:3] == ["static:ffn_neurons:0.1", "static:transformer_layers:0.2"]
+    assert expand_static_all("dense", actions) == "dense"
 
 
 # ---------------------------------------------------------------- the policy route restores the model

@@ -54,3 +54,37 @@ def test_round_trip_and_missing_entry_message():
     assert LatencyTable.from_dict(table.to_dict()).entries == table.entries
     with pytest.raises(KeyError, match="scenario 'loaded'"):
         table.get("loaded", "short", "none")
+
+
+def test_table_loads_from_a_table_file_or_a_run_metrics_file(tmp_path):
+    import json
+
+    from modes import load_table
+
+    table = LatencyTable({LatencyTable.key("loaded", "short", "none"): LatencyEntry(0.2, 0.03, 0.2, 0.03, 3)})
+    (tmp_path / "latency_table.json").write_text(json.dumps(table.to_dict()))
+    (tmp_path / "metrics.json").write_text(json.dumps({"mode": "test", "latency_table": table.to_dict()}))
+    for name in ("latency_table.json", "metrics.json"):
+        assert load_table(str(tmp_path / name)).to_dict() == table.to_dict()
+    with pytest.raises(FileNotFoundError, match="--latency-table"):
+        load_table(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text(json.dumps({"x": {"prefill_s": 1}}))
+    with pytest.raises(ValueError, match="--latency-table"):
+        load_table(str(tmp_path / "bad.json"))
+
+
+def test_scaled_scenario_keeps_idle_speedups_and_scales_latency_by_the_dense_slowdown():
+    table = LatencyTable()
+    times = {"none": (0.10, 0.020), "ffn_neurons:0.5": (0.05, 0.010)}
+    table.calibrate("idle", ["short"], list(times), lambda a, b: times[a], repeats=1)
+    slow = iter([(9.0, 9.0)] + [(0.2, 0.03), (0.2, 0.05), (0.2, 0.04)])   # warm-up, then 3 dense runs
+    table.calibrate_scaled("idle", "loaded", ["short"], lambda bucket: next(slow), repeats=3)
+    idle, loaded = table.get("idle", "short", "ffn_neurons:0.5"), table.get("loaded", "short", "ffn_neurons:0.5")
+    assert loaded.speedup(8) == pytest.approx(idle.speedup(8))
+    assert loaded.latency(0) == pytest.approx(idle.latency(0) * 2.0)                 # prefill 0.2 / 0.1
+    assert loaded.decode_per_token_s == pytest.approx(idle.decode_per_token_s * 2.0)  # median 0.04 / 0.02
+    assert loaded.scaled_from == "idle x 2.00/2.00" and loaded.samples == 3
+    assert table.get("loaded", "short", "none").dense_latency(8) == pytest.approx(0.2 + 8 * 0.04)
+    assert LatencyTable.from_dict(table.to_dict()).to_dict() == table.to_dict()
+    with pytest.raises(KeyError, match="calibrate it first"):
+        table.calibrate_scaled("light", "loaded", ["short"], lambda bucket: (1.0, 1.0))

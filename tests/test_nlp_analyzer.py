@@ -130,6 +130,33 @@ def test_nltk_data_absent_falls_back_to_regex(monkeypatch, tmp_path) -> None:
     check_vector(analyzer.analyze("Name three primary colours."))
 
 
+def fake_probe(monkeypatch, ms: dict[str, float]) -> None:
+    monkeypatch.setattr(PromptAnalyzer, "_time_backend", lambda self, backend: ms[backend.name])
+
+
+def test_auto_takes_the_first_backend_within_the_observation_budget(monkeypatch) -> None:
+    pytest.importorskip("spacy")
+    fake_probe(monkeypatch, {"spacy": 11.0, "nltk": 1.5, "regex": 0.6})
+    over = PromptAnalyzer(budget_ms=5.0)
+    assert over.backend == "nltk" and over.probe_ms == {"spacy": 11.0, "nltk": 1.5}
+    assert PromptAnalyzer(budget_ms=20.0).backend == "spacy"
+    assert PromptAnalyzer(budget_ms=None).backend == "spacy"          # no timing: first that loads
+    assert PromptAnalyzer("spacy", budget_ms=5.0).backend == "spacy"  # a named backend is never timed
+
+
+def test_auto_takes_the_fastest_backend_when_none_fits(monkeypatch) -> None:
+    fake_probe(monkeypatch, {"spacy": 11.0, "nltk": 0.9, "regex": 1.2})
+    analyzer = PromptAnalyzer(budget_ms=0.5)
+    assert analyzer.backend == "nltk" and set(analyzer.probe_ms) >= {"nltk", "regex"}
+
+
+def test_backend_timing_is_a_real_measurement() -> None:
+    analyzer = PromptAnalyzer("regex")
+    ms = analyzer._time_backend(nlp_analyzer.RegexBackend())
+    assert 0.0 < ms < 1000.0
+    assert len(" ".join(nlp_analyzer.PROBE_SENTENCES).split()) >= 95     # the 100-word prompt
+
+
 def test_forcing_an_unavailable_backend_raises() -> None:
     with pytest.raises(BackendUnavailable):
         PromptAnalyzer("spacy", spacy_models=())

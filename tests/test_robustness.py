@@ -261,6 +261,10 @@ def test_training_under_cpu_load_and_memory_ballast_completes(tmp_path):
     metrics = json.loads(next((tmp_path / "r").glob("train-*")).joinpath("metrics.json").read_text())
     assert {e["scenario"] for e in metrics["episodes"]} <= {"loaded", "memory"}
     assert all(e["outcome"] for e in metrics["episodes"])
+    # --load-timing scaled (default): loaded tables are the idle one times the measured dense slowdown
+    table = metrics["latency_table"]
+    scaled = {k: v for k, v in table.items() if not k.startswith("idle|")}
+    assert scaled and all(v["scaled_from"].startswith("idle x ") for v in scaled.values())
 
 
 def test_telemetry_failure_mid_run_degrades_to_unavailable(monkeypatch):
