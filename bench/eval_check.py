@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import model_loader  # noqa: E402
 from data import data_root  # noqa: E402
 from lm_eval_run import evaluate_tasks, lm_eval_version  # noqa: E402
-from lm_eval_tasks import prepare_tasks  # noqa: E402
+from lm_eval_tasks import prepare_tasks, wikitext_documents  # noqa: E402
 from wikitext_ppl import compute_perplexity, load_wikitext2_test, make_windows, window_nll  # noqa: E402
 
 TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai", "boolq")
@@ -150,7 +150,9 @@ def lm_eval_wikitext(args, loaded) -> dict:
     result = evaluate_tasks(loaded.model, loaded.tokenizer, plan, limit=args.wikitext_docs,
                             batch_size=args.batch_size, max_length=args.seq_len)
     score = result.tasks["wikitext"]
-    return {"documents": score.n, "seconds": result.seconds, **score.metrics}
+    docs = wikitext_documents(wikitext_raw_path(args).read_text(encoding="utf-8"))[:score.n]
+    tokens = sum(len(loaded.tokenizer(d["page"], add_special_tokens=False).input_ids) for d in docs)
+    return {"documents": score.n, "tokens": tokens, "seconds": result.seconds, **score.metrics}
 
 
 def report_wikitext(stages: dict) -> None:
@@ -167,9 +169,12 @@ def report_wikitext(stages: dict) -> None:
         rel = abs(ours["ppl"] - indep["ppl"]) / indep["ppl"]
         print(f"  relative difference {rel:.2e}  -> {'PASS' if rel < 0.005 else 'FAIL'} (< 0.5%)")
     if lm:
-        print(f"  lm-eval wikitext ({lm['documents']} documents, rolling windows of the seq len): "
-              f"word_perplexity {lm['word_perplexity']:.4f}  byte_perplexity {lm['byte_perplexity']:.4f}  "
+        print(f"  lm-eval wikitext ({lm['documents']} documents, {lm['tokens']} tokens, rolling windows of the "
+              f"seq len): word_perplexity {lm['word_perplexity']:.4f}  byte_perplexity {lm['byte_perplexity']:.4f}  "
               f"bits_per_byte {lm['bits_per_byte']:.4f}  {lm['seconds']:.1f} s")
+    for name, stage in (("ours", ours), ("independent", indep), ("lm-eval wikitext", lm)):
+        if stage and stage.get("tokens"):
+            print(f"  {name}: {stage['tokens'] / stage['seconds']:.0f} tokens/s")
 
 
 # ---------------------------------------------------------------- lm-eval tasks: ours vs the stock task
