@@ -310,9 +310,10 @@ def test_inert_actions_score_exactly_dense_without_a_forward(monkeypatch):
 
         monkeypatch.setattr(environment, "score_reference", counted)
         by_label = {a.label: a for a in s.actions}
-        for label in ("none", "kv_cache:0.3"):
-            out = s.env.step(prompt, by_label[label], "idle", measure=False)
-            assert out.ppl_ratio == 1.0 and out.kl == 0.0
+        outcomes = [s.env.step(prompt, by_label[label], "idle", measure=False) for label in ("none", "kv_cache:0.3")]
+        for out in outcomes:   # and the same reward: speedup exactly 1, not the dense entry's timing noise
+            assert out.ppl_ratio == 1.0 and out.kl == 0.0 and out.speedup == 1.0
+        assert outcomes[0].reward == outcomes[1].reward
         assert calls["n"] == 0
         out = s.env.step(prompt, by_label["ffn_neurons:0.3"], "idle", measure=False)
         assert calls["n"] == 1 and out.ppl_ratio != 1.0
