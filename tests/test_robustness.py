@@ -200,6 +200,34 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert np.array_equal(_trained_q(straight), _trained_q(again))
 
 
+def test_embedded_model_trainings_with_a_fixed_table_and_trace_are_identical(tmp_path, embedded_loaded):
+    """Issue 5: on SmolLM2, two seeded trainings whose timings come from a latency table (and whose
+    telemetry is replayed) give the same network, hence the same action on any state."""
+    from state import state_feature_names
+    table = ROOT / "bench" / "tables" / "train-v1-measured.json"       # 9 actions: 4 targets x 0.1/0.2
+    hw = sum(name.startswith("hw.") for name in state_feature_names())
+    rng = np.random.default_rng(0)
+    trace = {"episodes": [{"hardware": [float(v) for v in rng.random(hw)]} for _ in range(6)]}
+    (tmp_path / "trace.json").write_text(json.dumps(trace))
+    base = ["--mode", "train", "--model", "smollm2-135m", "--train-dataset", "builtin", "--train-samples", "6",
+            "--episodes", "6", "--max-new-tokens", "4", "--intensities", "0.1,0.2", "--scenarios", "idle,loaded",
+            "--scenario-block", "3", "--long-prompt-tokens", "256", "--nlp-backend", "regex", "--learning-starts", "2",
+            "--latency-table", str(table), "--telemetry-trace", str(tmp_path / "trace.json")]
+    runs = []
+    for name in ("a", "b"):
+        ckpt = tmp_path / f"{name}.pt"
+        assert adaptive_pruning.main(base + ["--checkpoint", str(ckpt), "--report-dir", str(tmp_path / name)]) == 0
+        runs.append(ckpt)
+    metrics = json.loads(next((tmp_path / "a").glob("train-*")).joinpath("metrics.json").read_text())
+    assert sum(e["loss"] is not None for e in metrics["episodes"]) >= 4      # the network really trained
+    assert np.array_equal(_trained_q(runs[0]), _trained_q(runs[1]))
+    from policy import agent_from_checkpoint
+    agents = [agent_from_checkpoint(load_checkpoint(c), embedded_loaded.name)[0] for c in runs]
+    states = np.random.default_rng(1).random((20, len(state_feature_names())))
+    choices = [[int(np.argmax(a.q_values(x))) for x in states] for a in agents]
+    assert choices[0] == choices[1]
+
+
 # ---- faults inside an episode ------------------------------------------------------------------
 def test_fault_in_generation_is_recorded_and_training_continues(tmp_path, monkeypatch):
     import environment
