@@ -561,7 +561,8 @@ class PromptAnalyzer:
         factories = {"spacy": lambda: SpacyBackend(spacy_models, ner=spacy_ner),
                      "nltk": lambda: NltkBackend(data_dir),
                      "regex": RegexBackend}
-        loaded: list[Backend] = []
+        loaded: list[Backend] = []          # auto: every backend that loaded but was over the budget
+        chosen: Backend | None = None
         for name in (BACKENDS if backend == "auto" else (backend,)):
             try:
                 candidate = factories[name]()
@@ -570,19 +571,18 @@ class PromptAnalyzer:
                     raise
                 log.info("prompt analysis: %s backend unavailable (%s); falling back", name, err)
                 continue
+            timed = backend == "auto" and budget_ms is not None
+            if timed:
+                self.probe_ms[name] = self._time_backend(candidate)
+            if not timed or self.probe_ms[name] <= budget_ms:
+                chosen = candidate
+                break
             loaded.append(candidate)
-            if backend != "auto" or budget_ms is None:
-                break
-            self.probe_ms[name] = self._time_backend(candidate)
-            if self.probe_ms[name] <= budget_ms:
-                break
             log.info("prompt analysis: %s takes %.1f ms per 100-word prompt here, over the %.1f ms budget "
                      "(--observation-budget-ms); trying the next backend", name, self.probe_ms[name], budget_ms)
-        if not loaded:
+        if chosen is None and not loaded:
             raise BackendUnavailable("no prompt-analysis backend loads (the regex backend always should)")
-        fits = [b for b in loaded if budget_ms is None or b.name not in self.probe_ms
-                or self.probe_ms[b.name] <= budget_ms]
-        self._backend: Backend = fits[0] if fits else min(loaded, key=lambda b: self.probe_ms[b.name])
+        self._backend: Backend = chosen or min(loaded, key=lambda b: self.probe_ms[b.name])
         log.info("prompt analysis backend: %s", self.backend)
 
     def _time_backend(self, backend: Backend, repeats: int = 5) -> float:
