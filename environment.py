@@ -192,14 +192,13 @@ class PruningEnvironment:
             pruned = dense if inert else score_reference(self.model, context, target, kv=self.engine.kv_hook)
             if measure:
                 gen, energy = self._generate_metered(context, n_new)
-        if self.cfg.timing == "interleaved" and action != NONE:
+        if inert:   # the dense model's latency; its dense/dense ratio in the table is timing noise (1.04 once)
+            speedup, latency = 1.0, self.table.get(scenario, self.bucket(n_context), NONE.label).latency(n_new)
+        elif self.cfg.timing == "interleaved":
             speedup, latency = self._interleaved_speedup(context, action, n_new)
         else:
             entry = self.table.get(scenario, self.bucket(n_context), action.label)
-            # An inert action's entry is the dense one, whose dense/dense ratio is timing noise (1.04
-            # in one table): exactly 1, or KV actions on short prompts earn a bonus for nothing.
-            speedup = 1.0 if inert else entry.speedup(n_new)
-            latency = entry.latency(n_new)
+            speedup, latency = entry.speedup(n_new), entry.latency(n_new)
         ratio, kl = ppl_ratio(pruned, dense), mean_kl(dense, pruned)
         on_battery = getattr(hardware, "power_plugged", None) is False
         whole = start == 0 and n_new == ref.ref_ids.numel()

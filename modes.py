@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 import checkpointing
 import provenance
 import reporting
@@ -198,8 +196,8 @@ def ablation_choosers(payloads: dict[str, dict], model_id: str, labels: list[str
                              f"{backend}: train both with the same --nlp-backend")
         ablation = payload["config"].get("ablation", "none")
         name = ablation if ablation != "none" and ablation not in choosers else Path(path).stem
-        choosers[name] = (lambda obs, agent=other, ablation=ablation:
-                          int(np.argmax(agent.q_values(state_vector(obs.hardware, obs.features, ablation)))))
+        choosers[name] = (lambda obs, choose=greedy_chooser(other), ablation=ablation:
+                          choose(state_vector(obs.hardware, obs.features, ablation)))
     return choosers
 
 

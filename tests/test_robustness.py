@@ -342,6 +342,9 @@ def test_inert_actions_score_exactly_dense_without_a_forward(monkeypatch):
         for out in outcomes:   # and the same reward: speedup exactly 1, not the dense entry's timing noise
             assert out.ppl_ratio == 1.0 and out.kl == 0.0 and out.speedup == 1.0
         assert outcomes[0].reward == outcomes[1].reward
+        s.env.cfg.timing = "interleaved"        # per-episode timing too: an inert action is not re-timed
+        assert s.env.step(prompt, by_label["kv_cache:0.3"], "idle", measure=False).reward == outcomes[0].reward
+        s.env.cfg.timing = "table"
         assert calls["n"] == 0
         out = s.env.step(prompt, by_label["ffn_neurons:0.3"], "idle", measure=False)
         assert calls["n"] == 1 and out.ppl_ratio != 1.0
