@@ -1,6 +1,7 @@
 """What each CLI mode does, as functions a test can call without argv."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,7 +21,7 @@ from run_config import RunConfig
 from scenarios import contention, parse_scenarios
 from session import action_space, open_session
 from state import state_vector
-from trainer import Trainer, evaluate_prompts, greedy_chooser, sigterm_as_interrupt, train_prompts
+from trainer import Trainer, evaluate_prompts, greedy_chooser, load_trace, sigterm_as_interrupt, train_prompts
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +158,16 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
             s.env.table = load_table(cfg.latency_table)
         else:
             s.env.calibrate("idle", s.actions)
+        trace = load_trace(cfg.telemetry_trace) if cfg.telemetry_trace else None
         for scenario in scenarios:
-            with contention(scenario):
-                if scenario.loaded:
+            replay = trace is not None and s.env.table.has(scenario.name)   # nothing depends on the live load
+            with contextlib.nullcontext() if replay else contention(scenario):
+                if scenario.loaded and not replay:
                     time.sleep(0.5)
                 if not s.env.table.has(scenario.name):
                     s.env.calibrate(scenario.name, s.actions)
-                main, other = evaluate_prompts(s, prompts, scenario.name, greedy_chooser(agent), choosers)
+                main, other = evaluate_prompts(s, prompts, scenario.name, greedy_chooser(agent), choosers,
+                                               trace=trace)
                 results += main
                 for name, rows in other.items():
                     ablations[name] += rows

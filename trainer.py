@@ -65,6 +65,13 @@ def load_trace(path: str) -> list[list[float]]:
     return trace
 
 
+def observe(session: Session, prompt: Prompt, trace: list[list[float]] | None, index: int):
+    """Live telemetry, or the index-th recorded hardware state (cyclically) when replaying a trace."""
+    if trace is None:
+        return session.states.observe(prompt.text)
+    return session.states.observe(prompt.text, hardware=RecordedHardware(trace[index % len(trace)]))
+
+
 class Trainer:
     def __init__(self, session: Session, train_prompts: list[Prompt], provenance: dict):
         self.s, self.cfg = session, session.cfg
@@ -142,9 +149,7 @@ class Trainer:
 
     def observe(self, prompt: Prompt):
         """Live telemetry, or the recorded state of this decision when replaying a trace."""
-        if self.trace is None:
-            return self.s.states.observe(prompt.text)
-        return self.s.states.observe(prompt.text, hardware=RecordedHardware(self.trace[len(self.episodes) % len(self.trace)]))
+        return observe(self.s, prompt, self.trace, len(self.episodes))
 
     def segments(self, prompt: Prompt) -> list[tuple[int, int | None]]:
         """(start, length) of each decision: one for the whole continuation, or one every N tokens."""
@@ -211,17 +216,19 @@ class Trainer:
 
 def evaluate_prompts(session: Session, prompts: list[Prompt], scenario_name: str, choose,
                      others: Mapping[str, Callable[[Any], int]] | None = None,
+                     trace: list[list[float]] | None = None,
                      ) -> tuple[list[PromptResult], dict[str, list[PromptResult]]]:
     """Per prompt: the policy's action, every static action, and the oracle (best reward).
 
     `others` (name -> chooser of an Observation) are further policies, e.g. ablations, deciding on
     the same observation; their outcome is the static outcome of the action they pick (the same
-    reward, no extra generation), so their difference to the policy is paired exactly.
+    reward, no extra generation), so their difference to the policy is paired exactly. A `trace`
+    replays recorded hardware states (prompt i sees state i) instead of live telemetry.
     """
     env, results = session.env, []
     other_results: dict[str, list[PromptResult]] = {name: [] for name in others or {}}
-    for prompt in tqdm(prompts, desc=f"test [{scenario_name}]", leave=False):
-        obs = session.states.observe(prompt.text)
+    for i, prompt in enumerate(tqdm(prompts, desc=f"test [{scenario_name}]", leave=False)):
+        obs = observe(session, prompt, trace, i)
         started = time.perf_counter()
         index = choose(obs.state)
         controller_s = obs.controller_s + time.perf_counter() - started
