@@ -12,7 +12,7 @@ import os
 # that loses its core stalls every op; passive waiting keeps a loaded machine usable.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import offline  # noqa: E402,F401  (must precede transformers/datasets/lm_eval imports)
+from common import offline  # noqa: E402,F401  (must precede transformers/datasets/lm_eval imports)
 
 import argparse
 import dataclasses
@@ -21,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from run_config import RunConfig
+from common.config import RunConfig
 
 MODES = ("train", "test", "eval", "report", "baselines", "export")
 EXIT_USAGE = 2
@@ -202,7 +202,7 @@ def validate(cfg: RunConfig) -> None:
     """Catch bad values before any model or data is loaded."""
     from model_loader import check_model_name
     from nlp_analyzer import BACKENDS
-    from scenarios import parse_scenarios
+    from controller.contention import parse_scenarios
     check_model_name(cfg.model)
     if cfg.nlp_backend not in ("auto", *BACKENDS):
         raise ValueError(f"--nlp-backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.nlp_backend}")
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import modes
+    from modes import run as modes
 
     if args.mode == "report":
         if not args.run_dirs:
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
 
 def baseline_config(args: argparse.Namespace):
     """BaselineConfig from the flags that were given (the rest keep the dataclass defaults)."""
-    from baselines import BaselineConfig
+    from evaluation.baselines import BaselineConfig
     given = {"methods": args.baseline_methods, "budgets": args.budgets, "calibration_dataset": args.calibration_dataset,
              "calibration_samples": args.calibration_samples, "speed_repeats": args.speed_repeats}
     if args.unstructured is not None:
@@ -282,7 +282,7 @@ def baseline_config(args: argparse.Namespace):
 
 def eval_config(args: argparse.Namespace):
     """EvalConfig from the evaluation flags (imported lazily: lm-eval is slow to import)."""
-    from evaluation import DEFAULT_TASKS, EvalConfig
+    from evaluation.suite import DEFAULT_TASKS, EvalConfig
     task_data = {}
     for item in args.task_data:
         task, sep, path = item.partition("=")

@@ -7,7 +7,7 @@ measurements only), any Hub id, or a local directory holding a saved model.
 """
 from __future__ import annotations
 
-import offline  # noqa: F401  (sets HF offline flags before transformers is imported)
+from common import offline  # noqa: F401  (sets HF offline flags before transformers is imported)
 
 import importlib.util
 import json
@@ -85,7 +85,7 @@ def load_model(name: str = "auto", device: str = "auto", dtype: torch.dtype | No
 
 def check_model_name(name: str) -> None:
     """Fail before any data or weights are read when `name` cannot possibly load."""
-    import offline as off
+    from common import offline as off
     path = Path(name).expanduser()
     if name in ("auto", EMBEDDED_NAME, "tiny", "llama-3.2-1b-shape"):
         return
@@ -107,7 +107,7 @@ def _offline_message(model_id: str) -> str:
 
 
 def _load_auto(dtype: torch.dtype) -> LoadedModel:
-    import offline as off
+    from common import offline as off
     if off.hf_token() and not off.is_offline():
         try:
             loaded = _load_hub(THESIS_MODEL, dtype)
@@ -133,7 +133,7 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_cache_dir() -> Path:
-    import offline as off
+    from common import offline as off
     return off.cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
 
@@ -212,7 +212,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
 
 
 def _load_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
-    import offline as off
+    from common import offline as off
     if off.is_offline():
         raise ModelLoadError(_offline_message(model_id))
     from transformers import AutoModelForCausalLM, AutoTokenizer

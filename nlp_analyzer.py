@@ -72,7 +72,7 @@ from typing import Any, ClassVar, Iterable, Protocol, Sequence
 
 from tqdm import tqdm
 
-import offline
+from common import offline
 
 log = logging.getLogger(__name__)
 

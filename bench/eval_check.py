@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import offline  # noqa: E402  (HF offline flags first)
+from common import offline  # noqa: E402  (HF offline flags first)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -38,10 +38,10 @@ from dataclasses import asdict  # noqa: E402
 import torch  # noqa: E402
 
 import model_loader  # noqa: E402
-from data import data_root  # noqa: E402
-from lm_eval_run import evaluate_tasks, lm_eval_version  # noqa: E402
-from lm_eval_tasks import prepare_tasks, wikitext_documents  # noqa: E402
-from wikitext_ppl import compute_perplexity, load_wikitext2_test, make_windows, window_nll  # noqa: E402
+from common.data import data_root  # noqa: E402
+from evaluation.lm_eval_run import evaluate_tasks, lm_eval_version  # noqa: E402
+from evaluation.lm_eval_tasks import prepare_tasks, wikitext_documents  # noqa: E402
+from evaluation.wikitext import compute_perplexity, load_wikitext2_test, make_windows, window_nll  # noqa: E402
 
 TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai", "boolq")
 WIKITEXT_STAGES = ("wikitext-ours", "wikitext-independent", "wikitext-lm-eval")

@@ -17,9 +17,9 @@ from typing import Callable
 
 import psutil
 
-from data import data_root
+from common.data import data_root
 from nlp_analyzer import BACKENDS, BackendUnavailable, PromptAnalyzer
-from telemetry import TelemetrySampler, snapshot
+from controller.telemetry import TelemetrySampler, snapshot
 
 
 def real_prompts(n: int, words: int) -> list[str]:

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch import nn
 
 import model_loader  # noqa: E402
-from generation import generate, prefill  # noqa: E402
+from controller.generation import generate, prefill  # noqa: E402
 from pruners import ACTION_SPACE, NONE, PruningAction  # noqa: E402
 from pruners.engine import PruningEngine  # noqa: E402
 from pruners.kv_cache import KVCachePruner  # noqa: E402

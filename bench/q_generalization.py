@@ -16,9 +16,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from checkpointing import load_checkpoint
-from rl_agent import DoubleDQNAgent, DQNConfig
-from state import state_feature_names
+from controller.checkpointing import load_checkpoint
+from controller.dqn import DoubleDQNAgent, DQNConfig
+from controller.state import state_feature_names
 
 
 def held_out_mse(states: np.ndarray, actions: np.ndarray, rewards: np.ndarray, prompt_ids: list[str],

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import offline
+from common import offline
 from pruners.actions import NONE, PruningAction
 from pruners.cost import DecodeCost, decode_cost, ideal_speedup
 from pruners.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.files import atomic_write_bytes
+
 from pruners.importance import ImportanceScores
 from pruners.model_info import decoder_layers
 
@@ -55,9 +57,6 @@ def load_or_compute(path: Path, compute: Callable[[], ImportanceScores]) -> tupl
         except (OSError, RuntimeError, TypeError, KeyError) as err:
             log.warning("ignoring unreadable importance cache %s (%s)", path, err)
     scores = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(scores.to_dict(), tmp)
-    tmp.replace(path)
+    atomic_write_bytes(path, lambda fh: torch.save(scores.to_dict(), fh))
     log.info("importance scores cached at %s", path)
     return scores, False

@@ -11,16 +11,16 @@ import math
 import pytest
 import torch
 
-import summaries
-from checkpointing import CheckpointError
-from baselines import BaselineConfig, format_table, parse_unstructured, run_baselines
-from budget import count_parameters, match_budget
-from evaluation import EvalConfig
+from reporting import summaries
+from controller.checkpointing import CheckpointError
+from evaluation.baselines import BaselineConfig, format_table, parse_unstructured, run_baselines
+from pruners.param_budget import count_parameters, match_budget
+from evaluation.suite import EvalConfig
 from pruners import NONE, PruningAction
 from pruners.importance import DEFAULT_CALIBRATION, tokenize_calibration
-from structured import STRUCTURED_METHODS, build_engine, get_method
-from taylor import compute_taylor_scores
-from unstructured import PROJECTIONS, Sparsity, prune_mask, sparsegpt_prune, sparsified
+from pruners.baseline_methods import STRUCTURED_METHODS, build_engine, get_method
+from pruners.taylor import compute_taylor_scores
+from pruners.unstructured import PROJECTIONS, Sparsity, prune_mask, sparsegpt_prune, sparsified
 
 WIDTH_BUDGETS = (0.1, 0.3, 0.5)
 
@@ -158,7 +158,7 @@ def test_taylor_engine_orders_by_taylor_and_keeps_dense_outputs(tiny, ids, tmp_p
 def test_layer_by_layer_inputs_match_a_full_forward(tiny, calibration_ids):
     """Calibration runs each layer on the previous layer's outputs (linear in depth): the
     statistics must equal those hooked inside ordinary full-model forwards."""
-    from unstructured import INPUT_GROUPS, first_layer_inputs, layer_input_stats, next_layer_inputs
+    from pruners.unstructured import INPUT_GROUPS, first_layer_inputs, layer_input_stats, next_layer_inputs
     layers = tiny.model.model.layers
     reference: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -309,7 +309,7 @@ def test_config_rejects_bad_inputs():
 
 
 def test_missing_policy_checkpoint_fails_before_any_scoring(tiny, tmp_path, monkeypatch):
-    import baselines
+    from evaluation import baselines
     monkeypatch.setattr(baselines, "evaluate_route", lambda *a, **k: pytest.fail("scored before checking inputs"))
     with pytest.raises(CheckpointError, match="not found"):
         run_baselines(tiny, sweep_config(tmp_path, policies=(str(tmp_path / "missing.pt"),), policy_importance=None))

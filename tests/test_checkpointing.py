@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from checkpointing import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
-from rl_agent import DQNConfig, DoubleDQNAgent
+from controller.checkpointing import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from controller.dqn import DQNConfig, DoubleDQNAgent
 
 
 def _payload(agent):

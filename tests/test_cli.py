@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import adaptive_pruning
-from checkpointing import load_checkpoint
+from controller.checkpointing import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--model", "tiny", "--train-dataset", "builtin", "--train-samples", "40", "--max-new-tokens", "8", "--intensities", "0.2,0.4",
@@ -43,7 +43,7 @@ def test_train_then_test_round_trip_on_tiny(tmp_path):
 
 
 def test_checkpoint_loads_back_to_same_q_values(tmp_path):
-    from policy import load_router
+    from controller.router import load_router
     from model_loader import load_model
     ckpt = tmp_path / "p.pt"
     assert adaptive_pruning.main(["--mode", "train", "--episodes", "3", "--checkpoint", str(ckpt),
@@ -51,7 +51,7 @@ def test_checkpoint_loads_back_to_same_q_values(tmp_path):
     payload = load_checkpoint(ckpt)
     router = load_router(ckpt, load_model("tiny"))
     state = np.linspace(0, 1, router.agent.state_dim)
-    from rl_agent import QNetwork
+    from controller.dqn import QNetwork
     q = QNetwork(router.agent.state_dim, router.agent.n_actions, tuple(payload["config"]["dqn"]["hidden_sizes"]))
     q.load_state_dict(payload["agent"]["q"])
     import torch
@@ -116,7 +116,7 @@ def test_ablation_checkpoints_are_scored_on_the_same_prompts(tmp_path, capsys):
 
 def test_ablated_state_zeroes_only_its_part():
     from types import SimpleNamespace
-    from state import state_vector
+    from controller.state import state_vector
     hw, pf = SimpleNamespace(vector=[0.5, 0.25]), SimpleNamespace(vector=[0.75])
     assert list(state_vector(hw, pf)) == [0.5, 0.25, 0.75]
     assert list(state_vector(hw, pf, "no_hardware")) == [0.0, 0.0, 0.75]
@@ -126,7 +126,7 @@ def test_ablated_state_zeroes_only_its_part():
 
 
 def test_best_static_can_skip_none():
-    from modes import best_static
+    from modes.run import best_static
     rows = [{"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.1}, "ffn_neurons:0.2": {"reward": -0.5}}},
             {"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.3}, "ffn_neurons:0.2": {"reward": 0.1}}}]
     assert best_static(rows) == "none"
@@ -146,7 +146,7 @@ def test_test_mode_with_lm_eval_evaluates_dense_a_pruned_static_and_the_policy(t
     assert "dense" in models and len(statics) == 1 and statics[0] != "static:none"
     assert any(m.startswith("policy:") for m in models)
     assert (run / "plots" / "evaluation.png").stat().st_size > 0
-    from summaries import summarize_eval   # the report reads the keys the evaluation writes
+    from reporting.summaries import summarize_eval   # the report reads the keys the evaluation writes
     dense = summarize_eval(json.loads((run / "metrics.json").read_text())["evaluation"])["models"]["dense"]
     assert dense["tokens"] == 64 and dense["speed"]["decode_tokens_per_s"] > 0
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import offline
-import data
-from data import DataError, PromptSet, load_prompts, normalise
+from common import offline
+from common import data
+from common.data import DataError, PromptSet, load_prompts, normalise
 
 CATEGORIES = {"factual_recall", "reasoning", "maths", "code", "summarisation", "creative_writing",
               "how_to", "extraction", "dialogue"}

@@ -11,13 +11,13 @@ import torch
 import yaml
 
 import model_loader
-from data import data_root
-from eval_routes import EvaluationError, ModelSpec, PolicyRoute, expand_static_all, parse_specs
-from evaluation import EvalConfig, run_evaluation
-from lm_eval_run import evaluate_tasks
-from lm_eval_tasks import KNOWN_TASKS, builtin_tasks_dir, parse_task_data, prepare_tasks, wikitext_documents
+from common.data import data_root
+from evaluation.routes import EvaluationError, ModelSpec, PolicyRoute, expand_static_all, parse_specs
+from evaluation.suite import EvalConfig, run_evaluation
+from evaluation.lm_eval_run import evaluate_tasks
+from evaluation.lm_eval_tasks import KNOWN_TASKS, builtin_tasks_dir, parse_task_data, prepare_tasks, wikitext_documents
 from pruners import NONE, PruningAction, PruningEngine
-from wikitext_ppl import (CorpusText, compute_perplexity, load_wikitext2_test, make_windows, raw_file_rows)
+from evaluation.wikitext import (CorpusText, compute_perplexity, load_wikitext2_test, make_windows, raw_file_rows)
 
 ACTIONS = [PruningAction("ffn_neurons", 0.5), NONE, PruningAction("transformer_layers", 0.25)]
 TEXT = ("The tower was built in 1887 and rebuilt after the fire of 1921 . It stands on the hill above "

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import model_loader
-from export import ExportError, export_pruned
+from pruners.export import ExportError, export_pruned
 from pruners import NONE, PruningAction, PruningEngine
 from pruners.importance import DEFAULT_CALIBRATION
-from structured import export_baseline, parse_baseline
+from pruners.baseline_methods import export_baseline, parse_baseline
 
 ACTIONS = ["attention_heads:0.5", "ffn_neurons:0.5", "transformer_layers:0.5", "ffn_neurons:0.3"]
 

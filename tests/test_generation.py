@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from generation import generate, prefill
+from controller.generation import generate, prefill
 from pruners.kv_cache import KVCachePruner
 
 

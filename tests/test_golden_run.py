@@ -84,8 +84,8 @@ def test_checkpoint_and_run_folders_written_before_the_layout_still_load_and_ren
     """A policy checkpoint and train/test metrics.json written by the pre-layout code (fa7e2c6)."""
     import shutil
 
-    import checkpointing
-    from policy import agent_from_checkpoint
+    from controller import checkpointing
+    from controller.router import agent_from_checkpoint
     payload = checkpointing.load_checkpoint(GOLDEN / "legacy_policy.pt")
     agent, actions = agent_from_checkpoint(payload, tiny_loaded.name)
     assert [a.label for a in actions] == payload["action_space"]

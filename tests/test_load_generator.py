@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-import load_generator
-from load_generator import LoadGenerator, LoadLevel
+from controller import load_generator
+from controller.load_generator import LoadGenerator, LoadLevel
 
 
 def _gone(pid: int) -> bool:
@@ -64,13 +64,13 @@ def test_workers_exit_when_their_parent_dies() -> None:
     """A crashed trainer must not leave busy loops behind."""
     script = textwrap.dedent("""
         import os
-        from load_generator import LoadGenerator, LoadLevel
+        from controller.load_generator import LoadGenerator, LoadLevel
         load = LoadGenerator(LoadLevel(workers=1, duty=0.3, ballast_mib=4)).start()
         print(*load.pids, flush=True)
         os._exit(0)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         timeout=30, cwd=Path(load_generator.__file__).parent)
+                         timeout=30, cwd=Path(load_generator.__file__).parents[1])
     pids = [int(p) for p in out.stdout.split()]
     deadline = time.monotonic() + 5
     while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
@@ -97,7 +97,7 @@ def test_zero_level_starts_nothing() -> None:
 
 
 def test_scenario_schedule_is_balanced_seeded_and_blocked() -> None:
-    from scenarios import ScenarioSchedule, parse_scenarios
+    from controller.contention import ScenarioSchedule, parse_scenarios
     scenarios = parse_scenarios("idle,light,loaded")
     schedule = ScenarioSchedule(scenarios, block=5, seed=0)
     names = [schedule.scenario_for(e).name for e in range(5 * 3 * 4)]

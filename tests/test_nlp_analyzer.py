@@ -50,7 +50,7 @@ def test_complexity_orders_hand_labelled_prompts(analyzer, labelled) -> None:
 
 
 def test_labelled_prompts_are_verbatim_from_the_shared_data(labelled) -> None:
-    from data import data_root
+    from common.data import data_root
 
     root = data_root()
     if not root.is_dir():

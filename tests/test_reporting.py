@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import provenance
-import reporting
-import summaries
-from records import SCHEMA_VERSION, EpisodeRecord, Outcome, PromptResult, to_jsonable
+from reporting import provenance
+from reporting import render as reporting
+from reporting import summaries
+from controller.records import SCHEMA_VERSION, EpisodeRecord, Outcome, PromptResult, to_jsonable
 
 ACTIONS = ["none", "kv_cache:0.3", "attention_heads:0.4", "ffn_neurons:0.5", "transformer_layers:0.3"]
 EFFECT = {"none": (1.0, 1.0), "kv_cache:0.3": (1.1, 1.02), "attention_heads:0.4": (1.2, 1.3),
@@ -277,7 +277,7 @@ def test_compare_runs(synthetic, tmp_path):
 
 
 def test_verdict_follows_the_confidence_interval():
-    from reporting import _verdict
+    from reporting.render import _verdict
     assert "beats" in _verdict({"mean": 0.2, "lo": 0.1, "hi": 0.3}, "ffn_neurons:0.2")
     assert "worse" in _verdict({"mean": -0.2, "lo": -0.3, "hi": -0.1}, "none")
     assert "cannot be told apart" in _verdict({"mean": 0.0, "lo": -0.1, "hi": 0.1}, "none")

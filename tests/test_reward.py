@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from reward import RewardConfig, compute_reward, reward_terms
+from controller.reward import RewardConfig, compute_reward, reward_terms
 
 
 def test_reward_trades_speed_against_quality():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from rl_agent import DQNConfig, DoubleDQNAgent, ReplayBuffer, RunningNormalizer, double_dqn_target, linear_epsilon
+from controller.dqn import DQNConfig, DoubleDQNAgent, ReplayBuffer, RunningNormalizer, double_dqn_target, linear_epsilon
 
 
 class TableQ(nn.Module):

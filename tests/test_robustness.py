@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import adaptive_pruning
-from checkpointing import load_checkpoint
+from controller.checkpointing import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--train-dataset", "builtin", "--train-samples", "30", "--max-new-tokens", "6",
@@ -103,7 +103,7 @@ def test_fuzzed_data_files_and_checkpoints_end_in_clean_errors(tmp_path, capsys)
     for i in range(120):
         path = tmp_path / f"f{i}{rng.choice(suffixes)}"
         path.write_bytes(rng.choice(makers)())
-        from data import DataError, load_prompts
+        from common.data import DataError, load_prompts
         try:
             load_prompts(str(path))
             outcomes["ok"] += 1
@@ -168,7 +168,7 @@ def _trained_q(ckpt: Path) -> np.ndarray:
 
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     """Interrupt at a fixed episode, resume, and compare with a straight run (same table and telemetry)."""
-    import environment
+    from controller import environment
     base = ["--mode", "train", *FAST, "--episodes", "6", "--save-every", "100"]
     first = tmp_path / "first.pt"
     assert adaptive_pruning.main(base + ["--checkpoint", str(first), "--report-dir", str(tmp_path / "a")]) == 0
@@ -203,7 +203,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 def test_embedded_model_trainings_with_a_fixed_table_and_trace_are_identical(tmp_path, embedded_loaded):
     """Issue 5: on SmolLM2, two seeded trainings whose timings come from a latency table (and whose
     telemetry is replayed) give the same network, hence the same action on any state."""
-    from state import state_feature_names
+    from controller.state import state_feature_names
     table = ROOT / "bench" / "tables" / "train-v1-measured.json"       # 9 actions: 4 targets x 0.1/0.2
     hw = sum(name.startswith("hw.") for name in state_feature_names())
     rng = np.random.default_rng(0)
@@ -221,7 +221,7 @@ def test_embedded_model_trainings_with_a_fixed_table_and_trace_are_identical(tmp
     metrics = json.loads(next((tmp_path / "a").glob("train-*")).joinpath("metrics.json").read_text())
     assert sum(e["loss"] is not None for e in metrics["episodes"]) >= 4      # the network really trained
     assert np.array_equal(_trained_q(runs[0]), _trained_q(runs[1]))
-    from policy import agent_from_checkpoint
+    from controller.router import agent_from_checkpoint
     agents = [agent_from_checkpoint(load_checkpoint(c), embedded_loaded.name)[0] for c in runs]
     states = np.random.default_rng(1).random((20, len(state_feature_names())))
     choices = [[int(np.argmax(a.q_values(x))) for x in states] for a in agents]
@@ -230,7 +230,7 @@ def test_embedded_model_trainings_with_a_fixed_table_and_trace_are_identical(tmp
 
 # ---- faults inside an episode ------------------------------------------------------------------
 def test_fault_in_generation_is_recorded_and_training_continues(tmp_path, monkeypatch):
-    import environment
+    from controller import environment
     real = environment.generate
     calls = {"n": 0}
 
@@ -251,10 +251,10 @@ def test_fault_in_generation_is_recorded_and_training_continues(tmp_path, monkey
 
 
 def test_fault_inside_pruned_step_restores_dense_logits_bit_identical(monkeypatch):
-    import environment
-    from data import Prompt
-    from run_config import RunConfig
-    from session import open_session
+    from controller import environment
+    from common.data import Prompt
+    from common.config import RunConfig
+    from controller.session import open_session
     cfg = RunConfig(model="tiny", intensities=(0.3,))
     ids = torch.arange(3, 40).unsqueeze(0)
     with open_session(cfg) as s:
@@ -273,7 +273,7 @@ def test_fault_inside_pruned_step_restores_dense_logits_bit_identical(monkeypatc
 
 
 def test_nan_reward_is_caught_and_not_stored(tmp_path, monkeypatch):
-    import environment
+    from controller import environment
     monkeypatch.setattr(environment, "ppl_ratio", lambda pruned, dense: float("nan"))
     assert adaptive_pruning.main(["--mode", "train", *FAST, "--episodes", "3", "--checkpoint", str(tmp_path / "p.pt"),
                                   "--report-dir", str(tmp_path / "r")]) == 0
@@ -297,7 +297,7 @@ def test_training_under_cpu_load_and_memory_ballast_completes(tmp_path):
 
 def test_telemetry_failure_mid_run_degrades_to_unavailable(monkeypatch):
     import psutil
-    import telemetry
+    from controller import telemetry
     with telemetry.TelemetrySampler(rate_hz=50) as sampler:
         time.sleep(0.1)
         assert sampler.latest().ram_total > 0
@@ -316,11 +316,11 @@ def test_telemetry_failure_mid_run_degrades_to_unavailable(monkeypatch):
 
 def test_inert_actions_score_exactly_dense_without_a_forward(monkeypatch):
     """none, and a KV action on a prompt below its minimum length, reuse the dense scores."""
-    import environment
-    from data import Prompt
-    from run_config import RunConfig
-    from session import open_session
-    from environment import EnvConfig
+    from controller import environment
+    from common.data import Prompt
+    from common.config import RunConfig
+    from controller.session import open_session
+    from controller.environment import EnvConfig
     cfg = RunConfig(model="tiny", intensities=(0.3,), env=EnvConfig(max_new_tokens=4, calibration_tokens=2,
                                                                      calibration_repeats=1, long_prompt_tokens=64))
     with open_session(cfg) as s:

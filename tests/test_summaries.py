@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-import summaries
-from records import EpisodeRecord, Outcome, PromptResult, to_jsonable
+from reporting import summaries
+from controller.records import EpisodeRecord, Outcome, PromptResult, to_jsonable
 
 FFN = "ffn_neurons:0.5"
 

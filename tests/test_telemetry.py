@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-import telemetry
-from load_generator import LoadGenerator, LoadLevel
-from telemetry import EnergyMeter, HardwareProbe, HardwareState, TelemetrySampler, snapshot
+from controller import telemetry
+from controller.load_generator import LoadGenerator, LoadLevel
+from controller.telemetry import EnergyMeter, HardwareProbe, HardwareState, TelemetrySampler, snapshot
 
 GIB = 1 << 30
 GPU_SLOTS = ("gpu_util", "gpu_mem_used_frac", "gpu_power_frac", "gpu_temp_frac",

@@ -1,0 +1,73 @@
+"""Decide once, before transformers/datasets/lm_eval are imported, whether the Hub is reachable.
+
+Why: with no network every Hub miss costs ~23 s of retries, so the offline flags must be in the
+environment before those libraries read them. Import this module first (the CLI and
+`model_loader` do).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from common.files import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+HUB_HOST = "huggingface.co"
+
+
+def cache_dir() -> Path:
+    """Project-local cache (git-ignored); override with ADAPTIVE_PRUNING_CACHE."""
+    path = Path(os.environ.get("ADAPTIVE_PRUNING_CACHE", PROJECT_ROOT / ".cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_dotenv_file(path: Path = PROJECT_ROOT / ".env") -> None:
+    """Read KEY=VALUE lines from .env without overriding the real environment."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
+
+
+def hub_reachable(timeout_s: float = 1.5) -> bool:
+    """One TCP connect to the Hub: cheap, and decisive enough to avoid long retry loops."""
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def hf_token() -> str | None:
+    return os.environ.get("HUGGINGFACE_HUB_TOKEN") or os.environ.get("HF_TOKEN") or None
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def configure() -> bool:
+    """Set HF offline flags when the Hub cannot be reached. Returns True when online."""
+    load_dotenv_file()
+    os.environ.setdefault("HF_HOME", str(cache_dir() / "huggingface"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        return False
+    if hub_reachable():
+        return True
+    log.info("Hugging Face Hub unreachable: running offline (HF_HUB_OFFLINE=1)")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return False
+
+
+ONLINE = configure()

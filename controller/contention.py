@@ -1,0 +1,70 @@
+"""Contention scenarios: real background load the trainer switches between episodes.
+
+The policy never sees the scenario's name, only the telemetry it causes; the name keys the
+latency table and separates results in reports.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from controller.load_generator import LoadGenerator, LoadLevel
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    load: LoadLevel | None = None      # None: nothing extra runs
+
+    @property
+    def loaded(self) -> bool:
+        return self.load is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def presets() -> dict[str, Scenario]:
+    """Levels scale with this machine's core count, so 'loaded' means the same on any host."""
+    cores = os.cpu_count() or 1
+    return {
+        "idle": Scenario("idle"),
+        "light": Scenario("light", LoadLevel(workers=max(1, cores // 2), duty=0.5)),
+        "loaded": Scenario("loaded", LoadLevel(workers=cores, duty=1.0)),
+        "memory": Scenario("memory", LoadLevel(workers=0, ballast_mib=2048)),
+    }
+
+
+def parse_scenarios(spec: str) -> list[Scenario]:
+    known = presets()
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown scenario(s) {unknown or spec!r}: choose from {', '.join(known)}")
+    return [known[n] for n in dict.fromkeys(names)]
+
+
+class ScenarioSchedule:
+    """Blocks of `block` episodes; every round of len(scenarios) blocks is a seeded permutation.
+
+    Balanced rather than drawn independently per block: a short run (the demo has four blocks)
+    must see every scenario, or the policy cannot learn how load changes the best action.
+    """
+
+    def __init__(self, scenarios: list[Scenario], block: int, seed: int):
+        if block < 1:
+            raise ValueError("--scenario-block must be >= 1")
+        self.scenarios, self.block, self.seed = scenarios, block, seed
+
+    def scenario_for(self, episode: int) -> Scenario:
+        round_, slot = divmod(episode // self.block, len(self.scenarios))
+        order = np.random.default_rng([self.seed, round_]).permutation(len(self.scenarios))
+        return self.scenarios[int(order[slot])]
+
+
+def contention(scenario: Scenario):
+    """Context manager running the scenario's load for as long as it is entered."""
+    return LoadGenerator(scenario.load) if scenario.loaded else contextlib.nullcontext()

@@ -1,0 +1,213 @@
+"""One prompt in, one measured outcome out: observe, apply an action, generate, score, restore.
+
+The environment owns the expensive per-prompt caches (tokenised prompt, dense reference
+continuation, dense timing) so an episode costs about one pruned generation.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+
+from common.data import Prompt
+from controller.generation import GenerationResult, generate
+from controller.latency_table import LatencyTable
+from pruners import NONE, PruningAction, PruningEngine
+from controller.quality import TokenScores, mean_kl, ppl_ratio, score_reference
+from controller.records import Outcome
+from controller.reward import RewardConfig, reward_terms
+from controller.telemetry import EnergyMeter
+
+log = logging.getLogger(__name__)
+
+IDLE = "idle"
+MIN_REFERENCE_TOKENS = 8
+
+@dataclass
+class EnvConfig:
+    max_new_tokens: int = 50
+    timing: str = "table"              # "table": calibrated latency table; "interleaved": A B A B per episode
+    load_timing: str = "scaled"        # loaded scenarios: "scaled" (idle table x measured dense slowdown) | "measured"
+    calibration_tokens: int = 16       # new tokens per calibration timing
+    calibration_repeats: int = 2       # interleaved (dense, pruned) pairs per table entry
+    long_prompt_tokens: int = 512      # prompts this long use the "long" row of the table
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Reference:
+    prompt_ids: torch.Tensor
+    ref_ids: torch.Tensor
+    truncated: bool
+    source: str                        # "dataset" or "dense_greedy"
+    dense_total_s: float               # dense generation time of this prompt (measured once)
+    dense_energy_j: float | None       # its energy where a counter is readable
+
+
+class PruningEnvironment:
+    def __init__(self, loaded, engine: PruningEngine, reward: RewardConfig, cfg: EnvConfig, gpu=None):
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        self.engine = engine
+        self.gpu = gpu                     # open NVML handle to reuse for energy metering (None: none)
+        self.reward_cfg, self.cfg = reward, cfg
+        self.table = LatencyTable()
+        self.device = next(self.model.parameters()).device
+        self._references: dict[str, Reference] = {}
+        self._dense_scores: OrderedDict[tuple, TokenScores] = OrderedDict()
+        self._calibration_ids: dict[str, torch.Tensor] = {}
+
+    # ---- prompts and references --------------------------------------------------------
+    def encode(self, text: str) -> tuple[torch.Tensor, bool]:
+        """Token ids, truncated from the left so prompt + generation fit the context."""
+        ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids[0]
+        limit = self.loaded.context_length - self.cfg.max_new_tokens
+        truncated = ids.numel() > limit
+        if truncated:
+            log.warning("prompt of %d tokens truncated from the left to %d (context %d)",
+                        ids.numel(), limit, self.loaded.context_length)
+            ids = ids[-limit:]
+        return ids.to(self.device), truncated
+
+    def reference(self, prompt: Prompt) -> Reference:
+        """The data set's answer if it has one, else the dense greedy continuation (cached)."""
+        if prompt.id in self._references:
+            return self._references[prompt.id]
+        prompt_ids, truncated = self.encode(prompt.text)
+        self.engine.restore()
+        dense, dense_energy = self._generate_metered(prompt_ids, self.cfg.max_new_tokens)
+        ref_ids, source = torch.tensor(dense.tokens), "dense_greedy"
+        if prompt.reference:
+            answer = self.tokenizer(prompt.reference, add_special_tokens=False,
+                                    return_tensors="pt").input_ids[0][: self.cfg.max_new_tokens]
+            # A one-word answer ("1989") is too few tokens for a stable PPL ratio.
+            if answer.numel() >= min(MIN_REFERENCE_TOKENS, self.cfg.max_new_tokens):
+                ref_ids, source = answer, "dataset"
+        ref = Reference(prompt_ids, ref_ids.to(self.device), truncated, source, dense.total_s, dense_energy)
+        self._references[prompt.id] = ref
+        return ref
+
+    def segment(self, prompt: Prompt, start: int = 0, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, target): prompt + reference[:start] as context, the next `length` reference tokens as target."""
+        ref = self.reference(prompt)
+        end = ref.ref_ids.numel() if length is None else min(ref.ref_ids.numel(), start + length)
+        if start >= end:
+            raise ValueError(f"segment start {start} is past the reference's {ref.ref_ids.numel()} tokens")
+        return torch.cat([ref.prompt_ids, ref.ref_ids[:start]]), ref.ref_ids[start:end]
+
+    def dense_scores(self, prompt: Prompt, start: int = 0, length: int | None = None) -> TokenScores:
+        """Dense log-probs are large ([T, vocab]); keep only a few recent segments."""
+        key = (prompt.id, start, length)
+        if key not in self._dense_scores:
+            context, target = self.segment(prompt, start, length)
+            self.engine.restore()
+            self._dense_scores[key] = score_reference(self.model, context, target)
+            while len(self._dense_scores) > 8:
+                self._dense_scores.popitem(last=False)
+        return self._dense_scores[key]
+
+    def bucket(self, n_tokens: int) -> str:
+        return "long" if n_tokens >= self.cfg.long_prompt_tokens else "short"
+
+    # ---- timing --------------------------------------------------------------------------
+    def _generate(self, prompt_ids: torch.Tensor, new_tokens: int) -> GenerationResult:
+        return generate(self.model, prompt_ids.view(1, -1), new_tokens, engine=self.engine)
+
+    def _generate_metered(self, prompt_ids: torch.Tensor, new_tokens: int) -> tuple[GenerationResult, float | None]:
+        with EnergyMeter(gpu=self.gpu) as meter:
+            result = self._generate(prompt_ids, new_tokens)
+        return result, meter.joules
+
+    def set_calibration_prompts(self, texts: list[str]) -> None:
+        """Short = the median-length prompt; long = prompts joined to `long_prompt_tokens`."""
+        encoded = sorted((self.encode(t)[0] for t in texts), key=len)
+        self._calibration_ids["short"] = encoded[len(encoded) // 2][: self.cfg.long_prompt_tokens - 1]
+        long_ids = torch.cat(encoded[::-1])
+        target = min(int(self.cfg.long_prompt_tokens * 1.25), self.loaded.context_length - self.cfg.calibration_tokens)
+        while long_ids.numel() < target:
+            long_ids = torch.cat([long_ids, long_ids])
+        self._calibration_ids["long"] = long_ids[:target]
+
+    def _time_action(self, label: str, bucket: str) -> tuple[float, float]:
+        ids = self._calibration_ids[bucket]
+        with self.engine.pruned(PruningAction.parse(label)):
+            result = self._generate(ids, self.cfg.calibration_tokens)
+        return result.prefill_s, result.decode_s / max(1, len(result.tokens) - 1)
+
+    def calibrate(self, scenario: str, actions: list[PruningAction]) -> None:
+        """Idle (and, with load_timing="measured", every scenario): interleaved pairs per action.
+        A loaded scenario with load_timing="scaled": the idle table times the dense slowdown."""
+        if not self._calibration_ids:
+            raise RuntimeError("set_calibration_prompts() must be called before calibrate()")
+        if scenario != IDLE and self.cfg.load_timing == "scaled":
+            if not self.table.has(IDLE):
+                self.calibrate(IDLE, actions)
+            self.table.calibrate_scaled(IDLE, scenario, ["short", "long"],
+                                        lambda bucket: self._time_action(NONE.label, bucket),
+                                        repeats=max(6, 2 * self.cfg.calibration_repeats))
+            return
+        labels = [a.label for a in actions]
+        if NONE.label not in labels:
+            labels.insert(0, NONE.label)
+        self.table.calibrate(scenario, ["short", "long"], labels, self._time_action,
+                             repeats=self.cfg.calibration_repeats,
+                             inert=lambda bucket, label: bucket == "short" and label.startswith("kv_cache"))
+
+    def idle_dense_latency(self, bucket: str, new_tokens: int) -> float | None:
+        """The budget's reference: dense latency of this bucket with no background load."""
+        entry = self.table.entries.get(LatencyTable.key(IDLE, bucket, NONE.label))
+        return entry.dense_latency(new_tokens) if entry else None
+
+    def _interleaved_speedup(self, context: torch.Tensor, action: PruningAction, new_tokens: int) -> tuple[float, float]:
+        dense, pruned = [], []
+        for _ in range(max(2, self.cfg.calibration_repeats)):
+            self.engine.restore()
+            dense.append(self._generate(context, new_tokens).total_s)
+            with self.engine.pruned(action):
+                pruned.append(self._generate(context, new_tokens).total_s)
+        return statistics.median(dense) / statistics.median(pruned), statistics.median(pruned)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self, prompt: Prompt, action: PruningAction, scenario: str, *, hardware=None,
+             measure: bool = True, start: int = 0, length: int | None = None) -> Outcome:
+        """Apply `action` to one segment of the continuation (all of it by default): score the
+        reference, optionally generate the segment's tokens; the model is dense afterwards.
+
+        A later segment starts from prompt + reference so far and pays a fresh prefill, because
+        cache shapes differ between actions.
+        """
+        ref = self.reference(prompt)
+        context, target = self.segment(prompt, start, length)
+        dense = self.dense_scores(prompt, start, length)
+        n_context, n_new = context.numel(), target.numel()
+        gen, energy = None, None
+        # Nothing removed (none, or a KV action on a context below its minimum length): the scores
+        # are the dense ones exactly, so skip the forward (a third of a test run's scoring on tiny).
+        inert = self.engine.effective_intensity(action, n_context) == 0.0
+        with self.engine.pruned(action):
+            pruned = dense if inert else score_reference(self.model, context, target, kv=self.engine.kv_hook)
+            if measure:
+                gen, energy = self._generate_metered(context, n_new)
+        if inert:   # the dense model's latency; its dense/dense ratio in the table is timing noise (1.04 once)
+            speedup, latency = 1.0, self.table.get(scenario, self.bucket(n_context), NONE.label).latency(n_new)
+        elif self.cfg.timing == "interleaved":
+            speedup, latency = self._interleaved_speedup(context, action, n_new)
+        else:
+            entry = self.table.get(scenario, self.bucket(n_context), action.label)
+            speedup, latency = entry.speedup(n_new), entry.latency(n_new)
+        ratio, kl = ppl_ratio(pruned, dense), mean_kl(dense, pruned)
+        on_battery = getattr(hardware, "power_plugged", None) is False
+        whole = start == 0 and n_new == ref.ref_ids.numel()
+        energy_ratio = ref.dense_energy_j / energy if whole and energy and ref.dense_energy_j else None
+        terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=ratio, kl=kl, latency_s=latency,
+                             idle_dense_s=self.idle_dense_latency(self.bucket(n_context), n_new),
+                             energy_ratio=energy_ratio, on_battery=on_battery)
+        return Outcome(action=action.label, reward=terms.total, speedup=speedup, ppl_ratio=ratio, kl=kl,
+                       latency_s=gen.total_s if gen else None, prefill_s=gen.prefill_s if gen else None,
+                       decode_s=gen.decode_s if gen else None,
+                       measured_speedup=(ref.dense_total_s / gen.total_s) if gen and whole else None,
+                       energy_j=energy, kv_applied=gen.kv_applied if gen else None)

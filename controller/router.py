@@ -1,0 +1,69 @@
+"""A trained policy as a router: observe, decide, hand back the action (for eval and serving)."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from controller import checkpointing
+from pruners import ActionSpaceConfig, PruningAction, build_action_space
+from controller.dqn import DoubleDQNAgent, DQNConfig
+from controller.state import StateBuilder, state_feature_names
+
+
+class PolicyRouter:
+    """Greedy policy over a checkpoint's action space; counts its choices and its own overhead."""
+
+    def __init__(self, agent: DoubleDQNAgent, actions: list[PruningAction], states: StateBuilder, owned_sampler=None):
+        self.agent, self.actions, self.states = agent, actions, states
+        self.owned_sampler = owned_sampler     # started by load_router, so stopped by close()
+        self.histogram: Counter[str] = Counter()
+        self.overhead_s = 0.0
+        self.decisions = 0
+
+    def close(self) -> None:
+        if self.owned_sampler is not None:
+            self.owned_sampler.stop()
+            self.owned_sampler = None
+
+    def choose(self, text: str) -> PruningAction:
+        started = time.perf_counter()
+        obs = self.states.observe(text)
+        action = self.actions[int(np.argmax(self.agent.q_values(obs.state)))]
+        self.overhead_s += time.perf_counter() - started
+        self.decisions += 1
+        self.histogram[action.label] += 1
+        return action
+
+
+def load_router(checkpoint: str | Path, loaded, sampler=None, analyzer=None) -> PolicyRouter:
+    """Rebuild the policy of a checkpoint for `loaded` (refused if trained for another model).
+
+    The caller applies the chosen actions and owns the sampler when it passes one.
+    """
+    from nlp_analyzer import PromptAnalyzer
+    from controller.telemetry import TelemetrySampler
+
+    payload = checkpointing.load_checkpoint(Path(checkpoint))
+    cfg = payload["config"]
+    agent, actions = agent_from_checkpoint(payload, loaded.name)
+    owned = TelemetrySampler().start() if sampler is None else None
+    analyzer = analyzer or PromptAnalyzer(cfg.get("nlp_backend", "auto"))   # the features it was trained on
+    states = StateBuilder(analyzer, sampler or owned, tokenizer=loaded.tokenizer, ablation=cfg.get("ablation", "none"))
+    return PolicyRouter(agent, actions, states, owned_sampler=owned)
+
+
+def agent_from_checkpoint(payload: dict, model_id: str) -> tuple[DoubleDQNAgent, list[PruningAction]]:
+    """The trained agent (with its own network shape) and its action space; refused for another model."""
+    cfg = payload["config"]
+    actions = build_action_space(ActionSpaceConfig(targets=tuple(cfg["targets"]),
+                                                   intensities=tuple(cfg["intensities"])))
+    features = state_feature_names()
+    checkpointing.check_compatible(payload, model_id=model_id, action_space=[a.label for a in actions],
+                                   state_features=features)
+    dqn = DQNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["dqn"].items()})
+    agent = DoubleDQNAgent(len(features), len(actions), dqn)
+    agent.load_state_dict(payload["agent"])
+    return agent, actions

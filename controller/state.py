@@ -1,0 +1,57 @@
+"""The RL state: hardware telemetry vector + prompt-feature vector, with ablation masks.
+
+Shared by training, testing and the policy router in evaluation so all three see the same state.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+ABLATIONS = ("none", "no_hardware", "no_prompt")
+
+
+@dataclass
+class Observation:
+    state: np.ndarray
+    hardware: object          # telemetry.HardwareState
+    features: object          # nlp_analyzer.PromptFeatures
+    controller_s: float       # time to read telemetry and analyse the prompt
+
+
+def state_feature_names() -> list[str]:
+    from nlp_analyzer import PromptFeatures
+    from controller.telemetry import HardwareState
+    return [f"hw.{n}" for n in HardwareState.FEATURE_NAMES] + [f"prompt.{n}" for n in PromptFeatures.FEATURE_NAMES]
+
+
+class StateBuilder:
+    def __init__(self, analyzer, sampler, tokenizer=None, ablation: str = "none"):
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation '{ablation}': choose from {', '.join(ABLATIONS)}")
+        self.analyzer, self.sampler, self.tokenizer, self.ablation = analyzer, sampler, tokenizer, ablation
+
+    def observe(self, text: str, hardware=None) -> Observation:
+        """`hardware` replays a recorded HardwareState instead of reading the sampler."""
+        started = time.perf_counter()
+        hw = hardware if hardware is not None else self.sampler.latest()
+        features = self.analyzer.analyze(text, tokenizer=self.tokenizer)
+        return Observation(state_vector(hw, features, self.ablation), hw, features, time.perf_counter() - started)
+
+
+def state_vector(hardware, features, ablation: str = "none") -> np.ndarray:
+    """Hardware then prompt features, with the ablated part zeroed.
+
+    Test mode rebuilds an ablation policy's state from the main policy's observation with this, so
+    both decide on the very same telemetry reading and prompt.
+    """
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation '{ablation}': choose from {', '.join(ABLATIONS)}")
+    hw_vec = np.asarray(hardware.vector, dtype=np.float64)
+    pf_vec = np.asarray(features.vector, dtype=np.float64)
+    if ablation == "no_hardware":
+        hw_vec = np.zeros_like(hw_vec)
+    elif ablation == "no_prompt":
+        pf_vec = np.zeros_like(pf_vec)
+    return np.concatenate([hw_vec, pf_vec])

@@ -1,0 +1,312 @@
+"""Static baselines sweep: every method at every parameter budget, on the same protocol as eval.
+
+For each structured method (``structured.STRUCTURED_METHODS``) and budget (share of
+non-embedding parameters removed, matched by ``budget.match_budget``) a row gets the parameters
+left, the measured decode speedup, the ideal (bytes-read) speedup, WikiText-2 perplexity and,
+when ``eval.tasks`` is set, lm-eval accuracies. Unstructured / N:M references
+(``unstructured.py``) add quality-only rows, and policy checkpoints add one routed point each.
+The rows are metrics.json's ``"baselines"`` list (reports/README.md), which ``reporting``
+turns into the Pareto plot::
+
+    rows = run_baselines(loaded, BaselineConfig(policies=("checkpoints/policy.pt",)), out_dir=run_dir)
+
+Speedup: decode speed is memory-bound and the machine may be shared, so every point is timed
+against the dense model interleaved (dense, pruned, dense, pruned ...) with greedy generation,
+EOS ignored, and the ratio of the median per-token decode steps is reported. Perplexity and
+accuracies come from ``evaluation.evaluate_route``, the code path of ``--mode eval``.
+"""
+from __future__ import annotations
+
+from common import offline  # noqa: F401  (HF offline flags before transformers/datasets/lm_eval load)
+
+import dataclasses
+import logging
+import statistics
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pruners.param_budget import count_parameters, removed_share
+from common.data import load_prompts
+from evaluation.routes import ModelSpec, Route, RouterFactory, StaticRoute, build_route
+from evaluation.suite import EvalConfig, evaluate_route
+from controller.generation import generate
+from evaluation.lm_eval_tasks import prepare_tasks
+from pruners import NONE, PruningAction, PruningEngine
+from pruners.importance import tokenize_calibration
+from pruners.baseline_methods import build_engine, get_method, resolve
+from pruners.unstructured import METHODS as UNSTRUCTURED_METHODS, Sparsity, sparsified
+from evaluation.wikitext import CorpusText, load_wikitext2_test
+
+log = logging.getLogger(__name__)
+
+NO_SPEEDUP = "no speedup on dense kernels (zeros are still multiplied; speedup not timed)"
+
+
+def _default_eval() -> EvalConfig:
+    return EvalConfig(tasks=(), wikitext_samples=8, speed_probe=False)
+
+
+@dataclass
+class BaselineConfig:
+    """Every option of a sweep; stored in metrics.json next to the rows."""
+    methods: tuple[str, ...] = ("magnitude", "wanda-sp", "taylor", "shortgpt")
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+    unstructured: tuple[str, ...] = ("magnitude:0.5", "wanda:0.5", "wanda:2:4", "sparsegpt:0.5", "sparsegpt:2:4")
+    policies: tuple[str, ...] = ()             # policy checkpoints, one routed point each
+    policy_importance: str | None = None       # the policies' engine criterion; None: read from the checkpoint
+    calibration_dataset: str = "builtin"       # data.load_prompts spec; prompt + reference texts
+    calibration_samples: int = 64
+    calibration_max_tokens: int = 256
+    speed_prompts: int = 2                     # WikiText slices timed per point
+    speed_prompt_tokens: int = 128
+    speed_new_tokens: int = 32
+    speed_repeats: int = 3                     # interleaved (dense, pruned) pairs per prompt
+    cache_dir: str | None = None               # importance-score cache (default: the project cache)
+    eval: EvalConfig = field(default_factory=_default_eval)
+
+    def __post_init__(self) -> None:
+        for name in self.methods:
+            get_method(name)
+        for spec in self.unstructured:
+            parse_unstructured(spec)
+        for budget in self.budgets:
+            if not 0.0 < budget < 1.0:
+                raise ValueError(f"budget {budget} must be a share of non-embedding parameters in (0, 1)")
+        if not self.eval.wikitext:
+            raise ValueError("the baselines sweep needs WikiText-2 perplexity (eval.wikitext=True)")
+
+
+def parse_unstructured(spec: str) -> tuple[str, Sparsity]:
+    """'wanda:2:4' -> ('wanda', Sparsity(n=2, m=4)); 'magnitude:0.5' -> ('magnitude', Sparsity(0.5))."""
+    method, _, sparsity = spec.partition(":")
+    if method not in UNSTRUCTURED_METHODS or not sparsity:
+        raise ValueError(f"unstructured baseline '{spec}': use METHOD:SPARSITY with METHOD in "
+                         f"{', '.join(UNSTRUCTURED_METHODS)}, e.g. wanda:0.5 or sparsegpt:2:4")
+    return method, Sparsity.parse(sparsity)
+
+
+@dataclass
+class BaselineRow:
+    """One point of the comparison (reports/README.md, ``baselines[]``)."""
+    method: str
+    kind: str                     # dense | structured | unstructured | policy
+    budget: float | None          # requested share of non-embedding parameters removed
+    removed: float | None         # share really removed (rounding to whole units; zeros for unstructured)
+    params: int | None            # parameters left (unstructured: non-zero ones)
+    speedup: float | None         # measured decode speedup, x vs dense
+    ideal_speedup: float | None   # bytes read per decoded token, dense / pruned
+    ppl: float | None             # WikiText-2 perplexity
+    action: str | None = None     # engine action (structured) or sparsity (unstructured)
+    importance: str | None = None
+    note: str | None = None
+    accuracies: dict[str, float | None] = field(default_factory=dict)   # task -> acc
+    actions: dict[str, int] | None = None   # policy: decisions per action while scoring
+
+    def to_dict(self) -> dict:
+        """Flat row: accuracies become numeric columns, plus their mean when every task has one."""
+        row = dataclasses.asdict(self)
+        accuracies = row.pop("accuracies")
+        row.update(accuracies)
+        if accuracies and all(v is not None for v in accuracies.values()):
+            row["mean_acc"] = statistics.fmean(accuracies.values())
+        return {k: v for k, v in row.items() if v is not None}
+
+
+# ------------------------------------------------------------------ inputs
+
+def calibration_texts(spec: str, samples: int) -> list[str]:
+    """Prompt plus reference answer of the first ``samples`` prompts of a data set."""
+    prompts = load_prompts(spec).take(samples)
+    return [p.text + ("\n" + p.reference if p.reference else "") for p in prompts]
+
+
+def speed_prompts(corpus: CorpusText, tokenizer, count: int, tokens: int) -> list[tuple[str, torch.Tensor]]:
+    """``count`` evenly spaced WikiText slices of exactly ``tokens`` tokens, as (text, ids)."""
+    out = []
+    for i in range(count):
+        start = i * len(corpus.text) // count
+        ids = tokenizer(corpus.text[start:start + 16 * tokens], add_special_tokens=False)["input_ids"][:tokens]
+        if len(ids) < tokens:
+            raise ValueError(f"WikiText slice {i} has fewer than {tokens} tokens: lower speed_prompt_tokens")
+        out.append((tokenizer.decode(ids), torch.tensor([ids])))
+    return out
+
+
+# ------------------------------------------------------------------ measurements
+
+def decode_speedup(model: torch.nn.Module, prompts: Sequence[tuple[str, torch.Tensor]], new_tokens: int,
+                   repeats: int, pruned: Callable[[str], AbstractContextManager], engine=None) -> float:
+    """Median dense / median pruned decode step, timed interleaved; ``pruned(text)`` scopes one run.
+
+    ``engine`` is handed to ``generate`` so a kv_cache action chosen inside ``pruned`` applies.
+    """
+    def step_s(ids: torch.Tensor) -> float:
+        return generate(model, ids, new_tokens, engine=engine, ignore_eos=True).median_step_s
+
+    text, ids = prompts[0]
+    step_s(ids)                  # warm-up: allocations, thread pools
+    with pruned(text):
+        step_s(ids)              # and the first use of each prefix view
+    dense, sparse = [], []
+    for _ in range(repeats):
+        for text, ids in prompts:
+            dense.append(step_s(ids))
+            with pruned(text):
+                sparse.append(step_s(ids))
+    return statistics.median(dense) / statistics.median(sparse)
+
+
+class _Sweep:
+    """Shared inputs of one sweep (model, corpus, task plan, prompts) and how each kind of row is scored."""
+
+    def __init__(self, loaded, cfg: BaselineConfig) -> None:
+        self.loaded, self.cfg = loaded, cfg
+        self.eval = dataclasses.replace(cfg.eval, speed_probe=False)   # speed is timed interleaved here
+        self.corpus = load_wikitext2_test(self.eval.wikitext_path)
+        self.tasks = prepare_tasks(self.eval.tasks, self.eval.task_data) if self.eval.tasks else None
+        self.task_manager = self.tasks.task_manager() if self.tasks else None
+        self.prompts = speed_prompts(self.corpus, loaded.tokenizer, cfg.speed_prompts, cfg.speed_prompt_tokens)
+        self.calibration = calibration_texts(cfg.calibration_dataset, cfg.calibration_samples)
+        self.calibration_ids = tokenize_calibration(self.calibration, loaded.tokenizer, cfg.calibration_max_tokens)
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+        self.dense_params = count_parameters(loaded.model)
+        # Read the policies' checkpoints now, so a wrong path fails before the long sweep, not after it.
+        self.policy_importance = {c: cfg.policy_importance or _checkpoint_importance(c) for c in cfg.policies}
+
+    def score(self, route: Route) -> dict:
+        return evaluate_route(self.loaded, route, self.corpus, self.tasks, self.task_manager, self.eval)
+
+    def speedup(self, pruned: Callable[[str], AbstractContextManager], engine) -> float:
+        return decode_speedup(self.loaded.model, self.prompts, self.cfg.speed_new_tokens, self.cfg.speed_repeats,
+                              pruned, engine)
+
+    def ideal(self, engine: PruningEngine, action: PruningAction) -> float:
+        return engine.ideal_speedup(action, self.cfg.speed_prompt_tokens, self.cfg.speed_new_tokens / 2)
+
+    def dense(self) -> BaselineRow:
+        entry = self.score(Route(ModelSpec("dense")))
+        return BaselineRow("dense", "dense", 0.0, 0.0, self.dense_params.total, 1.0, 1.0, _ppl(entry),
+                           action=NONE.label, accuracies=_accuracies(entry))
+
+    def structured(self, engine: PruningEngine, method_name: str, budget: float) -> BaselineRow:
+        method = get_method(method_name)
+        match = resolve(engine, method, budget)
+        entry = self.score(StaticRoute(ModelSpec("static", action=match.action), engine))
+        speedup = self.speedup(lambda _text: engine.pruned(match.action), engine)
+        return BaselineRow(method.name, "structured", budget, match.removed, match.params, speedup,
+                           self.ideal(engine, match.action), _ppl(entry), action=match.action.label,
+                           importance=method.importance, accuracies=_accuracies(entry))
+
+    def unstructured(self, spec: str) -> BaselineRow:
+        method, sparsity = parse_unstructured(spec)
+        with sparsified(self.loaded.model, method, sparsity, self.calibration_ids,
+                        progress=self.eval.progress) as report:
+            entry = self.score(Route(ModelSpec("dense")))
+        name = f"{method}-{sparsity.label}" if sparsity.m else f"{method}-unstructured"
+        return BaselineRow(name, "unstructured", sparsity.fraction,
+                           report.zeros / self.dense_params.non_embedding, self.dense_params.total - report.zeros,
+                           1.0, 1.0, _ppl(entry), action=sparsity.label, importance=method, note=NO_SPEEDUP,
+                           accuracies=_accuracies(entry))
+
+    def policy(self, checkpoint: str, router_factory: RouterFactory | None) -> BaselineRow:
+        importance = self.policy_importance[checkpoint]
+        engine = PruningEngine(self.loaded.model, mode="structural", importance=importance,
+                               calibration=self.calibration, tokenizer=self.loaded.tokenizer,
+                               cache_dir=self.cache_dir, calibration_max_tokens=self.cfg.calibration_max_tokens)
+        route = build_route(ModelSpec("policy", checkpoint=checkpoint), self.loaded, engine, router_factory)
+        entry = self.score(route)
+        speedup = self.speedup(route.request, engine)
+        decisions = entry["actions"]
+        shares = {label: removed_share(engine, PruningAction.parse(label)) for label in decisions}
+        n = sum(decisions.values())
+        removed = sum(shares[label][0] * count for label, count in decisions.items()) / n
+        params = round(sum(shares[label][1] * count for label, count in decisions.items()) / n)
+        return BaselineRow(route.label, "policy", None, removed, params, speedup, None, _ppl(entry),
+                           importance=importance, note="mean over the scored requests' decisions",
+                           accuracies=_accuracies(entry), actions=decisions)
+
+
+def _ppl(entry: dict) -> float:
+    return entry["wikitext"]["ppl"]
+
+
+def _accuracies(entry: dict) -> dict[str, float | None]:
+    return {task: score.get("acc") for task, score in sorted(entry["tasks"].items())}
+
+
+def _checkpoint_importance(checkpoint: str) -> str:
+    from controller import checkpointing
+    return checkpointing.load_checkpoint(Path(checkpoint))["config"]["importance"]
+
+
+# ------------------------------------------------------------------ the sweep
+
+def run_baselines(loaded, config: BaselineConfig, out_dir: Path | None = None,
+                  router_factory: RouterFactory | None = None,
+                  on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Score dense, every structured method x budget, the unstructured references and the policies.
+
+    Engines reorder ``loaded.model`` in place (dense outputs unchanged) and every row restores
+    the dense weights, so the model is dense afterwards. ``on_row(rows)`` is called after each
+    row (for partial metrics.json writes); ``out_dir`` gets ``baselines.md``.
+    """
+    sweep = _Sweep(loaded, config)
+    total = 1 + len(config.methods) * len(config.budgets) + len(config.unstructured) + len(config.policies)
+    rows: list[dict] = []
+    bar = tqdm(total=total, desc="baselines", unit="point", disable=not config.eval.progress)
+
+    def add(row: BaselineRow) -> None:
+        rows.append(row.to_dict())
+        log.info("%s @ %s: params %s, speedup %.2fx, ppl %.3f", row.method, row.budget, row.params,
+                 row.speedup or float("nan"), row.ppl)
+        bar.update()
+        if on_row:
+            on_row(rows)
+
+    with bar:
+        add(sweep.dense())
+        for name in config.methods:
+            bar.set_postfix_str(f"{name}: importance")
+            engine = build_engine(loaded, get_method(name), sweep.calibration, config.calibration_max_tokens,
+                                  sweep.cache_dir)
+            for budget in config.budgets:
+                bar.set_postfix_str(f"{name} @ {budget:g}")
+                add(sweep.structured(engine, name, budget))
+        for spec in config.unstructured:
+            bar.set_postfix_str(spec)
+            add(sweep.unstructured(spec))
+        for checkpoint in config.policies:
+            bar.set_postfix_str(f"policy {checkpoint}")
+            add(sweep.policy(checkpoint, router_factory))
+    if out_dir is not None:
+        path = Path(out_dir) / "baselines.md"
+        path.write_text(format_table(rows) + "\n", encoding="utf-8")
+        log.info("baselines table written to %s", path)
+    return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Markdown table: one row per method and budget, accuracy columns for every task scored."""
+    fixed = set(BaselineRow.__dataclass_fields__) | {"mean_acc"}
+    tasks = sorted({k for r in rows for k in r if k not in fixed})
+    header = ["method", "kind", "budget", "removed", "params (M)", "speedup (×)", "ideal (×)", "WikiText-2 PPL",
+              *tasks, *(["mean acc"] if tasks else []), "note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        params = r.get("params")
+        cells = [r["method"], r["kind"], _fmt(r.get("budget"), 2), _fmt(r.get("removed"), 3),
+                 _fmt(params / 1e6 if params is not None else None, 2), _fmt(r.get("speedup"), 2),
+                 _fmt(r.get("ideal_speedup"), 2), _fmt(r.get("ppl"), 2),
+                 *(_fmt(r.get(t), 4) for t in tasks), *([_fmt(r.get("mean_acc"), 4)] if tasks else []),
+                 r.get("note", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"

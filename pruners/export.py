@@ -1,0 +1,184 @@
+"""Export a pruned model as an ordinary checkpoint that stock transformers loads.
+
+The engine prunes with prefix views of reordered weights; other tools need real, smaller
+matrices and a config that says so. The export copies the kept prefix of every projection
+into a fresh model of the same class whose config has the new ``num_hidden_layers``,
+``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` and an explicit
+``head_dim`` (hidden / heads no longer equals it once heads are removed), then writes it with
+``save_pretrained`` together with the tokenizer and ``pruning.json`` (what was removed)::
+
+    AutoModelForCausalLM.from_pretrained(out_dir)   # no project code needed
+
+Stock LLaMA configs have one head count and one FFN width for all layers, so a plan whose
+kept sizes differ between layers (attention_heads at most intensities: whole KV groups are
+removed from the least important layers first) is refused with the intensities that give
+uniform shapes. Tied embeddings stay tied; dropped layers are left out and the rest renumbered.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+
+from pruners.param_budget import count_parameters
+from pruners import PruningAction, PruningEngine
+from pruners.slicing import ROWS
+
+log = logging.getLogger(__name__)
+
+FORMAT = "adaptive-pruning-export"
+FORMAT_VERSION = 1
+
+
+class ExportError(ValueError):
+    """The action cannot be written as a stock checkpoint; the message names one that can."""
+
+
+def uniform_head_intensities(engine: PruningEngine) -> list[str]:
+    """attention_heads intensities whose plan removes the same KV groups count from every layer."""
+    groups = engine.dims.num_kv_heads
+    labels = []
+    for k in range(1, groups):
+        for digits in (2, 3, 4, 6):
+            action = PruningAction("attention_heads", round(k / groups, digits))
+            if len(set(engine.plan(action).kv_groups_kept)) == 1:
+                labels.append(action.label)
+                break
+    return labels
+
+
+def kept_shapes(engine: PruningEngine, action: PruningAction) -> tuple[int, int, list[int]]:
+    """(KV groups per layer, FFN channels per layer, kept source layers), or ExportError."""
+    if action.target == "kv_cache":
+        raise ExportError(f"{action.label} prunes the KV cache while generating and removes no weights: "
+                          "there is nothing to export (use attention_heads, ffn_neurons or transformer_layers)")
+    plan, dims = engine.plan(action), engine.dims
+    groups = set(plan.kv_groups_kept or (dims.num_kv_heads,))
+    if len(groups) > 1:
+        raise ExportError(
+            f"{action.label} keeps {sorted(groups)} KV groups depending on the layer, but a stock "
+            f"{type(engine.model.config).__name__} has one head count for all layers: export one of "
+            f"{', '.join(uniform_head_intensities(engine))} instead (the same KV groups removed from every layer)")
+    ffn = set(plan.ffn_kept or (dims.intermediate,))
+    if len(ffn) > 1:
+        raise ExportError(f"{action.label} keeps a different FFN width per layer; a stock config has one "
+                          "intermediate_size")
+    layers = list(plan.layers_kept) if plan.layers_kept is not None else list(range(dims.num_layers))
+    return groups.pop(), ffn.pop(), layers
+
+
+def _layer_prefix(model: torch.nn.Module) -> str:
+    layers = model.model.layers
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+def pruned_model(engine: PruningEngine, action: PruningAction) -> torch.nn.Module:
+    """A new model of the source's class holding copies of the kept weights (engine must be dense)."""
+    groups, ffn, layers = kept_shapes(engine, action)
+    src, dims = engine.model, engine.dims
+    updates = dict(num_hidden_layers=len(layers), num_attention_heads=groups * dims.group_size,
+                   num_key_value_heads=groups, intermediate_size=ffn, head_dim=dims.head_dim)
+    if getattr(src.config, "layer_types", None) is not None:
+        updates["layer_types"] = [src.config.layer_types[i] for i in layers]
+    config = type(src.config).from_dict({**src.config.to_dict(), **updates})
+
+    state = src.state_dict()
+    prefix = _layer_prefix(src)
+    for i, cut in engine.cuts(action):
+        for suffix, dim in (("weight", cut.dim), ("bias", 0)):
+            key = f"{prefix}.{i}.{cut.path}.{suffix}"
+            if key in state and (suffix == "weight" or cut.dim == ROWS):
+                state[key] = state[key].narrow(dim, 0, cut.keep)
+    new_index = {old: new for new, old in enumerate(layers)}
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith(prefix + "."):
+            index, rest = key[len(prefix) + 1:].split(".", 1)
+            if int(index) not in new_index:
+                continue
+            key = f"{prefix}.{new_index[int(index)]}.{rest}"
+        renamed[key] = value
+
+    model = type(src)(config).to(dtype=src.dtype)
+    model.load_state_dict(renamed, strict=True)
+    model.generation_config = copy.deepcopy(src.generation_config)
+    return model.eval()
+
+
+def export_pruned(loaded, engine: PruningEngine, action: PruningAction, out_dir: str | Path,
+                  method: str | None = None, budget: float | None = None) -> Path:
+    """Write the model pruned by ``action`` to ``out_dir`` (save_pretrained + tokenizer + pruning.json).
+
+    ``engine`` is the one built on ``loaded.model`` (its importance order decides what is kept);
+    its current action is restored around the export. ``method``/``budget`` are recorded when
+    the action came from a baseline.
+    """
+    out = Path(out_dir)
+    groups, ffn, layers = kept_shapes(engine, action)
+    current = engine.current_action
+    engine.restore()
+    try:
+        before = count_parameters(engine.model)
+        model = pruned_model(engine, action)
+    finally:
+        engine.apply(current)
+    after = count_parameters(model)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    dims = engine.dims
+    record = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "source_model": loaded.name, "source": loaded.source,
+        "action": action.label, "target": action.target, "intensity": action.intensity,
+        "effective_intensity": engine.effective_intensity(action),
+        "method": method, "budget": budget, "importance": engine.scores.criterion,
+        "kept_units": "the most important units of each layer by `importance`: the source weights were permuted "
+                      "by importance before slicing, so exported head / channel i is the i-th most important",
+        "parameters": {"before": before.total, "after": after.total,
+                       "non_embedding_before": before.non_embedding, "non_embedding_after": after.non_embedding,
+                       "non_embedding_removed": 1 - after.non_embedding / before.non_embedding},
+        "shapes": {
+            "before": {"num_hidden_layers": dims.num_layers, "num_attention_heads": dims.num_heads,
+                       "num_key_value_heads": dims.num_kv_heads, "intermediate_size": dims.intermediate,
+                       "head_dim": dims.head_dim},
+            "after": {"num_hidden_layers": len(layers), "num_attention_heads": groups * dims.group_size,
+                      "num_key_value_heads": groups, "intermediate_size": ffn, "head_dim": dims.head_dim},
+        },
+        "layers_kept": layers,
+        "layers_removed": [i for i in range(dims.num_layers) if i not in layers],
+        "per_layer": [{"layer": new, "source_layer": old, "kv_heads_kept": groups,
+                       "query_heads_kept": groups * dims.group_size, "ffn_channels_kept": ffn}
+                      for new, old in enumerate(layers)],
+        "transformers_version": transformers.__version__,
+    }
+    record["reload_check"] = reload_check(loaded, engine, action, out)
+    (out / "pruning.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    log.info("exported %s (%s) to %s: %d -> %d parameters; stock from_pretrained reload: max |logit diff| %.2e",
+             loaded.name, action.label, out, before.total, after.total, record["reload_check"]["max_abs_logit_diff"])
+    return out
+
+
+def reload_check(loaded, engine: PruningEngine, action: PruningAction, out: Path, tokens: int = 32) -> dict:
+    """Reload ``out`` with stock transformers and compare its logits with the engine's pruned model.
+
+    Recorded in pruning.json so every export carries its own evidence that the file on disk is the
+    model the engine measured (not only the unit tests' tiny models).
+    """
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    device = next(loaded.model.parameters()).device
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=loaded.model.dtype).to(device).eval()
+    current = engine.current_action
+    with torch.inference_mode():
+        try:
+            with engine.pruned(action):       # apply() restores whatever was applied first
+                expected = loaded.model(input_ids=ids.to(device)).logits.float()
+        finally:
+            engine.apply(current)
+        got = reloaded(input_ids=ids.to(device)).logits.float()
+    return {"max_abs_logit_diff": float((got - expected).abs().max()), "tokens": tokens,
+            "parameters_reloaded": sum(t.numel() for t in reloaded.parameters())}

@@ -1,0 +1,92 @@
+"""First-order Taylor importance (LLM-Pruner style) in the engine's ImportanceScores format.
+
+Removing a weight w changes the loss by about |w * dL/dw| (first-order Taylor expansion), so a
+unit's importance is that salience summed over every weight the unit owns, with dL/dw summed
+over a calibration set (language-modelling loss, one sequence at a time):
+
+- FFN channel j: row j of gate_proj and up_proj, column j of down_proj;
+- KV group g: the rows of its KV head in k_proj/v_proj, the rows of its query heads in q_proj
+  and the matching columns of o_proj (a whole group, so GQA shapes stay valid);
+- layer: every projection weight of the block.
+
+Scores are cached on disk with the engine's own cache key (model config, weight fingerprint,
+calibration), so a repeated sweep does not pay the backward passes again.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import offline
+from pruners import ImportanceScores, ModelDims
+from pruners.importance import tokenize_calibration
+from pruners.model_info import decoder_layers
+from pruners.score_cache import cache_key, load_or_compute
+
+log = logging.getLogger(__name__)
+
+CRITERION = "taylor"
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _salience(layer: nn.Module, path: str) -> torch.Tensor:
+    weight = layer.get_submodule(path).weight
+    return (weight.detach() * weight.grad).abs().double().cpu()
+
+
+def _row_blocks(values: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Sum of consecutive equal blocks of a per-row vector: [rows] -> [n_blocks]."""
+    return values.reshape(n_blocks, -1).sum(dim=1)
+
+
+def _unit_scores(model: nn.Module, dims: ModelDims) -> ImportanceScores:
+    ffn, groups, layer_scores = [], [], []
+    for layer in decoder_layers(model):
+        s = {path: _salience(layer, path) for path in PROJECTIONS}
+        ffn.append(s["mlp.gate_proj"].sum(1) + s["mlp.up_proj"].sum(1) + s["mlp.down_proj"].sum(0))
+        per_group = sum(_row_blocks(s[p].sum(1), dims.num_kv_heads)
+                        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+        groups.append(per_group + _row_blocks(s["self_attn.o_proj"].sum(0), dims.num_kv_heads))
+        layer_scores.append(sum(v.sum() for v in s.values()))
+    return ImportanceScores(CRITERION, torch.stack(ffn).float(), torch.stack(groups).float(),
+                            torch.stack(layer_scores).float(), CRITERION)
+
+
+def compute_taylor_scores(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> ImportanceScores:
+    """Accumulate dL/dW over the calibration sequences, then score units (gradients are freed)."""
+    if not calibration_ids:
+        raise ValueError("Taylor importance needs calibration prompts")
+    dims = ModelDims.from_model(model)
+    weights = [layer.get_submodule(p).weight for layer in decoder_layers(model) for p in PROJECTIONS]
+    flags = [w.requires_grad for w in weights]
+    device = weights[0].device
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for w in weights:
+                w.requires_grad_(True)
+                w.grad = None
+            for ids in calibration_ids:
+                ids = ids.to(device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            scores = _unit_scores(model, dims)
+    finally:
+        for w, flag in zip(weights, flags):
+            w.grad = None
+            w.requires_grad_(flag)
+    log.info("taylor importance from %d calibration tokens", sum(ids.numel() for ids in calibration_ids))
+    return scores
+
+
+def taylor_scores(model: nn.Module, tokenizer, calibration: Sequence[str], max_tokens: int = 256,
+                  cache_dir: Path | None = None) -> ImportanceScores:
+    """Taylor scores of ``model`` in its current unit order, from the disk cache when present."""
+    cache_dir = offline.cache_dir() / "importance" if cache_dir is None else Path(cache_dir)
+    path = cache_dir / f"{CRITERION}-{cache_key(model, CRITERION, list(calibration), max_tokens)}.pt"
+    scores, _ = load_or_compute(
+        path, lambda: compute_taylor_scores(model, tokenize_calibration(list(calibration), tokenizer, max_tokens)))
+    return scores

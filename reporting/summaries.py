@@ -1,0 +1,470 @@
+"""Every summary number of a report, computed from the raw records of metrics.json.
+
+Pure functions (records in, plain JSON-able dicts out) so that report.md, the console summary
+and the stored ``summary`` block cannot disagree: all three are built from these dicts, and a
+report regenerated from metrics.json alone gives the same numbers.
+
+Conventions: speedup = dense time / pruned time (higher is better); ppl_ratio = pruned / dense
+teacher-forced PPL (lower is better); an interval is a percentile bootstrap 95% CI of the mean
+over prompts, seeded, so it is reproducible. Paired comparisons (regret, policy - best static)
+bootstrap the per-prompt differences, which resamples prompts jointly for both arms.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from controller.records import to_jsonable
+
+METRICS = ("reward", "speedup", "ppl_ratio", "kl")
+BUCKETS = ("low", "mid", "high")
+ALL = "all"
+DENSE = "none"
+N_BOOT = 2000
+
+
+# --------------------------------------------------------------------------- statistics
+
+def bootstrap_ci(values: Iterable[float | None], seed: int = 0, n: int = N_BOOT,
+                 level: float = 0.95) -> dict:
+    """Mean with a percentile-bootstrap CI; non-finite and missing values are left out.
+
+    Returns {"mean", "lo", "hi", "n"}; all None when no value is usable, lo == hi == mean for
+    one value (a single observation has no spread to resample).
+    """
+    finite = _finite(values)
+    if finite.size == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = float(finite.mean())
+    if finite.size == 1:
+        return {"mean": mean, "lo": mean, "hi": mean, "n": 1}
+    means = _resample_counts(finite.size, seed, n) @ finite / finite.size
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    # Percentiles of a float mean can miss the sample mean by rounding when all values are equal.
+    return {"mean": mean, "lo": float(min(lo, mean)), "hi": float(max(hi, mean)), "n": int(finite.size)}
+
+
+@functools.lru_cache(maxsize=32)
+def _resample_counts(size: int, seed: int, n: int) -> np.ndarray:
+    """(n, size) matrix: how often each observation appears in each bootstrap resample.
+
+    Memoised (read-only) because a test summary asks for ~300 CIs over the same prompt count;
+    reuse also makes every metric of a group share its resamples (common random numbers).
+    """
+    idx = np.random.default_rng(seed).integers(0, size, size=(n, size))
+    flat = (idx + size * np.arange(n)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=n * size).reshape(n, size).astype(float)
+    counts.setflags(write=False)
+    return counts
+
+
+def paired_diff_ci(a: Sequence[float | None], b: Sequence[float | None], seed: int = 0,
+                   n: int = N_BOOT) -> dict:
+    """CI of mean(a - b) over pairs where both sides are finite (paired bootstrap over prompts)."""
+    diffs = [x - y for x, y in zip(a, b) if _is_finite(x) and _is_finite(y)]
+    return bootstrap_ci(diffs, seed=seed, n=n)
+
+
+def mean_or_none(values: Iterable[float | None]) -> float | None:
+    finite = _finite(values)
+    return float(finite.mean()) if finite.size else None
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` points, same length as the input (no lag trimming)."""
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return []
+    cumsum = np.concatenate([[0.0], np.cumsum(arr)])
+    idx = np.arange(1, arr.size + 1)
+    start = np.maximum(0, idx - max(1, window))
+    return ((cumsum[idx] - cumsum[start]) / (idx - start)).tolist()
+
+
+def default_window(n: int) -> int:
+    """About 15 windows over a run, never fewer than 5 points each (or the whole run)."""
+    return max(1, min(n, max(5, n // 15)))
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """Labels of the non-dominated points for (speedup up, ppl_ratio down), by rising speedup."""
+    usable = {k: p for k, p in points.items() if _is_finite(p[0]) and _is_finite(p[1])}
+    front = [k for k, p in usable.items() if not any(_dominates(q, p) for q in usable.values())]
+    return sorted(front, key=lambda k: (usable[k][0], usable[k][1], k))
+
+
+def dominated_by(point: tuple[float, float], points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """Labels of the points that are at least as good on both axes and better on one."""
+    if not (_is_finite(point[0]) and _is_finite(point[1])):
+        return []
+    return sorted(k for k, q in points.items() if _is_finite(q[0]) and _is_finite(q[1]) and _dominates(q, point))
+
+
+def _dominates(q: tuple[float, float], p: tuple[float, float]) -> bool:
+    return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
+
+
+def _is_finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _finite(values: Iterable[float | None]) -> np.ndarray:
+    return np.asarray([v for v in values if _is_finite(v)], dtype=float)
+
+
+# --------------------------------------------------------------------------- action labels
+
+def action_target(label: str) -> str:
+    """'ffn_neurons:0.5' -> 'ffn_neurons'; tolerant of labels from other action spaces."""
+    return label.partition(":")[0] if label not in ("none", "dense") else "none"
+
+
+def action_intensity(label: str) -> float:
+    """'ffn_neurons:0.5' -> 0.5; 'none' (and anything unparsable) -> 0.0."""
+    _, sep, value = label.partition(":")
+    try:
+        return float(value) if sep else 0.0
+    except ValueError:
+        return 0.0
+
+
+def order_actions(labels: Iterable[str], action_space: Sequence[str] | None = None) -> list[str]:
+    """Action-space order first (index order of the DQN), then any others sorted."""
+    seen = set(labels)
+    ordered = [a for a in (action_space or []) if a in seen]
+    return ordered + sorted(seen - set(ordered))
+
+
+# --------------------------------------------------------------------------- complexity buckets
+
+def complexity_edges(values: Sequence[float]) -> list[float]:
+    """Tertile edges of the observed complexity, so each bucket holds about a third of prompts."""
+    finite = _finite(values)
+    if finite.size == 0:
+        return []
+    return [float(x) for x in np.quantile(finite, [1 / 3, 2 / 3])]
+
+
+def complexity_bucket(value: float, edges: Sequence[float]) -> str:
+    """low: <= first edge, mid: <= second edge, high: above."""
+    if not edges or not _is_finite(value):
+        return BUCKETS[1]
+    return BUCKETS[int(np.searchsorted(np.asarray(edges), value, side="left"))]
+
+
+def _count(actions: Iterable[str], order: Sequence[str]) -> dict[str, int]:
+    """{action: count} in ``order``, zero counts left out."""
+    c = Counter(actions)
+    return {a: int(c[a]) for a in order if c[a]}
+
+
+def _counts_by(keys: Sequence[str], actions: Sequence[str], order: Sequence[str]) -> dict:
+    """{key: {action: count}} with keys in first-seen order and actions in ``order``."""
+    grouped: dict[str, list[str]] = {}
+    for key, action in zip(keys, actions):
+        grouped.setdefault(key, []).append(action)
+    return {k: _count(v, order) for k, v in grouped.items()}
+
+
+def _bucket_counts(complexities: Sequence[float], actions: Sequence[str], edges: Sequence[float],
+                   order: Sequence[str]) -> dict:
+    counts = _counts_by([complexity_bucket(c, edges) for c in complexities], actions, order)
+    return {b: counts[b] for b in BUCKETS if b in counts}
+
+
+# --------------------------------------------------------------------------- training
+
+def per_episode_series(episodes: Sequence) -> dict:
+    """Per-episode mean reward, last epsilon and mean loss (several records per multi-step episode)."""
+    rows = to_jsonable(list(episodes))
+    by_ep: dict[int, list[dict]] = {}
+    for r in rows:
+        by_ep.setdefault(int(r["episode"]), []).append(r)
+    eps = sorted(by_ep)
+    return {
+        "episode": eps,
+        "reward": [mean_or_none(_reward(r) for r in by_ep[e]) for e in eps],
+        "epsilon": [by_ep[e][-1].get("epsilon") for e in eps],
+        "loss": [mean_or_none(r.get("loss") for r in by_ep[e]) for e in eps],
+    }
+
+
+def windowed_action_shares(episodes: Sequence, action_space: Sequence[str] | None = None,
+                           window: int | None = None) -> dict:
+    """Share of each action in consecutive windows of decisions (what the action-usage plot stacks)."""
+    rows = to_jsonable(list(episodes))
+    labels = [_episode_action(r, action_space) for r in rows]
+    order = order_actions(labels, action_space)
+    window = window or default_window(len(labels))
+    starts = list(range(0, len(labels), window))
+    shares = {a: [] for a in order}
+    for s in starts:
+        chunk = Counter(labels[s:s + window])
+        total = sum(chunk.values())
+        for a in order:
+            shares[a].append(chunk[a] / total)
+    return {"window": window,
+            "start": [rows[s]["episode"] for s in starts],
+            "end": [rows[min(s + window, len(rows)) - 1]["episode"] for s in starts],
+            "shares": shares}
+
+
+def summarize_train(episodes: Sequence, action_space: Sequence[str] | None = None, seed: int = 0) -> dict:
+    """Headline and per-action figures of a training run (failed episodes counted, not averaged)."""
+    rows = to_jsonable(list(episodes))
+    ok = [r for r in rows if r.get("outcome")]
+    labels = [_episode_action(r, action_space) for r in rows]
+    order = order_actions(labels, action_space)
+    window = max(1, len(ok) // 5)
+    rewards = [_reward(r) for r in ok]
+    greedy = [(r, a) for r, a in zip(rows, labels) if not r.get("explored")]
+    edges = complexity_edges([r["complexity"] for r in rows])
+    losses = [r.get("loss") for r in rows if _is_finite(r.get("loss"))]
+    return {
+        "n_episodes": len({r["episode"] for r in rows}),
+        "n_decisions": len(rows),
+        "n_failed": sum(1 for r in rows if r.get("failed") or not r.get("outcome")),
+        "n_explored": sum(1 for r in rows if r.get("explored")),
+        "reward": bootstrap_ci(rewards, seed=seed),
+        "reward_first": mean_or_none(rewards[:window]),
+        "reward_last": mean_or_none(rewards[-window:]),
+        "window": window,
+        "final_epsilon": rows[-1].get("epsilon") if rows else None,
+        "loss_last": mean_or_none(losses[-window:]),
+        "per_action": _train_per_action(rows, labels, order),
+        "greedy_by_scenario": _counts_by([r["scenario"] for r, _ in greedy], [a for _, a in greedy], order),
+        "complexity_edges": edges,
+        "greedy_by_complexity": _bucket_counts([r["complexity"] for r, _ in greedy], [a for _, a in greedy],
+                                               edges, order),
+        "overhead": _overhead([r.get("controller_s") for r in ok], [r["outcome"] for r in ok]),
+    }
+
+
+def _train_per_action(rows: list[dict], labels: list[str], order: list[str]) -> dict:
+    out = {}
+    for a in order:
+        mine = [r for r, lab in zip(rows, labels) if lab == a]
+        outcomes = [r["outcome"] for r in mine if r.get("outcome")]
+        out[a] = {
+            "count": len(mine),
+            "share": len(mine) / len(rows),
+            "explored": sum(1 for r in mine if r.get("explored")),
+            **{f"mean_{m}": mean_or_none(o.get(m) for o in outcomes) for m in METRICS},
+            **_timing(outcomes),
+        }
+    return out
+
+
+def _timing(outcomes: Sequence[dict]) -> dict:
+    """Mean seconds of the generation parts, for the latency-breakdown table and plot."""
+    return {k: mean_or_none(o.get(k) for o in outcomes) for k in ("prefill_s", "decode_s", "latency_s")}
+
+
+def _episode_action(row: dict, action_space: Sequence[str] | None) -> str:
+    if row.get("outcome"):
+        return row["outcome"]["action"]
+    idx = row.get("action_index")
+    if action_space and isinstance(idx, int) and 0 <= idx < len(action_space):
+        return action_space[idx]
+    return f"#{idx}"
+
+
+def _reward(row: dict) -> float | None:
+    return row["outcome"]["reward"] if row.get("outcome") else None
+
+
+def _overhead(controller: Sequence[float | None], outcomes: Sequence[dict]) -> dict:
+    """Mean seconds per decision: controller vs the generation it decides for."""
+    out = {"controller_s": mean_or_none(controller), **_timing(outcomes)}
+    model_s = out["latency_s"] if out["latency_s"] is not None else _sum_or_none(out["prefill_s"], out["decode_s"])
+    total = _sum_or_none(out["controller_s"], model_s)
+    out["controller_share"] = out["controller_s"] / total if total and out["controller_s"] is not None else None
+    return out
+
+
+def _sum_or_none(*xs: float | None) -> float | None:
+    return sum(xs) if all(x is not None for x in xs) else None
+
+
+# --------------------------------------------------------------------------- test
+
+def summarize_test(prompts: Sequence, ablations: Mapping | None = None, action_space: Sequence[str] | None = None,
+                   seed: int = 0) -> dict:
+    """Policy vs every static action, dense, random and oracle, per scenario and over all prompts."""
+    rows = to_jsonable(list(prompts))
+    scenarios = sorted({r["scenario"] for r in rows})
+    groups = scenarios + ([ALL] if len(scenarios) > 1 else [])
+    edges = complexity_edges([r["complexity"] for r in rows])
+    order = order_actions({a for r in rows for a in r["static"]} | {r["policy_action"] for r in rows}, action_space)
+    by_scenario = {g: _test_group([r for r in rows if g == ALL or r["scenario"] == g], edges, order, seed)
+                   for g in groups}
+    return {
+        "n_prompts": len(rows),
+        "scenarios": scenarios,
+        "groups": groups,
+        "actions": order,
+        "complexity_edges": edges,
+        "by_scenario": by_scenario,
+        "ablations": summarize_ablations(ablations or {}, rows, order, seed),
+    }
+
+
+def _test_group(rows: list[dict], edges: list[float], order: list[str], seed: int) -> dict:
+    statics = [a for a in order if any(a in r["static"] for r in rows)]
+    static = {a: _static_summary([r["static"].get(a) for r in rows], seed) for a in statics}
+    best = max((a for a in statics if static[a]["reward"]["mean"] is not None),
+               key=lambda a: (static[a]["reward"]["mean"], a == DENSE), default=None)
+    policy_r = [r["policy"]["reward"] for r in rows]
+    oracle_r = [r["oracle_reward"] for r in rows]
+    random_r = [_random_metric(r, "reward") for r in rows]
+    chosen = [r["policy_action"] for r in rows]
+    policy = _metric_cis([r["policy"] for r in rows], seed)
+    return {
+        "n": len(rows),
+        "policy": policy,
+        "static": static,
+        "best_static": best,
+        "oracle": {"reward": bootstrap_ci(oracle_r, seed=seed),
+                   **{m: bootstrap_ci([_oracle_metric(r, m) for r in rows], seed=seed) for m in METRICS[1:]}},
+        "random": {m: bootstrap_ci([_random_metric(r, m) for r in rows], seed=seed) for m in METRICS},
+        "regret": paired_diff_ci(oracle_r, policy_r, seed=seed),
+        "vs_best_static": paired_diff_ci(policy_r, [_static_metric(r, best, "reward") for r in rows], seed=seed),
+        "vs_random": paired_diff_ci(policy_r, random_r, seed=seed),
+        "vs_dense": paired_diff_ci(policy_r, [_static_metric(r, DENSE, "reward") for r in rows], seed=seed),
+        "policy_actions": _count(chosen, order),
+        "oracle_actions": _count((r["oracle_action"] for r in rows), order),
+        "oracle_agreement": sum(r["policy_action"] == r["oracle_action"] for r in rows) / len(rows) if rows else None,
+        "aggressiveness": bootstrap_ci([action_intensity(a) for a in chosen], seed=seed),
+        "by_complexity": _bucket_counts([r["complexity"] for r in rows], chosen, edges, order),
+        "pareto": _pareto_summary(static, policy),
+        "overhead": _overhead([r.get("controller_s") for r in rows], [r["policy"] for r in rows]),
+    }
+
+
+def _static_summary(outcomes: Sequence[dict | None], seed: int) -> dict:
+    return {**_metric_cis(outcomes, seed), "timing": _timing([o for o in outcomes if o])}
+
+
+def _metric_cis(outcomes: Sequence[dict | None], seed: int) -> dict:
+    return {m: bootstrap_ci([o.get(m) if o else None for o in outcomes], seed=seed) for m in METRICS}
+
+
+def _static_metric(row: dict, action: str | None, metric: str) -> float | None:
+    outcome = row["static"].get(action) if action else None
+    return outcome.get(metric) if outcome else None
+
+
+def _oracle_metric(row: dict, metric: str) -> float | None:
+    return _static_metric(row, row["oracle_action"], metric)
+
+
+def _random_metric(row: dict, metric: str) -> float | None:
+    """Expected value of a uniformly random action on this prompt: the mean over its static actions."""
+    return mean_or_none(o.get(metric) for o in row["static"].values())
+
+
+def _pareto_summary(static: Mapping[str, dict], policy: dict) -> dict:
+    points = {a: (s["speedup"]["mean"], s["ppl_ratio"]["mean"]) for a, s in static.items()
+              if s["speedup"]["mean"] is not None and s["ppl_ratio"]["mean"] is not None}
+    policy_point = (policy["speedup"]["mean"], policy["ppl_ratio"]["mean"])
+    if None in policy_point:
+        return {"front": pareto_front(points), "policy_dominated_by": [], "policy_on_front": None}
+    beaten = dominated_by(policy_point, points)
+    return {"front": pareto_front(points), "policy_dominated_by": beaten, "policy_on_front": not beaten}
+
+
+def summarize_ablations(ablations: Mapping, main_rows: Sequence[dict], order: Sequence[str], seed: int = 0) -> dict:
+    """Each ablation's policy figures per scenario and its paired difference to the main policy.
+
+    An ablation given as a list of PromptResults is summarised here; one given as a dict is a
+    summary already computed by the producer and is carried over under "reported".
+    """
+    main = {(r["prompt_id"], r["scenario"]): r["policy"]["reward"] for r in main_rows}
+    out = {}
+    for name, value in sorted(ablations.items()):
+        if isinstance(value, Mapping):
+            out[name] = {"reported": to_jsonable(dict(value))}
+            continue
+        rows = to_jsonable(list(value))
+        scenarios = sorted({r["scenario"] for r in rows})
+        groups = scenarios + ([ALL] if len(scenarios) > 1 else [])
+        out[name] = {g: _ablation_group([r for r in rows if g == ALL or r["scenario"] == g], main, order, seed)
+                     for g in groups}
+    return out
+
+
+def _ablation_group(rows: list[dict], main: Mapping, order: Sequence[str], seed: int) -> dict:
+    paired = [(r["policy"]["reward"], main.get((r["prompt_id"], r["scenario"]))) for r in rows]
+    chosen = [r["policy_action"] for r in rows]
+    return {
+        "n": len(rows),
+        "policy": _metric_cis([r["policy"] for r in rows], seed),
+        "vs_policy": paired_diff_ci([a for a, _ in paired], [b for _, b in paired], seed=seed),
+        "aggressiveness": bootstrap_ci([action_intensity(a) for a in chosen], seed=seed),
+        "actions": _count(chosen, order),
+    }
+
+
+# --------------------------------------------------------------------------- evaluation and baselines
+
+def summarize_eval(evaluation: Mapping) -> dict:
+    """Per model: PPL, PPL ratio to the dense model, accuracy per task and its mean, speed."""
+    models = evaluation.get("models", {}) or {}
+    tasks = sorted({t for m in models.values() for t in (m.get("tasks") or {})})
+    dense_ppl = _dense_ppl(models)
+    out = {}
+    for label, m in models.items():
+        wikitext = m.get("wikitext") or {}
+        task_rows = {t: dict((m.get("tasks") or {}).get(t) or {}) for t in tasks}
+        accs = [row.get("acc") for row in task_rows.values()]
+        out[label] = {
+            "ppl": wikitext.get("ppl"),
+            "ppl_ratio": wikitext["ppl"] / dense_ppl if _is_finite(wikitext.get("ppl")) and dense_ppl else None,
+            "tokens": wikitext.get("tokens_scored"),
+            "protocol": dict(wikitext.get("protocol") or {}),
+            "tasks": task_rows,
+            # Over the same task set only: a model missing a task gets no mean rather than a biased one.
+            "mean_acc": mean_or_none(accs) if accs and all(_is_finite(a) for a in accs) else None,
+            "speed": dict(m.get("speed") or {}),
+            "actions": dict(m.get("actions") or {}),
+        }
+    return {"models": out, "tasks": tasks}
+
+
+def _dense_ppl(models: Mapping) -> float | None:
+    dense = models.get("dense") or models.get(DENSE) or {}
+    ppl = (dense.get("wikitext") or {}).get("ppl")
+    return ppl if _is_finite(ppl) and ppl > 0 else None
+
+
+def baseline_label(row: Mapping) -> str:
+    budget = row.get("budget")
+    return f"{row.get('method', '?')}@{budget:g}" if _is_finite(budget) else str(row.get("method", "?"))
+
+
+def summarize_baselines(rows: Sequence[Mapping]) -> dict:
+    """Pareto front of the static baselines on (speedup, PPL); the rows themselves stay in metrics."""
+    points = {baseline_label(r): (r.get("speedup"), r.get("ppl")) for r in rows}
+    return {"n": len(rows), "front": pareto_front(points)}
+
+
+# --------------------------------------------------------------------------- whole file
+
+def summarize(metrics: Mapping, seed: int = 0) -> dict:
+    """Summary block for whatever records metrics.json holds (train, test, evaluation, baselines)."""
+    action_space = metrics.get("action_space") or None
+    out = {}
+    if metrics.get("episodes"):
+        out["train"] = summarize_train(metrics["episodes"], action_space, seed=seed)
+    if metrics.get("prompts"):
+        out["test"] = summarize_test(metrics["prompts"], metrics.get("ablations"), action_space, seed=seed)
+    if (metrics.get("evaluation") or {}).get("models"):
+        out["evaluation"] = summarize_eval(metrics["evaluation"])
+    if metrics.get("baselines"):
+        out["baselines"] = summarize_baselines(metrics["baselines"])
+    return out
