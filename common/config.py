@@ -1,15 +1,74 @@
-"""Every option of a run in one place; the CLI fills it, checkpoints and reports store it."""
+"""Every option of a run, one dataclass per concern; the CLI fills them, checkpoints and reports store them.
+
+Why one torch-free module: `adaptive_pruning.py --help` builds its flag defaults from these
+dataclasses, so each default is stated exactly once and the help answers without importing
+torch, transformers or lm-eval. The packages that use a config import it from here.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from controller.environment import EnvConfig
-from controller.reward import RewardConfig
-from controller.dqn import DQNConfig
+DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
+
+
+@dataclass
+class EnvConfig:
+    """How one episode is generated and timed (controller.environment)."""
+    max_new_tokens: int = 50
+    timing: str = "table"              # "table": calibrated latency table; "interleaved": A B A B per episode
+    load_timing: str = "scaled"        # loaded scenarios: "scaled" (idle table x measured dense slowdown) | "measured"
+    calibration_tokens: int = 16       # new tokens per calibration timing
+    calibration_repeats: int = 2       # interleaved (dense, pruned) pairs per table entry
+    long_prompt_tokens: int = 512      # prompts this long use the "long" row of the table
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RewardConfig:
+    """Speed gained against quality lost (controller.reward)."""
+    alpha: float = 1.0            # weight on log(speedup)
+    beta: float = 1.0             # weight on log(PPL ratio pruned/dense)
+    kl_weight: float = 0.0        # weight on mean token KL(dense || pruned), nats
+    energy_weight: float = 0.0    # weight on log(energy ratio dense/pruned) where energy is measured
+    latency_budget: float | None = 1.1   # budget = this x idle dense latency of the prompt's bucket; None = off
+    budget_weight: float = 1.0    # penalty per unit of relative budget overrun
+    battery_tightening: float = 0.8  # budget multiplier when running on battery
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DQNConfig:
+    """Double DQN hyper-parameters (controller.dqn), CleanRL style."""
+    hidden_sizes: tuple[int, ...] = (128, 128)
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-2         # L2 on the Q-network: with ~160 prompts it otherwise memorises them
+                                       # (held-out reward MSE 0.94 -> 0.60, bench/q_generalization.py)
+    gamma: float = 0.0                 # discount: 0 for one decision per prompt
+    buffer_size: int = 10_000
+    batch_size: int = 32
+    learning_starts: int = 16          # transitions stored before the first gradient step
+    train_frequency: int = 1           # gradient steps every N transitions
+    gradient_steps: int = 4            # gradient steps each time we train
+    target_update: str = "soft"        # "soft" (Polyak, tau) or "hard" (copy every N steps)
+    tau: float = 0.05
+    target_update_interval: int = 50
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.05
+    exploration_fraction: float = 0.5  # share of episodes over which epsilon decays linearly
+    max_grad_norm: float = 10.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
 class RunConfig:
+    """A train/test run (and the model/engine settings every mode shares)."""
     mode: str = "train"
     model: str = "auto"
     device: str = "auto"
@@ -44,3 +103,54 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Every evaluation option (evaluation.suite); stored in metrics.json."""
+    wikitext: bool = True                       # score WikiText-2 perplexity
+    wikitext_path: str | None = None            # --wikitext-path; None: Hub when online, else shared data
+    seq_len: int = 2048                         # --eval-seq-len, capped at the model's context
+    stride: int | None = None                   # --eval-stride; None = seq_len (disjoint windows)
+    wikitext_samples: int | None = 200          # --wikitext-samples: first N windows only (None: all)
+    tasks: tuple[str, ...] = DEFAULT_TASKS      # --eval-tasks; empty: no lm-eval
+    task_data: dict[str, str] = field(default_factory=dict)   # --task-data TASK=PATH
+    eval_limit: int | None = None               # --eval-limit: documents per task
+    batch_size: int = 1                         # lm-eval batch size
+    wikitext_batch_size: int = 1                # WikiText windows per forward (logits are B x seq_len x vocab)
+    bootstrap_iters: int = 1000                 # lm-eval bootstrap for non-mean metrics (lambada perplexity)
+    prune_mode: str = "structural"              # engine mode when the caller passes no engine
+    speed_probe: bool = True
+    probe_prompt_tokens: int = 512              # >= the engine's kv_min_tokens, so kv_cache actions apply
+    probe_new_tokens: int = 32
+    probe_repeats: int = 3
+    progress: bool = True
+
+
+def _baseline_eval() -> EvalConfig:
+    return EvalConfig(tasks=(), wikitext_samples=8, speed_probe=False)
+
+
+@dataclass
+class CalibrationConfig:
+    """Data for data-driven importance (and, in baselines/export, the methods' calibration)."""
+    dataset: str = "builtin"            # common.data.load_prompts spec; prompt + reference texts
+    samples: int = 64                   # prompts used at most
+    max_tokens: int = 256               # tokens per calibration text at most
+
+
+@dataclass
+class BaselineConfig:
+    """Every option of a baselines sweep (evaluation.baselines); stored in metrics.json next to the rows."""
+    methods: tuple[str, ...] = ("magnitude", "wanda-sp", "taylor", "shortgpt")
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+    unstructured: tuple[str, ...] = ("magnitude:0.5", "wanda:0.5", "wanda:2:4", "sparsegpt:0.5", "sparsegpt:2:4")
+    policies: tuple[str, ...] = ()             # policy checkpoints, one routed point each
+    policy_importance: str | None = None       # the policies' engine criterion; None: read from the checkpoint
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    speed_prompts: int = 2                     # WikiText slices timed per point
+    speed_prompt_tokens: int = 128
+    speed_new_tokens: int = 32
+    speed_repeats: int = 3                     # interleaved (dense, pruned) pairs per prompt
+    cache_dir: str | None = None               # importance-score cache (default: the project cache)
+    eval: EvalConfig = field(default_factory=_baseline_eval)

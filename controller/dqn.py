@@ -7,37 +7,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class DQNConfig:
-    hidden_sizes: tuple[int, ...] = (128, 128)
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-2         # L2 on the Q-network: with ~160 prompts it otherwise memorises them
-                                       # (held-out reward MSE 0.94 -> 0.60, bench/q_generalization.py)
-    gamma: float = 0.0                 # discount: 0 for one decision per prompt
-    buffer_size: int = 10_000
-    batch_size: int = 32
-    learning_starts: int = 16          # transitions stored before the first gradient step
-    train_frequency: int = 1           # gradient steps every N transitions
-    gradient_steps: int = 4            # gradient steps each time we train
-    target_update: str = "soft"        # "soft" (Polyak, tau) or "hard" (copy every N steps)
-    tau: float = 0.05
-    target_update_interval: int = 50
-    epsilon_start: float = 1.0
-    epsilon_end: float = 0.05
-    exploration_fraction: float = 0.5  # share of episodes over which epsilon decays linearly
-    max_grad_norm: float = 10.0
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from common.config import DQNConfig
 
 
 def linear_epsilon(cfg: DQNConfig, episode: int, total_episodes: int) -> float:

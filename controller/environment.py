@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+
+from common.config import EnvConfig, RewardConfig
+from dataclasses import dataclass
 
 import torch
 
@@ -18,25 +20,13 @@ from controller.latency_table import LatencyTable
 from pruners import NONE, PruningAction, PruningEngine
 from controller.quality import TokenScores, mean_kl, ppl_ratio, score_reference
 from controller.records import Outcome
-from controller.reward import RewardConfig, reward_terms
+from controller.reward import reward_terms
 from controller.telemetry import EnergyMeter
 
 log = logging.getLogger(__name__)
 
 IDLE = "idle"
 MIN_REFERENCE_TOKENS = 8
-
-@dataclass
-class EnvConfig:
-    max_new_tokens: int = 50
-    timing: str = "table"              # "table": calibrated latency table; "interleaved": A B A B per episode
-    load_timing: str = "scaled"        # loaded scenarios: "scaled" (idle table x measured dense slowdown) | "measured"
-    calibration_tokens: int = 16       # new tokens per calibration timing
-    calibration_repeats: int = 2       # interleaved (dense, pruned) pairs per table entry
-    long_prompt_tokens: int = 512      # prompts this long use the "long" row of the table
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

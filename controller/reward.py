@@ -7,21 +7,9 @@ the same action is slower, so a budget that the dense model meets when idle is m
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-
-@dataclass
-class RewardConfig:
-    alpha: float = 1.0            # weight on log(speedup)
-    beta: float = 1.0             # weight on log(PPL ratio pruned/dense)
-    kl_weight: float = 0.0        # weight on mean token KL(dense || pruned), nats
-    energy_weight: float = 0.0    # weight on log(energy ratio dense/pruned) where energy is measured
-    latency_budget: float | None = 1.1   # budget = this x idle dense latency of the prompt's bucket; None = off
-    budget_weight: float = 1.0    # penalty per unit of relative budget overrun
-    battery_tightening: float = 0.8  # budget multiplier when running on battery
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from common.config import RewardConfig
 
 
 @dataclass

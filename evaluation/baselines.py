@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from pruners.param_budget import count_parameters, removed_share
 from common.data import load_prompts
 from evaluation.routes import ModelSpec, Route, RouterFactory, StaticRoute, build_route
-from evaluation.suite import EvalConfig, evaluate_route
+from common.config import BaselineConfig
+from evaluation.suite import evaluate_route
 from controller.generation import generate
 from evaluation.lm_eval_tasks import prepare_tasks
 from pruners import NONE, PruningAction, PruningEngine
@@ -47,38 +48,17 @@ log = logging.getLogger(__name__)
 NO_SPEEDUP = "no speedup on dense kernels (zeros are still multiplied; speedup not timed)"
 
 
-def _default_eval() -> EvalConfig:
-    return EvalConfig(tasks=(), wikitext_samples=8, speed_probe=False)
-
-
-@dataclass
-class BaselineConfig:
-    """Every option of a sweep; stored in metrics.json next to the rows."""
-    methods: tuple[str, ...] = ("magnitude", "wanda-sp", "taylor", "shortgpt")
-    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
-    unstructured: tuple[str, ...] = ("magnitude:0.5", "wanda:0.5", "wanda:2:4", "sparsegpt:0.5", "sparsegpt:2:4")
-    policies: tuple[str, ...] = ()             # policy checkpoints, one routed point each
-    policy_importance: str | None = None       # the policies' engine criterion; None: read from the checkpoint
-    calibration_dataset: str = "builtin"       # data.load_prompts spec; prompt + reference texts
-    calibration_samples: int = 64
-    calibration_max_tokens: int = 256
-    speed_prompts: int = 2                     # WikiText slices timed per point
-    speed_prompt_tokens: int = 128
-    speed_new_tokens: int = 32
-    speed_repeats: int = 3                     # interleaved (dense, pruned) pairs per prompt
-    cache_dir: str | None = None               # importance-score cache (default: the project cache)
-    eval: EvalConfig = field(default_factory=_default_eval)
-
-    def __post_init__(self) -> None:
-        for name in self.methods:
-            get_method(name)
-        for spec in self.unstructured:
-            parse_unstructured(spec)
-        for budget in self.budgets:
-            if not 0.0 < budget < 1.0:
-                raise ValueError(f"budget {budget} must be a share of non-embedding parameters in (0, 1)")
-        if not self.eval.wikitext:
-            raise ValueError("the baselines sweep needs WikiText-2 perplexity (eval.wikitext=True)")
+def validate_config(cfg: BaselineConfig) -> None:
+    """Refuse a sweep that cannot run, before any model time is spent."""
+    for name in cfg.methods:
+        get_method(name)
+    for spec in cfg.unstructured:
+        parse_unstructured(spec)
+    for budget in cfg.budgets:
+        if not 0.0 < budget < 1.0:
+            raise ValueError(f"budget {budget} must be a share of non-embedding parameters in (0, 1)")
+    if not cfg.eval.wikitext:
+        raise ValueError("the baselines sweep needs WikiText-2 perplexity (eval.wikitext=True)")
 
 
 def parse_unstructured(spec: str) -> tuple[str, Sparsity]:
@@ -171,8 +151,8 @@ class _Sweep:
         self.tasks = prepare_tasks(self.eval.tasks, self.eval.task_data) if self.eval.tasks else None
         self.task_manager = self.tasks.task_manager() if self.tasks else None
         self.prompts = speed_prompts(self.corpus, loaded.tokenizer, cfg.speed_prompts, cfg.speed_prompt_tokens)
-        self.calibration = calibration_texts(cfg.calibration_dataset, cfg.calibration_samples)
-        self.calibration_ids = tokenize_calibration(self.calibration, loaded.tokenizer, cfg.calibration_max_tokens)
+        self.calibration = calibration_texts(cfg.calibration.dataset, cfg.calibration.samples)
+        self.calibration_ids = tokenize_calibration(self.calibration, loaded.tokenizer, cfg.calibration.max_tokens)
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
         self.dense_params = count_parameters(loaded.model)
         # Read the policies' checkpoints now, so a wrong path fails before the long sweep, not after it.
@@ -217,7 +197,7 @@ class _Sweep:
         importance = self.policy_importance[checkpoint]
         engine = PruningEngine(self.loaded.model, mode="structural", importance=importance,
                                calibration=self.calibration, tokenizer=self.loaded.tokenizer,
-                               cache_dir=self.cache_dir, calibration_max_tokens=self.cfg.calibration_max_tokens)
+                               cache_dir=self.cache_dir, calibration_max_tokens=self.cfg.calibration.max_tokens)
         route = build_route(ModelSpec("policy", checkpoint=checkpoint), self.loaded, engine, router_factory)
         entry = self.score(route)
         speedup = self.speedup(route.request, engine)
@@ -255,6 +235,7 @@ def run_baselines(loaded, config: BaselineConfig, out_dir: Path | None = None,
     the dense weights, so the model is dense afterwards. ``on_row(rows)`` is called after each
     row (for partial metrics.json writes); ``out_dir`` gets ``baselines.md``.
     """
+    validate_config(config)
     sweep = _Sweep(loaded, config)
     total = 1 + len(config.methods) * len(config.budgets) + len(config.unstructured) + len(config.policies)
     rows: list[dict] = []
@@ -272,7 +253,7 @@ def run_baselines(loaded, config: BaselineConfig, out_dir: Path | None = None,
         add(sweep.dense())
         for name in config.methods:
             bar.set_postfix_str(f"{name}: importance")
-            engine = build_engine(loaded, get_method(name), sweep.calibration, config.calibration_max_tokens,
+            engine = build_engine(loaded, get_method(name), sweep.calibration, config.calibration.max_tokens,
                                   sweep.cache_dir)
             for budget in config.budgets:
                 bar.set_postfix_str(f"{name} @ {budget:g}")

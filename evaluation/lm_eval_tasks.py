@@ -30,7 +30,6 @@ from evaluation.routes import EvaluationError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
 CONVERTER_VERSION = 1   # bump when a converter's output changes, so cached files are rebuilt
 TASK_DATA_FLAG = "--task-data TASK=PATH"
 

@@ -21,38 +21,18 @@ from common import offline  # noqa: F401  (HF offline flags before transformers/
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Sequence
+
+from common.config import EvalConfig
 
 from evaluation.routes import EvaluationError, ModelSpec, Route, RouterFactory, build_route, parse_specs
 from evaluation.speed import ResourceMonitor, probe_speed
 from evaluation.lm_eval_run import evaluate_tasks, lm_eval_version
-from evaluation.lm_eval_tasks import DEFAULT_TASKS, TaskPlan, prepare_tasks
+from evaluation.lm_eval_tasks import TaskPlan, prepare_tasks
 from evaluation.wikitext import CorpusText, compute_perplexity, load_wikitext2_test
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalConfig:
-    """Every evaluation option; the CLI fills it from flags and it is stored in metrics.json."""
-    wikitext: bool = True                       # score WikiText-2 perplexity
-    wikitext_path: str | None = None            # --wikitext-path; None: Hub when online, else shared data
-    seq_len: int = 2048                         # --eval-seq-len, capped at the model's context
-    stride: int | None = None                   # --eval-stride; None = seq_len (disjoint windows)
-    wikitext_samples: int | None = None         # --wikitext-samples: first N windows only
-    tasks: tuple[str, ...] = DEFAULT_TASKS      # --eval-tasks; empty: no lm-eval
-    task_data: dict[str, str] = field(default_factory=dict)   # --task-data TASK=PATH
-    eval_limit: int | None = None               # --eval-limit: documents per task
-    batch_size: int = 1                         # lm-eval batch size
-    wikitext_batch_size: int = 1                # WikiText windows per forward (logits are B x seq_len x vocab)
-    bootstrap_iters: int = 1000                 # lm-eval bootstrap for non-mean metrics (lambada perplexity)
-    prune_mode: str = "structural"              # engine mode when the caller passes no engine
-    speed_probe: bool = True
-    probe_prompt_tokens: int = 512              # >= the engine's kv_min_tokens, so kv_cache actions apply
-    probe_new_tokens: int = 32
-    probe_repeats: int = 3
-    progress: bool = True
 
 
 def run_evaluation(loaded, specs: str | Sequence[str] | Sequence[ModelSpec], config: EvalConfig,

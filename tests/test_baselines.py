@@ -13,9 +13,9 @@ import torch
 
 from reporting import summaries
 from controller.checkpointing import CheckpointError
-from evaluation.baselines import BaselineConfig, format_table, parse_unstructured, run_baselines
+from common.config import BaselineConfig, CalibrationConfig, EvalConfig
+from evaluation.baselines import format_table, parse_unstructured, run_baselines, validate_config
 from pruners.param_budget import count_parameters, match_budget
-from evaluation.suite import EvalConfig
 from pruners import NONE, PruningAction
 from pruners.importance import DEFAULT_CALIBRATION, tokenize_calibration
 from pruners.baseline_methods import STRUCTURED_METHODS, build_engine, get_method
@@ -262,7 +262,7 @@ def sweep_config(tmp_path, **overrides) -> BaselineConfig:
                    encoding="utf-8")
     settings = dict(
         methods=("magnitude", "shortgpt"), budgets=(0.25,), unstructured=("wanda:2:4",), policies=("fake.pt",),
-        policy_importance="magnitude", calibration_samples=4, calibration_max_tokens=64, speed_prompts=2,
+        policy_importance="magnitude", calibration=CalibrationConfig(samples=4, max_tokens=64), speed_prompts=2,
         speed_prompt_tokens=16, speed_new_tokens=3, speed_repeats=1, cache_dir=str(tmp_path),
         eval=EvalConfig(wikitext_path=str(raw), seq_len=64, wikitext_samples=2, tasks=(), progress=False))
     return BaselineConfig(**{**settings, **overrides})
@@ -301,11 +301,13 @@ def test_sweep_rows_table_and_dense_model_afterwards(tiny, ids, tmp_path):
 
 def test_config_rejects_bad_inputs():
     with pytest.raises(ValueError, match="budget"):
-        BaselineConfig(budgets=(0.0,))
+        validate_config(BaselineConfig(budgets=(0.0,)))
     with pytest.raises(ValueError, match="unstructured"):
-        BaselineConfig(unstructured=("wanda",))
+        validate_config(BaselineConfig(unstructured=("wanda",)))
     with pytest.raises(ValueError, match="WikiText"):
-        BaselineConfig(eval=EvalConfig(wikitext=False))
+        validate_config(BaselineConfig(eval=EvalConfig(wikitext=False)))
+    with pytest.raises(ValueError, match="unknown"):
+        validate_config(BaselineConfig(methods=("nope",)))
 
 
 def test_missing_policy_checkpoint_fails_before_any_scoring(tiny, tmp_path, monkeypatch):
