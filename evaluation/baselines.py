@@ -34,6 +34,7 @@ from pruners.param_budget import count_parameters, removed_share
 from common.data import load_prompts
 from evaluation.routes import ModelSpec, Route, RouterFactory, StaticRoute, build_route
 from common.config import BaselineConfig
+from common.markdown import fmt, md_table
 from evaluation.suite import evaluate_route
 from controller.generation import generate
 from evaluation.lm_eval_tasks import prepare_tasks
@@ -277,17 +278,12 @@ def format_table(rows: Sequence[dict]) -> str:
     tasks = sorted({k for r in rows for k in r if k not in fixed})
     header = ["method", "kind", "budget", "removed", "params (M)", "speedup (×)", "ideal (×)", "WikiText-2 PPL",
               *tasks, *(["mean acc"] if tasks else []), "note"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
     for r in rows:
         params = r.get("params")
-        cells = [r["method"], r["kind"], _fmt(r.get("budget"), 2), _fmt(r.get("removed"), 3),
-                 _fmt(params / 1e6 if params is not None else None, 2), _fmt(r.get("speedup"), 2),
-                 _fmt(r.get("ideal_speedup"), 2), _fmt(r.get("ppl"), 2),
-                 *(_fmt(r.get(t), 4) for t in tasks), *([_fmt(r.get("mean_acc"), 4)] if tasks else []),
-                 r.get("note", "")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+        table.append([r["method"], r["kind"], fmt(r.get("budget"), 2), fmt(r.get("removed"), 3),
+                      fmt(params / 1e6 if params is not None else None, 2), fmt(r.get("speedup"), 2),
+                      fmt(r.get("ideal_speedup"), 2), fmt(r.get("ppl"), 2),
+                      *(fmt(r.get(t), 4) for t in tasks), *([fmt(r.get("mean_acc"), 4)] if tasks else []),
+                      r.get("note", "")])
+    return "\n".join(md_table(header, table))

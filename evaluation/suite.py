@@ -25,6 +25,7 @@ from dataclasses import asdict
 from typing import Sequence
 
 from common.config import EvalConfig
+from common.markdown import fmt, md_table
 
 from evaluation.routes import EvaluationError, ModelSpec, Route, RouterFactory, build_route, parse_specs
 from evaluation.speed import ResourceMonitor, probe_speed
@@ -49,7 +50,7 @@ def run_evaluation(loaded, specs: str | Sequence[str] | Sequence[ModelSpec], con
     task_manager = plan.task_manager() if plan else None
     if engine is None and any(spec.needs_engine for spec in parsed):
         from pruners import PruningEngine
-        engine = PruningEngine(loaded.model, mode=config.prune_mode)
+        engine = PruningEngine(loaded.model, mode=config.prune_mode, tokenizer=loaded.tokenizer)
     routes = [build_route(spec, loaded, engine, router_factory) for spec in parsed]
 
     models = {}
@@ -125,18 +126,12 @@ def format_table(block: dict) -> str:
     rows = []
     for label, entry in models.items():
         speed = entry["speed"]
-        accs = [_fmt(entry["tasks"].get(task, {}).get(metric[task]), 4) for task in tasks]
+        accs = [fmt(entry["tasks"].get(task, {}).get(metric[task]), 4) for task in tasks]
         actions = ", ".join(f"{k}×{v}" for k, v in sorted(entry["actions"].items(), key=lambda kv: -kv[1]))
-        rows.append([label, _fmt(entry["wikitext"]["ppl"] if entry["wikitext"] else None, 3), *accs,
-                     _fmt(speed.get("prefill_tokens_per_s"), 1), _fmt(speed.get("decode_tokens_per_s"), 1),
-                     _fmt(speed.get("peak_rss_mb"), 0), actions])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+        rows.append([label, fmt(entry["wikitext"]["ppl"] if entry["wikitext"] else None, 3), *accs,
+                     fmt(speed.get("prefill_tokens_per_s"), 1), fmt(speed.get("decode_tokens_per_s"), 1),
+                     fmt(speed.get("peak_rss_mb"), 0), actions])
+    return "\n".join(md_table(header, rows))
 
 
 __all__ = ["EvalConfig", "EvaluationError", "evaluate_route", "format_table", "run_evaluation"]

@@ -20,8 +20,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from common.markdown import is_number
 from reporting import summaries
-from reporting.schema import is_number
 from reporting.summaries import ALL, DENSE, action_intensity, action_target
 
 log = logging.getLogger(__name__)

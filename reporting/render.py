@@ -7,8 +7,8 @@ and report.md. ``render`` rebuilds plots and report.md from metrics.json alone, 
 and the stored summary are all built from the same ``summaries.summarize`` dict.
 
 This module is the public entry point (``RunDir``, ``render``, ``compare``, ``console_summary``,
-``load_metrics``, ``report_markdown``); the figures live in ``report_plots`` and the metrics.json
-checks in ``metrics_schema``, and their public names are re-exported here.
+``load_metrics``, ``report_markdown``); the figures live in ``reporting.plots``, the metrics.json
+checks in ``reporting.schema`` and the number formatting in ``common.markdown``.
 """
 from __future__ import annotations
 
@@ -23,20 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from common.files import atomic_write_text
+from common.markdown import MISSING, fmt, fmt_ci, fmt_pct, is_number, md_cell, md_table
 
 from reporting import provenance
 from reporting import summaries
-from reporting.schema import is_number
 from controller.records import RUN_KINDS, SCHEMA_VERSION, to_jsonable
-from reporting.plots import overlay_pareto, overlay_reward
+from reporting.plots import PLOTS, overlay_pareto, overlay_reward, render_plots
+from reporting.schema import validate_metrics
 from reporting.summaries import ALL, DENSE
-
-# Re-exported: these names lived here before the plots and the schema checks had modules of their own.
-from reporting.schema import MAX_PROBLEMS, SPEED_NUMBERS, TASK_NUMBERS, validate_metrics  # noqa: F401
-from reporting.plots import (  # noqa: F401
-    DENSE_COLOUR, ORACLE_COLOUR, PLOTS, POLICY_COLOUR, RANDOM_COLOUR, STYLE, TARGET_CMAPS, PlotFn, action_colour,
-    model_colour, plot_action_choice, plot_action_usage, plot_baselines, plot_evaluation, plot_latency_breakdown,
-    plot_loss, plot_outcome_boxes, plot_pareto, plot_training_reward, render_plots)
 
 log = logging.getLogger(__name__)
 
@@ -129,50 +123,13 @@ def load_metrics(run_dir: Path) -> dict:
     return data
 
 
-# --------------------------------------------------------------------------- number formatting
-# One formatter for report.md and the console, so the two always print the same strings.
-
-
-def fmt(x: object, nd: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        return f"{x:.{nd}f}" if np.isfinite(x) else str(x)
-    return str(x)
-
-
-def _ci_parts(ci: Mapping | None) -> tuple[float | None, float | None, float | None]:
-    return (ci.get("mean"), ci.get("lo"), ci.get("hi")) if ci else (None, None, None)
-
-
-def fmt_ci(ci: Mapping | None, nd: int = 3) -> str:
-    """'0.123 [0.100, 0.150]' from a bootstrap_ci dict."""
-    mean, lo, hi = _ci_parts(ci)
-    if mean is None:
-        return "–"
-    return f"{fmt(mean, nd)} [{fmt(lo, nd)}, {fmt(hi, nd)}]"
-
-
-def fmt_pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
 def _code(label: str) -> str:
     return f"`{label}`"
 
 
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines + [""]
+    """A markdown table followed by the blank line that ends its block."""
+    return [*md_table(header, rows), ""]
 
 
 # --------------------------------------------------------------------------- report.md
@@ -208,7 +165,7 @@ def report_markdown(metrics: Mapping, summary: Mapping, run_name: str, plots: Ma
     lines += _partial_note(metrics, summary)
     if problems:
         lines += ["> **metrics.json problems** (the figures below may be incomplete):", ">"]
-        lines += [f"> - {_cell(p)}" for p in problems] + [""]
+        lines += [f"> - {md_cell(p)}" for p in problems] + [""]
     lines += _provenance_section(metrics.get("provenance") or {}, metrics)
     if "train" in summary:
         lines += _train_section(summary["train"])
@@ -233,7 +190,7 @@ def _partial_note(metrics: Mapping, summary: Mapping) -> list[str]:
         done.append(f"{summary['test']['n_prompts']} prompts")
     reason = metrics.get("partial_reason") or "no reason recorded"
     recorded = ", ".join(done) or "the records"
-    return [f"> **Partial run.** This run did not finish ({_cell(reason)}). The figures below cover only "
+    return [f"> **Partial run.** This run did not finish ({md_cell(reason)}). The figures below cover only "
             f"{recorded} recorded before it stopped.", ""]
 
 
@@ -242,15 +199,15 @@ def _provenance_section(prov: Mapping, metrics: Mapping) -> list[str]:
     model = prov.get("model") or {}
     hw = prov.get("hardware") or {}
     commit = git.get("commit")
-    commit_text = "–" if not commit else f"`{commit}`" + (" (dirty)" if git.get("dirty") else "")
+    commit_text = MISSING if not commit else f"`{commit}`" + (" (dirty)" if git.get("dirty") else "")
     params = model.get("parameters")
-    model_text = "–" if not model else (f"`{model.get('id')}` ({model.get('source') or 'unknown source'}"
-                                        + (f", {params / 1e6:.1f} M parameters)" if params else ")"))
+    model_text = MISSING if not model else (f"`{model.get('id')}` ({model.get('source') or 'unknown source'}"
+                                           + (f", {params / 1e6:.1f} M parameters)" if params else ")"))
     cores = f"{hw.get('physical_cores')} physical / {hw.get('logical_cores')} logical cores"
     if hw.get("usable_cores") is not None:
         cores += f" ({hw['usable_cores']} usable)"
-    hardware = "–" if not hw else (f"{hw.get('cpu_model') or 'unknown CPU'}, {cores}, {hw.get('ram_gb')} GB RAM, "
-                                   f"GPU: {', '.join(hw.get('gpus') or []) or 'none'}")
+    hardware = MISSING if not hw else (f"{hw.get('cpu_model') or 'unknown CPU'}, {cores}, {hw.get('ram_gb')} GB RAM, "
+                                      f"GPU: {', '.join(hw.get('gpus') or []) or 'none'}")
     libs = ", ".join(f"{k} {v}" for k, v in sorted((prov.get("libraries") or {}).items()) if v)
     rows = [
         ("started (UTC)", prov.get("started_at")),
@@ -295,7 +252,7 @@ def _train_section(t: Mapping) -> list[str]:
 
 
 def _edges(edges: Sequence[float]) -> str:
-    return ", ".join(fmt(e) for e in edges) or "–"
+    return ", ".join(fmt(e) for e in edges) or MISSING
 
 
 def _choice_table(title: str, counts: Mapping[str, Mapping[str, int]], order: Sequence[str],
@@ -350,7 +307,7 @@ def _test_group_section(name: str, g: Mapping) -> list[str]:
     rows += [row("random action (expected)", g["random"]), row("oracle (best action per prompt)", g["oracle"])]
     best = g["best_static"]
     diffs = [("regret = oracle − policy", g["regret"]),
-             (f"policy − best static ({_code(best) if best else '–'})", g["vs_best_static"]),
+             (f"policy − best static ({_code(best) if best else MISSING})", g["vs_best_static"]),
              ("policy − random", g["vs_random"]), ("policy − dense", g["vs_dense"])]
     lines = [f"### Policy vs baselines, {title} (n = {g['n']} prompts)", ""] + _table(header, rows)
     lines += _left_out_note(g)
@@ -388,15 +345,14 @@ def _left_out_note(g: Mapping) -> list[str]:
 
 
 def _excludes_zero(ci: Mapping) -> str:
-    mean, lo, hi = _ci_parts(ci)
-    if mean is None:
-        return "–"
-    return "yes (> 0)" if lo > 0 else "yes (< 0)" if hi < 0 else "no"
+    if not ci or ci.get("mean") is None:
+        return MISSING
+    return "yes (> 0)" if ci["lo"] > 0 else "yes (< 0)" if ci["hi"] < 0 else "no"
 
 
 def _pareto_sentence(g: Mapping) -> str:
     p = g["pareto"]
-    front = ", ".join(_code(a) for a in p["front"]) or "–"
+    front = ", ".join(_code(a) for a in p["front"]) or MISSING
     where = ("unknown (policy has no speedup or PPL ratio)" if p["policy_on_front"] is None
              else "on or beyond the static front (no static action dominates it)" if p["policy_on_front"]
              else "dominated by " + ", ".join(_code(a) for a in p["policy_dominated_by"]))
@@ -405,29 +361,19 @@ def _pareto_sentence(g: Mapping) -> str:
 
 
 def _ablation_section(ablations: Mapping) -> list[str]:
-    rows, reported = [], []
-    for name, groups in ablations.items():
-        if "reported" in groups:
-            reported.append((name, groups["reported"]))
-            continue
-        for g, s in groups.items():
-            rows.append((name, g, s["n"], fmt_ci(s["policy"]["reward"]), fmt_ci(s["policy"]["speedup"]),
-                         fmt_ci(s["policy"]["ppl_ratio"]), fmt_ci(s["vs_policy"]), fmt_ci(s["aggressiveness"])))
-    lines = ["### Ablations (same prompts)", ""]
-    if rows:
-        lines += _table(["ablation", "scenario", "n", "mean reward [95% CI]", "speedup (×)", "PPL ratio",
-                         "ablation − policy reward [95% CI]", "mean intensity [95% CI]"], rows)
-    for name, value in reported:
-        lines += [f"`{name}` (summary as reported by the run):", "", "```json",
-                  json.dumps(value, indent=2, sort_keys=True), "```", ""]
-    return lines
+    rows = [(name, g, s["n"], fmt_ci(s["policy"]["reward"]), fmt_ci(s["policy"]["speedup"]),
+             fmt_ci(s["policy"]["ppl_ratio"]), fmt_ci(s["vs_policy"]), fmt_ci(s["aggressiveness"]))
+            for name, groups in ablations.items() for g, s in groups.items()]
+    return ["### Ablations (same prompts)", ""] + _table(
+        ["ablation", "scenario", "n", "mean reward [95% CI]", "speedup (×)", "PPL ratio",
+         "ablation − policy reward [95% CI]", "mean intensity [95% CI]"], rows)
 
 
 def _evaluation_section(ev: Mapping) -> list[str]:
     tasks = ev["tasks"]
     header = ["model", "WikiText-2 PPL", "PPL ratio", "tokens", *(f"{t} acc % (norm)" for t in tasks), "mean acc %"]
     rows = [(_code(m), fmt(s["ppl"], 2), fmt(s["ppl_ratio"]), fmt(s["tokens"]),
-             *(_task_cell(s["tasks"].get(t) or {}) for t in tasks), _pct_or_dash(s["mean_acc"]))
+             *(_task_cell(s["tasks"].get(t) or {}) for t in tasks), fmt_pct(s["mean_acc"], suffix=""))
             for m, s in ev["models"].items()]
     lines = ["## Evaluation", ""] + _table(header, rows)
     protocols = {json.dumps(s["protocol"], sort_keys=True) for s in ev["models"].values() if s["protocol"]}
@@ -453,17 +399,13 @@ def _evaluation_section(ev: Mapping) -> list[str]:
 def _task_cell(row: Mapping) -> str:
     acc = row.get("acc")
     if not is_number(acc):
-        return "–"
+        return MISSING
     text = f"{100 * acc:.1f}"
     if is_number(row.get("acc_stderr")):
         text += f" ± {100 * row['acc_stderr']:.1f}"
     if is_number(row.get("acc_norm")):
         text += f" ({100 * row['acc_norm']:.1f})"
     return text
-
-
-def _pct_or_dash(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
 
 
 def _baselines_section(rows: Sequence[Mapping], b: Mapping) -> list[str]:
@@ -476,7 +418,7 @@ def _baselines_section(rows: Sequence[Mapping], b: Mapping) -> list[str]:
     return (["## Static baselines", ""]
             + _table(["method", "budget", "parameters", "speedup (×)", "WikiText-2 PPL", *extra, "on Pareto front"],
                      table)
-            + [f"Pareto front (speedup ↑, PPL ↓): {', '.join(b.get('front', [])) or '–'}", ""])
+            + [f"Pareto front (speedup ↑, PPL ↓): {', '.join(b.get('front', [])) or MISSING}", ""])
 
 
 def _plots_section(plots: Mapping[str, list[Path]], run_dir: Path) -> list[str]:
@@ -520,10 +462,10 @@ def console_summary(metrics: Mapping, summary: Mapping | None = None) -> str:
                          f"{fmt_ci(s['vs_best_static'])}")
     if "evaluation" in summary:
         for m, s in summary["evaluation"]["models"].items():
-            lines.append(f"eval {m}: PPL {fmt(s['ppl'], 2)}, mean acc % {_pct_or_dash(s['mean_acc'])}")
+            lines.append(f"eval {m}: PPL {fmt(s['ppl'], 2)}, mean acc % {fmt_pct(s['mean_acc'], suffix='')}")
     if "baselines" in summary:
         lines.append(f"baselines: {summary['baselines']['n']} rows; Pareto front: "
-                     f"{', '.join(summary['baselines']['front']) or '–'}")
+                     f"{', '.join(summary['baselines']['front']) or MISSING}")
     return "\n".join(lines)
 
 
@@ -604,7 +546,7 @@ def _compare_test(sums: Mapping[str, Mapping]) -> list[str]:
 
 
 def _compare_eval(sums: Mapping[str, Mapping]) -> list[str]:
-    rows = [(_code(n), _code(m), fmt(e["ppl"], 2), fmt(e["ppl_ratio"]), _pct_or_dash(e["mean_acc"]),
+    rows = [(_code(n), _code(m), fmt(e["ppl"], 2), fmt(e["ppl_ratio"]), fmt_pct(e["mean_acc"], suffix=""),
              fmt(e["speed"].get("decode_tokens_per_s"), 1))
             for n, s in sums.items() for m, e in (s.get("evaluation") or {}).get("models", {}).items()]
     if not rows:

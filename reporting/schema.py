@@ -11,8 +11,6 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields, is_dataclass
 
-import numpy as np
-
 from controller.records import RUN_KINDS, SCHEMA_VERSION, EpisodeRecord, PromptResult
 
 MAX_PROBLEMS = 25
@@ -123,8 +121,7 @@ def _check_ablations(ablations: object, problems: list[str]) -> None:
         problems.append(f"ablations: expected an object, got {_type_name(ablations)}")
         return
     for name, value in ablations.items():
-        if not isinstance(value, Mapping):
-            _check_value(value, list[PromptResult], f"ablations.{name}", problems)
+        _check_value(value, list[PromptResult], f"ablations.{name}", problems)
 
 
 def _check_evaluation(evaluation: object, problems: list[str]) -> None:
@@ -169,8 +166,3 @@ def _check_baselines(rows: object, problems: list[str]) -> None:
 
 def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def is_number(x: object) -> bool:
-    """A finite int or float (bools are not numbers here): a value worth printing or plotting."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))

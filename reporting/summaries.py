@@ -12,13 +12,14 @@ bootstrap the per-prompt differences, which resamples prompts jointly for both a
 from __future__ import annotations
 
 import functools
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from common.markdown import is_number
 from controller.records import to_jsonable
+from pruners.actions import PruningAction
 
 METRICS = ("reward", "speedup", "ppl_ratio", "kl")
 BUCKETS = ("low", "mid", "high")
@@ -66,7 +67,7 @@ def _resample_counts(size: int, seed: int, n: int) -> np.ndarray:
 def paired_diff_ci(a: Sequence[float | None], b: Sequence[float | None], seed: int = 0,
                    n: int = N_BOOT) -> dict:
     """CI of mean(a - b) over pairs where both sides are finite (paired bootstrap over prompts)."""
-    diffs = [x - y for x, y in zip(a, b) if _is_finite(x) and _is_finite(y)]
+    diffs = [x - y for x, y in zip(a, b) if is_number(x) and is_number(y)]
     return bootstrap_ci(diffs, seed=seed, n=n)
 
 
@@ -93,44 +94,46 @@ def default_window(n: int) -> int:
 
 def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
     """Labels of the non-dominated points for (speedup up, ppl_ratio down), by rising speedup."""
-    usable = {k: p for k, p in points.items() if _is_finite(p[0]) and _is_finite(p[1])}
+    usable = {k: p for k, p in points.items() if is_number(p[0]) and is_number(p[1])}
     front = [k for k, p in usable.items() if not any(_dominates(q, p) for q in usable.values())]
     return sorted(front, key=lambda k: (usable[k][0], usable[k][1], k))
 
 
 def dominated_by(point: tuple[float, float], points: Mapping[str, tuple[float, float]]) -> list[str]:
     """Labels of the points that are at least as good on both axes and better on one."""
-    if not (_is_finite(point[0]) and _is_finite(point[1])):
+    if not (is_number(point[0]) and is_number(point[1])):
         return []
-    return sorted(k for k, q in points.items() if _is_finite(q[0]) and _is_finite(q[1]) and _dominates(q, point))
+    return sorted(k for k, q in points.items() if is_number(q[0]) and is_number(q[1]) and _dominates(q, point))
 
 
 def _dominates(q: tuple[float, float], p: tuple[float, float]) -> bool:
     return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
 
 
-def _is_finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _finite(values: Iterable[float | None]) -> np.ndarray:
-    return np.asarray([v for v in values if _is_finite(v)], dtype=float)
+    return np.asarray([v for v in values if is_number(v)], dtype=float)
 
 
 # --------------------------------------------------------------------------- action labels
 
+def _parsed(label: str) -> PruningAction | None:
+    """The action a record's label names; None for labels that are no action (a failed decision's '#3')."""
+    try:
+        return PruningAction.parse(label)
+    except ValueError:
+        return None
+
+
 def action_target(label: str) -> str:
-    """'ffn_neurons:0.5' -> 'ffn_neurons'; tolerant of labels from other action spaces."""
-    return label.partition(":")[0] if label not in ("none", "dense") else "none"
+    """'ffn_neurons:0.5' -> 'ffn_neurons'; a label that names no action is its own target."""
+    action = _parsed(label)
+    return action.target if action else label
 
 
 def action_intensity(label: str) -> float:
-    """'ffn_neurons:0.5' -> 0.5; 'none' (and anything unparsable) -> 0.0."""
-    _, sep, value = label.partition(":")
-    try:
-        return float(value) if sep else 0.0
-    except ValueError:
-        return 0.0
+    """'ffn_neurons:0.5' -> 0.5; 'none' and labels that name no action -> 0.0."""
+    action = _parsed(label)
+    return action.intensity if action else 0.0
 
 
 def order_actions(labels: Iterable[str], action_space: Sequence[str] | None = None) -> list[str]:
@@ -152,7 +155,7 @@ def complexity_edges(values: Sequence[float]) -> list[float]:
 
 def complexity_bucket(value: float, edges: Sequence[float]) -> str:
     """low: <= first edge, mid: <= second edge, high: above."""
-    if not edges or not _is_finite(value):
+    if not edges or not is_number(value):
         return BUCKETS[1]
     return BUCKETS[int(np.searchsorted(np.asarray(edges), value, side="left"))]
 
@@ -224,7 +227,7 @@ def summarize_train(episodes: Sequence, action_space: Sequence[str] | None = Non
     rewards = [_reward(r) for r in ok]
     greedy = [(r, a) for r, a in zip(rows, labels) if not r.get("explored")]
     edges = complexity_edges([r["complexity"] for r in rows])
-    losses = [r.get("loss") for r in rows if _is_finite(r.get("loss"))]
+    losses = [r.get("loss") for r in rows if is_number(r.get("loss"))]
     return {
         "n_episodes": len({r["episode"] for r in rows}),
         "n_decisions": len(rows),
@@ -379,17 +382,10 @@ def _pareto_summary(static: Mapping[str, dict], policy: dict) -> dict:
 
 
 def summarize_ablations(ablations: Mapping, main_rows: Sequence[dict], order: Sequence[str], seed: int = 0) -> dict:
-    """Each ablation's policy figures per scenario and its paired difference to the main policy.
-
-    An ablation given as a list of PromptResults is summarised here; one given as a dict is a
-    summary already computed by the producer and is carried over under "reported".
-    """
+    """Each ablation's policy figures per scenario and its paired difference to the main policy."""
     main = {(r["prompt_id"], r["scenario"]): r["policy"]["reward"] for r in main_rows}
     out = {}
     for name, value in sorted(ablations.items()):
-        if isinstance(value, Mapping):
-            out[name] = {"reported": to_jsonable(dict(value))}
-            continue
         rows = to_jsonable(list(value))
         scenarios = sorted({r["scenario"] for r in rows})
         groups = scenarios + ([ALL] if len(scenarios) > 1 else [])
@@ -424,12 +420,12 @@ def summarize_eval(evaluation: Mapping) -> dict:
         accs = [row.get("acc") for row in task_rows.values()]
         out[label] = {
             "ppl": wikitext.get("ppl"),
-            "ppl_ratio": wikitext["ppl"] / dense_ppl if _is_finite(wikitext.get("ppl")) and dense_ppl else None,
+            "ppl_ratio": wikitext["ppl"] / dense_ppl if is_number(wikitext.get("ppl")) and dense_ppl else None,
             "tokens": wikitext.get("tokens_scored"),
             "protocol": dict(wikitext.get("protocol") or {}),
             "tasks": task_rows,
             # Over the same task set only: a model missing a task gets no mean rather than a biased one.
-            "mean_acc": mean_or_none(accs) if accs and all(_is_finite(a) for a in accs) else None,
+            "mean_acc": mean_or_none(accs) if accs and all(is_number(a) for a in accs) else None,
             "speed": dict(m.get("speed") or {}),
             "actions": dict(m.get("actions") or {}),
         }
@@ -439,12 +435,12 @@ def summarize_eval(evaluation: Mapping) -> dict:
 def _dense_ppl(models: Mapping) -> float | None:
     dense = models.get("dense") or models.get(DENSE) or {}
     ppl = (dense.get("wikitext") or {}).get("ppl")
-    return ppl if _is_finite(ppl) and ppl > 0 else None
+    return ppl if is_number(ppl) and ppl > 0 else None
 
 
 def baseline_label(row: Mapping) -> str:
     budget = row.get("budget")
-    return f"{row.get('method', '?')}@{budget:g}" if _is_finite(budget) else str(row.get("method", "?"))
+    return f"{row.get('method', '?')}@{budget:g}" if is_number(budget) else str(row.get("method", "?"))
 
 
 def summarize_baselines(rows: Sequence[Mapping]) -> dict:

@@ -12,6 +12,8 @@ import pytest
 from reporting import provenance
 from reporting import render as reporting
 from reporting import summaries
+from reporting.plots import PLOTS, plot_action_choice, plot_latency_breakdown, plot_outcome_boxes
+from reporting.schema import validate_metrics
 from controller.records import SCHEMA_VERSION, EpisodeRecord, Outcome, PromptResult, to_jsonable
 
 ACTIONS = ["none", "kv_cache:0.3", "attention_heads:0.4", "ffn_neurons:0.5", "transformer_layers:0.3"]
@@ -72,7 +74,7 @@ def make_test_metrics(n: int = 12) -> dict:
     return {"schema_version": SCHEMA_VERSION, "kind": "test", "partial": False, "partial_reason": None,
             "provenance": _provenance(), "config": {"checkpoint": "x.pt"}, "action_space": ACTIONS,
             "prompts": to_jsonable(prompts),
-            "ablations": {"no_hardware": to_jsonable(random_ablation), "best_static": {"action": "ffn_neurons:0.5"}}}
+            "ablations": {"no_hardware": to_jsonable(random_ablation)}}
 
 
 def make_eval_metrics() -> dict:
@@ -147,29 +149,29 @@ def test_provenance_is_collected_and_stamped(tmp_path):
 
 @pytest.mark.parametrize("factory", [make_train_metrics, make_test_metrics, make_eval_metrics])
 def test_validate_accepts_good_files(factory):
-    assert reporting.validate_metrics(json.loads(json.dumps(factory()))) == []
+    assert validate_metrics(json.loads(json.dumps(factory()))) == []
 
 
 def test_validate_reports_bad_files():
     good = make_train_metrics(5)
-    assert any("schema_version" in p for p in reporting.validate_metrics({k: v for k, v in good.items()
+    assert any("schema_version" in p for p in validate_metrics({k: v for k, v in good.items()
                                                                           if k != "schema_version"}))
-    assert any("kind" in p for p in reporting.validate_metrics({**good, "kind": "training"}))
-    assert any("partial" in p for p in reporting.validate_metrics({**good, "partial": "no"}))
+    assert any("kind" in p for p in validate_metrics({**good, "kind": "training"}))
+    assert any("partial" in p for p in validate_metrics({**good, "partial": "no"}))
     bad_episode = dict(good["episodes"][1], episode="1")
-    problems = reporting.validate_metrics({**good, "episodes": [bad_episode]})
+    problems = validate_metrics({**good, "episodes": [bad_episode]})
     assert problems == ["episodes[0].episode: expected int, got str"]
     no_outcome_field = {k: v for k, v in good["episodes"][1].items() if k != "scenario"}
-    assert "episodes[0].scenario: missing" in reporting.validate_metrics({**good, "episodes": [no_outcome_field]})
+    assert "episodes[0].scenario: missing" in validate_metrics({**good, "episodes": [no_outcome_field]})
     t = make_test_metrics(2)
     t["prompts"][0]["static"]["none"]["speedup"] = "fast"
-    assert reporting.validate_metrics(t) == ["prompts[0].static.none.speedup: expected float, got str"]
-    assert any("prompts: missing" in p for p in reporting.validate_metrics({**good, "kind": "test"}))
-    assert reporting.validate_metrics([1]) == ["metrics must be an object, got list"]
+    assert validate_metrics(t) == ["prompts[0].static.none.speedup: expected float, got str"]
+    assert any("prompts: missing" in p for p in validate_metrics({**good, "kind": "test"}))
+    assert validate_metrics([1]) == ["metrics must be an object, got list"]
     e = make_eval_metrics()
     e["evaluation"]["models"]["dense"]["tasks"]["boolq"]["acc"] = "high"
     e["evaluation"]["models"]["dense"]["actions"] = {"none": 1.5}
-    assert reporting.validate_metrics(e) == ["evaluation.models.dense.tasks.boolq.acc: expected float, got str",
+    assert validate_metrics(e) == ["evaluation.models.dense.tasks.boolq.acc: expected float, got str",
                                              "evaluation.models.dense.actions.none: expected int, got float"]
 
 
@@ -186,7 +188,7 @@ PLOT_DATA = {"training_reward": "train", "loss": "train", "action_usage": "train
              "baselines": "eval"}
 
 
-@pytest.mark.parametrize("name,fn", [(name, fn) for name, _, fn in reporting.PLOTS])
+@pytest.mark.parametrize("name,fn", [(name, fn) for name, _, fn in PLOTS])
 def test_each_plot_writes_a_non_empty_png(name, fn, synthetic, tmp_path):
     paths = fn(synthetic[PLOT_DATA[name]], tmp_path / name)
     assert [p.suffix for p in paths] == [".png", ".svg"]
@@ -195,11 +197,11 @@ def test_each_plot_writes_a_non_empty_png(name, fn, synthetic, tmp_path):
 
 def test_plots_skip_without_their_data(tmp_path):
     empty = {"kind": "train", "episodes": [], "action_space": ACTIONS}
-    assert all(fn(empty, tmp_path / name) == [] for name, _, fn in reporting.PLOTS)
+    assert all(fn(empty, tmp_path / name) == [] for name, _, fn in PLOTS)
 
 
 def test_train_plots_that_also_read_training_data(synthetic, tmp_path):
-    for fn in (reporting.plot_action_choice, reporting.plot_outcome_boxes, reporting.plot_latency_breakdown):
+    for fn in (plot_action_choice, plot_outcome_boxes, plot_latency_breakdown):
         assert fn(synthetic["train"], tmp_path / fn.__name__)
 
 

@@ -109,10 +109,9 @@ def test_dominated_policy_is_reported(prompts):
 
 def test_ablation_is_paired_with_the_main_policy(prompts):
     ablated = [PromptResult(**{**vars(p), "policy_action": "none", "policy": p.static["none"]}) for p in prompts]
-    out = summaries.summarize_test(prompts, {"no_hardware": ablated, "note": {"text": "given"}})["ablations"]
+    out = summaries.summarize_test(prompts, {"no_hardware": ablated})["ablations"]
     assert out["no_hardware"]["idle"]["vs_policy"]["mean"] == pytest.approx((0.0 - 0.3 + 0.2 + 0.2) / 2)
     assert out["no_hardware"]["loaded"]["aggressiveness"]["mean"] == 0.0
-    assert out["note"] == {"reported": {"text": "given"}}
 
 
 def _episode(i: int, action: str | None, reward: float, explored: bool, scenario: str = "idle") -> EpisodeRecord:
