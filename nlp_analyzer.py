@@ -66,7 +66,6 @@ import tempfile
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Protocol, Sequence
 
@@ -210,11 +209,6 @@ def penn_to_universal(tag: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Features
 # ---------------------------------------------------------------------------------------------
-
-
-def prompt_feature_names() -> tuple[str, ...]:
-    """Names of ``PromptFeatures.vector`` slots, in order (the prompt half of the RL state)."""
-    return PromptFeatures.FEATURE_NAMES
 
 
 def _sat(x: float, k: float) -> float:
@@ -699,18 +693,3 @@ def _first_word(sentence: str) -> str:
     while words and words[0] in ("please", "question", "q"):
         words.pop(0)
     return words[0] if words else ""
-
-
-@cache
-def default_analyzer() -> PromptAnalyzer:
-    """The process's shared auto-backend analyzer for the module-level helpers (built once)."""
-    return PromptAnalyzer()
-
-
-def analyze(text: str, tokenizer: Any = None) -> PromptFeatures:
-    """Features of one prompt with the default analyzer; hold a PromptAnalyzer to choose a backend."""
-    return default_analyzer().analyze(text, tokenizer)
-
-
-def analyze_batch(texts: Sequence[str], tokenizer: Any = None) -> list[PromptFeatures]:
-    return default_analyzer().analyze_batch(texts, tokenizer)

@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
         if real_weights:
             with engine.pruned(action):
                 if is_kv:
-                    nll = kv_mean_nll(model, kv_windows, args.kv_prompt_tokens, engine.kv_hook)
+                    nll = kv_mean_nll(model, kv_windows, args.kv_prompt_tokens, engine.kv_pruner)
                     ppl_ratio = math.exp(nll - dense_kv_nll)
                 else:
                     ppl_ratio = math.exp(mean_nll(model, windows) - dense_nll)

@@ -21,7 +21,7 @@ from pruners import NONE, PruningAction, PruningEngine
 from controller.quality import TokenScores, mean_kl, ppl_ratio, score_reference
 from controller.records import Outcome
 from controller.reward import reward_terms
-from controller.telemetry import EnergyMeter
+from controller.energy import EnergyMeter
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class PruningEnvironment:
         # are the dense ones exactly, so skip the forward (a third of a test run's scoring on tiny).
         inert = self.engine.effective_intensity(action, n_context) == 0.0
         with self.engine.pruned(action):
-            pruned = dense if inert else score_reference(self.model, context, target, kv=self.engine.kv_hook)
+            pruned = dense if inert else score_reference(self.model, context, target, kv=self.engine.kv_pruner)
             if measure:
                 gen, energy = self._generate_metered(context, n_new)
         if inert:   # the dense model's latency; its dense/dense ratio in the table is timing noise (1.04 once)

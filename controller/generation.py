@@ -48,7 +48,7 @@ def _kv_pruner(engine) -> KVCachePruner | None:
     """Accept a PruningEngine (its current kv action, if any), a KVCachePruner, or None."""
     if engine is None or isinstance(engine, KVCachePruner):
         return engine
-    return engine.kv_hook
+    return engine.kv_pruner
 
 
 def _sync(device: torch.device) -> None:

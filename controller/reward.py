@@ -45,10 +45,3 @@ def reward_terms(cfg: RewardConfig, *, speedup: float, ppl_ratio: float, kl: flo
     energy = cfg.energy_weight * math.log(energy_ratio) if energy_ratio else 0.0
     return RewardTerms(speed=cfg.alpha * math.log(speedup), quality=cfg.beta * math.log(ppl_ratio),
                        kl=cfg.kl_weight * kl, energy=energy, budget=cfg.budget_weight * overrun)
-
-
-def compute_reward(cfg: RewardConfig, **kwargs) -> float:
-    value = reward_terms(cfg, **kwargs).total
-    if not math.isfinite(value):
-        raise FloatingPointError("non-finite reward")
-    return value

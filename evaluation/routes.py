@@ -17,9 +17,6 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 from pruners import NONE, PruningAction
 
-SPEC_KINDS = ("dense", "static", "policy")
-
-
 class EvaluationError(RuntimeError):
     """An evaluation input is unusable; the message names the flag that fixes it."""
 
@@ -33,7 +30,7 @@ class Router(Protocol):
 class Engine(Protocol):
     """The part of `pruners.PruningEngine` evaluation uses."""
 
-    kv_hook: object   # the current action's KV-cache pruner (None unless a kv_cache action is applied)
+    kv_pruner: object   # the current action's KV-cache pruner (None unless a kv_cache action is applied)
 
     def pruned(self, action: PruningAction) -> AbstractContextManager: ...
 

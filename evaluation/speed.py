@@ -18,7 +18,7 @@ import torch
 
 from evaluation.routes import Route
 from controller.generation import generate
-from controller.telemetry import EnergyMeter
+from controller.energy import EnergyMeter
 
 PROBE_TEXT = ("The committee met on a grey morning to review the harbour plans. Engineers described the "
               "new sea wall, the costs of dredging the channel, and the schedule for the works, while "

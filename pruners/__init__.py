@@ -1,18 +1,39 @@
 """Structured, reversible pruning of LLaMA-family models.
 
+Owns everything that scores, removes, compensates or exports units: the action space, the
+engine, importance criteria (objects the engine takes), heads/FFN/layers/KV, masks, parameter
+budgets, the baselines' methods, unstructured references and export.
+May import: ``common`` only (and torch/transformers); never ``controller``, ``evaluation``,
+``reporting`` or ``modes``.
+
 Public interface (stable): PruningAction, ACTION_SPACE, build_action_space, ActionSpaceConfig,
 PruningEngine; plus the helpers the engine is built from (KVCachePruner, PruningPlan,
-DecodeCost, ImportanceScores, ModelDims).
-"""
-from pruners.actions import (ACTION_SPACE, NONE, PRUNE_TARGETS, SEED_ACTIONS, TARGETS, ActionSpaceConfig,
-                             PruningAction, build_action_space)
-from pruners.cost import DecodeCost
-from pruners.engine import MODES, PruningEngine
-from pruners.importance import CRITERIA, ImportanceScores
-from pruners.kv_cache import KV_POLICIES, KVCachePruner
-from pruners.model_info import ModelDims
-from pruners.plan import PruningPlan
+DecodeCost, ImportanceScores, Criterion, IMPORTANCE, ModelDims).
 
-__all__ = ["ACTION_SPACE", "NONE", "PRUNE_TARGETS", "SEED_ACTIONS", "TARGETS", "ActionSpaceConfig",
-           "PruningAction", "build_action_space", "CRITERIA", "DecodeCost", "ImportanceScores", "KV_POLICIES",
-           "KVCachePruner", "MODES", "ModelDims", "PruningEngine", "PruningPlan"]
+The action space is imported eagerly and needs no torch, so reports that only read action
+labels stay torch-free; the engine and its helpers load (with torch) on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+from pruners.actions import (ACTION_SPACE, NONE, PRUNE_TARGETS, TARGETS, ActionSpaceConfig, PruningAction,
+                             build_action_space)
+
+_LAZY = {"DecodeCost": "pruners.cost", "MODES": "pruners.engine", "PruningEngine": "pruners.engine",
+         "IMPORTANCE": "pruners.importance", "Criterion": "pruners.importance",
+         "ImportanceScores": "pruners.importance", "KV_POLICIES": "pruners.kv_cache",
+         "KVCachePruner": "pruners.kv_cache", "ModelDims": "pruners.model_info", "PruningPlan": "pruners.plan"}
+
+
+def __getattr__(name: str) -> object:
+    """Import a torch-backed name on first use (PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pruners' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["ACTION_SPACE", "NONE", "PRUNE_TARGETS", "TARGETS", "ActionSpaceConfig", "PruningAction",
+           "build_action_space", *_LAZY]

@@ -4,7 +4,7 @@ Built from a config (targets x intensities) so it can be stored in checkpoints a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 TARGETS = ("none", "kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
 PRUNE_TARGETS = TARGETS[1:]
@@ -51,25 +51,15 @@ NONE = PruningAction("none", 0.0)
 class ActionSpaceConfig:
     targets: tuple[str, ...] = PRUNE_TARGETS
     intensities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
-    extra: tuple[str, ...] = field(default_factory=tuple)   # extra actions as labels
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def build_action_space(config: ActionSpaceConfig = ActionSpaceConfig()) -> list[PruningAction]:
-    """[none] + targets x intensities (+ extras), de-duplicated, index 0 is always 'none'."""
-    actions = [NONE]
-    for target in config.targets:
-        for intensity in config.intensities:
-            actions.append(PruningAction(target, float(intensity)))
-    actions.extend(PruningAction.parse(label) for label in config.extra)
-    unique = list(dict.fromkeys(actions))
-    return unique
-
-
-# The five actions of the seed design, kept as a named preset.
-SEED_ACTIONS = [NONE, PruningAction("kv_cache", 0.3), PruningAction("attention_heads", 0.4),
-                PruningAction("ffn_neurons", 0.5), PruningAction("transformer_layers", 0.3)]
+    """[none] + targets x intensities, de-duplicated, index 0 is always 'none'."""
+    actions = [NONE] + [PruningAction(target, float(intensity))
+                        for target in config.targets for intensity in config.intensities]
+    return list(dict.fromkeys(actions))
 
 ACTION_SPACE: list[PruningAction] = build_action_space()

@@ -3,7 +3,7 @@
 Every baseline runs through the same PruningEngine as the policy (reorder once, prune a
 prefix), so it gets real slicing speedups and is scored by the same evaluation suite:
 
-| method      | criterion (pruners.importance / taylor.py)               | target             |
+| method      | criterion (pruners.importance.IMPORTANCE)                 | target             |
 |-------------|-----------------------------------------------------------|--------------------|
 | magnitude   | weight norms of each FFN channel                          | ffn_neurons        |
 | wanda-sp    | Wanda-style structured: sum |W_ij| * ||X_j|| per channel  | ffn_neurons        |
@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pruners.param_budget import BudgetMatch, match_budget
-from pruners import ImportanceScores, PruningEngine
-from pruners.taylor import CRITERION as TAYLOR, taylor_scores
+from pruners import PruningEngine
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +32,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StructuredMethod:
     name: str
-    importance: str   # an engine criterion, or "taylor"
+    importance: str   # a criterion name of pruners.importance.IMPORTANCE
     target: str
 
 
 STRUCTURED_METHODS = {m.name: m for m in (
     StructuredMethod("magnitude", "magnitude", "ffn_neurons"),
     StructuredMethod("wanda-sp", "activation", "ffn_neurons"),
-    StructuredMethod("taylor", TAYLOR, "ffn_neurons"),
+    StructuredMethod("taylor", "taylor", "ffn_neurons"),
     StructuredMethod("shortgpt", "block_influence", "transformer_layers"),
 )}
 
@@ -64,26 +63,9 @@ def parse_baseline(spec: str) -> tuple[StructuredMethod, float]:
     return get_method(name), value
 
 
-class ScoredEngine(PruningEngine):
-    """A PruningEngine ordered by precomputed scores (for criteria the engine does not know).
-
-    Overrides the engine's score step only; drop it once PruningEngine takes ``scores=``.
-    """
-
-    def __init__(self, model, scores: ImportanceScores, **kwargs) -> None:
-        self._given_scores = scores
-        super().__init__(model, **kwargs)
-
-    def _importance(self, *_args, **_kwargs) -> tuple[ImportanceScores, bool]:
-        return self._given_scores, False
-
-
 def build_engine(loaded, method: StructuredMethod, calibration: Sequence[str], max_tokens: int = 256,
                  cache_dir: Path | None = None) -> PruningEngine:
     """A structural engine ordered by the method's criterion (reorders ``loaded.model`` in place)."""
-    if method.importance == TAYLOR:
-        scores = taylor_scores(loaded.model, loaded.tokenizer, calibration, max_tokens, cache_dir)
-        return ScoredEngine(loaded.model, scores, mode="structural", cache_dir=cache_dir)
     return PruningEngine(loaded.model, mode="structural", importance=method.importance, calibration=calibration,
                          tokenizer=loaded.tokenizer, cache_dir=cache_dir, calibration_max_tokens=max_tokens)
 

@@ -24,8 +24,7 @@ from pruners.actions import NONE, PruningAction
 from pruners.cost import DecodeCost, decode_cost, ideal_speedup
 from pruners.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels
 from pruners.heads import allocate_group_removals, attention_cuts, reorder_kv_groups
-from pruners.importance import (DATA_CRITERIA, DEFAULT_CALIBRATION, ImportanceScores, compute_importance,
-                                tokenize_calibration)
+from pruners.importance import DEFAULT_CALIBRATION, Criterion, ImportanceScores, get_importance, tokenize_calibration
 from pruners.kv_cache import KVCachePruner
 from pruners.layers import LayerDropper, layers_to_keep
 from pruners.masks import InputMasks
@@ -44,13 +43,14 @@ class PruningEngine:
 
     mode: "structural" slices weights (real speedup); "mask" zeroes the same units with hooks
     (quality checks only, no speedup). Layer and KV actions are real in both modes.
-    importance: "magnitude" | "activation" | "block_influence" (see pruners.importance);
-    the data-driven ones read ``calibration`` prompts (a built-in set when None) with ``tokenizer``.
+    importance: a criterion name from ``pruners.importance.IMPORTANCE`` ("activation", the default:
+    data-free "magnitude" ruins SmolLM2's FFN; "block_influence"; "taylor") or a ``Criterion``;
+    data-driven ones read ``calibration`` prompts (a built-in set when None) with ``tokenizer``.
     cache_dir: folder for the score cache (default ``offline.cache_dir()/importance``).
     kv_*: policy, minimum prompt length and attention sinks of kv_cache actions.
     """
 
-    def __init__(self, model: nn.Module, mode: str = "structural", importance: str = "magnitude",
+    def __init__(self, model: nn.Module, mode: str = "structural", importance: str | Criterion = "activation",
                  calibration: Sequence[str] | None = None, tokenizer=None, cache_dir: Path | None = None,
                  kv_policy: str = "streaming", kv_min_tokens: int = 256, kv_sink_tokens: int = 4,
                  calibration_max_tokens: int = 256) -> None:
@@ -61,8 +61,8 @@ class PruningEngine:
         self.dims = ModelDims.from_model(model)
         self._kv_settings = dict(policy=kv_policy, min_tokens=kv_min_tokens, sink_tokens=kv_sink_tokens)
         KVCachePruner(0.0, **self._kv_settings)   # validate the settings now, not at the first kv action
-        self.scores, self.importance_from_cache = self._importance(
-            importance, calibration, tokenizer, cache_dir, calibration_max_tokens)
+        self.scores, self.importance_from_cache = self._score(
+            get_importance(importance), calibration, tokenizer, cache_dir, calibration_max_tokens)
         self._reorder()
         projections = [(cut.path, cut.dim) for cut in attention_cuts(1, self.dims) + ffn_cuts(1)]
         self._linears = {(i, path): PrefixLinear(layer.get_submodule(path), dim)
@@ -75,24 +75,20 @@ class PruningEngine:
         self._current = NONE
 
     # ----------------------------------------------------------------- construction
-    def _importance(self, criterion: str, calibration: Sequence[str] | None, tokenizer, cache_dir: Path | None,
-                    max_tokens: int) -> tuple[ImportanceScores, bool]:
+    def _score(self, criterion: Criterion, calibration: Sequence[str] | None, tokenizer, cache_dir: Path | None,
+               max_tokens: int) -> tuple[ImportanceScores, bool]:
+        """The criterion's scores of the model as loaded, from the disk cache when present."""
         texts = None
-        if criterion in DATA_CRITERIA:
+        if criterion.needs_calibration:
             if tokenizer is None:
-                raise ValueError(f"importance '{criterion}' needs a tokenizer to read its calibration prompts")
+                raise ValueError(f"importance '{criterion.name}' needs a tokenizer to read its calibration prompts")
             if not calibration:
-                log.info("importance '%s': no calibration prompts given, using the built-in set", criterion)
+                log.info("importance '%s': no calibration prompts given, using the built-in set", criterion.name)
             texts = list(calibration or DEFAULT_CALIBRATION)
         cache_dir = offline.cache_dir() / "importance" if cache_dir is None else cache_dir
-        path = Path(cache_dir) / f"{criterion}-{cache_key(self.model, criterion, texts, max_tokens)}.pt"
-
-        def compute() -> ImportanceScores:
-            ids = tokenize_calibration(texts, tokenizer, max_tokens) if texts else None
-            with torch.inference_mode():
-                return compute_importance(self.model, criterion, ids)
-
-        return load_or_compute(path, compute)
+        path = Path(cache_dir) / f"{criterion.name}-{cache_key(self.model, criterion.name, texts, max_tokens)}.pt"
+        return load_or_compute(path, lambda: criterion(
+            self.model, tokenize_calibration(texts, tokenizer, max_tokens) if texts else None))
 
     def _reorder(self) -> None:
         """Sort every layer's FFN channels and KV groups by descending importance, once."""
@@ -186,7 +182,7 @@ class PruningEngine:
             self.restore()
 
     @property
-    def kv_hook(self) -> KVCachePruner | None:
+    def kv_pruner(self) -> KVCachePruner | None:
         """The KV-cache pruner the generation loop runs after prefill (kv_cache actions only)."""
         return self.plan(self._current).kv
 
@@ -206,11 +202,6 @@ class PruningEngine:
         if plan.kv is not None:
             return action.intensity if not prompt_tokens else 1 - plan.kv.budget(prompt_tokens) / prompt_tokens
         return 0.0
-
-    def parameters_in_use(self) -> int:
-        """Parameters the current forward multiplies (tied embeddings counted once). Mask mode
-        reports the dense count: its hooks zero units, the full matrices are still multiplied."""
-        return sum(p.numel() for p in self.model.parameters())   # de-duplicates tied weights
 
     def decode_cost(self, action: PruningAction, prompt_tokens: int = 0, generated: float = 0.0) -> DecodeCost:
         element = next(self.model.parameters()).element_size()

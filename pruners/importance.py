@@ -1,4 +1,10 @@
-"""Importance scores that order KV groups, FFN channels and layers (higher = keep longer).
+"""Importance criteria the engine takes: scores that order KV groups, FFN channels and layers
+(higher = keep longer).
+
+As in Torch-Pruning, a criterion is an object passed into the pruner, not a subclass of it:
+``PruningEngine(model, importance="taylor")`` looks the name up in ``IMPORTANCE``, and any
+``Criterion`` (a name, whether it reads calibration text, and a scoring function) can be passed
+instead. The engine tokenises the calibration prompts and caches the scores on disk by name.
 
 Criteria:
 - ``magnitude`` (data-free): FFN channel j = ||gate_j||*||up_j||*||down_:,j||; KV group g =
@@ -9,11 +15,12 @@ Criteria:
   the input of down_proj (FFN) / o_proj (heads) on calibration text; layers by Block Influence.
 - ``block_influence`` (ShortGPT): layers by BI = 1 - mean cos(layer input, layer output) on
   calibration text; heads and FFN by magnitude.
+- ``taylor`` (LLM-Pruner): first-order |W * dL/dW| summed per unit (``pruners.taylor``).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruners.model_info import ModelDims, decoder_layers
+from pruners.score_cache import ImportanceScores
+from pruners.taylor import compute_taylor_scores
 
 log = logging.getLogger(__name__)
-
-CRITERIA = ("magnitude", "activation", "block_influence")
-DATA_CRITERIA = ("activation", "block_influence")
 
 # Used only when a data-driven criterion is chosen without calibration prompts.
 DEFAULT_CALIBRATION = (
@@ -46,24 +52,6 @@ DEFAULT_CALIBRATION = (
     "The central bank raised interest rates by a quarter point, citing persistent inflation in "
     "services and a labour market that remains tight.",
 )
-
-
-@dataclass
-class ImportanceScores:
-    """Per-layer unit scores in the model's current channel/group order."""
-    criterion: str
-    ffn: torch.Tensor         # [layers, intermediate]
-    kv_groups: torch.Tensor   # [layers, num_kv_heads]
-    layers: torch.Tensor      # [layers]
-    layer_source: str         # "block_influence" or "magnitude"
-
-    def to_dict(self) -> dict:
-        return {"criterion": self.criterion, "ffn": self.ffn, "kv_groups": self.kv_groups,
-                "layers": self.layers, "layer_source": self.layer_source}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ImportanceScores":
-        return cls(**data)
 
 
 def _norms(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -159,18 +147,65 @@ def tokenize_calibration(texts: Sequence[str], tokenizer, max_tokens: int) -> li
     return ids
 
 
-def compute_importance(model: nn.Module, criterion: str, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown importance criterion '{criterion}': choose from {', '.join(CRITERIA)}")
-    dims = ModelDims.from_model(model)
-    ffn, groups, layer_scores = magnitude_scores(model, dims)
-    if criterion == "magnitude":
-        return ImportanceScores(criterion, ffn, groups, layer_scores, "magnitude")
+def magnitude_importance(model: nn.Module, _calibration_ids: Sequence[torch.Tensor] | None = None) -> ImportanceScores:
+    """Data-free: every unit and layer by its weight norms."""
+    ffn, groups, layer_scores = magnitude_scores(model, ModelDims.from_model(model))
+    return ImportanceScores("magnitude", ffn, groups, layer_scores, "magnitude")
+
+
+def _calibration_activations(model: nn.Module, criterion: str,
+                             calibration_ids: Sequence[torch.Tensor] | None) -> _Activations:
     if not calibration_ids:
         raise ValueError(f"importance '{criterion}' needs calibration prompts")
     acts = collect_activations(model, calibration_ids)
-    block_influence = (1.0 - acts.cos_sum / acts.tokens).float()
-    if criterion == "activation":
-        ffn, groups = wanda_scores(model, dims, acts)
     log.info("importance %s from %d calibration tokens", criterion, acts.tokens)
-    return ImportanceScores(criterion, ffn, groups, block_influence, "block_influence")
+    return acts
+
+
+def _block_influence(acts: _Activations) -> torch.Tensor:
+    return (1.0 - acts.cos_sum / acts.tokens).float()
+
+
+@torch.no_grad()
+def activation_importance(model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
+    """Wanda-style units, Block Influence layers."""
+    acts = _calibration_activations(model, "activation", calibration_ids)
+    ffn, groups = wanda_scores(model, ModelDims.from_model(model), acts)
+    return ImportanceScores("activation", ffn, groups, _block_influence(acts), "block_influence")
+
+
+@torch.no_grad()
+def block_influence_importance(model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
+    """ShortGPT: Block Influence layers; units by magnitude."""
+    ffn, groups, _ = magnitude_scores(model, ModelDims.from_model(model))
+    acts = _calibration_activations(model, "block_influence", calibration_ids)
+    return ImportanceScores("block_influence", ffn, groups, _block_influence(acts), "block_influence")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """An importance criterion as the engine takes it; ``name`` keys the score cache."""
+    name: str
+    needs_calibration: bool    # scores read calibration prompts (the engine tokenises them)
+    score: Callable[[nn.Module, Sequence[torch.Tensor] | None], ImportanceScores]
+
+    def __call__(self, model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
+        return self.score(model, calibration_ids)
+
+
+IMPORTANCE: dict[str, Criterion] = {c.name: c for c in (
+    Criterion("magnitude", False, magnitude_importance),
+    Criterion("activation", True, activation_importance),
+    Criterion("block_influence", True, block_influence_importance),
+    Criterion("taylor", True, compute_taylor_scores),
+)}
+
+
+def get_importance(importance: str | Criterion) -> Criterion:
+    """A registered criterion by name, or the criterion object given."""
+    if isinstance(importance, Criterion):
+        return importance
+    try:
+        return IMPORTANCE[importance]
+    except KeyError:
+        raise ValueError(f"unknown importance criterion '{importance}': choose from {', '.join(IMPORTANCE)}") from None

@@ -1,4 +1,4 @@
-"""Disk cache of importance scores, keyed so that a stale entry can never be reused.
+"""Importance scores and their disk cache, keyed so that a stale entry can never be reused.
 
 Key = model name + full config + a weight fingerprint (detects a different checkpoint with the
 same config, and a model whose channels were already reordered) + criterion + calibration hash.
@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,11 +17,28 @@ from torch import nn
 
 from common.files import atomic_write_bytes
 
-from pruners.importance import ImportanceScores
 from pruners.model_info import decoder_layers
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+
+
+@dataclass
+class ImportanceScores:
+    """Per-layer unit scores in the model's current channel/group order (what every criterion returns)."""
+    criterion: str
+    ffn: torch.Tensor         # [layers, intermediate]
+    kv_groups: torch.Tensor   # [layers, num_kv_heads]
+    layers: torch.Tensor      # [layers]
+    layer_source: str         # the criterion that scored the layers: "block_influence", "magnitude", "taylor"
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "ffn": self.ffn, "kv_groups": self.kv_groups,
+                "layers": self.layers, "layer_source": self.layer_source}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ImportanceScores":
+        return cls(**data)
 
 
 def weight_fingerprint(model: nn.Module) -> str:

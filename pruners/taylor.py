@@ -9,23 +9,20 @@ over a calibration set (language-modelling loss, one sequence at a time):
   and the matching columns of o_proj (a whole group, so GQA shapes stay valid);
 - layer: every projection weight of the block.
 
-Scores are cached on disk with the engine's own cache key (model config, weight fingerprint,
-calibration), so a repeated sweep does not pay the backward passes again.
+It is registered as the engine criterion ``"taylor"`` (``pruners.importance.IMPORTANCE``), so the
+engine caches its scores on disk like every other criterion and a repeated sweep does not pay
+the backward passes again.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from common import offline
-from pruners import ImportanceScores, ModelDims
-from pruners.importance import tokenize_calibration
-from pruners.model_info import decoder_layers
-from pruners.score_cache import cache_key, load_or_compute
+from pruners.model_info import ModelDims, decoder_layers
+from pruners.score_cache import ImportanceScores
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +78,3 @@ def compute_taylor_scores(model: nn.Module, calibration_ids: Sequence[torch.Tens
     log.info("taylor importance from %d calibration tokens", sum(ids.numel() for ids in calibration_ids))
     return scores
 
-
-def taylor_scores(model: nn.Module, tokenizer, calibration: Sequence[str], max_tokens: int = 256,
-                  cache_dir: Path | None = None) -> ImportanceScores:
-    """Taylor scores of ``model`` in its current unit order, from the disk cache when present."""
-    cache_dir = offline.cache_dir() / "importance" if cache_dir is None else Path(cache_dir)
-    path = cache_dir / f"{CRITERION}-{cache_key(model, CRITERION, list(calibration), max_tokens)}.pt"
-    scores, _ = load_or_compute(
-        path, lambda: compute_taylor_scores(model, tokenize_calibration(list(calibration), tokenizer, max_tokens)))
-    return scores

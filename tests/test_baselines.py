@@ -108,7 +108,7 @@ def test_budget_outside_the_ladder_is_logged(tiny, tmp_path, caplog):
 
 def test_budget_needs_a_structural_engine(tiny, tmp_path):
     from pruners import PruningEngine
-    engine = PruningEngine(tiny.model, mode="mask", cache_dir=tmp_path)
+    engine = PruningEngine(tiny.model, mode="mask", importance="magnitude", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="structural"):
         match_budget(engine, "ffn_neurons", 0.3)
 

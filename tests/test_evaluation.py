@@ -38,7 +38,7 @@ def corpus(text: str = TEXT) -> CorpusText:
 class ScalingEngine:
     """Stands in for PruningEngine: a real, visible weight change per action, restored from a copy."""
 
-    kv_hook = None
+    kv_pruner = None
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.weight = model.model.layers[0].mlp.down_proj.weight
@@ -58,7 +58,7 @@ class ScalingEngine:
 
 
 def real_engine(model):
-    return PruningEngine(model, mode="structural")
+    return PruningEngine(model, mode="structural", importance="magnitude")
 
 
 ENGINES = [ScalingEngine, real_engine]
@@ -69,7 +69,7 @@ class CheckingEngine:
 
     def __init__(self, engine, model: torch.nn.Module) -> None:
         self.engine, self.model = engine, model
-        self.kv_hook = None
+        self.kv_pruner = None
         self.probe = torch.arange(3, 40).unsqueeze(0)
         self.dense = self.logits()
         self.requests = 0

@@ -76,7 +76,7 @@ def test_round_trip(tiny, ids, tmp_path, label):
 
 
 def test_export_restores_the_engine_state(tiny, ids, tmp_path):
-    engine = PruningEngine(tiny.model, cache_dir=tmp_path)
+    engine = PruningEngine(tiny.model, importance="magnitude", cache_dir=tmp_path)
     current = PruningAction("transformer_layers", 0.25)
     engine.apply(current)
     before = logits(tiny.model, ids)
@@ -86,7 +86,7 @@ def test_export_restores_the_engine_state(tiny, ids, tmp_path):
 
 
 def test_non_uniform_heads_refused_with_a_uniform_alternative(tiny, tmp_path):
-    engine = PruningEngine(tiny.model, cache_dir=tmp_path)
+    engine = PruningEngine(tiny.model, importance="magnitude", cache_dir=tmp_path)
     with pytest.raises(ExportError, match=r"keeps \[1, 2\] KV groups.*attention_heads:0\.5"):
         export_pruned(tiny, engine, PruningAction("attention_heads", 0.25), tmp_path / "out")
     with pytest.raises(ExportError, match="removes no weights"):
@@ -95,7 +95,7 @@ def test_non_uniform_heads_refused_with_a_uniform_alternative(tiny, tmp_path):
 
 
 def test_export_dense_action_is_the_dense_model(tiny, ids, tmp_path):
-    engine = PruningEngine(tiny.model, cache_dir=tmp_path)
+    engine = PruningEngine(tiny.model, importance="magnitude", cache_dir=tmp_path)
     export_pruned(tiny, engine, NONE, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert (logits(reloaded, ids) - logits(tiny.model, ids)).abs().max() < 1e-5
@@ -114,7 +114,7 @@ def test_embedded_ffn_half_round_trip(embedded_loaded, tmp_path):
     """SmolLM2-135M: tied 49k embedding, 9 heads / 3 KV groups, FFN 1536 -> 768."""
     loaded = model_loader.LoadedModel(copy.deepcopy(embedded_loaded.model), embedded_loaded.tokenizer,
                                       embedded_loaded.name, embedded_loaded.source)
-    engine = PruningEngine(loaded.model, cache_dir=tmp_path)
+    engine = PruningEngine(loaded.model, importance="magnitude", cache_dir=tmp_path)
     ids = loaded.tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
     record = check_round_trip(loaded, engine, PruningAction("ffn_neurons", 0.5), tmp_path / "out", ids)
     assert record["shapes"]["after"]["intermediate_size"] == 768

@@ -14,8 +14,10 @@ from controller.generation import generate, prefill
 from pruners import ACTION_SPACE, NONE, PruningAction
 from pruners.engine import PruningEngine
 from pruners.heads import allocate_group_removals
+from pruners.importance import IMPORTANCE, Criterion
 from pruners.kv_cache import KVCachePruner
 from pruners.model_info import ModelDims
+from pruners.param_budget import count_parameters
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5)
 WIDTH_TARGETS = ("attention_heads", "ffn_neurons")
@@ -96,8 +98,8 @@ def test_pruned_restores_after_exception(tiny, ids, tmp_path):
 def test_structural_equals_mask(tiny_loaded, ids, tmp_path, target):
     """Same importance -> same reorder on two copies; slicing must compute exactly what the mask does."""
     copies = [copy.deepcopy(tiny_loaded.model) for _ in range(2)]
-    structural = PruningEngine(copies[0], mode="structural", cache_dir=tmp_path)
-    mask = PruningEngine(copies[1], mode="mask", cache_dir=tmp_path)
+    structural = PruningEngine(copies[0], mode="structural", importance="magnitude", cache_dir=tmp_path)
+    mask = PruningEngine(copies[1], mode="mask", importance="magnitude", cache_dir=tmp_path)
     for level in LEVELS:
         action = PruningAction(target, level)
         with structural.pruned(action), mask.pruned(action):
@@ -150,11 +152,11 @@ def test_layer_pruning_keeps_cache_indices_consistent(tiny, tmp_path):
 @pytest.mark.parametrize("mode", ["structural", "mask"])
 def test_pruning_reduces_parameters_and_flops(tiny, ids, tmp_path, mode):
     engine = engine_for(tiny, tmp_path, mode=mode)
-    dense_params, dense_flops = engine.parameters_in_use(), flops(tiny.model, ids)
+    dense_params, dense_flops = count_parameters(tiny.model).total, flops(tiny.model, ids)
     for target in ("attention_heads", "ffn_neurons", "transformer_layers"):
         with engine.pruned(PruningAction(target, 0.5)):
             saves = mode == "structural" or target == "transformer_layers"   # masks are quality-only
-            assert (engine.parameters_in_use() < dense_params) == saves, target
+            assert (count_parameters(tiny.model).total < dense_params) == saves, target
             assert (flops(tiny.model, ids) < dense_flops) == saves, target
             assert (engine.ideal_speedup(engine.current_action) > 1.0) == saves, target
 
@@ -187,7 +189,7 @@ def test_kv_cache_is_shortened_to_its_budget(tiny, tmp_path, policy):
         with engine.pruned(PruningAction("kv_cache", level)):
             result = generate(tiny.model, prompt, 4, engine=engine)
             assert result.kv_applied
-            assert result.cache_tokens_after_prune == engine.kv_hook.budget(100) == round((1 - level) * 100)
+            assert result.cache_tokens_after_prune == engine.kv_pruner.budget(100) == round((1 - level) * 100)
 
 
 def test_kv_cache_skips_short_prompts(tiny, tmp_path):
@@ -227,7 +229,7 @@ def test_importance_cache_is_reused(tiny_loaded, tmp_path, monkeypatch):
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("importance recomputed despite a cache entry")
 
-    monkeypatch.setattr("pruners.engine.compute_importance", must_not_run)
+    monkeypatch.setitem(IMPORTANCE, "activation", Criterion("activation", True, must_not_run))
     second = fresh_engine(calibration)
     assert second.importance_from_cache
     assert torch.equal(second.scores.ffn, first.scores.ffn) and torch.equal(second.scores.layers, first.scores.layers)
@@ -239,7 +241,7 @@ def test_importance_cache_is_reused(tiny_loaded, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def embedded_engines(embedded_loaded, tmp_path_factory):
     cache = tmp_path_factory.mktemp("importance")
-    return {mode: PruningEngine(copy.deepcopy(embedded_loaded.model), mode=mode, cache_dir=cache)
+    return {mode: PruningEngine(copy.deepcopy(embedded_loaded.model), mode=mode, importance="magnitude", cache_dir=cache)
             for mode in ("structural", "mask")}
 
 

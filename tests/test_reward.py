@@ -2,14 +2,14 @@ import math
 
 import pytest
 
-from controller.reward import RewardConfig, compute_reward, reward_terms
+from controller.reward import RewardConfig, reward_terms
 
 
 def test_reward_trades_speed_against_quality():
     cfg = RewardConfig(alpha=1.0, beta=1.0, latency_budget=None)
-    assert compute_reward(cfg, speedup=1.0, ppl_ratio=1.0, kl=0.0) == 0.0
-    assert compute_reward(cfg, speedup=2.0, ppl_ratio=2.0, kl=0.0) == pytest.approx(0.0)
-    assert compute_reward(cfg, speedup=1.5, ppl_ratio=1.1, kl=0.0) == pytest.approx(math.log(1.5) - math.log(1.1))
+    assert reward_terms(cfg, speedup=1.0, ppl_ratio=1.0, kl=0.0).total == 0.0
+    assert reward_terms(cfg, speedup=2.0, ppl_ratio=2.0, kl=0.0).total == pytest.approx(0.0)
+    assert reward_terms(cfg, speedup=1.5, ppl_ratio=1.1, kl=0.0).total == pytest.approx(math.log(1.5) - math.log(1.1))
 
 
 def test_budget_penalises_overrun_and_tightens_on_battery():
@@ -24,6 +24,6 @@ def test_budget_penalises_overrun_and_tightens_on_battery():
 
 def test_non_finite_inputs_raise():
     with pytest.raises(FloatingPointError):
-        compute_reward(RewardConfig(), speedup=float("nan"), ppl_ratio=1.0, kl=0.0)
+        reward_terms(RewardConfig(), speedup=float("nan"), ppl_ratio=1.0, kl=0.0)
     with pytest.raises(FloatingPointError):
-        compute_reward(RewardConfig(), speedup=1.0, ppl_ratio=float("inf"), kl=0.0)
+        reward_terms(RewardConfig(), speedup=1.0, ppl_ratio=float("inf"), kl=0.0)
