@@ -93,6 +93,9 @@ def check_model_name(name: str) -> None:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a model directory (no config.json): pass a folder written by save_pretrained")
         return
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"no such folder: {path} (a local model is a folder written by save_pretrained; "
+                             "a Hugging Face id looks like org/name)")
     if "/" not in name:
         raise ModelLoadError(
             f"unknown model '{name}': use auto, {EMBEDDED_NAME}, tiny, llama-3.2-1b-shape, "

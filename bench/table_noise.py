@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from modes.run import load_table
+from modes.outputs import load_table
 
 
 def main(argv: list[str] | None = None) -> int:

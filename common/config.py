@@ -128,7 +128,7 @@ class EvalConfig:
 
 
 def _baseline_eval() -> EvalConfig:
-    return EvalConfig(tasks=(), wikitext_samples=8, speed_probe=False)
+    return EvalConfig(tasks=(), speed_probe=False)
 
 
 @dataclass

@@ -11,6 +11,8 @@ import os
 import socket
 from pathlib import Path
 
+from dotenv import load_dotenv
+
 from common.files import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -23,18 +25,6 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("ADAPTIVE_PRUNING_CACHE", PROJECT_ROOT / ".cache"))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def load_dotenv_file(path: Path = PROJECT_ROOT / ".env") -> None:
-    """Read KEY=VALUE lines from .env without overriding the real environment."""
-    if not path.is_file():
-        return
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
 
 
 def hub_reachable(timeout_s: float = 1.5) -> bool:
@@ -55,8 +45,8 @@ def is_offline() -> bool:
 
 
 def configure() -> bool:
-    """Set HF offline flags when the Hub cannot be reached. Returns True when online."""
-    load_dotenv_file()
+    """Set HF offline flags when the Hub cannot be reached (.env first: it may set them). True when online."""
+    load_dotenv(PROJECT_ROOT / ".env", override=False)
     os.environ.setdefault("HF_HOME", str(cache_dir() / "huggingface"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -70,4 +60,4 @@ def configure() -> bool:
     return False
 
 
-ONLINE = configure()
+configure()   # at import: the flags must be set before transformers/datasets/lm_eval read them

@@ -58,7 +58,14 @@ class RecordedHardware:
 
 
 def load_trace(path: str) -> list[list[float]]:
-    metrics = json.loads(Path(path).read_text())
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"--telemetry-trace {path} cannot be read ({err.strerror})") from err
+    except ValueError as err:
+        raise ValueError(f"--telemetry-trace {path} is not valid JSON ({err}): pass a train run's metrics.json") from err
+    if not isinstance(metrics, dict):
+        raise ValueError(f"--telemetry-trace {path} is not a run's metrics.json (a JSON object)")
     trace = [ep["hardware"] for ep in metrics.get("episodes", []) if ep.get("hardware")]
     if not trace:
         raise ValueError(f"--telemetry-trace {path} holds no recorded hardware states: pass a train run's metrics.json")

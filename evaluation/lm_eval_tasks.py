@@ -217,6 +217,9 @@ def _derived_config(task: str, path: Path, builtin_index: Mapping[str, Path | No
         raise EvaluationError(
             f"local data for lm-eval task '{task}' not found at {path}: pass --task-data {task}=PATH "
             "(or set ADAPTIVE_PRUNING_DATA to the shared data folder)")
+    if not path.is_dir() and (not path.is_file() or path.stat().st_size == 0):
+        raise EvaluationError(f"--task-data {task}={path}: the file is empty or not a regular file: pass a "
+                              f"file with the {task} records")
     known = KNOWN_TASKS.get(task)
     if known is not None:
         include, split = builtin_tasks_dir() / known.builtin_yaml, known.split
@@ -277,6 +280,8 @@ def _converted(task: str, path: Path, convert: Callable[[Path], list[dict]], cac
         records = convert(path)
     except (KeyError, ValueError, TypeError) as err:
         raise EvaluationError(f"--task-data {task}={path}: does not look like {task} data ({err!r})") from err
+    if not records:
+        raise EvaluationError(f"--task-data {task}={path}: the file is empty (no {task} records)")
     atomic_write_text(out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     log.info("converted %s for %s -> %s (%d records)", path, task, out, len(records))
     return out

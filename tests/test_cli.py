@@ -126,7 +126,7 @@ def test_ablated_state_zeroes_only_its_part():
 
 
 def test_best_static_can_skip_none():
-    from modes.run import best_static
+    from modes.test import best_static
     rows = [{"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.1}, "ffn_neurons:0.2": {"reward": -0.5}}},
             {"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.3}, "ffn_neurons:0.2": {"reward": 0.1}}}]
     assert best_static(rows) == "none"

@@ -59,7 +59,7 @@ def test_round_trip_and_missing_entry_message():
 def test_table_loads_from_a_table_file_or_a_run_metrics_file(tmp_path):
     import json
 
-    from modes.run import load_table
+    from modes.outputs import load_table
 
     table = LatencyTable({LatencyTable.key("loaded", "short", "none"): LatencyEntry(0.2, 0.03, 0.2, 0.03, 3)})
     (tmp_path / "latency_table.json").write_text(json.dumps(table.to_dict()))

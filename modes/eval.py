@@ -1,0 +1,37 @@
+"""--mode eval: WikiText-2 (and lm-eval tasks) for dense, static and policy-routed models."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from common.config import RunConfig
+from controller.session import action_space
+from controller.trainer import sigterm_as_interrupt
+from modes.outputs import finish_run, metrics_skeleton
+from pruners import PruningEngine
+from reporting import provenance
+from reporting import render as reporting
+
+log = logging.getLogger(__name__)
+
+
+def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
+    """WikiText-2 (and with --lm-eval, zero-shot tasks) for dense, static and policy-routed models."""
+    from evaluation.routes import expand_static_all
+    from evaluation.suite import run_evaluation
+    from model_loader import load_model
+
+    specs = expand_static_all(specs, action_space(cfg))
+
+    loaded = load_model(cfg.model, device=cfg.device)
+    engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
+                           importance=cfg.importance, tokenizer=loaded.tokenizer,
+                           kv_min_tokens=cfg.env.long_prompt_tokens)
+    run_dir = reporting.RunDir.create(Path(cfg.report_dir), "eval", loaded.name)
+    run_dir.write_config({**cfg.to_dict(), "eval": dataclasses.asdict(eval_cfg), "eval_models": specs})
+    prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device))
+    with sigterm_as_interrupt():
+        block = run_evaluation(loaded, specs, eval_cfg, engine=engine)
+    metrics = metrics_skeleton("eval", cfg, prov, sorted(block["models"]), evaluation=block)
+    return finish_run(run_dir, metrics)

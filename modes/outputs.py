@@ -1,0 +1,43 @@
+"""What every mode writes: the metrics.json skeleton, the rendered report, reused latency tables."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from common.config import RunConfig
+from controller.latency_table import LatencyTable
+from controller.records import SCHEMA_VERSION
+from reporting import render as reporting
+
+log = logging.getLogger(__name__)
+
+
+def metrics_skeleton(kind: str, cfg: RunConfig, prov: dict, action_space: list[str], **parts) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "partial": False, "partial_reason": None,
+            "provenance": prov, "config": cfg.to_dict(),
+            "action_space": action_space, **parts}
+
+
+def finish_run(run_dir, metrics: dict) -> Path:
+    run_dir.write_metrics(metrics)
+    path = reporting.render(run_dir.path)
+    print(reporting.console_summary(metrics))
+    print(f"report: {path}")
+    return run_dir.path
+
+
+def load_table(path: str) -> LatencyTable:
+    """A train run's latency_table.json, or any run's metrics.json (its table), for reproducible rewards.
+
+    A test run's table lets a second policy (an ablation) be tested on exactly the same timings.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--latency-table {path} not found: pass the latency_table.json or "
+                                "metrics.json of an earlier run")
+    try:
+        data = json.loads(file.read_text())
+        return LatencyTable.from_dict(data.get("latency_table", data))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"--latency-table {path} is not a latency table ({err})") from err

@@ -1,0 +1,128 @@
+"""--mode test: a saved policy against every static action and the oracle on held-out prompts."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from common.config import RunConfig
+from common.data import load_prompts
+from controller import checkpointing
+from controller.contention import contention, parse_scenarios
+from controller.records import to_jsonable
+from controller.router import agent_from_checkpoint
+from controller.session import open_session
+from controller.state import state_vector
+from controller.trainer import evaluate_prompts, greedy_chooser, load_trace
+from modes.outputs import finish_run, metrics_skeleton, load_table
+from reporting import provenance
+from reporting import render as reporting
+
+log = logging.getLogger(__name__)
+
+
+def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) -> RunConfig:
+    """Test with the settings the policy was trained under, unless the user set them explicitly."""
+    trained = payload["config"]
+    keep = {"model", "targets", "intensities", "structural", "importance", "ablation", "nlp_backend", "train_dataset",
+            "seed", "test_fraction", "scenarios"}
+    updates = {k: (tuple(v) if isinstance(v, list) else v) for k, v in trained.items()
+               if k in keep and k not in explicit}
+    reward = dataclasses.replace(cfg.reward, **{k: v for k, v in trained["reward"].items()
+                                                if f"reward.{k}" not in explicit})
+    env = dataclasses.replace(cfg.env, **{k: v for k, v in trained["env"].items() if f"env.{k}" not in explicit})
+    return dataclasses.replace(cfg, **updates, reward=reward, env=env)
+
+
+def best_static(rows: list[dict], pruning_only: bool = False) -> str:
+    """The static action with the highest mean reward over the test prompts (hindsight choice).
+
+    ``pruning_only`` skips ``none``: the evaluation always shows one pruned static model beside
+    dense and the policy, even when staying dense earned the most reward.
+    """
+    labels = [a for a in rows[0]["static"] if not (pruning_only and a == "none")]
+    return max(labels, key=lambda a: sum(r["static"][a]["reward"] for r in rows) / len(rows))
+
+
+def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: str | None = None,
+             eval_cfg=None, ablation_checkpoints: Sequence[str] = ()) -> Path:
+    """Policy vs every static action vs the oracle on held-out prompts, per scenario.
+
+    With `eval_cfg` (--lm-eval) the dense model, the best static pruning action and the policy are
+    also evaluated on WikiText-2 and the lm-eval tasks. `ablation_checkpoints` are further policies
+    (trained with --ablation) that decide on the same observations, paired with the main policy.
+    """
+    payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
+    others = {path: checkpointing.load_checkpoint(Path(path)) for path in ablation_checkpoints}
+    cfg = config_from_checkpoint(cfg, payload, explicit)
+    if cfg.test_dataset and cfg.test_dataset != cfg.train_dataset:
+        prompt_set = load_prompts(cfg.test_dataset, seed=cfg.seed)
+    else:   # the held-out split of the training data set: never a training prompt
+        prompt_set = load_prompts(cfg.train_dataset, seed=cfg.seed).split(cfg.test_fraction, seed=cfg.seed)[1]
+    prompts = list(prompt_set.take(cfg.test_samples).prompts)
+    with open_session(cfg) as s:
+        cfg = s.cfg
+        agent, _ = agent_from_checkpoint(payload, s.loaded.name)
+        labels = [a.label for a in s.actions]
+        choosers = ablation_choosers(others, s.loaded.name, labels, s.analyzer.backend)
+        s.env.set_calibration_prompts([p.text for p in prompts])
+        s.analyzer.analyze_batch([p.text for p in prompts], tokenizer=s.loaded.tokenizer, progress=True)
+        run_dir = reporting.RunDir.create(Path(cfg.report_dir), "test", s.loaded.name)
+        run_dir.write_config({**cfg.to_dict(), "ablation_checkpoints": list(ablation_checkpoints)})
+        scenarios = parse_scenarios(test_scenarios or cfg.scenarios)
+        prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
+                                  scenario=",".join(sc.name for sc in scenarios), nlp_backend=s.analyzer.backend)
+        results: list = []
+        ablations: dict[str, list] = {name: [] for name in choosers}
+        if cfg.latency_table:
+            s.env.table = load_table(cfg.latency_table)
+        else:
+            s.env.calibrate("idle", s.actions)
+        trace = load_trace(cfg.telemetry_trace) if cfg.telemetry_trace else None
+        for scenario in scenarios:
+            replay = trace is not None and s.env.table.has(scenario.name)   # nothing depends on the live load
+            with contextlib.nullcontext() if replay else contention(scenario):
+                if scenario.loaded and not replay:
+                    time.sleep(0.5)
+                if not s.env.table.has(scenario.name):
+                    s.env.calibrate(scenario.name, s.actions)
+                main, other = evaluate_prompts(s, prompts, scenario.name, greedy_chooser(agent), choosers,
+                                               trace=trace)
+                results += main
+                for name, rows in other.items():
+                    ablations[name] += rows
+                partial = metrics_skeleton("test", cfg, prov, labels, prompts=to_jsonable(results))
+                partial.update(partial=True, partial_reason="test still running")
+                run_dir.write_metrics(partial)
+        rows = to_jsonable(results)
+        extra = {"ablations": to_jsonable(ablations)} if ablations else {}
+        if eval_cfg is not None:
+            from evaluation.suite import run_evaluation
+            specs = ["dense", f"static:{best_static(rows, pruning_only=True)}", f"policy:{cfg.checkpoint}"]
+            extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
+        metrics = metrics_skeleton("test", cfg, prov, labels, prompts=rows, checkpoint=str(cfg.checkpoint),
+                           latency_table=s.env.table.to_dict(), **extra)
+        return finish_run(run_dir, metrics)
+
+
+def ablation_choosers(payloads: dict[str, dict], model_id: str, labels: list[str],
+                      backend: str) -> dict[str, Callable]:
+    """name -> chooser of an Observation, one per ablation checkpoint (named by its --ablation)."""
+    choosers: dict[str, Callable] = {}
+    for path, payload in payloads.items():
+        other, actions = agent_from_checkpoint(payload, model_id)
+        if [a.label for a in actions] != labels:
+            raise ValueError(f"--ablation-checkpoints {path} was trained on another action space "
+                             f"({len(actions)} actions vs {len(labels)}): train it with the same --targets/--intensities")
+        trained_backend = payload["config"].get("nlp_backend", "auto")
+        if trained_backend not in ("auto", backend):
+            raise ValueError(f"--ablation-checkpoints {path} saw {trained_backend} prompt features, the policy "
+                             f"{backend}: train both with the same --nlp-backend")
+        ablation = payload["config"].get("ablation", "none")
+        name = ablation if ablation != "none" and ablation not in choosers else Path(path).stem
+        choosers[name] = (lambda obs, choose=greedy_chooser(other), ablation=ablation:
+                          choose(state_vector(obs.hardware, obs.features, ablation)))
+    return choosers
