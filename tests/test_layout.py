@@ -1,0 +1,63 @@
+"""The layout stays readable: a few root modules, documented packages, imports only downwards."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Higher layers may import lower ones, never the reverse (README "Layout"). Same-rank packages
+# (evaluation, reporting) may not import each other.
+RANK = {"common": 0, "model_loader": 1, "nlp_analyzer": 1, "pruners": 2, "controller": 3,
+        "evaluation": 4, "reporting": 4, "modes": 5, "adaptive_pruning": 6}
+PACKAGES = ("common", "pruners", "controller", "evaluation", "reporting", "modes")
+
+
+def project_modules() -> list[Path]:
+    files = [p for p in ROOT.glob("*.py")]
+    for package in PACKAGES:
+        files += sorted((ROOT / package).rglob("*.py"))
+    return files
+
+
+def owner(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imported_tops(path: Path) -> set[str]:
+    """Top-level project names imported anywhere in the file (function-level imports included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & set(RANK)
+
+
+def test_root_holds_at_most_six_modules():
+    assert len(list(ROOT.glob("*.py"))) <= 6, sorted(p.name for p in ROOT.glob("*.py"))
+
+
+def test_every_package_says_what_it_owns_and_may_import():
+    for package in PACKAGES:
+        doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
+        assert doc and "May import" in doc, package
+
+
+def test_imports_only_run_downwards():
+    upward = []
+    for path in project_modules():
+        me = owner(path)
+        for name in imported_tops(path) - {me}:
+            if RANK[name] >= RANK[me]:
+                upward.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_config_module_imports_no_torch():
+    assert not {"torch", "transformers", "numpy"} & {
+        n.split(".")[0] for node in ast.walk(ast.parse((ROOT / "common" / "config.py").read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])}
