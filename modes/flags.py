@@ -311,3 +311,19 @@ def baseline_config(args: argparse.Namespace) -> BaselineConfig:
 
 def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
     return _filled("calibration", CalibrationConfig(), args)
+
+
+def flag_matrix() -> str:
+    """The README's flag x mode table (regenerate with ``python -m modes.flags`` after adding a flag)."""
+    shown = [m for m in MODES if m != "report"]
+    lines = ["| flag | " + " | ".join(shown) + " | default |", "|---|" + "---|" * len(shown) + "---|"]
+    for flag in FLAGS:
+        default = _default(flag.dest)
+        text = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        cells = " | ".join("✓" if m in flag.modes else "" for m in shown)
+        lines.append(f"| `{flag.name}` | {cells} | {'' if default is None or flag.switch else f'`{text}`'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(flag_matrix())
