@@ -84,9 +84,9 @@ def cli() -> int:
     returned both signals are ignored: CPython resets Python-level handlers to the default action
     during finalization, so a late Ctrl-C would otherwise kill the process while it tears down.
     """
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, interrupt)
+    from common.signals import install_sigterm_interrupt
+
+    install_sigterm_interrupt()
     try:
         return main()
     except KeyboardInterrupt:   # landed after main's own handler had finished

@@ -28,7 +28,7 @@ def held_out_mse(states: np.ndarray, actions: np.ndarray, rewards: np.ndarray, p
     is_held = np.array([p in held for p in prompt_ids])
     agent = DoubleDQNAgent(states.shape[1], n_actions, replace(cfg, seed=seed))
     for i in np.flatnonzero(~is_held):
-        agent.observe(states[i], int(actions[i]), float(rewards[i]), states[i], True)
+        agent.store_and_learn(states[i], int(actions[i]), float(rewards[i]), states[i], True)
     predicted = np.array([agent.q_values(states[i])[actions[i]] for i in np.flatnonzero(is_held)])
     return float(np.mean((predicted - rewards[is_held]) ** 2))
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from controller.load_generator import LoadGenerator, LoadLevel
+
+SETTLE_S = 0.5   # > two telemetry samples at the default rate, so the first decision under load sees it
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,15 @@ class ScenarioSchedule:
         return self.scenarios[int(order[slot])]
 
 
-def contention(scenario: Scenario):
-    """Context manager running the scenario's load for as long as it is entered."""
-    return LoadGenerator(scenario.load) if scenario.loaded else contextlib.nullcontext()
+@contextlib.contextmanager
+def contention(scenario: Scenario, settle_s: float = SETTLE_S) -> Iterator[None]:
+    """Run the scenario's load for as long as the block runs, entering it once the load has settled.
+
+    The wait lets the telemetry sampler's CPU window see the load before the first decision under it.
+    """
+    if not scenario.loaded:
+        yield
+        return
+    with LoadGenerator(scenario.load):
+        time.sleep(settle_s)
+        yield

@@ -156,7 +156,7 @@ class DoubleDQNAgent:
             return int(self.rng.integers(self.n_actions)), True, q
         return int(np.argmax(q)), False, q
 
-    def observe(self, state, action: int, reward: float, next_state, done: bool) -> float | None:
+    def store_and_learn(self, state, action: int, reward: float, next_state, done: bool) -> float | None:
         """Store one transition and train when due; returns the mean loss of this call's updates."""
         state = np.asarray(state, dtype=np.float64)
         self.normalizer.update(state)

@@ -30,7 +30,7 @@ class PolicyRouter:
 
     def choose(self, text: str) -> PruningAction:
         started = time.perf_counter()
-        obs = self.states.observe(text)
+        obs = self.states.build(text)
         action = self.actions[int(np.argmax(self.agent.q_values(obs.state)))]
         self.overhead_s += time.perf_counter() - started
         self.decisions += 1

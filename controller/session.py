@@ -30,13 +30,20 @@ def action_space(cfg: RunConfig) -> list[PruningAction]:
     return build_action_space(ActionSpaceConfig(targets=tuple(cfg.targets), intensities=tuple(cfg.intensities)))
 
 
+def build_engine(cfg: RunConfig, loaded: LoadedModel) -> PruningEngine:
+    """The run's engine: the same mode, importance and KV threshold in train, test and eval.
+
+    Importance reads the engine's fixed built-in calibration prompts, so every mode prunes the
+    same units for the same action.
+    """
+    return PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
+                         importance=cfg.importance, tokenizer=loaded.tokenizer,
+                         kv_min_tokens=cfg.env.long_prompt_tokens)
+
+
 @contextlib.contextmanager
 def open_session(cfg: RunConfig):
-    """Yields a Session; the telemetry sampler runs for the session's lifetime.
-
-    Importance uses the engine's fixed built-in calibration prompts, so train, test and eval
-    prune the same units for the same action.
-    """
+    """Yields a Session; the telemetry sampler runs for the session's lifetime."""
     from nlp_analyzer import PromptAnalyzer
     from controller.telemetry import TelemetrySampler
 
@@ -44,9 +51,7 @@ def open_session(cfg: RunConfig):
     if cfg.env.max_new_tokens >= loaded.context_length // 2:
         raise ValueError(f"--max-new-tokens {cfg.env.max_new_tokens} leaves too little of {loaded.name}'s "
                          f"{loaded.context_length}-token context for the prompt: use at most {loaded.context_length // 2 - 1}")
-    engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
-                           importance=cfg.importance, tokenizer=loaded.tokenizer,
-                           kv_min_tokens=cfg.env.long_prompt_tokens)
+    engine = build_engine(cfg, loaded)
     budget = cfg.observation_budget_ms if cfg.observation_budget_ms > 0 else None
     analyzer = PromptAnalyzer(cfg.nlp_backend, budget_ms=budget)
     cfg = replace(cfg, nlp_backend=analyzer.backend)   # checkpoints store the backend used, not "auto"

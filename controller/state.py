@@ -32,7 +32,7 @@ class StateBuilder:
             raise ValueError(f"unknown ablation '{ablation}': choose from {', '.join(ABLATIONS)}")
         self.analyzer, self.sampler, self.tokenizer, self.ablation = analyzer, sampler, tokenizer, ablation
 
-    def observe(self, text: str, hardware=None) -> Observation:
+    def build(self, text: str, hardware=None) -> Observation:
         """`hardware` replays a recorded HardwareState instead of reading the sampler."""
         started = time.perf_counter()
         hw = hardware if hardware is not None else self.sampler.latest()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,22 +25,6 @@ from controller.session import Session
 from controller.state import state_feature_names
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt so both end the run through the same save path."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:           # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def train_prompts(spec: str, seed: int, test_fraction: float, samples: int) -> list[Prompt]:
@@ -72,11 +55,12 @@ def load_trace(path: str) -> list[list[float]]:
     return trace
 
 
-def observe(session: Session, prompt: Prompt, trace: list[list[float]] | None, index: int):
-    """Live telemetry, or the index-th recorded hardware state (cyclically) when replaying a trace."""
+def observe_or_replay(session: Session, prompt: Prompt, trace: list[list[float]] | None, index: int):
+    """The prompt's Observation under live telemetry, or under the index-th recorded hardware state
+    (cyclically) when replaying a trace."""
     if trace is None:
-        return session.states.observe(prompt.text)
-    return session.states.observe(prompt.text, hardware=RecordedHardware(trace[index % len(trace)]))
+        return session.states.build(prompt.text)
+    return session.states.build(prompt.text, hardware=RecordedHardware(trace[index % len(trace)]))
 
 
 class Trainer:
@@ -143,7 +127,6 @@ class Trainer:
                     # the live load, so none is generated.
                     if self.trace is None or not self.s.env.table.has(scenario.name):
                         load.enter_context(contention(scenario))
-                        time.sleep(0.5 if scenario.loaded else 0.0)   # let telemetry see the load
                     self.ensure_calibrated(scenario.name)
                 records = self.episode(episode, scenario.name)
                 self.episodes.extend(records)
@@ -153,10 +136,6 @@ class Trainer:
                     self.save(self.next_episode)
                     metrics_writer(self.episodes, partial=True, reason="training in progress")
         self.save(cfg.episodes)
-
-    def observe(self, prompt: Prompt):
-        """Live telemetry, or the recorded state of this decision when replaying a trace."""
-        return observe(self.s, prompt, self.trace, len(self.episodes))
 
     def segments(self, prompt: Prompt) -> list[tuple[int, int | None]]:
         """(start, length) of each decision: one for the whole continuation, or one every N tokens."""
@@ -180,7 +159,7 @@ class Trainer:
         prompt = self.prompts[self.order[episode % len(self.prompts)]]
         epsilon = linear_epsilon(cfg.dqn, episode, cfg.episodes)
         records: list[EpisodeRecord] = []
-        obs = self.observe(prompt)
+        obs = observe_or_replay(self.s, prompt, self.trace, len(self.episodes))
         try:
             ref = env.reference(prompt)
             segments = self.segments(prompt)
@@ -198,8 +177,8 @@ class Trainer:
             try:
                 outcome = env.step(prompt, self.s.actions[index], scenario, hardware=obs.hardware,
                                    start=start, length=length)
-                next_obs = obs if last else self.observe(prompt)
-                loss = agent.observe(obs.state, index, outcome.reward, next_obs.state, last)
+                next_obs = obs if last else observe_or_replay(self.s, prompt, self.trace, len(self.episodes))
+                loss = agent.store_and_learn(obs.state, index, outcome.reward, next_obs.state, last)
             except (RuntimeError, FloatingPointError, ValueError) as err:   # OOM is a RuntimeError
                 self.s.engine.restore()
                 records.append(self._failed(episode, prompt, scenario, obs, epsilon, err, ref, **decision))
@@ -235,7 +214,7 @@ def evaluate_prompts(session: Session, prompts: list[Prompt], scenario_name: str
     env, results = session.env, []
     other_results: dict[str, list[PromptResult]] = {name: [] for name in others or {}}
     for i, prompt in enumerate(tqdm(prompts, desc=f"test [{scenario_name}]", leave=False)):
-        obs = observe(session, prompt, trace, i)
+        obs = observe_or_replay(session, prompt, trace, i)
         started = time.perf_counter()
         index = choose(obs.state)
         controller_s = obs.controller_s + time.perf_counter() - started

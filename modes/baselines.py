@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from common.config import RunConfig
-from controller.trainer import sigterm_as_interrupt
+from common.signals import sigterm_as_interrupt
 from modes.outputs import finish_run, metrics_skeleton
 from reporting import provenance
 from reporting import render as reporting

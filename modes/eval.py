@@ -6,10 +6,9 @@ import logging
 from pathlib import Path
 
 from common.config import RunConfig
-from controller.session import action_space
-from controller.trainer import sigterm_as_interrupt
+from common.signals import sigterm_as_interrupt
+from controller.session import action_space, build_engine
 from modes.outputs import finish_run, metrics_skeleton
-from pruners import PruningEngine
 from reporting import provenance
 from reporting import render as reporting
 
@@ -25,9 +24,7 @@ def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
     specs = expand_static_all(specs, action_space(cfg))
 
     loaded = load_model(cfg.model, device=cfg.device)
-    engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
-                           importance=cfg.importance, tokenizer=loaded.tokenizer,
-                           kv_min_tokens=cfg.env.long_prompt_tokens)
+    engine = build_engine(cfg, loaded)
     run_dir = reporting.RunDir.create(Path(cfg.report_dir), "eval", loaded.name)
     run_dir.write_config({**cfg.to_dict(), "eval": dataclasses.asdict(eval_cfg), "eval_models": specs})
     prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device))

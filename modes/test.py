@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +19,7 @@ from controller.trainer import evaluate_prompts, greedy_chooser, load_trace
 from modes.outputs import finish_run, metrics_skeleton, load_table
 from reporting import provenance
 from reporting import render as reporting
+from reporting.summaries import best_static
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,6 @@ def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) ->
                                                 if f"reward.{k}" not in explicit})
     env = dataclasses.replace(cfg.env, **{k: v for k, v in trained["env"].items() if f"env.{k}" not in explicit})
     return dataclasses.replace(cfg, **updates, reward=reward, env=env)
-
-
-def best_static(rows: list[dict], pruning_only: bool = False) -> str:
-    """The static action with the highest mean reward over the test prompts (hindsight choice).
-
-    ``pruning_only`` skips ``none``: the evaluation always shows one pruned static model beside
-    dense and the policy, even when staying dense earned the most reward.
-    """
-    labels = [a for a in rows[0]["static"] if not (pruning_only and a == "none")]
-    return max(labels, key=lambda a: sum(r["static"][a]["reward"] for r in rows) / len(rows))
 
 
 def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: str | None = None,
@@ -85,8 +75,6 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
         for scenario in scenarios:
             replay = trace is not None and s.env.table.has(scenario.name)   # nothing depends on the live load
             with contextlib.nullcontext() if replay else contention(scenario):
-                if scenario.loaded and not replay:
-                    time.sleep(0.5)
                 if not s.env.table.has(scenario.name):
                     s.env.calibrate(scenario.name, s.actions)
                 main, other = evaluate_prompts(s, prompts, scenario.name, greedy_chooser(agent), choosers,
@@ -101,6 +89,7 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
         extra = {"ablations": to_jsonable(ablations)} if ablations else {}
         if eval_cfg is not None:
             from evaluation.suite import run_evaluation
+            # the report's best static over all test prompts, pruned: dense is scored beside it anyway
             specs = ["dense", f"static:{best_static(rows, pruning_only=True)}", f"policy:{cfg.checkpoint}"]
             extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
         metrics = metrics_skeleton("test", cfg, prov, labels, prompts=rows, checkpoint=str(cfg.checkpoint),

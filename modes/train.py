@@ -8,7 +8,8 @@ from pathlib import Path
 from common.config import RunConfig
 from controller.records import to_jsonable
 from controller.session import open_session
-from controller.trainer import Trainer, sigterm_as_interrupt, train_prompts
+from common.signals import sigterm_as_interrupt
+from controller.trainer import Trainer, train_prompts
 from modes.outputs import finish_run, metrics_skeleton, load_table
 from reporting import provenance
 from reporting import render as reporting

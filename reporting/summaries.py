@@ -317,11 +317,25 @@ def summarize_test(prompts: Sequence, ablations: Mapping | None = None, action_s
     }
 
 
+def best_static(rows: Sequence[Mapping], actions: Sequence[str] | None = None, pruning_only: bool = False) -> str | None:
+    """The static action with the highest mean reward over these prompts (a hindsight choice).
+
+    The one rule behind the report's "best static" (per scenario, and over all scenarios) and the
+    static model ``--lm-eval`` scores: the mean is over the prompts where the action has a finite
+    reward, and a tie goes to dense, then to the earlier action in ``actions`` (default: the rows'
+    own order, the action space's). ``rows`` are PromptResults as metrics.json holds them (dicts).
+    ``pruning_only`` leaves dense out, for a comparison that already shows it.
+    """
+    labels = actions if actions is not None else list(dict.fromkeys(a for r in rows for a in r["static"]))
+    means = {a: mean_or_none(_static_metric(r, a, "reward") for r in rows)
+             for a in labels if not (pruning_only and a == DENSE)}
+    return max((a for a, m in means.items() if m is not None), key=lambda a: (means[a], a == DENSE), default=None)
+
+
 def _test_group(rows: list[dict], edges: list[float], order: list[str], seed: int) -> dict:
     statics = [a for a in order if any(a in r["static"] for r in rows)]
     static = {a: _static_summary([r["static"].get(a) for r in rows], seed) for a in statics}
-    best = max((a for a in statics if static[a]["reward"]["mean"] is not None),
-               key=lambda a: (static[a]["reward"]["mean"], a == DENSE), default=None)
+    best = best_static(rows, statics)
     policy_r = [r["policy"]["reward"] for r in rows]
     oracle_r = [r["oracle_reward"] for r in rows]
     random_r = [_random_metric(r, "reward") for r in rows]

@@ -14,7 +14,7 @@ def _payload(agent):
 def test_round_trip_gives_same_q_values(tmp_path):
     agent = DoubleDQNAgent(2, 2, DQNConfig(seed=1, learning_starts=2))
     for i in range(10):
-        agent.observe(np.array([i, 1.0]), i % 2, float(i % 3), np.array([i, 1.0]), True)
+        agent.store_and_learn(np.array([i, 1.0]), i % 2, float(i % 3), np.array([i, 1.0]), True)
     save_checkpoint(tmp_path / "p.pt", _payload(agent))
     loaded = load_checkpoint(tmp_path / "p.pt")
     other = DoubleDQNAgent(2, 2, DQNConfig(seed=7))

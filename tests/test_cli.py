@@ -125,14 +125,6 @@ def test_ablated_state_zeroes_only_its_part():
         state_vector(hw, pf, "no_anything")
 
 
-def test_best_static_can_skip_none():
-    from modes.test import best_static
-    rows = [{"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.1}, "ffn_neurons:0.2": {"reward": -0.5}}},
-            {"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.3}, "ffn_neurons:0.2": {"reward": 0.1}}}]
-    assert best_static(rows) == "none"
-    assert best_static(rows, pruning_only=True) == "kv_cache:0.2"
-
-
 def test_test_mode_with_lm_eval_evaluates_dense_a_pruned_static_and_the_policy(tmp_path):
     ckpt = tmp_path / "p.pt"
     assert adaptive_pruning.main(["--mode", "train", "--episodes", "2", "--checkpoint", str(ckpt),

@@ -82,7 +82,7 @@ def _bandit(agent: DoubleDQNAgent, steps: int, seed: int = 0) -> None:
         state = np.array([ctx, 1 - ctx, rng.normal()])
         a, _, _ = agent.act(state, epsilon=1.0 if t < steps // 2 else 0.1)
         reward = 1.0 if a == ctx + 1 else 0.0
-        agent.observe(state, a, reward, state, True)
+        agent.store_and_learn(state, a, reward, state, True)
 
 
 def test_agent_learns_contextual_bandit():

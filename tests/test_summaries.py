@@ -101,6 +101,23 @@ def test_summarize_test_hand_example(prompts):
     assert sum(sum(c.values()) for c in every["by_complexity"].values()) == 3
 
 
+def test_best_static_is_one_rule_for_the_report_and_for_lm_eval(prompts):
+    """The report's per-group best static and the static model --lm-eval scores come from one function."""
+    s = summaries.summarize_test(prompts, action_space=["none", FFN])
+    rows = to_jsonable(prompts)
+    idle = [r for r in rows if r["scenario"] == "idle"]
+    assert summaries.best_static(rows) == s["by_scenario"]["all"]["best_static"] == FFN   # pooled over scenarios
+    assert summaries.best_static(idle) == s["by_scenario"]["idle"]["best_static"] == "none"
+    assert summaries.best_static(idle, pruning_only=True) == FFN
+    tie = [{"static": {"none": {"reward": 0.1}, FFN: {"reward": 0.1}, "kv_cache:0.2": {"reward": float("nan")}}}]
+    assert summaries.best_static(tie) == "none"                       # a tie goes to dense
+    assert summaries.best_static(tie, pruning_only=True) == FFN       # a non-finite mean is never best
+    assert summaries.best_static([{"static": {}}]) is None
+    two = [{"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.1}, "ffn_neurons:0.2": {"reward": -0.5}}},
+           {"static": {"none": {"reward": 0.0}, "kv_cache:0.2": {"reward": -0.3}, "ffn_neurons:0.2": {"reward": 0.1}}}]
+    assert summaries.best_static(two) == "none" and summaries.best_static(two, pruning_only=True) == "kv_cache:0.2"
+
+
 def test_dominated_policy_is_reported(prompts):
     worse = [PromptResult(**{**vars(p), "policy": _o(FFN, -1.0, 1.0, 2.0)}) for p in prompts]
     pareto = summaries.summarize_test(worse)["by_scenario"]["idle"]["pareto"]

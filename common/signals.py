@@ -1,0 +1,38 @@
+"""SIGTERM as an interrupt: ``kill`` ends a run through the same save path as Ctrl-C.
+
+Why: a run killed by a scheduler or ``timeout`` must still leave a consistent checkpoint and a
+partial report, and the code that writes them already catches KeyboardInterrupt.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_sigterm_interrupt() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt from now on; returns the previous handler.
+
+    Raises ValueError outside the main thread (where Python cannot set signal handlers).
+    """
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block; outside the main thread signals are left alone."""
+    try:
+        previous = install_sigterm_interrupt()
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
