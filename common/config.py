@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
+ENVIRONMENTS = ("offline", "live")
+STATE_FEATURES = ("basic", "contention")
+OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (live: dqn.gradient_steps, 4)
 
 
 @dataclass
@@ -20,6 +23,8 @@ class EnvConfig:
     calibration_tokens: int = 16       # new tokens per calibration timing
     calibration_repeats: int = 2       # interleaved (dense, pruned) pairs per table entry
     long_prompt_tokens: int = 512      # prompts this long use the "long" row of the table
+    min_reference_tokens: int = 32     # a data set answer shorter than this is replaced by the dense greedy
+                                       # continuation: an 8-token reference made per-prompt PPL ratios noise
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,9 +72,26 @@ class DQNConfig:
 
 
 @dataclass
+class OfflineConfig:
+    """The offline environment (controller.offline_env): every (prompt, action) quality outcome is
+    measured once and cached, latency is calibrated K times per load level, and training samples
+    (prompt, level, calibration, telemetry) and looks the outcome up."""
+    calibrations: int = 5          # latency tables per load level for training, and as many again for testing
+    seeds: int = 3                 # policies trained with seeds seed, seed+1, ...: the spread enters the CIs
+    prompt_kl_tokens: int = 32     # KL(dense || pruned) on the prompt's last N positions (the prefill's logits)
+    telemetry_draws: int = 2       # telemetry readings per (test prompt, calibration) cell
+    cache_dir: str | None = None   # outcome and calibration cache (default: <project cache>/offline)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class RunConfig:
     """A train/test run (and the model/engine settings every mode shares)."""
     mode: str = "train"
+    environment: str = "live"               # "offline": cached outcomes x calibrated tables; "live": generate per episode
+    state_features: str = "basic"           # "contention": + run queue, preemptions, steal, observed slowdown; "basic"
     model: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -100,6 +122,7 @@ class RunConfig:
     dqn: DQNConfig = field(default_factory=DQNConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,7 @@ SETTLE_S = 0.5   # > two telemetry samples at the default rate, so the first dec
 class Scenario:
     name: str
     load: LoadLevel | None = None      # None: nothing extra runs
+    min_slowdown: float = 1.0          # the dense model must decode at least this much slower, or the level failed
 
     @property
     def loaded(self) -> bool:
@@ -32,12 +33,21 @@ class Scenario:
 
 
 def presets() -> dict[str, Scenario]:
-    """Levels scale with this machine's core count, so 'loaded' means the same on any host."""
+    """Levels scale with this machine's core count, so 'loaded' means the same on any host.
+
+    ``min_slowdown`` is what each level must do to the dense model's decode step (checked when the
+    level starts and during calibration, controller.load_calibration); memory ballast is not
+    expected to slow anything while RAM is free, so it has no minimum.
+    """
     cores = os.cpu_count() or 1
     return {
         "idle": Scenario("idle"),
-        "light": Scenario("light", LoadLevel(workers=max(1, cores // 2), duty=0.5)),
-        "loaded": Scenario("loaded", LoadLevel(workers=cores, duty=1.0)),
+        "light": Scenario("light", LoadLevel(workers=max(1, cores // 2), duty=0.5), min_slowdown=1.05),
+        "moderate": Scenario("moderate", LoadLevel(workers=max(1, cores // 2), duty=1.0), min_slowdown=1.2),
+        "heavy": Scenario("heavy", LoadLevel(workers=cores, duty=1.0), min_slowdown=1.5),
+        "stream": Scenario("stream", LoadLevel(workers=max(1, cores // 2), duty=1.0, stream_mib=64),
+                           min_slowdown=1.2),
+        "loaded": Scenario("loaded", LoadLevel(workers=cores, duty=1.0), min_slowdown=1.5),
         "memory": Scenario("memory", LoadLevel(workers=0, ballast_mib=2048)),
     }
 

@@ -22,11 +22,11 @@ from controller.quality import TokenScores, mean_kl, ppl_ratio, score_reference
 from controller.records import Outcome
 from controller.reward import reward_terms
 from controller.energy import EnergyMeter
+from controller.load_signals import SlowdownTracker
 
 log = logging.getLogger(__name__)
 
 IDLE = "idle"
-MIN_REFERENCE_TOKENS = 8
 
 
 @dataclass
@@ -40,10 +40,12 @@ class Reference:
 
 
 class PruningEnvironment:
-    def __init__(self, loaded, engine: PruningEngine, reward: RewardConfig, cfg: EnvConfig, gpu=None):
+    def __init__(self, loaded, engine: PruningEngine, reward: RewardConfig, cfg: EnvConfig, gpu=None,
+                 slowdown: SlowdownTracker | None = None):
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.engine = engine
         self.gpu = gpu                     # open NVML handle to reuse for energy metering (None: none)
+        self.slowdown = slowdown           # fed by measured generations (the contention state reads it)
         self.reward_cfg, self.cfg = reward, cfg
         self.table = LatencyTable()
         self.device = next(self.model.parameters()).device
@@ -75,7 +77,7 @@ class PruningEnvironment:
             answer = self.tokenizer(prompt.reference, add_special_tokens=False,
                                     return_tensors="pt").input_ids[0][: self.cfg.max_new_tokens]
             # A one-word answer ("1989") is too few tokens for a stable PPL ratio.
-            if answer.numel() >= min(MIN_REFERENCE_TOKENS, self.cfg.max_new_tokens):
+            if answer.numel() >= min(self.cfg.min_reference_tokens, self.cfg.max_new_tokens):
                 ref_ids, source = answer, "dataset"
         ref = Reference(prompt_ids, ref_ids.to(self.device), truncated, source, dense.total_s, dense_energy)
         self._references[prompt.id] = ref
@@ -122,7 +124,8 @@ class PruningEnvironment:
             long_ids = torch.cat([long_ids, long_ids])
         self._calibration_ids["long"] = long_ids[:target]
 
-    def _time_action(self, label: str, bucket: str) -> tuple[float, float]:
+    def time_action(self, label: str, bucket: str) -> tuple[float, float]:
+        """(prefill s, decode s per token) of one calibration generation of `label` on `bucket`'s prompt."""
         ids = self._calibration_ids[bucket]
         with self.engine.pruned(PruningAction.parse(label)):
             result = self._generate(ids, self.cfg.calibration_tokens)
@@ -137,20 +140,14 @@ class PruningEnvironment:
             if not self.table.has(IDLE):
                 self.calibrate(IDLE, actions)
             self.table.calibrate_scaled(IDLE, scenario, ["short", "long"],
-                                        lambda bucket: self._time_action(NONE.label, bucket),
+                                        lambda bucket: self.time_action(NONE.label, bucket),
                                         repeats=max(6, 2 * self.cfg.calibration_repeats))
             return
         labels = [a.label for a in actions]
         if NONE.label not in labels:
             labels.insert(0, NONE.label)
-        self.table.calibrate(scenario, ["short", "long"], labels, self._time_action,
-                             repeats=self.cfg.calibration_repeats,
-                             inert=lambda bucket, label: bucket == "short" and label.startswith("kv_cache"))
-
-    def idle_dense_latency(self, bucket: str, new_tokens: int) -> float | None:
-        """The budget's reference: dense latency of this bucket with no background load."""
-        entry = self.table.entries.get(LatencyTable.key(IDLE, bucket, NONE.label))
-        return entry.dense_latency(new_tokens) if entry else None
+        self.table.calibrate(scenario, ["short", "long"], labels, self.time_action,
+                             repeats=self.cfg.calibration_repeats, inert=inert_in_bucket)
 
     def _interleaved_speedup(self, context: torch.Tensor, action: PruningAction, new_tokens: int) -> tuple[float, float]:
         dense, pruned = [], []
@@ -162,6 +159,21 @@ class PruningEnvironment:
         return statistics.median(dense) / statistics.median(pruned), statistics.median(pruned)
 
     # ---- one step ----------------------------------------------------------------------------
+    def inert(self, action: PruningAction, n_context: int) -> bool:
+        """Nothing removed (none, or a KV action on a context below its minimum length)."""
+        return self.engine.effective_intensity(action, n_context) == 0.0
+
+    def pruned_scores(self, context: torch.Tensor, target: torch.Tensor, dense: TokenScores, inert: bool) -> TokenScores:
+        """Scores of the target under the engine's current action. An inert action's scores are the
+        dense ones exactly, so the forward is skipped (a third of a test run's scoring on tiny)."""
+        return dense if inert else score_reference(self.model, context, target, kv=self.engine.kv_pruner)
+
+    def _observe_slowdown(self, gen: GenerationResult, label: str, bucket: str) -> None:
+        """Feed the contention state: this generation's per-token time against the idle table's."""
+        entry = self.table.entries.get(LatencyTable.key(IDLE, bucket, label))
+        if self.slowdown is not None and entry is not None and len(gen.tokens) > 1:
+            self.slowdown.update(gen.decode_s_per_token, entry.decode_per_token_s)
+
     def step(self, prompt: Prompt, action: PruningAction, scenario: str, *, hardware=None,
              measure: bool = True, start: int = 0, length: int | None = None) -> Outcome:
         """Apply `action` to one segment of the continuation (all of it by default): score the
@@ -175,29 +187,48 @@ class PruningEnvironment:
         dense = self.dense_scores(prompt, start, length)
         n_context, n_new = context.numel(), target.numel()
         gen, energy = None, None
-        # Nothing removed (none, or a KV action on a context below its minimum length): the scores
-        # are the dense ones exactly, so skip the forward (a third of a test run's scoring on tiny).
-        inert = self.engine.effective_intensity(action, n_context) == 0.0
+        inert = self.inert(action, n_context)
         with self.engine.pruned(action):
-            pruned = dense if inert else score_reference(self.model, context, target, kv=self.engine.kv_pruner)
+            pruned = self.pruned_scores(context, target, dense, inert)
             if measure:
                 gen, energy = self._generate_metered(context, n_new)
-        if inert:   # the dense model's latency; its dense/dense ratio in the table is timing noise (1.04 once)
-            speedup, latency = 1.0, self.table.get(scenario, self.bucket(n_context), NONE.label).latency(n_new)
-        elif self.cfg.timing == "interleaved":
+        if gen is not None:
+            self._observe_slowdown(gen, action.label, self.bucket(n_context))
+        if self.cfg.timing == "interleaved" and not inert:
             speedup, latency = self._interleaved_speedup(context, action, n_new)
         else:
-            entry = self.table.get(scenario, self.bucket(n_context), action.label)
-            speedup, latency = entry.speedup(n_new), entry.latency(n_new)
+            speedup, latency = table_speed(self.table, scenario, self.bucket(n_context), action.label, n_new, inert)
         ratio, kl = ppl_ratio(pruned, dense), mean_kl(dense, pruned)
         on_battery = getattr(hardware, "power_plugged", None) is False
         whole = start == 0 and n_new == ref.ref_ids.numel()
         energy_ratio = ref.dense_energy_j / energy if whole and energy and ref.dense_energy_j else None
         terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=ratio, kl=kl, latency_s=latency,
-                             idle_dense_s=self.idle_dense_latency(self.bucket(n_context), n_new),
+                             idle_dense_s=idle_dense_latency(self.table, self.bucket(n_context), n_new),
                              energy_ratio=energy_ratio, on_battery=on_battery)
         return Outcome(action=action.label, reward=terms.total, speedup=speedup, ppl_ratio=ratio, kl=kl,
                        latency_s=gen.total_s if gen else None, prefill_s=gen.prefill_s if gen else None,
                        decode_s=gen.decode_s if gen else None,
                        measured_speedup=(ref.dense_total_s / gen.total_s) if gen and whole else None,
                        energy_j=energy, kv_applied=gen.kv_applied if gen else None)
+
+
+def inert_in_bucket(bucket: str, label: str) -> bool:
+    """KV pruning does nothing to a short prompt (below the engine's minimum length)."""
+    return bucket == "short" and label.startswith("kv_cache")
+
+
+def table_speed(table: LatencyTable, scenario: str, bucket: str, label: str, new_tokens: int,
+                inert: bool) -> tuple[float, float]:
+    """(speedup, pruned latency s) of an action from a latency table: the one rule for live and
+    offline rewards. An inert action gets the dense latency and speedup exactly 1 (its dense/dense
+    ratio in the table is timing noise, 1.04 once)."""
+    if inert:
+        return 1.0, table.get(scenario, bucket, NONE.label).latency(new_tokens)
+    entry = table.get(scenario, bucket, label)
+    return entry.speedup(new_tokens), entry.latency(new_tokens)
+
+
+def idle_dense_latency(table: LatencyTable, bucket: str, new_tokens: int) -> float | None:
+    """The budget's reference: dense latency of this bucket with no background load."""
+    entry = table.entries.get(LatencyTable.key(IDLE, bucket, NONE.label))
+    return entry.dense_latency(new_tokens) if entry else None

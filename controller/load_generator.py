@@ -31,15 +31,19 @@ READY = "ready"
 @dataclass(frozen=True)
 class LoadLevel:
     """How much contention: ``workers`` busy loops each spinning ``duty`` of every ``period_s``,
-    plus ``ballast_mib`` of resident memory held by one more process."""
+    plus ``ballast_mib`` of resident memory held by one more process. With ``stream_mib`` > 0 a
+    worker's busy time copies a buffer of that size back and forth instead of spinning: decoding is
+    memory-bound, so bandwidth taken from it slows it even on another core."""
     workers: int = 1
     duty: float = 1.0
     ballast_mib: int = 0
     period_s: float = 0.05
+    stream_mib: int = 0
 
     def __post_init__(self) -> None:
-        if self.workers < 0 or self.ballast_mib < 0:
-            raise ValueError(f"workers and ballast_mib must be >= 0, got {self.workers}, {self.ballast_mib}")
+        if self.workers < 0 or self.ballast_mib < 0 or self.stream_mib < 0:
+            raise ValueError(f"workers, ballast_mib and stream_mib must be >= 0, got {self.workers}, "
+                             f"{self.ballast_mib}, {self.stream_mib}")
         if not 0.0 <= self.duty <= 1.0:
             raise ValueError(f"duty must be in [0, 1], got {self.duty}")
         if self.period_s <= 0:
@@ -68,7 +72,8 @@ class LoadGenerator:
         try:
             if lv.duty > 0:
                 for _ in range(lv.workers):
-                    self._spawn("spin", "--duty", str(lv.duty), "--period", str(lv.period_s))
+                    self._spawn("spin", "--duty", str(lv.duty), "--period", str(lv.period_s),
+                                "--stream-mib", str(lv.stream_mib))
             if lv.ballast_mib > 0:
                 self._spawn("ballast", "--mib", str(lv.ballast_mib))
             for proc in self._procs:
@@ -112,13 +117,18 @@ class LoadGenerator:
 # ---------------------------------------------------------------------------------------------
 
 
-def spin(duty: float, period_s: float, parent: int) -> None:
-    """Busy for ``duty`` of each period, asleep for the rest, until the parent goes away."""
+def spin(duty: float, period_s: float, parent: int, stream_mib: int = 0) -> None:
+    """Busy for ``duty`` of each period, asleep for the rest, until the parent goes away; busy
+    means copying ``stream_mib`` MiB between two buffers when given (memory traffic), else spinning."""
+    half = (stream_mib << 20) // 2
+    src, dst = bytearray(b"\x01" * half), bytearray(half)
     while os.getppid() == parent:
         start = time.perf_counter()
         busy_until = start + duty * period_s
         while time.perf_counter() < busy_until:
-            pass
+            if half:
+                dst[:] = src
+                src, dst = dst, src
         rest = start + period_s - time.perf_counter()
         if rest > 0:
             time.sleep(rest)
@@ -142,16 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duty", type=float, default=1.0)
     parser.add_argument("--period", type=float, default=0.05)
     parser.add_argument("--mib", "--ballast-mib", dest="mib", type=int, default=0)
+    parser.add_argument("--stream-mib", type=int, default=0, help="busy time copies this much memory")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the manual load runs")
     args = parser.parse_args(argv)
     if args.role == "spin":
         print(READY, flush=True)
-        spin(args.duty, args.period, args.parent)
+        spin(args.duty, args.period, args.parent, args.stream_mib)
     elif args.role == "ballast":
         hold_ballast(args.mib, args.parent)
     else:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        with LoadGenerator(LoadLevel(args.workers, args.duty, args.mib, args.period)):
+        with LoadGenerator(LoadLevel(args.workers, args.duty, args.mib, args.period, args.stream_mib)):
             time.sleep(args.seconds)
 
 

@@ -52,3 +52,22 @@ def mean_kl(dense: TokenScores, pruned: TokenScores) -> float:
     """Mean over reference positions of KL(dense || pruned), in nats."""
     kl = F.kl_div(pruned.logprobs, dense.logprobs, log_target=True, reduction="none").sum(-1)
     return float(kl.mean().clamp_min(0.0).item())
+
+
+def token_nll(scores: TokenScores, ref_ids: torch.Tensor) -> torch.Tensor:
+    """[T] negative log-likelihood of each reference token (for split-half reliability)."""
+    return -scores.logprobs.gather(1, ref_ids.view(-1, 1).to(scores.logprobs.device)).squeeze(1)
+
+
+@torch.inference_mode()
+def prompt_scores(model, prompt_ids: torch.Tensor, positions: int) -> TokenScores | None:
+    """Log-probs at the prompt's last `positions` positions that predict prompt tokens, from one
+    prefill-sized forward: quality on the prompt itself, where no reference is needed. None for a
+    prompt too short to have any."""
+    n = min(positions, prompt_ids.numel() - 1)
+    if n < 1:
+        return None
+    logits = model(input_ids=prompt_ids.view(1, -1), logits_to_keep=n + 1).logits[0, :-1]
+    targets = prompt_ids.view(-1)[-n:]
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    return TokenScores(logprobs=logprobs, nll=-logprobs.gather(1, targets.unsqueeze(1)).mean().item())

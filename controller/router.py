@@ -10,6 +10,7 @@ import numpy as np
 from controller import checkpointing
 from pruners import ActionSpaceConfig, PruningAction, build_action_space
 from controller.dqn import DoubleDQNAgent, DQNConfig
+from controller.load_signals import BASIC
 from controller.state import StateBuilder, state_feature_names
 
 
@@ -60,7 +61,7 @@ def agent_from_checkpoint(payload: dict, model_id: str) -> tuple[DoubleDQNAgent,
     cfg = payload["config"]
     actions = build_action_space(ActionSpaceConfig(targets=tuple(cfg["targets"]),
                                                    intensities=tuple(cfg["intensities"])))
-    features = state_feature_names()
+    features = state_feature_names(cfg.get("state_features", BASIC))   # checkpoints before it: basic
     checkpointing.check_compatible(payload, model_id=model_id, action_space=[a.label for a in actions],
                                    state_features=features)
     dqn = DQNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["dqn"].items()})

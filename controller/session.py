@@ -9,6 +9,7 @@ from controller.environment import PruningEnvironment
 from model_loader import LoadedModel, load_model
 from pruners import ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
 from common.config import RunConfig
+from controller.load_signals import CONTENTION, SlowdownTracker
 from controller.state import StateBuilder
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ def open_session(cfg: RunConfig):
     analyzer = PromptAnalyzer(cfg.nlp_backend, budget_ms=budget)
     cfg = replace(cfg, nlp_backend=analyzer.backend)   # checkpoints store the backend used, not "auto"
     with TelemetrySampler(rate_hz=cfg.telemetry_hz) as sampler:
-        states = StateBuilder(analyzer, sampler, tokenizer=loaded.tokenizer, ablation=cfg.ablation)
-        env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, gpu=sampler.probe.gpu)
+        slowdown = SlowdownTracker() if cfg.state_features == CONTENTION else None
+        states = StateBuilder(analyzer, sampler, tokenizer=loaded.tokenizer, ablation=cfg.ablation, slowdown=slowdown)
+        env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, gpu=sampler.probe.gpu, slowdown=slowdown)
         try:
             yield Session(cfg, loaded, engine, action_space(cfg), states, env, sampler, analyzer)
         finally:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from controller.load_signals import BASIC, LoadAwareHardware, SlowdownTracker, hardware_feature_names
+
 ABLATIONS = ("none", "no_hardware", "no_prompt")
 
 
@@ -20,22 +22,28 @@ class Observation:
     controller_s: float       # time to read telemetry and analyse the prompt
 
 
-def state_feature_names() -> list[str]:
+def state_feature_names(kind: str = BASIC) -> list[str]:
+    """Hardware slots (``kind``: basic telemetry, or + the contention signals) then prompt features."""
     from nlp_analyzer import PromptFeatures
-    from controller.telemetry import HardwareState
-    return [f"hw.{n}" for n in HardwareState.FEATURE_NAMES] + [f"prompt.{n}" for n in PromptFeatures.FEATURE_NAMES]
+    return [f"hw.{n}" for n in hardware_feature_names(kind)] + [f"prompt.{n}" for n in PromptFeatures.FEATURE_NAMES]
 
 
 class StateBuilder:
-    def __init__(self, analyzer, sampler, tokenizer=None, ablation: str = "none"):
+    """With a SlowdownTracker the hardware part is a LoadAwareHardware (the contention state)."""
+
+    def __init__(self, analyzer, sampler, tokenizer=None, ablation: str = "none",
+                 slowdown: SlowdownTracker | None = None):
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation '{ablation}': choose from {', '.join(ABLATIONS)}")
         self.analyzer, self.sampler, self.tokenizer, self.ablation = analyzer, sampler, tokenizer, ablation
+        self.slowdown = slowdown
 
     def build(self, text: str, hardware=None) -> Observation:
         """`hardware` replays a recorded HardwareState instead of reading the sampler."""
         started = time.perf_counter()
         hw = hardware if hardware is not None else self.sampler.latest()
+        if hardware is None and self.slowdown is not None:
+            hw = LoadAwareHardware(hw, self.slowdown.value)
         features = self.analyzer.analyze(text, tokenizer=self.tokenizer)
         return Observation(state_vector(hw, features, self.ablation), hw, features, time.perf_counter() - started)
 

@@ -33,6 +33,18 @@ slot  name                 value
 18    gpu_temp_ok
 ====  ===================  ===============================================================
 
+``HardwareState.contention_vector`` holds three more slots, opt-in (``--state-features
+contention``), because on a busy machine CPU utilisation is 100 % at every load level while these
+still tell the levels apart (bench/contention_levels.py measures them per level):
+
+====  ======================  ============================================================
+slot  name                    value
+====  ======================  ============================================================
+ 0    run_queue_per_core      mean runnable tasks over the window / cores = x, x / (1 + x)
+ 1    involuntary_ctx_rate    this process's involuntary context switches per s = r, r / (r + 100)
+ 2    steal_frac              share of the window the hypervisor gave our vCPUs to others
+====  ======================  ============================================================
+
 Energy metering (``EnergyMeter``) lives in ``controller.energy`` and reuses this module's NVML handle.
 """
 from __future__ import annotations
@@ -87,12 +99,15 @@ class HardwareState:
     gpu_power_limit_w: float | None = None
     gpu_temp_c: float | None = None
     gpu_temp_limit_c: float | None = None
+    run_queue: float | None = None              # mean runnable tasks (Linux /proc/loadavg) over the window
+    involuntary_ctx_per_s: float | None = None  # this process's main thread, preempted per second
+    steal_percent: float | None = None          # 0-100 of the window (VMs; 0 on bare metal)
 
     def degraded(self) -> "HardwareState":
         """This state with the live fields marked unavailable (after a failed read)."""
         return replace(self, timestamp=time.time(), cpu_percent=None, process_cpu_percent=None, load_avg_1m=None,
                        gpu_util_percent=None, gpu_mem_used=None, gpu_mem_free=None, gpu_power_w=None,
-                       gpu_temp_c=None)
+                       gpu_temp_c=None, run_queue=None, involuntary_ctx_per_s=None, steal_percent=None)
 
     FEATURE_NAMES: ClassVar[tuple[str, ...]] = (
         "cpu_util", "process_cpu_util", "load_per_core", "ram_used_frac", "ram_available_frac",
@@ -120,6 +135,17 @@ class HardwareState:
         ]
         flags = [values[0], values[2], values[6], values[8], values[9], values[10], values[11]]
         return [v or 0.0 for v in values] + [float(v is not None) for v in flags]
+
+    CONTENTION_NAMES: ClassVar[tuple[str, ...]] = ("run_queue_per_core", "involuntary_ctx_rate", "steal_frac")
+
+    @property
+    def contention_vector(self) -> list[float]:
+        """The opt-in contention slots (module docstring); an unavailable reading is 0."""
+        queue = None if self.run_queue is None else self.run_queue / self.cpu_count
+        rate = self.involuntary_ctx_per_s
+        return [0.0 if queue is None else queue / (1.0 + queue),
+                0.0 if rate is None else rate / (rate + 100.0),
+                _frac(self.steal_percent, 100.0) or 0.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +255,18 @@ class CpuCounters:
     busy_s: float
     total_s: float
     process_s: float
+    steal_s: float = 0.0
+    involuntary: int | None = None      # this process's involuntary context switches so far
+    running: int | None = None          # runnable tasks right now (instantaneous, not cumulative)
+
+
+def runnable_tasks() -> int | None:
+    """Tasks running or runnable now, system-wide (the 4th field of /proc/loadavg); None off Linux."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class HardwareProbe:
@@ -245,17 +283,27 @@ class HardwareProbe:
         total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # as psutil does
         busy = total - t.idle - getattr(t, "iowait", 0.0)
         p = self.process.cpu_times()
-        return CpuCounters(time.monotonic(), busy, total, p.user + p.system)
+        try:
+            involuntary: int | None = self.process.num_ctx_switches().involuntary
+        except (psutil.Error, AttributeError, NotImplementedError):
+            involuntary = None
+        return CpuCounters(time.monotonic(), busy, total, p.user + p.system, getattr(t, "steal", 0.0),
+                           involuntary, runnable_tasks())
 
-    def read(self, start: CpuCounters | None = None, end: CpuCounters | None = None) -> HardwareState:
-        """A state; CPU utilisation is over ``start``..``end`` (end defaults to now), None without start."""
-        cpu_percent = process_percent = None
+    def read(self, start: CpuCounters | None = None, end: CpuCounters | None = None,
+             run_queue: float | None = None) -> HardwareState:
+        """A state; CPU utilisation is over ``start``..``end`` (end defaults to now), None without start.
+        ``run_queue``: the window's mean runnable tasks (the sampler averages them); default: end's count."""
+        cpu_percent = process_percent = ctx_rate = steal = None
+        end = end or self.cpu_counters()
         if start is not None:
-            end = end or self.cpu_counters()
             d_total, d_wall = end.total_s - start.total_s, end.monotonic - start.monotonic
             if d_total > 0 and d_wall > 0:
                 cpu_percent = 100.0 * min(1.0, max(0.0, (end.busy_s - start.busy_s) / d_total))
                 process_percent = 100.0 * min(1.0, (end.process_s - start.process_s) / (d_wall * self.cpu_count))
+                steal = 100.0 * min(1.0, max(0.0, (end.steal_s - start.steal_s) / d_total))
+                if start.involuntary is not None and end.involuntary is not None:
+                    ctx_rate = max(0, end.involuntary - start.involuntary) / d_wall
         try:
             load: float | None = psutil.getloadavg()[0]
         except (AttributeError, OSError):
@@ -269,7 +317,9 @@ class HardwareProbe:
             ram_total=int(vm.total), ram_available=int(vm.available), ram_used=int(vm.used),
             swap_total=int(swap.total), swap_used=int(swap.used),
             battery_percent=None if battery is None else float(battery.percent),
-            power_plugged=None if battery is None else battery.power_plugged, **gpu)
+            power_plugged=None if battery is None else battery.power_plugged, **gpu,
+            run_queue=run_queue if run_queue is not None else end.running,
+            involuntary_ctx_per_s=ctx_rate, steal_percent=steal)
 
     @staticmethod
     def _battery() -> Any:
@@ -351,7 +401,8 @@ class TelemetrySampler:
         now = self.probe.cpu_counters()
         oldest = self._counters[0] if self._counters else None
         self._counters.append(now)
-        self._latest = self.probe.read(oldest, now)
+        running = [c.running for c in self._counters if c.running is not None]
+        self._latest = self.probe.read(oldest, now, run_queue=sum(running) / len(running) if running else None)
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):

@@ -68,7 +68,7 @@ class Trainer:
         self.s, self.cfg = session, session.cfg
         self.prompts = train_prompts
         self.provenance = provenance
-        self.feature_names = state_feature_names()
+        self.feature_names = state_feature_names(self.cfg.state_features)
         self.agent = DoubleDQNAgent(len(self.feature_names), len(session.actions), self.cfg.dqn)
         self.schedule = ScenarioSchedule(parse_scenarios(self.cfg.scenarios), self.cfg.scenario_block, self.cfg.seed)
         self.order = np.random.default_rng(self.cfg.seed + 2).permutation(len(train_prompts))

@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from common.config import DEFAULT_TASKS, BaselineConfig, CalibrationConfig, EvalConfig, RunConfig
+from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, BaselineConfig, CalibrationConfig,
+                           EvalConfig, RunConfig)
 
 MODES = ("train", "test", "eval", "report", "baselines", "export")
 TRAIN, TEST, EVAL, BASELINES, EXPORT = "train", "test", "eval", "baselines", "export"
 MODEL_MODES = (TRAIN, TEST, EVAL, BASELINES, EXPORT)
+LIVE, OFFLINE = ("live",), ("offline",)
 LM_EVAL_MODES = (TEST, EVAL, BASELINES)
 EXIT_USAGE = 2
 
@@ -65,6 +67,7 @@ class Flag:
     repeat: bool = False          # action="append"
     metavar: str | None = None
     requires: str | None = None   # another flag without which this one does nothing
+    environments: tuple[str, ...] = ENVIRONMENTS   # train/test: the --environment values where it has an effect
 
     @property
     def attr(self) -> str:
@@ -104,13 +107,30 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--ablation-checkpoints", "cli.ablation_checkpoints", "policies trained with --ablation (comma-separated "
          "checkpoints), scored on the same prompts and observations and paired with --checkpoint's policy",
          (TEST,), type=words),
-    # ---- controller: contention, state, timing
-    Flag("--scenarios", _R + "scenarios", "contention scenarios: idle,light,loaded,memory (comma-separated)",
-         (TRAIN, TEST)),
+    # ---- controller: environment, contention, state, timing
+    Flag("--environment", _R + "environment", "offline: quality of every (prompt, action) measured once and cached, "
+         "latency calibrated --calibrations times per load level, episodes looked up (10,000 in seconds) | live: "
+         "generate and score every episode", (TRAIN, TEST)),
+    Flag("--scenarios", _R + "scenarios", "load levels: idle,light,moderate,heavy,stream,loaded,memory "
+         "(comma-separated; offline needs idle)", (TRAIN, TEST)),
+    Flag("--state-features", _R + "state_features", "basic (telemetry) | contention (+ run queue, preemptions, "
+         "steal, observed slowdown of the model's own decode steps)", (TRAIN,)),
+    Flag("--calibrations", _R + "offline.calibrations", "latency tables per load level for training (as many "
+         "again for testing)", (TRAIN, TEST), type=positive_int, environments=OFFLINE),
+    Flag("--train-seeds", _R + "offline.seeds", "policies trained with seeds --seed, --seed+1, ... (their "
+         "spread enters the test's intervals)", (TRAIN,), type=positive_int, environments=OFFLINE),
+    Flag("--prompt-kl-tokens", _R + "offline.prompt_kl_tokens", "KL(dense||pruned) on the prompt's last N "
+         "positions", (TRAIN, TEST), type=positive_int, environments=OFFLINE),
+    Flag("--telemetry-draws", _R + "offline.telemetry_draws", "telemetry readings per (prompt, calibration) "
+         "when fitting baselines and testing", (TRAIN, TEST), type=positive_int, environments=OFFLINE),
+    Flag("--offline-cache", _R + "offline.cache_dir", "folder of the outcome and calibration cache "
+         "(default: .cache/offline)", (TRAIN, TEST), environments=OFFLINE),
+    Flag("--min-reference-tokens", _R + "env.min_reference_tokens", "a data set answer shorter than this is "
+         "replaced by the dense greedy continuation", (TRAIN, TEST), type=positive_int),
     Flag("--latency-table", _R + "latency_table", "reuse a latency_table.json (or a run's metrics.json) from an "
-         "earlier run (reproducibility)", (TRAIN, TEST)),
+         "earlier run (reproducibility)", (TRAIN, TEST), environments=LIVE),
     Flag("--telemetry-trace", _R + "telemetry_trace", "replay hardware states from an earlier train run's "
-         "metrics.json", (TRAIN, TEST)),
+         "metrics.json", (TRAIN, TEST), environments=LIVE),
     Flag("--nlp-backend", _R + "nlp_backend", "prompt analysis: auto (first of spaCy, NLTK, regex within the "
          "budget) | spacy | nltk | regex", (TRAIN, TEST)),
     Flag("--observation-budget-ms", _R + "observation_budget_ms", "auto's per-prompt analysis budget in ms "
@@ -119,9 +139,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--max-new-tokens", _R + "env.max_new_tokens", "tokens generated per prompt (EOS ignored while timing)",
          (TRAIN, TEST), type=positive_int),
     Flag("--timing", _R + "env.timing", "table (calibrated interleaved latency table) | interleaved (A B A B per "
-         "episode)", (TRAIN, TEST)),
+         "episode)", (TRAIN, TEST), environments=LIVE),
     Flag("--load-timing", _R + "env.load_timing", "loaded scenarios' latency table: scaled (idle table x the dense "
-         "slowdown measured under the load) | measured (interleaved pairs per action under the load)", (TRAIN, TEST)),
+         "slowdown measured under the load) | measured (interleaved pairs per action under the load; offline "
+         "always measures)", (TRAIN, TEST), environments=LIVE),
     Flag("--calibration-tokens", _R + "env.calibration_tokens", "new tokens per latency-table timing",
          (TRAIN, TEST), type=positive_int),
     Flag("--calibration-repeats", _R + "env.calibration_repeats", "interleaved pairs per latency-table entry",
@@ -138,20 +159,22 @@ FLAGS: tuple[Flag, ...] = (
          (TRAIN, TEST), type=float),
     # ---- training only
     Flag("--episodes", _R + "episodes", "training episodes (one prompt each)", (TRAIN,), type=int),
-    Flag("--resume", _R + "resume", "continue training from --checkpoint", (TRAIN,), type=None, switch=True),
+    Flag("--resume", _R + "resume", "continue training from --checkpoint", (TRAIN,), type=None, switch=True,
+         environments=LIVE),
     Flag("--no-save-buffer", "cli.no_save_buffer", "leave the replay buffer out of checkpoints", (TRAIN,),
          type=None, switch=True),
-    Flag("--scenario-block", _R + "scenario_block", "episodes per scenario block", (TRAIN,), type=positive_int),
+    Flag("--scenario-block", _R + "scenario_block", "episodes per scenario block", (TRAIN,), type=positive_int,
+         environments=LIVE),
     Flag("--redecide-every", _R + "redecide_every", "re-decide every N generated tokens (0: once per prompt)",
-         (TRAIN,), type=int),
+         (TRAIN,), type=int, environments=LIVE),
     Flag("--save-every", _R + "save_every", "checkpoint and partial report every N episodes", (TRAIN,),
-         type=positive_int),
+         type=positive_int, environments=LIVE),
     Flag("--ablation", _R + "ablation", "none | no_hardware | no_prompt (zero that part of the state)", (TRAIN,)),
     Flag("--gamma", _R + "dqn.gamma", "discount (0: one decision per prompt)", (TRAIN,), type=float),
     Flag("--lr", _R + "dqn.learning_rate", "Adam learning rate", (TRAIN,), type=float),
     Flag("--weight-decay", _R + "dqn.weight_decay", "L2 weight decay of the Q-network (Adam)", (TRAIN,), type=float),
-    Flag("--gradient-steps", _R + "dqn.gradient_steps", "gradient steps per stored transition", (TRAIN,),
-         type=positive_int),
+    Flag("--gradient-steps", _R + "dqn.gradient_steps", "gradient steps per stored transition (default: "
+         f"{OFFLINE_GRADIENT_STEPS} offline, where transitions are free)", (TRAIN,), type=positive_int),
     Flag("--batch-size", _R + "dqn.batch_size", "replay minibatch size", (TRAIN,), type=positive_int),
     Flag("--buffer-size", _R + "dqn.buffer_size", "replay buffer capacity", (TRAIN,), type=positive_int),
     Flag("--learning-starts", _R + "dqn.learning_starts", "transitions before the first update", (TRAIN,), type=int),
@@ -245,6 +268,8 @@ def check_flags(args: argparse.Namespace) -> None:
         if args.mode not in flag.modes:
             raise UsageError(f"{flag.name} has no effect in --mode {args.mode}; it applies to --mode "
                              f"{', '.join(flag.modes)}")
+    if args.mode == TRAIN or args.environment:   # test mode otherwise takes the checkpoint's (run_test checks)
+        check_environment(given(args), args.environment or RunConfig().environment)
         if flag.requires and flag.requires not in present:
             raise UsageError(f"{flag.name} only matters with {flag.requires}")
     if args.mode == TEST and present & {"--wikitext-path", "--wikitext-samples", "--eval-seq-len", "--eval-stride"} \
@@ -257,6 +282,22 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--structural and --mask exclude each other")
     if args.run_dirs and args.mode != "report":
         raise UsageError(f"unexpected argument(s) {' '.join(args.run_dirs)}: run folders are only read by --mode report")
+
+
+def check_environment(flags: list[Flag], environment: str) -> None:
+    """Refuse flags that do nothing with this --environment (UsageError names the one where they apply);
+    an unknown environment is left to modes.validate, which names the choices."""
+    if environment not in ENVIRONMENTS:
+        return
+    for flag in flags:
+        if environment not in flag.environments:
+            raise UsageError(f"{flag.name} has no effect with --environment {environment}; it applies with "
+                             f"--environment {', '.join(flag.environments)}")
+
+
+def flags_of(explicit: set[str]) -> list[Flag]:
+    """The run flags behind a set of explicit RunConfig paths (run_config's second value)."""
+    return [f for f in FLAGS if f.dest.startswith(_R) and f.dest.removeprefix(_R) in explicit]
 
 
 def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
@@ -283,8 +324,10 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
         structural = bool(args.structural)
     else:
         structural = os.environ.get("STRUCTURAL_PRUNING", "1").strip() not in ("0", "false", "False")
-    cfg = dataclasses.replace(cfg, structural=structural, save_buffer=not args.no_save_buffer,
-                              dqn=dataclasses.replace(cfg.dqn, seed=cfg.seed))
+    dqn = dataclasses.replace(cfg.dqn, seed=cfg.seed)
+    if cfg.environment == "offline" and args.gradient_steps is None:
+        dqn = dataclasses.replace(dqn, gradient_steps=OFFLINE_GRADIENT_STEPS)
+    cfg = dataclasses.replace(cfg, structural=structural, save_buffer=not args.no_save_buffer, dqn=dqn)
     return cfg, explicit
 
 
@@ -321,7 +364,8 @@ def flag_matrix() -> str:
         default = _default(flag.dest)
         text = ",".join(map(str, default)) if isinstance(default, tuple) else default
         cells = " | ".join("✓" if m in flag.modes else "" for m in shown)
-        lines.append(f"| `{flag.name}` | {cells} | {'' if default is None or flag.switch else f'`{text}`'} |")
+        only = f" ({flag.environments[0]} only)" if len(flag.environments) == 1 else ""
+        lines.append(f"| `{flag.name}`{only} | {cells} | {'' if default is None or flag.switch else f'`{text}`'} |")
     return "\n".join(lines)
 
 

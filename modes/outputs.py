@@ -1,12 +1,14 @@
 """What every mode writes: the metrics.json skeleton, the rendered report, reused latency tables."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from common.config import RunConfig
 from controller.latency_table import LatencyTable
+from controller.load_calibration import load_failures
 from controller.records import SCHEMA_VERSION
 from reporting import render as reporting
 
@@ -41,3 +43,20 @@ def load_table(path: str) -> LatencyTable:
         return LatencyTable.from_dict(data.get("latency_table", data))
     except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"--latency-table {path} is not a latency table ({err})") from err
+
+
+def offline_record(data, baselines, seeds: list[int] | None = None, histories=None, checkpoints=None) -> dict:
+    """The offline block of metrics.json: calibrations (tables + telemetry), their load checks, the
+    quality outcomes, the fitted baselines and each training seed's reward curve, so a report can be
+    rebuilt from metrics.json alone."""
+    return {"calibrations": data.calibrations.to_dict(),
+            "outcomes": {pid: dataclasses.asdict(o) for pid, o in data.outcomes.items()},
+            "baselines": baselines.to_dict(), "seeds": seeds or [],
+            "checkpoints": [str(p) for p in checkpoints or []],
+            "seed_rewards": [[e.outcome.reward for e in h if e.outcome] for h in histories or []]}
+
+
+def load_check(data) -> dict:
+    """metrics.json's top-level ``load_verification``: each level's measured slowdowns and the failures."""
+    levels = data.calibrations.verification()
+    return {"levels": levels, "failures": load_failures(levels), "ok": not load_failures(levels)}

@@ -15,8 +15,11 @@ from controller.records import to_jsonable
 from controller.router import agent_from_checkpoint
 from controller.session import open_session
 from controller.state import state_vector
-from controller.trainer import evaluate_prompts, greedy_chooser, load_trace
-from modes.outputs import finish_run, metrics_skeleton, load_table
+from controller.baseline_policies import BASELINES, FittedBaselines
+from controller.offline_env import OfflineEnvironment, build_offline_data, evaluate_offline
+from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
+from modes.flags import check_environment, flags_of
+from modes.outputs import finish_run, load_check, load_table, metrics_skeleton, offline_record
 from reporting import provenance
 from reporting import render as reporting
 from reporting.summaries import best_static
@@ -28,13 +31,17 @@ def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) ->
     """Test with the settings the policy was trained under, unless the user set them explicitly."""
     trained = payload["config"]
     keep = {"model", "targets", "intensities", "structural", "importance", "ablation", "nlp_backend", "train_dataset",
-            "seed", "test_fraction", "scenarios"}
+            "seed", "test_fraction", "scenarios", "environment", "state_features", "train_samples"}
     updates = {k: (tuple(v) if isinstance(v, list) else v) for k, v in trained.items()
                if k in keep and k not in explicit}
     reward = dataclasses.replace(cfg.reward, **{k: v for k, v in trained["reward"].items()
                                                 if f"reward.{k}" not in explicit})
     env = dataclasses.replace(cfg.env, **{k: v for k, v in trained["env"].items() if f"env.{k}" not in explicit})
-    return dataclasses.replace(cfg, **updates, reward=reward, env=env)
+    offline = dataclasses.replace(cfg.offline, **{k: v for k, v in trained.get("offline", {}).items()
+                                                  if f"offline.{k}" not in explicit})
+    if "environment" not in trained and "environment" not in explicit:
+        updates["environment"] = "live"     # checkpoints written before the offline environment
+    return dataclasses.replace(cfg, **updates, reward=reward, env=env, offline=offline)
 
 
 def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: str | None = None,
@@ -48,11 +55,10 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
     payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
     others = {path: checkpointing.load_checkpoint(Path(path)) for path in ablation_checkpoints}
     cfg = config_from_checkpoint(cfg, payload, explicit)
-    if cfg.test_dataset and cfg.test_dataset != cfg.train_dataset:
-        prompt_set = load_prompts(cfg.test_dataset, seed=cfg.seed)
-    else:   # the held-out split of the training data set: never a training prompt
-        prompt_set = load_prompts(cfg.train_dataset, seed=cfg.seed).split(cfg.test_fraction, seed=cfg.seed)[1]
-    prompts = list(prompt_set.take(cfg.test_samples).prompts)
+    check_environment(flags_of(explicit), cfg.environment)
+    if cfg.environment == "offline":
+        return run_test_offline(cfg, payload, others, test_scenarios)
+    prompts = test_prompts(cfg)
     with open_session(cfg) as s:
         cfg = s.cfg
         agent, _ = agent_from_checkpoint(payload, s.loaded.name)
@@ -115,3 +121,61 @@ def ablation_choosers(payloads: dict[str, dict], model_id: str, labels: list[str
         choosers[name] = (lambda obs, choose=greedy_chooser(other), ablation=ablation:
                           choose(state_vector(obs.hardware, obs.features, ablation)))
     return choosers
+
+
+def test_prompts(cfg: RunConfig) -> list:
+    """--test-dataset, or the held-out split of the training data set (never a training prompt)."""
+    if cfg.test_dataset and cfg.test_dataset != cfg.train_dataset:
+        prompt_set = load_prompts(cfg.test_dataset, seed=cfg.seed)
+    else:
+        prompt_set = load_prompts(cfg.train_dataset, seed=cfg.seed).split(cfg.test_fraction, seed=cfg.seed)[1]
+    return list(prompt_set.take(cfg.test_samples).prompts)
+
+
+def seed_agents(payload: dict, model_id: str) -> list:
+    """The agents of every training seed of an offline checkpoint (the checkpoint itself first)."""
+    paths = payload.get("seed_checkpoints") or []
+    extra = [checkpointing.load_checkpoint(Path(p)) for p in paths[1:]]
+    return [agent_from_checkpoint(p, model_id)[0] for p in [payload, *extra]]
+
+
+def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], test_scenarios: str | None) -> Path:
+    """Policy (every seed), ablations and the fitted baselines on the held-out prompts x the test calibrations.
+
+    The baselines come from the checkpoint, fitted at training time on the training split; this
+    reads the test prompts' outcomes and the test calibrations only.
+    """
+    if "baselines" not in payload:
+        raise ValueError(f"--checkpoint {cfg.checkpoint} was not trained offline (no fitted baselines): "
+                         "test it with --environment live, or train it with --environment offline")
+    prompts = test_prompts(cfg)
+    calibration = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
+    with open_session(cfg) as s:
+        cfg = s.cfg
+        labels, model_id = [a.label for a in s.actions], s.loaded.name
+        scenarios = parse_scenarios(cfg.scenarios)
+        prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
+                                  scenario=test_scenarios or cfg.scenarios, nlp_backend=s.analyzer.backend)
+        run_dir = reporting.RunDir.create(Path(cfg.report_dir), "test", s.loaded.name)
+        run_dir.write_config({**cfg.to_dict(), "ablation_checkpoints": list(others)})
+        data = build_offline_data(s, prompts, calibration, scenarios)
+    levels = [sc.name for sc in parse_scenarios(test_scenarios)] if test_scenarios else None
+    env = OfflineEnvironment(data, [p.id for p in prompts], "test", labels, cfg.reward, cfg.env.long_prompt_tokens,
+                             cfg.state_features, levels=levels)
+    baselines = FittedBaselines.from_dict(payload["baselines"])
+    arms = {"policy": [policy_chooser(env, a, cfg.ablation) for a in seed_agents(payload, model_id)]}
+    for path, other in others.items():
+        name = other["config"].get("ablation", "none")
+        arms[name if name != "none" and name not in arms else Path(path).stem] = [
+            policy_chooser(env, a, other["config"].get("ablation", "none")) for a in seed_agents(other, model_id)]
+    arms |= {name: [baselines.chooser(name, env)] for name in BASELINES}
+    result = evaluate_offline(env, arms, cfg.offline.telemetry_draws, cfg.seed)
+    metrics = metrics_skeleton("test", cfg, prov, labels, checkpoint=str(cfg.checkpoint), offline_test=result,
+                               offline=offline_record(data, baselines), load_verification=load_check(data))
+    return finish_run(run_dir, metrics)
+
+
+def policy_chooser(env: OfflineEnvironment, agent, ablation: str) -> Callable:
+    """Greedy action of `agent` in a test cell, on the state its training saw (its ablation applied)."""
+    choose = greedy_chooser(agent)
+    return lambda cell: choose(env.state(cell, ablation))

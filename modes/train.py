@@ -1,16 +1,24 @@
 """--mode train: learn a policy on training prompts under the configured contention scenarios."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 from common.config import RunConfig
 from controller.records import to_jsonable
 from controller.session import open_session
 from common.signals import sigterm_as_interrupt
+from controller import checkpointing
+from controller.baseline_policies import fit_baselines
+from controller.contention import parse_scenarios
+from controller.dqn import linear_epsilon
+from controller.offline_env import OfflineEnvironment, build_offline_data, train_offline
+from controller.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
-from modes.outputs import finish_run, metrics_skeleton, load_table
+from modes.outputs import finish_run, load_check, load_table, metrics_skeleton, offline_record
 from reporting import provenance
 from reporting import render as reporting
 
@@ -18,6 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def run_train(cfg: RunConfig) -> Path:
+    if cfg.environment == "offline":
+        return run_train_offline(cfg)
     prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     texts = [p.text for p in prompts]
     with sigterm_as_interrupt(), open_session(cfg) as s:
@@ -60,3 +70,53 @@ def run_train(cfg: RunConfig) -> Path:
         if not completed:
             raise KeyboardInterrupt
         return run_dir.path
+
+
+def seed_checkpoints(checkpoint: str, seeds: list[int]) -> list[Path]:
+    """The first seed's policy at --checkpoint, each further seed's beside it as NAME.seedN.pt."""
+    path = Path(checkpoint)
+    return [path] + [path.with_name(f"{path.stem}.seed{seed}{path.suffix}") for seed in seeds[1:]]
+
+
+def run_train_offline(cfg: RunConfig) -> Path:
+    """Precompute (or read) the outcomes and calibrations, fit the baselines on them, train every seed.
+
+    Everything here reads the training prompts and the training calibrations only; the test split's
+    calibrations are measured in the same interleaved rounds but never opened.
+    """
+    prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
+    scenarios = parse_scenarios(cfg.scenarios)
+    with sigterm_as_interrupt(), open_session(cfg) as s:
+        cfg = s.cfg
+        prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
+                                  scenario=cfg.scenarios, nlp_backend=s.analyzer.backend)
+        run_dir = reporting.RunDir.create(Path(cfg.report_dir), "train", s.loaded.name)
+        run_dir.write_config(cfg.to_dict())
+        data = build_offline_data(s, prompts, prompts, scenarios)
+        labels, model_id = [a.label for a in s.actions], s.loaded.name
+    names = state_feature_names(cfg.state_features)
+    env = OfflineEnvironment(data, [p.id for p in prompts], "train", labels, cfg.reward, cfg.env.long_prompt_tokens,
+                             cfg.state_features, cfg.ablation)
+    baselines = fit_baselines(env, names, cfg.offline.telemetry_draws, cfg.seed)
+    seeds = [cfg.seed + i for i in range(cfg.offline.seeds)]
+    paths = seed_checkpoints(cfg.checkpoint, seeds)
+    histories = []
+    for seed, path in zip(seeds, paths):
+        started = time.perf_counter()
+        agent, episodes = train_offline(env, cfg.dqn, cfg.episodes, seed)
+        log.info("seed %d: %d episodes in %.1f s", seed, cfg.episodes, time.perf_counter() - started)
+        histories.append(episodes)
+        checkpointing.save_checkpoint(path, {
+            "model_id": model_id, "action_space": labels, "state_features": names,
+            "config": dataclasses.replace(cfg, seed=seed, dqn=dataclasses.replace(cfg.dqn, seed=seed)).to_dict(),
+            "agent": agent.state_dict(include_buffer=cfg.save_buffer), "next_episode": cfg.episodes,
+            "epsilon": linear_epsilon(cfg.dqn, cfg.episodes, cfg.episodes), "environment": "offline",
+            "baselines": baselines.to_dict(), "seed_checkpoints": [str(p) for p in paths],
+            "code_version": (prov.get("git") or {}).get("commit"), "dataset": cfg.train_dataset, "seed": seed,
+            "test_fraction": cfg.test_fraction})
+    metrics = metrics_skeleton("train", cfg, prov, labels, episodes=to_jsonable(histories[0]),
+                               offline=offline_record(data, baselines, seeds, histories, paths),
+                               load_verification=load_check(data))
+    finish_run(run_dir, metrics)
+    print(f"checkpoints: {', '.join(map(str, paths))}")
+    return run_dir.path

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.config import RunConfig
+from common.config import ENVIRONMENTS, STATE_FEATURES, RunConfig
 
 
 def validate(cfg: RunConfig) -> None:
@@ -19,7 +19,14 @@ def validate(cfg: RunConfig) -> None:
     check_model_name(cfg.model)
     if cfg.nlp_backend not in ("auto", *BACKENDS):
         raise ValueError(f"--nlp-backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.nlp_backend}")
-    parse_scenarios(cfg.scenarios)
+    if cfg.environment not in ENVIRONMENTS:
+        raise ValueError(f"--environment must be one of {', '.join(ENVIRONMENTS)}, got {cfg.environment}")
+    if cfg.state_features not in STATE_FEATURES:
+        raise ValueError(f"--state-features must be one of {', '.join(STATE_FEATURES)}, got {cfg.state_features}")
+    levels = [sc.name for sc in parse_scenarios(cfg.scenarios)]
+    if cfg.environment == "offline" and "idle" not in levels:
+        raise ValueError(f"--scenarios {cfg.scenarios}: the offline environment needs 'idle' (every calibration "
+                         "round's reference for the slowdown and the latency budget)")
     try:
         action_space(cfg)
     except ValueError as err:

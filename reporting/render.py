@@ -25,7 +25,7 @@ import numpy as np
 from common.files import atomic_write_text
 from common.markdown import MISSING, fmt, fmt_ci, fmt_pct, is_number, md_cell, md_table
 
-from reporting import provenance
+from reporting import offline_sections, provenance
 from reporting import summaries
 from controller.records import RUN_KINDS, SCHEMA_VERSION, to_jsonable
 from reporting.plots import PLOTS, overlay_pareto, overlay_reward, render_plots
@@ -171,6 +171,10 @@ def report_markdown(metrics: Mapping, summary: Mapping, run_name: str, plots: Ma
         lines += _train_section(summary["train"])
     if "test" in summary:
         lines += _test_section(summary["test"])
+    lines += offline_sections.load_section(metrics.get("load_verification"), summary.get("calibrations"))
+    lines += offline_sections.quality_section(summary.get("quality"))
+    lines += offline_sections.offline_train_section(metrics.get("offline"), metrics.get("action_space") or [])
+    lines += offline_sections.offline_test_section(summary.get("offline_test"))
     if "evaluation" in summary:
         lines += _evaluation_section(summary["evaluation"])
     if metrics.get("baselines"):

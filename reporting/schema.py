@@ -37,7 +37,8 @@ def validate_metrics(d: object) -> list[str]:
     for key in ("provenance", "config", "summary"):
         _expect(d, key, Mapping, problems, required=key != "summary")
     _check_value(d.get("action_space", []), list[str], "action_space", problems)
-    required = {"train": "episodes", "test": "prompts", "eval": "evaluation", "baselines": "baselines"}.get(kind)
+    required = {"train": "episodes", "test": "offline_test" if "offline_test" in d else "prompts",
+                "eval": "evaluation", "baselines": "baselines"}.get(kind)
     if required and required not in d:
         problems.append(f"{required}: missing (a {kind} run records it, empty while nothing is done yet)")
     _check_value(d.get("episodes", []), list[EpisodeRecord], "episodes", problems)

@@ -463,6 +463,207 @@ def summarize_baselines(rows: Sequence[Mapping]) -> dict:
     return {"n": len(rows), "front": pareto_front(points)}
 
 
+# --------------------------------------------------------------------------- offline study
+
+POLICY = "policy"
+BASELINE_ARMS = ("per_level_static", "worst_case_static", "rule", "regressor")
+REFERENCE_ARMS = ("random", "oracle")
+OFFLINE_METRICS = ("reward", "ppl_ratio", "speedup", "slo_met")
+
+
+def clustered_bootstrap_ci(values: np.ndarray, seed: int = 0, n: int = N_BOOT, level: float = 0.95) -> dict:
+    """Mean of ``values[seed, prompt, calibration]`` with a percentile CI that resamples training seeds,
+    prompts and calibrations independently, each with replacement.
+
+    Clustered: a resampled prompt brings all of its cells (every calibration and seed), and likewise
+    a resampled calibration and seed, so 37 prompts under two calibrations count as 37 prompts, not
+    74 pairs, and the spread of the latency tables and of training enters the interval. NaN cells
+    (a prompt without a calibration of that level) are left out of every mean.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 3:
+        raise ValueError(f"values must be [seeds, prompts, calibrations], got shape {v.shape}")
+    mask = np.isfinite(v)
+    if not mask.any():
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "clusters": list(v.shape)}
+    mean = float(v[mask].mean())
+    means = clustered_resample_means(v, seed, n)
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return {"mean": mean, "lo": float(min(lo, mean)), "hi": float(max(hi, mean)), "n": int(mask.sum()),
+            "clusters": list(v.shape)}
+
+
+def clustered_resample_means(values: np.ndarray, seed: int = 0, n: int = N_BOOT) -> np.ndarray:
+    """The n bootstrap means behind clustered_bootstrap_ci: each resample draws seeds, prompts and
+    calibrations with replacement (multinomial counts per axis) and weights every cell by the product."""
+    mask = np.isfinite(values)
+    filled, weight = np.where(mask, values, 0.0), mask.astype(float)
+    rng = np.random.default_rng(seed)
+    counts = [rng.multinomial(size, np.full(size, 1.0 / size), size=n).astype(float) for size in values.shape]
+    num = np.einsum("bs,bp,bk,spk->b", *counts, filled, optimize=True)
+    den = np.einsum("bs,bp,bk,spk->b", *counts, weight, optimize=True)
+    return num[den > 0] / den[den > 0]
+
+
+def _cube(per_cell: np.ndarray, keys: Sequence[tuple[str, int]], selected: np.ndarray) -> np.ndarray:
+    """[seeds, cells] -> [seeds, prompts, rounds]: the mean over each (prompt, round)'s selected cells
+    (its telemetry draws, and its levels when several are pooled); NaN where a pair has none."""
+    prompts = sorted({p for (p, _), s in zip(keys, selected) if s})
+    rounds = sorted({r for (_, r), s in zip(keys, selected) if s})
+    pi, ri = {p: i for i, p in enumerate(prompts)}, {r: i for i, r in enumerate(rounds)}
+    total = np.zeros((per_cell.shape[0], len(prompts), len(rounds)))
+    count = np.zeros((len(prompts), len(rounds)))
+    for i in np.flatnonzero(selected):
+        p, r = pi[keys[i][0]], ri[keys[i][1]]
+        total[:, p, r] += per_cell[:, i]
+        count[p, r] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / np.where(count > 0, count, np.nan)
+
+
+def _arm_values(ot: Mapping, name: str, matrix: np.ndarray, reward: np.ndarray) -> np.ndarray:
+    """[seeds, cells] of one metric for an arm: a chooser's actions, random (the mean over actions),
+    oracle (the best-reward action), or a static action label."""
+    cells = np.arange(matrix.shape[0])
+    if name in ot["arms"]:
+        return np.stack([matrix[cells, np.asarray(a, dtype=int)] for a in ot["arms"][name]])
+    if name == "random":
+        return matrix.mean(1)[None]
+    if name == "oracle":
+        return matrix[cells, reward.argmax(1)][None]
+    return matrix[:, ot["actions"].index(name)][None]
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a - b over seeds: paired seed by seed, a single-seed side broadcast over the other's seeds."""
+    if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
+        k = min(a.shape[0], b.shape[0])
+        a, b = a[:k], b[:k]
+    return a - b
+
+
+def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
+    """Per load level and pooled: every arm's reward (clustered CI), PPL ratio, speedup, SLO attainment,
+    policy - arm with clustered CIs over seeds x prompts x calibrations, the spread across training
+    seeds, and the verdict against the strongest fitted baseline."""
+    reward = np.asarray(ot["reward"], dtype=float)
+    budget = np.array([np.inf if b is None else b for b in ot["budget_s"]], dtype=float)
+    matrices = {"reward": reward, "ppl_ratio": np.asarray(ot["ppl_ratio"], dtype=float),
+                "speedup": np.asarray(ot["speedup"], dtype=float),
+                "slo_met": (np.asarray(ot["latency_s"], dtype=float) <= budget[:, None]).astype(float)}
+    keys = list(zip(ot["cells"]["prompt_id"], ot["cells"]["round"]))
+    levels = np.asarray(ot["cells"]["level"])
+    groups = list(ot["levels"]) + ([ALL] if len(ot["levels"]) > 1 else [])
+    others = [a for a in ot["arms"] if a != POLICY and a not in BASELINE_ARMS]
+    names = [POLICY, *BASELINE_ARMS, *others, *REFERENCE_ARMS, *ot["actions"]]
+    values = {(arm, m): _arm_values(ot, arm, matrices[m], reward) for arm in names for m in OFFLINE_METRICS}
+    out = {}
+    for g in groups:
+        sel = np.ones(len(keys), bool) if g == ALL else levels == g
+        cube = {k: _cube(v, keys, sel) for k, v in values.items()}
+        policy = cube[(POLICY, "reward")]
+        arms = {}
+        for arm in names:
+            row = {m: (clustered_bootstrap_ci(cube[(arm, m)], seed) if m == "reward"
+                       else {"mean": float(np.nanmean(cube[(arm, m)]))}) for m in OFFLINE_METRICS}
+            if arm != POLICY:
+                row["vs"] = clustered_bootstrap_ci(_paired(policy, cube[(arm, "reward")]), seed)
+            arms[arm] = row
+        per_seed = np.nanmean(policy, axis=(1, 2))
+        out[g] = {"n_cells": int(sel.sum()), "arms": arms,
+                  "best_static": max(ot["actions"], key=lambda a: arms[a]["reward"]["mean"]),
+                  "seeds": {"reward": per_seed.tolist(), "sd": float(per_seed.std(ddof=1)) if per_seed.size > 1 else 0.0,
+                            "vs": {b: np.nanmean(_paired(policy, cube[(b, "reward")]), axis=(1, 2)).tolist()
+                                   for b in BASELINE_ARMS}}}
+    pooled = out[groups[-1]]["arms"]
+    strongest = max(BASELINE_ARMS, key=lambda b: pooled[b]["reward"]["mean"])
+    return {"groups": groups, "actions": list(ot["actions"]), "arms": names, "by_level": out,
+            "strongest_baseline": strongest, "verdict": offline_verdict(out, strongest), "n_seeds": len(ot["arms"][POLICY])}
+
+
+def ci_sign(ci: Mapping) -> str:
+    """'better' / 'worse' when the interval excludes zero, else 'no difference'."""
+    if ci.get("lo") is not None and ci["lo"] > 0:
+        return "better"
+    if ci.get("hi") is not None and ci["hi"] < 0:
+        return "worse"
+    return "no difference"
+
+
+def offline_verdict(by_level: Mapping, strongest: str) -> dict:
+    """Computed, never typed: per group, the sign of policy - each baseline; the claim is made only
+    against the strongest baseline (highest pooled reward) and only where its CI excludes zero."""
+    signs = {g: {b: ci_sign(row["arms"][b]["vs"]) for b in (*BASELINE_ARMS, "random")} for g, row in by_level.items()}
+    wins = [g for g in by_level if signs[g][strongest] == "better"]
+    losses = [g for g in by_level if signs[g][strongest] == "worse"]
+    if wins and not losses:
+        claim = f"the policy beats the strongest baseline ({strongest}) in {', '.join(wins)}"
+    elif losses and not wins:
+        claim = f"the policy loses to the strongest baseline ({strongest}) in {', '.join(losses)}"
+    elif wins:
+        claim = (f"mixed: the policy beats {strongest} in {', '.join(wins)} and loses in {', '.join(losses)}")
+    else:
+        claim = f"no difference from the strongest baseline ({strongest}) in any group: every CI includes zero"
+    return {"signs": signs, "wins": wins, "losses": losses, "claim": claim}
+
+
+def summarize_calibrations(cal: Mapping) -> dict:
+    """Per level: its dense slowdown per calibration, each action's speedup spread across calibrations,
+    and how well the training calibrations' mean latency predicts each held-out (test) calibration."""
+    from controller.load_calibration import CalibrationSet
+    from controller.load_signals import hardware_feature_names
+
+    cs = CalibrationSet.from_dict(dict(cal))
+    names = hardware_feature_names("contention")
+    out = {}
+    for level in cs.levels:
+        cals = [c for c in cs.calibrations if c.level == level]
+        keys = sorted({k for c in cals for k, e in c.table.entries.items() if e.samples > 0})
+        speedups = {k: [c.table.entries[k].speedup(16) for c in cals if k in c.table.entries] for k in keys}
+        train = {k: np.mean([c.table.entries[k].latency(16) for c in cals if c.split == "train"]) for k in keys}
+        errors = [abs(c.table.entries[k].latency(16) / train[k] - 1.0) for c in cals if c.split == "test"
+                  for k in keys if k in c.table.entries and np.isfinite(train[k])]
+        telemetry = np.array([v for c in cals for v in c.telemetry]) if any(c.telemetry for c in cals) else None
+        out[level] = {
+            "slowdown": [cs.slowdown(c) for c in cals], "seconds": sum(c.seconds for c in cals),
+            "speedup": {k.split("|", 2)[2] + ("" if k.split("|")[1] == "short" else " (long)"):
+                        {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+                        for k, v in speedups.items()},
+            "heldout_latency_error": float(np.mean(errors)) if errors else None,
+            "features": ({n: {"mean": float(telemetry[:, i].mean()), "sd": float(telemetry[:, i].std())}
+                          for i, n in enumerate(names[: telemetry.shape[1]])} if telemetry is not None else {}),
+        }
+    idle = out.get("idle", {}).get("features", {})
+    for level, row in out.items():    # separation from idle in idle-sd units: which feature tells this level apart
+        row["separation"] = {n: abs(f["mean"] - idle[n]["mean"]) / max(1e-9, (f["sd"] + idle[n]["sd"]) / 2)
+                             for n, f in row["features"].items() if n in idle} if level != "idle" else {}
+    return out
+
+
+def summarize_quality(outcomes: Mapping) -> dict:
+    """Split-half reliability of each action's per-prompt log PPL ratio (Pearson r between the two
+    halves of the reference, and Spearman-Brown's full-length estimate), and how often pruning
+    'improves' a prompt's PPL (what a noisy quality signal produces)."""
+    rows = list(outcomes.values())
+    labels = sorted({a for r in rows for a in r["actions"]})
+    per_action = {}
+    for a in labels:
+        pairs = [r["actions"][a]["half_log_ratio"] for r in rows
+                 if a in r["actions"] and not r["actions"][a]["inert"]]
+        if len(pairs) < 3:
+            continue
+        x, y = np.asarray(pairs, dtype=float).T
+        r_half = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else None
+        per_action[a] = {"n": len(pairs), "r_half": r_half,
+                         "reliability": 2 * r_half / (1 + r_half) if r_half is not None and r_half > -1 else None,
+                         "improved_share": float(np.mean([r["actions"][a]["ppl_ratio"] < 1 for r in rows
+                                                          if a in r["actions"] and not r["actions"][a]["inert"]]))}
+    rel = [v["reliability"] for v in per_action.values() if v["reliability"] is not None]
+    return {"n_prompts": len(rows), "reference_tokens": mean_or_none(r["reference_tokens"] for r in rows),
+            "per_action": per_action, "median_reliability": float(np.median(rel)) if rel else None}
+
+
 # --------------------------------------------------------------------------- whole file
 
 def summarize(metrics: Mapping, seed: int = 0) -> dict:
@@ -477,4 +678,11 @@ def summarize(metrics: Mapping, seed: int = 0) -> dict:
         out["evaluation"] = summarize_eval(metrics["evaluation"])
     if metrics.get("baselines"):
         out["baselines"] = summarize_baselines(metrics["baselines"])
+    if metrics.get("offline_test"):
+        out["offline_test"] = summarize_offline(metrics["offline_test"], seed=seed)
+    offline = metrics.get("offline") or {}
+    if offline.get("calibrations"):
+        out["calibrations"] = summarize_calibrations(offline["calibrations"])
+    if offline.get("outcomes"):
+        out["quality"] = summarize_quality(offline["outcomes"])
     return out

@@ -73,6 +73,7 @@ def test_every_flag_reaches_its_config_field():
     for flag in FLAGS:
         mode = flag.modes[0]
         extra = ["--lm-eval"] if flag.requires == "--lm-eval" else []
+        extra += ["--environment", flag.environments[0]] if len(flag.environments) == 1 else []
         extra += ["--baseline", "taylor@0.3"] if mode == "export" and flag.name.startswith("--calibration") else []
         args = parser.parse_args(["--mode", mode, *_value(flag), *extra])
         check_flags(args)

@@ -1,0 +1,230 @@
+"""Offline environment: each episode samples (prompt, level, calibration, telemetry) and looks the outcome up.
+
+Why: a live episode costs a dense and a pruned forward plus a generation whose timing the reward
+ignores (~2.5 s on SmolLM2), so a run saw each prompt a few times under one calibration. Here the
+quality of every (prompt, action) comes from the outcome cache and the speed of every (level,
+calibration, action) from a measured latency table, so the reward matrix of every cell is computed
+once with the live environment's own rules (``table_speed``, ``idle_dense_latency``,
+``reward_terms``: a test checks offline == live on the same inputs) and training runs 10,000
+episodes in seconds. The state is the live one: the telemetry read during that calibration and
+the prompt's features.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import offline
+from common.config import DQNConfig, RewardConfig
+from common.data import Prompt
+from common.files import atomic_write_text
+from controller.dqn import DoubleDQNAgent, linear_epsilon
+from controller.environment import idle_dense_latency, table_speed
+from controller.load_calibration import CalibrationSet, Calibrator, LevelCalibration
+from controller.load_signals import BASIC, hardware_feature_names
+from controller.outcome_cache import OutcomeCache, PromptOutcomes, digest, engine_settings, precompute
+from controller.records import EpisodeRecord, Outcome
+from controller.reward import effective_budget, reward_terms
+from controller.state import state_vector
+from controller.trainer import RecordedHardware
+
+log = logging.getLogger(__name__)
+
+ON_BATTERY_SLOT = 7     # HardwareState.FEATURE_NAMES.index("on_battery")
+
+
+@dataclass
+class OfflineData:
+    """What an offline run reads: outcomes per prompt, the calibration set, prompt features."""
+    prompts: list[Prompt]
+    outcomes: dict[str, PromptOutcomes]
+    calibrations: CalibrationSet
+    features: dict[str, object]          # prompt id -> nlp_analyzer.PromptFeatures
+
+
+@dataclass(frozen=True)
+class Cell:
+    prompt: int          # index into env.prompts
+    calibration: int     # index into env.cals
+    telemetry: int       # index into that calibration's telemetry readings
+
+
+class OfflineEnvironment:
+    """Rewards of every (calibration, prompt, action) of one split, precomputed with the live rules."""
+
+    def __init__(self, data: OfflineData, prompt_ids: Sequence[str], split: str, action_labels: Sequence[str],
+                 reward: RewardConfig, long_prompt_tokens: int, state_features: str = BASIC,
+                 ablation: str = "none", levels: Sequence[str] | None = None):
+        """`levels`: only these load levels' calibrations (default: all of the split)."""
+        by_id = {p.id: p for p in data.prompts}
+        self.prompts = [by_id[i] for i in prompt_ids]
+        self.outcomes = [data.outcomes[i] for i in prompt_ids]
+        self.features = [data.features[i] for i in prompt_ids]
+        self.cals: list[LevelCalibration] = [c for c in data.calibrations.select(split)
+                                             if levels is None or c.level in levels]
+        if not self.cals:
+            raise ValueError(f"the calibration set has no {split} calibrations of levels {levels or 'any'}")
+        self.calibration_set = data.calibrations
+        self.levels = [lv for lv in data.calibrations.levels if any(c.level == lv for c in self.cals)]
+        self.labels, self.reward_cfg, self.ablation = list(action_labels), reward, ablation
+        self.long_prompt_tokens = long_prompt_tokens
+        self.n_hardware = len(hardware_feature_names(state_features))
+        self._fill()
+
+    # ---- the reward matrix ------------------------------------------------------------------
+    def bucket(self, outcome: PromptOutcomes) -> str:
+        return "long" if outcome.context_tokens >= self.long_prompt_tokens else "short"
+
+    def _fill(self) -> None:
+        shape = (len(self.cals), len(self.prompts), len(self.labels))
+        self.reward, self.speedup, self.latency = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        self.budget = np.full(shape[:2], np.inf)         # seconds allowed per (calibration, prompt)
+        self.ppl_ratio = np.array([[o.actions[a].ppl_ratio for a in self.labels] for o in self.outcomes])
+        self.kl = np.array([[o.actions[a].kl for a in self.labels] for o in self.outcomes])
+        for c, cal in enumerate(self.cals):
+            table = self.calibration_set.merged_table(cal)
+            on_battery = self.on_battery(cal)
+            for p, out in enumerate(self.outcomes):
+                bucket, n_new = self.bucket(out), out.reference_tokens
+                idle_s = idle_dense_latency(table, bucket, n_new)
+                budget = effective_budget(self.reward_cfg, idle_s, on_battery)
+                self.budget[c, p] = np.inf if budget is None else budget
+                for a, label in enumerate(self.labels):
+                    q = out.actions[label]
+                    speedup, latency = table_speed(table, cal.level, bucket, label, n_new, q.inert)
+                    terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=q.ppl_ratio, kl=q.kl,
+                                         latency_s=latency, idle_dense_s=idle_s, on_battery=on_battery)
+                    self.reward[c, p, a], self.speedup[c, p, a], self.latency[c, p, a] = terms.total, speedup, latency
+
+    @staticmethod
+    def on_battery(cal: LevelCalibration) -> bool:
+        """Whether the machine ran on battery during this calibration (majority of its readings)."""
+        flags = [v[ON_BATTERY_SLOT] for v in cal.telemetry]
+        return bool(flags) and sum(flags) > len(flags) / 2
+
+    # ---- cells and states -------------------------------------------------------------------
+    def draw(self, rng: np.random.Generator, prompt: int) -> Cell:
+        """A uniform level, a uniform calibration of it, a uniform telemetry reading of that calibration."""
+        level = self.levels[int(rng.integers(len(self.levels)))]
+        options = [i for i, c in enumerate(self.cals) if c.level == level]
+        c = options[int(rng.integers(len(options)))]
+        return Cell(prompt, c, int(rng.integers(len(self.cals[c].telemetry))))
+
+    def hardware(self, cell: Cell) -> RecordedHardware:
+        return RecordedHardware(self.cals[cell.calibration].telemetry[cell.telemetry][: self.n_hardware])
+
+    def level(self, cell: Cell) -> str:
+        return self.cals[cell.calibration].level
+
+    def state(self, cell: Cell, ablation: str | None = None) -> np.ndarray:
+        return state_vector(self.hardware(cell), self.features[cell.prompt], ablation or self.ablation)
+
+    def outcome(self, cell: Cell, action: int) -> Outcome:
+        c, p = cell.calibration, cell.prompt
+        return Outcome(action=self.labels[action], reward=float(self.reward[c, p, action]),
+                       speedup=float(self.speedup[c, p, action]), ppl_ratio=float(self.ppl_ratio[p, action]),
+                       kl=float(self.kl[p, action]), latency_s=float(self.latency[c, p, action]))
+
+    def cells(self, draws: int, seed: int) -> list[Cell]:
+        """Every (prompt, calibration) with `draws` seeded telemetry readings each (fitting and testing)."""
+        rng = np.random.default_rng([seed, 31])
+        return [Cell(p, c, int(rng.integers(len(cal.telemetry))))
+                for c, cal in enumerate(self.cals) for p in range(len(self.prompts)) for _ in range(draws)]
+
+
+def train_offline(env: OfflineEnvironment, dqn: DQNConfig, episodes: int, seed: int,
+                  progress: bool = True) -> tuple[DoubleDQNAgent, list[EpisodeRecord]]:
+    """The live trainer's bandit loop (epsilon-greedy Double DQN, one decision per prompt) on looked-up outcomes."""
+    cfg = replace(dqn, seed=seed)
+    state_dim = len(env.state(Cell(0, 0, 0)))
+    agent = DoubleDQNAgent(state_dim, len(env.labels), cfg)
+    rng = np.random.default_rng([seed, 2])
+    order = rng.permutation(len(env.prompts))
+    records = []
+    for episode in tqdm(range(episodes), desc=f"train offline [seed {seed}]", disable=not progress, mininterval=1):
+        cell = env.draw(rng, int(order[episode % len(order)]))
+        state = env.state(cell)
+        epsilon = linear_epsilon(cfg, episode, episodes)
+        index, explored, _ = agent.act(state, epsilon)
+        outcome = env.outcome(cell, index)
+        loss = agent.store_and_learn(state, index, outcome.reward, state, True)
+        prompt, out = env.prompts[cell.prompt], env.outcomes[cell.prompt]
+        records.append(EpisodeRecord(
+            episode=episode, step=agent.steps, prompt_id=prompt.id, category=prompt.category,
+            prompt_tokens=out.context_tokens, complexity=float(env.features[cell.prompt].complexity),
+            scenario=env.level(cell), action_index=index, explored=explored, epsilon=epsilon,
+            outcome=outcome, loss=loss, hardware=[float(v) for v in env.hardware(cell).vector],
+            truncated=out.truncated))
+    return agent, records
+
+
+Chooser = Callable[[Cell], int]     # a test cell -> action index (it builds whatever state it reads)
+
+
+def evaluate_offline(env: OfflineEnvironment, arms: dict[str, list[Chooser]], draws: int, seed: int) -> dict:
+    """Every arm's action in every test cell, with the matrices their rewards come from.
+
+    An arm is a list of choosers, one per training seed (baselines have one). The result is what
+    metrics.json stores as ``offline_test``: summaries recompute every figure from it alone.
+    """
+    cells = env.cells(draws, seed)
+    actions = {name: [[int(choose(cell)) for cell in cells] for choose in choosers] for name, choosers in arms.items()}
+    c_idx, p_idx = [cell.calibration for cell in cells], [cell.prompt for cell in cells]
+    return {
+        "actions": env.labels, "levels": env.levels,
+        "cells": {"prompt_id": [env.prompts[p].id for p in p_idx], "level": [env.level(cell) for cell in cells],
+                  "round": [env.cals[c].round for c in c_idx], "telemetry": [cell.telemetry for cell in cells]},
+        "reward": env.reward[c_idx, p_idx].tolist(), "speedup": env.speedup[c_idx, p_idx].tolist(),
+        "ppl_ratio": env.ppl_ratio[p_idx].tolist(), "kl": env.kl[p_idx].tolist(),
+        "latency_s": env.latency[c_idx, p_idx].tolist(),
+        "budget_s": [None if np.isinf(b) else float(b) for b in env.budget[c_idx, p_idx]],
+        "arms": actions,
+    }
+
+
+def calibration_settings(cfg, engine: dict, scenarios, labels: Sequence[str], buckets: Sequence[str],
+                         calibration_texts: Sequence[str]) -> dict:
+    """Everything a calibration set depends on: the engine, the levels, the timing protocol, this machine."""
+    return {"engine": {k: v for k, v in engine.items() if k not in ("max_new_tokens", "min_reference_tokens",
+                                                                     "prompt_kl_tokens")},
+            "levels": [s.to_dict() for s in scenarios], "rounds": 2 * cfg.offline.calibrations,
+            "calibration_tokens": cfg.env.calibration_tokens, "repeats": cfg.env.calibration_repeats,
+            "labels": list(labels), "buckets": list(buckets), "prompts": digest({"texts": list(calibration_texts)}),
+            "host": platform.node(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequence[Prompt], scenarios) -> OfflineData:
+    """Outcomes of `prompts` and the calibration set, from the caches or measured now with session `s`.
+
+    Calibration prompts (the training prompts, so train and test share one calibration set) set the
+    timed short and long inputs; the buckets are those `prompts` and the calibration prompts fall in.
+    """
+    cfg, env = s.cfg, s.env
+    root = Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else offline.cache_dir() / "offline"
+    engine = engine_settings(cfg, s.loaded.name, s.loaded.source)
+    outcomes = precompute(env, OutcomeCache(root / "outcomes", engine), prompts, s.actions,
+                          cfg.offline.prompt_kl_tokens)
+    texts = [p.text for p in calibration_prompts][:64]
+    env.set_calibration_prompts(texts)
+    buckets = sorted({env.bucket(env.encode(p.text)[0].numel()) for p in [*prompts, *calibration_prompts]},
+                     key=["short", "long"].index)
+    labels = [a.label for a in s.actions]
+    settings = calibration_settings(cfg, engine, scenarios, labels, buckets, texts)
+    path = root / "calibrations" / f"{digest(settings)}.json"
+    cs = (CalibrationSet.from_dict(json.loads(path.read_text())) if path.is_file()
+          else CalibrationSet([sc.name for sc in scenarios], {sc.name: sc.min_slowdown for sc in scenarios},
+                              buckets, settings))
+    Calibrator(env, s.sampler, scenarios, s.actions, cfg.env.calibration_repeats, cfg.seed).run(
+        cs, settings["rounds"], save=lambda c: atomic_write_text(path, json.dumps(c.to_dict())))
+    features = s.analyzer.analyze_batch([p.text for p in prompts], tokenizer=s.loaded.tokenizer, progress=True)
+    return OfflineData(list(prompts), outcomes, cs, {p.id: f for p, f in zip(prompts, features)})

@@ -1,0 +1,151 @@
+"""Every (prompt, action) quality outcome, measured once and kept on disk.
+
+Why: quality does not depend on the machine's load, only on the model, the engine's settings, the
+reference and the prompt, so measuring it once per prompt and action (instead of a dense and a
+pruned forward every episode) lets the offline environment run 10,000 episodes in seconds. One JSON
+file per prompt, named by a digest of everything the numbers depend on, so a changed setting never
+reads a stale outcome, an interrupted precompute resumes, and a grown action space measures only
+the new actions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from common.config import RunConfig
+from common.data import Prompt
+from common.files import atomic_write_text
+from controller.quality import mean_kl, ppl_ratio, prompt_scores, token_nll
+from pruners import PruningAction
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+# RunConfig fields that change which units an action removes or how they are compensated; the ones
+# this checkout does not have are skipped, so the key stays valid as the recovery work adds them.
+ENGINE_FIELDS = ("structural", "importance", "calibration", "allocation", "compensation", "recovery")
+
+
+@dataclass
+class ActionQuality:
+    """One action on one prompt, against the dense model on the same reference."""
+    ppl_ratio: float                  # teacher-forced PPL on the reference, pruned / dense
+    kl: float                         # mean token KL(dense || pruned) on the reference
+    prompt_kl: float | None           # the same on the prompt's last positions (None: prompt too short)
+    half_log_ratio: tuple[float, float]   # log PPL ratio on the first and the second half of the reference
+    inert: bool                       # nothing removed on this prompt (none; KV pruning of a short prompt)
+
+
+@dataclass
+class PromptOutcomes:
+    prompt_id: str
+    context_tokens: int               # prompt tokens the model sees (after any truncation)
+    reference_tokens: int             # tokens scored, and generated when timed
+    reference_source: str             # "dataset" or "dense_greedy"
+    truncated: bool
+    actions: dict[str, ActionQuality] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptOutcomes":
+        actions = {k: ActionQuality(**{**v, "half_log_ratio": tuple(v["half_log_ratio"])})
+                   for k, v in d.pop("actions").items()}
+        return cls(**d, actions=actions)
+
+
+def engine_settings(cfg: RunConfig, model_name: str, model_source: str) -> dict:
+    """Everything an outcome depends on besides the prompt."""
+    engine = {name: getattr(cfg, name) for name in ENGINE_FIELDS if hasattr(cfg, name)}
+    return {"schema": SCHEMA, "model": model_name, "source": model_source, "engine": json.loads(json.dumps(
+        engine, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))),
+        "kv_min_tokens": cfg.env.long_prompt_tokens, "max_new_tokens": cfg.env.max_new_tokens,
+        "min_reference_tokens": cfg.env.min_reference_tokens, "prompt_kl_tokens": cfg.offline.prompt_kl_tokens}
+
+
+def digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class OutcomeCache:
+    """Folder of <digest>.json files, one per (settings, prompt text, prompt reference)."""
+
+    def __init__(self, folder: Path, settings: dict):
+        self.folder, self.settings = Path(folder), settings
+
+    def path(self, prompt: Prompt) -> Path:
+        return self.folder / f"{digest({**self.settings, 'text': prompt.text, 'reference': prompt.reference})}.json"
+
+    def load(self, prompt: Prompt) -> PromptOutcomes | None:
+        path = self.path(prompt)
+        if not path.is_file():
+            return None
+        try:
+            return PromptOutcomes.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError) as err:
+            log.warning("outcome cache file %s is unreadable (%s): measuring again", path, err)
+            return None
+
+    def store(self, prompt: Prompt, outcomes: PromptOutcomes) -> None:
+        atomic_write_text(self.path(prompt), json.dumps(asdict(outcomes)))
+
+
+def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt_kl_tokens: int,
+                   known: PromptOutcomes | None = None) -> PromptOutcomes:
+    """Quality of every action on one prompt (those in `known` are kept): the same dense reference,
+    dense scores and pruned scoring path as the live environment's step, plus KL on the prompt's last
+    positions and the two halves of the reference for split-half reliability."""
+    ref = env.reference(prompt)
+    context, target = env.segment(prompt)
+    dense = env.dense_scores(prompt)
+    dense_nll = token_nll(dense, target)
+    env.engine.restore()
+    dense_prompt = prompt_scores(env.model, ref.prompt_ids, prompt_kl_tokens)
+    out = known or PromptOutcomes(prompt.id, int(context.numel()), int(target.numel()), ref.source, ref.truncated)
+    half = max(1, target.numel() // 2)
+    for action in actions:
+        if action.label in out.actions:
+            continue
+        inert = env.inert(action, context.numel())
+        with env.engine.pruned(action):
+            pruned = env.pruned_scores(context, target, dense, inert)
+            # KV pruning happens after the prefill, so the prompt positions are the dense ones.
+            same_prompt = inert or action.target == "kv_cache" or dense_prompt is None
+            pruned_prompt = dense_prompt if same_prompt else prompt_scores(env.model, ref.prompt_ids, prompt_kl_tokens)
+        diff = token_nll(pruned, target) - dense_nll
+        second = diff[half:] if diff.numel() > half else diff[-1:]
+        out.actions[action.label] = ActionQuality(
+            ppl_ratio=ppl_ratio(pruned, dense), kl=mean_kl(dense, pruned),
+            prompt_kl=None if dense_prompt is None else mean_kl(dense_prompt, pruned_prompt),
+            half_log_ratio=(float(diff[:half].mean()), float(second.mean())), inert=inert)
+    return out
+
+
+def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Sequence[PruningAction],
+               prompt_kl_tokens: int) -> dict[str, PromptOutcomes]:
+    """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks."""
+    labels = {a.label for a in actions}
+    result: dict[str, PromptOutcomes] = {}
+    todo = []
+    for prompt in prompts:
+        known = cache.load(prompt)
+        if known is not None and labels <= set(known.actions):
+            result[prompt.id] = known
+        else:
+            todo.append((prompt, known))
+    if todo:
+        log.info("outcome cache: %d of %d prompts to measure (%d actions each) in %s",
+                 len(todo), len(prompts), len(actions), cache.folder)
+    for prompt, known in tqdm(todo, desc="precompute outcomes", disable=not todo):
+        outcomes = measure_prompt(env, prompt, actions, prompt_kl_tokens, known)
+        bad = [a for a, q in outcomes.actions.items() if not (math.isfinite(q.ppl_ratio) and math.isfinite(q.kl))]
+        if bad:
+            raise FloatingPointError(f"prompt {prompt.id}: non-finite quality for {bad}")
+        cache.store(prompt, outcomes)
+        result[prompt.id] = outcomes
+    return result

@@ -1,0 +1,123 @@
+"""report.md sections of the offline study: load checks, timing noise, quality signal, baselines, verdict.
+
+Every number comes from ``summaries`` (which reads metrics.json alone), every sentence that states a
+result is chosen by a computed sign, never typed; render.report_markdown places these sections.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from common.markdown import MISSING, fmt, fmt_ci, fmt_pct, md_table
+from reporting.summaries import ALL, BASELINE_ARMS, POLICY, REFERENCE_ARMS, ci_sign
+
+FEATURES_SHOWN = ("cpu_util", "process_cpu_util", "load_per_core", "run_queue_per_core", "involuntary_ctx_rate",
+                  "steal_frac", "observed_slowdown_log")
+ARM_TEXT = {POLICY: "**policy**", "per_level_static": "best static per level (told the level)",
+            "worst_case_static": "static for the worst level", "rule": "one-feature threshold rule",
+            "regressor": "supervised reward regressor (ridge)", "random": "random action (expected)",
+            "oracle": "oracle (best action per cell)"}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    return [*md_table(header, rows), ""]
+
+
+def load_section(verification: Mapping | None, calibrations: Mapping | None) -> list[str]:
+    """Each level's measured dense slowdown against its minimum, loudly when a level failed, and the
+    telemetry features per level with their separation from idle."""
+    if not verification:
+        return []
+    levels = verification["levels"]
+    lines = ["## Load levels: verified slowdown of the dense model", ""]
+    if verification["failures"]:
+        lines += [f"> **LOAD FAILED.** {line}. Results under that level are not results under load." for line in
+                  verification["failures"]] + [""]
+    rows = []
+    for name, v in levels.items():
+        starts = [s for s in v["start"] if s is not None]
+        rows.append((f"`{name}`", f"×{fmt(v['min_slowdown'], 2)}", f"×{fmt(v['median'], 2)}",
+                     ", ".join(f"×{d:.2f}" for d in v["during"]) or MISSING,
+                     ", ".join(f"×{s:.2f}" for s in starts) or MISSING,
+                     "**FAILED**" if v["failed"] else (f"ok ({len(v['failed_checks'])} checks below)"
+                                                       if v["failed_checks"] else "ok")))
+    lines += ["Dense decode step per token against the same round's idle calibration (during) and against the "
+              "latest idle measurement when the load started (start).", ""]
+    lines += _table(["level", "minimum", "median", "each calibration (during)", "at start", "check"], rows)
+    if calibrations:
+        shown = [f for f in FEATURES_SHOWN if any(f in c["features"] for c in calibrations.values())]
+        rows = [(f"`{lv}`", *(f"{fmt(c['features'][f]['mean'])} ± {fmt(c['features'][f]['sd'])}"
+                              + (f" (d {c['separation'][f]:.1f})" if f in c.get("separation", {}) else "")
+                              for f in shown)) for lv, c in calibrations.items()]
+        lines += ["Telemetry per level (mean ± sd of the readings taken during its calibrations; d = distance "
+                  "from idle in sds):", ""] + _table(["level", *shown], rows)
+        errors = [(f"`{lv}`", fmt_pct(c["heldout_latency_error"])) for lv, c in calibrations.items()]
+        lines += ["Timing noise: mean relative error of the training calibrations' mean latency as a prediction "
+                  "of each held-out (test) calibration, per entry:", ""] + _table(["level", "error"], errors)
+    return lines
+
+
+def quality_section(q: Mapping | None) -> list[str]:
+    if not q:
+        return []
+    rows = [(f"`{a}`", v["n"], fmt(v["r_half"]), fmt(v["reliability"]), fmt_pct(v["improved_share"]))
+            for a, v in q["per_action"].items()]
+    return ["## Quality signal", "",
+            f"{q['n_prompts']} prompts, {fmt(q['reference_tokens'], 1)} reference tokens on average. Split-half "
+            f"reliability of each prompt's log PPL ratio (Pearson r between the reference's halves, Spearman-Brown "
+            f"full length); median {fmt(q['median_reliability'])}. 'PPL improved' is the share of prompts where "
+            "pruning lowered the PPL ratio below 1, what a noisy signal produces.", ""] + _table(
+        ["action", "prompts", "r (halves)", "reliability", "PPL improved"], rows)
+
+
+def offline_test_section(o: Mapping | None) -> list[str]:
+    """Per group: every arm, policy − arm with clustered CIs, the seeds' spread; then the verdict."""
+    if not o:
+        return []
+    lines = ["## Offline test: policy vs baselines that could beat it", "",
+             f"Cells: held-out prompts × test calibrations × telemetry draws. Intervals: 95% percentile bootstrap "
+             f"clustered by prompt, resampling training seeds ({o['n_seeds']}), prompts and calibrations "
+             "independently (2000 resamples, seed 0). Every baseline was fitted on the training prompts and "
+             "training calibrations only.", ""]
+    for g in o["groups"]:
+        row = o["by_level"][g]
+        arms = row["arms"]
+        shown = [POLICY, *BASELINE_ARMS, *(a for a in o["arms"] if a not in (POLICY, *BASELINE_ARMS, *REFERENCE_ARMS)
+                                          and a not in o["actions"]), *REFERENCE_ARMS, row["best_static"]]
+        table = []
+        for a in dict.fromkeys(shown):
+            v = arms[a]
+            label = ARM_TEXT.get(a, f"`{a}`" + (" (best static in hindsight)" if a == row["best_static"] else ""))
+            table.append((label, fmt_ci(v["reward"]), fmt(v["ppl_ratio"]["mean"]), fmt(v["speedup"]["mean"]),
+                          fmt_pct(v["slo_met"]["mean"]), fmt_ci(v["vs"]) if "vs" in v else MISSING,
+                          ci_sign(v["vs"]) if "vs" in v else MISSING))
+        title = "all levels pooled" if g == ALL else f"level `{g}`"
+        lines += [f"### {title} ({row['n_cells']} cells)", ""]
+        lines += _table(["arm", "reward [95% CI]", "PPL ratio", "speedup ×", "budget met", "policy − arm [95% CI]",
+                         "policy is"], table)
+        seeds = row["seeds"]
+        lines += [f"Training seeds: policy reward per seed {', '.join(fmt(r) for r in seeds['reward'])} "
+                  f"(sd {fmt(seeds['sd'])}); policy − {o['strongest_baseline']} per seed "
+                  f"{', '.join(fmt(r) for r in seeds['vs'][o['strongest_baseline']])}.", ""]
+    lines += [f"**Verdict (computed from the CIs):** {o['verdict']['claim']}.", ""]
+    return lines
+
+
+def offline_train_section(offline: Mapping | None, actions: Sequence[str]) -> list[str]:
+    """The fitted baselines a test will compare with, and each seed's late training reward."""
+    if not offline or not offline.get("baselines"):
+        return []
+    b, rule = offline["baselines"], offline["baselines"]["rule"]
+    lines = ["## Baselines fitted on the training split", "",
+             f"- best static per level: {', '.join(f'{lv} → `{actions[a]}`' for lv, a in b['per_level'].items())}",
+             f"- worst level `{b['worst_level']}` → `{actions[b['worst_case']]}` everywhere",
+             f"- rule: `{rule['feature']}` ≤ {fmt(rule['threshold'])} → `{actions[rule['below']]}`, else "
+             f"`{actions[rule['above']]}` (training reward {fmt(rule['train_reward'])})",
+             f"- regressor: ridge, penalty {fmt(b['regressor']['alpha'])} chosen by leave-one-out on training cells",
+             f"- fitted on {len(b['fitted_on']['prompts'])} training prompts and "
+             f"{len(b['fitted_on']['calibrations'])} training calibrations", ""]
+    curves = offline.get("seed_rewards") or []
+    if curves:
+        tail = [sum(c[-max(1, len(c) // 10):]) / max(1, len(c[-max(1, len(c) // 10):])) for c in curves]
+        lines += [f"Seeds {', '.join(map(str, offline.get('seeds', [])))}: mean reward over the last 10% of "
+                  f"episodes {', '.join(fmt(t) for t in tail)}.", ""]
+    return lines

@@ -1,0 +1,169 @@
+"""The offline environment: its rewards are the live environment's, loads that do nothing are flagged,
+baselines see training data only, and the intervals resample prompts, calibrations and seeds as clusters."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import adaptive_pruning
+from common.config import EnvConfig, OfflineConfig, RunConfig
+from controller.baseline_policies import BASELINES, fit_baselines
+from controller.contention import Scenario
+from controller.load_calibration import CalibrationSet, Calibrator
+from controller.load_generator import LoadLevel
+from controller.offline_env import OfflineEnvironment, build_offline_data, train_offline
+from controller.session import open_session
+from controller.state import state_feature_names
+from controller.trainer import train_prompts
+from pruners import PruningAction
+from reporting.summaries import clustered_bootstrap_ci, clustered_resample_means
+
+# "busy" is a second level with nothing running: it has its own calibrations (so the rewards of two
+# levels and the budget's idle reference are exercised) without loading a shared CI machine.
+LEVELS = [Scenario("idle"), Scenario("busy")]
+TINY = dict(model="tiny", nlp_backend="regex", intensities=(0.3,), train_dataset="builtin", state_features="contention",
+            env=EnvConfig(max_new_tokens=6, calibration_tokens=3, calibration_repeats=1, long_prompt_tokens=64))
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """A tiny session with every outcome and 2 rounds of calibrations of two levels, built once."""
+    cache = tmp_path_factory.mktemp("offline-cache")
+    cfg = RunConfig(**TINY, offline=OfflineConfig(calibrations=1, cache_dir=str(cache)))
+    prompts = train_prompts("builtin", 0, 0.2, 10)
+    with open_session(cfg) as s:
+        data = build_offline_data(s, prompts, prompts, LEVELS)
+        yield s, data, prompts
+
+
+def test_offline_reward_equals_live_reward_for_the_same_inputs(offline):
+    """Every (calibration, prompt, action) reward of the offline matrix is what the live environment's step
+    gives with that calibration's table: the same quality path, the same timing rule, the same reward."""
+    s, data, prompts = offline
+    labels = [a.label for a in s.actions]
+    for split in ("train", "test"):
+        env = OfflineEnvironment(data, [p.id for p in prompts], split, labels, s.cfg.reward,
+                                 s.cfg.env.long_prompt_tokens, "contention")
+        for c, cal in enumerate(env.cals):
+            s.env.table = data.calibrations.merged_table(cal)
+            for p, prompt in enumerate(prompts):
+                for a, label in enumerate(labels):
+                    live = s.env.step(prompt, PruningAction.parse(label), cal.level, measure=False)
+                    assert env.reward[c, p, a] == live.reward, (split, cal.level, prompt.id, label)
+                    assert env.ppl_ratio[p, a] == live.ppl_ratio and env.speedup[c, p, a] == live.speedup
+
+
+def test_cached_outcomes_and_calibrations_are_read_back_unchanged(offline):
+    s, data, prompts = offline
+    again = build_offline_data(s, prompts, prompts, LEVELS)      # everything from the disk cache now
+    assert again.calibrations.to_dict() == data.calibrations.to_dict()
+    assert {k: v for k, v in again.outcomes.items()} == data.outcomes
+
+
+def test_load_verification_flags_a_load_that_does_nothing(offline, caplog):
+    """A level that starts no process but expects x1.5 must fail loudly: warnings and a failed verification."""
+    s, data, _ = offline
+    placebo = Scenario("placebo", LoadLevel(workers=0, duty=1.0), min_slowdown=1.5)
+    cs = CalibrationSet(["idle", "placebo"], {"idle": 1.0, "placebo": 1.5}, data.calibrations.buckets, {})
+    with caplog.at_level(logging.WARNING):
+        Calibrator(s.env, s.sampler, [Scenario("idle"), placebo], s.actions[:2], repeats=1, seed=0).run(
+            cs, rounds=1, save=lambda _: None)
+    check = cs.verification()["placebo"]
+    assert check["failed"] and check["median"] < 1.5 and check["failed_checks"]
+    assert any("LOAD" in r.message and "placebo" in r.getMessage() for r in caplog.records)
+    from controller.load_calibration import load_failures
+    assert load_failures(cs.verification()) and "placebo" in load_failures(cs.verification())[0]
+
+
+def _poison(data, prompt_ids: set[str], label: str):
+    """A copy of the data where `label` is perfect on these prompts and instant in every test calibration."""
+    bad = copy.deepcopy(data)
+    for pid in prompt_ids:
+        bad.outcomes[pid].actions[label] = replace(bad.outcomes[pid].actions[label], ppl_ratio=1e-3, kl=0.0)
+    for cal in bad.calibrations.calibrations:
+        if cal.split == "test":
+            for key, entry in cal.table.entries.items():
+                if key.endswith("|" + label):
+                    cal.table.entries[key] = replace(entry, prefill_s=1e-6, decode_per_token_s=1e-7)
+    return bad
+
+
+def test_rule_and_regressor_are_fitted_on_training_data_only(offline):
+    """Poisoning the test prompts and the test calibrations leaves every fitted baseline unchanged; the
+    same poison inside the training data changes them (so the check can fail)."""
+    s, data, prompts = offline
+    labels = [a.label for a in s.actions]
+    names = state_feature_names("contention")
+    train_ids, test_ids = [p.id for p in prompts[:6]], {p.id for p in prompts[6:]}
+    label = "attention_heads:0.3"
+
+    def fit(d, ids):
+        env = OfflineEnvironment(d, ids, "train", labels, s.cfg.reward, s.cfg.env.long_prompt_tokens, "contention")
+        return fit_baselines(env, names, draws=2, seed=0).to_dict()
+
+    clean = fit(data, train_ids)
+    assert fit(_poison(data, test_ids, label), train_ids) == clean
+    assert set(clean["fitted_on"]["prompts"]) == set(train_ids)
+    assert all(r % 2 == 0 for _, r in clean["fitted_on"]["calibrations"])    # training rounds only
+    leaked = fit(_poison(data, test_ids, label), train_ids + sorted(test_ids))
+    assert leaked["regressor"] != clean["regressor"]
+
+
+def test_offline_training_runs_thousands_of_episodes_quickly(offline):
+    import time
+    s, data, prompts = offline
+    env = OfflineEnvironment(data, [p.id for p in prompts], "train", [a.label for a in s.actions], s.cfg.reward,
+                             s.cfg.env.long_prompt_tokens, "contention")
+    started = time.perf_counter()
+    agent, records = train_offline(env, replace(s.cfg.dqn, gradient_steps=1), 600, seed=0, progress=False)
+    assert len(records) == 600 and time.perf_counter() - started < 60
+    assert {r.scenario for r in records} == {"idle", "busy"} and agent.updates > 0
+    rewards = {float(x) for x in env.reward.ravel()}
+    assert all(r.outcome.reward in rewards for r in records)          # looked up, never re-measured
+
+
+def test_clustered_bootstrap_matches_the_hand_computed_distribution():
+    """2 prompts x 2 calibrations, one seed: values [[1, 3], [5, 7]]. Each axis is resampled as a
+    cluster, so prompt counts (2,0), (1,1), (0,2) have probabilities 1/4, 1/2, 1/4, and the same for
+    calibrations; the resampled mean is sum_ij cp_i ck_j v_ij / 4. By hand: 1 w.p. 1/16, 2: 2/16,
+    3: 3/16, 4: 4/16, 5: 3/16, 6: 2/16, 7: 1/16 (cells resampled independently would give 1 w.p. 1/256)."""
+    values = np.array([[[1.0, 3.0], [5.0, 7.0]]])
+    means = clustered_resample_means(values, seed=0, n=40_000)
+    expected = {1: 1, 2: 2, 3: 3, 4: 4, 5: 3, 6: 2, 7: 1}
+    for value, sixteenths in expected.items():
+        assert abs(np.mean(np.isclose(means, value)) - sixteenths / 16) < 0.01, value
+    ci = clustered_bootstrap_ci(values, seed=0)
+    assert ci["mean"] == 4.0 and ci["lo"] == 1.0 and ci["hi"] == 7.0 and ci["clusters"] == [1, 2, 2]
+
+
+def test_clustered_bootstrap_leaves_out_missing_cells_and_resamples_seeds():
+    values = np.array([[[1.0, np.nan]], [[3.0, 5.0]]])         # 2 seeds, 1 prompt, 2 calibrations
+    ci = clustered_bootstrap_ci(values, seed=0)
+    assert ci["mean"] == 3.0 and ci["n"] == 3 and ci["lo"] < 3.0 < ci["hi"]
+
+
+def test_offline_train_and_test_cli_on_tiny(tmp_path):
+    """Two seeds, the fitted baselines in the checkpoint, the named arms and the load check in metrics.json."""
+    ckpt, reports = tmp_path / "p.pt", tmp_path / "r"
+    common = ["--model", "tiny", "--nlp-backend", "regex", "--offline-cache", str(tmp_path / "cache")]
+    assert adaptive_pruning.main([
+        "--mode", "train", "--environment", "offline", *common, "--train-dataset", "builtin", "--train-samples", "12",
+        "--max-new-tokens", "6", "--calibration-tokens", "3", "--calibration-repeats", "1", "--long-prompt-tokens", "64",
+        "--intensities", "0.3", "--scenarios", "idle", "--episodes", "300", "--calibrations", "1",
+        "--train-seeds", "2", "--checkpoint", str(ckpt), "--report-dir", str(reports)]) == 0
+    assert (tmp_path / "p.seed1.pt").is_file()
+    assert adaptive_pruning.main(["--mode", "test", *common, "--checkpoint", str(ckpt), "--test-samples", "4",
+                                  "--report-dir", str(reports)]) == 0
+    test = json.loads(next(reports.glob("test-*")).joinpath("metrics.json").read_text())
+    assert set(BASELINES) | {"policy"} <= set(test["offline_test"]["arms"])
+    assert len(test["offline_test"]["arms"]["policy"]) == 2                      # one action list per seed
+    pooled = test["summary"]["offline_test"]["by_level"]["idle"]["arms"]
+    assert {"per_level_static", "worst_case_static", "rule", "regressor", "random", "oracle"} <= set(pooled)
+    assert test["load_verification"]["ok"] and "verdict" in test["summary"]["offline_test"]
+    report = next(reports.glob("test-*")).joinpath("report.md").read_text()
+    assert "Verdict (computed from the CIs)" in report and "Load levels" in report
