@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from modes.flags import EXIT_USAGE, UsageError, baseline_config, build_parser, calibration_config, check_flags, \
+from modes.flags import EXIT_USAGE, UsageError, baseline_config, build_parser, check_flags, \
     eval_config, run_config
 
 log = logging.getLogger("adaptive_pruning")
@@ -72,8 +72,7 @@ def run(args) -> int:
         run_baselines(cfg, baseline_config(args))
     else:
         from modes.export import run_export
-        run_export(cfg, args.export, action=args.action, baseline=args.baseline,
-                   calibration=calibration_config(args))
+        run_export(cfg, args.export, action=args.action, baseline=args.baseline)
     return 0
 
 

@@ -171,13 +171,6 @@ def wikitext_ids(path: Path, tokenizer, tokens: int) -> torch.Tensor:
     return ids[:tokens]
 
 
-def calibration_texts(path: Path, count: int = 16) -> list[str]:
-    """Long paragraphs from the second half of the file: disjoint from the PPL slice at its start."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    paragraphs = [line.strip() for line in lines[len(lines) // 2:] if len(line) > 400]
-    return paragraphs[:count]
-
-
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -189,9 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     kv_len = args.kv_prompt_tokens + args.kv_ppl_scored_tokens
     needed = max(args.ppl_windows * args.ppl_window_tokens, args.kv_ppl_windows * kv_len, args.kv_prompt_tokens)
     text_ids = wikitext_ids(args.wikitext_path, tok, needed).to(device)
-    calibration = calibration_texts(args.wikitext_path) if importance != "magnitude" else None
-    engine = PruningEngine(model, mode=args.mode, importance=importance, calibration=calibration, tokenizer=tok,
-                           kv_policy=args.kv_policy)
+    # calibration: the engine's default set (built-in prompts + Alpaca), never WikiText-2 test (issue 15)
+    engine = PruningEngine(model, mode=args.mode, importance=importance, tokenizer=tok, kv_policy=args.kv_policy)
     actions = [PruningAction.parse(a) for a in args.actions] if args.actions else ACTION_SPACE
     prompt = text_ids[:args.prompt_tokens]
     kv_prompt = text_ids[:args.kv_prompt_tokens]

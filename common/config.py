@@ -72,6 +72,18 @@ class DQNConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Text that calibrates importance scores and compensation (and the baselines' methods).
+
+    Never evaluation data: common.calibration refuses WikiText-2 test and the lm-eval tasks' splits.
+    The default gives ~25k tokens on SmolLM2's tokenizer (scores stable; the 8 "sentences" gave ~250).
+    """
+    dataset: str = "builtin,alpaca"     # comma-separated sources, one text from each in turn (common.calibration)
+    samples: int = 512                  # texts used at most
+    max_tokens: int = 256               # tokens per calibration text at most
+
+
+@dataclass
 class OfflineConfig:
     """The offline environment (controller.offline_env): every (prompt, action) quality outcome is
     measured once and cached, latency is calibrated K times per load level, and training samples
@@ -105,6 +117,8 @@ class RunConfig:
     test_fraction: float = 0.2
     structural: bool = True                 # False: masks (quality only, no speedup)
     importance: str = "activation"          # magnitude ruins SmolLM2's FFN (see README)
+    allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
+    recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
     targets: tuple[str, ...] = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
     intensities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     scenarios: str = "idle,loaded"
@@ -123,6 +137,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,14 +167,6 @@ class EvalConfig:
 
 def _baseline_eval() -> EvalConfig:
     return EvalConfig(tasks=(), speed_probe=False)
-
-
-@dataclass
-class CalibrationConfig:
-    """Data for data-driven importance (and, in baselines/export, the methods' calibration)."""
-    dataset: str = "builtin"            # common.data.load_prompts spec; prompt + reference texts
-    samples: int = 64                   # prompts used at most
-    max_tokens: int = 256               # tokens per calibration text at most
 
 
 @dataclass

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from controller.environment import PruningEnvironment
 from model_loader import LoadedModel, load_model
 from pruners import ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
+from common.calibration import CALIBRATION_SENTENCES, SENTENCES, calibration_set
 from common.config import RunConfig
 from controller.load_signals import CONTENTION, SlowdownTracker
 from controller.state import StateBuilder
@@ -31,15 +34,52 @@ def action_space(cfg: RunConfig) -> list[PruningAction]:
     return build_action_space(ActionSpaceConfig(targets=tuple(cfg.targets), intensities=tuple(cfg.intensities)))
 
 
-def build_engine(cfg: RunConfig, loaded: LoadedModel) -> PruningEngine:
-    """The run's engine: the same mode, importance and KV threshold in train, test and eval.
+# Engine settings a checkpoint stores; checkpoints from before issue 15 were trained on this menu.
+LEGACY_ENGINE = {"allocation": "uniform", "recovery": "none",
+                 "calibration": {"dataset": SENTENCES, "samples": len(CALIBRATION_SENTENCES), "max_tokens": 256}}
+ENGINE_FIELDS = ("importance", "allocation", "recovery")
 
-    Importance reads the engine's fixed built-in calibration prompts, so every mode prunes the
-    same units for the same action.
+
+def trained_engine(config: dict) -> dict:
+    """The engine settings a run's stored config was trained with (legacy defaults where absent)."""
+    return {**{k: config.get(k, LEGACY_ENGINE.get(k)) for k in ENGINE_FIELDS},
+            "calibration": config.get("calibration", LEGACY_ENGINE["calibration"])}
+
+
+def with_trained_engine(cfg: RunConfig, trained: dict, explicit: set[str]) -> RunConfig:
+    """``cfg`` with a checkpoint's engine settings, except those the user set explicitly: a policy is
+    tested on the menu (units, compensation) it learned."""
+    settings = trained_engine(trained)
+    calibration = replace(cfg.calibration, **{k: v for k, v in settings["calibration"].items()
+                                              if f"calibration.{k}" not in explicit})
+    return replace(cfg, calibration=calibration, **{k: settings[k] for k in ENGINE_FIELDS if k not in explicit})
+
+
+def engine_mismatch(cfg: RunConfig, trained: dict) -> str | None:
+    """The flags that would give ``cfg`` the engine a checkpoint's policy learned on, or None when it has it."""
+    settings, ours = trained_engine(trained), {**{k: getattr(cfg, k) for k in ENGINE_FIELDS},
+                                               "calibration": asdict(cfg.calibration)}
+    flags = [f"--{k} {settings[k]}" for k in ENGINE_FIELDS if settings[k] != ours[k]]
+    for key, flag in (("dataset", "--calibration-dataset"), ("samples", "--calibration-samples")):
+        if settings["calibration"].get(key) != ours["calibration"][key]:
+            flags.append(f"{flag} {settings['calibration'].get(key)}")
+    return " ".join(flags) or None
+
+
+def build_engine(cfg: RunConfig, loaded: LoadedModel, actions: Sequence[PruningAction] = (),
+                 cache_dir: Path | None = None) -> PruningEngine:
+    """The run's engine: the same mode, importance, calibration, allocation, recovery and KV threshold in
+    train, test, eval and export, so every mode prunes (and compensates) the same units for the same action.
+
+    ``actions`` are prepared now (plans and compensation, cached on disk), not inside a timed episode.
     """
-    return PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
-                         importance=cfg.importance, tokenizer=loaded.tokenizer,
-                         kv_min_tokens=cfg.env.long_prompt_tokens)
+    engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
+                           importance=cfg.importance, tokenizer=loaded.tokenizer,
+                           calibration=calibration_set(cfg.calibration), calibration_max_tokens=cfg.calibration.max_tokens,
+                           allocation=cfg.allocation, recovery=cfg.recovery, kv_min_tokens=cfg.env.long_prompt_tokens,
+                           cache_dir=cache_dir)
+    engine.prepare(actions)
+    return engine
 
 
 @contextlib.contextmanager
@@ -52,7 +92,7 @@ def open_session(cfg: RunConfig):
     if cfg.env.max_new_tokens >= loaded.context_length // 2:
         raise ValueError(f"--max-new-tokens {cfg.env.max_new_tokens} leaves too little of {loaded.name}'s "
                          f"{loaded.context_length}-token context for the prompt: use at most {loaded.context_length // 2 - 1}")
-    engine = build_engine(cfg, loaded)
+    engine = build_engine(cfg, loaded, action_space(cfg))
     budget = cfg.observation_budget_ms if cfg.observation_budget_ms > 0 else None
     analyzer = PromptAnalyzer(cfg.nlp_backend, budget_ms=budget)
     cfg = replace(cfg, nlp_backend=analyzer.backend)   # checkpoints store the backend used, not "auto"

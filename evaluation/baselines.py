@@ -31,12 +31,13 @@ import torch
 from tqdm.auto import tqdm
 
 from pruners.param_budget import count_parameters, removed_share
-from common.data import load_prompts
 from evaluation.routes import ModelSpec, Route, RouterFactory, StaticRoute, build_route
-from common.config import BaselineConfig
+from common.calibration import calibration_set
+from common.config import BaselineConfig, RunConfig
 from common.markdown import fmt, md_table
 from evaluation.suite import evaluate_route
 from controller.generation import generate
+from controller.session import build_engine as build_run_engine, with_trained_engine
 from evaluation.lm_eval_tasks import prepare_tasks
 from pruners import NONE, PruningAction, PruningEngine
 from pruners.importance import tokenize_calibration
@@ -100,12 +101,6 @@ class BaselineRow:
 
 # ------------------------------------------------------------------ inputs
 
-def calibration_texts(spec: str, samples: int) -> list[str]:
-    """Prompt plus reference answer of the first ``samples`` prompts of a data set."""
-    prompts = load_prompts(spec).take(samples)
-    return [p.text + ("\n" + p.reference if p.reference else "") for p in prompts]
-
-
 def speed_prompts(corpus: CorpusText, tokenizer, count: int, tokens: int) -> list[tuple[str, torch.Tensor]]:
     """``count`` evenly spaced WikiText slices of exactly ``tokens`` tokens, as (text, ids)."""
     out = []
@@ -152,12 +147,12 @@ class _Sweep:
         self.tasks = prepare_tasks(self.eval.tasks, self.eval.task_data) if self.eval.tasks else None
         self.task_manager = self.tasks.task_manager() if self.tasks else None
         self.prompts = speed_prompts(self.corpus, loaded.tokenizer, cfg.speed_prompts, cfg.speed_prompt_tokens)
-        self.calibration = calibration_texts(cfg.calibration.dataset, cfg.calibration.samples)
+        self.calibration = calibration_set(cfg.calibration).texts
         self.calibration_ids = tokenize_calibration(self.calibration, loaded.tokenizer, cfg.calibration.max_tokens)
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
         self.dense_params = count_parameters(loaded.model)
         # Read the policies' checkpoints now, so a wrong path fails before the long sweep, not after it.
-        self.policy_importance = {c: cfg.policy_importance or _checkpoint_importance(c) for c in cfg.policies}
+        self.policy_configs = {c: _policy_config(c, cfg.policy_importance) for c in cfg.policies}
 
     def score(self, route: Route) -> dict:
         return evaluate_route(self.loaded, route, self.corpus, self.tasks, self.task_manager, self.eval)
@@ -195,10 +190,9 @@ class _Sweep:
                            accuracies=_accuracies(entry))
 
     def policy(self, checkpoint: str, router_factory: RouterFactory | None) -> BaselineRow:
-        importance = self.policy_importance[checkpoint]
-        engine = PruningEngine(self.loaded.model, mode="structural", importance=importance,
-                               calibration=self.calibration, tokenizer=self.loaded.tokenizer,
-                               cache_dir=self.cache_dir, calibration_max_tokens=self.cfg.calibration.max_tokens)
+        policy_cfg = self.policy_configs[checkpoint]      # the engine (menu) the policy learned on
+        importance = policy_cfg.importance
+        engine = build_run_engine(policy_cfg, self.loaded, cache_dir=self.cache_dir)
         route = build_route(ModelSpec("policy", checkpoint=checkpoint), self.loaded, engine, router_factory)
         entry = self.score(route)
         speedup = self.speedup(route.request, engine)
@@ -220,9 +214,12 @@ def _accuracies(entry: dict) -> dict[str, float | None]:
     return {task: score.get("acc") for task, score in sorted(entry["tasks"].items())}
 
 
-def _checkpoint_importance(checkpoint: str) -> str:
+def _policy_config(checkpoint: str, importance: str | None) -> RunConfig:
+    """A structural run config with the engine settings the checkpoint's policy was trained with."""
     from controller import checkpointing
-    return checkpointing.load_checkpoint(Path(checkpoint))["config"]["importance"]
+    trained = checkpointing.load_checkpoint(Path(checkpoint))["config"]
+    cfg = with_trained_engine(RunConfig(structural=True), trained, set())
+    return cfg if importance is None else dataclasses.replace(cfg, importance=importance)
 
 
 # ------------------------------------------------------------------ the sweep

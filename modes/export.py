@@ -4,15 +4,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.config import CalibrationConfig, RunConfig
-from pruners import PruningAction, PruningEngine
+from common.config import RunConfig
+from pruners import PruningAction
 
 log = logging.getLogger(__name__)
 
 
-def run_export(cfg: RunConfig, out_dir: str | None, action: str | None, baseline: str | None,
-               calibration: CalibrationConfig = CalibrationConfig()) -> Path:
-    """Save a pruned model that stock `from_pretrained` loads (plus tokenizer and pruning.json)."""
+def run_export(cfg: RunConfig, out_dir: str | None, action: str | None, baseline: str | None) -> Path:
+    """Save a pruned model that stock `from_pretrained` loads (plus tokenizer and pruning.json).
+
+    An --action export uses the run's engine (importance, calibration, allocation, recovery); a plan stock
+    transformers cannot express (per-layer widths, layer replacement maps) is refused with what to use instead.
+    """
+    from common.calibration import calibration_set
     from model_loader import load_model
     if not out_dir:
         raise ValueError("--mode export needs --export DIR")
@@ -21,12 +25,12 @@ def run_export(cfg: RunConfig, out_dir: str | None, action: str | None, baseline
     target = PruningAction.parse(action) if action else None
     loaded = load_model(cfg.model, device=cfg.device)
     if baseline:
-        from evaluation.baselines import calibration_texts
         from pruners.baseline_methods import export_baseline
-        path = export_baseline(loaded, baseline, Path(out_dir), calibration_texts(calibration.dataset, calibration.samples))
+        path = export_baseline(loaded, baseline, Path(out_dir), calibration_set(cfg.calibration).texts,
+                               cfg.calibration.max_tokens)
     else:
+        from controller.session import build_engine
         from pruners.export import export_pruned
-        engine = PruningEngine(loaded.model, importance=cfg.importance, tokenizer=loaded.tokenizer)
-        path = export_pruned(loaded, engine, target, out_dir)
+        path = export_pruned(loaded, build_engine(cfg, loaded, [target]), target, out_dir)
     print(f"exported: {path}")
     return path

@@ -21,6 +21,7 @@ TRAIN, TEST, EVAL, BASELINES, EXPORT = "train", "test", "eval", "baselines", "ex
 MODEL_MODES = (TRAIN, TEST, EVAL, BASELINES, EXPORT)
 LIVE, OFFLINE = ("live",), ("offline",)
 LM_EVAL_MODES = (TEST, EVAL, BASELINES)
+ENGINE_MODES = (TRAIN, TEST, EVAL, EXPORT)      # build the run's own PruningEngine (baselines: each method's)
 EXIT_USAGE = 2
 
 
@@ -89,6 +90,10 @@ FLAGS: tuple[Flag, ...] = (
          "in .env)", (TRAIN, TEST, EVAL), type=None, switch=True),
     Flag("--mask", "cli.mask", "zero units with hooks: quality only, NO speedup", (TRAIN, TEST, EVAL),
          type=None, switch=True),
+    Flag("--allocation", _R + "allocation", "units removed per layer: global (one ranking across layers) | uniform "
+         "(the same share from every layer)", ENGINE_MODES),
+    Flag("--recovery", _R + "recovery", "compensate (FLAP bias for heads/FFN, least-squares linear replacement of "
+         "dropped layers; training-free) | none", ENGINE_MODES),
     Flag("--long-prompt-tokens", _R + "env.long_prompt_tokens", "prompts this long are 'long' (KV pruning applies)",
          (TRAIN, TEST, EVAL), type=positive_int),
     Flag("--report-dir", _R + "report_dir", "folder for report folders", (TRAIN, TEST, EVAL, BASELINES)),
@@ -212,21 +217,20 @@ FLAGS: tuple[Flag, ...] = (
          metavar="CHECKPOINT"),
     Flag("--speed-repeats", "baselines.speed_repeats", "interleaved (dense, pruned) pairs per timed point",
          (BASELINES,), type=positive_int),
-    Flag("--calibration-dataset", "calibration.dataset", "prompts calibrating the baseline methods (baselines; "
-         "export with --baseline)", (BASELINES, EXPORT)),
-    Flag("--calibration-samples", "calibration.samples", "calibration prompts used at most", (BASELINES, EXPORT),
+    Flag("--calibration-dataset", _R + "calibration.dataset", "text calibrating importance, compensation and the "
+         "baseline methods: comma-separated sources taken in turn (builtin | alpaca | sentences | local file | HF id); "
+         "never evaluation data", MODEL_MODES),
+    Flag("--calibration-samples", _R + "calibration.samples", "calibration texts used at most", MODEL_MODES,
          type=positive_int),
     Flag("--export", "cli.export_dir", "folder for the pruned model (save_pretrained)", (EXPORT,), metavar="DIR"),
     Flag("--action", "cli.action", "TARGET:INTENSITY to export, e.g. ffn_neurons:0.5", (EXPORT,)),
     Flag("--baseline", "cli.baseline", "METHOD@BUDGET to export, e.g. taylor@0.3", (EXPORT,)),
 )
-CALIBRATION_NEEDS_BASELINE = ("--calibration-dataset", "--calibration-samples")
 
 
 def _default(dest: str) -> Any:
     root, _, path = dest.partition(".")
-    obj: Any = {"run": RunConfig(), "eval": EvalConfig(), "baselines": BaselineConfig(),
-                "calibration": CalibrationConfig()}.get(root)
+    obj: Any = {"run": RunConfig(), "eval": EvalConfig(), "baselines": BaselineConfig()}.get(root)
     if obj is None:
         return None
     for part in path.split("."):
@@ -268,16 +272,16 @@ def check_flags(args: argparse.Namespace) -> None:
         if args.mode not in flag.modes:
             raise UsageError(f"{flag.name} has no effect in --mode {args.mode}; it applies to --mode "
                              f"{', '.join(flag.modes)}")
-    if args.mode == TRAIN or args.environment:   # test mode otherwise takes the checkpoint's (run_test checks)
-        check_environment(given(args), args.environment or RunConfig().environment)
         if flag.requires and flag.requires not in present:
             raise UsageError(f"{flag.name} only matters with {flag.requires}")
+    if args.mode == TRAIN or args.environment:   # test mode otherwise takes the checkpoint's (run_test checks)
+        check_environment(given(args), args.environment or RunConfig().environment)
     if args.mode == TEST and present & {"--wikitext-path", "--wikitext-samples", "--eval-seq-len", "--eval-stride"} \
             and "--lm-eval" not in present:
         raise UsageError("the WikiText flags only matter in --mode test with --lm-eval")
-    if args.mode == EXPORT and present & set(CALIBRATION_NEEDS_BASELINE) and "--baseline" not in present:
-        raise UsageError("--calibration-dataset/--calibration-samples only matter in --mode export with --baseline "
-                         "(an --action export prunes by the engine's own importance)")
+    if args.mode == EXPORT and "--baseline" in present and present & {"--importance", "--allocation", "--recovery"}:
+        raise UsageError("--importance/--allocation/--recovery only matter in --mode export with --action (a "
+                         "--baseline export prunes by the method's own criterion, uniformly, uncompensated)")
     if "--structural" in present and "--mask" in present:
         raise UsageError("--structural and --mask exclude each other")
     if args.run_dirs and args.mode != "report":
@@ -353,7 +357,8 @@ def baseline_config(args: argparse.Namespace) -> BaselineConfig:
 
 
 def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
-    return _filled("calibration", CalibrationConfig(), args)
+    """The run's calibration (the baselines sweep calibrates its methods on the same text)."""
+    return _filled("run", RunConfig(), args).calibration
 
 
 def flag_matrix() -> str:

@@ -13,7 +13,7 @@ from controller import checkpointing
 from controller.contention import contention, parse_scenarios
 from controller.records import to_jsonable
 from controller.router import agent_from_checkpoint
-from controller.session import open_session
+from controller.session import open_session, with_trained_engine
 from controller.state import state_vector
 from controller.baseline_policies import BASELINES, FittedBaselines
 from controller.offline_env import OfflineEnvironment, build_offline_data, evaluate_offline
@@ -41,7 +41,8 @@ def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) ->
                                                   if f"offline.{k}" not in explicit})
     if "environment" not in trained and "environment" not in explicit:
         updates["environment"] = "live"     # checkpoints written before the offline environment
-    return dataclasses.replace(cfg, **updates, reward=reward, env=env, offline=offline)
+    return with_trained_engine(dataclasses.replace(cfg, **updates, reward=reward, env=env, offline=offline),
+                               trained, explicit)
 
 
 def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: str | None = None,
@@ -70,7 +71,8 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
         run_dir.write_config({**cfg.to_dict(), "ablation_checkpoints": list(ablation_checkpoints)})
         scenarios = parse_scenarios(test_scenarios or cfg.scenarios)
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
-                                  scenario=",".join(sc.name for sc in scenarios), nlp_backend=s.analyzer.backend)
+                                  scenario=",".join(sc.name for sc in scenarios), nlp_backend=s.analyzer.backend,
+                                  engine=s.engine.describe(s.actions))
         results: list = []
         ablations: dict[str, list] = {name: [] for name in choosers}
         if cfg.latency_table:
@@ -155,7 +157,8 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
         labels, model_id = [a.label for a in s.actions], s.loaded.name
         scenarios = parse_scenarios(cfg.scenarios)
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
-                                  scenario=test_scenarios or cfg.scenarios, nlp_backend=s.analyzer.backend)
+                                  scenario=test_scenarios or cfg.scenarios, nlp_backend=s.analyzer.backend,
+                                  engine=s.engine.describe(s.actions))
         run_dir = reporting.RunDir.create(Path(cfg.report_dir), "test", s.loaded.name)
         run_dir.write_config({**cfg.to_dict(), "ablation_checkpoints": list(others)})
         data = build_offline_data(s, prompts, calibration, scenarios)

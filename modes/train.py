@@ -33,7 +33,8 @@ def run_train(cfg: RunConfig) -> Path:
     with sigterm_as_interrupt(), open_session(cfg) as s:
         cfg = s.cfg            # with the prompt-analysis backend resolved
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
-                                  scenario=cfg.scenarios, nlp_backend=s.analyzer.backend)
+                                  scenario=cfg.scenarios, nlp_backend=s.analyzer.backend,
+                                  engine=s.engine.describe(s.actions))
         labels = [a.label for a in s.actions]
         trainer = Trainer(s, prompts, prov)
         run_dir = reporting.RunDir.create(Path(cfg.report_dir), "train", s.loaded.name)
@@ -89,7 +90,8 @@ def run_train_offline(cfg: RunConfig) -> Path:
     with sigterm_as_interrupt(), open_session(cfg) as s:
         cfg = s.cfg
         prov = provenance.collect(seed=cfg.seed, model=s.loaded, device=str(s.env.device),
-                                  scenario=cfg.scenarios, nlp_backend=s.analyzer.backend)
+                                  scenario=cfg.scenarios, nlp_backend=s.analyzer.backend,
+                                  engine=s.engine.describe(s.actions))
         run_dir = reporting.RunDir.create(Path(cfg.report_dir), "train", s.loaded.name)
         run_dir.write_config(cfg.to_dict())
         data = build_offline_data(s, prompts, prompts, scenarios)

@@ -42,6 +42,7 @@ def decode_cost(dims: ModelDims, plan: PruningPlan, prompt_tokens: int = 0, gene
     cached = (prompt_tokens if plan.kv is None else plan.kv.budget(prompt_tokens)) + generated
     params = sum(layer_params(dims, groups[i], ffn[i]) for i in layers)
     params += dims.vocab * dims.hidden + dims.hidden * 2                # lm_head, embedding row, final norm
+    params += plan.extra_params                                         # compensation biases / replacement maps
     cache = sum(2 * groups[i] * dims.head_dim for i in layers) * cached
     return DecodeCost(int(params), int(round(cache)), bytes_per_element)
 

@@ -6,6 +6,11 @@ float summation order), and makes every pruning level a prefix of the weights, s
 swaps in prefix views and ``restore`` puts the original Parameter objects back: the dense
 model after any apply/restore sequence is bit-identical to the (reordered) dense model.
 
+Two choices shape the menu (issue 15): ``allocation`` ("uniform": the same share from every layer;
+"global": one standardised ranking across layers, ``pruners.allocation``) and ``recovery``
+("compensate": FLAP bias for FFN/heads and a least-squares linear replacement of dropped layers,
+``pruners.compensation``), both fitted on ``calibration`` text and swapped in and out with the action.
+
 Build the engine after moving the model to its device: the cached views point at the storage
 the weights had at construction.
 """
@@ -20,17 +25,22 @@ import torch
 from torch import nn
 
 from common import offline
+from common.calibration import CalibrationSet, calibration_set
+from common.config import CalibrationConfig
 from pruners.actions import NONE, PruningAction
+from pruners.allocation import check_allocation, global_kept
+from pruners.compensation import (RIDGE, SINK_TOKENS, BiasSwap, InputMoments, ReplacedRun, check_recovery, fit_replacements, input_moments,
+                                  layer_runs, removed_mean_bias)
 from pruners.cost import DecodeCost, decode_cost, ideal_speedup
 from pruners.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels
-from pruners.heads import allocate_group_removals, attention_cuts, reorder_kv_groups
-from pruners.importance import DEFAULT_CALIBRATION, Criterion, ImportanceScores, get_importance, tokenize_calibration
+from pruners.heads import allocate_group_removals, attention_cuts, groups_to_remove, reorder_kv_groups
+from pruners.importance import Criterion, ImportanceScores, get_importance, tokenize_calibration
 from pruners.kv_cache import KVCachePruner
-from pruners.layers import LayerDropper, layers_to_keep
+from pruners.layers import LayerDropper, contiguous_block_to_keep, layers_to_keep
 from pruners.masks import InputMasks
 from pruners.model_info import ModelDims, decoder_layers
 from pruners.plan import PruningPlan
-from pruners.score_cache import cache_key, load_or_compute
+from pruners.score_cache import cache_key, load_or_compute, weight_fingerprint
 from pruners.slicing import COLS, Cut, PrefixLinear
 
 log = logging.getLogger(__name__)
@@ -44,51 +54,93 @@ class PruningEngine:
     mode: "structural" slices weights (real speedup); "mask" zeroes the same units with hooks
     (quality checks only, no speedup). Layer and KV actions are real in both modes.
     importance: a criterion name from ``pruners.importance.IMPORTANCE`` ("activation", the default:
-    data-free "magnitude" ruins SmolLM2's FFN; "block_influence"; "taylor") or a ``Criterion``;
-    data-driven ones read ``calibration`` prompts (a built-in set when None) with ``tokenizer``.
-    cache_dir: folder for the score cache (default ``offline.cache_dir()/importance``).
+    data-free "magnitude" ruins SmolLM2's FFN; "block_influence"; "taylor") or a ``Criterion``.
+    calibration: texts that data-driven criteria and compensation read with ``tokenizer`` (None: the
+    default ``common.calibration`` set, built-in prompts + Alpaca instructions).
+    allocation / recovery: see the module docstring (library defaults "uniform" / "none": data-free
+    capable; the CLI's RunConfig defaults to "global" / "compensate").
+    cache_dir: folder for the score and compensation cache (default ``offline.cache_dir()/importance``).
     kv_*: policy, minimum prompt length and attention sinks of kv_cache actions.
     """
 
     def __init__(self, model: nn.Module, mode: str = "structural", importance: str | Criterion = "activation",
-                 calibration: Sequence[str] | None = None, tokenizer=None, cache_dir: Path | None = None,
+                 calibration: Sequence[str] | CalibrationSet | None = None, tokenizer=None, cache_dir: Path | None = None,
                  kv_policy: str = "streaming", kv_min_tokens: int = 256, kv_sink_tokens: int = 4,
-                 calibration_max_tokens: int = 256) -> None:
+                 calibration_max_tokens: int = 256, allocation: str = "uniform", recovery: str = "none") -> None:
         if mode not in MODES:
             raise ValueError(f"unknown pruning mode '{mode}': choose from {', '.join(MODES)}")
         self.model = model
         self.mode = mode
+        self.allocation = check_allocation(allocation)
+        self.recovery = check_recovery(recovery)
         self.dims = ModelDims.from_model(model)
         self._kv_settings = dict(policy=kv_policy, min_tokens=kv_min_tokens, sink_tokens=kv_sink_tokens)
         KVCachePruner(0.0, **self._kv_settings)   # validate the settings now, not at the first kv action
-        self.scores, self.importance_from_cache = self._score(
-            get_importance(importance), calibration, tokenizer, cache_dir, calibration_max_tokens)
+        self._tokenizer = tokenizer
+        self._calibration_set = calibration if isinstance(calibration, CalibrationSet) else None
+        self._calibration = None if calibration is None else tuple(getattr(calibration, "texts", calibration))
+        self._max_tokens = calibration_max_tokens
+        self._calibration_ids: list[torch.Tensor] | None = None
+        self.cache_dir = Path(offline.cache_dir() / "importance" if cache_dir is None else cache_dir)
+        self.criterion = get_importance(importance)
+        self.scores, self.importance_from_cache = self._score(self.criterion)
+        self._loaded_weights = weight_fingerprint(model)   # keys statistics that do not depend on the unit order
         self._reorder()
         projections = [(cut.path, cut.dim) for cut in attention_cuts(1, self.dims) + ffn_cuts(1)]
         self._linears = {(i, path): PrefixLinear(layer.get_submodule(path), dim)
                          for i, layer in enumerate(decoder_layers(model)) for path, dim in projections}
+        self.moments: InputMoments | None = None   # compensation means, global KV allocation (dense, reordered)
+        if self.recovery == "compensate" or self.allocation == "global":
+            self.moments, _ = self._cached(f"moments-sink{SINK_TOKENS}-v2",
+                                           lambda: input_moments(self.model, self.calibration_ids()),
+                                           encode=InputMoments.to_dict, decode=InputMoments.from_dict)
         self._layers = LayerDropper(model)
         self._masks = InputMasks()
         self._plans: dict[PruningAction, PruningPlan] = {}
         self._ops: dict[PruningAction, list[tuple[PrefixLinear, int]]] = {}
+        self._biases: dict[PruningAction, list[BiasSwap]] = {}
+        self._replacements: dict[PruningAction, dict[int, ReplacedRun]] = {}
         self._narrowed: list[PrefixLinear] = []
+        self._swapped: list[BiasSwap] = []
         self._current = NONE
 
     # ----------------------------------------------------------------- construction
-    def _score(self, criterion: Criterion, calibration: Sequence[str] | None, tokenizer, cache_dir: Path | None,
-               max_tokens: int) -> tuple[ImportanceScores, bool]:
+    @property
+    def calibration_texts(self) -> tuple[str, ...]:
+        """The texts importance and compensation are fitted on (loaded on first use)."""
+        if self._calibration is None:
+            self._calibration_set = calibration_set(CalibrationConfig(max_tokens=self._max_tokens))
+            self._calibration = self._calibration_set.texts
+        return self._calibration
+
+    def calibration_ids(self) -> list[torch.Tensor]:
+        """The calibration texts tokenised (each at most ``calibration_max_tokens``), once."""
+        if self._calibration_ids is None:
+            if self._tokenizer is None:
+                raise ValueError("this engine's importance or recovery reads calibration text: pass a tokenizer")
+            self._calibration_ids = tokenize_calibration(self.calibration_texts, self._tokenizer, self._max_tokens)
+        return self._calibration_ids
+
+    def _cached(self, name: str, compute, calibrated: bool = True, order_free: bool = False,
+                **codec) -> tuple[object, bool]:
+        """A statistic of the model as it is now (dense), from the disk cache when present.
+
+        ``name`` says what it is (a criterion, "moments-...", "replace-..."); the file is "<first word>-<key>.pt",
+        the key covering the model's config and weights (as loaded when ``order_free``: the statistic does not
+        depend on the unit order) and, when ``calibrated``, the calibration texts.
+        """
+        return load_or_compute(self._cache_file(name, calibrated, order_free), compute, **codec)
+
+    def _cache_file(self, name: str, calibrated: bool = True, order_free: bool = False) -> Path:
+        key = cache_key(self.model, name, self.calibration_texts if calibrated else None, self._max_tokens,
+                        weights=self._loaded_weights if order_free else None)
+        return self.cache_dir / f"{name.partition('-')[0]}-{key}.pt"
+
+    def _score(self, criterion: Criterion) -> tuple[ImportanceScores, bool]:
         """The criterion's scores of the model as loaded, from the disk cache when present."""
-        texts = None
-        if criterion.needs_calibration:
-            if tokenizer is None:
-                raise ValueError(f"importance '{criterion.name}' needs a tokenizer to read its calibration prompts")
-            if not calibration:
-                log.info("importance '%s': no calibration prompts given, using the built-in set", criterion.name)
-            texts = list(calibration or DEFAULT_CALIBRATION)
-        cache_dir = offline.cache_dir() / "importance" if cache_dir is None else cache_dir
-        path = Path(cache_dir) / f"{criterion.name}-{cache_key(self.model, criterion.name, texts, max_tokens)}.pt"
-        return load_or_compute(path, lambda: criterion(
-            self.model, tokenize_calibration(texts, tokenizer, max_tokens) if texts else None))
+        data = criterion.needs_calibration
+        return self._cached(criterion.name, lambda: criterion(self.model, self.calibration_ids() if data else None),
+                            calibrated=data)
 
     def _reorder(self) -> None:
         """Sort every layer's FFN channels and KV groups by descending importance, once."""
@@ -111,20 +163,68 @@ class PruningEngine:
         return plan
 
     def _make_plan(self, action: PruningAction) -> PruningPlan:
-        r, dims = action.intensity, self.dims
+        r, dims, scores = action.intensity, self.dims, self.scores
         if action.target == "attention_heads":
-            return PruningPlan(action, kv_groups_kept=allocate_group_removals(r, dims, self.scores.layers.tolist()))
+            if self.allocation == "global":
+                kept = global_kept(self._kv_group_damage(), groups_to_remove(r, dims), standardised=False)
+            else:
+                kept = allocate_group_removals(r, dims, scores.layers.tolist())
+            return self._with_extra(PruningPlan(action, kv_groups_kept=kept))
         if action.target == "ffn_neurons":
-            return PruningPlan(action, ffn_kept=(ffn_kept(r, dims.intermediate),) * dims.num_layers)
+            per_layer = ffn_kept(r, dims.intermediate)
+            if self.allocation == "global":
+                kept = global_kept(scores.ffn, (dims.intermediate - per_layer) * dims.num_layers)
+            else:
+                kept = (per_layer,) * dims.num_layers
+            return self._with_extra(PruningPlan(action, ffn_kept=kept))
         if action.target == "transformer_layers":
-            return PruningPlan(action, layers_kept=layers_to_keep(r, self.scores.layers.tolist()))
+            if self.allocation == "global":
+                kept = contiguous_block_to_keep(r, self.moments.cosine.tolist())
+            else:
+                kept = layers_to_keep(r, scores.layers.tolist())
+            return self._with_extra(PruningPlan(action, layers_kept=kept))
         if action.target == "kv_cache":
             return PruningPlan(action, kv=KVCachePruner(r, **self._kv_settings))
         return PruningPlan(action)
 
+    def _kv_group_damage(self) -> torch.Tensor:
+        """[layers, groups]: what removing each KV group adds to the residual stream, relative to its energy.
+
+        Per o_proj input column j: E[x_j^2] (Var(x_j) once its mean is compensated) * ||W_o[:, j]||^2, summed
+        per group and divided by E[||h||^2] of the layer's input. With 3 groups per layer (SmolLM2) a
+        per-layer standardisation says nothing; the relative energy is comparable across layers.
+        """
+        rows = []
+        for i in range(self.dims.num_layers):
+            key = f"{i}.self_attn.o_proj"
+            second = self.moments.square[key]
+            if self.recovery == "compensate":
+                second = (second - self.moments.mean[key].pow(2)).clamp_min(0)
+            w_sq = self._linears[i, "self_attn.o_proj"].weight.detach().double().pow(2).sum(0).cpu()
+            rows.append((second * w_sq).reshape(self.dims.num_kv_heads, -1).sum(1) / self.moments.residual[i])
+        return torch.stack(rows)
+
+    def _with_extra(self, plan: PruningPlan) -> PruningPlan:
+        """The plan with the parameters its compensation adds (read every token, so part of the cost)."""
+        if self.recovery != "compensate":
+            return plan
+        hidden = self.dims.hidden
+        if plan.layers_kept is not None:
+            extra = len(layer_runs(plan.layers_kept, self.dims.num_layers)) * (hidden * hidden + hidden)
+        else:
+            extra = sum(hidden for _ in self._bias_cuts(plan))
+        return PruningPlan(**{**plan.__dict__, "extra_params": extra})
+
+    def _bias_cuts(self, plan: PruningPlan) -> list[tuple[int, Cut]]:
+        """The input-column cuts (o_proj, down_proj) that get a compensation bias."""
+        return [(i, c) for i, c in self._plan_cuts(plan) if c.dim == COLS]
+
     def cuts(self, action: PruningAction) -> list[tuple[int, Cut]]:
         """(layer index, Cut) for every projection a heads/FFN action narrows."""
-        plan, cuts = self.plan(action), []
+        return self._plan_cuts(self.plan(action))
+
+    def _plan_cuts(self, plan: PruningPlan) -> list[tuple[int, Cut]]:
+        cuts = []
         for i in range(self.dims.num_layers):
             if plan.kv_groups_kept and plan.kv_groups_kept[i] < self.dims.num_kv_heads:
                 cuts += [(i, c) for c in attention_cuts(plan.kv_groups_kept[i], self.dims)]
@@ -138,6 +238,52 @@ class PruningEngine:
             ops = self._ops[action] = [(self._linears[i, c.path], c.keep) for i, c in self.cuts(action)]
         return ops
 
+    # ----------------------------------------------------------------- compensation
+    def _bias_swaps(self, action: PruningAction) -> list[BiasSwap]:
+        """FLAP biases of a heads/FFN action: the removed columns' calibration mean, per cut projection."""
+        swaps = self._biases.get(action)
+        if swaps is None:
+            swaps = self._biases[action] = []
+            for i, cut in self._bias_cuts(self.plan(action)):
+                linear = self._linears[i, cut.path].linear
+                bias = removed_mean_bias(self._linears[i, cut.path].weight, self.moments.mean[f"{i}.{cut.path}"], cut.keep)
+                swaps.append(BiasSwap(linear, bias))
+        return swaps
+
+    def compensation_biases(self, action: PruningAction) -> dict[tuple[int, str], torch.Tensor]:
+        """(layer, projection path) -> the output bias a heads/FFN action adds (empty without compensation)."""
+        if self.recovery != "compensate" or action.target not in ("attention_heads", "ffn_neurons"):
+            return {}
+        return {(i, cut.path): swap.compensated.detach()
+                for (i, cut), swap in zip(self._bias_cuts(self.plan(action)), self._bias_swaps(action))}
+
+    def prepare(self, actions: Sequence[PruningAction], progress: bool = True) -> None:
+        """Resolve every action's plan and compensation now (a calibration walk for new layer actions,
+        cached on disk), so no apply inside a timed episode pays for it."""
+        for action in actions:
+            self.plan(action)
+        if self.recovery != "compensate":
+            return
+        for action in actions:
+            if action.target in ("attention_heads", "ffn_neurons"):
+                self._bias_swaps(action)
+        todo = [a for a in dict.fromkeys(actions) if a.target == "transformer_layers" and a not in self._replacements]
+        if not todo:
+            return
+        current = self.current_action
+        self.restore()                         # the cache key reads the dense weights
+        names = {a: f"replace-{RIDGE:g}-sink{SINK_TOKENS}-" + ",".join(map(str, self.plan(a).layers_kept)) for a in todo}
+        missing = [a for a in todo if not self._cache_file(names[a], order_free=True).is_file()]
+        fitted = fit_replacements(self.model, {a.label: self.plan(a).layers_kept for a in missing},
+                                  self.calibration_ids(), progress=progress) if missing else {}
+        layers = decoder_layers(self.model)
+        for action in todo:
+            maps, _ = self._cached(names[action], lambda a=action: fitted[a.label], order_free=True,
+                                   encode=_encode_maps, decode=_decode_maps)
+            # the map of the run starting at `first` follows the kept layer just before it
+            self._replacements[action] = {first - 1: ReplacedRun(layers[first - 1], *ab) for first, ab in maps.items()}
+        self.apply(current)
+
     # ----------------------------------------------------------------- apply / restore
     @property
     def current_action(self) -> PruningAction:
@@ -147,9 +293,12 @@ class PruningEngine:
         """Prune to ``action`` (restoring any previous action first)."""
         self.restore()
         plan = self.plan(action)
+        compensate = self.recovery == "compensate"
         try:
             if plan.layers_kept is not None:
-                self._layers.apply(plan.layers_kept)
+                if compensate and action not in self._replacements:
+                    self.prepare([action])
+                self._layers.apply(plan.layers_kept, self._replacements.get(action))
             elif self.mode == "structural":
                 for linear, keep in self._structural_ops(action):
                     linear.narrow(keep)
@@ -158,6 +307,10 @@ class PruningEngine:
                 for i, cut in self.cuts(action):
                     if cut.dim == COLS:
                         self._masks.add(self._linears[i, cut.path].linear, cut.keep)
+            if compensate and plan.layers_kept is None:
+                for swap in self._bias_swaps(action):
+                    swap.apply()
+                    self._swapped.append(swap)
         except BaseException:
             self.restore()
             raise
@@ -168,6 +321,9 @@ class PruningEngine:
         for linear in self._narrowed:
             linear.reset()
         self._narrowed.clear()
+        for swap in self._swapped:
+            swap.reset()
+        self._swapped.clear()
         self._masks.clear()
         self._layers.restore()
         self._current = NONE
@@ -187,6 +343,25 @@ class PruningEngine:
         return self.plan(self._current).kv
 
     # ----------------------------------------------------------------- accounting
+    def describe(self, actions: Sequence[PruningAction] = ()) -> dict:
+        """What shaped this engine's menu, for provenance: which data calibrated what, and the extra bytes
+        each action's compensation adds (also as a share of the dense model's bytes)."""
+        fitted = [part for part, on in (("importance", self.criterion.needs_calibration),
+                                        ("compensation", self.recovery == "compensate"),
+                                        ("allocation", self.allocation == "global")) if on]
+        calibration: dict = {"calibrates": fitted}
+        if fitted:
+            texts = self.calibration_texts
+            source = self._calibration_set.describe() if self._calibration_set is not None else {"texts": len(texts)}
+            calibration.update(source, tokens=sum(int(x.numel()) for x in self.calibration_ids()))
+        element = next(self.model.parameters()).element_size()
+        dense = self.decode_cost(NONE).bytes
+        extra = {a.label: {"bytes": self.plan(a).extra_params * element,
+                           "share_of_model": self.plan(a).extra_params * element / dense} for a in actions}
+        return {"importance": self.scores.criterion, "layer_order": self.scores.layer_source, "mode": self.mode,
+                "allocation": self.allocation, "recovery": self.recovery,
+                "calibration": calibration, "extra_bytes": extra}
+
     def effective_intensity(self, action: PruningAction, prompt_tokens: int | None = None) -> float:
         """Fraction of the target's units really removed, after the rounding the shapes force.
 
@@ -212,3 +387,11 @@ class PruningEngine:
         """Bytes read per decoded token, dense / pruned."""
         return ideal_speedup(self.decode_cost(NONE, prompt_tokens, generated),
                              self.decode_cost(action, prompt_tokens, generated))
+
+
+def _encode_maps(maps: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    return {str(first): {"weight": weight, "bias": bias} for first, (weight, bias) in maps.items()}
+
+
+def _decode_maps(data: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    return {int(first): (entry["weight"], entry["bias"]) for first, entry in data.items()}

@@ -57,16 +57,24 @@ def kept_shapes(engine: PruningEngine, action: PruningAction) -> tuple[int, int,
         raise ExportError(f"{action.label} prunes the KV cache while generating and removes no weights: "
                           "there is nothing to export (use attention_heads, ffn_neurons or transformer_layers)")
     plan, dims = engine.plan(action), engine.dims
+    config = type(engine.model.config).__name__
+    if plan.layers_kept is not None and engine.recovery == "compensate":
+        raise ExportError(f"{action.label} with --recovery compensate replaces each run of dropped layers by a "
+                          f"linear map of the hidden state, which a stock {config} cannot express: export it with "
+                          "--recovery none, or serve the compensated model through this tool's engine")
+    global_hint = (" (--allocation global ranks units across layers: export with --allocation uniform, or serve "
+                   "the global plan through this tool's engine)" if engine.allocation == "global" else "")
     groups = set(plan.kv_groups_kept or (dims.num_kv_heads,))
     if len(groups) > 1:
-        raise ExportError(
-            f"{action.label} keeps {sorted(groups)} KV groups depending on the layer, but a stock "
-            f"{type(engine.model.config).__name__} has one head count for all layers: export one of "
-            f"{', '.join(uniform_head_intensities(engine))} instead (the same KV groups removed from every layer)")
+        uniform = "" if engine.allocation == "global" else (
+            f": export one of {', '.join(uniform_head_intensities(engine))} instead (the same KV groups removed "
+            "from every layer)")
+        raise ExportError(f"{action.label} keeps {sorted(groups)} KV groups depending on the layer, but a stock "
+                          f"{config} has one head count for all layers{uniform}{global_hint}")
     ffn = set(plan.ffn_kept or (dims.intermediate,))
     if len(ffn) > 1:
-        raise ExportError(f"{action.label} keeps a different FFN width per layer; a stock config has one "
-                          "intermediate_size")
+        raise ExportError(f"{action.label} keeps {min(ffn)}..{max(ffn)} FFN channels depending on the layer, but a "
+                          f"stock {config} has one intermediate_size{global_hint}")
     layers = list(plan.layers_kept) if plan.layers_kept is not None else list(range(dims.num_layers))
     return groups.pop(), ffn.pop(), layers
 
@@ -80,8 +88,15 @@ def pruned_model(engine: PruningEngine, action: PruningAction) -> torch.nn.Modul
     """A new model of the source's class holding copies of the kept weights (engine must be dense)."""
     groups, ffn, layers = kept_shapes(engine, action)
     src, dims = engine.model, engine.dims
+    biases = engine.compensation_biases(action)
     updates = dict(num_hidden_layers=len(layers), num_attention_heads=groups * dims.group_size,
                    num_key_value_heads=groups, intermediate_size=ffn, head_dim=dims.head_dim)
+    # compensation biases need the config's bias switch (it adds zero biases to the sibling projections)
+    paths = {path for _, path in biases}
+    if "mlp.down_proj" in paths:
+        updates["mlp_bias"] = True
+    if "self_attn.o_proj" in paths:
+        updates["attention_bias"] = True
     if getattr(src.config, "layer_types", None) is not None:
         updates["layer_types"] = [src.config.layer_types[i] for i in layers]
     config = type(src.config).from_dict({**src.config.to_dict(), **updates})
@@ -93,6 +108,8 @@ def pruned_model(engine: PruningEngine, action: PruningAction) -> torch.nn.Modul
             key = f"{prefix}.{i}.{cut.path}.{suffix}"
             if key in state and (suffix == "weight" or cut.dim == ROWS):
                 state[key] = state[key].narrow(dim, 0, cut.keep)
+    for (i, path), bias in biases.items():
+        state[f"{prefix}.{i}.{path}.bias"] = bias
     new_index = {old: new for new, old in enumerate(layers)}
     renamed = {}
     for key, value in state.items():
@@ -104,6 +121,9 @@ def pruned_model(engine: PruningEngine, action: PruningAction) -> torch.nn.Modul
         renamed[key] = value
 
     model = type(src)(config).to(dtype=src.dtype)
+    for key, value in model.state_dict().items():   # the zero biases of the sibling projections
+        if key.endswith(".bias") and key not in renamed:
+            renamed[key] = torch.zeros_like(value)
     model.load_state_dict(renamed, strict=True)
     model.generation_config = copy.deepcopy(src.generation_config)
     return model.eval()
@@ -137,6 +157,8 @@ def export_pruned(loaded, engine: PruningEngine, action: PruningAction, out_dir:
         "action": action.label, "target": action.target, "intensity": action.intensity,
         "effective_intensity": engine.effective_intensity(action),
         "method": method, "budget": budget, "importance": engine.scores.criterion,
+        "allocation": engine.allocation, "recovery": engine.recovery,
+        "compensation_biases": sorted({path for _, path in engine.compensation_biases(action)}),
         "kept_units": "the most important units of each layer by `importance`: the source weights were permuted "
                       "by importance before slicing, so exported head / channel i is the i-th most important",
         "parameters": {"before": before.total, "after": after.total,

@@ -42,6 +42,14 @@ def attention_cuts(kept_groups: int, dims: ModelDims) -> list[Cut]:
             Cut("self_attn.v_proj", ROWS, kv_keep), Cut("self_attn.o_proj", COLS, q_keep)]
 
 
+def groups_to_remove(intensity: float, dims: ModelDims) -> int:
+    """round(r * all KV groups) removed (at least one), every layer keeping one group."""
+    if dims.num_kv_heads < 2:
+        raise ValueError("heads pruning needs at least 2 KV groups per layer (model has 1)")
+    total = dims.num_layers * dims.num_kv_heads
+    return min(max(1, round(intensity * total)), dims.num_layers * (dims.num_kv_heads - 1))
+
+
 def allocate_group_removals(intensity: float, dims: ModelDims, layer_scores: Sequence[float]) -> tuple[int, ...]:
     """KV groups kept per layer for an intensity.
 
@@ -50,10 +58,7 @@ def allocate_group_removals(intensity: float, dims: ModelDims, layer_scores: Seq
     remainder going to the layers with the lowest ``layer_scores``; every layer keeps one group.
     """
     per_layer_max = dims.num_kv_heads - 1
-    if per_layer_max < 1:
-        raise ValueError("heads pruning needs at least 2 KV groups per layer (model has 1)")
-    total = dims.num_layers * dims.num_kv_heads
-    remove = min(max(1, round(intensity * total)), dims.num_layers * per_layer_max)
+    remove = groups_to_remove(intensity, dims)
     removed = [min(remove // dims.num_layers, per_layer_max)] * dims.num_layers
     left = remove - sum(removed)
     least_important_first = sorted(range(dims.num_layers), key=lambda i: (float(layer_scores[i]), i))

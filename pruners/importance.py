@@ -13,6 +13,8 @@ Criteria:
   ||W_o|| ||W_v diag(g_in)|| + ||W_down|| ||W_up diag(g_post)||.
 - ``activation`` (Wanda-style): unit score = sum over its weights of |W_ij| * ||X_j||, where X is
   the input of down_proj (FFN) / o_proj (heads) on calibration text; layers by Block Influence.
+- ``fluctuation`` (FLAP): unit score = Var(X_j) * ||W_:,j||^2 (what is left after bias
+  compensation removes the unit's mean contribution); layers by Block Influence.
 - ``block_influence`` (ShortGPT): layers by BI = 1 - mean cos(layer input, layer output) on
   calibration text; heads and FFN by magnitude.
 - ``taylor`` (LLM-Pruner): first-order |W * dL/dW| summed per unit (``pruners.taylor``).
@@ -27,32 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruners.compensation import SINK_TOKENS
 from pruners.model_info import ModelDims, decoder_layers
 from pruners.score_cache import ImportanceScores
 from pruners.taylor import compute_taylor_scores
 
 log = logging.getLogger(__name__)
-
-# Used only when a data-driven criterion is chosen without calibration prompts.
-DEFAULT_CALIBRATION = (
-    "The history of the region is marked by centuries of trade, migration and conflict between "
-    "neighbouring kingdoms, whose borders shifted with every treaty.",
-    "To compute the derivative of a product of two functions, apply the product rule: the "
-    "derivative of f times g equals f prime times g plus f times g prime.",
-    "Write a short Python function that reads a CSV file, filters the rows where the price is "
-    "above the average, and writes the result to a new file.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose; it takes place "
-    "in the chloroplasts of plant cells and releases oxygen as a by-product.",
-    "Dear team, the meeting has been moved to Thursday at three o'clock. Please bring the quarterly "
-    "figures and your notes on the new onboarding process.",
-    "She opened the old wooden door slowly, and the smell of dust and rain filled the room where "
-    "her grandfather had written his last letters.",
-    "Q: What is the capital of Australia? A: Canberra. Q: Which planet is closest to the sun? "
-    "A: Mercury. Q: How many legs does a spider have? A: Eight.",
-    "The central bank raised interest rates by a quarter point, citing persistent inflation in "
-    "services and a labour market that remains tight.",
-)
-
 
 def _norms(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return weight.float().norm(dim=dim)
@@ -86,20 +68,33 @@ class _Activations:
     o_sq: list[torch.Tensor]      # same for o_proj inputs
     cos_sum: torch.Tensor         # per layer: sum over tokens of cos(input, output)
     tokens: int
+    # per layer, after each sequence's attention-sink token(s) (compensation.SINK_TOKENS): (sum x, sum x^2)
+    down_tail: list[list[torch.Tensor]]
+    o_tail: list[list[torch.Tensor]]
+    tail_tokens: int = 0
 
 
 @torch.no_grad()
 def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> _Activations:
     """One pass over the calibration prompts with hooks; nothing but sums is kept."""
     layers = decoder_layers(model)
-    acts = _Activations(down_sq=[torch.zeros(ly.mlp.down_proj.in_features, dtype=torch.float64) for ly in layers],
-                        o_sq=[torch.zeros(ly.self_attn.o_proj.in_features, dtype=torch.float64) for ly in layers],
-                        cos_sum=torch.zeros(len(layers), dtype=torch.float64), tokens=0)
+    def zeros(width: int, n: int = 1) -> list:
+        return [torch.zeros(width, dtype=torch.float64) for _ in range(n)]
+
+    acts = _Activations(down_sq=[zeros(ly.mlp.down_proj.in_features)[0] for ly in layers],
+                        o_sq=[zeros(ly.self_attn.o_proj.in_features)[0] for ly in layers],
+                        cos_sum=torch.zeros(len(layers), dtype=torch.float64), tokens=0,
+                        down_tail=[zeros(ly.mlp.down_proj.in_features, 2) for ly in layers],
+                        o_tail=[zeros(ly.self_attn.o_proj.in_features, 2) for ly in layers])
     layer_inputs: dict[int, torch.Tensor] = {}
     handles = []
 
-    def add_sq(store: list[torch.Tensor], i: int, x: torch.Tensor) -> None:
-        store[i] += x.detach().double().pow(2).reshape(-1, x.shape[-1]).sum(0).cpu()
+    def add_sq(store: list[torch.Tensor], tail: list[list[torch.Tensor]], i: int, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        store[i] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).cpu()
+        rest = x[:, SINK_TOKENS:].reshape(-1, x.shape[-1])
+        tail[i][0] += rest.sum(0).cpu()
+        tail[i][1] += rest.pow(2).sum(0).cpu()
 
     def layer_hooks(i: int, layer: nn.Module) -> None:
         def pre(_m, args, kwargs):
@@ -112,8 +107,10 @@ def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: add_sq(acts.down_sq, i, a[0])))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: add_sq(acts.o_sq, i, a[0])))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(
+            lambda _m, a: add_sq(acts.down_sq, acts.down_tail, i, a[0])))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda _m, a: add_sq(acts.o_sq, acts.o_tail, i, a[0])))
 
     for i, layer in enumerate(layers):
         layer_hooks(i, layer)
@@ -122,6 +119,7 @@ def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor
         for ids in calibration_ids:
             model(input_ids=ids.to(device), use_cache=False)
             acts.tokens += ids.numel()
+            acts.tail_tokens += ids[:, SINK_TOKENS:].numel()
     finally:
         for handle in handles:
             handle.remove()
@@ -136,6 +134,25 @@ def wanda_scores(model: nn.Module, dims: ModelDims, acts: _Activations) -> tuple
         ffn.append(down_abs * acts.down_sq[i].sqrt().float())
         o_abs = layer.self_attn.o_proj.weight.detach().float().abs().sum(0).cpu()
         groups.append(_group_sum(o_abs * acts.o_sq[i].sqrt().float(), dims.num_kv_heads))
+    return torch.stack(ffn), torch.stack(groups)
+
+
+def fluctuation_scores(model: nn.Module, dims: ModelDims, acts: _Activations) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP: Var(X_j) * ||W_:,j||^2 per input column of down_proj / o_proj (summed per KV group).
+
+    What a unit's removal leaves once its mean is compensated (``pruners.compensation``) is its
+    fluctuation times its weights, so this is the criterion that matches ``--recovery compensate``.
+    """
+    def variance(tail: list[torch.Tensor]) -> torch.Tensor:
+        mean = tail[0] / acts.tail_tokens
+        return (tail[1] / acts.tail_tokens - mean.pow(2)).clamp_min(0).float()
+
+    ffn, groups = [], []
+    for i, layer in enumerate(decoder_layers(model)):
+        down_sq = layer.mlp.down_proj.weight.detach().float().pow(2).sum(0).cpu()
+        ffn.append(variance(acts.down_tail[i]) * down_sq)
+        o_sq = layer.self_attn.o_proj.weight.detach().float().pow(2).sum(0).cpu()
+        groups.append(_group_sum(variance(acts.o_tail[i]) * o_sq, dims.num_kv_heads))
     return torch.stack(ffn), torch.stack(groups)
 
 
@@ -175,6 +192,14 @@ def activation_importance(model: nn.Module, calibration_ids: Sequence[torch.Tens
 
 
 @torch.no_grad()
+def fluctuation_importance(model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
+    """FLAP-style fluctuation units, Block Influence layers."""
+    acts = _calibration_activations(model, "fluctuation", calibration_ids)
+    ffn, groups = fluctuation_scores(model, ModelDims.from_model(model), acts)
+    return ImportanceScores("fluctuation", ffn, groups, _block_influence(acts), "block_influence")
+
+
+@torch.no_grad()
 def block_influence_importance(model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
     """ShortGPT: Block Influence layers; units by magnitude."""
     ffn, groups, _ = magnitude_scores(model, ModelDims.from_model(model))
@@ -196,6 +221,7 @@ class Criterion:
 IMPORTANCE: dict[str, Criterion] = {c.name: c for c in (
     Criterion("magnitude", False, magnitude_importance),
     Criterion("activation", True, activation_importance),
+    Criterion("fluctuation", True, fluctuation_importance),
     Criterion("block_influence", True, block_influence_importance),
     Criterion("taylor", True, compute_taylor_scores),
 )}

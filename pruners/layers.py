@@ -8,7 +8,7 @@ the config has them) set to k, so that ``get_seq_length()`` and the mask sizes s
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -27,6 +27,21 @@ def layers_to_keep(intensity: float, layer_scores: Sequence[float]) -> tuple[int
     return tuple(i for i in range(n_layers) if i not in dropped)
 
 
+def contiguous_block_to_keep(intensity: float, cosine: Sequence[Sequence[float]]) -> tuple[int, ...]:
+    """Kept layers after dropping the contiguous block whose input and output hidden states are most alike.
+
+    ``cosine[i][j]`` is the calibration mean cos(h_i, h_j) of the hidden states entering layers i and j
+    (Gromov et al.'s angular distance; ReplaceMe replaces such a block by one linear map). The block of
+    round(r * L) layers (at least one) never includes the first or the last layer.
+    """
+    n_layers = len(cosine) - 1
+    if n_layers < 3:
+        raise ValueError("layer pruning needs at least 3 layers (the first and last are never dropped)")
+    drop = min(max(1, round(intensity * n_layers)), n_layers - 2)
+    start = max(range(1, n_layers - drop), key=lambda i: (float(cosine[i][i + drop]), -i))
+    return tuple(i for i in range(n_layers) if not start <= i < start + drop)
+
+
 class LayerDropper:
     """Swaps ``model.model.layers`` for a cached shorter ModuleList and back."""
 
@@ -37,16 +52,20 @@ class LayerDropper:
         self.layer_idx = tuple(layer.self_attn.layer_idx for layer in self.full)
         self.num_hidden_layers = self.config.num_hidden_layers
         self.layer_types = getattr(self.config, "layer_types", None)
-        self._lists: dict[tuple[int, ...], nn.ModuleList] = {}
+        self._lists: dict[tuple, nn.ModuleList] = {}
         self.active = False
 
-    def apply(self, keep: tuple[int, ...]) -> None:
-        kept = self._lists.get(keep)
+    def apply(self, keep: tuple[int, ...], replacements: Mapping[int, nn.Module] | None = None) -> None:
+        """Run only the layers in ``keep``; ``replacements`` stand in for some of them (kept index -> module
+        wrapping that layer, e.g. a compensation.ReplacedRun)."""
+        replacements = replacements or {}
+        key = (keep, tuple((i, id(m)) for i, m in sorted(replacements.items())))
+        kept = self._lists.get(key)
         if kept is None:
-            kept = self._lists[keep] = nn.ModuleList(self.full[i] for i in keep)
+            kept = self._lists[key] = nn.ModuleList(replacements.get(i, self.full[i]) for i in keep)
         self.active = True
-        for new_idx, layer in enumerate(kept):
-            layer.self_attn.__dict__["layer_idx"] = new_idx
+        for new_idx, i in enumerate(keep):
+            self.full[i].self_attn.__dict__["layer_idx"] = new_idx
         if self.layer_types is not None:
             self.config.layer_types = [self.layer_types[i] for i in keep]
         self.config.num_hidden_layers = len(keep)

@@ -15,3 +15,4 @@ class PruningPlan:
     ffn_kept: tuple[int, ...] | None = None         # per layer
     layers_kept: tuple[int, ...] | None = None      # indices into the full layer list
     kv: KVCachePruner | None = None
+    extra_params: int = 0                           # parameters the action's compensation adds (read every token)

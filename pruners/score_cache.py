@@ -1,4 +1,4 @@
-"""Importance scores and their disk cache, keyed so that a stale entry can never be reused.
+"""Importance scores (and compensation statistics) and their disk cache, keyed so that a stale entry can never be reused.
 
 Key = model name + full config + a weight fingerprint (detects a different checkpoint with the
 same config, and a model whose channels were already reordered) + criterion + calibration hash.
@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,26 +56,31 @@ def calibration_hash(texts: Sequence[str] | None, max_tokens: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def cache_key(model: nn.Module, criterion: str, texts: Sequence[str] | None, max_tokens: int) -> str:
+def cache_key(model: nn.Module, criterion: str, texts: Sequence[str] | None, max_tokens: int,
+              weights: str | None = None) -> str:
+    """``weights``: a fingerprint to use instead of the model's current one (a statistic that does not depend
+    on the unit order is keyed by the weights as loaded, so every importance order shares it)."""
     config = model.config.to_dict()
     config.pop("_attn_implementation_internal", None)
     payload = json.dumps({"version": FORMAT_VERSION, "name": getattr(model.config, "name_or_path", ""),
-                          "config": config, "weights": weight_fingerprint(model), "criterion": criterion,
+                          "config": config, "weights": weights or weight_fingerprint(model), "criterion": criterion,
                           "calibration": calibration_hash(texts if criterion != "magnitude" else None, max_tokens)},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def load_or_compute(path: Path, compute: Callable[[], ImportanceScores]) -> tuple[ImportanceScores, bool]:
-    """Return (scores, loaded_from_cache)."""
+def load_or_compute(path: Path, compute: Callable[[], Any], encode: Callable[[Any], dict] = ImportanceScores.to_dict,
+                    decode: Callable[[dict], Any] = ImportanceScores.from_dict) -> tuple[Any, bool]:
+    """Return (value, loaded_from_cache); ``encode``/``decode`` map the value to a dict of tensors and back
+    (importance scores by default; the compensation statistics use the same cache)."""
     if path.is_file():
         try:
-            scores = ImportanceScores.from_dict(torch.load(path, weights_only=True))
-            log.info("importance scores loaded from %s", path)
-            return scores, True
+            value = decode(torch.load(path, weights_only=True))
+            log.info("loaded from cache %s", path)
+            return value, True
         except (OSError, RuntimeError, TypeError, KeyError) as err:
-            log.warning("ignoring unreadable importance cache %s (%s)", path, err)
-    scores = compute()
-    atomic_write_bytes(path, lambda fh: torch.save(scores.to_dict(), fh))
-    log.info("importance scores cached at %s", path)
-    return scores, False
+            log.warning("ignoring unreadable cache entry %s (%s)", path, err)
+    value = compute()
+    atomic_write_bytes(path, lambda fh: torch.save(encode(value), fh))
+    log.info("cached at %s", path)
+    return value, False

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruners.layerwise import LayerInputs, first_layer_inputs, next_layer_inputs
 from pruners.model_info import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -143,34 +144,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
 
 # ------------------------------------------------------------------ calibration statistics
 
-class _Stop(Exception):
-    """Ends a calibration forward once the first decoder layer's inputs are captured."""
-
-
-LayerInputs = list[tuple[tuple, dict]]     # per calibration prompt: a decoder layer's (args, kwargs)
-
-
-@torch.no_grad()
-def first_layer_inputs(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> LayerInputs:
-    """What the model passes to its first decoder layer for each prompt (hidden states, position
-    embeddings, mask, ...): one embedding-only forward per prompt, stopped at the layer."""
-    captured: LayerInputs = []
-
-    def grab(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for ids in calibration_ids:
-            with contextlib.suppress(_Stop):
-                model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return captured
-
-
 @torch.no_grad()
 def layer_input_stats(layer: nn.Module, inputs: LayerInputs, full: bool) -> dict[str, torch.Tensor]:
     """Per input group of ``layer``: X^T X ([in, in], ``full``) or its diagonal ([in])."""
@@ -191,25 +164,6 @@ def layer_input_stats(layer: nn.Module, inputs: LayerInputs, full: bool) -> dict
         for handle in handles:
             handle.remove()
     return stats
-
-
-@torch.no_grad()
-def next_layer_inputs(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
-    """Run ``layer`` (already pruned) on its inputs: its outputs are the next layer's hidden states.
-
-    Position embeddings and the mask are the same for every layer, so only the hidden states
-    change; this keeps sequential calibration linear in depth instead of re-running the model
-    from the embedding up to each layer.
-    """
-    out = []
-    for args, kwargs in inputs:
-        result = layer(*args, **kwargs)
-        hidden = result[0] if isinstance(result, tuple) else result
-        if args:
-            out.append(((hidden, *args[1:]), kwargs))
-        else:
-            out.append(((), {**kwargs, "hidden_states": hidden}))
-    return out
 
 
 # ------------------------------------------------------------------ applying

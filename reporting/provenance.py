@@ -29,7 +29,7 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "numpy", "scip
 
 
 def collect(*, seed: int | None = None, model=None, device: str | None = None,
-            scenario: str | None = None, nlp_backend: str | None = None,
+            scenario: str | None = None, nlp_backend: str | None = None, engine: dict | None = None,
             argv: Sequence[str] | None = None) -> dict:
     """Provenance of the current process; ``model`` is a LoadedModel (or anything with .name/.source).
 
@@ -50,6 +50,7 @@ def collect(*, seed: int | None = None, model=None, device: str | None = None,
         "nlp_backend": nlp_backend,
         "seed": seed,
         "scenario": scenario,
+        "engine": engine,   # PruningEngine.describe(): importance, allocation, recovery, which data calibrated what
     }
 
 

@@ -17,7 +17,8 @@ from common.config import BaselineConfig, CalibrationConfig, EvalConfig
 from evaluation.baselines import format_table, parse_unstructured, run_baselines, validate_config
 from pruners.param_budget import count_parameters, match_budget
 from pruners import NONE, PruningAction
-from pruners.importance import DEFAULT_CALIBRATION, tokenize_calibration
+from common.calibration import CALIBRATION_SENTENCES
+from pruners.importance import tokenize_calibration
 from pruners.baseline_methods import STRUCTURED_METHODS, build_engine, get_method
 from pruners.taylor import compute_taylor_scores
 from pruners.unstructured import PROJECTIONS, Sparsity, prune_mask, sparsegpt_prune, sparsified
@@ -37,7 +38,7 @@ def ids() -> torch.Tensor:
 
 @pytest.fixture
 def calibration_ids(tiny) -> list[torch.Tensor]:
-    return tokenize_calibration(DEFAULT_CALIBRATION[:4], tiny.tokenizer, 64)
+    return tokenize_calibration(CALIBRATION_SENTENCES[:4], tiny.tokenizer, 64)
 
 
 def projections(model) -> list[torch.Tensor]:
@@ -83,7 +84,7 @@ CASES += [("shortgpt", 0.25), ("shortgpt", 0.5)]   # 4 layers, first and last ke
 @pytest.mark.parametrize("name,budget", CASES)
 def test_each_structured_baseline_removes_its_budget(tiny, tmp_path, name, budget):
     method = get_method(name)
-    engine = build_engine(tiny, method, DEFAULT_CALIBRATION[:4], 64, cache_dir=tmp_path)
+    engine = build_engine(tiny, method, CALIBRATION_SENTENCES[:4], 64, cache_dir=tmp_path)
     match = match_budget(engine, method.target, budget)
     assert match.action.target == method.target
     removed = _measured_removal(engine, match.action)
@@ -146,7 +147,7 @@ def test_taylor_scores_match_autograd(tiny, calibration_ids):
 
 def test_taylor_engine_orders_by_taylor_and_keeps_dense_outputs(tiny, ids, tmp_path):
     dense = logits(tiny.model, ids)
-    engine = build_engine(tiny, get_method("taylor"), DEFAULT_CALIBRATION[:4], 64, cache_dir=tmp_path)
+    engine = build_engine(tiny, get_method("taylor"), CALIBRATION_SENTENCES[:4], 64, cache_dir=tmp_path)
     assert engine.scores.criterion == "taylor"
     assert torch.all(engine.scores.ffn[:, :-1] >= engine.scores.ffn[:, 1:])   # reordered: kept units first
     assert (logits(tiny.model, ids) - dense).abs().max() < 1e-5

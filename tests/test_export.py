@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import model_loader
 from pruners.export import ExportError, export_pruned
 from pruners import NONE, PruningAction, PruningEngine
-from pruners.importance import DEFAULT_CALIBRATION
+from common.calibration import CALIBRATION_SENTENCES
 from pruners.baseline_methods import export_baseline, parse_baseline
 
 ACTIONS = ["attention_heads:0.5", "ffn_neurons:0.5", "transformer_layers:0.5", "ffn_neurons:0.3"]
@@ -52,7 +52,7 @@ def check_round_trip(loaded, engine: PruningEngine, action: PruningAction, out: 
 @pytest.mark.parametrize("label", ACTIONS)
 def test_round_trip(tiny, ids, tmp_path, label):
     engine = PruningEngine(tiny.model, importance="activation", tokenizer=tiny.tokenizer,
-                           calibration=DEFAULT_CALIBRATION[:3], cache_dir=tmp_path)
+                           calibration=CALIBRATION_SENTENCES[:3], cache_dir=tmp_path)
     action = PruningAction.parse(label)
     record = check_round_trip(tiny, engine, action, tmp_path / "out", ids)
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "out").config
@@ -102,7 +102,7 @@ def test_export_dense_action_is_the_dense_model(tiny, ids, tmp_path):
 
 
 def test_export_baseline_records_method_and_budget(tiny, ids, tmp_path):
-    out = export_baseline(tiny, "taylor@0.3", tmp_path / "out", DEFAULT_CALIBRATION[:3], 64, cache_dir=tmp_path)
+    out = export_baseline(tiny, "taylor@0.3", tmp_path / "out", CALIBRATION_SENTENCES[:3], 64, cache_dir=tmp_path)
     record = json.loads((out / "pruning.json").read_text())
     assert record["method"] == "taylor" and record["budget"] == 0.3 and record["importance"] == "taylor"
     assert abs(record["parameters"]["non_embedding_removed"] - 0.3) < 0.01

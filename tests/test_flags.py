@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 import adaptive_pruning
-from common.config import BaselineConfig, CalibrationConfig, EvalConfig, RunConfig
-from modes.flags import (FLAGS, MODES, baseline_config, build_parser, calibration_config, check_flags, eval_config,
-                         run_config)
+from common.config import BaselineConfig, EvalConfig, RunConfig
+from modes.flags import FLAGS, MODES, baseline_config, build_parser, check_flags, eval_config, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -52,14 +51,12 @@ def test_each_mode_refuses_every_flag_that_has_no_effect_there(mode, capsys):
 
 def test_the_known_silent_flags_are_refused(capsys):
     """The flags issue 13 found doing nothing: each now ends in one error line naming where it works."""
-    cases = [(["--mode", "train", "--calibration-samples", "8"], "baselines"),
-             (["--mode", "test", "--calibration-dataset", "builtin"], "baselines"),
-             (["--mode", "baselines", "--mask"], "train"),
+    cases = [(["--mode", "baselines", "--mask"], "train"),
+             (["--mode", "baselines", "--recovery", "none"], "train"),
              (["--mode", "eval", "--telemetry-hz", "5"], "train"),
              (["--mode", "eval", "--episodes", "5"], "train"),
              (["--mode", "export", "--lr", "0.1"], "train"),
              (["--mode", "baselines", "--gamma", "0.5"], "train"),
-             (["--mode", "export", "--calibration-samples", "8", "--action", "ffn_neurons:0.5"], "--baseline"),
              (["--mode", "eval", "--eval-tasks", "arc_easy"], "--lm-eval"),
              (["--mode", "test", "--wikitext-samples", "2"], "--lm-eval")]
     for args, needle in cases:
@@ -74,7 +71,6 @@ def test_every_flag_reaches_its_config_field():
         mode = flag.modes[0]
         extra = ["--lm-eval"] if flag.requires == "--lm-eval" else []
         extra += ["--environment", flag.environments[0]] if len(flag.environments) == 1 else []
-        extra += ["--baseline", "taylor@0.3"] if mode == "export" and flag.name.startswith("--calibration") else []
         args = parser.parse_args(["--mode", mode, *_value(flag), *extra])
         check_flags(args)
         root, _, path = flag.dest.partition(".")
@@ -85,9 +81,8 @@ def test_every_flag_reaches_its_config_field():
             built, default = run_config(args)[0], RunConfig()
             assert path in run_config(args)[1], flag.name
         else:
-            builder = {"eval": eval_config, "baselines": baseline_config, "calibration": calibration_config}[root]
-            built, default = builder(args), {"eval": EvalConfig(), "baselines": BaselineConfig(),
-                                             "calibration": CalibrationConfig()}[root]
+            builder = {"eval": eval_config, "baselines": baseline_config}[root]
+            built, default = builder(args), {"eval": EvalConfig(), "baselines": BaselineConfig()}[root]
         for part in path.split("."):
             built, default = getattr(built, part), getattr(default, part)
         assert built != default or flag.switch, flag.name

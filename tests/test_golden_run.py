@@ -64,20 +64,37 @@ def _volatile(summary):
     return summary
 
 
-def test_tiny_train_and_test_reproduce_the_recorded_fixture(tmp_path):
+# The engine as it was before issue 15 (8 calibration sentences, the same share from every layer, no
+# compensation): with these flags the fixture recorded before the new defaults must still reproduce.
+PRE_ISSUE_15 = ["--importance", "activation", "--allocation", "uniform", "--recovery", "none",
+                "--calibration-dataset", "sentences", "--calibration-samples", "8"]
+
+
+def _train_and_test(tmp_path, extra: list[str], fixture: str) -> None:
+    """Train flags carry ``extra``; test mode must take the engine settings from the checkpoint."""
     ckpt = tmp_path / "golden.pt"
-    assert adaptive_pruning.main(TRAIN + COMMON + ["--checkpoint", str(ckpt), "--report-dir", str(tmp_path / "r")]) == 0
+    assert adaptive_pruning.main(TRAIN + COMMON + extra + ["--checkpoint", str(ckpt),
+                                                           "--report-dir", str(tmp_path / "r")]) == 0
     assert adaptive_pruning.main(TEST + COMMON + ["--checkpoint", str(ckpt), "--report-dir", str(tmp_path / "r")]) == 0
     train = json.loads(next((tmp_path / "r").glob("train-*")).joinpath("metrics.json").read_text())
     test = json.loads(next((tmp_path / "r").glob("test-*")).joinpath("metrics.json").read_text())
+    assert test["config"]["calibration"] == train["config"]["calibration"]
     got = _volatile(_fingerprint(train, test))
-    expected_file = GOLDEN / "expected.json"
-    if os.environ.get("GOLDEN_RECORD") == "1":
+    expected_file = GOLDEN / fixture
+    if os.environ.get("GOLDEN_RECORD") == "1" and not extra:
         expected_file.write_text(json.dumps(got, indent=1, sort_keys=True))
     expected = json.loads(expected_file.read_text())
     assert len(got["train_episodes"]) == 8 and len(got["test_prompts"]) == 8   # 4 prompts x 2 scenarios
     differences = _close(expected, got)
     assert not differences, "\n".join(differences[:20])
+
+
+def test_tiny_train_and_test_reproduce_the_recorded_fixture(tmp_path):
+    _train_and_test(tmp_path, [], "expected.json")
+
+
+def test_the_pre_issue_15_engine_settings_reproduce_the_fixture_recorded_before_them(tmp_path):
+    _train_and_test(tmp_path, PRE_ISSUE_15, "expected_pre_issue15.json")
 
 
 def test_checkpoint_and_run_folders_written_before_the_layout_still_load_and_render(tmp_path, tiny_loaded):

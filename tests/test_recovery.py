@@ -1,0 +1,238 @@
+"""Issue 15: calibration data, global allocation and training-free compensation (tiny model)."""
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from common.calibration import (CALIBRATION_SENTENCES, EvaluationDataError, calibration_set,
+                                check_not_evaluation_data)
+from common.config import CalibrationConfig
+from common.data import data_root
+from pruners import NONE, PruningAction, PruningEngine
+from pruners.allocation import global_kept, standardise
+from pruners.compensation import SINK_TOKENS, ReplacedRun, _affine_stats, fit_replacements, layer_runs, ridge_affine_map
+from pruners.importance import tokenize_calibration
+from pruners.layerwise import first_layer_inputs, hidden_of, run_layer
+from pruners.model_info import decoder_layers
+
+TEXTS = list(CALIBRATION_SENTENCES[:6])
+ACTIONS = [PruningAction("ffn_neurons", 0.3), PruningAction("attention_heads", 0.3),
+           PruningAction("transformer_layers", 0.3)]
+
+
+def engine(tiny, tmp_path, **kwargs) -> PruningEngine:
+    kwargs = {"allocation": "global", "recovery": "compensate", **kwargs}
+    return PruningEngine(tiny.model, tokenizer=tiny.tokenizer, calibration=TEXTS, calibration_max_tokens=64,
+                         cache_dir=tmp_path, **kwargs)
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(0, 250, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_compensation_is_exactly_removed_on_restore(tiny, tmp_path):
+    eng = engine(tiny, tmp_path)
+    eng.prepare(ACTIONS)
+    dense = logits(tiny.model, IDS)
+    params = {name: p for name, p in tiny.model.named_parameters()}
+    for action in ACTIONS:
+        eng.apply(action)
+        assert not torch.equal(logits(tiny.model, IDS), dense)
+        eng.restore()
+        assert torch.equal(logits(tiny.model, IDS), dense), action.label
+    assert {name: p for name, p in tiny.model.named_parameters()} == params   # the original Parameter objects
+    assert all(layer.mlp.down_proj.bias is None and layer.self_attn.o_proj.bias is None
+               for layer in decoder_layers(tiny.model))
+
+
+def test_mask_mode_compensates_like_slicing(tiny, tmp_path):
+    other = copy.deepcopy(tiny)
+    sliced, masked = engine(tiny, tmp_path), engine(other, tmp_path, mode="mask")
+    for action in ACTIONS[:2]:
+        with sliced.pruned(action), masked.pruned(action):
+            assert torch.allclose(logits(tiny.model, IDS), logits(other.model, IDS), atol=1e-5), action.label
+
+
+def test_bias_equals_the_mean_removed_contribution_on_calibration(tiny, tmp_path):
+    eng = engine(tiny, tmp_path)
+    ids = tokenize_calibration(TEXTS, tiny.tokenizer, 64)
+    layer = decoder_layers(tiny.model)[1]
+    inputs = []
+    handle = layer.mlp.down_proj.register_forward_pre_hook(
+        lambda _m, a: inputs.append(a[0][:, SINK_TOKENS:].reshape(-1, a[0].shape[-1])))
+    with torch.inference_mode():
+        for x in ids:
+            tiny.model(input_ids=x)
+    handle.remove()
+    x = torch.cat(inputs).double()
+    action = ACTIONS[0]
+    keep = eng.plan(action).ffn_kept[1]
+    weight = layer.mlp.down_proj.weight.detach().double()
+    expected = (x[:, keep:] @ weight[:, keep:].T).mean(0)          # mean removed contribution per output
+    with eng.pruned(action):
+        bias = layer.mlp.down_proj.bias
+        assert bias is not None and bias.shape == (eng.dims.hidden,)
+        assert torch.allclose(bias.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_least_squares_map_is_the_closed_form_solution():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=gen, dtype=torch.float64) * torch.linspace(0.5, 3, 8, dtype=torch.float64)
+    delta = x @ torch.randn(8, 8, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(200, 8, generator=gen,
+                                                                                            dtype=torch.float64)
+    gram, cross = _affine_stats(x, delta)
+    for ridge in (0.0, 1e-2):
+        weight, bias = ridge_affine_map(gram, cross, ridge)
+        # the same problem as an augmented ordinary least squares: rows sqrt(lam) * [I 0] with target 0
+        lam = ridge * (x.T @ x).diagonal().mean()
+        design = torch.cat([torch.cat([x, torch.ones(200, 1, dtype=x.dtype)], 1),
+                            torch.cat([lam.sqrt() * torch.eye(8, dtype=x.dtype), torch.zeros(8, 1, dtype=x.dtype)], 1)])
+        target = torch.cat([delta, torch.zeros(8, 8, dtype=x.dtype)])
+        theta = torch.linalg.lstsq(design, target).solution
+        assert torch.allclose(weight, theta[:8], atol=1e-8) and torch.allclose(bias, theta[8], atol=1e-8)
+
+
+def test_replacement_maps_fit_the_pruned_path_to_the_dense_output(tiny, tmp_path):
+    """On tiny: the fitted map is lstsq from the pruned stream at the run's start to the dense stream after it."""
+    ids = tokenize_calibration(TEXTS, tiny.tokenizer, 64)
+    layers = decoder_layers(tiny.model)
+    kept = (0, 2, 3)                       # one run: layer 1
+    maps = fit_replacements(tiny.model, {"a": kept}, ids, ridge=0.0, progress=False)["a"]
+    inputs = first_layer_inputs(tiny.model, ids)
+    with torch.no_grad():
+        start = [run_layer(layers[0], hidden_of(*c), c) for c in inputs]
+        after = [run_layer(layers[1], h, c) for h, c in zip(start, inputs)]
+    x = torch.cat([h[:, SINK_TOKENS:].reshape(-1, h.shape[-1]) for h in start]).double()
+    y = torch.cat([h[:, SINK_TOKENS:].reshape(-1, h.shape[-1]) for h in after]).double()
+    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    theta = torch.linalg.lstsq(design, y - x).solution
+    weight, bias = maps[1]
+    fitted = x @ weight.double() + bias.double()
+    assert torch.allclose(fitted, design @ theta, atol=1e-3)   # same predictions (the design may be ill-conditioned)
+
+
+def test_layer_runs_and_the_replaced_layer_keeps_the_cache_consistent(tiny, tmp_path):
+    assert layer_runs((0, 3, 4, 7), 8) == [(1, 2), (5, 6)]
+    eng = engine(tiny, tmp_path)
+    action = PruningAction("transformer_layers", 0.3)
+    with eng.pruned(action):
+        assert any(isinstance(m, ReplacedRun) for m in tiny.model.model.layers)
+        from controller.generation import generate
+        out = generate(tiny.model, IDS, 4, engine=eng, ignore_eos=True)
+        assert out is not None
+
+
+def test_global_allocation_keeps_prefixes_and_the_uniform_total(tiny, tmp_path):
+    eng = engine(tiny, tmp_path, recovery="none")
+    uniform = PruningEngine(tiny.model, importance="magnitude", cache_dir=tmp_path)
+    for r in (0.1, 0.3, 0.5):
+        action = PruningAction("ffn_neurons", r)
+        assert sum(eng.plan(action).ffn_kept) == sum(uniform.plan(action).ffn_kept)
+        heads = PruningAction("attention_heads", r)
+        assert sum(eng.plan(heads).kv_groups_kept) == sum(uniform.plan(heads).kv_groups_kept)
+        assert min(eng.plan(heads).kv_groups_kept) >= 1
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0], [9.0, 8.9, 8.8, 0.0]])
+    assert global_kept(scores, 2) == (4, 2) or global_kept(scores, 2)[1] < 4
+    assert torch.allclose(standardise(scores).mean(1), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+
+
+def test_apply_and_restore_with_compensation_stay_fast(tiny, tmp_path):
+    eng = engine(tiny, tmp_path)
+    eng.prepare(ACTIONS)
+    for action in ACTIONS:
+        eng.apply(action)
+        eng.restore()
+        started = time.perf_counter()
+        for _ in range(20):
+            eng.apply(action)
+            eng.restore()
+        assert (time.perf_counter() - started) / 20 < 1e-3, action.label
+
+
+def test_compensation_statistics_are_cached(tiny, tmp_path):
+    engine(tiny, tmp_path).prepare(ACTIONS)
+    files = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.pt"))
+    assert files.count("moments") == 1 and files.count("replace") == 1
+
+
+def test_extra_bytes_are_counted_in_the_decode_cost(tiny, tmp_path):
+    plain = engine(tiny, tmp_path, recovery="none")
+    action = PruningAction("transformer_layers", 0.3)
+    assert plain.plan(action).extra_params == 0
+    comp = engine(copy.deepcopy(tiny), tmp_path)
+    hidden = comp.dims.hidden
+    assert comp.plan(action).extra_params == hidden * hidden + hidden
+    assert comp.decode_cost(action).weight_params == plain.decode_cost(action).weight_params + hidden * hidden + hidden
+
+
+# ---- calibration data --------------------------------------------------------------------------
+
+def test_default_calibration_is_large_and_mixes_builtin_and_alpaca():
+    cal = calibration_set(CalibrationConfig())
+    assert len(cal.texts) == CalibrationConfig().samples
+    if (data_root() / "alpaca_subset_refusal_direction" / "alpaca.json").is_file():
+        assert len(cal.sources) == 2
+    assert calibration_set(CalibrationConfig(dataset="sentences")).texts == CALIBRATION_SENTENCES
+
+
+def test_calibration_never_reads_evaluation_data(monkeypatch, tiny, tmp_path):
+    """Every file calibration opens is recorded: none may be WikiText-2 test or an lm-eval task's data."""
+    from pathlib import Path
+
+    from common import calibration
+    from evaluation.lm_eval_tasks import KNOWN_TASKS
+    from evaluation.wikitext import LOCAL_RELPATH
+    evaluation_files = {(data_root() / LOCAL_RELPATH).resolve()} | {
+        (data_root() / t.default_relpath).resolve() for t in KNOWN_TASKS.values()}
+    assert all(Path(f).relative_to(data_root().resolve()).parts[0] in calibration.EVALUATION_FOLDERS
+               for f in evaluation_files)                                  # the guard knows every evaluated file
+    opened: list[Path] = []
+    real = Path.read_bytes
+
+    def spy(path: Path) -> bytes:
+        opened.append(path.resolve())
+        return real(path)
+    monkeypatch.setattr(Path, "read_bytes", spy)
+    PruningEngine(tiny.model, tokenizer=tiny.tokenizer, cache_dir=tmp_path, allocation="global",
+                  recovery="compensate", calibration=calibration_set(CalibrationConfig(samples=16)).texts)
+    assert opened and not set(opened) & evaluation_files
+    for path in evaluation_files:
+        with pytest.raises(EvaluationDataError):
+            check_not_evaluation_data(str(path))
+    for spec in ("wikitext", "EleutherAI/lambada_openai", "allenai/ai2_arc"):
+        with pytest.raises(EvaluationDataError):
+            calibration_set(CalibrationConfig(dataset=f"builtin,{spec}"))
+
+
+# ---- export of recovered plans -----------------------------------------------------------------
+
+def test_compensated_uniform_plans_export_to_stock_transformers_with_biases(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pruners.export import export_pruned
+    eng = engine(tiny, tmp_path, allocation="uniform")
+    for action in (PruningAction("ffn_neurons", 0.5), PruningAction("attention_heads", 0.5)):
+        out = export_pruned(tiny, eng, action, tmp_path / action.target)
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        with eng.pruned(action):
+            expected = logits(tiny.model, IDS)
+        assert torch.allclose(logits(reloaded, IDS), expected, atol=1e-4), action.label
+        assert reloaded.config.mlp_bias or reloaded.config.attention_bias
+
+
+def test_plans_stock_transformers_cannot_express_are_refused_with_the_alternative(tiny, tmp_path):
+    from pruners.export import ExportError, export_pruned
+    eng = engine(tiny, tmp_path)
+    with pytest.raises(ExportError, match="--recovery none"):
+        export_pruned(tiny, eng, PruningAction("transformer_layers", 0.3), tmp_path / "layers")
+    plan = eng.plan(PruningAction("ffn_neurons", 0.3))
+    if len(set(plan.ffn_kept)) > 1:
+        with pytest.raises(ExportError, match="--allocation uniform"):
+            export_pruned(tiny, eng, PruningAction("ffn_neurons", 0.3), tmp_path / "ffn")
