@@ -40,6 +40,13 @@ class RewardConfig:
     latency_budget: float | None = 1.1   # budget = this x idle dense latency of the prompt's bucket; None = off
     budget_weight: float = 1.0    # penalty per unit of relative budget overrun
     battery_tightening: float = 0.8  # budget multiplier when running on battery
+    # Offline only: a constrained objective instead of the weighted sum, as a Lagrangian reward
+    # objective - multiplier x constraint whose multiplier adapts during training (controller.reward).
+    objective: str = "weighted"   # weighted | slo: best quality with the budget met on >= slo_share of requests
+                                  # | quality: best speed with mean PPL ratio <= quality_budget
+    slo_share: float = 0.9
+    quality_budget: float = 1.2
+    multiplier_lr: float = 0.05   # multiplier step per episode, times the constraint's violation (kept >= 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,8 +109,8 @@ class OfflineConfig:
 class RunConfig:
     """A train/test run (and the model/engine settings every mode shares)."""
     mode: str = "train"
-    environment: str = "live"               # "offline": cached outcomes x calibrated tables; "live": generate per episode
-    state_features: str = "basic"           # "contention": + run queue, preemptions, steal, observed slowdown; "basic"
+    environment: str = "offline"            # "offline": cached outcomes x calibrated tables; "live": generate per episode
+    state_features: str = "contention"      # "contention": + run queue, preemptions, steal, observed slowdown; "basic"
     model: str = "auto"
     device: str = "auto"
     seed: int = 0

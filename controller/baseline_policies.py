@@ -67,6 +67,7 @@ class FittedBaselines:
     rule: ThresholdRule
     regressor: RidgeRegressor
     fitted_on: dict              # the training prompts and calibrations, for the record and the leak test
+    multiplier: float = 0.0      # the Lagrange multiplier of a constrained objective they were fitted at
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +75,7 @@ class FittedBaselines:
     @classmethod
     def from_dict(cls, d: dict) -> "FittedBaselines":
         return cls(d["per_level"], d["worst_level"], d["worst_case"], ThresholdRule(**d["rule"]),
-                   RidgeRegressor(**d["regressor"]), d["fitted_on"])
+                   RidgeRegressor(**d["regressor"]), d["fitted_on"], d.get("multiplier", 0.0))
 
     def chooser(self, name: str, env: OfflineEnvironment):
         """A test-cell chooser of `env` (the test split) for one baseline."""

@@ -33,7 +33,7 @@ from controller.load_calibration import CalibrationSet, Calibrator, LevelCalibra
 from controller.load_signals import BASIC, hardware_feature_names
 from controller.outcome_cache import OutcomeCache, PromptOutcomes, digest, engine_settings, precompute
 from controller.records import EpisodeRecord, Outcome
-from controller.reward import effective_budget, reward_terms
+from controller.reward import constrained_parts, effective_budget, reward_terms
 from controller.state import state_vector
 from controller.trainer import RecordedHardware
 
@@ -49,6 +49,23 @@ class OfflineData:
     outcomes: dict[str, PromptOutcomes]
     calibrations: CalibrationSet
     features: dict[str, object]          # prompt id -> nlp_analyzer.PromptFeatures
+
+    @classmethod
+    def from_record(cls, offline: dict) -> "OfflineData":
+        """Back from a run's metrics.json ``offline`` block (no model needed: sweeps and re-fits read this)."""
+        from nlp_analyzer import PromptFeatures
+        prompts = [Prompt(p["id"], "", p["category"], None, p["source"]) for p in offline["prompts"]]
+        return cls(prompts, {k: PromptOutcomes.from_dict(dict(v)) for k, v in offline["outcomes"].items()},
+                   CalibrationSet.from_dict(offline["calibrations"]),
+                   {k: PromptFeatures(**v) for k, v in offline["features"].items()})
+
+    def merged(self, other: "OfflineData") -> "OfflineData":
+        """This run's prompts with another's (a train and a test run of the same calibration set)."""
+        if other.calibrations.settings != self.calibrations.settings:
+            raise ValueError("the two runs were calibrated differently: merge runs of one calibration set")
+        known = {p.id for p in self.prompts}
+        return OfflineData(self.prompts + [p for p in other.prompts if p.id not in known],
+                           {**other.outcomes, **self.outcomes}, self.calibrations, {**other.features, **self.features})
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,7 @@ class OfflineEnvironment:
     def _fill(self) -> None:
         shape = (len(self.cals), len(self.prompts), len(self.labels))
         self.reward, self.speedup, self.latency = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        self.objective, self.constraint = np.zeros(shape), np.zeros(shape)   # constrained objectives' parts
         self.budget = np.full(shape[:2], np.inf)         # seconds allowed per (calibration, prompt)
         self.ppl_ratio = np.array([[o.actions[a].ppl_ratio for a in self.labels] for o in self.outcomes])
         self.kl = np.array([[o.actions[a].kl for a in self.labels] for o in self.outcomes])
@@ -104,6 +122,21 @@ class OfflineEnvironment:
                     terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=q.ppl_ratio, kl=q.kl,
                                          latency_s=latency, idle_dense_s=idle_s, on_battery=on_battery)
                     self.reward[c, p, a], self.speedup[c, p, a], self.latency[c, p, a] = terms.total, speedup, latency
+                    if self.constrained:
+                        self.objective[c, p, a], self.constraint[c, p, a] = constrained_parts(
+                            self.reward_cfg, terms, budget_met=latency <= self.budget[c, p], ppl_ratio=q.ppl_ratio)
+        self.multiplier = 0.0
+        if self.constrained:
+            self.set_multiplier(0.0)
+
+    @property
+    def constrained(self) -> bool:
+        return self.reward_cfg.objective != "weighted"
+
+    def set_multiplier(self, value: float) -> None:
+        """Rewards of a constrained objective at this Lagrange multiplier (objective - value x constraint)."""
+        self.multiplier = float(value)
+        self.reward = self.objective - self.multiplier * self.constraint
 
     @staticmethod
     def on_battery(cal: LevelCalibration) -> bool:
@@ -142,20 +175,29 @@ class OfflineEnvironment:
 
 
 def train_offline(env: OfflineEnvironment, dqn: DQNConfig, episodes: int, seed: int,
-                  progress: bool = True) -> tuple[DoubleDQNAgent, list[EpisodeRecord]]:
-    """The live trainer's bandit loop (epsilon-greedy Double DQN, one decision per prompt) on looked-up outcomes."""
+                  progress: bool = True) -> tuple[DoubleDQNAgent, list[EpisodeRecord], float]:
+    """The live trainer's bandit loop (epsilon-greedy Double DQN, one decision per prompt) on looked-up outcomes.
+
+    With a constrained objective the reward is objective - multiplier x constraint and the multiplier
+    takes a projected gradient step on each episode's constraint (dual ascent); returns the final one.
+    """
     cfg = replace(dqn, seed=seed)
     state_dim = len(env.state(Cell(0, 0, 0)))
     agent = DoubleDQNAgent(state_dim, len(env.labels), cfg)
     rng = np.random.default_rng([seed, 2])
     order = rng.permutation(len(env.prompts))
-    records = []
+    records, multiplier = [], 0.0
     for episode in tqdm(range(episodes), desc=f"train offline [seed {seed}]", disable=not progress, mininterval=1):
         cell = env.draw(rng, int(order[episode % len(order)]))
         state = env.state(cell)
         epsilon = linear_epsilon(cfg, episode, episodes)
         index, explored, _ = agent.act(state, epsilon)
         outcome = env.outcome(cell, index)
+        if env.constrained:
+            violation = float(env.constraint[cell.calibration, cell.prompt, index])
+            outcome = replace(outcome, reward=float(env.objective[cell.calibration, cell.prompt, index])
+                              - multiplier * violation)
+            multiplier = max(0.0, multiplier + env.reward_cfg.multiplier_lr * violation)
         loss = agent.store_and_learn(state, index, outcome.reward, state, True)
         prompt, out = env.prompts[cell.prompt], env.outcomes[cell.prompt]
         records.append(EpisodeRecord(
@@ -164,7 +206,7 @@ def train_offline(env: OfflineEnvironment, dqn: DQNConfig, episodes: int, seed: 
             scenario=env.level(cell), action_index=index, explored=explored, epsilon=epsilon,
             outcome=outcome, loss=loss, hardware=[float(v) for v in env.hardware(cell).vector],
             truncated=out.truncated))
-    return agent, records
+    return agent, records, multiplier
 
 
 Chooser = Callable[[Cell], int]     # a test cell -> action index (it builds whatever state it reads)
@@ -181,6 +223,8 @@ def evaluate_offline(env: OfflineEnvironment, arms: dict[str, list[Chooser]], dr
     c_idx, p_idx = [cell.calibration for cell in cells], [cell.prompt for cell in cells]
     return {
         "actions": env.labels, "levels": env.levels,
+        "objective": {"objective": env.reward_cfg.objective, "slo_share": env.reward_cfg.slo_share,
+                      "quality_budget": env.reward_cfg.quality_budget, "multiplier": env.multiplier},
         "cells": {"prompt_id": [env.prompts[p].id for p in p_idx], "level": [env.level(cell) for cell in cells],
                   "round": [env.cals[c].round for c in c_idx], "telemetry": [cell.telemetry for cell in cells]},
         "reward": env.reward[c_idx, p_idx].tolist(), "speedup": env.speedup[c_idx, p_idx].tolist(),

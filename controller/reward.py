@@ -25,6 +25,24 @@ class RewardTerms:
         return self.speed - self.quality - self.kl + self.energy - self.budget
 
 
+OBJECTIVES = ("weighted", "slo", "quality")
+
+
+def constrained_parts(cfg: RewardConfig, terms: RewardTerms, *, budget_met: bool, ppl_ratio: float) -> tuple[float, float]:
+    """(objective, constraint) of a constrained objective; its Lagrangian reward is
+    objective - multiplier x constraint, and the constraint's mean is <= 0 exactly when it is met.
+
+    slo: maximise quality (-beta log PPL ratio - KL term) with the latency budget met on at least
+    slo_share of requests; quality: maximise speed (alpha log speedup + energy term) with the mean PPL
+    ratio at most quality_budget.
+    """
+    if cfg.objective == "slo":
+        return -(terms.quality + terms.kl), (0.0 if budget_met else 1.0) - (1.0 - cfg.slo_share)
+    if cfg.objective == "quality":
+        return terms.speed + terms.energy, ppl_ratio - cfg.quality_budget
+    raise ValueError(f"objective '{cfg.objective}' has no constraint: choose from {', '.join(OBJECTIVES[1:])}")
+
+
 def effective_budget(cfg: RewardConfig, idle_dense_s: float | None, on_battery: bool | None) -> float | None:
     """Seconds allowed for a generation: fixed relative to the idle dense model, tighter on battery."""
     if cfg.latency_budget is None or idle_dense_s is None:

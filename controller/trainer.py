@@ -40,7 +40,8 @@ class RecordedHardware:
         self.vector = vector
 
 
-def load_trace(path: str) -> list[list[float]]:
+def load_trace(path: str, n_hardware: int | None = None) -> list[list[float]]:
+    """The hardware vectors a train run recorded; `n_hardware`: the slots this run's state has (checked)."""
     try:
         metrics = json.loads(Path(path).read_text())
     except OSError as err:
@@ -52,6 +53,9 @@ def load_trace(path: str) -> list[list[float]]:
     trace = [ep["hardware"] for ep in metrics.get("episodes", []) if ep.get("hardware")]
     if not trace:
         raise ValueError(f"--telemetry-trace {path} holds no recorded hardware states: pass a train run's metrics.json")
+    if n_hardware is not None and len(trace[0]) != n_hardware:
+        raise ValueError(f"--telemetry-trace {path} records {len(trace[0])} hardware slots, this state has {n_hardware}: "
+                         "replay a trace recorded with the same --state-features")
     return trace
 
 
@@ -72,7 +76,8 @@ class Trainer:
         self.agent = DoubleDQNAgent(len(self.feature_names), len(session.actions), self.cfg.dqn)
         self.schedule = ScenarioSchedule(parse_scenarios(self.cfg.scenarios), self.cfg.scenario_block, self.cfg.seed)
         self.order = np.random.default_rng(self.cfg.seed + 2).permutation(len(train_prompts))
-        self.trace = load_trace(self.cfg.telemetry_trace) if self.cfg.telemetry_trace else None
+        n_hardware = sum(name.startswith("hw.") for name in self.feature_names)
+        self.trace = load_trace(self.cfg.telemetry_trace, n_hardware) if self.cfg.telemetry_trace else None
         self.episodes: list[EpisodeRecord] = []
         self.start_episode = self.next_episode = 0
 

@@ -216,10 +216,11 @@ def _accuracies(entry: dict) -> dict[str, float | None]:
 
 def _policy_config(checkpoint: str, importance: str | None) -> RunConfig:
     """A structural run config with the engine settings the checkpoint's policy was trained with."""
+    if importance is not None:    # set explicitly: the checkpoint's engine settings are not read
+        return RunConfig(structural=True, importance=importance)
     from controller import checkpointing
     trained = checkpointing.load_checkpoint(Path(checkpoint))["config"]
-    cfg = with_trained_engine(RunConfig(structural=True), trained, set())
-    return cfg if importance is None else dataclasses.replace(cfg, importance=importance)
+    return with_trained_engine(RunConfig(structural=True), trained, set())
 
 
 # ------------------------------------------------------------------ the sweep

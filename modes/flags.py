@@ -162,6 +162,15 @@ FLAGS: tuple[Flag, ...] = (
          (TRAIN, TEST), type=latency_budget),
     Flag("--budget-weight", _R + "reward.budget_weight", "penalty per unit of relative budget overrun",
          (TRAIN, TEST), type=float),
+    Flag("--objective", _R + "reward.objective", "weighted (the reward above) | slo (best quality with the latency "
+         "budget met on >= --slo-share of requests) | quality (best speed with mean PPL ratio <= --quality-budget); "
+         "constrained ones are Lagrangian rewards whose multiplier adapts in training", (TRAIN,), environments=OFFLINE),
+    Flag("--slo-share", _R + "reward.slo_share", "share of requests that must meet the latency budget (--objective "
+         "slo)", (TRAIN,), type=float, environments=OFFLINE),
+    Flag("--quality-budget", _R + "reward.quality_budget", "largest mean PPL ratio allowed (--objective quality)",
+         (TRAIN,), type=float, environments=OFFLINE),
+    Flag("--multiplier-lr", _R + "reward.multiplier_lr", "Lagrange multiplier step per episode (constrained "
+         "objectives)", (TRAIN,), type=float, environments=OFFLINE),
     # ---- training only
     Flag("--episodes", _R + "episodes", "training episodes (one prompt each)", (TRAIN,), type=int),
     Flag("--resume", _R + "resume", "continue training from --checkpoint", (TRAIN,), type=None, switch=True,

@@ -15,14 +15,15 @@ from controller.records import to_jsonable
 from controller.router import agent_from_checkpoint
 from controller.session import open_session, with_trained_engine
 from controller.state import state_vector
-from controller.baseline_policies import BASELINES, FittedBaselines
+from controller.baseline_policies import FittedBaselines
+from controller.offline_study import POLICY, arms
 from controller.offline_env import OfflineEnvironment, build_offline_data, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
 from modes.flags import check_environment, flags_of
 from modes.outputs import finish_run, load_check, load_table, metrics_skeleton, offline_record
 from reporting import provenance
 from reporting import render as reporting
-from reporting.summaries import best_static
+from reporting.summaries import ALL, best_static, summarize_offline
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
     cfg = config_from_checkpoint(cfg, payload, explicit)
     check_environment(flags_of(explicit), cfg.environment)
     if cfg.environment == "offline":
-        return run_test_offline(cfg, payload, others, test_scenarios)
+        return run_test_offline(cfg, payload, others, test_scenarios, eval_cfg)
     prompts = test_prompts(cfg)
     with open_session(cfg) as s:
         cfg = s.cfg
@@ -79,7 +80,8 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
             s.env.table = load_table(cfg.latency_table)
         else:
             s.env.calibrate("idle", s.actions)
-        trace = load_trace(cfg.telemetry_trace) if cfg.telemetry_trace else None
+        trace = (load_trace(cfg.telemetry_trace, sum(f.startswith("hw.") for f in payload["state_features"]))
+                 if cfg.telemetry_trace else None)
         for scenario in scenarios:
             replay = trace is not None and s.env.table.has(scenario.name)   # nothing depends on the live load
             with contextlib.nullcontext() if replay else contention(scenario):
@@ -141,11 +143,13 @@ def seed_agents(payload: dict, model_id: str) -> list:
     return [agent_from_checkpoint(p, model_id)[0] for p in [payload, *extra]]
 
 
-def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], test_scenarios: str | None) -> Path:
+def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], test_scenarios: str | None,
+                     eval_cfg=None) -> Path:
     """Policy (every seed), ablations and the fitted baselines on the held-out prompts x the test calibrations.
 
     The baselines come from the checkpoint, fitted at training time on the training split; this
-    reads the test prompts' outcomes and the test calibrations only.
+    reads the test prompts' outcomes and the test calibrations only. With `eval_cfg` (--lm-eval) dense,
+    the best pruned static action of the pooled test and the policy are also evaluated, as live tests do.
     """
     if "baselines" not in payload:
         raise ValueError(f"--checkpoint {cfg.checkpoint} was not trained offline (no fitted baselines): "
@@ -162,23 +166,25 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
         run_dir = reporting.RunDir.create(Path(cfg.report_dir), "test", s.loaded.name)
         run_dir.write_config({**cfg.to_dict(), "ablation_checkpoints": list(others)})
         data = build_offline_data(s, prompts, calibration, scenarios)
-    levels = [sc.name for sc in parse_scenarios(test_scenarios)] if test_scenarios else None
-    env = OfflineEnvironment(data, [p.id for p in prompts], "test", labels, cfg.reward, cfg.env.long_prompt_tokens,
-                             cfg.state_features, levels=levels)
-    baselines = FittedBaselines.from_dict(payload["baselines"])
-    arms = {"policy": [policy_chooser(env, a, cfg.ablation) for a in seed_agents(payload, model_id)]}
-    for path, other in others.items():
-        name = other["config"].get("ablation", "none")
-        arms[name if name != "none" and name not in arms else Path(path).stem] = [
-            policy_chooser(env, a, other["config"].get("ablation", "none")) for a in seed_agents(other, model_id)]
-    arms |= {name: [baselines.chooser(name, env)] for name in BASELINES}
-    result = evaluate_offline(env, arms, cfg.offline.telemetry_draws, cfg.seed)
+        levels = [sc.name for sc in parse_scenarios(test_scenarios)] if test_scenarios else None
+        env = OfflineEnvironment(data, [p.id for p in prompts], "test", labels, cfg.reward,
+                                 cfg.env.long_prompt_tokens, cfg.state_features, levels=levels)
+        baselines = FittedBaselines.from_dict(payload["baselines"])
+        if env.constrained:     # every arm is scored on the Lagrangian reward the baselines were fitted at
+            env.set_multiplier(baselines.multiplier)
+        policies = {POLICY: (seed_agents(payload, model_id), cfg.ablation)}
+        for path, other in others.items():
+            ablation = other["config"].get("ablation", "none")
+            name = ablation if ablation != "none" and ablation not in policies else Path(path).stem
+            policies[name] = (seed_agents(other, model_id), ablation)
+        result = evaluate_offline(env, arms(env, policies, baselines), cfg.offline.telemetry_draws, cfg.seed)
+        extra = {}
+        if eval_cfg is not None:
+            from evaluation.suite import run_evaluation
+            pooled = summarize_offline(result)["by_level"][env.levels[-1] if len(env.levels) == 1 else ALL]["arms"]
+            best = max((a for a in labels if a != "none"), key=lambda a: pooled[a]["reward"]["mean"])
+            specs = ["dense", f"static:{best}", f"policy:{cfg.checkpoint}"]
+            extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
     metrics = metrics_skeleton("test", cfg, prov, labels, checkpoint=str(cfg.checkpoint), offline_test=result,
-                               offline=offline_record(data, baselines), load_verification=load_check(data))
+                               offline=offline_record(data, baselines), load_verification=load_check(data), **extra)
     return finish_run(run_dir, metrics)
-
-
-def policy_chooser(env: OfflineEnvironment, agent, ablation: str) -> Callable:
-    """Greedy action of `agent` in a test cell, on the state its training saw (its ablation applied)."""
-    choose = greedy_chooser(agent)
-    return lambda cell: choose(env.state(cell, ablation))

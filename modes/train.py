@@ -12,10 +12,10 @@ from controller.records import to_jsonable
 from controller.session import open_session
 from common.signals import sigterm_as_interrupt
 from controller import checkpointing
-from controller.baseline_policies import fit_baselines
 from controller.contention import parse_scenarios
 from controller.dqn import linear_epsilon
 from controller.offline_env import OfflineEnvironment, build_offline_data, train_offline
+from controller.offline_study import fit_offline_baselines
 from controller.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
 from modes.outputs import finish_run, load_check, load_table, metrics_skeleton, offline_record
@@ -99,21 +99,22 @@ def run_train_offline(cfg: RunConfig) -> Path:
     names = state_feature_names(cfg.state_features)
     env = OfflineEnvironment(data, [p.id for p in prompts], "train", labels, cfg.reward, cfg.env.long_prompt_tokens,
                              cfg.state_features, cfg.ablation)
-    baselines = fit_baselines(env, names, cfg.offline.telemetry_draws, cfg.seed)
     seeds = [cfg.seed + i for i in range(cfg.offline.seeds)]
     paths = seed_checkpoints(cfg.checkpoint, seeds)
-    histories = []
-    for seed, path in zip(seeds, paths):
+    runs = []
+    for seed in seeds:
         started = time.perf_counter()
-        agent, episodes = train_offline(env, cfg.dqn, cfg.episodes, seed)
+        runs.append(train_offline(env, cfg.dqn, cfg.episodes, seed))
         log.info("seed %d: %d episodes in %.1f s", seed, cfg.episodes, time.perf_counter() - started)
-        histories.append(episodes)
+    baselines = fit_offline_baselines(env, names, cfg.offline.telemetry_draws, cfg.seed, [m for _, _, m in runs])
+    histories = [episodes for _, episodes, _ in runs]
+    for seed, path, (agent, _, multiplier) in zip(seeds, paths, runs):
         checkpointing.save_checkpoint(path, {
             "model_id": model_id, "action_space": labels, "state_features": names,
             "config": dataclasses.replace(cfg, seed=seed, dqn=dataclasses.replace(cfg.dqn, seed=seed)).to_dict(),
             "agent": agent.state_dict(include_buffer=cfg.save_buffer), "next_episode": cfg.episodes,
             "epsilon": linear_epsilon(cfg.dqn, cfg.episodes, cfg.episodes), "environment": "offline",
-            "baselines": baselines.to_dict(), "seed_checkpoints": [str(p) for p in paths],
+            "baselines": baselines.to_dict(), "seed_checkpoints": [str(p) for p in paths], "multiplier": multiplier,
             "code_version": (prov.get("git") or {}).get("commit"), "dataset": cfg.train_dataset, "seed": seed,
             "test_fraction": cfg.test_fraction})
     metrics = metrics_skeleton("train", cfg, prov, labels, episodes=to_jsonable(histories[0]),

@@ -13,6 +13,7 @@ from common.config import ENVIRONMENTS, STATE_FEATURES, RunConfig
 
 def validate(cfg: RunConfig) -> None:
     from controller.contention import parse_scenarios
+    from controller.reward import OBJECTIVES
     from controller.session import action_space
     from model_loader import check_model_name
     from nlp_analyzer import BACKENDS
@@ -24,6 +25,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.state_features not in STATE_FEATURES:
         raise ValueError(f"--state-features must be one of {', '.join(STATE_FEATURES)}, got {cfg.state_features}")
     levels = [sc.name for sc in parse_scenarios(cfg.scenarios)]
+    if cfg.reward.objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.reward.objective}")
+    if not 0 < cfg.reward.slo_share <= 1 or cfg.reward.quality_budget <= 0 or cfg.reward.multiplier_lr < 0:
+        raise ValueError("--slo-share must be in (0, 1], --quality-budget > 0 and --multiplier-lr >= 0")
     if cfg.environment == "offline" and "idle" not in levels:
         raise ValueError(f"--scenarios {cfg.scenarios}: the offline environment needs 'idle' (every calibration "
                          "round's reference for the slowdown and the latency budget)")

@@ -77,7 +77,7 @@ def offline_test_section(o: Mapping | None) -> list[str]:
              f"Cells: held-out prompts × test calibrations × telemetry draws. Intervals: 95% percentile bootstrap "
              f"clustered by prompt, resampling training seeds ({o['n_seeds']}), prompts and calibrations "
              "independently (2000 resamples, seed 0). Every baseline was fitted on the training prompts and "
-             "training calibrations only.", ""]
+             "training calibrations only.", ""] + _objective_lines(o["objective"])
     for g in o["groups"]:
         row = o["by_level"][g]
         arms = row["arms"]
@@ -87,8 +87,9 @@ def offline_test_section(o: Mapping | None) -> list[str]:
         for a in dict.fromkeys(shown):
             v = arms[a]
             label = ARM_TEXT.get(a, f"`{a}`" + (" (best static in hindsight)" if a == row["best_static"] else ""))
-            table.append((label, fmt_ci(v["reward"]), fmt(v["ppl_ratio"]["mean"]), fmt(v["speedup"]["mean"]),
-                          fmt_pct(v["slo_met"]["mean"]), fmt_ci(v["vs"]) if "vs" in v else MISSING,
+            met = {True: " ✓", False: " ✗"}.get(v["meets_constraint"], "")
+            table.append((label, fmt_ci(v["reward"]), fmt(v["ppl_ratio"]["mean"]) + met, fmt(v["speedup"]["mean"]),
+                          fmt_pct(v["slo_met"]["mean"]) + met, fmt_ci(v["vs"]) if "vs" in v else MISSING,
                           ci_sign(v["vs"]) if "vs" in v else MISSING))
         title = "all levels pooled" if g == ALL else f"level `{g}`"
         lines += [f"### {title} ({row['n_cells']} cells)", ""]
@@ -98,8 +99,22 @@ def offline_test_section(o: Mapping | None) -> list[str]:
         lines += [f"Training seeds: policy reward per seed {', '.join(fmt(r) for r in seeds['reward'])} "
                   f"(sd {fmt(seeds['sd'])}); policy − {o['strongest_baseline']} per seed "
                   f"{', '.join(fmt(r) for r in seeds['vs'][o['strongest_baseline']])}.", ""]
+    idle = o["by_level"].get("idle", {}).get("arms", {})
+    if "no_prompt" in idle:        # at idle only the prompt features can tell requests apart
+        gain = idle["no_prompt"]["vs"]
+        lines += [f"Per-prompt adaptation at idle: policy − no-prompt-features ablation = {fmt_ci(gain)} "
+                  f"({ci_sign(gain)}).", ""]
     lines += [f"**Verdict (computed from the CIs):** {o['verdict']['claim']}.", ""]
     return lines
+
+
+def _objective_lines(objective: Mapping) -> list[str]:
+    if objective["objective"] == "weighted":
+        return []
+    target = (f"latency budget met on ≥ {fmt_pct(objective['slo_share'])} of requests" if objective["objective"] == "slo"
+              else f"mean PPL ratio ≤ {fmt(objective['quality_budget'])}")
+    return [f"Objective `{objective['objective']}`: {target}; reward = objective − λ × constraint at the training "
+            f"multiplier λ = {fmt(objective['multiplier'])} (✓/✗: the arm meets the constraint on these cells).", ""]
 
 
 def offline_train_section(offline: Mapping | None, actions: Sequence[str]) -> list[str]:

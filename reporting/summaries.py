@@ -576,9 +576,16 @@ def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
                   "seeds": {"reward": per_seed.tolist(), "sd": float(per_seed.std(ddof=1)) if per_seed.size > 1 else 0.0,
                             "vs": {b: np.nanmean(_paired(policy, cube[(b, "reward")]), axis=(1, 2)).tolist()
                                    for b in BASELINE_ARMS}}}
+    objective = ot.get("objective") or {"objective": "weighted"}
+    for row in out.values():       # a constrained objective: which arms meet its constraint on these cells
+        for arm in row["arms"].values():
+            arm["meets_constraint"] = (arm["slo_met"]["mean"] >= objective["slo_share"] - 1e-12
+                                       if objective["objective"] == "slo" else
+                                       arm["ppl_ratio"]["mean"] <= objective["quality_budget"] + 1e-12
+                                       if objective["objective"] == "quality" else None)
     pooled = out[groups[-1]]["arms"]
     strongest = max(BASELINE_ARMS, key=lambda b: pooled[b]["reward"]["mean"])
-    return {"groups": groups, "actions": list(ot["actions"]), "arms": names, "by_level": out,
+    return {"groups": groups, "actions": list(ot["actions"]), "arms": names, "by_level": out, "objective": objective,
             "strongest_baseline": strongest, "verdict": offline_verdict(out, strongest), "n_seeds": len(ot["arms"][POLICY])}
 
 

@@ -291,7 +291,8 @@ def test_sweep_rows_table_and_dense_model_afterwards(tiny, ids, tmp_path):
     assert policy["kind"] == "policy" and sum(policy["actions"].values()) == 2 and "budget" not in policy
     c = tiny.model.config   # one request at ffn_neurons:0.5 (half the channels of every layer), one dense
     half_ffn = 3 * c.hidden_size * (c.intermediate_size // 2) * c.num_hidden_layers / count_parameters(tiny.model).non_embedding
-    assert policy["removed"] == pytest.approx(half_ffn / 2)
+    # within 1 %: the default --recovery compensate counts its output-bias vectors as parameters
+    assert policy["removed"] == pytest.approx(half_ffn / 2, rel=0.01)
     assert by_method["dense"]["ppl"] != by_method["shortgpt"]["ppl"]
     assert (logits(tiny.model, ids) - dense).abs().max() < 1e-5      # dense again (up to the reorder's sums)
     table = (tmp_path / "baselines.md").read_text()

@@ -12,7 +12,7 @@ import adaptive_pruning
 from controller.checkpointing import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TRAIN = ["--model", "tiny", "--train-dataset", "builtin", "--train-samples", "40", "--max-new-tokens", "8", "--intensities", "0.2,0.4",
+TINY_TRAIN = ["--environment", "live", "--model", "tiny", "--train-dataset", "builtin", "--train-samples", "40", "--max-new-tokens", "8", "--intensities", "0.2,0.4",
               "--calibration-tokens", "4", "--calibration-repeats", "1", "--scenarios", "idle",
               "--long-prompt-tokens", "64", "--telemetry-hz", "20"]
 

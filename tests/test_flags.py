@@ -135,8 +135,8 @@ def test_report_on_a_malformed_record_names_the_file_and_the_field(tmp_path, cap
 def test_broken_telemetry_trace_names_the_flag_and_the_file(tmp_path, capsys):
     trace = tmp_path / "trace.json"
     trace.write_text("{not json")
-    code = adaptive_pruning.main(["--mode", "train", "--model", "tiny", "--train-dataset", "builtin",
-                                  "--episodes", "1", "--telemetry-trace", str(trace),
+    code = adaptive_pruning.main(["--mode", "train", "--environment", "live", "--model", "tiny",
+                                  "--train-dataset", "builtin", "--episodes", "1", "--telemetry-trace", str(trace),
                                   "--checkpoint", str(tmp_path / "p.pt"), "--report-dir", str(tmp_path / "r")])
     line = one_error_line(capsys)
     assert code == 2 and "--telemetry-trace" in line and str(trace) in line and "JSON" in line, line

@@ -15,10 +15,10 @@ from pathlib import Path
 import adaptive_pruning
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
-COMMON = ["--model", "tiny", "--max-new-tokens", "6", "--calibration-tokens", "3", "--long-prompt-tokens", "64",
+COMMON = ["--environment", "live", "--model", "tiny", "--max-new-tokens", "6", "--calibration-tokens", "3", "--long-prompt-tokens", "64",
           "--intensities", "0.3", "--scenarios", "idle,loaded", "--nlp-backend", "regex",
           "--latency-table", str(GOLDEN / "latency_table.json"), "--telemetry-trace", str(GOLDEN / "trace.json")]
-TRAIN = ["--mode", "train", "--train-dataset", "builtin", "--train-samples", "30", "--episodes", "8",
+TRAIN = ["--mode", "train", "--state-features", "basic", "--train-dataset", "builtin", "--train-samples", "30", "--episodes", "8",
          "--scenario-block", "4", "--learning-starts", "2", "--calibration-repeats", "1"]
 TEST = ["--mode", "test", "--test-samples", "4"]
 

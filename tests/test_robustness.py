@@ -16,7 +16,7 @@ import adaptive_pruning
 from controller.checkpointing import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--model", "tiny", "--train-dataset", "builtin", "--train-samples", "30", "--max-new-tokens", "6",
+FAST = ["--environment", "live", "--model", "tiny", "--train-dataset", "builtin", "--train-samples", "30", "--max-new-tokens", "6",
         "--calibration-tokens", "3", "--calibration-repeats", "1", "--long-prompt-tokens", "64",
         "--intensities", "0.3", "--scenarios", "idle"]
 
@@ -209,7 +209,8 @@ def test_embedded_model_trainings_with_a_fixed_table_and_trace_are_identical(tmp
     rng = np.random.default_rng(0)
     trace = {"episodes": [{"hardware": [float(v) for v in rng.random(hw)]} for _ in range(6)]}
     (tmp_path / "trace.json").write_text(json.dumps(trace))
-    base = ["--mode", "train", "--model", "smollm2-135m", "--train-dataset", "builtin", "--train-samples", "6",
+    base = ["--mode", "train", "--environment", "live", "--state-features", "basic", "--model", "smollm2-135m",
+            "--train-dataset", "builtin", "--train-samples", "6",
             "--episodes", "6", "--max-new-tokens", "4", "--intensities", "0.1,0.2", "--scenarios", "idle,loaded",
             "--scenario-block", "3", "--long-prompt-tokens", "256", "--nlp-backend", "regex", "--learning-starts", "2",
             "--latency-table", str(table), "--telemetry-trace", str(tmp_path / "trace.json")]

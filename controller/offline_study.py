@@ -1,0 +1,50 @@
+"""One offline comparison end to end: fit the baselines and train every seed on the training split, then
+score policy, ablations and baselines on the test split's cells.
+
+Why one function: test mode (from checkpoints) and the sweeps (bench/offline_sweep.py, from two runs'
+metrics.json, no model) must build the arms the same way, or a sweep point would not be the result
+a test run reports.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from common.config import DQNConfig
+from controller.baseline_policies import BASELINES, FittedBaselines, fit_baselines
+from controller.offline_env import Chooser, OfflineEnvironment, evaluate_offline, train_offline
+from controller.trainer import greedy_chooser
+
+POLICY = "policy"
+
+
+def policy_chooser(env: OfflineEnvironment, agent, ablation: str) -> Chooser:
+    """Greedy action of `agent` in a test cell, on the state its training saw (its ablation applied)."""
+    choose = greedy_chooser(agent)
+    return lambda cell: choose(env.state(cell, ablation))
+
+
+def arms(env: OfflineEnvironment, policies: Mapping[str, tuple[Sequence, str]],
+         baselines: FittedBaselines) -> dict[str, list[Chooser]]:
+    """name -> one chooser per seed: each policy (its agents, its ablation), then every fitted baseline."""
+    out = {name: [policy_chooser(env, a, ablation) for a in agents] for name, (agents, ablation) in policies.items()}
+    return out | {name: [baselines.chooser(name, env)] for name in BASELINES}
+
+
+def run_study(train: OfflineEnvironment, test: OfflineEnvironment, state_names: list[str], dqn: DQNConfig,
+              episodes: int, seeds: Sequence[int], draws: int, seed: int) -> dict:
+    """Baselines and policies from `train` alone, every arm scored on `test` (metrics.json's offline_test)."""
+    runs = [train_offline(train, replace(dqn, seed=s), episodes, s, progress=False) for s in seeds]
+    baselines = fit_offline_baselines(train, state_names, draws, seed, [m for _, _, m in runs])
+    if test.constrained:
+        test.set_multiplier(baselines.multiplier)
+    return evaluate_offline(test, arms(test, {POLICY: ([a for a, _, _ in runs], train.ablation)}, baselines), draws, seed)
+
+
+def fit_offline_baselines(train: OfflineEnvironment, state_names: list[str], draws: int, seed: int,
+                          multipliers: Sequence[float]) -> FittedBaselines:
+    """The baselines, fitted (for a constrained objective) at the policies' mean final multiplier, so
+    every arm is scored on one Lagrangian reward."""
+    if train.constrained:
+        train.set_multiplier(sum(multipliers) / len(multipliers))
+    return replace(fit_baselines(train, state_names, draws, seed), multiplier=train.multiplier)
