@@ -10,7 +10,7 @@ import numpy as np
 from controller import checkpointing
 from pruners import ActionSpaceConfig, PruningAction, build_action_space
 from controller.dqn import DoubleDQNAgent, DQNConfig
-from controller.load_signals import BASIC
+from controller.load_signals import BASIC, CONTENTION, SlowdownTracker
 from controller.state import StateBuilder, state_feature_names
 
 
@@ -52,7 +52,11 @@ def load_router(checkpoint: str | Path, loaded, sampler=None, analyzer=None) -> 
     agent, actions = agent_from_checkpoint(payload, loaded.name)
     owned = TelemetrySampler().start() if sampler is None else None
     analyzer = analyzer or PromptAnalyzer(cfg.get("nlp_backend", "auto"))   # the features it was trained on
-    states = StateBuilder(analyzer, sampler or owned, tokenizer=loaded.tokenizer, ablation=cfg.get("ablation", "none"))
+    # A contention-state policy reads the observed slowdown too; routed scoring times no generation, so
+    # its tracker stays empty and the state says so (slowdown_ok = 0), as on a first request.
+    slowdown = SlowdownTracker() if cfg.get("state_features", BASIC) == CONTENTION else None
+    states = StateBuilder(analyzer, sampler or owned, tokenizer=loaded.tokenizer, ablation=cfg.get("ablation", "none"),
+                          slowdown=slowdown)
     return PolicyRouter(agent, actions, states, owned_sampler=owned)
 
 
