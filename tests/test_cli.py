@@ -146,8 +146,9 @@ def test_test_mode_with_lm_eval_evaluates_dense_a_pruned_static_and_the_policy(t
 def test_export_mode_writes_a_model_stock_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "exported"
+    # uniform: a stock LlamaConfig has one intermediate_size (a global plan is refused with that reason)
     assert adaptive_pruning.main(["--mode", "export", "--model", "tiny", "--action", "ffn_neurons:0.5",
-                                  "--export", str(out)]) == 0
+                                  "--allocation", "uniform", "--export", str(out)]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.intermediate_size == 128
     assert json.loads((out / "pruning.json").read_text())["action"] == "ffn_neurons:0.5"
