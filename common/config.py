@@ -123,7 +123,9 @@ class RunConfig:
     test_samples: int = 50
     test_fraction: float = 0.2
     structural: bool = True                 # False: masks (quality only, no speedup)
-    importance: str = "activation"          # magnitude ruins SmolLM2's FFN (see README)
+    importance: str = "fluctuation"         # FLAP; with global allocation + compensation it beat activation on
+                                            # held-out calibration text (bench/recovery.py --stage select);
+                                            # magnitude ruins SmolLM2's FFN (see README)
     allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
     recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
     targets: tuple[str, ...] = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")

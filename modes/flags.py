@@ -80,7 +80,8 @@ FLAGS: tuple[Flag, ...] = (
     # ---- model and engine (every mode that loads a model)
     Flag("--model", _R + "model", "auto | smollm2-135m | tiny | llama-3.2-1b-shape | HF id | local dir", MODEL_MODES),
     Flag("--device", _R + "device", "auto | cpu | cuda | cuda:N", MODEL_MODES),
-    Flag("--importance", _R + "importance", "unit ordering: activation | magnitude | block_influence | taylor",
+    Flag("--importance", _R + "importance", "unit ordering: fluctuation (FLAP) | activation | magnitude | "
+         "block_influence | taylor",
          (TRAIN, TEST, EVAL, EXPORT)),
     Flag("--targets", _R + "targets", "pruning targets in the action space (comma-separated)", (TRAIN, TEST, EVAL),
          type=words),

@@ -236,3 +236,26 @@ def test_plans_stock_transformers_cannot_express_are_refused_with_the_alternativ
     if len(set(plan.ffn_kept)) > 1:
         with pytest.raises(ExportError, match="--allocation uniform"):
             export_pruned(tiny, eng, PruningAction("ffn_neurons", 0.3), tmp_path / "ffn")
+
+
+# ---- the run's engine settings travel with the policy -------------------------------------------
+
+def test_a_policy_is_scored_on_the_engine_it_learned_on():
+    from common.config import RunConfig
+    from controller.session import LEGACY_ENGINE, engine_mismatch, trained_engine, with_trained_engine
+    legacy = {"importance": "activation"}                        # a checkpoint from before issue 15
+    assert trained_engine(legacy)["allocation"] == LEGACY_ENGINE["allocation"]
+    cfg = with_trained_engine(RunConfig(), legacy, explicit=set())
+    assert (cfg.allocation, cfg.recovery, cfg.calibration.dataset) == ("uniform", "none", "sentences")
+    assert engine_mismatch(cfg, legacy) is None
+    fix = engine_mismatch(RunConfig(), legacy)
+    assert "--allocation uniform" in fix and "--recovery none" in fix and "--calibration-dataset sentences" in fix
+    kept = with_trained_engine(RunConfig(), legacy, explicit={"recovery"})   # an explicit flag wins
+    assert kept.recovery == RunConfig().recovery and kept.allocation == "uniform"
+
+
+def test_export_of_a_baseline_refuses_the_engine_flags(capsys):
+    import adaptive_pruning
+    code = adaptive_pruning.main(["--mode", "export", "--baseline", "taylor@0.3", "--export", "x",
+                                  "--recovery", "none"])
+    assert code == 2 and "--action" in capsys.readouterr().err

@@ -1,0 +1,365 @@
+"""Issue 15: is every pruning level worth choosing? Calibration data, global allocation, compensation.
+
+Stages (each appends rows to --out, a JSON file; rows already there are skipped, so a stage resumes):
+
+- ``select``: the defaults, chosen on held-out *calibration-domain* text only (Alpaca instructions that
+  are not in any calibration sample, packed into 512-token windows): PPL ratio pruned / dense for
+  importance x allocation x recovery. WikiText-2 is never used to choose anything.
+- ``table``: the issue's protocol on WikiText-2 test (first --windows windows of --seq-len tokens, the
+  same windows for every row) for four settings - today (uniform activation, the 8 calibration
+  sentences), + calibration (~21k tokens), + global allocation, + compensation (the new defaults) - and
+  with --tasks (limit --limit) LAMBADA / ARC-Easy accuracy at --task-intensities for today and the
+  defaults; plus each action's
+  extra bytes, ideal decode speedup (bytes read per token) and apply + restore time.
+- ``calibration``: PPL ratio against calibration size (~250 / 4k / 16k / 64k tokens) for the defaults
+  (FFN and heads at 0.2: a layer row needs a least-squares walk per size, too slow on this CPU).
+- ``speed``: measured decode speedup / ideal of the defaults' plans (interleaved pairs), SmolLM2 and the
+  random Llama-3.2-1B-shape model (non-uniform plans must still reach >= 0.9 of ideal).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/recovery.py --stage table --tasks lambada_openai,arc_easy
+    .venv/bin/python bench/recovery.py --markdown          # the tables of bench/RESULTS.md from the JSON
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.calibration import ALPACA, CALIBRATION_SENTENCES, SENTENCES  # noqa: E402
+from common.config import CalibrationConfig, EvalConfig, RunConfig  # noqa: E402
+from common.data import ALPACA_SUBSET, data_root, load_prompts  # noqa: E402
+from common.files import atomic_write_bytes  # noqa: E402
+from common.markdown import fmt, md_table  # noqa: E402
+
+log = logging.getLogger("bench.recovery")
+TARGETS = ("ffn_neurons", "attention_heads", "transformer_layers")
+INTENSITIES = (0.1, 0.2, 0.3)
+DEFAULT = RunConfig()
+LEGACY_CALIBRATION = CalibrationConfig(dataset=SENTENCES, samples=len(CALIBRATION_SENTENCES))
+HELD_OUT_FROM = 10_000      # Alpaca instructions from this seeded position on are in no calibration sample
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One engine configuration (the RunConfig fields that shape the menu)."""
+    name: str
+    importance: str
+    allocation: str
+    recovery: str
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+
+    def run_config(self) -> RunConfig:
+        return dataclasses.replace(DEFAULT, importance=self.importance, allocation=self.allocation,
+                                   recovery=self.recovery, calibration=self.calibration)
+
+
+TABLE_SETTINGS = (
+    Setting("today", "activation", "uniform", "none", LEGACY_CALIBRATION),
+    Setting("+ calibration", "activation", "uniform", "none"),
+    Setting(f"+ global allocation ({DEFAULT.importance})", DEFAULT.importance, "global", "none"),
+    Setting("+ compensation (default)", DEFAULT.importance, DEFAULT.allocation, DEFAULT.recovery),
+)
+
+
+def select_settings() -> list[Setting]:
+    return [Setting(f"{imp}/{alloc}/{rec}", imp, alloc, rec) for imp in ("activation", "fluctuation")
+            for alloc in ("uniform", "global") for rec in ("none", "compensate")]
+
+
+def calibration_sizes() -> list[Setting]:
+    """~250, ~4k, ~16k and ~64k calibration tokens on SmolLM2's tokenizer (bench prints the exact counts)."""
+    sizes = [LEGACY_CALIBRATION] + [dataclasses.replace(CalibrationConfig(), samples=n) for n in (88, 340, 4096)]
+    return [Setting(f"{c.dataset} x{c.samples}", DEFAULT.importance, DEFAULT.allocation, DEFAULT.recovery, c)
+            for c in sizes]
+
+
+# ------------------------------------------------------------------ measurements
+
+class Bench:
+    """The model, the texts and the JSON store of one benchmark run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from evaluation.wikitext import load_wikitext2_test
+        from model_loader import load_model
+        self.args = args
+        self.loaded = load_model(args.model, device=args.device)
+        self.out = Path(args.out)
+        self.rows: list[dict] = json.loads(self.out.read_text())["rows"] if self.out.is_file() else []
+        self.wikitext = load_wikitext2_test(args.wikitext_path)
+        self.held_out = _held_out_corpus()
+        self._dense: dict[str, float] = {}
+
+    def has(self, stage: str, setting: str, action: str) -> bool:
+        return any(r["stage"] == stage and r["setting"] == setting and r["action"] == action for r in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        meta = {"model": self.loaded.name, "windows": self.args.windows, "seq_len": self.args.seq_len,
+                "limit": self.args.limit}
+        payload = json.dumps({"meta": meta, "rows": self.rows}, indent=1).encode()
+        atomic_write_bytes(self.out, lambda fh: fh.write(payload))
+        log.info("%s | %s | %s: %s", row["stage"], row["setting"], row["action"],
+                 {k: v for k, v in row.items() if k not in ("stage", "setting", "action", "engine")})
+
+    def ppl(self, corpus) -> float:
+        from evaluation.wikitext import compute_perplexity
+        return compute_perplexity(self.loaded.model, self.loaded.tokenizer, corpus, seq_len=self.args.seq_len,
+                                  max_windows=self.args.windows, progress=False).ppl
+
+    def dense_ppl(self, which: str) -> float:
+        if which not in self._dense:
+            self._dense[which] = self.ppl(self.wikitext if which == "wikitext" else self.held_out)
+        return self._dense[which]
+
+    def engine(self, setting: Setting, actions: list):
+        """A fresh copy of the model with the setting's engine (statistics come from the disk cache)."""
+        from controller.session import build_engine
+        from model_loader import LoadedModel
+        loaded = LoadedModel(copy.deepcopy(self.loaded.model), self.loaded.tokenizer, self.loaded.name,
+                             self.loaded.source)
+        started = time.perf_counter()
+        engine = build_engine(setting.run_config(), loaded, actions)
+        log.info("%s: engine ready in %.0f s", setting.name, time.perf_counter() - started)
+        return loaded, engine
+
+    def ratios(self, stage: str, setting: Setting, actions: list, corpus_name: str) -> None:
+        todo = [a for a in actions if not self.has(stage, setting.name, a.label)]
+        if not todo:
+            return
+        loaded, engine = self.engine(setting, todo)
+        corpus = self.wikitext if corpus_name == "wikitext" else self.held_out
+        from evaluation.wikitext import compute_perplexity
+        dense = self.dense_ppl(corpus_name)
+        for action in todo:
+            with engine.pruned(action):
+                ppl = compute_perplexity(loaded.model, loaded.tokenizer, corpus, seq_len=self.args.seq_len,
+                                         max_windows=self.args.windows, progress=False).ppl
+            row = {"stage": stage, "setting": setting.name, "action": action.label, "corpus": corpus_name,
+                   "ppl": ppl, "dense_ppl": dense, "ppl_ratio": ppl / dense}
+            if stage == "table":
+                row.update(self.costs(engine, action))
+            if stage in ("table", "calibration"):
+                row["engine"] = engine.describe([action])
+            self.add(row)
+        del loaded, engine
+
+    def costs(self, engine, action) -> dict:
+        """Extra bytes of the compensation, ideal decode speedup, apply + restore median (us)."""
+        from bench.pruning_speed import median_us
+
+        def switch() -> None:
+            engine.apply(action)
+            engine.restore()
+        switch()                 # builds the cached views and swaps once
+        apply_restore_us = median_us(switch, 50, next(engine.model.parameters()).device)
+        described = engine.describe([action])["extra_bytes"][action.label]
+        return {"extra_bytes": described["bytes"], "extra_share": described["share_of_model"],
+                "ideal_speedup": engine.ideal_speedup(action, 128, 16),
+                "apply_restore_us": apply_restore_us,
+                "effective_intensity": engine.effective_intensity(action)}
+
+    def tasks(self, setting: Setting, actions: list) -> None:
+        """lm-eval accuracy (the evaluation package's own code path) for dense and the setting's actions."""
+        from evaluation.suite import run_evaluation
+        tasks = tuple(t for t in self.args.tasks.split(",") if t)
+        todo = [a for a in actions if not self.has("tasks", setting.name, a.label)]
+        need_dense = not self.has("tasks", "dense", "none")
+        if not tasks or not (todo or need_dense):
+            return
+        loaded, engine = self.engine(setting, todo)
+        config = EvalConfig(wikitext=False, tasks=tasks, eval_limit=self.args.limit, speed_probe=False,
+                            progress=False)
+        specs = (["dense"] if need_dense else []) + [f"static:{a.label}" for a in todo]
+        block = run_evaluation(loaded, specs, config, engine=engine)
+        for label, entry in block["models"].items():
+            accs = {t: s.get("acc") for t, s in entry["tasks"].items()}
+            accs.update({f"{t}_norm": s.get("acc_norm") for t, s in entry["tasks"].items() if s.get("acc_norm")})
+            name = "dense" if label == "dense" else setting.name
+            self.add({"stage": "tasks", "setting": name, "action": entry["action"] or "none", **accs})
+
+    def speed(self, setting: Setting, actions: list, model_name: str) -> None:
+        """Measured decode speedup (median over interleaved dense/pruned pairs) against the ideal."""
+        from controller.generation import generate
+        todo = [a for a in actions if not self.has("speed", f"{setting.name} [{model_name}]", a.label)]
+        if not todo:
+            return
+        if model_name == self.loaded.name:
+            loaded, engine = self.engine(setting, todo)
+        else:   # random weights (speed only): a small calibration is enough to shape the plans
+            from controller.session import build_engine
+            from model_loader import load_model
+            loaded = load_model(model_name, device=self.args.device)
+            cfg = dataclasses.replace(setting.run_config(), calibration=CalibrationConfig(samples=16))
+            engine = build_engine(cfg, loaded, todo)
+        vocab = loaded.model.config.vocab_size
+        import torch
+        prompt = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(0))
+        new = self.args.speed_new_tokens
+        for action in todo:
+            generate(loaded.model, prompt, 4, ignore_eos=True)
+            pairs = []
+            for _ in range(self.args.speed_pairs):
+                dense = generate(loaded.model, prompt, new, ignore_eos=True).median_step_s
+                with engine.pruned(action):
+                    pruned = generate(loaded.model, prompt, new, engine=engine, ignore_eos=True).median_step_s
+                pairs.append(dense / pruned)
+            ideal = engine.ideal_speedup(action, 128, new / 2)
+            measured = statistics.median(pairs)
+            self.add({"stage": "speed", "setting": f"{setting.name} [{model_name}]", "action": action.label,
+                      "speedup": measured, "ideal_speedup": ideal, "achieved_over_ideal": measured / ideal,
+                      "kept": _kept(engine, action)})
+
+
+def _kept(engine, action) -> str:
+    plan = engine.plan(action)
+    for name, values in (("ffn", plan.ffn_kept), ("kv groups", plan.kv_groups_kept)):
+        if values:
+            return f"{name} {min(values)}..{max(values)}"
+    return f"layers {len(plan.layers_kept)}" if plan.layers_kept else ""
+
+
+def _held_out_corpus():
+    """Alpaca instructions no calibration sample contains, joined: the domain of the calibration data."""
+    from evaluation.wikitext import CorpusText
+    import hashlib
+    prompts = load_prompts(str(data_root() / ALPACA_SUBSET)).prompts[HELD_OUT_FROM:HELD_OUT_FROM + 4000]
+    text = "\n\n".join(p.text for p in prompts)
+    return CorpusText(text, f"held-out {ALPACA}", hashlib.sha256(text.encode()).hexdigest())
+
+
+# ------------------------------------------------------------------ stages
+
+def run(args: argparse.Namespace) -> None:
+    from pruners import PruningAction
+    bench = Bench(args)
+    actions = [PruningAction(t, r) for t in TARGETS for r in INTENSITIES]
+    if args.stage in ("select", "all"):
+        for setting in select_settings():
+            bench.ratios("select", setting, actions, "held_out")
+    if args.stage in ("table", "all"):
+        for setting in TABLE_SETTINGS:
+            bench.ratios("table", setting, actions, "wikitext")
+        task_actions = [PruningAction(t, float(r)) for t in TARGETS for r in args.task_intensities.split(",")]
+        for setting in (TABLE_SETTINGS[0], TABLE_SETTINGS[-1]):   # today and the defaults (CPU time)
+            bench.tasks(setting, task_actions)
+    if args.stage in ("calibration", "all"):
+        for setting in calibration_sizes():
+            bench.ratios("calibration", setting, [PruningAction(t, 0.2) for t in TARGETS[:2]], "wikitext")
+    if args.stage in ("speed", "all"):
+        default = TABLE_SETTINGS[-1]
+        for model_name in (bench.loaded.name, "llama-3.2-1b-shape"):
+            bench.speed(default, [PruningAction(t, 0.2) for t in TARGETS], model_name)
+
+
+# ------------------------------------------------------------------ tables
+
+def markdown(data: dict) -> str:
+    """The tables of bench/RESULTS.md (every number from the JSON)."""
+    rows, meta, out = data["rows"], data["meta"], []
+    select = [r for r in rows if r["stage"] == "select"]
+    if select:
+        labels = sorted({r["action"] for r in select}, key=_action_order)
+        names = list(dict.fromkeys(r["setting"] for r in select))
+        table = [[name, *(fmt(_get(select, name, a, "ppl_ratio"), 3) for a in labels),
+                  fmt(_geomean([_get(select, name, a, "ppl_ratio") for a in labels]), 3)] for name in names]
+        out += ["### Selection on held-out calibration-domain text (Alpaca, PPL ratio pruned / dense)", "",
+                *md_table(["importance/allocation/recovery", *labels, "geomean"], table), ""]
+    table_rows = [r for r in rows if r["stage"] == "table"]
+    if table_rows:
+        labels = sorted({r["action"] for r in table_rows}, key=_action_order)
+        names = list(dict.fromkeys(r["setting"] for r in table_rows))
+        table = [[name, *(fmt(_get(table_rows, name, a, "ppl_ratio"), 2) for a in labels)] for name in names]
+        out += [f"### WikiText-2 PPL ratio pruned / dense (first {meta['windows']} windows of {meta['seq_len']} "
+                "tokens)", "", *md_table(["setting", *labels], table), ""]
+        default = names[-1]
+        cost = [[a, fmt(_get(table_rows, default, a, "effective_intensity"), 3),
+                 fmt(_get(table_rows, default, a, "ideal_speedup"), 3),
+                 fmt((_get(table_rows, default, a, "extra_bytes") or 0) / 1e6, 2),
+                 fmt(100 * (_get(table_rows, default, a, "extra_share") or 0), 2),
+                 fmt(_get(table_rows, default, a, "apply_restore_us"), 0)] for a in labels]
+        out += [f"### Cost of each action ({default})", "",
+                *md_table(["action", "removed", "ideal speedup (x)", "extra MB", "extra % of model",
+                           "apply+restore (us)"], cost), ""]
+    tasks = [r for r in rows if r["stage"] == "tasks"]
+    if tasks:
+        metrics = sorted({k for r in tasks for k in r if k not in ("stage", "setting", "action")})
+        table = [[r["setting"], r["action"], *(fmt(r.get(m), 3) for m in metrics)] for r in tasks]
+        out += [f"### lm-eval accuracy (first {meta['limit']} documents per task)", "",
+                *md_table(["setting", "action", *metrics], table), ""]
+    calib = [r for r in rows if r["stage"] == "calibration"]
+    if calib:
+        names = list(dict.fromkeys(r["setting"] for r in calib))
+        labels = sorted({r["action"] for r in calib}, key=_action_order)
+        table = [[name, fmt(next(r["engine"]["calibration"].get("tokens") for r in calib if r["setting"] == name), 0),
+                  *(fmt(_get(calib, name, a, "ppl_ratio"), 2) for a in labels)] for name in names]
+        out += ["### Calibration size (defaults), WikiText-2 PPL ratio", "",
+                *md_table(["calibration", "tokens", *labels], table), ""]
+    speed = [r for r in rows if r["stage"] == "speed"]
+    if speed:
+        table = [[r["setting"], r["action"], r["kept"], fmt(r["speedup"], 2), fmt(r["ideal_speedup"], 2),
+                  fmt(r["achieved_over_ideal"], 2)] for r in speed]
+        out += ["### Decode speed of the default plans", "",
+                *md_table(["setting [model]", "action", "kept per layer", "speedup (x)", "ideal (x)",
+                           "achieved / ideal"], table), ""]
+    return "\n".join(out)
+
+
+def _get(rows: list[dict], setting: str, action: str, key: str):
+    return next((r.get(key) for r in rows if r["setting"] == setting and r["action"] == action), None)
+
+
+def _geomean(values: list) -> float | None:
+    values = [v for v in values if v]
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
+
+
+def _action_order(label: str) -> tuple:
+    target, _, r = label.partition(":")
+    return (TARGETS.index(target) if target in TARGETS else -1, float(r or 0))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=("select", "table", "calibration", "speed", "all"), default="table")
+    p.add_argument("--out", default=str(ROOT / "bench" / "recovery.json"))
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--wikitext-path", default=None)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--tasks", default="", help="lm-eval tasks, e.g. lambada_openai,arc_easy")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--task-intensities", default="0.2")
+    p.add_argument("--speed-pairs", type=int, default=5)
+    p.add_argument("--speed-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--markdown", action="store_true", help="print the tables from --out and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
+    import torch
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    run(args)
+    print(markdown(json.loads(Path(args.out).read_text())))
+
+
+if __name__ == "__main__":
+    main()
