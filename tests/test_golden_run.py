@@ -1,8 +1,10 @@
 """Behaviour pinned across refactors: a tiny train + test with a fixed latency table and a replayed
 telemetry trace must reproduce a recorded fixture (rewards, actions, summaries).
 
-The fixture (tests/data/golden/expected.json) was recorded with the pre-layout code (commit fa7e2c6
-plus test-mode trace replay). Regenerate it only for an intended behaviour change:
+The fixture (tests/data/golden/expected.json) was recorded with the issue-15 engine defaults (fluctuation
+importance, global allocation, compensation, ~21k calibration tokens); expected_pre_issue15.json is the one
+recorded before them (pre-layout code, commit fa7e2c6 plus test-mode trace replay), which the old settings,
+passed explicitly, must still reproduce. Regenerate expected.json only for an intended behaviour change:
 ``GOLDEN_RECORD=1 pytest tests/test_golden_run.py`` and say why in the commit.
 """
 from __future__ import annotations
