@@ -7,15 +7,16 @@ fix and exit code 2 (a traceback only with --debug).
 """
 from __future__ import annotations
 
-import os
+import sys
 
-# Before torch loads OpenMP: under contention (the load scenarios) a spinning OpenMP thread
-# that loses its core stalls every op; passive waiting keeps a loaded machine usable.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from controller import openmp  # torch-free: libgomp reads its wait policy once, when torch loads
+
+# The policy measured for this machine (controller/openmp.py): cached, else measured now (1-3 min, once);
+# never measured for --help or report mode, which load no model.
+openmp.configure(measure_if_missing=not {"-h", "--help", "report", "--mode=report"} & set(sys.argv[1:]))
 
 import logging
 import signal
-import sys
 from pathlib import Path
 
 from modes.flags import EXIT_USAGE, UsageError, baseline_config, build_parser, check_flags, \

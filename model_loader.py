@@ -12,12 +12,15 @@ from common import offline  # noqa: F401  (sets HF offline flags before transfor
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from common.config import WEIGHT_LAYOUT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,27 @@ def load_model(name: str = "auto", device: str = "auto", dtype: torch.dtype | No
     else:
         loaded = _load_hub(name, dtype)
     loaded.model.to(dev).eval().requires_grad_(False)
+    set_weight_layout(loaded.model, os.environ.get(WEIGHT_LAYOUT_ENV, "row"))
     log.info("loaded %s (%s, %.1fM params) in %.1fs", loaded.name, loaded.source,
              loaded.num_parameters / 1e6, time.perf_counter() - started)
     return loaded
+
+
+def set_weight_layout(model: torch.nn.Module, layout: str) -> None:
+    """Store every linear weight row-major (as loaded) or column-major: the same [out, in] tensor with
+    transposed storage. Values, shapes and prefix views are unchanged; build a PruningEngine after it.
+
+    Why: a one-token ``F.linear`` then runs MKL's ``x @ W`` layout, which on some CPUs streams the
+    weights faster (this AMD EPYC: 1.11-1.16x dense decode); ``controller.openmp`` measures it per
+    machine and sets ``ADAPTIVE_PRUNING_WEIGHT_LAYOUT``. Tied weights (lm_head) change with them.
+    """
+    if layout not in ("row", "column"):
+        raise ModelLoadError(f"{WEIGHT_LAYOUT_ENV}={layout}: use row or column")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() != (layout == "row"):
+                weight = module.weight.data
+                module.weight.data = (weight.t().contiguous().t() if layout == "column" else weight.contiguous())
 
 
 def check_model_name(name: str) -> None:

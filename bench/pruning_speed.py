@@ -14,11 +14,12 @@ follow a pruned long context.
 from __future__ import annotations
 
 import os
+import sys
 
-# Before torch loads OpenMP: on a shared machine a spinning OpenMP thread that loses its core
-# stalls every op (measured here under load ~6 on 2 cores: SmolLM2 decode 190-260 ms/token
-# with the default policy, ~60 ms passive; 1 thread ~60 ms). Override by exporting it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from controller import openmp  # torch-free: the wait policy must be set before torch loads libgomp
+
+if __name__ == "__main__":   # the policy measured for this machine, as in the CLI (ADAPTIVE_PRUNING_OMP overrides)
+    openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -34,6 +35,8 @@ import torch  # noqa: E402
 from torch import nn
 
 import model_loader  # noqa: E402
+from common.config import RuntimeConfig  # noqa: E402
+from controller.runtime import ExecutionGovernor  # noqa: E402
 from controller.generation import generate, prefill  # noqa: E402
 from pruners import ACTION_SPACE, NONE, PruningAction  # noqa: E402
 from pruners.engine import PruningEngine  # noqa: E402
@@ -69,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--importance", default=None, choices=("magnitude", "activation", "block_influence"),
                    help="default: activation for real weights, magnitude for random ones")
     p.add_argument("--kv-policy", default="streaming", choices=("streaming", "h2o"))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="fixed torch threads (default: the execution governor's rule for the machine's state)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="interleaved dense/pruned pairs per action")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for non-KV actions")
@@ -172,11 +176,11 @@ def wikitext_ids(path: Path, tokenizer, tokens: int) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     loaded = model_loader.load_model(args.model, device=args.device)
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
+    setting = ExecutionGovernor(RuntimeConfig(threads=args.threads), device=device).govern()
     real_weights = loaded.source != "random"
     importance = args.importance or ("activation" if real_weights else "magnitude")
     kv_len = args.kv_prompt_tokens + args.kv_ppl_scored_tokens
@@ -226,12 +230,12 @@ def run(args: argparse.Namespace) -> dict:
             cache_tokens=pruned_runs[0].cache_tokens_after_prune))
         log.info("%s done", action.label)
     settings = {"model": loaded.name, "source": loaded.source, "device": str(device), "mode": args.mode,
-                "importance": importance, "kv_policy": args.kv_policy, "threads": args.threads,
+                "importance": importance, "kv_policy": args.kv_policy, "threads": setting.threads,
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "prompt_tokens": prompt.numel(),
                 "kv_prompt_tokens": kv_prompt.numel(), "dtype": str(next(model.parameters()).dtype),
                 "dense_params_per_token": engine.decode_cost(NONE).weight_params,
                 "dense_ppl": math.exp(dense_nll) if dense_nll is not None else None,
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "runtime": setting.label, "runtime_state": setting.state,
                 "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
                 "torch": torch.__version__, "platform": platform.platform(), "cpu": platform.processor()}
     return {"settings": settings, "rows": [asdict(r) for r in rows]}
@@ -244,7 +248,7 @@ def format_table(result: dict) -> str:
             f"interleaved pairs; prompt {s['prompt_tokens']} tok (KV: {s['kv_prompt_tokens']}); dense "
             f"{s['dense_params_per_token'] / 1e6:.1f}M params/token"
             + (f", dense PPL {s['dense_ppl']:.2f}" if s["dense_ppl"] else "")
-            + f"; OMP_WAIT_POLICY={s['omp_wait_policy']}, load avg before/after {s['loadavg_1m_before_after']}")
+            + f"; runtime {s['runtime']} ({s['runtime_state']}), load avg before/after {s['loadavg_1m_before_after']}")
     cols = ("action", "eff", "Mparam/tok", "ideal", "decode", "ach/ideal", "prefill", "ms/tok d->p",
             "switch us", "rebuild ms", "PPL ratio", "cache")
     lines = [head, " | ".join(cols), " | ".join("-" * len(c) for c in cols)]

@@ -193,3 +193,23 @@ class BaselineConfig:
     speed_repeats: int = 3                     # interleaved (dense, pruned) pairs per prompt
     cache_dir: str | None = None               # importance-score cache (default: the project cache)
     eval: EvalConfig = field(default_factory=_baseline_eval)
+
+
+# Where the measured weight layout travels from controller.openmp (torch-free) to model_loader.load_model.
+WEIGHT_LAYOUT_ENV = "ADAPTIVE_PRUNING_WEIGHT_LAYOUT"   # row (as loaded) | column
+
+
+@dataclass
+class RuntimeConfig:
+    """How the model runs on this machine, separately from what is pruned (controller.runtime).
+
+    The OpenMP wait policy and the weight layout are not here: they are measured per machine and set
+    before torch loads, before any flag is parsed (controller.openmp; override with
+    ADAPTIVE_PRUNING_OMP=passive|stock|spin-short and ADAPTIVE_PRUNING_WEIGHT_LAYOUT=row|column).
+    """
+    threads: int | None = None         # fixed torch threads; None: the measured rule per machine state
+    compile: str = "auto"              # per-action compiled decode: auto (CUDA only; on CPU it measured no gain) | on | off
+    busy_cores: float = 1.0            # other processes' load, in cores, from which the machine counts as busy
+
+    def to_dict(self) -> dict:
+        return asdict(self)

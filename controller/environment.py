@@ -6,7 +6,6 @@ continuation, dense timing) so an episode costs about one pruned generation.
 from __future__ import annotations
 
 import logging
-import statistics
 from collections import OrderedDict
 
 from common.config import EnvConfig, RewardConfig
@@ -23,6 +22,8 @@ from controller.records import Outcome
 from controller.reward import reward_terms
 from controller.energy import EnergyMeter
 from controller.load_signals import SlowdownTracker
+from controller.runtime import ExecutionGovernor
+from controller.timing import RunTiming, TimingSession
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Reference:
 
 class PruningEnvironment:
     def __init__(self, loaded, engine: PruningEngine, reward: RewardConfig, cfg: EnvConfig, gpu=None,
-                 slowdown: SlowdownTracker | None = None):
+                 slowdown: SlowdownTracker | None = None, governor: ExecutionGovernor | None = None):
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.engine = engine
         self.gpu = gpu                     # open NVML handle to reuse for energy metering (None: none)
@@ -49,6 +50,9 @@ class PruningEnvironment:
         self.reward_cfg, self.cfg = reward, cfg
         self.table = LatencyTable()
         self.device = next(self.model.parameters()).device
+        self.governor = governor or ExecutionGovernor(device=self.device)   # threads per decision, decoder
+        self.decoder = self.governor.decoder(self.model, engine)
+        self._timing = TimingSession()     # interleaved episode timing: each action warmed up once
         self._references: dict[str, Reference] = {}
         self._dense_scores: OrderedDict[tuple, TokenScores] = OrderedDict()
         self._calibration_ids: dict[str, torch.Tensor] = {}
@@ -107,7 +111,7 @@ class PruningEnvironment:
 
     # ---- timing --------------------------------------------------------------------------
     def _generate(self, prompt_ids: torch.Tensor, new_tokens: int) -> GenerationResult:
-        return generate(self.model, prompt_ids.view(1, -1), new_tokens, engine=self.engine)
+        return generate(self.model, prompt_ids.view(1, -1), new_tokens, engine=self.engine, decoder=self.decoder)
 
     def _generate_metered(self, prompt_ids: torch.Tensor, new_tokens: int) -> tuple[GenerationResult, float | None]:
         with EnergyMeter(gpu=self.gpu) as meter:
@@ -128,35 +132,39 @@ class PruningEnvironment:
         """(prefill s, decode s per token) of one calibration generation of `label` on `bucket`'s prompt."""
         ids = self._calibration_ids[bucket]
         with self.engine.pruned(PruningAction.parse(label)):
-            result = self._generate(ids, self.cfg.calibration_tokens)
-        return result.prefill_s, result.decode_s / max(1, len(result.tokens) - 1)
+            timing = RunTiming.of(self._generate(ids, self.cfg.calibration_tokens))
+        return timing.prefill_s, timing.decode_per_token_s
 
     def calibrate(self, scenario: str, actions: list[PruningAction]) -> None:
         """Idle (and, with load_timing="measured", every scenario): interleaved pairs per action.
         A loaded scenario with load_timing="scaled": the idle table times the dense slowdown."""
         if not self._calibration_ids:
             raise RuntimeError("set_calibration_prompts() must be called before calibrate()")
+        runtime = self.governor.govern().label
         if scenario != IDLE and self.cfg.load_timing == "scaled":
             if not self.table.has(IDLE):
                 self.calibrate(IDLE, actions)
             self.table.calibrate_scaled(IDLE, scenario, ["short", "long"],
                                         lambda bucket: self.time_action(NONE.label, bucket),
-                                        repeats=max(6, 2 * self.cfg.calibration_repeats))
+                                        repeats=max(6, 2 * self.cfg.calibration_repeats), runtime=runtime)
             return
         labels = [a.label for a in actions]
         if NONE.label not in labels:
             labels.insert(0, NONE.label)
         self.table.calibrate(scenario, ["short", "long"], labels, self.time_action,
-                             repeats=self.cfg.calibration_repeats, inert=inert_in_bucket)
+                             repeats=self.cfg.calibration_repeats, inert=inert_in_bucket, runtime=runtime)
 
     def _interleaved_speedup(self, context: torch.Tensor, action: PruningAction, new_tokens: int) -> tuple[float, float]:
-        dense, pruned = [], []
-        for _ in range(max(2, self.cfg.calibration_repeats)):
-            self.engine.restore()
-            dense.append(self._generate(context, new_tokens).total_s)
+        """(speedup, pruned latency) of one request, timed by the protocol of controller.timing."""
+        def pruned(_: int) -> RunTiming:
             with self.engine.pruned(action):
-                pruned.append(self._generate(context, new_tokens).total_s)
-        return statistics.median(dense) / statistics.median(pruned), statistics.median(pruned)
+                return RunTiming.of(self._generate(context, new_tokens))
+        self.engine.restore()
+        pair = self._timing.compare(lambda _: RunTiming.of(self._generate(context, new_tokens)), pruned,
+                                    range(max(2, self.cfg.calibration_repeats)), pruned_side=action.label,
+                                    dense_side=NONE.label)
+        latency = pair.pruned.latency(new_tokens)
+        return pair.dense.latency(new_tokens) / latency, latency
 
     # ---- one step ----------------------------------------------------------------------------
     def inert(self, action: PruningAction, n_context: int) -> bool:
@@ -187,6 +195,7 @@ class PruningEnvironment:
         dense = self.dense_scores(prompt, start, length)
         n_context, n_new = context.numel(), target.numel()
         gen, energy = None, None
+        self.governor.govern(hardware)
         inert = self.inert(action, n_context)
         with self.engine.pruned(action):
             pruned = self.pruned_scores(context, target, dense, inert)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -92,14 +93,30 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, kv: KVCachePruner | None 
     return Prefill(cache, out.logits[:, -1], applied, time.perf_counter() - started)
 
 
+Step = Callable[[torch.Tensor, int], torch.Tensor]   # (token [1, 1], position) -> next-token logits [1, vocab]
+Decoder = Callable[[nn.Module, Prefill, int], Step]  # (model, prefill, new tokens) -> the step of one generation
+
+
+def eager_decoder(model: nn.Module, pre: Prefill, new_tokens: int) -> Step:
+    """HF's forward per token on the prefill's DynamicCache (controller.compiled has the compiled one)."""
+    device = pre.logits.device
+
+    def step(token: torch.Tensor, position: int) -> torch.Tensor:
+        return model(input_ids=token, position_ids=torch.tensor([[position]], device=device),
+                     past_key_values=pre.cache, use_cache=True).logits[:, -1]
+    return step
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, engine=None,
-             ignore_eos: bool = True, eos_token_id: int | list[int] | None = None) -> GenerationResult:
+             ignore_eos: bool = True, eos_token_id: int | list[int] | None = None,
+             decoder: Decoder = eager_decoder) -> GenerationResult:
     """Greedy decoding of one prompt ([1, T] or [T] token ids).
 
     ``engine``: a PruningEngine (its kv_cache action, if current, prunes the cache after
     prefill; other actions are already applied to the model) or a bare KVCachePruner.
-    ``ignore_eos=True`` always generates ``max_new_tokens`` (for timing).
+    ``ignore_eos=True`` always generates ``max_new_tokens`` (for timing). ``decoder`` makes the
+    per-token step after prefill (its set-up counts as prefill time).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -111,17 +128,16 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eng
     started = time.perf_counter()
     pre = prefill(model, ids, _kv_pruner(engine))
     token = pre.logits.argmax(dim=-1, keepdim=True)
+    cache_after = pre.cache.get_seq_length()
+    step = decoder(model, pre, max_new_tokens)
     _sync(device)
     prefilled = time.perf_counter()
-    cache_after = pre.cache.get_seq_length()
 
     tokens, steps = [int(token)], []
     position = ids.shape[1]
     step_started = prefilled
     while len(tokens) < max_new_tokens and tokens[-1] not in stop:
-        out = model(input_ids=token, position_ids=torch.tensor([[position]], device=device),
-                    past_key_values=pre.cache, use_cache=True)
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        token = step(token, position).argmax(dim=-1, keepdim=True)
         tokens.append(int(token))            # int() waits for the device: the step is complete
         position += 1
         now = time.perf_counter()

@@ -7,11 +7,12 @@ reproducible for a fixed table.
 from __future__ import annotations
 
 import logging
-import statistics
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from tqdm import tqdm
+
+from controller.timing import RunTiming, TimingSession
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class LatencyEntry:
     dense_decode_per_token_s: float
     samples: int
     scaled_from: str | None = None     # "idle x 1.72/1.80": the reference scenario's entry times the dense slowdown
+    runtime: str | None = None         # the runtime it was timed under (controller.runtime), e.g. "stock/2t/eager"
 
     def latency(self, new_tokens: int) -> float:
         return self.prefill_s + new_tokens * self.decode_per_token_s
@@ -58,8 +60,10 @@ class LatencyTable:
                            f"under scenario '{scenario}'") from err
 
     def calibrate(self, scenario: str, buckets: list[str], actions: list[str], time_one: Timer,
-                  repeats: int = 2, inert: Callable[[str, str], bool] = lambda bucket, action: False) -> None:
-        """Time dense and each action alternately (A B A B) and store per-action medians.
+                  repeats: int = 2, inert: Callable[[str, str], bool] = lambda bucket, action: False,
+                  runtime: str | None = None) -> None:
+        """Time dense and each action alternately (A B A B) and store per-action medians, by the
+        protocol of ``controller.timing`` (each side warmed up once); ``runtime`` labels every entry.
 
         Entries are committed together at the end, so an interrupted calibration leaves none.
         An `inert(bucket, action)` action does nothing in that bucket (KV pruning of short prompts):
@@ -67,26 +71,24 @@ class LatencyTable:
         """
         pairs = [(b, a) for b in buckets for a in actions]
         fresh: dict[str, LatencyEntry] = {}
-        for bucket in buckets:
-            time_one("none", bucket)   # warm-up: first run pays allocation and thread start-up
+        session = TimingSession()
         for bucket, action in tqdm(pairs, desc=f"latency table [{scenario}]", leave=False):
             if inert(bucket, action) and self.key(scenario, bucket, "none") in fresh:
                 fresh[self.key(scenario, bucket, action)] = replace(fresh[self.key(scenario, bucket, "none")], samples=0)
                 continue
-            dense, pruned = [], []
-            for _ in range(repeats):
-                dense.append(time_one("none", bucket))
-                pruned.append(time_one(action, bucket))
+            pair = session.compare(lambda _: RunTiming(*time_one("none", bucket)),
+                                   lambda _: RunTiming(*time_one(action, bucket)), range(repeats),
+                                   pruned_side=(bucket, action), dense_side=(bucket, "none"))
             fresh[self.key(scenario, bucket, action)] = LatencyEntry(
-                prefill_s=statistics.median(p for p, _ in pruned),
-                decode_per_token_s=statistics.median(d for _, d in pruned),
-                dense_prefill_s=statistics.median(p for p, _ in dense),
-                dense_decode_per_token_s=statistics.median(d for _, d in dense), samples=repeats)
+                prefill_s=pair.pruned.prefill_s, decode_per_token_s=pair.pruned.decode_per_token_s,
+                dense_prefill_s=pair.dense.prefill_s, dense_decode_per_token_s=pair.dense.decode_per_token_s,
+                samples=repeats, runtime=runtime)
         self.entries.update(fresh)
         log.info("latency table calibrated for scenario '%s': %d entries", scenario, len(pairs))
 
     def calibrate_scaled(self, reference: str, scenario: str, buckets: list[str],
-                         time_dense: Callable[[str], tuple[float, float]], repeats: int = 6) -> None:
+                         time_dense: Callable[[str], tuple[float, float]], repeats: int = 6,
+                         runtime: str | None = None) -> None:
         """Entries of `scenario` = `reference`'s entries with prefill and decode times multiplied by
         the dense model's slowdown, measured now as the median of `repeats` dense runs per bucket.
 
@@ -99,12 +101,12 @@ class LatencyTable:
         if missing:
             raise KeyError(f"scenario '{reference}' has no dense entry for {missing}: calibrate it first")
         fresh: dict[str, LatencyEntry] = {}
+        session = TimingSession()
         for bucket in tqdm(buckets, desc=f"latency table [{scenario}, scaled from {reference}]", leave=False):
-            time_dense(bucket)   # warm-up
-            samples = [time_dense(bucket) for _ in range(repeats)]
+            dense = session.repeat(bucket, lambda: RunTiming(*time_dense(bucket)), repeats)
             base = self.entries[self.key(reference, bucket, "none")]
-            prefill = statistics.median(p for p, _ in samples) / base.dense_prefill_s
-            decode = statistics.median(d for _, d in samples) / base.dense_decode_per_token_s
+            prefill = dense.prefill_s / base.dense_prefill_s
+            decode = dense.decode_per_token_s / base.dense_decode_per_token_s
             prefix = f"{reference}|{bucket}|"
             for key, entry in self.entries.items():
                 if key.startswith(prefix):
@@ -112,7 +114,7 @@ class LatencyTable:
                         prefill_s=entry.prefill_s * prefill, decode_per_token_s=entry.decode_per_token_s * decode,
                         dense_prefill_s=entry.dense_prefill_s * prefill,
                         dense_decode_per_token_s=entry.dense_decode_per_token_s * decode,
-                        samples=repeats, scaled_from=f"{reference} x {prefill:.2f}/{decode:.2f}")
+                        samples=repeats, scaled_from=f"{reference} x {prefill:.2f}/{decode:.2f}", runtime=runtime)
         self.entries.update(fresh)
         log.info("latency table for scenario '%s' scaled from '%s': %d entries", scenario, reference, len(fresh))
 

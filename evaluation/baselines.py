@@ -11,8 +11,9 @@ turns into the Pareto plot::
     rows = run_baselines(loaded, BaselineConfig(policies=("checkpoints/policy.pt",)), out_dir=run_dir)
 
 Speedup: decode speed is memory-bound and the machine may be shared, so every point is timed
-against the dense model interleaved (dense, pruned, dense, pruned ...) with greedy generation,
-EOS ignored, and the ratio of the median per-token decode steps is reported. Perplexity and
+against the dense model by the protocol of ``controller.timing`` (interleaved dense/pruned pairs,
+greedy, EOS ignored, each side warmed up once, ratio of the median decode steps) under the
+execution governor's setting, which each row records (``runtime``). Perplexity and
 accuracies come from ``evaluation.evaluate_route``, the code path of ``--mode eval``.
 """
 from __future__ import annotations
@@ -36,8 +37,10 @@ from common.calibration import calibration_set
 from common.config import BaselineConfig, RunConfig
 from common.markdown import fmt, md_table
 from evaluation.suite import evaluate_route
-from controller.generation import generate
+from controller.generation import Decoder, eager_decoder, generate
 from controller.session import build_engine as build_run_engine, with_trained_engine
+from controller.runtime import ExecutionGovernor
+from controller.timing import RunTiming, TimingSession
 from evaluation.lm_eval_tasks import prepare_tasks
 from pruners import NONE, PruningAction, PruningEngine
 from pruners.importance import tokenize_calibration
@@ -88,6 +91,7 @@ class BaselineRow:
     note: str | None = None
     accuracies: dict[str, float | None] = field(default_factory=dict)   # task -> acc
     actions: dict[str, int] | None = None   # policy: decisions per action while scoring
+    runtime: str | None = None    # the runtime the speedup was timed under (controller.runtime)
 
     def to_dict(self) -> dict:
         """Flat row: accuracies become numeric columns, plus their mean when every task has one."""
@@ -116,25 +120,22 @@ def speed_prompts(corpus: CorpusText, tokenizer, count: int, tokens: int) -> lis
 # ------------------------------------------------------------------ measurements
 
 def decode_speedup(model: torch.nn.Module, prompts: Sequence[tuple[str, torch.Tensor]], new_tokens: int,
-                   repeats: int, pruned: Callable[[str], AbstractContextManager], engine=None) -> float:
-    """Median dense / median pruned decode step, timed interleaved; ``pruned(text)`` scopes one run.
+                   repeats: int, pruned: Callable[[str], AbstractContextManager], engine=None,
+                   session: TimingSession | None = None, decoder: Decoder = eager_decoder) -> float:
+    """Median dense / median pruned decode step over ``repeats`` rounds of the prompts, one
+    interleaved pair per prompt (controller.timing); ``pruned(text)`` scopes one run.
 
     ``engine`` is handed to ``generate`` so a kv_cache action chosen inside ``pruned`` applies.
     """
-    def step_s(ids: torch.Tensor) -> float:
-        return generate(model, ids, new_tokens, engine=engine, ignore_eos=True).median_step_s
+    def dense(prompt: tuple[str, torch.Tensor]) -> RunTiming:
+        return RunTiming.of(generate(model, prompt[1], new_tokens, engine=engine, ignore_eos=True, decoder=decoder))
 
-    text, ids = prompts[0]
-    step_s(ids)                  # warm-up: allocations, thread pools
-    with pruned(text):
-        step_s(ids)              # and the first use of each prefix view
-    dense, sparse = [], []
-    for _ in range(repeats):
-        for text, ids in prompts:
-            dense.append(step_s(ids))
-            with pruned(text):
-                sparse.append(step_s(ids))
-    return statistics.median(dense) / statistics.median(sparse)
+    def sparse(prompt: tuple[str, torch.Tensor]) -> RunTiming:
+        with pruned(prompt[0]):
+            return dense(prompt)
+
+    rounds = [prompt for _ in range(repeats) for prompt in prompts]
+    return (session or TimingSession()).compare(dense, sparse, rounds).decode_speedup
 
 
 class _Sweep:
@@ -153,13 +154,17 @@ class _Sweep:
         self.dense_params = count_parameters(loaded.model)
         # Read the policies' checkpoints now, so a wrong path fails before the long sweep, not after it.
         self.policy_configs = {c: _policy_config(c, cfg.policy_importance) for c in cfg.policies}
+        self.governor = ExecutionGovernor(device=next(loaded.model.parameters()).device)
 
     def score(self, route: Route) -> dict:
         return evaluate_route(self.loaded, route, self.corpus, self.tasks, self.task_manager, self.eval)
 
-    def speedup(self, pruned: Callable[[str], AbstractContextManager], engine) -> float:
+    def speedup(self, pruned: Callable[[str], AbstractContextManager], engine) -> tuple[float, str]:
+        """(decode speedup, the runtime label it was timed under)."""
+        session = TimingSession(self.governor.govern())
+        decoder = self.governor.decoder(self.loaded.model, engine)
         return decode_speedup(self.loaded.model, self.prompts, self.cfg.speed_new_tokens, self.cfg.speed_repeats,
-                              pruned, engine)
+                              pruned, engine, session, decoder), session.runtime
 
     def ideal(self, engine: PruningEngine, action: PruningAction) -> float:
         return engine.ideal_speedup(action, self.cfg.speed_prompt_tokens, self.cfg.speed_new_tokens / 2)
@@ -173,10 +178,10 @@ class _Sweep:
         method = get_method(method_name)
         match = resolve(engine, method, budget)
         entry = self.score(StaticRoute(ModelSpec("static", action=match.action), engine))
-        speedup = self.speedup(lambda _text: engine.pruned(match.action), engine)
+        speedup, runtime = self.speedup(lambda _text: engine.pruned(match.action), engine)
         return BaselineRow(method.name, "structured", budget, match.removed, match.params, speedup,
                            self.ideal(engine, match.action), _ppl(entry), action=match.action.label,
-                           importance=method.importance, accuracies=_accuracies(entry))
+                           importance=method.importance, accuracies=_accuracies(entry), runtime=runtime)
 
     def unstructured(self, spec: str) -> BaselineRow:
         method, sparsity = parse_unstructured(spec)
@@ -195,7 +200,7 @@ class _Sweep:
         engine = build_run_engine(policy_cfg, self.loaded, cache_dir=self.cache_dir)
         route = build_route(ModelSpec("policy", checkpoint=checkpoint), self.loaded, engine, router_factory)
         entry = self.score(route)
-        speedup = self.speedup(route.request, engine)
+        speedup, runtime = self.speedup(route.request, engine)
         decisions = entry["actions"]
         shares = {label: removed_share(engine, PruningAction.parse(label)) for label in decisions}
         n = sum(decisions.values())
@@ -203,7 +208,7 @@ class _Sweep:
         params = round(sum(shares[label][1] * count for label, count in decisions.items()) / n)
         return BaselineRow(route.label, "policy", None, removed, params, speedup, None, _ppl(entry),
                            importance=importance, note="mean over the scored requests' decisions",
-                           accuracies=_accuracies(entry), actions=decisions)
+                           accuracies=_accuracies(entry), actions=decisions, runtime=runtime)
 
 
 def _ppl(entry: dict) -> float:

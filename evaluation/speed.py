@@ -2,9 +2,10 @@
 
 Why a fixed probe: tokens/s from a benchmark run depend on its request lengths and batching, so
 every model (dense, static, policy) is also timed on the same prompt and the same number of new
-tokens, greedy with EOS ignored, median over repeats. Prefill and decode are timed apart because
-pruning changes them differently (decode is memory-bound). These are absolute figures per model,
-timed one model after another; speedup claims belong to the interleaved timings of test mode.
+tokens, by the protocol of ``controller.timing`` (greedy, EOS ignored, one warm-up, medians, decode
+as the median step) under the execution governor's setting. Prefill and decode are timed apart
+because pruning changes them differently (decode is memory-bound). These are absolute figures per
+model, timed one model after another; speedup claims belong to the interleaved timings of test mode.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 
 from evaluation.routes import Route
 from controller.generation import generate
+from controller.runtime import ExecutionGovernor
+from controller.timing import RunTiming, TimingSession
 from controller.energy import EnergyMeter
 
 PROBE_TEXT = ("The committee met on a grey morning to review the harbour plans. Engineers described the "
@@ -34,6 +37,7 @@ class SpeedResult:
     decode_tokens_per_s: float
     latency_s: float             # one probe request: median prefill + (new_tokens - 1) x median decode step
     controller_s: float | None   # policy only: median decision time per probe request
+    runtime: str | None = None   # the runtime it was timed under (controller.runtime)
 
 
 @dataclass
@@ -53,7 +57,7 @@ def probe_prompt(tokenizer, n_tokens: int) -> torch.Tensor:
 
 
 def probe_speed(model: torch.nn.Module, tokenizer, route: Route, prompt_tokens: int = 512,
-                new_tokens: int = 32, repeats: int = 3) -> SpeedResult:
+                new_tokens: int = 32, repeats: int = 3, governor: ExecutionGovernor | None = None) -> SpeedResult:
     """Median timings over `repeats` after one warm-up; the policy decides anew for every repeat.
 
     Generation goes through `generation.generate` with the route's engine, so a kv_cache action
@@ -62,21 +66,24 @@ def probe_speed(model: torch.nn.Module, tokenizer, route: Route, prompt_tokens: 
     """
     prompt = probe_prompt(tokenizer, prompt_tokens)
     text = tokenizer.decode(prompt[0])
-    prefill, decode, controller = [], [], []
-    for i in range(repeats + 1):
+    controller: list[float] = []
+    governor = governor or ExecutionGovernor(device=next(model.parameters()).device)
+    decoder = governor.decoder(model, route.engine)
+
+    def run() -> RunTiming:
         before = route.controller_s
         with route.request(text) if route.per_request else nullcontext():
-            result = generate(model, prompt, new_tokens, engine=route.engine)
-        if i == 0:
-            continue   # warm-up: first-call allocations and lazy inits
-        prefill.append(result.prefill_s)
-        decode.append(result.decode_s / max(len(result.tokens) - 1, 1))
+            timing = RunTiming.of(generate(model, prompt, new_tokens, engine=route.engine, decoder=decoder))
         controller.append(route.controller_s - before)
-    p, d = statistics.median(prefill), statistics.median(decode)
+        return timing
+
+    session = TimingSession(governor.govern())
+    timings = session.repeat(route.label, run, repeats)
     return SpeedResult(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
-                       prefill_tokens_per_s=prompt_tokens / p, decode_tokens_per_s=1.0 / d,
-                       latency_s=p + d * (new_tokens - 1),
-                       controller_s=statistics.median(controller) if route.per_request else None)
+                       prefill_tokens_per_s=prompt_tokens / timings.prefill_s,
+                       decode_tokens_per_s=1.0 / timings.decode_per_token_s, latency_s=timings.latency(new_tokens),
+                       controller_s=statistics.median(controller[1:]) if route.per_request else None,
+                       runtime=session.runtime)
 
 
 class ResourceMonitor:

@@ -21,6 +21,8 @@ from typing import Sequence
 import psutil
 
 from common.files import PROJECT_ROOT
+from controller import openmp
+from controller.openmp import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,17 @@ def collect(*, seed: int | None = None, model=None, device: str | None = None,
         "platform": platform.platform(),
         "libraries": library_versions(),
         "nlp_backend": nlp_backend,
+        "runtime": runtime(),
         "seed": seed,
         "scenario": scenario,
         "engine": engine,   # PruningEngine.describe(): importance, allocation, recovery, which data calibrated what
     }
+
+
+def runtime() -> dict:
+    """How the model ran: the OpenMP choice (policy, thread rule, its probes) and torch's threads now."""
+    torch = sys.modules.get("torch")   # never imported for this
+    return {"openmp": openmp.active().to_dict(), "torch_threads": torch.get_num_threads() if torch else None}
 
 
 def stamp_wall_time(prov: dict, now: float | None = None) -> dict:
@@ -100,17 +109,6 @@ def hardware() -> dict:
         "ram_gb": round(vm.total / 2**30, 2),
         "gpus": gpu_names(),
     }
-
-
-def cpu_model() -> str | None:
-    """The 'model name' line of /proc/cpuinfo (Linux); platform.processor() elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def gpu_names() -> list[str]:

@@ -224,12 +224,24 @@ def _provenance_section(prov: Mapping, metrics: Mapping) -> list[str]:
         ("seed", prov.get("seed")),
         ("scenario", prov.get("scenario")),
         ("NLP backend", prov.get("nlp_backend")),
+        ("runtime", _runtime_text(prov.get("runtime"))),
         ("action space", f"{len(metrics.get('action_space') or [])} actions"),
         ("Python", f"{prov.get('python')} on {prov.get('platform')}" if prov.get("python") else None),
         ("libraries", libs),
         ("schema version", metrics.get("schema_version")),
     ]
     return ["## Provenance", ""] + _table(["", ""], [(k, fmt(v)) for k, v in rows])
+
+
+def _runtime_text(runtime: Mapping | None) -> str | None:
+    """'OpenMP stock (measured), threads 2 idle / 1 busy, torch threads 2' (controller.openmp)."""
+    omp = (runtime or {}).get("openmp")
+    if not omp:
+        return None
+    rule = (f"threads {omp['threads_idle']} idle / {omp['threads_busy']} busy" if omp.get("threads_idle")
+            else "no measured thread rule")
+    threads = fmt(runtime.get("torch_threads"))
+    return f"OpenMP {omp.get('policy')} ({omp.get('source')}), {rule}, torch threads {threads}"
 
 
 def _train_section(t: Mapping) -> list[str]:

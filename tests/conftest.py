@@ -2,9 +2,9 @@
 (a PruningEngine reorders weights in place)."""
 from __future__ import annotations
 
-import os
+from controller import openmp
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: see adaptive_pruning.py
+openmp.configure("passive")   # before torch loads libgomp: a fixed policy, never a probe (controller/openmp.py)
 
 import copy  # noqa: E402
 

@@ -15,10 +15,12 @@ def test_calibration_interleaves_and_takes_medians():
         return times[action]
 
     table = LatencyTable()
-    table.calibrate("idle", ["short"], ["none", "ffn_neurons:0.5"], time_one, repeats=2)
-    # warm-up, then (dense, pruned) pairs: A B A B
-    assert calls == ["none"] + ["none", "none"] * 2 + ["none", "ffn_neurons:0.5"] * 2
+    table.calibrate("idle", ["short"], ["none", "ffn_neurons:0.5"], time_one, repeats=2, runtime="stock/2t/eager")
+    # (dense, pruned) pairs, A B A B; each side's first run is an untimed warm-up (controller.timing)
+    ffn = "ffn_neurons:0.5"
+    assert calls == ["none"] + ["none", "none"] * 2 + ["none", ffn, ffn] + ["none", ffn]
     entry = table.get("idle", "short", "ffn_neurons:0.5")
+    assert entry.runtime == "stock/2t/eager"
     assert entry.speedup(10) == pytest.approx((0.10 + 10 * 0.020) / (0.05 + 10 * 0.010))
     assert entry.latency(10) == pytest.approx(0.15)
 
@@ -47,6 +49,12 @@ def test_interrupted_calibration_leaves_no_entries():
     with pytest.raises(KeyboardInterrupt):
         table.calibrate("loaded", ["short", "long"], ["none", "ffn_neurons:0.5"], flaky)
     assert not table.has("loaded")
+
+
+def test_tables_written_before_the_runtime_field_still_load():
+    old = {"idle|short|none": {"prefill_s": 0.1, "decode_per_token_s": 0.01, "dense_prefill_s": 0.1,
+                               "dense_decode_per_token_s": 0.01, "samples": 2, "scaled_from": None}}
+    assert LatencyTable.from_dict(old).get("idle", "short", "none").runtime is None
 
 
 def test_round_trip_and_missing_entry_message():

@@ -1,0 +1,191 @@
+"""Execution governor: the OpenMP choice (measured, cached, applied before torch), threads per machine
+state, and the one timing protocol every speed figure uses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import WEIGHT_LAYOUT_ENV, RuntimeConfig
+from controller import openmp
+from controller.openmp import BUSY, IDLE, OpenMPChoice, Probe
+from controller.runtime import ExecutionGovernor, others_load_cores
+from controller.telemetry import HardwareState
+from controller.timing import RunTiming, TimingSession
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ms/token as measured on a 2-core machine (issue 14): stock spins fast idle but collapses when busy.
+MEASURED = {("passive", IDLE): {2: 55, 1: 52}, ("passive", BUSY): {2: 54, 1: 75},
+            ("stock", IDLE): {2: 31, 1: 52}, ("stock", BUSY): {2: 1600, 1: 75},
+            ("spin-short", IDLE): {2: 35, 1: 52}, ("spin-short", BUSY): {2: 58, 1: 75}}
+
+
+def probes(table=MEASURED) -> list[Probe]:
+    return [Probe(p, s, t, ms / 1e3) for (p, s), row in table.items() for t, ms in row.items()]
+
+
+def test_decide_takes_the_fastest_idle_policy_that_does_not_lose_under_load():
+    assert openmp.decide(probes()) == ("spin-short", 2, 2)          # 58 <= 1.1 x 54; stock collapses
+    assert openmp.decide(probes(), tolerance=0.05) == ("passive", 1, 2)   # 58 > 1.05 x 54: only passive is left
+    no_short = {k: v for k, v in MEASURED.items() if k[0] != "spin-short"}
+    no_short[("stock", BUSY)] = {2: 1600, 1: 59}                  # one thread under load is within 10 %
+    assert openmp.decide(probes(no_short)) == ("stock", 2, 1)
+    with pytest.raises(ValueError, match="reference"):
+        openmp.decide([p for p in probes() if p.policy != "passive"])
+
+
+def test_measure_caches_a_choice_that_later_runs_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_PRUNING_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_probe(p, threads, model, tokens, max_seconds):
+        calls.append(p.name)
+        return {state: {t: MEASURED[p.name, state][t] / 1e3 for t in threads} for state in (IDLE, BUSY)}
+
+    monkeypatch.setattr(openmp, "run_probe", fake_probe)
+    monkeypatch.setattr(openmp, "measure_layout", lambda p, threads, model: 1.12)   # column-major 12 % faster
+    monkeypatch.setattr(openmp, "usable_cores", lambda: 2)
+    choice = openmp.measure_and_cache()
+    assert calls == ["passive", "stock", "spin-short", "spin-short", "stock", "passive"]   # 2 rounds, order flipped
+    assert (choice.policy, choice.threads_idle, choice.threads_busy, choice.source) == ("spin-short", 2, 2, "measured")
+    assert (choice.layout, choice.layout_gain) == ("column", 1.12)
+    assert openmp.load_cached() == choice
+    assert json.loads(openmp.cache_path().read_text())["policy"] == "spin-short"
+
+
+def _configure_in_child(tmp_path: Path, code: str, **env: str) -> dict:
+    """Run configure() in a fresh interpreter (torch not imported) and report what it set."""
+    clean = {k: v for k, v in os.environ.items() if k not in (*openmp.ENV_KEYS, openmp.OVERRIDE, openmp.MARK)}
+    clean.pop(WEIGHT_LAYOUT_ENV, None)
+    script = ("import json, os, sys\nfrom controller import openmp\n" + code +
+              "\nprint(json.dumps({'choice': c.to_dict(), 'torch': 'torch' in sys.modules, "
+              "'env': {k: os.environ.get(k) for k in openmp.ENV_KEYS}}))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**clean, "ADAPTIVE_PRUNING_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT), **env})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_configure_applies_the_cached_choice_before_torch_and_obeys_overrides(tmp_path):
+    key = _configure_in_child(tmp_path, "c = openmp.active()")["choice"]["machine"]
+    cached = OpenMPChoice("stock", 2, 1, "measured", key, probes(), "2026-01-01T00:00:00", "column", 1.12)
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "runtime" / f"openmp-{key}.json").write_text(json.dumps(cached.to_dict()))
+
+    got = _configure_in_child(tmp_path, "c = openmp.configure()")
+    assert not got["torch"] and got["env"] == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
+    assert (got["choice"]["policy"], got["choice"]["threads_busy"], got["choice"]["source"]) == ("stock", 1, "measured")
+    assert got["choice"]["layout"] == "column"                     # what model_loader.load_model will apply
+
+    got = _configure_in_child(tmp_path, "c = openmp.configure()", ADAPTIVE_PRUNING_OMP="passive")
+    assert got["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert (got["choice"]["source"], got["choice"]["threads_idle"]) == ("override", None)   # no rule: caller's threads
+    assert got["choice"]["layout"] == "row"
+    got = _configure_in_child(tmp_path, "c = openmp.configure()", GOMP_SPINCOUNT="500")
+    assert got["env"]["GOMP_SPINCOUNT"] == "500" and got["choice"]["source"] == "environment"
+    # A child of a configured process follows its parent's choice, whatever the cache says.
+    got = _configure_in_child(tmp_path, "openmp.configure('spin-short')\nc = openmp.configure()")
+    assert got["choice"]["policy"] == "spin-short" and got["env"]["GOMP_SPINCOUNT"] == "20000"
+
+
+def test_decode_probe_child_reports_seconds_per_token_per_state():
+    per_token = openmp.run_probe(openmp.policy("passive"), (1,), "tiny", tokens=3, max_seconds=2.0)
+    assert set(per_token) == {IDLE, BUSY} and all(0 < row[1] < 1.0 for row in per_token.values())
+
+
+def test_column_major_weights_keep_the_model_and_the_engine_exact(tiny):
+    from model_loader import set_weight_layout
+    from pruners import PruningAction, PruningEngine
+
+    ids = torch.arange(24)[None] + 3
+    with torch.inference_mode():
+        before = tiny.model(input_ids=ids).logits
+        set_weight_layout(tiny.model, "column")
+        assert not tiny.model.model.layers[0].mlp.down_proj.weight.is_contiguous()
+        assert torch.allclose(tiny.model(input_ids=ids).logits, before, atol=1e-5)
+        engine = PruningEngine(tiny.model, importance="magnitude")
+        dense = tiny.model(input_ids=ids).logits
+        with engine.pruned(PruningAction.parse("ffn_neurons:0.5")):
+            pruned = tiny.model(input_ids=ids).logits
+        assert torch.equal(tiny.model(input_ids=ids).logits, dense) and not torch.allclose(pruned, dense)
+        assert tiny.model.model.layers[0].mlp.down_proj.weight.stride(0) == 1   # the reorder kept the layout
+
+
+def _state(cpu: float, own: float, run_queue: float | None = None) -> HardwareState:
+    return HardwareState(timestamp=time.time(), cpu_count=2, cpu_percent=cpu, process_cpu_percent=own, load_avg_1m=None,
+                         ram_total=1, ram_available=1, ram_used=0, swap_total=0, swap_used=0, battery_percent=None,
+                         power_plugged=None, **({"run_queue": run_queue} if run_queue is not None else {}))
+
+
+def test_others_load_is_what_is_not_ours():
+    assert others_load_cores(_state(50.0, 50.0)) == 0.0                # our own two threads at half the machine
+    assert others_load_cores(_state(100.0, 50.0)) == pytest.approx(1.0)
+    if "run_queue" in HardwareState.__dataclass_fields__:
+        assert others_load_cores(_state(100.0, 50.0, run_queue=5.0)) == pytest.approx(3.0)   # saturated CPU time
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_governor_sets_the_measured_threads_for_each_machine_state(restore_threads):
+    choice = OpenMPChoice("stock", 2, 1, "measured", "test")
+    governor = ExecutionGovernor(choice=choice)
+    busy = governor.govern(_state(100.0, 0.0))
+    assert (busy.threads, busy.state, busy.label) == (1, BUSY, "stock/1t/eager") and torch.get_num_threads() == 1
+    idle = governor.govern(_state(5.0, 0.0))
+    assert (idle.threads, idle.state) == (2, IDLE) and torch.get_num_threads() == 2
+    fixed = ExecutionGovernor(RuntimeConfig(threads=1), choice=choice).govern(_state(5.0, 0.0))
+    assert (fixed.threads, fixed.state) == (1, "fixed") and torch.get_num_threads() == 1
+    unmeasured = ExecutionGovernor(choice=OpenMPChoice("passive", None, None, "override", "test")).govern()
+    assert (unmeasured.threads, unmeasured.state) == (1, "unmeasured")
+    assert governor.describe()["openmp"]["policy"] == "stock"
+
+
+def test_the_environment_records_the_governed_runtime_in_every_table_entry(tiny, restore_threads):
+    from common.config import EnvConfig, RewardConfig
+    from controller.environment import PruningEnvironment
+    from pruners import PruningAction, PruningEngine
+
+    engine = PruningEngine(tiny.model, importance="magnitude")
+    governor = ExecutionGovernor(RuntimeConfig(threads=2), choice=OpenMPChoice("passive", 2, 1, "measured", "t"))
+    env = PruningEnvironment(tiny, engine, RewardConfig(), EnvConfig(calibration_tokens=3, calibration_repeats=1,
+                                                                     long_prompt_tokens=32), governor=governor)
+    env.set_calibration_prompts(["a short prompt about the sea", "another prompt, about the weather today"])
+    env.calibrate("idle", [PruningAction.parse("ffn_neurons:0.5")])
+    assert torch.get_num_threads() == 2
+    assert {e.runtime for e in env.table.entries.values()} == {"passive/2t/eager"}
+
+
+def test_provenance_records_the_runtime():
+    from reporting import provenance
+
+    runtime = provenance.collect()["runtime"]
+    assert runtime["openmp"]["policy"] == "passive" and runtime["torch_threads"] == torch.get_num_threads()
+
+
+def test_timing_session_warms_each_side_once_and_interleaves():
+    calls, times = [], {"dense": iter([9.0, 2.0, 2.2, 2.1]), "pruned": iter([9.0, 1.0, 1.2, 0.9])}
+
+    def run(side):
+        def timed(_):
+            calls.append(side)
+            t = next(times[side])
+            return RunTiming(t / 10, t)
+        return timed
+
+    pair = TimingSession().compare(run("dense"), run("pruned"), range(3))
+    assert calls == ["dense", "dense", "pruned", "pruned", "dense", "pruned", "dense", "pruned"]
+    assert pair.dense.decode_per_token_s == 2.1 and pair.pruned.decode_per_token_s == 1.0   # warm-ups dropped
+    assert pair.decode_speedup == pytest.approx(2.1) and pair.prefill_speedup == pytest.approx(2.1)
+    assert pair.pruned.latency(3) == pytest.approx(0.1 + 2 * 1.0)
