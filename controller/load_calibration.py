@@ -159,6 +159,9 @@ class Calibrator:
     def calibrate(self, sc: Scenario, round_: int, buckets: Sequence[str], idle: dict[str, float]) -> LevelCalibration:
         started = time.perf_counter()
         tracker, telemetry = SlowdownTracker(), []
+        # The runtime a live decision under this load gets (threads for the machine's state), as
+        # PruningEnvironment.calibrate does; every entry records it.
+        runtime = self.env.governor.govern().label
 
         def timer(label: str, bucket: str) -> tuple[float, float]:
             prefill_s, per_token_s = self.env.time_action(label, bucket)
@@ -174,7 +177,8 @@ class Calibrator:
                 log.warning("LOAD CHECK: level '%s' slowed the dense model only x%.2f when it started "
                             "(minimum x%.2f)", sc.name, start, sc.min_slowdown)
         table = LatencyTable()
-        table.calibrate(sc.name, list(buckets), self.labels, timer, repeats=self.repeats, inert=inert_in_bucket)
+        table.calibrate(sc.name, list(buckets), self.labels, timer, repeats=self.repeats, inert=inert_in_bucket,
+                        runtime=runtime)
         dense = {b: statistics.median(e.dense_decode_per_token_s for k, e in table.entries.items()
                                       if k.split("|")[1] == b and e.samples > 0) for b in buckets}
         during = statistics.median(dense[b] / idle[b] for b in buckets)

@@ -17,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "data" / "golden"
 
 
+@pytest.fixture
+def must_refuse(monkeypatch):
+    """A case that should be refused but is not fails at once instead of running the mode."""
+    def run(args):
+        pytest.fail(f"--mode {args.mode} ran instead of refusing the flag")   # BaseException: main cannot catch it
+    monkeypatch.setattr(adaptive_pruning, "run", run)
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
@@ -38,7 +46,7 @@ def _value(flag) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_each_mode_refuses_every_flag_that_has_no_effect_there(mode, capsys):
+def test_each_mode_refuses_every_flag_that_has_no_effect_there(mode, capsys, must_refuse):
     refused = [f for f in FLAGS if mode not in f.modes]
     assert refused or mode == "test", mode
     for flag in refused:
@@ -49,7 +57,7 @@ def test_each_mode_refuses_every_flag_that_has_no_effect_there(mode, capsys):
         assert all(m in line for m in flag.modes), line        # names the modes where it applies
 
 
-def test_the_known_silent_flags_are_refused(capsys):
+def test_the_known_silent_flags_are_refused(capsys, must_refuse):
     """The flags issue 13 found doing nothing: each now ends in one error line naming where it works."""
     cases = [(["--mode", "baselines", "--mask"], "train"),
              (["--mode", "baselines", "--recovery", "none"], "train"),

@@ -76,7 +76,7 @@ def test_load_verification_flags_a_load_that_does_nothing(offline, caplog):
             cs, rounds=2, save=lambda _: None)
     check = cs.verification()["placebo"]
     assert check["failed"] and check["median"] < 3.0 and check["failed_checks"], check
-    assert any("LOAD" in r.message and "placebo" in r.getMessage() for r in caplog.records)
+    assert any("LOAD" in r.getMessage() and "placebo" in r.getMessage() for r in caplog.records)
     from controller.load_calibration import load_failures
     assert load_failures(cs.verification()) and "placebo" in load_failures(cs.verification())[0]
 
