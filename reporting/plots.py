@@ -40,6 +40,7 @@ DENSE_COLOUR = "#000000"
 POLICY_COLOUR = "#d62728"
 ORACLE_COLOUR = "#d4a017"
 RANDOM_COLOUR = "#7f7f7f"
+LOSS_COLOUR = "#1f77b4"      # offline comparison: the policy loses (CI below zero)
 
 
 def action_colour(label: str) -> tuple[float, float, float, float]:
@@ -425,7 +426,100 @@ def plot_baselines(metrics: Mapping, out: Path, summary: Mapping | None = None) 
         return _save(fig, out)
 
 
+def _offline_comparison_arms(o: Mapping) -> list[str]:
+    """The arms policy − arm is plotted for: the fitted baselines, any ablation policies, random."""
+    others = [a for a in o["arms"] if a not in (summaries.POLICY, *summaries.BASELINE_ARMS, *summaries.REFERENCE_ARMS)
+              and a not in o["actions"]]
+    return [*summaries.BASELINE_ARMS, *others, "random"]
+
+
+def plot_offline_comparison(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
+    """Forest plot of the offline test: policy − each baseline (and ablation, and random) per load level and
+    pooled, mean reward difference with its clustered 95% CI (seeds × prompts × calibrations).
+
+    Right of zero the policy is better. Red: the CI excludes zero above (a win), blue: below (a loss),
+    grey: it includes zero. The strongest baseline (the verdict's) is starred.
+    """
+    o = _summary(metrics, summary).get("offline_test")
+    if not o:
+        return _skip("offline_comparison", "no offline test")
+    arms = _offline_comparison_arms(o)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(8.5, 1.4 + 0.32 * (len(arms) + 1) * len(o["groups"])), layout="constrained")
+        ax = fig.add_subplot()
+        y, ticks = 0.0, []
+        for g in o["groups"][::-1]:          # top to bottom: levels in order, pooled last
+            for arm in arms[::-1]:
+                ci = o["by_level"][g]["arms"][arm]["vs"]
+                if ci["mean"] is not None:
+                    sign = summaries.ci_sign(ci)
+                    colour = {"better": POLICY_COLOUR, "worse": LOSS_COLOUR}.get(sign, RANDOM_COLOUR)
+                    ax.errorbar([ci["mean"]], [y], xerr=np.array(_errbar(ci)).reshape(2, 1), fmt="o", color=colour,
+                                capsize=3, ms=6)
+                star = " ★" if arm == o["strongest_baseline"] else ""
+                ticks.append((y, f"{'pooled' if g == ALL else g}: {arm}{star}"))
+                y += 1
+            ax.axhline(y - 0.3, color=DENSE_COLOUR, lw=0.4, alpha=0.4)
+            y += 0.4
+        ax.axvline(0.0, color=DENSE_COLOUR, lw=0.8)
+        ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks])
+        ax.set_ylim(-0.7, y - 0.6)
+        ax.set(xlabel="policy − arm, mean reward (95% CI clustered: seeds × prompts × calibrations)",
+               title=f"Offline test ({o['n_seeds']} seeds): policy − each arm\n"
+                     "red: policy better, grey: CI includes 0, blue: worse; ★ strongest baseline")
+        return _save(fig, out)
+
+
+def plot_load_features(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:
+    """Per load level: the dense model's measured slowdown (each calibration, against the level's minimum),
+    then each load telemetry feature (mean ± sd of the readings taken during its calibrations).
+
+    A feature tells the levels apart when its bars differ by more than their error bars; each panel's
+    title gives its largest distance from idle in sds (d, as in the report's table). A feature that is
+    the same at every level (CPU utilisation on a shared machine) cannot help the policy.
+    """
+    cals = _summary(metrics, summary).get("calibrations")
+    if not cals:
+        return _skip("load_features", "no offline calibrations")
+    levels = list(cals)
+    recorded = [n for n in summaries.load_feature_names() if all(n in cals[lv]["features"] for lv in levels)]
+    # 0 with no spread at every level: never read on this machine (an unavailable reading is 0), no panel
+    silent = [n for n in recorded if all(cals[lv]["features"][n]["mean"] == 0 == cals[lv]["features"][n]["sd"]
+                                         for lv in levels)]
+    names = [n for n in recorded if n not in silent]
+    minimum = {lv: v.get("min_slowdown") for lv, v in ((metrics.get("load_verification") or {}).get("levels")
+                                                       or {}).items()}
+    colours = [RANDOM_COLOUR if lv == "idle" else POLICY_COLOUR for lv in levels]
+    ncols = min(4, len(names) + 1)
+    nrows = -(-(len(names) + 1) // ncols)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(3.1 * ncols, 2.9 * nrows + 0.5), layout="constrained")
+        ax = fig.add_subplot(nrows, ncols, 1)
+        x = np.arange(len(levels))
+        ax.bar(x, [float(np.median(cals[lv]["slowdown"])) for lv in levels], color=colours, alpha=0.6)
+        for i, lv in enumerate(levels):
+            ax.plot([i] * len(cals[lv]["slowdown"]), cals[lv]["slowdown"], "k.", ms=5)
+            if is_number(minimum.get(lv)) and minimum[lv] > 1.0:
+                ax.plot([i - 0.4, i + 0.4], [minimum[lv]] * 2, color=LOSS_COLOUR, lw=2)
+        ax.axhline(1.0, color=DENSE_COLOUR, lw=0.6, ls=":")
+        ax.set_xticks(x, levels)
+        ax.set_title("dense slowdown × (measured;\nblue bar: required minimum)", fontsize=9)
+        _rotate_xticks(ax)
+        for i, name in enumerate(names):
+            ax = fig.add_subplot(nrows, ncols, i + 2)
+            feats = [cals[lv]["features"][name] for lv in levels]
+            ax.bar(x, [f["mean"] for f in feats], yerr=[f["sd"] for f in feats], color=colours, capsize=3)
+            seps = [cals[lv]["separation"][name] for lv in levels if name in cals[lv].get("separation", {})]
+            ax.set_xticks(x, levels)
+            ax.set_title(name + (f" (max d {max(seps):.1f})" if seps else ""), fontsize=9)
+            _rotate_xticks(ax)
+        fig.suptitle("Load levels: measured slowdown and telemetry (mean ± sd during calibration)"
+                     + (f"\nzero at every level, not shown: {', '.join(silent)}" if silent else ""))
+        return _save(fig, out)
+
+
 PlotFn = Callable[[Mapping, Path, "Mapping | None"], list[Path]]
+
 PLOTS: tuple[tuple[str, str, PlotFn], ...] = (
     ("training_reward", "Training reward and exploration rate", plot_training_reward),
     ("loss", "Q-network loss", plot_loss),
@@ -436,6 +530,8 @@ PLOTS: tuple[tuple[str, str, PlotFn], ...] = (
     ("latency_breakdown", "Latency breakdown: controller vs prefill vs decode", plot_latency_breakdown),
     ("evaluation", "Evaluation: perplexity and accuracy per model", plot_evaluation),
     ("baselines", "Static baselines: speedup vs perplexity", plot_baselines),
+    ("offline_comparison", "Offline test: policy − each baseline per load level", plot_offline_comparison),
+    ("load_features", "Telemetry features per load level", plot_load_features),
 )
 
 

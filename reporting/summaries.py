@@ -615,6 +615,20 @@ def offline_verdict(by_level: Mapping, strongest: str) -> dict:
     return {"signs": signs, "wins": wins, "losses": losses, "claim": claim}
 
 
+CPU_LOAD_FEATURES = ("cpu_util", "process_cpu_util", "load_per_core", "ram_used_frac", "swap_used_frac")
+
+
+def load_feature_names() -> list[str]:
+    """The telemetry slots that describe load, in state order: CPU and memory load from the basic
+    telemetry, then every slot the contention state adds (validity flags ``*_ok`` left out). What the
+    report's per-level table and the load-features plot show."""
+    from controller.load_signals import BASIC, CONTENTION, hardware_feature_names
+
+    basic = hardware_feature_names(BASIC)
+    added = [n for n in hardware_feature_names(CONTENTION) if n not in basic and not n.endswith("_ok")]
+    return [n for n in basic if n in CPU_LOAD_FEATURES] + added
+
+
 def summarize_calibrations(cal: Mapping) -> dict:
     """Per level: its dense slowdown per calibration, each action's speedup spread across calibrations,
     and how well the training calibrations' mean latency predicts each held-out (test) calibration."""

@@ -96,6 +96,81 @@ def make_eval_metrics() -> dict:
                           {"method": "wanda", "budget": 0.2, "params": 100, "speedup": 1.1, "ppl": 30.0}]}
 
 
+OFFLINE_LEVELS = {"idle": (1.0, 1.0, 0.2), "heavy": (2.0, 1.5, 2.1)}   # level: (dense slowdown, minimum, run queue)
+
+
+def make_offline_metrics(rounds: int = 4, n_prompts: int = 6) -> dict:
+    """An offline test run built with the real code path (no model): outcomes and calibrations with real
+    classes, baselines fitted on the training split, every arm scored by evaluate_offline, and the
+    ``offline`` / ``load_verification`` blocks written by the same helpers the test mode uses."""
+    from common.config import RewardConfig
+    from common.data import Prompt
+    from controller.baseline_policies import BASELINES, fit_baselines
+    from controller.latency_table import LatencyEntry, LatencyTable
+    from controller.load_calibration import SPLITS, CalibrationSet, LevelCalibration
+    from controller.load_signals import hardware_feature_names
+    from controller.offline_env import OfflineData, OfflineEnvironment, evaluate_offline
+    from controller.outcome_cache import ActionQuality, PromptOutcomes
+    from controller.state import state_feature_names
+    from modes.outputs import load_check, offline_record
+    from nlp_analyzer import PromptFeatures
+
+    rng = random.Random(2)
+    hw_names = hardware_feature_names("contention")
+    cs = CalibrationSet(list(OFFLINE_LEVELS), {lv: m for lv, (_, m, _) in OFFLINE_LEVELS.items()}, ["short"],
+                        {"synthetic": True})
+    for r in range(rounds):
+        for level, (slowdown, _, queue) in OFFLINE_LEVELS.items():
+            load = slowdown - 1.0
+            dense_step = 0.02 * slowdown * (1 + rng.gauss(0, 0.02))
+            entries = {}
+            for a in ACTIONS:
+                speed = EFFECT[a][0] * (1 + load * (EFFECT[a][0] - 1))
+                entries[LatencyTable.key(level, "short", a)] = LatencyEntry(
+                    prefill_s=0.05 * slowdown / speed, decode_per_token_s=dense_step / speed * (1 + rng.gauss(0, 0.02)),
+                    dense_prefill_s=0.05 * slowdown, dense_decode_per_token_s=dense_step, samples=3)
+            telemetry = []
+            for _ in range(4):
+                reading = dict.fromkeys(hw_names, 0.0) | {
+                    "cpu_util": 1.0, "process_cpu_util": 0.9 / slowdown + rng.gauss(0, 0.02), "load_per_core": queue + rng.gauss(0, 0.1),
+                    "run_queue_per_core": queue + rng.gauss(0, 0.1), "involuntary_ctx_rate": 50 * load + rng.random(),
+                    "observed_slowdown_log": float(np.log(slowdown)) + rng.gauss(0, 0.05), "observed_slowdown_ok": 1.0}
+                telemetry.append([reading[n] for n in hw_names])
+            cs.calibrations.append(LevelCalibration(level, r, SPLITS[r % 2], LatencyTable(entries), telemetry,
+                                                    {"short": dense_step}, None if level == "idle" else slowdown, 1.0))
+    prompts, outcomes, features = [], {}, {}
+    for i in range(n_prompts):
+        pid = f"o{i}"
+        prompts.append(Prompt(pid, "", "maths", None, "synthetic"))
+        quality = {}
+        for a in ACTIONS:
+            ratio = 1.0 if a == "none" else EFFECT[a][1] * (1 + 0.1 * (i % 3)) + abs(rng.gauss(0, 0.03))
+            half = float(np.log(ratio))
+            quality[a] = ActionQuality(ppl_ratio=ratio, kl=0.1 * (ratio - 1), prompt_kl=0.05 * (ratio - 1),
+                                       half_log_ratio=(half + rng.gauss(0, 0.02), half + rng.gauss(0, 0.02)),
+                                       inert=a == "none")
+        outcomes[pid] = PromptOutcomes(pid, 20 + i, 32, "dense_greedy", False, quality)
+        features[pid] = PromptFeatures(
+            n_tokens=20 + i, token_source="words", n_words=20 + i, n_sentences=2, mean_sentence_len=10.0,
+            verb_frac=0.1, noun_frac=0.3, adj_frac=0.1, num_frac=0.0, is_question=bool(i % 2), is_imperative=False,
+            n_noun_chunks=3, n_entities=1, max_dep_depth=None, mean_dep_span=None, lexical_diversity=0.8,
+            long_word_frac=0.2, has_code=False, has_math=True, parsed_words=20 + i, truncated=False,
+            complexity=i / n_prompts, backend="regex")
+    data = OfflineData(prompts, outcomes, cs, features)
+    ids, reward = [p.id for p in prompts], RewardConfig()
+    train = OfflineEnvironment(data, ids[: n_prompts // 2], "train", ACTIONS, reward, 64, "contention")
+    baselines = fit_baselines(train, state_feature_names("contention"), draws=2, seed=0)
+    test = OfflineEnvironment(data, ids[n_prompts // 2:], "test", ACTIONS, reward, 64, "contention")
+    ffn, layers = ACTIONS.index("ffn_neurons:0.5"), ACTIONS.index("transformer_layers:0.3")
+    arms = {"policy": [lambda c: ffn if test.level(c) == "heavy" else 0, lambda c: ffn],   # two "seeds"
+            "no_prompt": [lambda c: layers if test.level(c) == "heavy" else 0, lambda c: 0]}
+    arms |= {name: [baselines.chooser(name, test)] for name in BASELINES}
+    return {"schema_version": SCHEMA_VERSION, "kind": "test", "partial": False, "partial_reason": None,
+            "provenance": _provenance(), "config": {"checkpoint": "x.pt", "environment": "offline"},
+            "action_space": ACTIONS, "offline_test": evaluate_offline(test, arms, draws=2, seed=0),
+            "offline": offline_record(data, baselines), "load_verification": load_check(data)}
+
+
 def _write(tmp_path: Path, metrics: dict) -> Path:
     run = reporting.RunDir.create(tmp_path, metrics["kind"], "HuggingFaceTB/SmolLM2-135M-Instruct")
     run.write_metrics(metrics)
@@ -180,12 +255,17 @@ def test_validate_reports_bad_files():
 
 @pytest.fixture(scope="module")
 def synthetic() -> dict[str, dict]:
-    return {"train": make_train_metrics(), "test": make_test_metrics(), "eval": make_eval_metrics()}
+    return {"train": make_train_metrics(), "test": make_test_metrics(), "eval": make_eval_metrics(),
+            "offline": json.loads(json.dumps(make_offline_metrics()))}      # as read back from metrics.json
 
 
 PLOT_DATA = {"training_reward": "train", "loss": "train", "action_usage": "train", "action_choice": "test",
              "outcome_boxes": "test", "pareto": "test", "latency_breakdown": "test", "evaluation": "eval",
-             "baselines": "eval"}
+             "baselines": "eval", "offline_comparison": "offline", "load_features": "offline"}
+
+
+def test_every_plot_has_test_data():
+    assert set(PLOT_DATA) == {name for name, _, _ in PLOTS}
 
 
 @pytest.mark.parametrize("name,fn", [(name, fn) for name, _, fn in PLOTS])
@@ -220,6 +300,35 @@ def test_render_is_deterministic_and_complete(synthetic, tmp_path):
                    "Controller overhead", "Ablations", "no_hardware", "plots/pareto.png", "plots/pareto.svg",
                    "`tiny` (random", "Partial run"):
         assert (needle in first) == (needle != "Partial run"), needle
+
+
+def test_offline_report_embeds_its_plots_and_reads_the_summaries(synthetic, tmp_path):
+    """The offline test's report: the comparison and load-features plots embedded, the per-level
+    tables and verdict, the telemetry table over the derived load features."""
+    run = _write(tmp_path, synthetic["offline"])
+    text = reporting.render(run).read_text()
+    for name in ("offline_comparison", "load_features"):
+        assert f"plots/{name}.png" in text and f"plots/{name}.svg" in text, name
+        assert (run / "plots" / f"{name}.png").stat().st_size > 5000
+    assert "Verdict (computed from the CIs)" in text and "### level `heavy`" in text and "all levels pooled" in text
+    assert "Per-prompt adaptation at idle" in text
+    assert "run_queue_per_core" in text and "observed_slowdown_log" in text and "observed_slowdown_ok" not in text
+
+
+def test_offline_plots_read_the_summary_structure():
+    from reporting.plots import _offline_comparison_arms
+    metrics = json.loads(json.dumps(make_offline_metrics()))
+    summary = summaries.summarize(metrics)
+    o = summary["offline_test"]
+    assert _offline_comparison_arms(o) == ["per_level_static", "worst_case_static", "rule", "regressor", "no_prompt",
+                                           "random"]
+    assert all("vs" in o["by_level"][g]["arms"][a] for g in o["groups"] for a in _offline_comparison_arms(o))
+    names = summaries.load_feature_names()
+    from controller.load_signals import hardware_feature_names
+    assert names[:3] == ["cpu_util", "process_cpu_util", "load_per_core"]
+    assert set(hardware_feature_names("contention")) - set(hardware_feature_names("basic")) - set(names) == {
+        "observed_slowdown_ok"}                                   # every added signal but its validity flag
+    assert all(n in summary["calibrations"]["heavy"]["features"] for n in names)
 
 
 def test_partial_run_renders_with_a_note(tmp_path):
