@@ -68,6 +68,9 @@ def run(args) -> int:
     elif args.mode == "eval":
         from modes.eval import run_eval
         run_eval(cfg, eval_config(args), args.eval_models or "dense")
+    elif args.mode == "heal":
+        from modes.heal import run_heal
+        run_heal(cfg)
     elif args.mode == "baselines":
         from modes.baselines import run_baselines
         run_baselines(cfg, baseline_config(args))

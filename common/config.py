@@ -106,6 +106,31 @@ class OfflineConfig:
 
 
 @dataclass
+class HealConfig:
+    """Nested healing (--mode heal, pruners.healing): distil the prefix sub-networks from the frozen dense model.
+
+    Full weights, not LoRA: every decoder projection (and the norms) is trained, the tied embedding is frozen.
+    The sub-networks are prefixes of the same weights, so a full-weight update is what makes the units a small
+    action keeps learn to stand in for the ones it drops; the result is an ordinary save_pretrained folder with
+    nothing to merge; peft is not a dependency. The cost is optimizer state (2 x the trained weights: ~0.85 GB
+    for SmolLM2-135M, ~10 GB for Llama-3.2-1B), which a CPU run of the embedded model affords.
+    """
+    out_dir: str | None = None          # healed folder (default: <project cache>/heal/<model>); checkpoint inside
+    dataset: str = "builtin,alpaca"     # prompts whose dense continuations are the corpus (never evaluation data)
+    samples: int = 256                  # prompts continued by the dense model
+    new_tokens: int = 64                # tokens the dense model generates per prompt (sampled, seeded)
+    steps: int = 200                    # optimizer steps
+    batch: int = 4                      # sequences per step
+    seq_len: int = 128                  # tokens per sequence (the corpus is packed into windows this long)
+    lr: float = 5e-5                    # AdamW peak learning rate (linear warm-up 10 %, cosine decay)
+    random_actions: int = 2             # sandwich: the full model + the smallest action + this many random ones
+    save_every: int = 25                # checkpoint every N steps (and on interrupt)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class RunConfig:
     """A train/test run (and the model/engine settings every mode shares)."""
     mode: str = "train"
@@ -147,6 +172,7 @@ class RunConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,7 @@ from pathlib import Path
 from controller.environment import PruningEnvironment
 from model_loader import LoadedModel, load_model
 from pruners import ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
+from pruners.elastic import ensure_stored_order, find_menu
 from common.calibration import CALIBRATION_SENTENCES, SENTENCES, calibration_set
 from common.config import RunConfig
 from controller.load_signals import CONTENTION, SlowdownTracker
@@ -72,8 +73,13 @@ def build_engine(cfg: RunConfig, loaded: LoadedModel, actions: Sequence[PruningA
     train, test, eval and export, so every mode prunes (and compensates) the same units for the same action.
 
     ``actions`` are prepared now (plans and compensation, cached on disk), not inside a timed episode.
+    A healed model folder (``--model DIR`` with an ``elastic.pt`` sidecar, ``--mode heal``) brings its own
+    unit order, plans and compensation; the engine uses them and records the folder in ``describe()``.
     """
-    engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask",
+    menu = find_menu(loaded.name) if loaded.source == "local" else None
+    if menu is not None:
+        ensure_stored_order(loaded.model, menu)
+    engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask", menu=menu,
                            importance=cfg.importance, tokenizer=loaded.tokenizer,
                            calibration=calibration_set(cfg.calibration), calibration_max_tokens=cfg.calibration.max_tokens,
                            allocation=cfg.allocation, recovery=cfg.recovery, kv_min_tokens=cfg.env.long_prompt_tokens,

@@ -23,6 +23,10 @@ def run_baselines(cfg: RunConfig, bcfg) -> Path:
     run_dir = reporting.RunDir.create(Path(cfg.report_dir), "baselines", loaded.name)
     run_dir.write_config({**cfg.to_dict(), "baselines": dataclasses.asdict(bcfg)})
     prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device))
+    if loaded.source == "local":        # a --mode heal folder: its methods score the healed dense weights
+        from pruners.elastic import find_menu
+        menu = find_menu(loaded.name)
+        prov["healed"] = menu.describe() if menu is not None else None
 
     def write(rows, partial=True):
         metrics = metrics_skeleton("baselines", cfg, prov, [], baselines=rows, baseline_config=dataclasses.asdict(bcfg))

@@ -16,12 +16,12 @@ from typing import Any, Callable
 from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, BaselineConfig, CalibrationConfig,
                            EvalConfig, RunConfig)
 
-MODES = ("train", "test", "eval", "report", "baselines", "export")
-TRAIN, TEST, EVAL, BASELINES, EXPORT = "train", "test", "eval", "baselines", "export"
-MODEL_MODES = (TRAIN, TEST, EVAL, BASELINES, EXPORT)
+MODES = ("train", "test", "eval", "report", "baselines", "export", "heal")
+TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL = "train", "test", "eval", "baselines", "export", "heal"
+MODEL_MODES = (TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL)
 LIVE, OFFLINE = ("live",), ("offline",)
 LM_EVAL_MODES = (TEST, EVAL, BASELINES)
-ENGINE_MODES = (TRAIN, TEST, EVAL, EXPORT)      # build the run's own PruningEngine (baselines: each method's)
+ENGINE_MODES = (TRAIN, TEST, EVAL, EXPORT, HEAL)   # build the run's own PruningEngine (baselines: each method's)
 EXIT_USAGE = 2
 
 
@@ -81,12 +81,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--model", _R + "model", "auto | smollm2-135m | tiny | llama-3.2-1b-shape | HF id | local dir", MODEL_MODES),
     Flag("--device", _R + "device", "auto | cpu | cuda | cuda:N", MODEL_MODES),
     Flag("--importance", _R + "importance", "unit ordering: fluctuation (FLAP) | activation | magnitude | "
-         "block_influence | taylor",
-         (TRAIN, TEST, EVAL, EXPORT)),
-    Flag("--targets", _R + "targets", "pruning targets in the action space (comma-separated)", (TRAIN, TEST, EVAL),
-         type=words),
+         "block_influence | taylor (heal: the order healing starts from, stored in the folder)",
+         ENGINE_MODES),
+    Flag("--targets", _R + "targets", "pruning targets in the action space (comma-separated; heal: the "
+         "sub-networks trained)", (TRAIN, TEST, EVAL, HEAL), type=words),
     Flag("--intensities", _R + "intensities", "intensities per target (comma-separated fractions)",
-         (TRAIN, TEST, EVAL), type=floats),
+         (TRAIN, TEST, EVAL, HEAL), type=floats),
     Flag("--structural", "cli.structural", "slice weights: real speedups (default unless STRUCTURAL_PRUNING=0 "
          "in .env)", (TRAIN, TEST, EVAL), type=None, switch=True),
     Flag("--mask", "cli.mask", "zero units with hooks: quality only, NO speedup", (TRAIN, TEST, EVAL),
@@ -99,7 +99,8 @@ FLAGS: tuple[Flag, ...] = (
          (TRAIN, TEST, EVAL), type=positive_int),
     Flag("--report-dir", _R + "report_dir", "folder for report folders", (TRAIN, TEST, EVAL, BASELINES)),
     # ---- data
-    Flag("--seed", _R + "seed", "seed for data order, exploration, network init", (TRAIN, TEST), type=int),
+    Flag("--seed", _R + "seed", "seed for data order, exploration, network init (heal: corpus sampling, "
+         "batches, sandwich members)", (TRAIN, TEST, HEAL), type=int),
     Flag("--checkpoint", _R + "checkpoint", "policy checkpoint to write (train) or read (test)", (TRAIN, TEST)),
     Flag("--train-dataset", _R + "train_dataset", "builtin | local .jsonl/.json/.csv (Dolly or Alpaca schema) | HF id "
          "(test: the held-out split of it)", (TRAIN, TEST)),
@@ -174,8 +175,8 @@ FLAGS: tuple[Flag, ...] = (
          "objectives)", (TRAIN,), type=float, environments=OFFLINE),
     # ---- training only
     Flag("--episodes", _R + "episodes", "training episodes (one prompt each)", (TRAIN,), type=int),
-    Flag("--resume", _R + "resume", "continue training from --checkpoint", (TRAIN,), type=None, switch=True,
-         environments=LIVE),
+    Flag("--resume", _R + "resume", "continue training from --checkpoint (heal: from the checkpoint in "
+         "--heal-out)", (TRAIN, HEAL), type=None, switch=True, environments=LIVE),
     Flag("--no-save-buffer", "cli.no_save_buffer", "leave the replay buffer out of checkpoints", (TRAIN,),
          type=None, switch=True),
     Flag("--scenario-block", _R + "scenario_block", "episodes per scenario block", (TRAIN,), type=positive_int,
@@ -231,6 +232,23 @@ FLAGS: tuple[Flag, ...] = (
          "baseline methods: comma-separated sources taken in turn (builtin | alpaca | sentences | local file | HF id); "
          "never evaluation data", MODEL_MODES),
     Flag("--calibration-samples", _R + "calibration.samples", "calibration texts used at most", MODEL_MODES,
+         type=positive_int),
+    # ---- nested healing (--mode heal, pruners.healing)
+    Flag("--heal-out", _R + "heal.out_dir", "healed model folder (save_pretrained + elastic.pt sidecar + "
+         "heal.json; the checkpoint lives there while healing); default: .cache/heal/<model>", (HEAL,), metavar="DIR"),
+    Flag("--heal-dataset", _R + "heal.dataset", "prompts the dense model continues to make the distillation corpus: "
+         "comma-separated builtin | alpaca | local file | HF id; never evaluation data", (HEAL,)),
+    Flag("--heal-samples", _R + "heal.samples", "prompts continued by the dense model", (HEAL,), type=positive_int),
+    Flag("--heal-new-tokens", _R + "heal.new_tokens", "tokens the dense model generates per prompt", (HEAL,),
+         type=positive_int),
+    Flag("--heal-steps", _R + "heal.steps", "optimizer steps", (HEAL,), type=positive_int),
+    Flag("--heal-batch", _R + "heal.batch", "sequences per step", (HEAL,), type=positive_int),
+    Flag("--heal-seq-len", _R + "heal.seq_len", "tokens per sequence (packed windows of the corpus)", (HEAL,),
+         type=positive_int),
+    Flag("--heal-lr", _R + "heal.lr", "AdamW peak learning rate (10 %% warm-up, cosine decay)", (HEAL,), type=float),
+    Flag("--heal-random", _R + "heal.random_actions", "random actions per step besides the full model and the "
+         "smallest action (sandwich rule)", (HEAL,), type=int),
+    Flag("--heal-save-every", _R + "heal.save_every", "heal checkpoint every N steps (and on interrupt)", (HEAL,),
          type=positive_int),
     Flag("--export", "cli.export_dir", "folder for the pruned model (save_pretrained)", (EXPORT,), metavar="DIR"),
     Flag("--action", "cli.action", "TARGET:INTENSITY to export, e.g. ffn_neurons:0.5", (EXPORT,)),

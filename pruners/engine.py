@@ -31,6 +31,7 @@ from pruners.actions import NONE, PruningAction
 from pruners.allocation import check_allocation, global_kept
 from pruners.compensation import (RIDGE, SINK_TOKENS, BiasSwap, InputMoments, ReplacedRun, check_recovery, fit_replacements, input_moments,
                                   layer_runs, removed_mean_bias)
+from pruners.elastic import ElasticMenu
 from pruners.cost import DecodeCost, decode_cost, ideal_speedup
 from pruners.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels
 from pruners.heads import allocate_group_removals, attention_cuts, groups_to_remove, reorder_kv_groups
@@ -61,12 +62,16 @@ class PruningEngine:
     capable; the CLI's RunConfig defaults to "global" / "compensate").
     cache_dir: folder for the score and compensation cache (default ``offline.cache_dir()/importance``).
     kv_*: policy, minimum prompt length and attention sinks of kv_cache actions.
+    menu: a healed model's ``pruners.elastic.ElasticMenu``: its units are already in the stored order, which
+    is used as it is (no scoring, no reorder), with the stored plans and compensation of every healed action
+    (actions it lacks, or another allocation, are planned from the stored scores and moments).
     """
 
     def __init__(self, model: nn.Module, mode: str = "structural", importance: str | Criterion = "activation",
                  calibration: Sequence[str] | CalibrationSet | None = None, tokenizer=None, cache_dir: Path | None = None,
                  kv_policy: str = "streaming", kv_min_tokens: int = 256, kv_sink_tokens: int = 4,
-                 calibration_max_tokens: int = 256, allocation: str = "uniform", recovery: str = "none") -> None:
+                 calibration_max_tokens: int = 256, allocation: str = "uniform", recovery: str = "none",
+                 menu: ElasticMenu | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown pruning mode '{mode}': choose from {', '.join(MODES)}")
         self.model = model
@@ -83,14 +88,20 @@ class PruningEngine:
         self._calibration_ids: list[torch.Tensor] | None = None
         self.cache_dir = Path(offline.cache_dir() / "importance" if cache_dir is None else cache_dir)
         self.criterion = get_importance(importance)
-        self.scores, self.importance_from_cache = self._score(self.criterion)
+        self.menu = menu
         self._loaded_weights = weight_fingerprint(model)   # keys statistics that do not depend on the unit order
-        self._reorder()
+        if menu is None:
+            self.scores, self.importance_from_cache = self._score(self.criterion)
+            self._reorder()
+        else:                                   # a healed model: units already sorted, scores in that order
+            self.scores, self.importance_from_cache = menu.scores, True
         projections = [(cut.path, cut.dim) for cut in attention_cuts(1, self.dims) + ffn_cuts(1)]
         self._linears = {(i, path): PrefixLinear(layer.get_submodule(path), dim)
                          for i, layer in enumerate(decoder_layers(model)) for path, dim in projections}
         self.moments: InputMoments | None = None   # compensation means, global KV allocation (dense, reordered)
-        if self.recovery == "compensate" or self.allocation == "global":
+        if menu is not None and menu.moments is not None:
+            self.moments = menu.moments
+        elif self.recovery == "compensate" or self.allocation == "global":
             self.moments, _ = self._cached(f"moments-sink{SINK_TOKENS}-v2",
                                            lambda: input_moments(self.model, self.calibration_ids()),
                                            encode=InputMoments.to_dict, decode=InputMoments.from_dict)
@@ -163,6 +174,9 @@ class PruningEngine:
         return plan
 
     def _make_plan(self, action: PruningAction) -> PruningPlan:
+        stored = self.menu.plans.get(action.label) if self.menu and self.menu.allocation == self.allocation else None
+        if stored:
+            return self._with_extra(PruningPlan(action, **{k: tuple(v) for k, v in stored.items()}))
         r, dims, scores = action.intensity, self.dims, self.scores
         if action.target == "attention_heads":
             if self.allocation == "global":
@@ -244,11 +258,21 @@ class PruningEngine:
         swaps = self._biases.get(action)
         if swaps is None:
             swaps = self._biases[action] = []
+            stored = self._stored_biases(action)
             for i, cut in self._bias_cuts(self.plan(action)):
                 linear = self._linears[i, cut.path].linear
-                bias = removed_mean_bias(self._linears[i, cut.path].weight, self.moments.mean[f"{i}.{cut.path}"], cut.keep)
-                swaps.append(BiasSwap(linear, bias))
+                bias = stored.get(f"{i}.{cut.path}") if stored else None
+                if bias is None:
+                    bias = removed_mean_bias(self._linears[i, cut.path].weight, self.moments.mean[f"{i}.{cut.path}"],
+                                             cut.keep)
+                swaps.append(BiasSwap(linear, bias.to(linear.weight.device, linear.weight.dtype)))
         return swaps
+
+    def _stored_biases(self, action: PruningAction) -> dict[str, torch.Tensor] | None:
+        """A healed menu's biases of this action, when its plan is the stored one."""
+        if self.menu is None or self.menu.allocation != self.allocation:
+            return None
+        return self.menu.biases.get(action.label)
 
     def compensation_biases(self, action: PruningAction) -> dict[tuple[int, str], torch.Tensor]:
         """(layer, projection path) -> the output bias a heads/FFN action adds (empty without compensation)."""
@@ -272,17 +296,29 @@ class PruningEngine:
             return
         current = self.current_action
         self.restore()                         # the cache key reads the dense weights
+        stored = {a: self.menu.maps[a.label] for a in todo
+                  if self.menu and self.menu.allocation == self.allocation and a.label in self.menu.maps}
         names = {a: f"replace-{RIDGE:g}-sink{SINK_TOKENS}-" + ",".join(map(str, self.plan(a).layers_kept)) for a in todo}
-        missing = [a for a in todo if not self._cache_file(names[a], order_free=True).is_file()]
+        missing = [a for a in todo if a not in stored and not self._cache_file(names[a], order_free=True).is_file()]
         fitted = fit_replacements(self.model, {a.label: self.plan(a).layers_kept for a in missing},
                                   self.calibration_ids(), progress=progress) if missing else {}
         layers = decoder_layers(self.model)
         for action in todo:
-            maps, _ = self._cached(names[action], lambda a=action: fitted[a.label], order_free=True,
-                                   encode=_encode_maps, decode=_decode_maps)
+            maps = stored.get(action) or self._cached(names[action], lambda a=action: fitted[a.label], order_free=True,
+                                                      encode=_encode_maps, decode=_decode_maps)[0]
             # the map of the run starting at `first` follows the kept layer just before it
             self._replacements[action] = {first - 1: ReplacedRun(layers[first - 1], *ab) for first, ab in maps.items()}
         self.apply(current)
+
+    def replacement_maps(self, action: PruningAction) -> dict[int, ReplacedRun]:
+        """Kept layer index -> the ReplacedRun (layer + affine map) a prepared layer action runs (healing trains them)."""
+        return dict(self._replacements.get(action, {}))
+
+    def refresh_compensation(self) -> None:
+        """Forget the cached compensation biases, so the next apply recomputes them from the weights as they are now
+        (after healing changed them); plans and layer maps are kept."""
+        self.restore()
+        self._biases.clear()
 
     # ----------------------------------------------------------------- apply / restore
     @property
@@ -346,7 +382,7 @@ class PruningEngine:
     def describe(self, actions: Sequence[PruningAction] = ()) -> dict:
         """What shaped this engine's menu, for provenance: which data calibrated what, and the extra bytes
         each action's compensation adds (also as a share of the dense model's bytes)."""
-        fitted = [part for part, on in (("importance", self.criterion.needs_calibration),
+        fitted = [part for part, on in (("importance", self.criterion.needs_calibration and self.menu is None),
                                         ("compensation", self.recovery == "compensate"),
                                         ("allocation", self.allocation == "global")) if on]
         calibration: dict = {"calibrates": fitted}
@@ -358,9 +394,13 @@ class PruningEngine:
         dense = self.decode_cost(NONE).bytes
         extra = {a.label: {"bytes": self.plan(a).extra_params * element,
                            "share_of_model": self.plan(a).extra_params * element / dense} for a in actions}
-        return {"importance": self.scores.criterion, "layer_order": self.scores.layer_source, "mode": self.mode,
-                "allocation": self.allocation, "recovery": self.recovery,
-                "calibration": calibration, "extra_bytes": extra}
+        described = {"importance": self.scores.criterion, "layer_order": self.scores.layer_source, "mode": self.mode,
+                     "allocation": self.allocation, "recovery": self.recovery,
+                     "calibration": calibration, "extra_bytes": extra}
+        if self.menu is not None:
+            described["importance"] = f"{self.scores.criterion} (stored order of the healed model, not recomputed)"
+            described["healed"] = self.menu.describe()
+        return described
 
     def effective_intensity(self, action: PruningAction, prompt_tokens: int | None = None) -> float:
         """Fraction of the target's units really removed, after the rounding the shapes force.

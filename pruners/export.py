@@ -158,6 +158,7 @@ def export_pruned(loaded, engine: PruningEngine, action: PruningAction, out_dir:
         "effective_intensity": engine.effective_intensity(action),
         "method": method, "budget": budget, "importance": engine.scores.criterion,
         "allocation": engine.allocation, "recovery": engine.recovery,
+        "healed": engine.menu.describe() if engine.menu is not None else None,   # a --mode heal folder's sub-network
         "compensation_biases": sorted({path for _, path in engine.compensation_biases(action)}),
         "kept_units": "the most important units of each layer by `importance`: the source weights were permuted "
                       "by importance before slicing, so exported head / channel i is the i-th most important",
