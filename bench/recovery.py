@@ -15,8 +15,13 @@ Stages (each appends rows to --out, a JSON file; rows already there are skipped,
   (FFN and heads at 0.2: a layer row needs a least-squares walk per size, too slow on this CPU).
 - ``speed``: measured decode speedup / ideal of the defaults' plans (interleaved pairs), SmolLM2 and the
   random Llama-3.2-1B-shape model (non-uniform plans must still reach >= 0.9 of ideal).
+- ``heal``: the "+ healing" rows of the ``table`` stage for a ``--mode heal`` folder (``--healed DIR``): the
+  healed sub-networks' WikiText-2 PPL over the *original* dense model's (same windows as every row), the
+  healed full model's ratio (the "within 1 %" check) and the heal run's tokens and wall time from its
+  sidecar (heal.json); ``--heal-intensities`` limits the actions (CPU time).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/recovery.py --stage table --tasks lambada_openai,arc_easy
+    .venv/bin/python bench/recovery.py --stage heal --healed .cache/heal/smollm2-135m
     .venv/bin/python bench/recovery.py --markdown          # the tables of bench/RESULTS.md from the JSON
 """
 from __future__ import annotations
@@ -48,6 +53,7 @@ INTENSITIES = (0.1, 0.2, 0.3)
 DEFAULT = RunConfig()
 LEGACY_CALIBRATION = CalibrationConfig(dataset=SENTENCES, samples=len(CALIBRATION_SENTENCES))
 HELD_OUT_FROM = 10_000      # Alpaca instructions from this seeded position on are in no calibration sample
+HEALED = "+ healing"
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,11 @@ class Bench:
         self.args = args
         self.loaded = load_model(args.model, device=args.device)
         self.out = Path(args.out)
-        self.rows: list[dict] = json.loads(self.out.read_text())["rows"] if self.out.is_file() else []
+        stored = json.loads(self.out.read_text()) if self.out.is_file() else {"rows": []}
+        same = {k: stored.get("meta", {}).get(k) for k in ("windows", "seq_len")}
+        if stored["rows"] and same != {"windows": args.windows, "seq_len": args.seq_len}:
+            raise SystemExit(f"{self.out} holds rows of {same}: pass the same --windows/--seq-len, or another --out")
+        self.rows: list[dict] = stored["rows"]
         self.wikitext = load_wikitext2_test(args.wikitext_path)
         self.held_out = _held_out_corpus()
         self._dense: dict[str, float] = {}
@@ -221,6 +231,39 @@ class Bench:
                       "kept": _kept(engine, action)})
 
 
+    def healed(self, folder: str, actions: list) -> None:
+        """The "+ healing" rows: a healed folder's sub-networks against the original dense model's PPL."""
+        from controller.session import build_engine
+        from evaluation.wikitext import compute_perplexity
+        from model_loader import load_model
+        todo = [a for a in actions if not self.has("table", HEALED, a.label)]
+        full_todo = not self.has("heal", HEALED, "none")
+        if not (todo or full_todo):
+            return
+        loaded = load_model(folder, device=self.args.device)
+        engine = build_engine(dataclasses.replace(DEFAULT, model=folder), loaded, todo)
+        healed = engine.describe()["healed"]
+        if not healed:
+            raise SystemExit(f"{folder} is not a --mode heal folder (no elastic.pt sidecar)")
+        dense = self.dense_ppl("wikitext")
+        meta = {"folder": folder, "heal_steps": healed.get("steps"), "heal_tokens": healed.get("tokens"),
+                "heal_wall_s": healed.get("wall_s"), "heal_tokens_per_s": healed.get("tokens_per_s")}
+
+        def ppl() -> float:
+            return compute_perplexity(loaded.model, loaded.tokenizer, self.wikitext, seq_len=self.args.seq_len,
+                                      max_windows=self.args.windows, progress=False).ppl
+        if full_todo:
+            value = ppl()
+            self.add({"stage": "heal", "setting": HEALED, "action": "none", "corpus": "wikitext", "ppl": value,
+                      "dense_ppl": dense, "ppl_ratio": value / dense, **meta})
+        for action in todo:
+            with engine.pruned(action):
+                value = ppl()
+            self.add({"stage": "table", "setting": HEALED, "action": action.label, "corpus": "wikitext", "ppl": value,
+                      "dense_ppl": dense, "ppl_ratio": value / dense, **self.costs(engine, action), **meta,
+                      "engine": engine.describe([action])})
+
+
 def _kept(engine, action) -> str:
     plan = engine.plan(action)
     for name, values in (("ffn", plan.ffn_kept), ("kv groups", plan.kv_groups_kept)):
@@ -256,6 +299,10 @@ def run(args: argparse.Namespace) -> None:
     if args.stage in ("calibration", "all"):
         for setting in calibration_sizes():
             bench.ratios("calibration", setting, [PruningAction(t, 0.2) for t in TARGETS[:2]], "wikitext")
+    if args.stage == "heal":
+        if not args.healed:
+            raise SystemExit("--stage heal needs --healed DIR (a folder written by --mode heal)")
+        bench.healed(args.healed, [PruningAction(t, float(r)) for t in TARGETS for r in args.heal_intensities.split(",")])
     if args.stage in ("speed", "all"):
         default = TABLE_SETTINGS[-1]
         for model_name in (bench.loaded.name, "llama-3.2-1b-shape"):
@@ -282,7 +329,13 @@ def markdown(data: dict) -> str:
         table = [[name, *(fmt(_get(table_rows, name, a, "ppl_ratio"), 2) for a in labels)] for name in names]
         out += [f"### WikiText-2 PPL ratio pruned / dense (first {meta['windows']} windows of {meta['seq_len']} "
                 "tokens)", "", *md_table(["setting", *labels], table), ""]
-        default = names[-1]
+        full = next((r for r in rows if r["stage"] == "heal" and r["action"] == "none"), None)
+        if full:
+            out += [f"**{HEALED}**: `{full['folder']}`, {full['heal_steps']} steps on {full['heal_tokens']} tokens in "
+                    f"{fmt(full['heal_wall_s'], 0)} s ({fmt(full['heal_tokens_per_s'], 0)} tokens/s); ratios over the "
+                    f"original dense PPL; the healed full model: PPL {fmt(full['ppl'], 2)}, ratio "
+                    f"{fmt(full['ppl_ratio'], 4)}.", ""]
+        default = ([n for n in names if n != HEALED] or names)[-1]    # the cost table: the training-free default
         cost = [[a, fmt(_get(table_rows, default, a, "effective_intensity"), 3),
                  fmt(_get(table_rows, default, a, "ideal_speedup"), 3),
                  fmt((_get(table_rows, default, a, "extra_bytes") or 0) / 1e6, 2),
@@ -331,7 +384,10 @@ def _action_order(label: str) -> tuple:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=("select", "table", "calibration", "speed", "all"), default="table")
+    p.add_argument("--stage", choices=("select", "table", "calibration", "speed", "heal", "all"), default="table")
+    p.add_argument("--healed", default=None, help="heal stage: a folder written by --mode heal")
+    p.add_argument("--heal-intensities", default=",".join(map(str, INTENSITIES)),
+                   help="heal stage: intensities of the healed actions scored")
     p.add_argument("--out", default=str(ROOT / "bench" / "recovery.json"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
