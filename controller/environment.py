@@ -218,7 +218,7 @@ class PruningEnvironment:
                        latency_s=gen.total_s if gen else None, prefill_s=gen.prefill_s if gen else None,
                        decode_s=gen.decode_s if gen else None,
                        measured_speedup=(ref.dense_total_s / gen.total_s) if gen and whole else None,
-                       energy_j=energy, kv_applied=gen.kv_applied if gen else None)
+                       energy_j=energy, kv_applied=gen.kv_applied if gen else None, reward_latency_s=latency)
 
 
 def inert_in_bucket(bucket: str, label: str) -> bool:

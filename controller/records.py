@@ -25,6 +25,8 @@ class Outcome:
     measured_speedup: float | None = None   # raw single-run ratio, recorded, not rewarded
     energy_j: float | None = None
     kv_applied: bool | None = None    # kv_cache actions skip prompts below the minimum length
+    reward_latency_s: float | None = None   # the latency the reward used (latency-table entry or interleaved
+                                            # pairs), checked against the measured latency_s in the report
 
 
 @dataclass

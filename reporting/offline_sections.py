@@ -33,14 +33,18 @@ def load_section(verification: Mapping | None, calibrations: Mapping | None) -> 
     rows = []
     for name, v in levels.items():
         starts = [s for s in v["start"] if s is not None]
+        splits = v.get("median_by_split") or {}      # absent in runs recorded before the per-split check
         rows.append((f"`{name}`", f"×{fmt(v['min_slowdown'], 2)}", f"×{fmt(v['median'], 2)}",
+                     " / ".join(f"×{fmt(splits[s], 2)}" if s in splits else MISSING for s in ("train", "test")),
                      ", ".join(f"×{d:.2f}" for d in v["during"]) or MISSING,
                      ", ".join(f"×{s:.2f}" for s in starts) or MISSING,
                      "**FAILED**" if v["failed"] else (f"ok ({len(v['failed_checks'])} checks below)"
                                                        if v["failed_checks"] else "ok")))
     lines += ["Dense decode step per token against the same round's idle calibration (during) and against the "
-              "latest idle measurement when the load started (start).", ""]
-    lines += _table(["level", "minimum", "median", "each calibration (during)", "at start", "check"], rows)
+              "latest idle measurement when the load started (start). A level fails when the median of its training "
+              "or of its test calibrations is below its minimum.", ""]
+    lines += _table(["level", "minimum", "median", "median train / test", "each calibration (during)", "at start",
+                     "check"], rows)
     if calibrations:
         shown = [f for f in load_feature_names() if all(f in c["features"] for c in calibrations.values())]
         rows = [(f"`{lv}`", *(f"{fmt(c['features'][f]['mean'])} ± {fmt(c['features'][f]['sd'])}"
@@ -57,14 +61,19 @@ def load_section(verification: Mapping | None, calibrations: Mapping | None) -> 
 def quality_section(q: Mapping | None) -> list[str]:
     if not q:
         return []
-    rows = [(f"`{a}`", v["n"], fmt(v["r_half"]), fmt(v["reliability"]), fmt_pct(v["improved_share"]))
+    rows = [(f"`{a}`", v["n"], fmt(v["r_half"]), fmt(v["reliability"]), fmt_pct(v["improved_share"]),
+             fmt(v.get("kl")), fmt(v.get("prompt_kl")), fmt(v.get("r_prompt_kl")))
             for a, v in q["per_action"].items()]
     return ["## Quality signal", "",
             f"{q['n_prompts']} prompts, {fmt(q['reference_tokens'], 1)} reference tokens on average. Split-half "
             f"reliability of each prompt's log PPL ratio (Pearson r between the reference's halves, Spearman-Brown "
             f"full length); median {fmt(q['median_reliability'])}. 'PPL improved' is the share of prompts where "
-            "pruning lowered the PPL ratio below 1, what a noisy signal produces.", ""] + _table(
-        ["action", "prompts", "r (halves)", "reliability", "PPL improved"], rows)
+            "pruning lowered the PPL ratio below 1, what a noisy signal produces. KL(dense ‖ pruned) per token on "
+            "the reference and on the prompt's last positions (from the prefill's logits, no reference needed); "
+            "r: Pearson correlation over prompts between the prompt-position KL and the reference's log PPL "
+            "ratio (the reward reads the reference only).", ""] + _table(
+        ["action", "prompts", "r (halves)", "reliability", "PPL improved", "KL (reference)", "KL (prompt)",
+         "r (prompt KL, log PPL ratio)"], rows)
 
 
 def offline_test_section(o: Mapping | None) -> list[str]:

@@ -167,10 +167,13 @@ def report_markdown(metrics: Mapping, summary: Mapping, run_name: str, plots: Ma
         lines += ["> **metrics.json problems** (the figures below may be incomplete):", ">"]
         lines += [f"> - {md_cell(p)}" for p in problems] + [""]
     lines += _provenance_section(metrics.get("provenance") or {}, metrics)
+    load_timing = ((metrics.get("config") or {}).get("env") or {}).get("load_timing")
     if "train" in summary:
         lines += _train_section(summary["train"])
+        lines += _latency_check_section(summary["train"].get("latency_check"), load_timing)
     if "test" in summary:
         lines += _test_section(summary["test"])
+        lines += _latency_check_section(summary["test"].get("latency_check"), load_timing)
     lines += offline_sections.load_section(metrics.get("load_verification"), summary.get("calibrations"))
     lines += offline_sections.quality_section(summary.get("quality"))
     lines += offline_sections.offline_train_section(metrics.get("offline"), metrics.get("action_space") or [])
@@ -281,6 +284,20 @@ def _choice_table(title: str, counts: Mapping[str, Mapping[str, int]], order: Se
     rows = [(_code(a), *(counts[c].get(a, 0) for c in cols)) for a in used]
     rows.append(("**total**", *(sum(counts[c].values()) for c in cols)))
     return [title, ""] + _table(["action", *cols], [*rows, *extra_rows])
+
+
+def _latency_check_section(check: Mapping | None, load_timing: str | None) -> list[str]:
+    """The latency table the rewards read, checked against the generations this run timed live."""
+    if not check:
+        return []
+    how = {"scaled": "loaded entries scaled from idle by the dense slowdown",
+           "measured": "loaded entries measured per action under the load"}.get(load_timing, "")
+    rows = [(_code(g), c["n"], fmt_pct(c["bias"]), fmt_pct(c["error"])) for g, c in check.items()]
+    return (["### Latency table vs live generations", "",
+             f"Relative error live / table − 1 of the latency the reward used ({how or 'table'}) against the "
+             "same generation timed live (one raw timing each, so single errors are noisy; the median is the "
+             "table's bias, > 0: live runs were slower).", ""]
+            + _table(["scenario", "generations", "median error (bias)", "mean |error|"], rows))
 
 
 def _overhead_table(rows: Sequence[tuple[str, Mapping]]) -> list[str]:
@@ -476,6 +493,16 @@ def console_summary(metrics: Mapping, summary: Mapping | None = None) -> str:
                          f"{fmt_ci(s['policy']['speedup'])}, PPL ratio {fmt_ci(s['policy']['ppl_ratio'])}; "
                          f"regret {fmt_ci(s['regret'])}; policy − best static ({s['best_static']}) "
                          f"{fmt_ci(s['vs_best_static'])}")
+    for line in (metrics.get("load_verification") or {}).get("failures") or []:
+        lines.append(f"LOAD FAILED: {line}")
+    if "offline_test" in summary:
+        o = summary["offline_test"]
+        strongest = o["strongest_baseline"]
+        for g in o["groups"]:
+            arms = o["by_level"][g]["arms"]
+            lines.append(f"offline test [{g}]: policy reward {fmt_ci(arms['policy']['reward'])}; policy − "
+                         f"{strongest} (strongest baseline) {fmt_ci(arms[strongest]['vs'])}")
+        lines.append(f"verdict: {o['verdict']['claim']}")
     if "evaluation" in summary:
         for m, s in summary["evaluation"]["models"].items():
             lines.append(f"eval {m}: PPL {fmt(s['ppl'], 2)}, mean acc % {fmt_pct(s['mean_acc'], suffix='')}")

@@ -245,6 +245,7 @@ def summarize_train(episodes: Sequence, action_space: Sequence[str] | None = Non
         "greedy_by_complexity": _bucket_counts([r["complexity"] for r, _ in greedy], [a for _, a in greedy],
                                                edges, order),
         "overhead": _overhead([r.get("controller_s") for r in ok], [r["outcome"] for r in ok]),
+        "latency_check": latency_check([(r["scenario"], r["outcome"]) for r in ok]),
     }
 
 
@@ -266,6 +267,21 @@ def _train_per_action(rows: list[dict], labels: list[str], order: list[str]) -> 
 def _timing(outcomes: Sequence[dict]) -> dict:
     """Mean seconds of the generation parts, for the latency-breakdown table and plot."""
     return {k: mean_or_none(o.get(k) for o in outcomes) for k in ("prefill_s", "decode_s", "latency_s")}
+
+
+def latency_check(pairs: Sequence[tuple[str, Mapping]]) -> dict:
+    """How well the latencies the reward used (the latency table, scaled or measured under load)
+    predict the generations the run timed live, per scenario (and over all): relative error
+    measured / table - 1, its median (the table's bias; > 0: live runs were slower) and the mean
+    of its absolute value. ``pairs``: (scenario, outcome) for outcomes with both latencies."""
+    by: dict[str, list[float]] = {}
+    for scenario, o in pairs:
+        live, table = (o or {}).get("latency_s"), (o or {}).get("reward_latency_s")
+        if is_number(live) and is_number(table) and live > 0 and table > 0:
+            by.setdefault(scenario, []).append(live / table - 1.0)
+    if len(by) > 1:
+        by[ALL] = [e for errors in list(by.values()) for e in errors]
+    return {g: {"n": len(e), "bias": float(np.median(e)), "error": float(np.mean(np.abs(e)))} for g, e in by.items()}
 
 
 def _episode_action(row: dict, action_space: Sequence[str] | None) -> str:
@@ -314,6 +330,7 @@ def summarize_test(prompts: Sequence, ablations: Mapping | None = None, action_s
         "complexity_edges": edges,
         "by_scenario": by_scenario,
         "ablations": summarize_ablations(ablations or {}, rows, order, seed),
+        "latency_check": latency_check([(r["scenario"], r["policy"]) for r in rows]),   # the policy's run is timed
     }
 
 
@@ -676,13 +693,27 @@ def summarize_quality(outcomes: Mapping) -> dict:
             continue
         x, y = np.asarray(pairs, dtype=float).T
         r_half = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else None
+        scored = [r["actions"][a] for r in rows if a in r["actions"] and not r["actions"][a]["inert"]]
+        with_prompt = [(q["prompt_kl"], float(np.log(q["ppl_ratio"]))) for q in scored
+                       if is_number(q.get("prompt_kl")) and is_number(q["ppl_ratio"]) and q["ppl_ratio"] > 0]
         per_action[a] = {"n": len(pairs), "r_half": r_half,
                          "reliability": 2 * r_half / (1 + r_half) if r_half is not None and r_half > -1 else None,
-                         "improved_share": float(np.mean([r["actions"][a]["ppl_ratio"] < 1 for r in rows
-                                                          if a in r["actions"] and not r["actions"][a]["inert"]]))}
+                         "improved_share": float(np.mean([q["ppl_ratio"] < 1 for q in scored])),
+                         "kl": mean_or_none(q["kl"] for q in scored),
+                         "prompt_kl": mean_or_none(k for k, _ in with_prompt),
+                         # does the prompt positions' KL (no reference needed) rank prompts as the reference does?
+                         "r_prompt_kl": _pearson(with_prompt)}
     rel = [v["reliability"] for v in per_action.values() if v["reliability"] is not None]
     return {"n_prompts": len(rows), "reference_tokens": mean_or_none(r["reference_tokens"] for r in rows),
             "per_action": per_action, "median_reliability": float(np.median(rel)) if rel else None}
+
+
+def _pearson(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Pearson r of (x, y) pairs; None with fewer than 3 pairs or a constant side."""
+    if len(pairs) < 3:
+        return None
+    x, y = np.asarray(pairs, dtype=float).T
+    return float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else None
 
 
 # --------------------------------------------------------------------------- whole file

@@ -81,6 +81,27 @@ def test_load_verification_flags_a_load_that_does_nothing(offline, caplog):
     assert load_failures(cs.verification()) and "placebo" in load_failures(cs.verification())[0]
 
 
+def test_load_verification_fails_a_level_whose_test_calibrations_ran_without_the_load(caplog):
+    """Training rounds x2.0, test rounds x1.0 against a x1.5 minimum: the pooled median (x1.5) passes, the
+    test split does not, so the level fails, and a later run reading the cached set warns again."""
+    from controller.latency_table import LatencyTable
+    from controller.load_calibration import SPLITS, LevelCalibration, load_failures
+    cs = CalibrationSet(["idle", "heavy"], {"idle": 1.0, "heavy": 1.5}, ["short"], {})
+    for r in range(4):
+        for level, slowdown in (("idle", 1.0), ("heavy", 2.0 if SPLITS[r % 2] == "train" else 1.0)):
+            cs.calibrations.append(LevelCalibration(level, r, SPLITS[r % 2], LatencyTable(), [],
+                                                    {"short": 0.02 * slowdown}, None, 0.0))
+    check = cs.verification()["heavy"]
+    assert check["median"] == pytest.approx(1.5) and check["median_by_split"] == pytest.approx(
+        {"train": 2.0, "test": 1.0})
+    assert check["failed"] and check["failed_splits"] == ["test"] and not cs.verification()["idle"]["failed"]
+    assert "in the test calibrations" in load_failures(cs.verification())[0]
+    levels = [Scenario("idle"), Scenario("heavy", LoadLevel(workers=1, duty=1.0), min_slowdown=1.5)]
+    with caplog.at_level(logging.WARNING):        # nothing to measure: every (round, level) is cached
+        Calibrator(None, None, levels, [], repeats=1, seed=0).run(cs, rounds=4, save=lambda _: None)
+    assert any("LOAD FAILED" in r.getMessage() and "heavy" in r.getMessage() for r in caplog.records)
+
+
 def _poison(data, prompt_ids: set[str], label: str):
     """A copy of the data where `label` is perfect on these prompts and instant in every test calibration."""
     bad = copy.deepcopy(data)

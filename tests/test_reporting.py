@@ -27,7 +27,8 @@ def _outcome(action: str, rng: random.Random, load: float = 0.0) -> Outcome:
     ppl_ratio = ppl + abs(rng.gauss(0, 0.05))
     return Outcome(action=action, reward=round(speedup - 1 - 0.5 * (ppl_ratio - 1), 6), speedup=speedup,
                    ppl_ratio=ppl_ratio, kl=0.1 * (ppl_ratio - 1), latency_s=0.5 / speedup,
-                   prefill_s=0.1 / speedup, decode_s=0.4 / speedup)
+                   prefill_s=0.1 / speedup, decode_s=0.4 / speedup,
+                   reward_latency_s=0.5 / speedup * (1 - 0.2 * load + rng.gauss(0, 0.02)))
 
 
 def _provenance() -> dict:
@@ -298,6 +299,7 @@ def test_render_is_deterministic_and_complete(synthetic, tmp_path):
     for needle in ("## Provenance", "Policy vs baselines, scenario `idle`", "all scenarios", "regret = oracle − policy",
                    "Static Pareto front", "random action (expected)", "by load scenario", "prompt complexity",
                    "Controller overhead", "Ablations", "no_hardware", "plots/pareto.png", "plots/pareto.svg",
+                   "Latency table vs live generations",
                    "`tiny` (random", "Partial run"):
         assert (needle in first) == (needle != "Partial run"), needle
 
@@ -313,6 +315,11 @@ def test_offline_report_embeds_its_plots_and_reads_the_summaries(synthetic, tmp_
     assert "Verdict (computed from the CIs)" in text and "### level `heavy`" in text and "all levels pooled" in text
     assert "Per-prompt adaptation at idle" in text
     assert "run_queue_per_core" in text and "observed_slowdown_log" in text and "observed_slowdown_ok" not in text
+    console = reporting.console_summary(synthetic["offline"])
+    assert "offline test [all]" in console and "verdict:" in console and "LOAD FAILED" not in console
+    failed = {**synthetic["offline"], "load_verification": {**synthetic["offline"]["load_verification"],
+                                                             "failures": ["load level 'heavy' slowed ..."]}}
+    assert "LOAD FAILED: load level 'heavy'" in reporting.console_summary(failed)
 
 
 def test_offline_plots_read_the_summary_structure():
@@ -364,7 +371,7 @@ def _numbers(text: str) -> set[str]:
     return set(re.findall(r"-?\d+\.\d+", text))
 
 
-@pytest.mark.parametrize("kind", ["train", "test", "eval"])
+@pytest.mark.parametrize("kind", ["train", "test", "eval", "offline"])
 def test_console_summary_matches_report(kind, synthetic, tmp_path):
     metrics = json.loads(json.dumps(synthetic[kind]))   # as read back from metrics.json
     report = reporting.report_markdown(metrics, summaries.summarize(metrics), "run", {}, tmp_path)

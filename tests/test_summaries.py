@@ -162,3 +162,34 @@ def test_summarize_eval_and_dispatch():
                                "baselines": [{"method": "m", "budget": 0.2, "speedup": 1.2, "ppl": 25.0},
                                              {"method": "m", "budget": 0.4, "speedup": 1.1, "ppl": 30.0}]})
     assert set(out) == {"evaluation", "baselines"} and out["baselines"]["front"] == ["m@0.2"]
+
+
+def test_summarize_quality_split_half_reliability_hand_example():
+    """Halves x = 0, 1, 2, 3 and y = 1, 0, 3, 2: r = 3 / 5 = 0.6 (deviations ±0.5, ±1.5), Spearman-Brown
+    2r / (1 + r) = 0.75. An inert action is left out; the prompt-position KL is linear in the log PPL ratio."""
+    halves = [(0.0, 1.0), (1.0, 0.0), (2.0, 3.0), (3.0, 2.0)]
+    ratios = [0.9, 1.1, 1.3, 1.5]
+    outcomes = {f"p{i}": {"reference_tokens": 32 + i, "actions": {
+        FFN: {"ppl_ratio": ratios[i], "kl": 0.1 * i, "prompt_kl": 2.0 * math.log(ratios[i]) + 1.0,
+              "half_log_ratio": list(halves[i]), "inert": False},
+        "none": {"ppl_ratio": 1.0, "kl": 0.0, "prompt_kl": 0.0, "half_log_ratio": [0.0, 0.0], "inert": True}}}
+        for i in range(4)}
+    q = summaries.summarize_quality(outcomes)
+    a = q["per_action"][FFN]
+    assert q["n_prompts"] == 4 and q["reference_tokens"] == 33.5 and "none" not in q["per_action"]
+    assert a["n"] == 4 and a["r_half"] == pytest.approx(0.6) and a["reliability"] == pytest.approx(0.75)
+    assert a["improved_share"] == 0.25 and a["kl"] == pytest.approx(0.15) and a["r_prompt_kl"] == pytest.approx(1.0)
+    assert q["median_reliability"] == pytest.approx(0.75)
+
+
+def test_latency_check_compares_the_table_with_live_timings():
+    """live / table - 1: idle 0.1 and -0.1 (bias 0, error 0.1), loaded 0.5 (a scaled table that was too
+    optimistic under load); outcomes without a live timing (static actions in a test) are left out."""
+    pairs = [("idle", {"latency_s": 1.1, "reward_latency_s": 1.0}), ("idle", {"latency_s": 0.9, "reward_latency_s": 1.0}),
+             ("loaded", {"latency_s": 3.0, "reward_latency_s": 2.0}), ("loaded", {"latency_s": None, "reward_latency_s": 2.0}),
+             ("loaded", {"latency_s": 1.0})]
+    check = summaries.latency_check(pairs)
+    assert check["idle"] == pytest.approx({"n": 2, "bias": 0.0, "error": 0.1})
+    assert check["loaded"] == pytest.approx({"n": 1, "bias": 0.5, "error": 0.5})
+    assert check["all"]["n"] == 3 and check["all"]["bias"] == pytest.approx(0.1)
+    assert summaries.latency_check([]) == {}
