@@ -54,8 +54,9 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
             elif healer.checkpoint.is_file():
                 log.warning("%s exists: starting over (pass --resume to continue it)", healer.checkpoint)
             log.info("healing %s: %d steps x %d x %d tokens, members: full + smallest + %d random of %d actions "
-                     "(%s)", loaded.name, cfg.heal.steps, cfg.heal.batch, cfg.heal.seq_len, cfg.heal.random_actions,
-                     len(healer.actions) - 1, next(loaded.model.parameters()).device)
+                     "(%s, %d torch threads)", loaded.name, cfg.heal.steps, cfg.heal.batch, cfg.heal.seq_len,
+                     cfg.heal.random_actions, len(healer.actions) - 1, next(loaded.model.parameters()).device,
+                     torch.get_num_threads())
             state = healer.run(progress)
         except KeyboardInterrupt:
             log.warning("interrupted at step %d: saving the heal checkpoint (continue with --resume)",
@@ -66,7 +67,7 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
                               engine=engine.describe(healer.actions))
     info = {"base_model": loaded.name, "base_source": loaded.source, "completed": True, "corpus": corpus,
             "engine": {k: cfg.to_dict()[k] for k in ("importance", "allocation", "recovery", "calibration")},
-            "actions": [a.label for a in healer.actions], "provenance": prov}
+            "actions": [a.label for a in healer.actions], "torch_threads": torch.get_num_threads(), "provenance": prov}
     menu = healer.menu(info)
     engine.restore()
     loaded.model.requires_grad_(False)

@@ -2,8 +2,9 @@
 
 Owns everything that scores, removes, compensates or exports units: the action space, the
 engine, importance criteria (objects the engine takes), heads/FFN/layers/KV, how many units each
-layer keeps (allocation), training-free compensation, layer-by-layer calibration walks, masks,
-parameter budgets, the baselines' methods, unstructured references and export.
+layer keeps (allocation), training-free compensation, nested healing of the sub-networks (healing) and a
+healed model's sidecar (elastic), layer-by-layer calibration walks, masks, parameter budgets, the baselines'
+methods, unstructured references and export.
 May import: ``common`` only (and torch/transformers); never ``controller``, ``evaluation``,
 ``reporting`` or ``modes``.
 
