@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common.config import DQNConfig, RewardConfig
 from controller.offline_env import OfflineData, OfflineEnvironment
-from controller.offline_study import run_study
+from controller.offline_study import NO_PROMPT, run_study, side_ablations
 from controller.state import state_feature_names
 from reporting.render import load_metrics
 from reporting.summaries import BASELINE_ARMS, summarize_offline
@@ -54,7 +54,7 @@ def sweep(train: dict, test: dict, budgets: list[float], weights: list[float], e
                            "strongest": summary["strongest_baseline"], "claim": summary["verdict"]["claim"],
                            "groups": {g: {arm: {"vs": row["arms"][arm]["vs"], "slo_met": row["arms"][arm]["slo_met"],
                                                 "ppl_ratio": row["arms"][arm]["ppl_ratio"]}
-                                          for arm in (*BASELINE_ARMS, "random", "oracle")}
+                                          for arm in (*BASELINE_ARMS, "random", "oracle", *side_ablations(cfg["ablation"]))}
                                       | {"policy": {"slo_met": row["arms"]["policy"]["slo_met"],
                                                     "ppl_ratio": row["arms"]["policy"]["ppl_ratio"]}}
                                       for g, row in summary["by_level"].items()}})
@@ -63,26 +63,33 @@ def sweep(train: dict, test: dict, budgets: list[float], weights: list[float], e
 
 
 def plot(points: list[dict], out: Path) -> Path:
-    """policy - strongest fitted baseline (pooled, 95% CI) against the budget weight, one line per SLO level."""
+    """Per level and pooled, against the budget weight, one line per SLO level (latency budget): policy -
+    strongest fitted baseline (top row: where adapting to the load and the prompt pays), and policy - its
+    no-prompt ablation where it was trained (bottom row: what the prompt features alone add), 95% CIs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = list(points[0]["groups"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), sharey=True, squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        for budget in sorted({p["latency_budget"] for p in points}):
-            mine = sorted((p for p in points if p["latency_budget"] == budget), key=lambda p: p["budget_weight"])
-            ci = [p["groups"][g][p["strongest"]]["vs"] for p in mine]
-            x = [p["budget_weight"] for p in mine]
-            ax.errorbar(x, [c["mean"] for c in ci], yerr=[[c["mean"] - c["lo"] for c in ci],
-                                                           [c["hi"] - c["mean"] for c in ci]],
-                        marker="o", capsize=3, label=f"budget ×{budget:g}")
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_title(g)
-        ax.set_xlabel("budget weight")
-    axes[0][0].set_ylabel("policy − strongest baseline (reward)")
+    rows = [("strongest", "policy − strongest baseline (reward)")]
+    if all(NO_PROMPT in p["groups"][g] for p in points for g in groups):
+        rows.append((NO_PROMPT, "policy − no-prompt ablation (reward)"))
+    fig, axes = plt.subplots(len(rows), len(groups), figsize=(4.2 * len(groups), 3.6 * len(rows)), sharey="row",
+                             squeeze=False)
+    for (arm, ylabel), ax_row in zip(rows, axes):
+        for ax, g in zip(ax_row, groups):
+            for budget in sorted({p["latency_budget"] for p in points}):
+                mine = sorted((p for p in points if p["latency_budget"] == budget), key=lambda p: p["budget_weight"])
+                ci = [p["groups"][g][p["strongest"] if arm == "strongest" else arm]["vs"] for p in mine]
+                x = [p["budget_weight"] for p in mine]
+                ax.errorbar(x, [c["mean"] for c in ci], yerr=[[c["mean"] - c["lo"] for c in ci],
+                                                               [c["hi"] - c["mean"] for c in ci]],
+                            marker="o", capsize=3, label=f"budget ×{budget:g}")
+            ax.axhline(0.0, color="grey", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(g)
+            ax.set_xlabel("budget weight")
+        ax_row[0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     path = out / "sweep.png"

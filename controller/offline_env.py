@@ -11,6 +11,7 @@ the prompt's features.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -128,6 +129,13 @@ class OfflineEnvironment:
         self.multiplier = 0.0
         if self.constrained:
             self.set_multiplier(0.0)
+
+    def with_ablation(self, ablation: str) -> "OfflineEnvironment":
+        """The same cells and reward matrices (shared, not copied), states with `ablation` applied: an
+        ablation policy trains on exactly the main policy's data."""
+        other = copy.copy(self)
+        other.ablation = ablation
+        return other
 
     @property
     def constrained(self) -> bool:

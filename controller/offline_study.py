@@ -16,6 +16,12 @@ from controller.offline_env import Chooser, OfflineEnvironment, evaluate_offline
 from controller.trainer import greedy_chooser
 
 POLICY = "policy"
+NO_PROMPT = "no_prompt"     # trained beside every policy that sees the prompt: what the prompt features add
+
+
+def side_ablations(ablation: str) -> tuple[str, ...]:
+    """Ablations trained beside a policy of this ablation: no_prompt for the full state, none otherwise."""
+    return (NO_PROMPT,) if ablation == "none" else ()
 
 
 def policy_chooser(env: OfflineEnvironment, agent, ablation: str) -> Chooser:
@@ -38,7 +44,11 @@ def run_study(train: OfflineEnvironment, test: OfflineEnvironment, state_names: 
     baselines = fit_offline_baselines(train, state_names, draws, seed, [m for _, _, m in runs])
     if test.constrained:
         test.set_multiplier(baselines.multiplier)
-    return evaluate_offline(test, arms(test, {POLICY: ([a for a, _, _ in runs], train.ablation)}, baselines), draws, seed)
+    policies = {POLICY: ([a for a, _, _ in runs], train.ablation)}
+    for ablation in side_ablations(train.ablation):
+        policies[ablation] = ([train_offline(train.with_ablation(ablation), replace(dqn, seed=s), episodes, s,
+                                             progress=False)[0] for s in seeds], ablation)
+    return evaluate_offline(test, arms(test, policies, baselines), draws, seed)
 
 
 def fit_offline_baselines(train: OfflineEnvironment, state_names: list[str], draws: int, seed: int,

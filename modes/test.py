@@ -154,6 +154,11 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
     if "baselines" not in payload:
         raise ValueError(f"--checkpoint {cfg.checkpoint} was not trained offline (no fitted baselines): "
                          "test it with --environment live, or train it with --environment offline")
+    given = {o["config"].get("ablation", "none") for o in others.values()}
+    for path in payload.get("ablation_checkpoints") or []:       # trained beside the policy (no_prompt)
+        other = checkpointing.load_checkpoint(Path(path))
+        if other["config"].get("ablation", "none") not in given:   # an --ablation-checkpoints one wins
+            others = {**others, path: other}
     prompts = test_prompts(cfg)
     calibration = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     with open_session(cfg) as s:

@@ -15,7 +15,7 @@ from controller import checkpointing
 from controller.contention import parse_scenarios
 from controller.dqn import linear_epsilon
 from controller.offline_env import OfflineEnvironment, build_offline_data, train_offline
-from controller.offline_study import fit_offline_baselines
+from controller.offline_study import fit_offline_baselines, side_ablations
 from controller.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
 from modes.outputs import finish_run, load_check, load_table, metrics_skeleton, offline_record
@@ -108,18 +108,34 @@ def run_train_offline(cfg: RunConfig) -> Path:
         log.info("seed %d: %d episodes in %.1f s", seed, cfg.episodes, time.perf_counter() - started)
     baselines = fit_offline_baselines(env, names, cfg.offline.telemetry_draws, cfg.seed, [m for _, _, m in runs])
     histories = [episodes for _, episodes, _ in runs]
-    for seed, path, (agent, _, multiplier) in zip(seeds, paths, runs):
-        checkpointing.save_checkpoint(path, {
-            "model_id": model_id, "action_space": labels, "state_features": names,
-            "config": dataclasses.replace(cfg, seed=seed, dqn=dataclasses.replace(cfg.dqn, seed=seed)).to_dict(),
-            "agent": agent.state_dict(include_buffer=cfg.save_buffer), "next_episode": cfg.episodes,
-            "epsilon": linear_epsilon(cfg.dqn, cfg.episodes, cfg.episodes), "environment": "offline",
-            "baselines": baselines.to_dict(), "seed_checkpoints": [str(p) for p in paths], "multiplier": multiplier,
-            "code_version": (prov.get("git") or {}).get("commit"), "dataset": cfg.train_dataset, "seed": seed,
-            "test_fraction": cfg.test_fraction})
+    # The no-prompt ablation on the same data and seeds (seconds offline): test mode scores it beside the
+    # policy, and its gap at idle is what the prompt features alone add.
+    side = {}
+    for ablation in side_ablations(cfg.ablation):
+        base = Path(cfg.checkpoint)
+        side[ablation] = (seed_checkpoints(str(base.with_name(f"{base.stem}.{ablation}{base.suffix}")), seeds),
+                          [train_offline(env.with_ablation(ablation), cfg.dqn, cfg.episodes, seed) for seed in seeds])
+
+    def save(seed_paths: list[Path], seed_runs: list, ablation: str, **extra) -> None:
+        for seed, path, (agent, _, multiplier) in zip(seeds, seed_paths, seed_runs):
+            checkpointing.save_checkpoint(path, {
+                "model_id": model_id, "action_space": labels, "state_features": names,
+                "config": dataclasses.replace(cfg, seed=seed, ablation=ablation,
+                                              dqn=dataclasses.replace(cfg.dqn, seed=seed)).to_dict(),
+                "agent": agent.state_dict(include_buffer=cfg.save_buffer), "next_episode": cfg.episodes,
+                "epsilon": linear_epsilon(cfg.dqn, cfg.episodes, cfg.episodes), "environment": "offline",
+                "baselines": baselines.to_dict(), "seed_checkpoints": [str(p) for p in seed_paths],
+                "multiplier": multiplier, "code_version": (prov.get("git") or {}).get("commit"),
+                "dataset": cfg.train_dataset, "seed": seed, "test_fraction": cfg.test_fraction, **extra})
+
+    save(paths, runs, cfg.ablation, ablation_checkpoints=[str(side_paths[0]) for side_paths, _ in side.values()])
+    for ablation, (side_paths, side_runs) in side.items():
+        save(side_paths, side_runs, ablation)
     metrics = metrics_skeleton("train", cfg, prov, labels, episodes=to_jsonable(histories[0]),
                                offline=offline_record(data, baselines, seeds, histories, paths),
                                load_verification=load_check(data))
     finish_run(run_dir, metrics)
     print(f"checkpoints: {', '.join(map(str, paths))}")
+    for ablation, (side_paths, _) in side.items():
+        print(f"{ablation} ablation (tested beside the policy): {', '.join(map(str, side_paths))}")
     return run_dir.path

@@ -179,20 +179,25 @@ def test_offline_train_and_test_cli_on_tiny(tmp_path):
         "--intensities", "0.3", "--scenarios", "idle", "--episodes", "300", "--calibrations", "1",
         "--train-seeds", "2", "--checkpoint", str(ckpt), "--report-dir", str(reports)]) == 0
     assert (tmp_path / "p.seed1.pt").is_file()
+    assert (tmp_path / "p.no_prompt.pt").is_file() and (tmp_path / "p.no_prompt.seed1.pt").is_file()
     assert adaptive_pruning.main(["--mode", "test", *common, "--checkpoint", str(ckpt), "--test-samples", "4",
                                   "--report-dir", str(reports)]) == 0
     test = json.loads(next(reports.glob("test-*")).joinpath("metrics.json").read_text())
-    assert set(BASELINES) | {"policy"} <= set(test["offline_test"]["arms"])
+    assert set(BASELINES) | {"policy", "no_prompt"} <= set(test["offline_test"]["arms"])
     assert len(test["offline_test"]["arms"]["policy"]) == 2                      # one action list per seed
+    assert len(test["offline_test"]["arms"]["no_prompt"]) == 2                   # the ablation beside it, per seed
     pooled = test["summary"]["offline_test"]["by_level"]["idle"]["arms"]
     assert {"per_level_static", "worst_case_static", "rule", "regressor", "random", "oracle"} <= set(pooled)
     assert test["load_verification"]["ok"] and "verdict" in test["summary"]["offline_test"]
     report = next(reports.glob("test-*")).joinpath("report.md").read_text()
     assert "Verdict (computed from the CIs)" in report and "Load levels" in report
-    from bench.offline_sweep import sweep       # the same study again from the two metrics.json alone
+    assert "Per-prompt adaptation at idle: policy − no-prompt-features ablation" in report
+    assert "plots/offline_comparison.png" in report and "plots/load_features.png" in report
+    from bench.offline_sweep import plot, sweep       # the same study again from the two metrics.json alone
     train = json.loads(next(reports.glob("train-*")).joinpath("metrics.json").read_text())
-    (point,) = sweep(train, test, budgets=[1.1], weights=[1.0], episodes=100, seeds=1)
-    assert point["claim"] and set(point["groups"]["idle"]) >= {"rule", "regressor", "policy"}
+    points = sweep(train, test, budgets=[1.1, 2.0], weights=[1.0], episodes=100, seeds=1)
+    assert points[0]["claim"] and set(points[0]["groups"]["idle"]) >= {"rule", "regressor", "policy", "no_prompt"}
+    assert plot(points, tmp_path).stat().st_size > 5000
 
 
 def test_contention_state_adds_its_slots_and_the_observed_slowdown():
