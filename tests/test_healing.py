@@ -188,3 +188,22 @@ def test_heal_flags_are_refused_in_other_modes_and_other_flags_in_heal(capsys):
         assert adaptive_pruning.main(args) == 2, args
         err = capsys.readouterr().err
         assert "has no effect in --mode" in err, (args, err)
+
+
+def test_a_healed_model_reordered_by_another_engine_is_put_back_in_stored_order(tiny, tmp_path):
+    """The baselines sweep scores its methods on the same model (each reorders it) before a policy point."""
+    from pruners import PruningEngine
+    healer = healer_for(tiny)
+    healer.run(progress=False)
+    folder = save_healed(tiny.model, tiny.tokenizer, healer.menu({}), tmp_path / "healed")
+    action, ids = PruningAction("ffn_neurons", 0.5), windows()[:1]
+    with healer.engine.pruned(action):
+        expected = logits_of(tiny.model, ids)
+    reloaded = model_loader.load_model(str(folder), device="cpu")
+    from pruners.score_cache import weight_fingerprint
+    stored = weight_fingerprint(reloaded.model)
+    PruningEngine(reloaded.model, importance="magnitude")          # reorders in place by another criterion
+    assert weight_fingerprint(reloaded.model) != stored
+    engine = build_engine(dataclasses.replace(CFG, model=str(folder)), reloaded, [action])
+    with engine.pruned(action):
+        torch.testing.assert_close(logits_of(reloaded.model, ids), expected, rtol=1e-5, atol=1e-5)
