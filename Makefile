@@ -20,9 +20,10 @@ install: $(STAMP)
 # every (prompt, action) once (30 training + 10 held-out prompts, 16-token references), calibrate
 # 5 + 5 latency tables per load level under real contention (idle, heavy: two busy loops, verified to
 # slow the dense model), fit the baselines (per-level and worst-case static, a one-feature rule, a
-# ridge reward regressor) on the training split, train 3 seeds x 3000 offline episodes, then test
-# every arm on the held-out prompts x the test calibrations with CIs clustered by prompt over seeds
-# and calibrations. The report's verdict is computed from those CIs, whatever its sign.
+# ridge reward regressor) on the training split, train 3 seeds x 3000 offline episodes (and the no-prompt
+# ablation on the same data and seeds), then test every arm on the held-out prompts x the test calibrations
+# with CIs clustered by prompt over seeds and calibrations. The report's verdict is computed from those
+# CIs, whatever its sign.
 demo: $(STAMP)
 	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin --train-samples 30 \
 		--max-new-tokens 16 --min-reference-tokens 16 --targets attention_heads,ffn_neurons,transformer_layers \

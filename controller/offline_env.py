@@ -130,7 +130,7 @@ class OfflineEnvironment:
         if self.constrained:
             self.set_multiplier(0.0)
 
-    def with_ablation(self, ablation: str) -> "OfflineEnvironment":
+    def with_ablation(self, ablation: str) -> OfflineEnvironment:
         """The same cells and reward matrices (shared, not copied), states with `ablation` applied: an
         ablation policy trains on exactly the main policy's data."""
         other = copy.copy(self)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from common.markdown import MISSING, fmt, fmt_ci, fmt_pct, md_table
-from reporting.summaries import ALL, BASELINE_ARMS, POLICY, REFERENCE_ARMS, ci_sign, load_feature_names
+from reporting import summaries
+from reporting.summaries import ALL, BASELINE_ARMS, POLICY, REFERENCE_ARMS, ci_sign
 
 ARM_TEXT = {POLICY: "**policy**", "per_level_static": "best static per level (told the level)",
             "worst_case_static": "static for the worst level", "rule": "one-feature threshold rule",
@@ -46,7 +47,7 @@ def load_section(verification: Mapping | None, calibrations: Mapping | None) -> 
     lines += _table(["level", "minimum", "median", "median train / test", "each calibration (during)", "at start",
                      "check"], rows)
     if calibrations:
-        shown = [f for f in load_feature_names() if all(f in c["features"] for c in calibrations.values())]
+        shown = [f for f in summaries.load_feature_names() if all(f in c["features"] for c in calibrations.values())]
         rows = [(f"`{lv}`", *(f"{fmt(c['features'][f]['mean'])} ± {fmt(c['features'][f]['sd'])}"
                               + (f" (d {c['separation'][f]:.1f})" if f in c.get("separation", {}) else "")
                               for f in shown)) for lv, c in calibrations.items()]

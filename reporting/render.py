@@ -293,10 +293,10 @@ def _latency_check_section(check: Mapping | None, load_timing: str | None) -> li
     how = {"scaled": "loaded entries scaled from idle by the dense slowdown",
            "measured": "loaded entries measured per action under the load"}.get(load_timing, "")
     rows = [(_code(g), c["n"], fmt_pct(c["bias"]), fmt_pct(c["error"])) for g, c in check.items()]
-    return (["### Latency table vs live generations", "",
-             f"Relative error live / table − 1 of the latency the reward used ({how or 'table'}) against the "
-             "same generation timed live (one raw timing each, so single errors are noisy; the median is the "
-             "table's bias, > 0: live runs were slower).", ""]
+    text = (f"Relative error live / table − 1 of the latency the reward used ({how or 'table'}) against the "
+            "same generation timed live (one raw timing each, so single errors are noisy; the median is the "
+            "table's bias, > 0: live runs were slower).")
+    return (["### Latency table vs live generations", "", text, ""]
             + _table(["scenario", "generations", "median error (bias)", "mean |error|"], rows))
 
 
