@@ -118,10 +118,38 @@ class CalibrationSet:
 
 def load_failures(verification: dict) -> list[str]:
     """One line per level that failed its minimum slowdown (empty when every load loaded)."""
-    return [f"load level '{level}' slowed the dense model x{v['median']:.2f} (median; "
-            + ", ".join(f"{split} x{m:.2f}" for split, m in v["median_by_split"].items())
-            + f"), below its minimum x{v['min_slowdown']:.2f} in the {' and '.join(v['failed_splits'])} calibrations"
-            for level, v in verification.items() if v["failed"]]
+    lines = []
+    for level, v in verification.items():
+        if not v["failed"]:
+            continue
+        splits = v.get("median_by_split") or {}
+        where = (f" (median; {', '.join(f'{split} x{m:.2f}' for split, m in splits.items())}), below its minimum "
+                 f"x{v['min_slowdown']:.2f} in the {' and '.join(v['failed_splits'])} calibrations" if splits
+                 else f", below its minimum x{v['min_slowdown']:.2f}")
+        lines.append(f"load level '{level}' slowed the dense model x{v['median']:.2f}{where}")
+    return lines
+
+
+def table_verification(table: LatencyTable, scenarios: Sequence[Scenario]) -> dict:
+    """The live environment's load check, in ``CalibrationSet.verification``'s format: each scenario's
+    dense decode step in the latency table against idle's (geometric mean over the buckets both have;
+    one calibration per scenario, no split). A scaled table's loaded entries carry the slowdown it
+    measured, a measured table's the per-action pairs' dense side."""
+    out = {}
+    for sc in scenarios:
+        ratios = [table.entries[LatencyTable.key(sc.name, b, NONE.label)].dense_decode_per_token_s
+                  / table.entries[LatencyTable.key(IDLE, b, NONE.label)].dense_decode_per_token_s
+                  for b in ("short", "long")
+                  if all(LatencyTable.key(name, b, NONE.label) in table.entries for name in (sc.name, IDLE))]
+        if not ratios:
+            continue
+        slowdown = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        failed = sc.min_slowdown > 1.0 and slowdown < sc.min_slowdown
+        out[sc.name] = {"min_slowdown": sc.min_slowdown, "start": [], "during": [slowdown], "median": slowdown,
+                        "median_by_split": {}, "failed_splits": [],
+                        "failed_checks": [f"table: during x{slowdown:.2f} < x{sc.min_slowdown:.2f}"] if failed else [],
+                        "failed": failed}
+    return out
 
 
 class Calibrator:

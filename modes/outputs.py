@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from controller.latency_table import LatencyTable
-from controller.load_calibration import load_failures
+from controller.load_calibration import load_failures, table_verification
 from controller.records import SCHEMA_VERSION
 from reporting import render as reporting
 
@@ -61,4 +61,13 @@ def offline_record(data, baselines, seeds: list[int] | None = None, histories=No
 def load_check(data) -> dict:
     """metrics.json's top-level ``load_verification``: each level's measured slowdowns and the failures."""
     levels = data.calibrations.verification()
+    return {"levels": levels, "failures": load_failures(levels), "ok": not load_failures(levels)}
+
+
+def table_load_check(table: LatencyTable, scenarios) -> dict:
+    """The same block for a live run, from its latency table (warned about here: the offline
+    calibrator warns as it measures, a live table may come from --latency-table)."""
+    levels = table_verification(table, scenarios)
+    for line in load_failures(levels):
+        log.warning("LOAD FAILED: %s; flagged in metrics.json load_verification", line)
     return {"levels": levels, "failures": load_failures(levels), "ok": not load_failures(levels)}

@@ -20,7 +20,8 @@ from controller.offline_study import POLICY, arms
 from controller.offline_env import OfflineEnvironment, build_offline_data, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
 from modes.flags import check_environment, flags_of
-from modes.outputs import finish_run, load_check, load_table, metrics_skeleton, offline_record
+from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
+                           table_load_check)
 from reporting import provenance
 from reporting import render as reporting
 from reporting.summaries import ALL, best_static, summarize_offline
@@ -103,7 +104,8 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
             specs = ["dense", f"static:{best_static(rows, pruning_only=True)}", f"policy:{cfg.checkpoint}"]
             extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
         metrics = metrics_skeleton("test", cfg, prov, labels, prompts=rows, checkpoint=str(cfg.checkpoint),
-                           latency_table=s.env.table.to_dict(), **extra)
+                                   latency_table=s.env.table.to_dict(),
+                                   load_verification=table_load_check(s.env.table, scenarios), **extra)
         return finish_run(run_dir, metrics)
 
 

@@ -18,7 +18,8 @@ from controller.offline_env import OfflineEnvironment, build_offline_data, train
 from controller.offline_study import fit_offline_baselines, side_ablations
 from controller.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
-from modes.outputs import finish_run, load_check, load_table, metrics_skeleton, offline_record
+from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
+                           table_load_check)
 from reporting import provenance
 from reporting import render as reporting
 
@@ -66,6 +67,7 @@ def run_train(cfg: RunConfig) -> Path:
                         reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
                                                       "continue with --resume")
         (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
+        metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
         finish_run(run_dir, metrics)
         print(f"checkpoint: {cfg.checkpoint}")
         if not completed:

@@ -102,6 +102,29 @@ def test_load_verification_fails_a_level_whose_test_calibrations_ran_without_the
     assert any("LOAD FAILED" in r.getMessage() and "heavy" in r.getMessage() for r in caplog.records)
 
 
+def test_live_latency_table_is_checked_like_the_calibrations():
+    """Live runs: a scenario whose dense decode step in the table is only x1.1 idle's fails its x1.5; the
+    block has the offline format, so the report's load section and the console show it."""
+    from controller.latency_table import LatencyEntry, LatencyTable
+    from controller.load_calibration import load_failures, table_verification
+    from modes.outputs import table_load_check
+    table = LatencyTable()
+    for scenario, step in (("idle", 0.02), ("loaded", 0.022), ("heavy", 0.04)):
+        for bucket in ("short", "long"):
+            table.entries[LatencyTable.key(scenario, bucket, "none")] = LatencyEntry(0.1, step, 0.1, step, 3)
+    levels = [Scenario("idle"), Scenario("loaded", LoadLevel(workers=1, duty=1.0), min_slowdown=1.5),
+              Scenario("heavy", LoadLevel(workers=2, duty=1.0), min_slowdown=1.5), Scenario("light")]
+    check = table_verification(table, levels)
+    assert set(check) == {"idle", "loaded", "heavy"}                 # light: not in the table, nothing to check
+    assert check["loaded"]["failed"] and check["loaded"]["median"] == pytest.approx(1.1)
+    assert not check["heavy"]["failed"] and not check["idle"]["failed"]
+    assert load_failures(check) == ["load level 'loaded' slowed the dense model x1.10, below its minimum x1.50"]
+    block = table_load_check(table, levels)
+    assert not block["ok"] and block["failures"] == load_failures(check)
+    from reporting.offline_sections import load_section
+    assert "**LOAD FAILED.** load level 'loaded'" in "\n".join(load_section(block, None))
+
+
 def _poison(data, prompt_ids: set[str], label: str):
     """A copy of the data where `label` is perfect on these prompts and instant in every test calibration."""
     bad = copy.deepcopy(data)
