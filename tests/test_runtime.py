@@ -96,7 +96,7 @@ def test_configure_applies_the_cached_choice_before_torch_and_obeys_overrides(tm
 
 
 def test_decode_probe_child_reports_seconds_per_token_per_state():
-    per_token = openmp.run_probe(openmp.policy("passive"), (1,), "tiny", tokens=3, max_seconds=2.0)
+    per_token = openmp.run_probe(openmp.policy("passive"), (1,), "tiny", tokens=3, max_seconds=0.5)
     assert set(per_token) == {IDLE, BUSY} and all(0 < row[1] < 1.0 for row in per_token.values())
 
 
