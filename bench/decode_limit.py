@@ -50,11 +50,12 @@ from common.files import atomic_write_text  # noqa: E402
 from controller.compiled import CompiledDecoder  # noqa: E402
 from controller.contention import contention, presets  # noqa: E402
 from controller.generation import eager_decoder, generate  # noqa: E402
+from common.config import RunConfig  # noqa: E402
 from controller.runtime import ExecutionGovernor  # noqa: E402
+from controller.session import build_engine  # noqa: E402
 from controller.timing import RunTiming, SideTimings, TimingSession  # noqa: E402
 from pruners import NONE, PruningAction, PruningEngine  # noqa: E402
 from pruners.export import ExportError, pruned_model  # noqa: E402
-from pruners.model_info import decoder_layers  # noqa: E402
 
 log = logging.getLogger("bench.decode_limit")
 TARGETS = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
@@ -90,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-pairs", type=int, default=2,
                    help="child-process pairs (governor setting, passive/all cores) per level")
     p.add_argument("--compile", action="store_true", help="also time the inductor-compiled decode step (CPU: slow)")
+    p.add_argument("--importance", default=None, help="default: the CLI's (magnitude on a random model)")
+    p.add_argument("--allocation", default=RunConfig.allocation, choices=("global", "uniform"))
+    p.add_argument("--recovery", default=RunConfig.recovery, choices=("compensate", "none"))
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -101,10 +105,10 @@ def dense_copy(weight: torch.Tensor) -> torch.Tensor:
 
 def read_matrices(model: nn.Module, cache_tokens: int, head_dim: int) -> list[torch.Tensor]:
     """Gap-free copies of every matrix one decode step reads in the model's current (pruned) state."""
-    mats = [dense_copy(m.weight) for layer in decoder_layers(model) for m in layer.modules()
-            if isinstance(m, nn.Linear)]
-    for layer in decoder_layers(model):
-        kv_heads = layer.self_attn.k_proj.weight.shape[0] // head_dim     # kept KV heads
+    layers = model.model.layers        # as the pruned model runs them: a replaced run is a ReplacedRun (layer + map)
+    mats = [dense_copy(m.weight) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    for layer in layers:
+        kv_heads = getattr(layer, "layer", layer).self_attn.k_proj.weight.shape[0] // head_dim     # kept KV heads
         mats += [torch.randn(kv_heads * cache_tokens, head_dim) for _ in range(2)]   # K and V
     return mats + [model.lm_head.weight]
 
@@ -227,11 +231,13 @@ def compile_probe(engine: PruningEngine, ids: torch.Tensor, args) -> list[dict]:
 
 def run(args: argparse.Namespace) -> dict:
     loaded = model_loader.load_model(args.model, device="cpu")
-    engine = PruningEngine(loaded.model, importance="activation" if loaded.source != "random" else "magnitude",
-                           tokenizer=loaded.tokenizer)
     intensities = [float(x) for x in args.intensities.split(",")]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     actions = [NONE] + [PruningAction(t, r) for t in targets for r in intensities]
+    # The menu the controller chooses from: the CLI's engine (importance, allocation, compensation, calibration).
+    importance = args.importance or (RunConfig.importance if loaded.source != "random" else "magnitude")
+    engine = build_engine(RunConfig(importance=importance, allocation=args.allocation, recovery=args.recovery),
+                          loaded, actions)
     vocab = loaded.model.config.vocab_size
     prompts = {"short": (torch.arange(args.prompt_tokens)[None] * 7919) % (vocab - 1) + 1,
                "kv": (torch.arange(args.kv_prompt_tokens)[None] * 7919) % (vocab - 1) + 1}
@@ -239,6 +245,7 @@ def run(args: argparse.Namespace) -> dict:
     known = presets()
     started = time.time()
     result = {"settings": {"model": loaded.name, "source": loaded.source, "dtype": str(loaded.model.dtype),
+                           "engine": engine.describe(),
                            "openmp": {k: v for k, v in governor.choice.to_dict().items() if k != "probes"},
                            "new_tokens": args.new_tokens, "rounds": args.rounds, "prompt_tokens": args.prompt_tokens,
                            "kv_prompt_tokens": args.kv_prompt_tokens, "torch": torch.__version__,
@@ -266,12 +273,19 @@ def _f(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _engine(described: dict | None) -> str:
+    if not described:
+        return "uniform activation, no compensation"      # files written before the engine was recorded
+    return f"{described['importance']} importance, {described['allocation']} allocation, recovery {described['recovery']}"
+
+
 def format_tables(result: dict) -> str:
     s = result["settings"]
     omp = s["openmp"]
     lines = [f"{s['model']} ({s['source']}), {s['dtype']}, {s['cores']} cores ({s['cpu']}), torch {s['torch']}; "
              f"OpenMP policy {omp['policy']} ({omp['source']}; threads idle/busy {omp['threads_idle']}/"
-             f"{omp['threads_busy']}; {omp.get('layout', 'row')}-major weights); {s['new_tokens']} new tokens, "
+             f"{omp['threads_busy']}; {omp.get('layout', 'row')}-major weights); engine "
+             f"{_engine(s.get('engine'))}; {s['new_tokens']} new tokens, "
              f"{s['rounds']} interleaved rounds; prompt "
              f"{s['prompt_tokens']} tokens (KV actions {s['kv_prompt_tokens']}); {s['wall_s']} s"]
     cols = ("action", "floor", "read", "ms/tok", "ach/floor", "speedup", "ideal", "export", "view/exp", "cache")
