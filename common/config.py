@@ -113,7 +113,7 @@ class HealConfig:
     The sub-networks are prefixes of the same weights, so a full-weight update is what makes the units a small
     action keeps learn to stand in for the ones it drops; the result is an ordinary save_pretrained folder with
     nothing to merge; peft is not a dependency. The cost is optimizer state (2 x the trained weights: ~0.85 GB
-    for SmolLM2-135M, ~10 GB for Llama-3.2-1B), which a CPU run of the embedded model affords.
+    for SmolLM2-135M, ~8 GB for Llama-3.2-1B), which a CPU run of the embedded model affords.
     """
     out_dir: str | None = None          # healed folder (default: <project cache>/heal/<model>); checkpoint inside
     dataset: str = "builtin,alpaca"     # prompts whose dense continuations are the corpus (never evaluation data)

@@ -389,7 +389,8 @@ class Healer:
                 "wall_s": self.state.wall_s, "tokens_per_s": self.state.tokens / max(self.state.wall_s, 1e-9),
                 "heal": asdict(self.cfg), "seed": self.seed,
                 "kl_first": self.state.history[0] if self.state.history else None,
-                "kl_last": self.state.history[-1] if self.state.history else None}
+                "kl_last": self.state.history[-1] if self.state.history else None,
+                "history": self.state.history}        # per step: the members and their KL (nats)
         return ElasticMenu(scores=engine.scores, moments=engine.moments, allocation=engine.allocation,
                            recovery=engine.recovery, plans=plans, biases=biases, maps=maps, info=info)
 
