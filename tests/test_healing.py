@@ -207,3 +207,25 @@ def test_a_healed_model_reordered_by_another_engine_is_put_back_in_stored_order(
     engine = build_engine(dataclasses.replace(CFG, model=str(folder)), reloaded, [action])
     with engine.pruned(action):
         torch.testing.assert_close(logits_of(reloaded.model, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_heal_keeps_its_checkpoint_and_resume_finishes_it(tmp_path, monkeypatch):
+    from modes.heal import run_heal
+    cfg = dataclasses.replace(CFG, heal=dataclasses.replace(HEAL, out_dir=str(tmp_path / "healed"), steps=4,
+                                                            save_every=10))
+    step = Healer.step
+
+    def interrupt_at_two(self, n):
+        if n == 2:
+            raise KeyboardInterrupt("signal 15")
+        return step(self, n)
+    monkeypatch.setattr(Healer, "step", interrupt_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_heal(cfg, progress=False)
+    checkpoint = tmp_path / "healed" / CHECKPOINT
+    assert checkpoint.is_file() and not (tmp_path / "healed" / SIDECAR).exists()
+    assert torch.load(checkpoint, weights_only=True)["state"]["step"] == 2
+    monkeypatch.setattr(Healer, "step", step)
+    folder = run_heal(dataclasses.replace(cfg, resume=True), progress=False)
+    info = json.loads((folder / HEAL_JSON).read_text())
+    assert info["steps"] == 4 and len(info["history"]) == 4 and not checkpoint.exists()
