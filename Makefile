@@ -17,7 +17,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 # The offline study on the embedded SmolLM2-135M, small enough for a fresh clone: measure the quality of
-# every (prompt, action) once (30 training + 10 held-out prompts, 16-token references), calibrate
+# every (prompt, action) once (30 training + 10 held-out prompts, 32-token references: the default length), calibrate
 # 5 + 5 latency tables per load level under real contention (idle, heavy: two busy loops, verified to
 # slow the dense model), fit the baselines (per-level and worst-case static, a one-feature rule, a
 # ridge reward regressor) on the training split, train 3 seeds x 3000 offline episodes (and the no-prompt
@@ -26,7 +26,7 @@ install: $(STAMP)
 # CIs, whatever its sign.
 demo: $(STAMP)
 	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin --train-samples 30 \
-		--max-new-tokens 16 --min-reference-tokens 16 --targets attention_heads,ffn_neurons,transformer_layers \
+		--max-new-tokens 32 --min-reference-tokens 32 --targets attention_heads,ffn_neurons,transformer_layers \
 		--intensities 0.2,0.4 --long-prompt-tokens 1024 --scenarios idle,heavy --calibrations 5 \
 		--calibration-tokens 8 --calibration-repeats 1 --episodes 3000 --train-seeds 3 --checkpoint checkpoints/demo.pt
 	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 10
