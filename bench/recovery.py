@@ -181,22 +181,26 @@ class Bench:
 
     def tasks(self, setting: Setting, actions: list) -> None:
         """lm-eval accuracy (the evaluation package's own code path) for dense and the setting's actions."""
-        from evaluation.suite import run_evaluation
         tasks = tuple(t for t in self.args.tasks.split(",") if t)
         todo = [a for a in actions if not self.has("tasks", setting.name, a.label)]
         need_dense = not self.has("tasks", "dense", "none")
         if not tasks or not (todo or need_dense):
             return
         loaded, engine = self.engine(setting, todo)
-        config = EvalConfig(wikitext=False, tasks=tasks, eval_limit=self.args.limit, speed_probe=False,
-                            progress=False)
-        specs = (["dense"] if need_dense else []) + [f"static:{a.label}" for a in todo]
+        self._task_rows(setting.name, "dense", loaded, engine, todo, need_dense)
+
+    def _task_rows(self, name: str, dense_name: str, loaded, engine, actions: list, with_dense: bool) -> None:
+        """lm-eval rows of ``actions`` on ``engine`` (setting ``name``), and of its full model as ``dense_name``."""
+        from evaluation.suite import run_evaluation
+        config = EvalConfig(wikitext=False, tasks=tuple(t for t in self.args.tasks.split(",") if t),
+                            eval_limit=self.args.limit, speed_probe=False, progress=False)
+        specs = (["dense"] if with_dense else []) + [f"static:{a.label}" for a in actions]
         block = run_evaluation(loaded, specs, config, engine=engine)
         for label, entry in block["models"].items():
             accs = {t: s.get("acc") for t, s in entry["tasks"].items()}
             accs.update({f"{t}_norm": s.get("acc_norm") for t, s in entry["tasks"].items() if s.get("acc_norm")})
-            name = "dense" if label == "dense" else setting.name
-            self.add({"stage": "tasks", "setting": name, "action": entry["action"] or "none", **accs})
+            self.add({"stage": "tasks", "setting": dense_name if label == "dense" else name,
+                      "action": entry["action"] or "none", **accs})
 
     def speed(self, setting: Setting, actions: list, model_name: str) -> None:
         """Measured decode speedup (median over interleaved dense/pruned pairs) against the ideal."""
@@ -231,17 +235,20 @@ class Bench:
                       "kept": _kept(engine, action)})
 
 
-    def healed(self, folder: str, actions: list) -> None:
-        """The "+ healing" rows: a healed folder's sub-networks against the original dense model's PPL."""
+    def healed(self, folder: str, actions: list, task_actions: list) -> None:
+        """The "+ healing" rows: a healed folder's sub-networks against the original dense model's PPL, and
+        with --tasks their lm-eval accuracy (``task_actions`` and the healed full model)."""
         from controller.session import build_engine
         from evaluation.wikitext import compute_perplexity
         from model_loader import load_model
         todo = [a for a in actions if not self.has("table", HEALED, a.label)]
         full_todo = not self.has("heal", HEALED, "none")
-        if not (todo or full_todo):
+        tasks_todo = self.args.tasks and (not self.has("tasks", f"{HEALED} (full model)", "none")
+                                          or any(not self.has("tasks", HEALED, a.label) for a in task_actions))
+        if not (todo or full_todo or tasks_todo):
             return
         loaded = load_model(folder, device=self.args.device)
-        engine = build_engine(dataclasses.replace(DEFAULT, model=folder), loaded, todo)
+        engine = build_engine(dataclasses.replace(DEFAULT, model=folder), loaded, [*todo, *task_actions])
         healed = engine.describe()["healed"]
         if not healed:
             raise SystemExit(f"{folder} is not a --mode heal folder (no elastic.pt sidecar)")
@@ -262,6 +269,10 @@ class Bench:
             self.add({"stage": "table", "setting": HEALED, "action": action.label, "corpus": "wikitext", "ppl": value,
                       "dense_ppl": dense, "ppl_ratio": value / dense, **self.costs(engine, action), **meta,
                       "engine": engine.describe([action])})
+        task_actions = [a for a in task_actions if not self.has("tasks", HEALED, a.label)]
+        full = not self.has("tasks", f"{HEALED} (full model)", "none")
+        if self.args.tasks and (task_actions or full):
+            self._task_rows(HEALED, f"{HEALED} (full model)", loaded, engine, task_actions, full)
 
 
 def _kept(engine, action) -> str:
@@ -302,7 +313,8 @@ def run(args: argparse.Namespace) -> None:
     if args.stage == "heal":
         if not args.healed:
             raise SystemExit("--stage heal needs --healed DIR (a folder written by --mode heal)")
-        bench.healed(args.healed, [PruningAction(t, float(r)) for t in TARGETS for r in args.heal_intensities.split(",")])
+        bench.healed(args.healed, [PruningAction(t, float(r)) for t in TARGETS for r in args.heal_intensities.split(",")],
+                     [PruningAction(t, float(r)) for t in TARGETS for r in args.task_intensities.split(",")])
     if args.stage in ("speed", "all"):
         default = TABLE_SETTINGS[-1]
         for model_name in (bench.loaded.name, "llama-3.2-1b-shape"):
