@@ -1,7 +1,10 @@
-"""SIGTERM as an interrupt: ``kill`` ends a run through the same save path as Ctrl-C.
+"""SIGTERM as an interrupt: ``kill`` ends a run through the same save path as Ctrl-C; and a
+write-out phase that an interrupt cannot cut.
 
 Why: a run killed by a scheduler or ``timeout`` must still leave a consistent checkpoint and a
-partial report, and the code that writes them already catches KeyboardInterrupt.
+partial report, and the code that writes them already catches KeyboardInterrupt. While that code
+runs (metrics, tables, report and plots), an interrupt is held until the files are written: raised
+inside matplotlib's garbage collection it would otherwise be swallowed as "Exception ignored".
 """
 from __future__ import annotations
 
@@ -36,3 +39,26 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM inside the block are remembered, not raised; KeyboardInterrupt on leaving it
+    if one arrived. Outside the main thread signals are left alone."""
+    received: list[int] = []
+
+    def remember(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]} (held while the run's files were written)")

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.config import RunConfig
 from controller.records import to_jsonable
 from controller.session import open_session
-from common.signals import sigterm_as_interrupt
+from common.signals import interrupts_deferred, sigterm_as_interrupt
 from controller import checkpointing
 from controller.contention import parse_scenarios
 from controller.dqn import linear_epsilon
@@ -63,13 +63,14 @@ def run_train(cfg: RunConfig) -> Path:
                         err, trainer.next_episode)
             s.engine.restore()
             trainer.save(trainer.next_episode)
-        metrics = write(trainer.episodes, partial=not completed,
-                        reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
-                                                      "continue with --resume")
-        (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
-        metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
-        finish_run(run_dir, metrics)
-        print(f"checkpoint: {cfg.checkpoint}")
+        with interrupts_deferred():        # a second Ctrl-C waits until the files are complete
+            metrics = write(trainer.episodes, partial=not completed,
+                            reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
+                                                          "continue with --resume")
+            (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
+            metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
+            finish_run(run_dir, metrics)
+            print(f"checkpoint: {cfg.checkpoint}")
         if not completed:
             raise KeyboardInterrupt
         return run_dir.path

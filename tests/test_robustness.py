@@ -350,3 +350,18 @@ def test_inert_actions_score_exactly_dense_without_a_forward(monkeypatch):
         assert calls["n"] == 0
         out = s.env.step(prompt, by_label["ffn_neurons:0.3"], "idle", measure=False)
         assert calls["n"] == 1 and out.ppl_ratio != 1.0
+
+
+def test_an_interrupt_while_the_files_are_written_is_held_until_they_are():
+    """Ctrl-C during the write-out (report, plots) waits for it, then ends the run as an interrupt."""
+    from common.signals import interrupts_deferred
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    written = []
+    with pytest.raises(KeyboardInterrupt, match="held"):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)                     # the handlers run here: nothing may be raised
+            written.append("report")
+    assert written == ["report"]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
