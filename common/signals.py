@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -28,17 +28,26 @@ def install_sigterm_interrupt() -> Any:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt inside the block; outside the main thread signals are left alone."""
+def _handling(handlers: dict[int, Callable[[int, FrameType | None], Any]]) -> Iterator[None]:
+    """``handlers`` installed for the block, the previous ones restored after it; outside the main thread
+    (where Python cannot set signal handlers) signals are left alone."""
     try:
-        previous = install_sigterm_interrupt()
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     except ValueError:
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block; outside the main thread signals are left alone."""
+    with _handling({signal.SIGTERM: _raise_interrupt}):
+        yield
 
 
 @contextlib.contextmanager
@@ -50,15 +59,7 @@ def interrupts_deferred() -> Iterator[None]:
     def remember(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
 
-    try:
-        previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:
+    with _handling({signal.SIGINT: remember, signal.SIGTERM: remember}):
         yield
-        return
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if received:
         raise KeyboardInterrupt(f"signal {received[0]} (held while the run's files were written)")
