@@ -46,6 +46,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import model_loader  # noqa: E402
+from bench.script import bench_main  # noqa: E402
 from common.files import atomic_write_text  # noqa: E402
 from controller.compiled import CompiledDecoder  # noqa: E402
 from controller.contention import contention, presets  # noqa: E402
@@ -309,12 +310,7 @@ def format_tables(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    result = run(args)
-    print(format_tables(result))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1))
+    bench_main(argv, parse_args, run, format_tables)
 
 
 if __name__ == "__main__":

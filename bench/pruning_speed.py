@@ -22,7 +22,6 @@ if __name__ == "__main__":   # the policy measured for this machine, as in the C
     openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 from torch import nn
 
 import model_loader  # noqa: E402
+from bench.script import bench_main  # noqa: E402
 from common.config import RuntimeConfig  # noqa: E402
 from controller.runtime import ExecutionGovernor  # noqa: E402
 from controller.generation import generate, prefill  # noqa: E402
@@ -263,13 +263,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    result = run(args)
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    bench_main(argv, parse_args, run, format_table)
 
 
 if __name__ == "__main__":
