@@ -110,7 +110,7 @@ def input_moments(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> 
     handles.append(layers[-1].register_forward_hook(final))
     device = next(model.parameters()).device
     try:
-        for ids in calibration_ids:
+        for ids in tqdm(calibration_ids, desc="compensation moments", unit="text", leave=False):
             states.clear()
             model(input_ids=ids.to(device), use_cache=False)
             unit = torch.nn.functional.normalize(torch.stack(states), dim=-1)    # [layers + 1, tokens, hidden]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from pruners.compensation import SINK_TOKENS
 from pruners.model_info import ModelDims, decoder_layers
@@ -116,7 +117,7 @@ def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor
         layer_hooks(i, layer)
     device = next(model.parameters()).device
     try:
-        for ids in calibration_ids:
+        for ids in tqdm(calibration_ids, desc="importance statistics", unit="text", leave=False):
             model(input_ids=ids.to(device), use_cache=False)
             acts.tokens += ids.numel()
             acts.tail_tokens += ids[:, SINK_TOKENS:].numel()
