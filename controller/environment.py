@@ -95,13 +95,14 @@ class PruningEnvironment:
             raise ValueError(f"segment start {start} is past the reference's {ref.ref_ids.numel()} tokens")
         return torch.cat([ref.prompt_ids, ref.ref_ids[:start]]), ref.ref_ids[start:end]
 
-    def dense_scores(self, prompt: Prompt, start: int = 0, length: int | None = None) -> TokenScores:
+    def dense_scores(self, prompt: Prompt, start: int = 0, length: int | None = None,
+                     prompt_positions: int = 0) -> TokenScores:
         """Dense log-probs are large ([T, vocab]); keep only a few recent segments."""
-        key = (prompt.id, start, length)
+        key = (prompt.id, start, length, prompt_positions)
         if key not in self._dense_scores:
             context, target = self.segment(prompt, start, length)
             self.engine.restore()
-            self._dense_scores[key] = score_reference(self.model, context, target)
+            self._dense_scores[key] = score_reference(self.model, context, target, prompt_positions=prompt_positions)
             while len(self._dense_scores) > 8:
                 self._dense_scores.popitem(last=False)
         return self._dense_scores[key]
@@ -171,10 +172,12 @@ class PruningEnvironment:
         """Nothing removed (none, or a KV action on a context below its minimum length)."""
         return self.engine.effective_intensity(action, n_context) == 0.0
 
-    def pruned_scores(self, context: torch.Tensor, target: torch.Tensor, dense: TokenScores, inert: bool) -> TokenScores:
+    def pruned_scores(self, context: torch.Tensor, target: torch.Tensor, dense: TokenScores, inert: bool,
+                      prompt_positions: int = 0) -> TokenScores:
         """Scores of the target under the engine's current action. An inert action's scores are the
         dense ones exactly, so the forward is skipped (a third of a test run's scoring on tiny)."""
-        return dense if inert else score_reference(self.model, context, target, kv=self.engine.kv_pruner)
+        return dense if inert else score_reference(self.model, context, target, kv=self.engine.kv_pruner,
+                                                   prompt_positions=prompt_positions)
 
     def _observe_slowdown(self, gen: GenerationResult, label: str, bucket: str) -> None:
         """Feed the contention state: this generation's per-token time against the idle table's."""

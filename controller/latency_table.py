@@ -61,9 +61,11 @@ class LatencyTable:
 
     def calibrate(self, scenario: str, buckets: list[str], actions: list[str], time_one: Timer,
                   repeats: int = 2, inert: Callable[[str, str], bool] = lambda bucket, action: False,
-                  runtime: str | None = None) -> None:
+                  runtime: str | None = None, session: TimingSession | None = None) -> None:
         """Time dense and each action alternately (A B A B) and store per-action medians, by the
-        protocol of ``controller.timing`` (each side warmed up once); ``runtime`` labels every entry.
+        protocol of ``controller.timing`` (each side warmed up once per ``session``: a fresh one unless
+        given, so several tables measured in one process can share their warm-ups); ``runtime`` labels
+        every entry.
 
         Entries are committed together at the end, so an interrupted calibration leaves none.
         An `inert(bucket, action)` action does nothing in that bucket (KV pruning of short prompts):
@@ -71,7 +73,7 @@ class LatencyTable:
         """
         pairs = [(b, a) for b in buckets for a in actions]
         fresh: dict[str, LatencyEntry] = {}
-        session = TimingSession()
+        session = session or TimingSession()
         for bucket, action in tqdm(pairs, desc=f"latency table [{scenario}]", leave=False):
             if inert(bucket, action) and self.key(scenario, bucket, "none") in fresh:
                 fresh[self.key(scenario, bucket, action)] = replace(fresh[self.key(scenario, bucket, "none")], samples=0)

@@ -30,6 +30,7 @@ from controller.contention import Scenario, contention
 from controller.environment import IDLE, inert_in_bucket
 from controller.latency_table import LatencyTable
 from controller.load_signals import LoadAwareHardware, SlowdownTracker
+from controller.timing import TimingSession
 from pruners import NONE, PruningAction
 
 log = logging.getLogger(__name__)
@@ -187,15 +188,19 @@ class Calibrator:
         log.info("calibrating %d latency tables (%d levels x %d rounds, %d actions, buckets %s)",
                  len(todo), len(self.scenarios), rounds, len(self.labels), cs.buckets)
         idle_now = self.reference(cs.buckets)
+        # One timing session for every table: each action is warmed up once in this process (first-use
+        # costs are per process), not once per table (a third of each table's runs).
+        session = TimingSession()
         for r, sc in tqdm(todo, desc="calibrate levels"):
             with contention(sc):
-                cal = self.calibrate(sc, r, cs.buckets, idle_now)
+                cal = self.calibrate(sc, r, cs.buckets, idle_now, session)
             if sc.name == IDLE:
                 idle_now = cal.dense_per_token_s
             cs.calibrations.append(cal)
             save(cs)
 
-    def calibrate(self, sc: Scenario, round_: int, buckets: Sequence[str], idle: dict[str, float]) -> LevelCalibration:
+    def calibrate(self, sc: Scenario, round_: int, buckets: Sequence[str], idle: dict[str, float],
+                  session: TimingSession | None = None) -> LevelCalibration:
         started = time.perf_counter()
         tracker, telemetry = SlowdownTracker(), []
         # The runtime a live decision under this load gets (threads for the machine's state), as
@@ -217,7 +222,7 @@ class Calibrator:
                             "(minimum x%.2f)", sc.name, start, sc.min_slowdown)
         table = LatencyTable()
         table.calibrate(sc.name, list(buckets), self.labels, timer, repeats=self.repeats, inert=inert_in_bucket,
-                        runtime=runtime)
+                        runtime=runtime, session=session)
         dense = {b: statistics.median(e.dense_decode_per_token_s for k, e in table.entries.items()
                                       if k.split("|")[1] == b and e.samples > 0) for b in buckets}
         during = statistics.median(dense[b] / idle[b] for b in buckets)

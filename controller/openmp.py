@@ -41,6 +41,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from common import offline
 from common.config import WEIGHT_LAYOUT_ENV
 from common.files import PROJECT_ROOT, atomic_write_text
@@ -227,13 +229,14 @@ def measure(model: str = "smollm2-135m", rounds: int = 2, tokens: int = 8, max_s
     (one child per policy and round, idle then busy); each cell is the median over rounds."""
     threads = thread_candidates(usable_cores())
     samples: dict[tuple[str, str, int], list[float]] = {}
-    for r in range(rounds):
-        for p in policies if r % 2 == 0 else policies[::-1]:
-            for state, row in run_probe(p, threads, model, tokens, max_seconds).items():
-                for t, s in row.items():
-                    samples.setdefault((p.name, state, t), []).append(s)
-                    log.info("OpenMP probe round %d: %s, %s, %d threads: %.1f ms/token", r + 1, p.name, state, t,
-                             s * 1e3)
+    schedule = [(r, p) for r in range(rounds) for p in (policies if r % 2 == 0 else policies[::-1])]
+    # A progress bar: this runs before the CLI configures logging, on the first run on a machine (1-3 min).
+    for r, p in tqdm(schedule, desc="OpenMP wait-policy probe (once per machine)", unit="child"):
+        for state, row in run_probe(p, threads, model, tokens, max_seconds).items():
+            for t, s in row.items():
+                samples.setdefault((p.name, state, t), []).append(s)
+                log.info("OpenMP probe round %d: %s, %s, %d threads: %.1f ms/token", r + 1, p.name, state, t,
+                         s * 1e3)
     return [Probe(name, state, t, statistics.median(v)) for (name, state, t), v in samples.items()]
 
 

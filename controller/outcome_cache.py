@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common.config import RunConfig
 from common.data import Prompt
 from common.files import atomic_write_text
-from controller.quality import mean_kl, ppl_ratio, prompt_scores, token_nll
+from controller.quality import mean_kl, ppl_ratio, token_nll
 from pruners import PruningAction
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,8 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
     positions and the two halves of the reference for split-half reliability."""
     ref = env.reference(prompt)
     context, target = env.segment(prompt)
-    dense = env.dense_scores(prompt)
+    dense = env.dense_scores(prompt, prompt_positions=prompt_kl_tokens)
     dense_nll = token_nll(dense, target)
-    env.engine.restore()
-    dense_prompt = prompt_scores(env.model, ref.prompt_ids, prompt_kl_tokens)
     out = known or PromptOutcomes(prompt.id, int(context.numel()), int(target.numel()), ref.source, ref.truncated)
     half = max(1, target.numel() // 2)
     for action in actions:
@@ -113,15 +111,14 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
             continue
         inert = env.inert(action, context.numel())
         with env.engine.pruned(action):
-            pruned = env.pruned_scores(context, target, dense, inert)
-            # KV pruning happens after the prefill, so the prompt positions are the dense ones.
-            same_prompt = inert or action.target == "kv_cache" or dense_prompt is None
-            pruned_prompt = dense_prompt if same_prompt else prompt_scores(env.model, ref.prompt_ids, prompt_kl_tokens)
+            pruned = env.pruned_scores(context, target, dense, inert, prompt_positions=prompt_kl_tokens)
+        # KV pruning happens after the prefill, so its prompt positions are the dense ones.
+        pruned_prompt = pruned.prompt or dense.prompt
         diff = token_nll(pruned, target) - dense_nll
         second = diff[half:] if diff.numel() > half else diff[-1:]
         out.actions[action.label] = ActionQuality(
             ppl_ratio=ppl_ratio(pruned, dense), kl=mean_kl(dense, pruned),
-            prompt_kl=None if dense_prompt is None else mean_kl(dense_prompt, pruned_prompt),
+            prompt_kl=None if dense.prompt is None else mean_kl(dense.prompt, pruned_prompt),
             half_log_ratio=(float(diff[:half].mean()), float(second.mean())), inert=inert)
     return out
 

@@ -27,12 +27,12 @@ from controller import openmp
 from controller.compiled import CompiledDecoder
 from controller.generation import Decoder, eager_decoder
 from controller.openmp import BUSY, IDLE, OpenMPChoice
-from controller.telemetry import CpuCounters, HardwareProbe, HardwareState
+from controller.telemetry import HardwareProbe, HardwareState
 
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
-FIRST_WINDOW_S = 0.2        # the first decision without telemetry reads the CPU over this long
+FIRST_WINDOW_S = 0.2        # a decision without telemetry reads the CPU over this long, starting then
 
 
 @dataclass(frozen=True)
@@ -83,22 +83,23 @@ class ExecutionGovernor:
         self.device = torch.device(device)
         self.compiled = compile_wanted(self.config.compile, self.device)
         self._probe: HardwareProbe | None = None
-        self._window: CpuCounters | None = None
 
     def machine_state(self, hardware: HardwareState | None = None) -> str:
         others = others_load_cores(hardware if hardware is not None else self._read())
         return BUSY if others is not None and others >= self.config.busy_cores else IDLE
 
     def _read(self) -> HardwareState:
-        """This governor's own CPU window: since its previous decision (a short wait the first time)."""
+        """The machine now: a fresh CPU window of ``FIRST_WINDOW_S``.
+
+        Not the window since the previous decision: a calibration of one load level follows another,
+        and a window spanning the previous (loaded) level ran the next idle table with the busy thread
+        count (issue 16's demo: idle dense 80 ms/token in some rounds, 51 ms in others).
+        """
         if self._probe is None:
             self._probe = HardwareProbe()
-            self._window = self._probe.cpu_counters()
-            time.sleep(FIRST_WINDOW_S)
-        end = self._probe.cpu_counters()
-        state = self._probe.read(self._window, end)
-        self._window = end
-        return state
+        start = self._probe.cpu_counters()
+        time.sleep(FIRST_WINDOW_S)
+        return self._probe.read(start, self._probe.cpu_counters())
 
     def decide(self, hardware: HardwareState | None = None) -> RuntimeSetting:
         """The thread count: the configured one ("fixed"), else the measured rule for the machine's

@@ -71,3 +71,36 @@ def test_pruned_cache_decodes_at_true_positions(tiny):
         allowed[64, pruner.keep_indices(64, None)] = True
         reference = model(input_ids=torch.cat([prompt, nxt], dim=1), attention_mask=allowed[None, None]).logits[0, -1]
     assert (ours - reference).abs().max() < 1e-5
+
+
+def _scores_by_hand(model, prompt, ref, prompt_positions):
+    """Reference: prefill, then the reference in one cached pass; the prompt positions from a prompt-only forward."""
+    import torch.nn.functional as F
+    pre = prefill(model, prompt.view(1, -1))
+    rest = model(input_ids=ref[None, :-1], position_ids=torch.arange(prompt.numel(), prompt.numel() + ref.numel() - 1)[None],
+                 past_key_values=pre.cache, use_cache=True).logits[0]
+    ref_lp = F.log_softmax(torch.cat([pre.logits, rest]).float(), dim=-1)
+    n = prompt_positions
+    prompt_lp = F.log_softmax(model(input_ids=prompt[None], logits_to_keep=n + 1).logits[0, :-1].float(), dim=-1)
+    return ref_lp, prompt_lp
+
+
+@pytest.mark.parametrize("action", ["none", "ffn_neurons:0.5", "attention_heads:0.5", "transformer_layers:0.5"])
+def test_one_forward_scores_equal_prefill_then_cached_reference(tiny, action):
+    """score_reference's single causal forward gives what a prefill + cached pass gives (the path generation
+    takes), for the reference and for the prompt's last positions, dense and pruned; asking for prompt
+    positions leaves the reference scores bit-identical (the live and offline environments must agree)."""
+    from controller.quality import score_reference
+    from pruners import PruningAction, PruningEngine
+
+    g = torch.Generator().manual_seed(0)
+    prompt, ref = torch.randint(1, 200, (12,), generator=g), torch.randint(1, 200, (6,), generator=g)
+    engine = PruningEngine(tiny.model, importance="magnitude")
+    with engine.pruned(PruningAction.parse(action)):
+        scores = score_reference(tiny.model, prompt, ref, prompt_positions=4)
+        plain = score_reference(tiny.model, prompt, ref)
+        ref_lp, prompt_lp = _scores_by_hand(tiny.model, prompt, ref, 4)
+    torch.testing.assert_close(scores.logprobs, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores.prompt.logprobs, prompt_lp, rtol=1e-5, atol=1e-5)
+    assert scores.nll == pytest.approx(-ref_lp.gather(1, ref[:, None]).mean().item(), rel=1e-5)
+    assert torch.equal(plain.logprobs, scores.logprobs) and plain.nll == scores.nll and plain.prompt is None

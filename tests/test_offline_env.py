@@ -256,3 +256,21 @@ def test_constrained_objectives_are_lagrangian_rewards_with_an_adaptive_multipli
     _, _, multiplier = train_offline(loose, replace(s.cfg.dqn, gradient_steps=1), 100, seed=0, progress=False)
     weighted = env()
     assert multiplier == 0.0 and np.allclose(loose.reward, np.log(weighted.speedup))
+
+
+def test_calibrations_of_one_run_warm_each_action_up_once(offline, monkeypatch):
+    """Every table of a run shares one timing session: the runs of a calibration set are the timed pairs plus
+    one warm-up per action for the whole set, not one per table."""
+    s, _, _ = offline
+    calls = []
+    real = s.env.time_action
+    monkeypatch.setattr(s.env, "time_action", lambda label, bucket: calls.append(label) or real(label, bucket))
+    actions = [a for a in s.actions if a.target not in ("none", "kv_cache")][:2]   # timed in short prompts
+    labels = ["none"] + [a.label for a in actions]
+    cs = CalibrationSet(["idle", "busy"], {"idle": 1.0, "busy": 1.0}, ["short"], {})
+    calibrator = Calibrator(s.env, s.sampler, LEVELS, actions, repeats=1, seed=0)
+    calibrator.run(cs, rounds=2, save=lambda _: None)
+    tables = len(cs.calibrations)
+    reference = 1 + 3                 # Calibrator.reference: a warm-up and START_CHECKS dense runs
+    pairs = 2 * len(labels) * tables  # dense + pruned per action and table (repeats=1)
+    assert tables == 4 and len(calls) == reference + pairs + len(labels)

@@ -152,6 +152,29 @@ def test_governor_sets_the_measured_threads_for_each_machine_state(restore_threa
     assert governor.describe()["openmp"]["policy"] == "stock"
 
 
+def test_a_decision_without_telemetry_reads_the_machine_now_not_since_the_last_one(restore_threads):
+    """An idle calibration right after a loaded one must get the idle thread count: the window starts at the
+    decision, so CPU burnt by the previous level's load does not count."""
+    class Probe:                       # the load runs until `stopped`; a window reads busy iff it overlaps the load
+        def __init__(self):
+            self.now, self.stopped = 0, None
+
+        def cpu_counters(self):
+            self.now += 1
+            return self.now
+
+        def read(self, start, end, run_queue=None):
+            busy = self.stopped is None or start <= self.stopped
+            return _state(100.0 if busy else 5.0, 0.0)
+
+    governor = ExecutionGovernor(choice=OpenMPChoice("stock", 2, 1, "measured", "test"))
+    governor._probe = probe = Probe()
+    assert governor.govern().state == BUSY                    # under the load
+    probe.stopped = probe.now                                 # load off, no decision since
+    setting = governor.govern()
+    assert (setting.state, setting.threads) == (IDLE, 2) and torch.get_num_threads() == 2
+
+
 def test_the_environment_records_the_governed_runtime_in_every_table_entry(tiny, restore_threads):
     from common.config import EnvConfig, RewardConfig
     from controller.environment import PruningEnvironment
