@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) adaptive_pruning.py --mode train --model smollm2-135m --train-dataset builtin --train-samples 30 \
 		--max-new-tokens 32 --min-reference-tokens 32 --targets attention_heads,ffn_neurons,transformer_layers \
 		--intensities 0.2,0.4 --long-prompt-tokens 1024 --scenarios idle,heavy --calibrations 5 \
-		--calibration-tokens 8 --calibration-repeats 1 --episodes 3000 --train-seeds 3 --calibration-samples 88 \
+		--calibration-tokens 5 --calibration-repeats 1 --episodes 3000 --train-seeds 3 --calibration-samples 88 \
 		--checkpoint checkpoints/demo.pt
 	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 10
 

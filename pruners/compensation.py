@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruners.calibration_pass import calibration_pass
 from pruners.layerwise import LayerInputs, first_layer_inputs, hidden_of, run_layer
 from pruners.model_info import decoder_layers
 
@@ -69,61 +70,80 @@ class InputMoments:
     def from_dict(cls, data: dict) -> "InputMoments":
         return cls(**data)
 
+    def permuted(self, columns: dict[str, torch.Tensor]) -> "InputMoments":
+        """The moments after the units were reordered: ``columns["<layer>.<path>"]`` = new column -> old column.
+        The residual stream and its cosines do not depend on the unit order."""
+        def take(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v[columns[k].to(v.device)] if k in columns else v for k, v in stats.items()}
+        return InputMoments(take(self.mean), take(self.square), self.residual, self.cosine, self.tokens)
 
-@torch.no_grad()
-def input_moments(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> InputMoments:
-    """One calibration pass with hooks; only sums are kept."""
-    sums: dict[str, torch.Tensor] = {}
-    tokens = 0
-    handles = []
 
-    def tail(x: torch.Tensor) -> torch.Tensor:
+class MomentCollector:
+    """The sums behind ``InputMoments``, after each text's ``SINK_TOKENS``: a ``calibration_pass`` collector."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.layers = 0
+        self._states: list[torch.Tensor] = []    # the current text's residual stream, layer by layer
+
+    @staticmethod
+    def _tail(x: torch.Tensor) -> torch.Tensor:
         return x.detach()[:, SINK_TOKENS:].reshape(-1, x.shape[-1]).double()
 
-    def add(key: str, value: torch.Tensor) -> None:
-        sums[key] = sums[key] + value.cpu() if key in sums else value.cpu()
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        self.sums[key] = self.sums[key] + value.cpu() if key in self.sums else value.cpu()
 
-    def projection(key: str):
-        def hook(_module, args):
-            x = tail(args[0])
-            add(f"{key}.sum", x.sum(0))
-            add(f"{key}.sq", x.pow(2).sum(0))
-        return hook
+    def attach(self, layers: Sequence[nn.Module]) -> list:
+        self.layers, handles = len(layers), []
 
-    states: list[torch.Tensor] = []    # the current prompt's residual stream, layer by layer
+        def projection(key: str):
+            def hook(_module, args):
+                x = self._tail(args[0])
+                self._add(f"{key}.sum", x.sum(0))
+                self._add(f"{key}.sq", x.pow(2).sum(0))
+            return hook
 
-    def residual(i: int):
-        def hook(_module, args, kwargs):
-            h = tail(args[0] if args else kwargs["hidden_states"])
-            add(f"{i}.residual", h.pow(2).sum())
-            states.append(h)
-        return hook
+        def residual(i: int):
+            def hook(_module, args, kwargs):
+                h = self._tail(args[0] if args else kwargs["hidden_states"])
+                self._add(f"{i}.residual", h.pow(2).sum())
+                self._states.append(h)
+            return hook
 
-    def final(_module, _args, output):
-        states.append(tail(output[0] if isinstance(output, tuple) else output))
+        def final(_module, _args, output):
+            self._states.append(self._tail(output[0] if isinstance(output, tuple) else output))
 
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(residual(i), with_kwargs=True))
-        for path in BIAS_INPUTS:
-            handles.append(layer.get_submodule(path).register_forward_pre_hook(projection(f"{i}.{path}")))
-    handles.append(layers[-1].register_forward_hook(final))
-    device = next(model.parameters()).device
-    try:
-        for ids in tqdm(calibration_ids, desc="compensation moments", unit="text", leave=False):
-            states.clear()
-            model(input_ids=ids.to(device), use_cache=False)
-            unit = torch.nn.functional.normalize(torch.stack(states), dim=-1)    # [layers + 1, tokens, hidden]
-            add("cosine", torch.einsum("itd,jtd->ij", unit, unit))
-            tokens += ids[:, SINK_TOKENS:].numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    keys = [f"{i}.{path}" for i in range(len(layers)) for path in BIAS_INPUTS]
-    return InputMoments(mean={k: sums[f"{k}.sum"] / tokens for k in keys},
-                        square={k: sums[f"{k}.sq"] / tokens for k in keys},
-                        residual=torch.stack([sums[f"{i}.residual"] for i in range(len(layers))]) / tokens,
-                        cosine=sums["cosine"] / tokens, tokens=tokens)
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(residual(i), with_kwargs=True))
+            for path in BIAS_INPUTS:
+                handles.append(layer.get_submodule(path).register_forward_pre_hook(projection(f"{i}.{path}")))
+        handles.append(layers[-1].register_forward_hook(final))
+        return handles
+
+    def start(self) -> None:
+        self._states.clear()
+
+    def finish(self, ids: torch.Tensor) -> None:
+        unit = torch.nn.functional.normalize(torch.stack(self._states), dim=-1)    # [layers + 1, tokens, hidden]
+        self._add("cosine", torch.einsum("itd,jtd->ij", unit, unit))
+        self.tokens += ids[:, SINK_TOKENS:].numel()
+        self._states.clear()
+
+    def moments(self) -> InputMoments:
+        keys = [f"{i}.{path}" for i in range(self.layers) for path in BIAS_INPUTS]
+        sums, tokens = self.sums, self.tokens
+        return InputMoments(mean={k: sums[f"{k}.sum"] / tokens for k in keys},
+                            square={k: sums[f"{k}.sq"] / tokens for k in keys},
+                            residual=torch.stack([sums[f"{i}.residual"] for i in range(self.layers)]) / tokens,
+                            cosine=sums["cosine"] / tokens, tokens=tokens)
+
+
+def input_moments(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> InputMoments:
+    """One calibration pass with hooks; only sums are kept."""
+    collector = MomentCollector()
+    calibration_pass(model, calibration_ids, [collector], desc="compensation moments")
+    return collector.moments()
 
 
 def removed_mean_bias(weight: torch.Tensor, mean: torch.Tensor, keep: int) -> torch.Tensor:

@@ -29,13 +29,14 @@ from common.calibration import CalibrationSet, calibration_set
 from common.config import CalibrationConfig
 from pruners.actions import NONE, PruningAction
 from pruners.allocation import check_allocation, global_kept
-from pruners.compensation import (RIDGE, SINK_TOKENS, BiasSwap, InputMoments, ReplacedRun, check_recovery, fit_replacements, input_moments,
-                                  layer_runs, removed_mean_bias)
+from pruners.calibration_pass import calibration_pass
+from pruners.compensation import (RIDGE, SINK_TOKENS, BiasSwap, InputMoments, MomentCollector, ReplacedRun, check_recovery,
+                                  fit_replacements, input_moments, layer_runs, removed_mean_bias)
 from pruners.elastic import ElasticMenu
 from pruners.cost import DecodeCost, decode_cost, ideal_speedup
 from pruners.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels
-from pruners.heads import allocate_group_removals, attention_cuts, groups_to_remove, reorder_kv_groups
-from pruners.importance import Criterion, ImportanceScores, get_importance, tokenize_calibration
+from pruners.heads import allocate_group_removals, attention_cuts, groups_to_remove, o_proj_columns, reorder_kv_groups
+from pruners.importance import ActivationCollector, Criterion, ImportanceScores, get_importance, tokenize_calibration
 from pruners.kv_cache import KVCachePruner
 from pruners.layers import LayerDropper, contiguous_block_to_keep, layers_to_keep
 from pruners.masks import InputMasks
@@ -90,9 +91,12 @@ class PruningEngine:
         self.criterion = get_importance(importance)
         self.menu = menu
         self._loaded_weights = weight_fingerprint(model)   # keys statistics that do not depend on the unit order
+        needs_moments = self.recovery == "compensate" or self.allocation == "global"
+        joint: InputMoments | None = None       # moments of the model as loaded, from the importance pass
+        columns: dict[str, torch.Tensor] = {}
         if menu is None:
-            self.scores, self.importance_from_cache = self._score(self.criterion)
-            self._reorder()
+            self.scores, self.importance_from_cache, joint = self._score(self.criterion, with_moments=needs_moments)
+            columns = self._reorder()
         else:                                   # a healed model: units already sorted, scores in that order
             self.scores, self.importance_from_cache = menu.scores, True
         projections = [(cut.path, cut.dim) for cut in attention_cuts(1, self.dims) + ffn_cuts(1)]
@@ -101,9 +105,10 @@ class PruningEngine:
         self.moments: InputMoments | None = None   # compensation means, global KV allocation (dense, reordered)
         if menu is not None and menu.moments is not None:
             self.moments = menu.moments
-        elif self.recovery == "compensate" or self.allocation == "global":
+        elif needs_moments:
             self.moments, _ = self._cached(f"moments-sink{SINK_TOKENS}-v2",
-                                           lambda: input_moments(self.model, self.calibration_ids()),
+                                           lambda: joint.permuted(columns) if joint is not None
+                                           else input_moments(self.model, self.calibration_ids()),
                                            encode=InputMoments.to_dict, decode=InputMoments.from_dict)
         self._layers = LayerDropper(model)
         self._masks = InputMasks()
@@ -147,23 +152,44 @@ class PruningEngine:
                         weights=self._loaded_weights if order_free else None)
         return self.cache_dir / f"{name.partition('-')[0]}-{key}.pt"
 
-    def _score(self, criterion: Criterion) -> tuple[ImportanceScores, bool]:
-        """The criterion's scores of the model as loaded, from the disk cache when present."""
-        data = criterion.needs_calibration
-        return self._cached(criterion.name, lambda: criterion(self.model, self.calibration_ids() if data else None),
-                            calibrated=data)
+    def _score(self, criterion: Criterion, with_moments: bool = False
+               ) -> tuple[ImportanceScores, bool, InputMoments | None]:
+        """The criterion's scores of the model as loaded, from the disk cache when present.
 
-    def _reorder(self) -> None:
-        """Sort every layer's FFN channels and KV groups by descending importance, once."""
+        ``with_moments``: the compensation moments are wanted too; when the scores must be computed from
+        calibration activations, one pass collects both (the moments, of the model as loaded, are returned
+        for ``InputMoments.permuted``), not two passes over the same text.
+        """
+        data = criterion.needs_calibration
+        joint: list[InputMoments] = []
+
+        def compute() -> ImportanceScores:
+            if not (with_moments and criterion.from_activations is not None):
+                return criterion(self.model, self.calibration_ids() if data else None)
+            acts, moments = ActivationCollector(self.model), MomentCollector()
+            calibration_pass(self.model, self.calibration_ids(), [acts, moments],
+                             desc=f"importance ({criterion.name}) + compensation statistics")
+            joint.append(moments.moments())
+            return criterion.from_activations(self.model, acts.acts)
+        scores, cached = self._cached(criterion.name, compute, calibrated=data)
+        return scores, cached, (joint[0] if joint else None)
+
+    def _reorder(self) -> dict[str, torch.Tensor]:
+        """Sort every layer's FFN channels and KV groups by descending importance, once; returns, per
+        ``"<layer>.<projection>"`` whose input columns moved, new column -> old column."""
         ffn, groups = self.scores.ffn.clone(), self.scores.kv_groups.clone()
+        columns: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(decoder_layers(self.model)):
             order = torch.argsort(ffn[i], descending=True, stable=True)
             reorder_ffn_channels(layer.mlp, order)
             ffn[i] = ffn[i][order]
+            columns[f"{i}.mlp.down_proj"] = order
             order = torch.argsort(groups[i], descending=True, stable=True)
             reorder_kv_groups(layer.self_attn, order, self.dims)
             groups[i] = groups[i][order]
+            columns[f"{i}.self_attn.o_proj"] = o_proj_columns(order, self.dims)
         self.scores = ImportanceScores(self.scores.criterion, ffn, groups, self.scores.layers, self.scores.layer_source)
+        return columns
 
     # ----------------------------------------------------------------- plans
     def plan(self, action: PruningAction) -> PruningPlan:

@@ -21,11 +21,16 @@ def _group_index(order: torch.Tensor, width: int) -> torch.Tensor:
     return (order[:, None] * width + torch.arange(width, device=order.device)).reshape(-1)
 
 
+def o_proj_columns(order: torch.Tensor, dims: ModelDims) -> torch.Tensor:
+    """The o_proj input columns (query-head channels) of the KV groups in ``order``."""
+    return _group_index(order, dims.group_size * dims.head_dim)
+
+
 @torch.no_grad()
 def reorder_kv_groups(attn: nn.Module, order: torch.Tensor, dims: ModelDims) -> None:
     """Permute KV groups in place (new group i = old group order[i]); outputs are unchanged."""
-    q_width, kv_width = dims.group_size * dims.head_dim, dims.head_dim
-    q_idx = _group_index(order.to(attn.q_proj.weight.device), q_width)
+    kv_width = dims.head_dim
+    q_idx = o_proj_columns(order.to(attn.q_proj.weight.device), dims)
     kv_idx = _group_index(order.to(attn.k_proj.weight.device), kv_width)
     for proj, idx in ((attn.q_proj, q_idx), (attn.k_proj, kv_idx), (attn.v_proj, kv_idx)):
         proj.weight.copy_(proj.weight[idx])

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from pruners.calibration_pass import calibration_pass
 from pruners.compensation import SINK_TOKENS
 from pruners.model_info import ModelDims, decoder_layers
 from pruners.score_cache import ImportanceScores
@@ -75,56 +75,62 @@ class _Activations:
     tail_tokens: int = 0
 
 
-@torch.no_grad()
-def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> _Activations:
-    """One pass over the calibration prompts with hooks; nothing but sums is kept."""
-    layers = decoder_layers(model)
-    def zeros(width: int, n: int = 1) -> list:
-        return [torch.zeros(width, dtype=torch.float64) for _ in range(n)]
+class ActivationCollector:
+    """Sums of x^2 (every token) and of x, x^2 after the sink token(s) of every down_proj / o_proj input, and
+    each layer's cos(input, output) (Block Influence): a ``calibration_pass`` collector."""
 
-    acts = _Activations(down_sq=[zeros(ly.mlp.down_proj.in_features)[0] for ly in layers],
-                        o_sq=[zeros(ly.self_attn.o_proj.in_features)[0] for ly in layers],
-                        cos_sum=torch.zeros(len(layers), dtype=torch.float64), tokens=0,
-                        down_tail=[zeros(ly.mlp.down_proj.in_features, 2) for ly in layers],
-                        o_tail=[zeros(ly.self_attn.o_proj.in_features, 2) for ly in layers])
-    layer_inputs: dict[int, torch.Tensor] = {}
-    handles = []
+    def __init__(self, model: nn.Module) -> None:
+        layers = decoder_layers(model)
 
-    def add_sq(store: list[torch.Tensor], tail: list[list[torch.Tensor]], i: int, x: torch.Tensor) -> None:
+        def zeros(width: int, n: int = 1) -> list:
+            return [torch.zeros(width, dtype=torch.float64) for _ in range(n)]
+
+        self.acts = _Activations(down_sq=[zeros(ly.mlp.down_proj.in_features)[0] for ly in layers],
+                                 o_sq=[zeros(ly.self_attn.o_proj.in_features)[0] for ly in layers],
+                                 cos_sum=torch.zeros(len(layers), dtype=torch.float64), tokens=0,
+                                 down_tail=[zeros(ly.mlp.down_proj.in_features, 2) for ly in layers],
+                                 o_tail=[zeros(ly.self_attn.o_proj.in_features, 2) for ly in layers])
+        self._inputs: dict[int, torch.Tensor] = {}
+
+    def _add_sq(self, store: list[torch.Tensor], tail: list[list[torch.Tensor]], i: int, x: torch.Tensor) -> None:
         x = x.detach().double()
         store[i] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).cpu()
         rest = x[:, SINK_TOKENS:].reshape(-1, x.shape[-1])
         tail[i][0] += rest.sum(0).cpu()
         tail[i][1] += rest.pow(2).sum(0).cpu()
 
-    def layer_hooks(i: int, layer: nn.Module) -> None:
-        def pre(_m, args, kwargs):
-            layer_inputs[i] = args[0] if args else kwargs["hidden_states"]
+    def attach(self, layers: Sequence[nn.Module]) -> list:
+        acts, handles = self.acts, []
+        for i, layer in enumerate(layers):
+            def pre(_m, args, kwargs, i=i):
+                self._inputs[i] = args[0] if args else kwargs["hidden_states"]
 
-        def post(_m, _args, _kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            cos = F.cosine_similarity(layer_inputs.pop(i).float(), out.float(), dim=-1)
-            acts.cos_sum[i] += cos.double().sum().cpu()
+            def post(_m, _args, _kwargs, output, i=i):
+                out = output[0] if isinstance(output, tuple) else output
+                cos = F.cosine_similarity(self._inputs.pop(i).float(), out.float(), dim=-1)
+                acts.cos_sum[i] += cos.double().sum().cpu()
 
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(layer.register_forward_hook(post, with_kwargs=True))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(
-            lambda _m, a: add_sq(acts.down_sq, acts.down_tail, i, a[0])))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda _m, a: add_sq(acts.o_sq, acts.o_tail, i, a[0])))
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(layer.register_forward_hook(post, with_kwargs=True))
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(
+                lambda _m, a, i=i: self._add_sq(acts.down_sq, acts.down_tail, i, a[0])))
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda _m, a, i=i: self._add_sq(acts.o_sq, acts.o_tail, i, a[0])))
+        return handles
 
-    for i, layer in enumerate(layers):
-        layer_hooks(i, layer)
-    device = next(model.parameters()).device
-    try:
-        for ids in tqdm(calibration_ids, desc="importance statistics", unit="text", leave=False):
-            model(input_ids=ids.to(device), use_cache=False)
-            acts.tokens += ids.numel()
-            acts.tail_tokens += ids[:, SINK_TOKENS:].numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return acts
+    def start(self) -> None:
+        pass
+
+    def finish(self, ids: torch.Tensor) -> None:
+        self.acts.tokens += ids.numel()
+        self.acts.tail_tokens += ids[:, SINK_TOKENS:].numel()
+
+
+def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> _Activations:
+    """One pass over the calibration prompts with hooks; nothing but sums is kept."""
+    collector = ActivationCollector(model)
+    calibration_pass(model, calibration_ids, [collector], desc="importance statistics")
+    return collector.acts
 
 
 def wanda_scores(model: nn.Module, dims: ModelDims, acts: _Activations) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,59 +177,57 @@ def magnitude_importance(model: nn.Module, _calibration_ids: Sequence[torch.Tens
     return ImportanceScores("magnitude", ffn, groups, layer_scores, "magnitude")
 
 
-def _calibration_activations(model: nn.Module, criterion: str,
-                             calibration_ids: Sequence[torch.Tensor] | None) -> _Activations:
-    if not calibration_ids:
-        raise ValueError(f"importance '{criterion}' needs calibration prompts")
-    acts = collect_activations(model, calibration_ids)
-    log.info("importance %s from %d calibration tokens", criterion, acts.tokens)
-    return acts
-
-
 def _block_influence(acts: _Activations) -> torch.Tensor:
     return (1.0 - acts.cos_sum / acts.tokens).float()
 
 
 @torch.no_grad()
-def activation_importance(model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
+def activation_scores(model: nn.Module, acts: _Activations) -> ImportanceScores:
     """Wanda-style units, Block Influence layers."""
-    acts = _calibration_activations(model, "activation", calibration_ids)
     ffn, groups = wanda_scores(model, ModelDims.from_model(model), acts)
     return ImportanceScores("activation", ffn, groups, _block_influence(acts), "block_influence")
 
 
 @torch.no_grad()
-def fluctuation_importance(model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
+def fluctuation_activation_scores(model: nn.Module, acts: _Activations) -> ImportanceScores:
     """FLAP-style fluctuation units, Block Influence layers."""
-    acts = _calibration_activations(model, "fluctuation", calibration_ids)
     ffn, groups = fluctuation_scores(model, ModelDims.from_model(model), acts)
     return ImportanceScores("fluctuation", ffn, groups, _block_influence(acts), "block_influence")
 
 
 @torch.no_grad()
-def block_influence_importance(model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
+def block_influence_scores(model: nn.Module, acts: _Activations) -> ImportanceScores:
     """ShortGPT: Block Influence layers; units by magnitude."""
     ffn, groups, _ = magnitude_scores(model, ModelDims.from_model(model))
-    acts = _calibration_activations(model, "block_influence", calibration_ids)
     return ImportanceScores("block_influence", ffn, groups, _block_influence(acts), "block_influence")
 
 
 @dataclass(frozen=True)
 class Criterion:
-    """An importance criterion as the engine takes it; ``name`` keys the score cache."""
+    """An importance criterion as the engine takes it; ``name`` keys the score cache.
+
+    A criterion that reads only the calibration activations (``from_activations``) can share its
+    calibration pass with the compensation moments (the engine then runs one pass for both)."""
     name: str
     needs_calibration: bool    # scores read calibration prompts (the engine tokenises them)
-    score: Callable[[nn.Module, Sequence[torch.Tensor] | None], ImportanceScores]
+    score: Callable[[nn.Module, Sequence[torch.Tensor] | None], ImportanceScores] | None = None
+    from_activations: Callable[[nn.Module, _Activations], ImportanceScores] | None = None
 
     def __call__(self, model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
-        return self.score(model, calibration_ids)
+        if self.from_activations is None:
+            return self.score(model, calibration_ids)
+        if not calibration_ids:
+            raise ValueError(f"importance '{self.name}' needs calibration prompts")
+        acts = collect_activations(model, calibration_ids)
+        log.info("importance %s from %d calibration tokens", self.name, acts.tokens)
+        return self.from_activations(model, acts)
 
 
 IMPORTANCE: dict[str, Criterion] = {c.name: c for c in (
     Criterion("magnitude", False, magnitude_importance),
-    Criterion("activation", True, activation_importance),
-    Criterion("fluctuation", True, fluctuation_importance),
-    Criterion("block_influence", True, block_influence_importance),
+    Criterion("activation", True, from_activations=activation_scores),
+    Criterion("fluctuation", True, from_activations=fluctuation_activation_scores),
+    Criterion("block_influence", True, from_activations=block_influence_scores),
     Criterion("taylor", True, compute_taylor_scores),
 )}
 

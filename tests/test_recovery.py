@@ -162,6 +162,36 @@ def test_compensation_statistics_are_cached(tiny, tmp_path):
     assert files.count("moments") == 1 and files.count("replace") == 1
 
 
+@pytest.mark.parametrize("importance", ["fluctuation", "activation"])
+def test_one_calibration_pass_gives_the_scores_and_moments_of_two(tiny, tmp_path, monkeypatch, importance):
+    """Importance and compensation moments from one forward per calibration text (the moments of the model as
+    loaded, permuted into the engine's unit order) equal two separate passes: the criterion on the model as
+    loaded (exactly) and the moments on the reordered model (to float rounding)."""
+    from pruners.compensation import input_moments
+    from pruners.importance import get_importance
+
+    ids = tokenize_calibration(TEXTS, tiny.tokenizer, 64)
+    original = copy.deepcopy(tiny.model)
+    forwards = []
+    real = tiny.model.forward
+    monkeypatch.setattr(tiny.model, "forward", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    joint = engine(tiny, tmp_path, importance=importance)
+    assert len(forwards) == len(ids)                                   # one pass, not two
+    monkeypatch.undo()
+    scores = get_importance(importance)(original, ids)
+    for field in ("ffn", "kv_groups"):                                 # the engine sorts units by score
+        expected = torch.sort(getattr(scores, field), dim=1, descending=True, stable=True).values
+        assert torch.equal(getattr(joint.scores, field), expected)
+    assert torch.equal(joint.scores.layers, scores.layers)
+    separate = input_moments(joint.model, ids)                         # the dense, reordered model
+    for stat in ("mean", "square"):
+        for key, value in getattr(joint.moments, stat).items():
+            torch.testing.assert_close(value, getattr(separate, stat)[key], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(joint.moments.cosine, separate.cosine, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(joint.moments.residual, separate.residual, rtol=1e-5, atol=1e-7)
+    assert joint.moments.tokens == separate.tokens
+
+
 def test_extra_bytes_are_counted_in_the_decode_cost(tiny, tmp_path):
     plain = engine(tiny, tmp_path, recovery="none")
     action = PruningAction("transformer_layers", 0.3)
