@@ -195,12 +195,13 @@ class Bench:
         config = EvalConfig(wikitext=False, tasks=tuple(t for t in self.args.tasks.split(",") if t),
                             eval_limit=self.args.limit, speed_probe=False, progress=False)
         specs = (["dense"] if with_dense else []) + [f"static:{a.label}" for a in actions]
-        block = run_evaluation(loaded, specs, config, engine=engine)
-        for label, entry in block["models"].items():
-            accs = {t: s.get("acc") for t, s in entry["tasks"].items()}
-            accs.update({f"{t}_norm": s.get("acc_norm") for t, s in entry["tasks"].items() if s.get("acc_norm")})
-            self.add({"stage": "tasks", "setting": dense_name if label == "dense" else name,
-                      "action": entry["action"] or "none", **accs})
+        for spec in specs:      # one model per call: each row is stored as soon as it is scored (resume)
+            block = run_evaluation(loaded, [spec], config, engine=engine)
+            for label, entry in block["models"].items():
+                accs = {t: s.get("acc") for t, s in entry["tasks"].items()}
+                accs.update({f"{t}_norm": s.get("acc_norm") for t, s in entry["tasks"].items() if s.get("acc_norm")})
+                self.add({"stage": "tasks", "setting": dense_name if label == "dense" else name,
+                          "action": entry["action"] or "none", **accs})
 
     def speed(self, setting: Setting, actions: list, model_name: str) -> None:
         """Measured decode speedup (median over interleaved dense/pruned pairs) against the ideal."""
@@ -232,7 +233,7 @@ class Bench:
             measured = statistics.median(pairs)
             self.add({"stage": "speed", "setting": f"{setting.name} [{model_name}]", "action": action.label,
                       "speedup": measured, "ideal_speedup": ideal, "achieved_over_ideal": measured / ideal,
-                      "kept": _kept(engine, action)})
+                      "kept": _kept(engine, action), "kept_per_layer": _kept_per_layer(engine, action)})
 
 
     def healed(self, folder: str, actions: list, task_actions: list) -> None:
@@ -283,6 +284,12 @@ def _kept(engine, action) -> str:
     return f"layers {len(plan.layers_kept)}" if plan.layers_kept else ""
 
 
+def _kept_per_layer(engine, action) -> list[int]:
+    """The plan in full: kept FFN channels or KV groups per layer, or the kept layers' indices."""
+    plan = engine.plan(action)
+    return list(plan.ffn_kept or plan.kv_groups_kept or plan.layers_kept or ())
+
+
 def _held_out_corpus():
     """Alpaca instructions no calibration sample contains, joined: the domain of the calibration data."""
     from evaluation.wikitext import CorpusText
@@ -305,8 +312,9 @@ def run(args: argparse.Namespace) -> None:
         for setting in TABLE_SETTINGS:
             bench.ratios("table", setting, actions, "wikitext")
         task_actions = [PruningAction(t, float(r)) for t in TARGETS for r in args.task_intensities.split(",")]
-        for setting in (TABLE_SETTINGS[0], TABLE_SETTINGS[-1]):   # today and the defaults (CPU time)
-            bench.tasks(setting, task_actions)
+        for action in task_actions:     # today and the defaults (CPU time), side by side per action
+            for setting in (TABLE_SETTINGS[0], TABLE_SETTINGS[-1]):
+                bench.tasks(setting, [action])
     if args.stage in ("calibration", "all"):
         for setting in calibration_sizes():
             bench.ratios("calibration", setting, [PruningAction(t, 0.2) for t in TARGETS[:2]], "wikitext")
@@ -317,7 +325,8 @@ def run(args: argparse.Namespace) -> None:
                      [PruningAction(t, float(r)) for t in TARGETS for r in args.task_intensities.split(",")])
     if args.stage in ("speed", "all"):
         default = TABLE_SETTINGS[-1]
-        for model_name in (bench.loaded.name, "llama-3.2-1b-shape"):
+        for name in (n for n in args.speed_models.split(",") if n):
+            model_name = bench.loaded.name if name in (args.model, bench.loaded.name) else name
             bench.speed(default, [PruningAction(t, 0.2) for t in TARGETS], model_name)
 
 
@@ -411,6 +420,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task-intensities", default="0.2")
     p.add_argument("--speed-pairs", type=int, default=5)
     p.add_argument("--speed-new-tokens", type=int, default=32)
+    p.add_argument("--speed-models", default="smollm2-135m,llama-3.2-1b-shape",
+                   help="speed stage: models to time (--model's name stands for the loaded model)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--markdown", action="store_true", help="print the tables from --out and exit")
     return p.parse_args(argv)
