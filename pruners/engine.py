@@ -170,6 +170,8 @@ class PruningEngine:
             calibration_pass(self.model, self.calibration_ids(), [acts, moments],
                              desc=f"importance ({criterion.name}) + compensation statistics")
             joint.append(moments.moments())
+            log.info("importance %s and compensation moments from %d calibration tokens (one pass)",
+                     criterion.name, acts.acts.tokens)
             return criterion.from_activations(self.model, acts.acts)
         scores, cached = self._cached(criterion.name, compute, calibrated=data)
         return scores, cached, (joint[0] if joint else None)
