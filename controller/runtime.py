@@ -32,7 +32,7 @@ from controller.telemetry import HardwareProbe, HardwareState
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
-FIRST_WINDOW_S = 0.2        # a decision without telemetry reads the CPU over this long, starting then
+WINDOW_S = 0.2              # a decision without telemetry reads the CPU over this long, starting then
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class ExecutionGovernor:
         return BUSY if others is not None and others >= self.config.busy_cores else IDLE
 
     def _read(self) -> HardwareState:
-        """The machine now: a fresh CPU window of ``FIRST_WINDOW_S``.
+        """The machine now: a fresh CPU window of ``WINDOW_S``.
 
         Not the window since the previous decision: a calibration of one load level follows another,
         and a window spanning the previous (loaded) level ran the next idle table with the busy thread
@@ -98,7 +98,7 @@ class ExecutionGovernor:
         if self._probe is None:
             self._probe = HardwareProbe()
         start = self._probe.cpu_counters()
-        time.sleep(FIRST_WINDOW_S)
+        time.sleep(WINDOW_S)
         return self._probe.read(start, self._probe.cpu_counters())
 
     def decide(self, hardware: HardwareState | None = None) -> RuntimeSetting:
