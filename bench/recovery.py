@@ -242,10 +242,11 @@ class Bench:
         from controller.session import build_engine
         from evaluation.wikitext import compute_perplexity
         from model_loader import load_model
-        todo = [a for a in actions if not self.has("table", HEALED, a.label)]
-        full_todo = not self.has("heal", HEALED, "none")
-        tasks_todo = self.args.tasks and (not self.has("tasks", f"{HEALED} (full model)", "none")
-                                          or any(not self.has("tasks", HEALED, a.label) for a in task_actions))
+        name = healed_setting(folder)
+        todo = [a for a in actions if not self.has("table", name, a.label)]
+        full_todo = not self.has("heal", name, "none")
+        tasks_todo = self.args.tasks and (not self.has("tasks", f"{name} (full model)", "none")
+                                          or any(not self.has("tasks", name, a.label) for a in task_actions))
         if not (todo or full_todo or tasks_todo):
             return
         loaded = load_model(folder, device=self.args.device)
@@ -262,18 +263,28 @@ class Bench:
                                       max_windows=self.args.windows, progress=False).ppl
         if full_todo:
             value = ppl()
-            self.add({"stage": "heal", "setting": HEALED, "action": "none", "corpus": "wikitext", "ppl": value,
+            self.add({"stage": "heal", "setting": name, "action": "none", "corpus": "wikitext", "ppl": value,
                       "dense_ppl": dense, "ppl_ratio": value / dense, **meta})
         for action in todo:
             with engine.pruned(action):
                 value = ppl()
-            self.add({"stage": "table", "setting": HEALED, "action": action.label, "corpus": "wikitext", "ppl": value,
+            self.add({"stage": "table", "setting": name, "action": action.label, "corpus": "wikitext", "ppl": value,
                       "dense_ppl": dense, "ppl_ratio": value / dense, **self.costs(engine, action), **meta,
                       "engine": engine.describe([action])})
-        task_actions = [a for a in task_actions if not self.has("tasks", HEALED, a.label)]
-        full = not self.has("tasks", f"{HEALED} (full model)", "none")
+        task_actions = [a for a in task_actions if not self.has("tasks", name, a.label)]
+        full = not self.has("tasks", f"{name} (full model)", "none")
         if self.args.tasks and (task_actions or full):
-            self._task_rows(HEALED, f"{HEALED} (full model)", loaded, engine, task_actions, full)
+            self._task_rows(name, f"{name} (full model)", loaded, engine, task_actions, full)
+
+
+def healed_setting(folder: str) -> str:
+    """The rows' setting name of one heal run, by its budget (several heal runs can share one --out)."""
+    from pruners.elastic import HEAL_JSON
+    path = Path(folder) / HEAL_JSON
+    if not path.is_file():
+        raise SystemExit(f"{folder} is not a --mode heal folder (no {HEAL_JSON}): heal first with --mode heal")
+    info = json.loads(path.read_text())
+    return f"{HEALED} ({info.get('steps')} steps, {info.get('tokens')} tokens)"
 
 
 def _kept(engine, action) -> str:
@@ -350,13 +361,12 @@ def markdown(data: dict) -> str:
         table = [[name, *(fmt(_get(table_rows, name, a, "ppl_ratio"), 2) for a in labels)] for name in names]
         out += [f"### WikiText-2 PPL ratio pruned / dense (first {meta['windows']} windows of {meta['seq_len']} "
                 "tokens)", "", *md_table(["setting", *labels], table), ""]
-        full = next((r for r in rows if r["stage"] == "heal" and r["action"] == "none"), None)
-        if full:
-            out += [f"**{HEALED}**: `{full['folder']}`, {full['heal_steps']} steps on {full['heal_tokens']} tokens in "
-                    f"{fmt(full['heal_wall_s'], 0)} s ({fmt(full['heal_tokens_per_s'], 0)} tokens/s); ratios over the "
-                    f"original dense PPL; the healed full model: PPL {fmt(full['ppl'], 2)}, ratio "
+        for full in (r for r in rows if r["stage"] == "heal" and r["action"] == "none"):
+            out += [f"**{full['setting']}**: `{full['folder']}`, {full['heal_steps']} steps on {full['heal_tokens']} "
+                    f"tokens in {fmt(full['heal_wall_s'], 0)} s ({fmt(full['heal_tokens_per_s'], 0)} tokens/s); ratios "
+                    f"over the original dense PPL; the healed full model: PPL {fmt(full['ppl'], 2)}, ratio "
                     f"{fmt(full['ppl_ratio'], 4)}.", ""]
-        default = ([n for n in names if n != HEALED] or names)[-1]    # the cost table: the training-free default
+        default = ([n for n in names if not n.startswith(HEALED)] or names)[-1]   # cost table: the training-free default
         cost = [[a, fmt(_get(table_rows, default, a, "effective_intensity"), 3),
                  fmt(_get(table_rows, default, a, "ideal_speedup"), 3),
                  fmt((_get(table_rows, default, a, "extra_bytes") or 0) / 1e6, 2),

@@ -289,3 +289,29 @@ def test_export_of_a_baseline_refuses_the_engine_flags(capsys):
     code = adaptive_pruning.main(["--mode", "export", "--baseline", "taylor@0.3", "--export", "x",
                                   "--recovery", "none"])
     assert code == 2 and "--action" in capsys.readouterr().err
+
+
+def test_recovery_bench_names_each_heal_run_and_keeps_the_training_free_cost_table(tmp_path):
+    """Two heal runs in one JSON: each keeps its own rows and summary; the cost table is the default's."""
+    import json
+
+    from bench.recovery import HEALED, healed_setting, markdown
+    from pruners.elastic import HEAL_JSON
+    (tmp_path / HEAL_JSON).write_text(json.dumps({"steps": 200, "tokens": 102400}))
+    name = healed_setting(str(tmp_path))
+    assert name == f"{HEALED} (200 steps, 102400 tokens)"
+    with pytest.raises(SystemExit, match="--mode heal"):
+        healed_setting(str(tmp_path / "missing"))
+    cost = {"effective_intensity": 0.2, "ideal_speedup": 1.1, "extra_bytes": 1e6, "extra_share": 0.01,
+            "apply_restore_us": 30}
+    rows = [{"stage": "table", "setting": "+ compensation (default)", "action": "ffn_neurons:0.2", "ppl_ratio": 1.5,
+             **cost}]
+    for setting, ratio, us in ((f"{HEALED} (50 steps, 12800 tokens)", 1.4, 99), (name, 1.3, 77)):
+        meta = {"folder": "f", "heal_steps": 1, "heal_tokens": 2, "heal_wall_s": 3, "heal_tokens_per_s": 4}
+        rows += [{"stage": "heal", "setting": setting, "action": "none", "ppl": 30.0, "ppl_ratio": 0.99, **meta},
+                 {"stage": "table", "setting": setting, "action": "ffn_neurons:0.2", "ppl_ratio": ratio,
+                  **cost, "apply_restore_us": us}]
+    text = markdown({"meta": {"windows": 4, "seq_len": 512, "limit": 200}, "rows": rows})
+    assert f"| {name} | 1.30 |" in text and f"| {HEALED} (50 steps, 12800 tokens) | 1.40 |" in text
+    assert text.count("the healed full model") == 2
+    assert "### Cost of each action (+ compensation (default))" in text and "| 30 |" in text and "| 77 |" not in text
