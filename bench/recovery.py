@@ -13,6 +13,8 @@ Stages (each appends rows to --out, a JSON file; rows already there are skipped,
   extra bytes, ideal decode speedup (bytes read per token) and apply + restore time.
 - ``calibration``: PPL ratio against calibration size (~250 / 4k / 16k / 64k tokens) for the defaults
   (FFN and heads at 0.2: a layer row needs a least-squares walk per size, too slow on this CPU).
+- ``heads-calibration``: heads 0.2 at ~16k and ~64k calibration tokens for each allocation x recovery, with
+  each plan's KV groups per layer (why heads 0.2 worsens at 64k tokens).
 - ``speed``: measured decode speedup / ideal of the defaults' plans (interleaved pairs), SmolLM2 and the
   random Llama-3.2-1B-shape model (non-uniform plans must still reach >= 0.9 of ideal).
 - ``heal``: the "+ healing" rows of the ``table`` stage for a ``--mode heal`` folder (``--healed DIR``): the
@@ -90,6 +92,14 @@ def calibration_sizes() -> list[Setting]:
             for c in sizes]
 
 
+def heads_calibration_settings() -> list[Setting]:
+    """Heads 0.2 at ~16k and ~64k calibration tokens for each allocation x recovery: which part of the engine
+    goes wrong at 64k (the KV-group allocation, or the compensation biases)."""
+    return [Setting(f"{alloc}/{rec} x{n}", DEFAULT.importance, alloc, rec,
+                    dataclasses.replace(CalibrationConfig(), samples=n))
+            for n in (340, 4096) for alloc in ("global", "uniform") for rec in ("compensate", "none")]
+
+
 # ------------------------------------------------------------------ measurements
 
 class Bench:
@@ -159,8 +169,10 @@ class Bench:
                    "ppl": ppl, "dense_ppl": dense, "ppl_ratio": ppl / dense}
             if stage == "table":
                 row.update(self.costs(engine, action))
-            if stage in ("table", "calibration"):
+            if stage in ("table", "calibration", "heads_calibration"):
                 row["engine"] = engine.describe([action])
+            if stage == "heads_calibration":
+                row["kept_per_layer"] = _kept_per_layer(engine, action)
             self.add(row)
         del loaded, engine
 
@@ -329,6 +341,9 @@ def run(args: argparse.Namespace) -> None:
     if args.stage in ("calibration", "all"):
         for setting in calibration_sizes():
             bench.ratios("calibration", setting, [PruningAction(t, 0.2) for t in TARGETS[:2]], "wikitext")
+    if args.stage == "heads-calibration":
+        for setting in heads_calibration_settings():
+            bench.ratios("heads_calibration", setting, [PruningAction("attention_heads", 0.2)], "wikitext")
     if args.stage == "heal":
         if not args.healed:
             raise SystemExit("--stage heal needs --healed DIR (a folder written by --mode heal)")
@@ -389,6 +404,13 @@ def markdown(data: dict) -> str:
                   *(fmt(_get(calib, name, a, "ppl_ratio"), 2) for a in labels)] for name in names]
         out += ["### Calibration size (defaults), WikiText-2 PPL ratio", "",
                 *md_table(["calibration", "tokens", *labels], table), ""]
+    diag = [r for r in rows if r["stage"] == "heads_calibration"]
+    if diag:
+        table = [[r["setting"], fmt(r["engine"]["calibration"].get("tokens"), 0), fmt(r["ppl_ratio"], 2),
+                  "".join(map(str, r["kept_per_layer"]))] for r in diag]
+        out += ["### Heads 0.2 by calibration size x allocation x recovery, WikiText-2 PPL ratio", "",
+                *md_table(["allocation/recovery x texts", "tokens", "attention_heads:0.2",
+                           "KV groups kept per layer (layer 0 first)"], table), ""]
     speed = [r for r in rows if r["stage"] == "speed"]
     if speed:
         table = [[r["setting"], r["action"], r["kept"], fmt(r["speedup"], 2), fmt(r["ideal_speedup"], 2),
@@ -415,7 +437,8 @@ def _action_order(label: str) -> tuple:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=("select", "table", "calibration", "speed", "heal", "all"), default="table")
+    p.add_argument("--stage", choices=("select", "table", "calibration", "heads-calibration", "speed", "heal", "all"),
+                   default="table")
     p.add_argument("--healed", default=None, help="heal stage: a folder written by --mode heal")
     p.add_argument("--heal-intensities", default=",".join(map(str, INTENSITIES)),
                    help="heal stage: intensities of the healed actions scored")

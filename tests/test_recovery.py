@@ -315,3 +315,14 @@ def test_recovery_bench_names_each_heal_run_and_keeps_the_training_free_cost_tab
     assert f"| {name} | 1.30 |" in text and f"| {HEALED} (50 steps, 12800 tokens) | 1.40 |" in text
     assert text.count("the healed full model") == 2
     assert "### Cost of each action (+ compensation (default))" in text and "| 30 |" in text and "| 77 |" not in text
+
+
+def test_recovery_bench_heads_calibration_rows_print_each_plan():
+    from bench.recovery import heads_calibration_settings, markdown
+    settings = heads_calibration_settings()
+    assert {(s.allocation, s.recovery, s.calibration.samples) for s in settings} == \
+        {(a, r, n) for a in ("global", "uniform") for r in ("compensate", "none") for n in (340, 4096)}
+    row = {"stage": "heads_calibration", "setting": settings[0].name, "action": "attention_heads:0.2",
+           "ppl_ratio": 1.56, "kept_per_layer": [3, 1, 2], "engine": {"calibration": {"tokens": 16099}}}
+    text = markdown({"meta": {"windows": 4, "seq_len": 512, "limit": 200}, "rows": [row]})
+    assert f"| {settings[0].name} | 16099 | 1.56 | 312 |" in text
