@@ -14,7 +14,8 @@ Stages (each appends rows to --out, a JSON file; rows already there are skipped,
 - ``calibration``: PPL ratio against calibration size (~250 / 4k / 16k / 64k tokens) for the defaults
   (FFN and heads at 0.2: a layer row needs a least-squares walk per size, too slow on this CPU).
 - ``heads-calibration``: heads 0.2 at ~16k and ~64k calibration tokens for each allocation x recovery, with
-  each plan's KV groups per layer (why heads 0.2 worsens at 64k tokens).
+  each plan's KV groups per layer (why heads 0.2 worsens at 64k tokens), and the same 64k tokens packed
+  into long texts.
 - ``speed``: measured decode speedup / ideal of the defaults' plans (interleaved pairs), SmolLM2 and the
   random Llama-3.2-1B-shape model (non-uniform plans must still reach >= 0.9 of ideal).
 - ``heal``: the "+ healing" rows of the ``table`` stage for a ``--mode heal`` folder (``--healed DIR``): the
@@ -98,6 +99,32 @@ def heads_calibration_settings() -> list[Setting]:
     return [Setting(f"{alloc}/{rec} x{n}", DEFAULT.importance, alloc, rec,
                     dataclasses.replace(CalibrationConfig(), samples=n))
             for n in (340, 4096) for alloc in ("global", "uniform") for rec in ("compensate", "none")]
+
+
+def packed_settings(tokenizer) -> list[Setting]:
+    """The ~64k set's words in long texts: its Alpaca instructions joined into texts of <= 250 tokens (the
+    built-in prompts as they are). Same tokens, long contexts: is it the text length that moves heads?"""
+    from common.calibration import calibration_set
+    from common.data import BUILTIN
+    from common.offline import cache_dir
+    n_builtin = len(calibration_set(CalibrationConfig(dataset=BUILTIN, samples=4096)).texts)
+    short = calibration_set(CalibrationConfig(dataset=ALPACA, samples=4096 - n_builtin)).texts   # those of x4096
+    packed, current, used = [], [], 0
+    for text in short:
+        n = len(tokenizer(text + "\n\n").input_ids)
+        if current and used + n > 250:
+            packed.append("\n\n".join(current))
+            current, used = [], 0
+        current.append(text)
+        used += n
+    packed += ["\n\n".join(current)] if current else []
+    path = cache_dir() / "bench" / "alpaca-4096-packed.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = "".join(json.dumps({"instruction": t}) + "\n" for t in packed).encode()
+    atomic_write_bytes(path, lambda fh: fh.write(payload))
+    calibration = CalibrationConfig(dataset=f"{BUILTIN},{path}", samples=n_builtin + len(packed))
+    return [Setting(f"{alloc}/{rec} x4096 packed", DEFAULT.importance, alloc, rec, calibration)
+            for alloc in ("global", "uniform") for rec in ("compensate", "none")]
 
 
 # ------------------------------------------------------------------ measurements
@@ -342,7 +369,7 @@ def run(args: argparse.Namespace) -> None:
         for setting in calibration_sizes():
             bench.ratios("calibration", setting, [PruningAction(t, 0.2) for t in TARGETS[:2]], "wikitext")
     if args.stage == "heads-calibration":
-        for setting in heads_calibration_settings():
+        for setting in heads_calibration_settings() + packed_settings(bench.loaded.tokenizer):
             bench.ratios("heads_calibration", setting, [PruningAction("attention_heads", 0.2)], "wikitext")
     if args.stage == "heal":
         if not args.healed:
