@@ -96,9 +96,13 @@ def calibration_sizes() -> list[Setting]:
 def heads_calibration_settings() -> list[Setting]:
     """Heads 0.2 at ~16k and ~64k calibration tokens for each allocation x recovery: which part of the engine
     goes wrong at 64k (the KV-group allocation, or the compensation biases)."""
-    return [Setting(f"{alloc}/{rec} x{n}", DEFAULT.importance, alloc, rec,
-                    dataclasses.replace(CalibrationConfig(), samples=n))
-            for n in (340, 4096) for alloc in ("global", "uniform") for rec in ("compensate", "none")]
+    return [s for n in (340, 4096) for s in _heads_variants(f"x{n}", dataclasses.replace(CalibrationConfig(), samples=n))]
+
+
+def _heads_variants(label: str, calibration: CalibrationConfig) -> list[Setting]:
+    """The four allocation x recovery settings of one calibration set."""
+    return [Setting(f"{alloc}/{rec} {label}", DEFAULT.importance, alloc, rec, calibration)
+            for alloc in ("global", "uniform") for rec in ("compensate", "none")]
 
 
 def packed_settings(tokenizer) -> list[Setting]:
@@ -123,8 +127,7 @@ def packed_settings(tokenizer) -> list[Setting]:
     payload = "".join(json.dumps({"instruction": t}) + "\n" for t in packed).encode()
     atomic_write_bytes(path, lambda fh: fh.write(payload))
     calibration = CalibrationConfig(dataset=f"{BUILTIN},{path}", samples=n_builtin + len(packed))
-    return [Setting(f"{alloc}/{rec} x4096 packed", DEFAULT.importance, alloc, rec, calibration)
-            for alloc in ("global", "uniform") for rec in ("compensate", "none")]
+    return _heads_variants("x4096 packed", calibration)
 
 
 # ------------------------------------------------------------------ measurements
