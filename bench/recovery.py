@@ -96,7 +96,8 @@ def calibration_sizes() -> list[Setting]:
 def heads_calibration_settings() -> list[Setting]:
     """Heads 0.2 at ~16k and ~64k calibration tokens for each allocation x recovery: which part of the engine
     goes wrong at 64k (the KV-group allocation, or the compensation biases)."""
-    return [s for n in (340, 4096) for s in _heads_variants(f"x{n}", dataclasses.replace(CalibrationConfig(), samples=n))]
+    return [setting for n in (340, 4096)
+            for setting in _heads_variants(f"x{n}", dataclasses.replace(CalibrationConfig(), samples=n))]
 
 
 def _heads_variants(label: str, calibration: CalibrationConfig) -> list[Setting]:
@@ -411,7 +412,8 @@ def markdown(data: dict) -> str:
                     f"tokens in {fmt(full['heal_wall_s'], 0)} s ({fmt(full['heal_tokens_per_s'], 0)} tokens/s); ratios "
                     f"over the original dense PPL; the healed full model: PPL {fmt(full['ppl'], 2)}, ratio "
                     f"{fmt(full['ppl_ratio'], 4)}.", ""]
-        default = ([n for n in names if not n.startswith(HEALED)] or names)[-1]   # cost table: the training-free default
+        # the cost table: the training-free default
+        default = ([n for n in names if not n.startswith(HEALED)] or names)[-1]
         cost = [[a, fmt(_get(table_rows, default, a, "effective_intensity"), 3),
                  fmt(_get(table_rows, default, a, "ideal_speedup"), 3),
                  fmt((_get(table_rows, default, a, "extra_bytes") or 0) / 1e6, 2),
