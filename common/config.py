@@ -125,6 +125,9 @@ class HealConfig:
     lr: float = 5e-5                    # AdamW peak learning rate (linear warm-up 10 %, cosine decay)
     random_actions: int = 2             # sandwich: the full model + the smallest action + this many random ones
     save_every: int = 25                # checkpoint every N steps (and on interrupt)
+    validation: int = 16                # held-out prompts (the next ones of the same sources; 0: none), continued
+                                        # like the corpus and never trained on: every action's KL on them
+    validate_every: int = 50            # ... at step 0, every N steps and at the end (heal.json "validation")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,6 +47,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def latency_budget(text: str) -> float | None:
     if text.lower() in ("none", "off", "0"):
         return None
@@ -250,6 +257,11 @@ FLAGS: tuple[Flag, ...] = (
          "smallest action (sandwich rule)", (HEAL,), type=int),
     Flag("--heal-save-every", _R + "heal.save_every", "heal checkpoint every N steps (and on interrupt)", (HEAL,),
          type=positive_int),
+    Flag("--heal-validation", _R + "heal.validation", "held-out prompts (the next ones of --heal-dataset, continued "
+         "the same way, never trained on): every action's KL on them and on as many training windows, in heal.json "
+         "(0: none)", (HEAL,), type=non_negative_int),
+    Flag("--heal-validate-every", _R + "heal.validate_every", "score the held-out KL at step 0, every N steps and "
+         "at the end", (HEAL,), type=positive_int),
     Flag("--export", "cli.export_dir", "folder for the pruned model (save_pretrained)", (EXPORT,), metavar="DIR"),
     Flag("--action", "cli.action", "TARGET:INTENSITY to export, e.g. ffn_neurons:0.5", (EXPORT,)),
     Flag("--baseline", "cli.baseline", "METHOD@BUDGET to export, e.g. taylor@0.3", (EXPORT,)),

@@ -34,7 +34,7 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
 
     from controller.session import action_space, build_engine
     from model_loader import load_model
-    from pruners.healing import CHECKPOINT, CORPUS, Healer, corpus_windows, save_healed
+    from pruners.healing import CHECKPOINT, Healer, heal_corpora, kl_summary, save_healed
     from reporting import provenance
 
     check_heal(cfg)
@@ -45,8 +45,10 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
     teacher = copy.deepcopy(loaded.model)
     actions = action_space(cfg)
     engine = build_engine(dataclasses.replace(cfg, structural=True), loaded, actions)
-    windows, corpus = corpus_windows(folder / CORPUS, teacher, loaded.tokenizer, cfg.heal, cfg.seed, progress)
-    healer = Healer(engine, teacher, cfg.heal, actions, windows, seed=cfg.seed, checkpoint=folder / CHECKPOINT)
+    windows, corpus, held_out, held_out_corpus = heal_corpora(folder, teacher, loaded.tokenizer, cfg.heal, cfg.seed,
+                                                              progress)
+    healer = Healer(engine, teacher, cfg.heal, actions, windows, seed=cfg.seed, checkpoint=folder / CHECKPOINT,
+                    held_out=held_out)
     with sigterm_as_interrupt():
         try:
             if cfg.resume:
@@ -66,6 +68,7 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
     prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device),
                               engine=engine.describe(healer.actions))
     info = {"base_model": loaded.name, "base_source": loaded.source, "completed": True, "corpus": corpus,
+            "held_out_corpus": held_out_corpus,
             "engine": {k: cfg.to_dict()[k] for k in ("importance", "allocation", "recovery", "calibration")},
             "actions": [a.label for a in healer.actions], "torch_threads": torch.get_num_threads(), "provenance": prov}
     menu = healer.menu(info)
@@ -76,6 +79,11 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
     print(f"healed: {folder} ({state.step} steps, {state.tokens} tokens in {state.wall_s:.0f} s, "
           f"{state.tokens / max(state.wall_s, 1e-9):.0f} tokens/s; mean KL first {menu.info['kl_first']['kl']:.4f} "
           f"-> last {menu.info['kl_last']['kl']:.4f})" if state.history else f"healed: {folder} (0 steps)")
+    if state.validation:
+        first, last = state.validation[0], state.validation[-1]
+        print(f"held-out KL (nats/token; {held_out_corpus['tokens']} tokens never trained on): step {first['step']} "
+              f"{kl_summary(first['held_out'])} -> step {last['step']} {kl_summary(last['held_out'])}; "
+              f"training windows {kl_summary(first['train'])} -> {kl_summary(last['train'])}")
     print(f"use it with: --model {folder}")
     return folder
 

@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 WEIGHT_TARGETS = ("attention_heads", "ffn_neurons", "transformer_layers")   # actions that are sub-networks
 CHECKPOINT = "heal-checkpoint.pt"
 CORPUS = "heal-corpus.pt"
+VALIDATION = "heal-validation.pt"
 MAX_PROMPT_TOKENS = 192
+RESUMABLE = ("steps", "save_every", "validate_every")   # heal settings a --resume may change
 
 
 # ------------------------------------------------------------------ data
@@ -132,11 +134,11 @@ def pack(sequences: Sequence[Sequence[int]], seq_len: int, eos: int | None) -> t
     return torch.tensor(stream[:n * seq_len], dtype=torch.long).reshape(n, seq_len)
 
 
-def corpus_windows(path: Path, teacher: nn.Module, tokenizer, cfg: HealConfig, seed: int,
+def corpus_windows(path: Path, teacher: nn.Module, tokenizer, prompts: Sequence[str], cfg: HealConfig, seed: int,
                    progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """The packed corpus, generated once and stored in ``path`` (a resumed run reads the same tokens)."""
-    prompts = heal_prompts(cfg.dataset, cfg.samples)
-    key = hashlib.sha256(json.dumps({"prompts": prompts, "new_tokens": cfg.new_tokens, "seed": seed,
+    """``prompts`` continued by the dense model and packed, generated once and stored in ``path`` (a resumed
+    run reads the same tokens)."""
+    key = hashlib.sha256(json.dumps({"prompts": list(prompts), "new_tokens": cfg.new_tokens, "seed": seed,
                                      "max_prompt": MAX_PROMPT_TOKENS}).encode()).hexdigest()[:16]
     sequences = None
     if path.is_file():
@@ -152,6 +154,26 @@ def corpus_windows(path: Path, teacher: nn.Module, tokenizer, cfg: HealConfig, s
             "kind": "dense model's sampled continuations of the prompts (data-free distillation)",
             "tokens": int(sum(len(s) for s in sequences)), "windows": int(windows.shape[0]), "seq_len": cfg.seq_len}
     return windows, info
+
+
+def heal_corpora(folder: Path, teacher: nn.Module, tokenizer, cfg: HealConfig, seed: int, progress: bool = True
+                 ) -> tuple[torch.Tensor, dict, torch.Tensor | None, dict | None]:
+    """The training corpus (the first ``cfg.samples`` prompts) and the held-out one (the next
+    ``cfg.validation`` prompts of the same sources, never trained on), each as (windows, info).
+
+    The held-out part is None when ``cfg.validation`` is 0 or the sources have no prompt left.
+    """
+    prompts = heal_prompts(cfg.dataset, cfg.samples + cfg.validation)
+    train, held_out = prompts[:cfg.samples], prompts[cfg.samples:]
+    windows, info = corpus_windows(folder / CORPUS, teacher, tokenizer, train, cfg, seed, progress)
+    if not cfg.validation:
+        return windows, info, None, None
+    if not held_out:
+        log.warning("heal: all %d prompts of '%s' are training prompts; no held-out KL (lower --heal-samples)",
+                    len(train), cfg.dataset)
+        return windows, info, None, None
+    val_windows, val_info = corpus_windows(folder / VALIDATION, teacher, tokenizer, held_out, cfg, seed, progress)
+    return windows, info, val_windows, val_info
 
 
 # ------------------------------------------------------------------ the sub-networks, differentiably
@@ -240,22 +262,27 @@ class HealState:
     step: int = 0
     tokens: int = 0              # training tokens seen (steps x batch x seq_len)
     member_tokens: int = 0       # tokens through a student forward + backward (x members)
-    wall_s: float = 0.0          # time in heal steps (not counting corpus generation or saving)
+    wall_s: float = 0.0          # time in heal steps (not counting corpus generation, validation or saving)
     history: list[dict] = field(default_factory=list)   # per step: mean KL and each member's KL
+    validation: list[dict] = field(default_factory=list)   # per check: each action's KL, held out and on training windows
+    validation_s: float = 0.0
 
 
 class Healer:
     """Sandwich-rule distillation of an engine's sub-networks, with a checkpoint for ``--resume``.
 
     ``engine`` must be built (and its actions prepared) on the student model; ``teacher`` is a frozen copy of
-    the dense model; ``windows`` [N, seq_len] is the packed corpus.
+    the dense model; ``windows`` [N, seq_len] is the packed corpus; ``held_out`` (optional) the packed
+    continuations of prompts never trained on, scored every ``cfg.validate_every`` steps (``validate``).
     """
 
     def __init__(self, engine: PruningEngine, teacher: nn.Module, cfg: HealConfig, actions: Sequence[PruningAction],
-                 windows: torch.Tensor, seed: int = 0, checkpoint: Path | None = None) -> None:
+                 windows: torch.Tensor, seed: int = 0, checkpoint: Path | None = None,
+                 held_out: torch.Tensor | None = None) -> None:
         self.engine, self.teacher, self.cfg, self.seed = engine, teacher, cfg, seed
         self.actions = list(dict.fromkeys([NONE, *weight_actions(actions)]))
         self.windows = windows
+        self.held_out = held_out
         self.checkpoint = checkpoint
         self.device = next(engine.model.parameters()).device
         engine.prepare(self.actions, progress=False)
@@ -310,12 +337,47 @@ class Healer:
         self.engine.refresh_compensation()     # the weights changed: cached biases are stale
         return {"step": step, "kl": sum(kls.values()) / len(kls), "members": kls}
 
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Every action's KL (nats per token) on the held-out windows and on as many fixed training windows.
+
+        Why both: the corpus is small and seen several times, so a held-out KL that stops falling while the
+        training-window KL still falls says the budget is spent on memorising it. Choose heal settings by the
+        held-out KL (training data), never by an evaluation set.
+        """
+        n = self.held_out.shape[0]
+        sets = {"held_out": self.held_out, "train": self.windows[self.order[:min(n, self.windows.shape[0])]]}
+        record: dict = {"step": self.state.step}
+        for name, windows in sets.items():
+            sums = dict.fromkeys((a.label for a in self.actions), 0.0)
+            for start in range(0, windows.shape[0], self.cfg.batch):
+                batch = windows[start:start + self.cfg.batch].to(self.device)
+                teacher_logp = teacher_log_probs(self.teacher, batch)
+                for label, kl in member_kl(self.engine, teacher_logp, batch, self.actions).items():
+                    sums[label] += kl * batch.shape[0]
+            record[name] = {label: total / windows.shape[0] for label, total in sums.items()}
+        self.engine.restore()
+        return record
+
+    def _maybe_validate(self) -> None:
+        s = self.state
+        due = s.step % self.cfg.validate_every == 0 or s.step == self.cfg.steps
+        if self.held_out is None or not due or (s.validation and s.validation[-1]["step"] == s.step):
+            return
+        started = time.perf_counter()
+        record = self.validate()
+        s.validation_s += time.perf_counter() - started
+        s.validation.append(record)
+        log.info("heal step %d: held-out KL %s (training windows %s)", s.step,
+                 kl_summary(record["held_out"]), kl_summary(record["train"]))
+
     def run(self, progress: bool = True) -> HealState:
         """Steps until ``cfg.steps``; a checkpoint every ``save_every`` steps (the caller saves on interrupt)."""
         s, cfg = self.state, self.cfg
         tokens_per_step = cfg.batch * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=s.step, desc="heal", unit="step", disable=not progress)
         with bar:
+            self._maybe_validate()
             while s.step < cfg.steps:
                 started = time.perf_counter()
                 record = self.step(s.step)
@@ -326,6 +388,7 @@ class Healer:
                 s.history.append(record)
                 bar.update()
                 bar.set_postfix(kl=f"{record['kl']:.4f}", tok_s=f"{s.tokens / max(s.wall_s, 1e-9):.0f}")
+                self._maybe_validate()
                 if self.checkpoint is not None and s.step % cfg.save_every == 0 and s.step < cfg.steps:
                     self.save_checkpoint()
         return s
@@ -347,8 +410,8 @@ class Healer:
             raise FileNotFoundError(f"--resume: no heal checkpoint at {self.checkpoint} (start without --resume)")
         data = torch.load(self.checkpoint, weights_only=True, map_location=self.device)
         if data["seed"] != self.seed or data["windows"] != self.windows.shape[0] or \
-                {k: v for k, v in data["config"].items() if k not in ("steps", "save_every")} != \
-                {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "save_every")}:
+                {k: v for k, v in data["config"].items() if k not in RESUMABLE} != \
+                {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE}:
             raise ValueError(f"--resume: {self.checkpoint} was written with other heal settings "
                              f"({data['config']}, seed {data['seed']}): resume with the same flags or start again")
         self.engine.restore()
@@ -390,9 +453,17 @@ class Healer:
                 "heal": asdict(self.cfg), "seed": self.seed,
                 "kl_first": self.state.history[0] if self.state.history else None,
                 "kl_last": self.state.history[-1] if self.state.history else None,
-                "history": self.state.history}        # per step: the members and their KL (nats)
+                "history": self.state.history,        # per step: the members and their KL (nats)
+                "validation": self.state.validation, "validation_s": self.state.validation_s}
         return ElasticMenu(scores=engine.scores, moments=engine.moments, allocation=engine.allocation,
                            recovery=engine.recovery, plans=plans, biases=biases, maps=maps, info=info)
+
+
+def kl_summary(kls: dict[str, float]) -> str:
+    """"full x, actions mean y (max z)": one line of a validation record."""
+    rest = [v for k, v in kls.items() if k != NONE.label]
+    text = f"full {kls[NONE.label]:.4f}"
+    return text + (f", actions mean {sum(rest) / len(rest):.4f} (max {max(rest):.4f})" if rest else "")
 
 
 def save_healed(model: nn.Module, tokenizer, menu: ElasticMenu, folder: Path) -> Path:

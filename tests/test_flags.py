@@ -11,7 +11,8 @@ import pytest
 
 import adaptive_pruning
 from common.config import BaselineConfig, EvalConfig, RunConfig
-from modes.flags import FLAGS, MODES, baseline_config, build_parser, check_flags, eval_config, run_config
+from modes.flags import (FLAGS, MODES, baseline_config, build_parser, check_flags, eval_config, non_negative_int,
+                         positive_int, run_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -42,7 +43,8 @@ def _value(flag) -> list[str]:
     if flag.name in samples:
         return [flag.name, samples[flag.name]]
     kind = flag.type
-    return [flag.name, "7" if kind in (int, float) or getattr(kind, "__name__", "") == "positive_int" else "x"]
+    numeric = kind in (int, float, positive_int, non_negative_int)
+    return [flag.name, "7" if numeric else "x"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -16,11 +16,11 @@ from common.data import data_root
 from controller.session import action_space, build_engine
 from pruners import NONE, PruningAction
 from pruners.elastic import HEAL_JSON, SIDECAR
-from pruners.healing import (CHECKPOINT, Healer, heal_prompts, member_kl, pack, sandwich, save_healed, student_view,
-                             teacher_log_probs)
+from pruners.healing import (CHECKPOINT, VALIDATION, Healer, heal_corpora, heal_prompts, member_kl, pack, sandwich,
+                             save_healed, student_view, teacher_log_probs)
 
 HEAL = HealConfig(dataset="builtin", samples=6, new_tokens=12, steps=3, batch=2, seq_len=32, lr=1e-3,
-                  random_actions=2, save_every=2)
+                  random_actions=2, save_every=2, validation=3, validate_every=2)
 CFG = RunConfig(model="tiny", device="cpu", targets=("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers"),
                 intensities=(0.25, 0.5), calibration=CalibrationConfig(dataset="builtin", samples=16, max_tokens=64),
                 heal=HEAL)
@@ -31,11 +31,12 @@ def windows(n: int = 8, seq_len: int = 32, vocab: int = 259) -> torch.Tensor:
     return pack([ids], seq_len, eos=None)
 
 
-def healer_for(loaded, cfg: RunConfig = CFG, checkpoint=None) -> Healer:
+def healer_for(loaded, cfg: RunConfig = CFG, checkpoint=None, held_out: torch.Tensor | None = None) -> Healer:
     teacher = copy.deepcopy(loaded.model)
     actions = action_space(cfg)
     engine = build_engine(cfg, loaded, actions)
-    return Healer(engine, teacher, cfg.heal, actions, windows(), seed=cfg.seed, checkpoint=checkpoint)
+    return Healer(engine, teacher, cfg.heal, actions, windows(), seed=cfg.seed, checkpoint=checkpoint,
+                  held_out=held_out)
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,43 @@ def test_resume_continues_from_the_checkpoint(tiny_loaded, tmp_path):
         torch.testing.assert_close(x.map.weight, y.map.weight, rtol=1e-5, atol=1e-6)
 
 
+def test_validation_scores_every_action_and_leaves_training_unchanged(tiny_loaded):
+    """Held-out KL at step 0, every validate_every steps and at the end, for every action, held out and on
+    training windows; scoring it changes nothing the training does."""
+    plain = healer_for(private(tiny_loaded))
+    plain.run(progress=False)
+    held_out = windows(n=3, vocab=200) + 40
+    checked = healer_for(private(tiny_loaded), held_out=held_out)
+    checked.run(progress=False)
+    records = checked.state.validation
+    assert [r["step"] for r in records] == [0, 2, 3] and not plain.state.validation
+    labels = {a.label for a in checked.actions}
+    assert all(set(r["held_out"]) == labels == set(r["train"]) for r in records)
+    assert records[0]["held_out"]["none"] < 1e-6 and records[0]["train"]["none"] < 1e-6    # student = teacher
+    actions = labels - {"none"}
+    assert sum(records[-1]["train"][a] for a in actions) < sum(records[0]["train"][a] for a in actions)
+    assert checked.state.validation_s > 0 and checked.state.history == plain.state.history
+    for (name, a), b in zip(plain.engine.model.named_parameters(), checked.engine.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_held_out_prompts_follow_the_training_prompts_and_do_not_change_them(tiny, tmp_path):
+    teacher = copy.deepcopy(tiny.model)
+    no_val = dataclasses.replace(HEAL, validation=0)
+    train, info, held_out, held_info = heal_corpora(tmp_path / "a", teacher, tiny.tokenizer, HEAL, seed=0,
+                                                    progress=False)
+    train0, info0, none, none_info = heal_corpora(tmp_path / "b", teacher, tiny.tokenizer, no_val, seed=0,
+                                                  progress=False)
+    assert none is None and none_info is None
+    assert info["key"] == info0["key"] and torch.equal(train, train0)      # the training corpus is the same
+    assert held_info["prompts"] == HEAL.validation and held_info["key"] != info["key"]
+    assert held_out.shape[1] == HEAL.seq_len and (tmp_path / "a" / VALIDATION).is_file()
+    everything = dataclasses.replace(HEAL, samples=len(heal_prompts("builtin", 10 ** 6)))
+    _, _, nothing_left, _ = heal_corpora(tmp_path / "c", teacher, tiny.tokenizer,
+                                         dataclasses.replace(everything, new_tokens=1), seed=0, progress=False)
+    assert nothing_left is None
+
+
 def test_heal_mode_end_to_end_writes_a_folder_every_mode_can_load(tmp_path):
     from modes.heal import run_heal
     cfg = dataclasses.replace(CFG, heal=dataclasses.replace(HEAL, out_dir=str(tmp_path / "healed"), steps=2))
@@ -164,6 +202,8 @@ def test_heal_mode_end_to_end_writes_a_folder_every_mode_can_load(tmp_path):
     assert info["completed"] and info["steps"] == 2 and info["tokens"] == 2 * HEAL.batch * HEAL.seq_len
     assert info["wall_s"] > 0 and info["tokens_per_s"] > 0 and info["corpus"]["prompts"] == HEAL.samples
     assert "data-free" in info["corpus"]["kind"] and info["provenance"]["git"] is not None
+    assert info["held_out_corpus"]["prompts"] == HEAL.validation
+    assert [r["step"] for r in info["validation"]] == [0, 2] and info["validation_s"] > 0
     assert not (folder / CHECKPOINT).exists()
     loaded = model_loader.load_model(str(folder), device="cpu")
     engine = build_engine(dataclasses.replace(CFG, model=str(folder)), loaded, action_space(CFG))
@@ -184,10 +224,15 @@ def test_heal_data_refuses_evaluation_sets(tmp_path, capsys):
 
 def test_heal_flags_are_refused_in_other_modes_and_other_flags_in_heal(capsys):
     for args in (["--mode", "train", "--heal-steps", "3"], ["--mode", "eval", "--heal-out", "x"],
+                 ["--mode", "test", "--heal-validation", "4"],
                  ["--mode", "heal", "--episodes", "3"], ["--mode", "heal", "--lm-eval"]):
         assert adaptive_pruning.main(args) == 2, args
         err = capsys.readouterr().err
         assert "has no effect in --mode" in err, (args, err)
+    with pytest.raises(SystemExit) as exit_:
+        adaptive_pruning.main(["--mode", "heal", "--model", "tiny", "--heal-validation", "-1"])
+    assert exit_.value.code == 2
+    assert "must be >= 0" in capsys.readouterr().err
 
 
 def test_a_healed_model_reordered_by_another_engine_is_put_back_in_stored_order(tiny, tmp_path):
