@@ -300,6 +300,7 @@ class Bench:
         dense = self.dense_ppl("wikitext")
         meta = {"folder": folder, "heal_steps": healed.get("steps"), "heal_tokens": healed.get("tokens"),
                 "heal_wall_s": healed.get("wall_s"), "heal_tokens_per_s": healed.get("tokens_per_s")}
+        validation = heal_json(folder).get("validation")
 
         def ppl() -> float:
             return compute_perplexity(loaded.model, loaded.tokenizer, self.wikitext, seq_len=self.args.seq_len,
@@ -307,7 +308,7 @@ class Bench:
         if full_todo:
             value = ppl()
             self.add({"stage": "heal", "setting": name, "action": "none", "corpus": "wikitext", "ppl": value,
-                      "dense_ppl": dense, "ppl_ratio": value / dense, **meta})
+                      "dense_ppl": dense, "ppl_ratio": value / dense, "heal_validation": validation, **meta})
         for action in todo:
             with engine.pruned(action):
                 value = ppl()
@@ -320,14 +321,34 @@ class Bench:
             self._task_rows(name, f"{name} (full model)", loaded, engine, task_actions, full)
 
 
-def healed_setting(folder: str) -> str:
-    """The rows' setting name of one heal run, by its budget (several heal runs can share one --out)."""
+def heal_json(folder: str) -> dict:
+    """A --mode heal folder's heal.json (steps, tokens, the held-out KL records, ...)."""
     from pruners.elastic import HEAL_JSON
     path = Path(folder) / HEAL_JSON
     if not path.is_file():
         raise SystemExit(f"{folder} is not a --mode heal folder (no {HEAL_JSON}): heal first with --mode heal")
-    info = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def healed_setting(folder: str) -> str:
+    """The rows' setting name of one heal run, by its budget (several heal runs can share one --out)."""
+    info = heal_json(folder)
     return f"{HEALED} ({info.get('steps')} steps, {info.get('tokens')} tokens)"
+
+
+def validation_table(records: list[dict]) -> list[str]:
+    """The heal run's KL to the teacher (nats/token) per check: held out / on as many training windows."""
+    labels = [a for a in records[0]["held_out"] if a != "none"]
+    shown = [a for a in labels if a.endswith(":0.2")]
+
+    def pair(record: dict, label: str | None) -> str:
+        def value(part: str) -> float:
+            kls = record[part]
+            return kls[label] if label else sum(kls[a] for a in labels) / len(labels)
+        return f"{value('held_out'):.3f} / {value('train'):.3f}"
+    table = [[str(r["step"]), pair(r, "none"), *(pair(r, a) for a in shown), pair(r, None)] for r in records]
+    return ["KL to the dense teacher (nats/token), held-out prompts / as many training windows:", "",
+            *md_table(["step", "full model", *shown, f"mean of {len(labels)} actions"], table), ""]
 
 
 def _kept(engine, action) -> str:
@@ -412,6 +433,8 @@ def markdown(data: dict) -> str:
                     f"tokens in {fmt(full['heal_wall_s'], 0)} s ({fmt(full['heal_tokens_per_s'], 0)} tokens/s); ratios "
                     f"over the original dense PPL; the healed full model: PPL {fmt(full['ppl'], 2)}, ratio "
                     f"{fmt(full['ppl_ratio'], 4)}.", ""]
+            if full.get("heal_validation"):
+                out += validation_table(full["heal_validation"])
         # the cost table: the training-free default
         default = ([n for n in names if not n.startswith(HEALED)] or names)[-1]
         cost = [[a, fmt(_get(table_rows, default, a, "effective_intensity"), 3),

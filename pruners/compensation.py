@@ -78,46 +78,81 @@ class InputMoments:
         return InputMoments(take(self.mean), take(self.square), self.residual, self.cosine, self.tokens)
 
 
-class MomentCollector:
-    """The sums behind ``InputMoments``, after each text's ``SINK_TOKENS``: a ``calibration_pass`` collector."""
+class TailSums:
+    """Sums of x and x^2 of every ``BIAS_INPUTS`` projection's input, over the tokens after each text's
+    ``SINK_TOKENS``: the means compensation adds back and the variances fluctuation importance ranks by
+    (``pruners.importance``). A ``calibration_pass`` collector; ``MomentCollector`` holds one, so a joint
+    pass sums them once."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
+        self.keys: list[str] = []
+
+    def attach(self, layers: Sequence[nn.Module]) -> list:
+        self.keys = [f"{i}.{path}" for i in range(len(layers)) for path in BIAS_INPUTS]
+
+        def hook(key: str):
+            def add(_module, args):
+                x = tail_tokens(args[0])
+                accumulate(self.sums, f"{key}.sum", x.sum(0))
+                accumulate(self.sums, f"{key}.sq", x.pow(2).sum(0))
+            return add
+        return [layer.get_submodule(path).register_forward_pre_hook(hook(f"{i}.{path}"))
+                for i, layer in enumerate(layers) for path in BIAS_INPUTS]
+
+    def start(self) -> None:
+        pass
+
+    def finish(self, ids: torch.Tensor) -> None:
+        self.tokens += ids[:, SINK_TOKENS:].numel()
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {k: self.sums[f"{k}.sum"] / self.tokens for k in self.keys}
+
+    def square(self) -> dict[str, torch.Tensor]:
+        return {k: self.sums[f"{k}.sq"] / self.tokens for k in self.keys}
+
+    def variance(self, key: str) -> torch.Tensor:
+        mean = self.sums[f"{key}.sum"] / self.tokens
+        return (self.sums[f"{key}.sq"] / self.tokens - mean.pow(2)).clamp_min(0).float()
+
+
+def accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    sums[key] = sums[key] + value.cpu() if key in sums else value.cpu()
+
+
+def tail_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[tokens, features] float64: a [batch, seq, features] activation without each text's sink token(s)."""
+    return x.detach()[:, SINK_TOKENS:].reshape(-1, x.shape[-1]).double()
+
+
+class MomentCollector:
+    """The sums behind ``InputMoments`` (its ``TailSums`` plus the residual stream's energy and cosines), after
+    each text's ``SINK_TOKENS``: a ``calibration_pass`` collector."""
+
+    def __init__(self) -> None:
+        self.tails = TailSums()
+        self.sums: dict[str, torch.Tensor] = {}
         self.layers = 0
         self._states: list[torch.Tensor] = []    # the current text's residual stream, layer by layer
 
-    @staticmethod
-    def _tail(x: torch.Tensor) -> torch.Tensor:
-        return x.detach()[:, SINK_TOKENS:].reshape(-1, x.shape[-1]).double()
-
-    def _add(self, key: str, value: torch.Tensor) -> None:
-        self.sums[key] = self.sums[key] + value.cpu() if key in self.sums else value.cpu()
-
     def attach(self, layers: Sequence[nn.Module]) -> list:
-        self.layers, handles = len(layers), []
-
-        def projection(key: str):
-            def hook(_module, args):
-                x = self._tail(args[0])
-                self._add(f"{key}.sum", x.sum(0))
-                self._add(f"{key}.sq", x.pow(2).sum(0))
-            return hook
+        self.layers = len(layers)
+        handles = self.tails.attach(layers)
 
         def residual(i: int):
             def hook(_module, args, kwargs):
-                h = self._tail(args[0] if args else kwargs["hidden_states"])
-                self._add(f"{i}.residual", h.pow(2).sum())
+                h = tail_tokens(args[0] if args else kwargs["hidden_states"])
+                accumulate(self.sums, f"{i}.residual", h.pow(2).sum())
                 self._states.append(h)
             return hook
 
         def final(_module, _args, output):
-            self._states.append(self._tail(output[0] if isinstance(output, tuple) else output))
+            self._states.append(tail_tokens(output[0] if isinstance(output, tuple) else output))
 
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(residual(i), with_kwargs=True))
-            for path in BIAS_INPUTS:
-                handles.append(layer.get_submodule(path).register_forward_pre_hook(projection(f"{i}.{path}")))
         handles.append(layers[-1].register_forward_hook(final))
         return handles
 
@@ -126,17 +161,15 @@ class MomentCollector:
 
     def finish(self, ids: torch.Tensor) -> None:
         unit = torch.nn.functional.normalize(torch.stack(self._states), dim=-1)    # [layers + 1, tokens, hidden]
-        self._add("cosine", torch.einsum("itd,jtd->ij", unit, unit))
-        self.tokens += ids[:, SINK_TOKENS:].numel()
+        accumulate(self.sums, "cosine", torch.einsum("itd,jtd->ij", unit, unit))
+        self.tails.finish(ids)
         self._states.clear()
 
     def moments(self) -> InputMoments:
-        keys = [f"{i}.{path}" for i in range(self.layers) for path in BIAS_INPUTS]
-        sums, tokens = self.sums, self.tokens
-        return InputMoments(mean={k: sums[f"{k}.sum"] / tokens for k in keys},
-                            square={k: sums[f"{k}.sq"] / tokens for k in keys},
-                            residual=torch.stack([sums[f"{i}.residual"] for i in range(self.layers)]) / tokens,
-                            cosine=sums["cosine"] / tokens, tokens=tokens)
+        tokens = self.tails.tokens
+        return InputMoments(mean=self.tails.mean(), square=self.tails.square(),
+                            residual=torch.stack([self.sums[f"{i}.residual"] for i in range(self.layers)]) / tokens,
+                            cosine=self.sums["cosine"] / tokens, tokens=tokens)
 
 
 def input_moments(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> InputMoments:

@@ -172,7 +172,7 @@ class PruningEngine:
             joint.append(moments.moments())
             log.info("importance %s and compensation moments from %d calibration tokens (one pass)",
                      criterion.name, acts.acts.tokens)
-            return criterion.from_activations(self.model, acts.acts)
+            return criterion.from_activations(self.model, acts.acts, moments.tails)
         scores, cached = self._cached(criterion.name, compute, calibrated=data)
         return scores, cached, (joint[0] if joint else None)
 

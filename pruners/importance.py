@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruners.calibration_pass import calibration_pass
-from pruners.compensation import SINK_TOKENS
+from pruners.compensation import TailSums
 from pruners.model_info import ModelDims, decoder_layers
 from pruners.score_cache import ImportanceScores
 from pruners.taylor import compute_taylor_scores
@@ -69,35 +69,27 @@ class _Activations:
     o_sq: list[torch.Tensor]      # same for o_proj inputs
     cos_sum: torch.Tensor         # per layer: sum over tokens of cos(input, output)
     tokens: int
-    # per layer, after each sequence's attention-sink token(s) (compensation.SINK_TOKENS): (sum x, sum x^2)
-    down_tail: list[list[torch.Tensor]]
-    o_tail: list[list[torch.Tensor]]
-    tail_tokens: int = 0
 
 
 class ActivationCollector:
-    """Sums of x^2 (every token) and of x, x^2 after the sink token(s) of every down_proj / o_proj input, and
-    each layer's cos(input, output) (Block Influence): a ``calibration_pass`` collector."""
+    """Sums of x^2 (every token) of every down_proj / o_proj input and each layer's cos(input, output) (Block
+    Influence): a ``calibration_pass`` collector. The sums after the sink token(s), which fluctuation
+    importance reads, are ``compensation.TailSums``."""
 
     def __init__(self, model: nn.Module) -> None:
         layers = decoder_layers(model)
 
-        def zeros(width: int, n: int = 1) -> list:
-            return [torch.zeros(width, dtype=torch.float64) for _ in range(n)]
-
-        self.acts = _Activations(down_sq=[zeros(ly.mlp.down_proj.in_features)[0] for ly in layers],
-                                 o_sq=[zeros(ly.self_attn.o_proj.in_features)[0] for ly in layers],
-                                 cos_sum=torch.zeros(len(layers), dtype=torch.float64), tokens=0,
-                                 down_tail=[zeros(ly.mlp.down_proj.in_features, 2) for ly in layers],
-                                 o_tail=[zeros(ly.self_attn.o_proj.in_features, 2) for ly in layers])
+        def zeros(width: int) -> torch.Tensor:
+            return torch.zeros(width, dtype=torch.float64)
+        self.acts = _Activations(down_sq=[zeros(ly.mlp.down_proj.in_features) for ly in layers],
+                                 o_sq=[zeros(ly.self_attn.o_proj.in_features) for ly in layers],
+                                 cos_sum=zeros(len(layers)), tokens=0)
         self._inputs: dict[int, torch.Tensor] = {}
 
-    def _add_sq(self, store: list[torch.Tensor], tail: list[list[torch.Tensor]], i: int, x: torch.Tensor) -> None:
+    @staticmethod
+    def _add_sq(store: list[torch.Tensor], i: int, x: torch.Tensor) -> None:
         x = x.detach().double()
         store[i] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).cpu()
-        rest = x[:, SINK_TOKENS:].reshape(-1, x.shape[-1])
-        tail[i][0] += rest.sum(0).cpu()
-        tail[i][1] += rest.pow(2).sum(0).cpu()
 
     def attach(self, layers: Sequence[nn.Module]) -> list:
         acts, handles = self.acts, []
@@ -113,9 +105,9 @@ class ActivationCollector:
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(layer.register_forward_hook(post, with_kwargs=True))
             handles.append(layer.mlp.down_proj.register_forward_pre_hook(
-                lambda _m, a, i=i: self._add_sq(acts.down_sq, acts.down_tail, i, a[0])))
+                lambda _m, a, i=i: self._add_sq(acts.down_sq, i, a[0])))
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda _m, a, i=i: self._add_sq(acts.o_sq, acts.o_tail, i, a[0])))
+                lambda _m, a, i=i: self._add_sq(acts.o_sq, i, a[0])))
         return handles
 
     def start(self) -> None:
@@ -123,14 +115,13 @@ class ActivationCollector:
 
     def finish(self, ids: torch.Tensor) -> None:
         self.acts.tokens += ids.numel()
-        self.acts.tail_tokens += ids[:, SINK_TOKENS:].numel()
 
 
-def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> _Activations:
+def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> tuple[_Activations, TailSums]:
     """One pass over the calibration prompts with hooks; nothing but sums is kept."""
-    collector = ActivationCollector(model)
-    calibration_pass(model, calibration_ids, [collector], desc="importance statistics")
-    return collector.acts
+    collector, tails = ActivationCollector(model), TailSums()
+    calibration_pass(model, calibration_ids, [collector, tails], desc="importance statistics")
+    return collector.acts, tails
 
 
 def wanda_scores(model: nn.Module, dims: ModelDims, acts: _Activations) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,22 +135,18 @@ def wanda_scores(model: nn.Module, dims: ModelDims, acts: _Activations) -> tuple
     return torch.stack(ffn), torch.stack(groups)
 
 
-def fluctuation_scores(model: nn.Module, dims: ModelDims, acts: _Activations) -> tuple[torch.Tensor, torch.Tensor]:
+def fluctuation_scores(model: nn.Module, dims: ModelDims, tails: TailSums) -> tuple[torch.Tensor, torch.Tensor]:
     """FLAP: Var(X_j) * ||W_:,j||^2 per input column of down_proj / o_proj (summed per KV group).
 
     What a unit's removal leaves once its mean is compensated (``pruners.compensation``) is its
     fluctuation times its weights, so this is the criterion that matches ``--recovery compensate``.
     """
-    def variance(tail: list[torch.Tensor]) -> torch.Tensor:
-        mean = tail[0] / acts.tail_tokens
-        return (tail[1] / acts.tail_tokens - mean.pow(2)).clamp_min(0).float()
-
     ffn, groups = [], []
     for i, layer in enumerate(decoder_layers(model)):
         down_sq = layer.mlp.down_proj.weight.detach().float().pow(2).sum(0).cpu()
-        ffn.append(variance(acts.down_tail[i]) * down_sq)
+        ffn.append(tails.variance(f"{i}.mlp.down_proj") * down_sq)
         o_sq = layer.self_attn.o_proj.weight.detach().float().pow(2).sum(0).cpu()
-        groups.append(_group_sum(variance(acts.o_tail[i]) * o_sq, dims.num_kv_heads))
+        groups.append(_group_sum(tails.variance(f"{i}.self_attn.o_proj") * o_sq, dims.num_kv_heads))
     return torch.stack(ffn), torch.stack(groups)
 
 
@@ -182,21 +169,21 @@ def _block_influence(acts: _Activations) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_scores(model: nn.Module, acts: _Activations) -> ImportanceScores:
+def activation_scores(model: nn.Module, acts: _Activations, _tails: TailSums) -> ImportanceScores:
     """Wanda-style units, Block Influence layers."""
     ffn, groups = wanda_scores(model, ModelDims.from_model(model), acts)
     return ImportanceScores("activation", ffn, groups, _block_influence(acts), "block_influence")
 
 
 @torch.no_grad()
-def fluctuation_activation_scores(model: nn.Module, acts: _Activations) -> ImportanceScores:
+def fluctuation_activation_scores(model: nn.Module, acts: _Activations, tails: TailSums) -> ImportanceScores:
     """FLAP-style fluctuation units, Block Influence layers."""
-    ffn, groups = fluctuation_scores(model, ModelDims.from_model(model), acts)
+    ffn, groups = fluctuation_scores(model, ModelDims.from_model(model), tails)
     return ImportanceScores("fluctuation", ffn, groups, _block_influence(acts), "block_influence")
 
 
 @torch.no_grad()
-def block_influence_scores(model: nn.Module, acts: _Activations) -> ImportanceScores:
+def block_influence_scores(model: nn.Module, acts: _Activations, _tails: TailSums) -> ImportanceScores:
     """ShortGPT: Block Influence layers; units by magnitude."""
     ffn, groups, _ = magnitude_scores(model, ModelDims.from_model(model))
     return ImportanceScores("block_influence", ffn, groups, _block_influence(acts), "block_influence")
@@ -206,21 +193,22 @@ def block_influence_scores(model: nn.Module, acts: _Activations) -> ImportanceSc
 class Criterion:
     """An importance criterion as the engine takes it; ``name`` keys the score cache.
 
-    A criterion that reads only the calibration activations (``from_activations``) can share its
-    calibration pass with the compensation moments (the engine then runs one pass for both)."""
+    A criterion that reads only the calibration activations (``from_activations``: the ``ActivationCollector``
+    sums and the ``compensation.TailSums``) can share its calibration pass with the compensation moments
+    (the engine then runs one pass for both, and the tail sums once)."""
     name: str
     needs_calibration: bool    # scores read calibration prompts (the engine tokenises them)
     score: Callable[[nn.Module, Sequence[torch.Tensor] | None], ImportanceScores] | None = None
-    from_activations: Callable[[nn.Module, _Activations], ImportanceScores] | None = None
+    from_activations: Callable[[nn.Module, _Activations, TailSums], ImportanceScores] | None = None
 
     def __call__(self, model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
         if self.from_activations is None:
             return self.score(model, calibration_ids)
         if not calibration_ids:
             raise ValueError(f"importance '{self.name}' needs calibration prompts")
-        acts = collect_activations(model, calibration_ids)
+        acts, tails = collect_activations(model, calibration_ids)
         log.info("importance %s from %d calibration tokens", self.name, acts.tokens)
-        return self.from_activations(model, acts)
+        return self.from_activations(model, acts, tails)
 
 
 IMPORTANCE: dict[str, Criterion] = {c.name: c for c in (

@@ -317,6 +317,22 @@ def test_recovery_bench_names_each_heal_run_and_keeps_the_training_free_cost_tab
     assert "### Cost of each action (+ compensation (default))" in text and "| 30 |" in text and "| 77 |" not in text
 
 
+def test_recovery_bench_prints_the_heal_runs_held_out_kl():
+    from bench.recovery import HEALED, markdown
+    kls = {"none": 0.01, "ffn_neurons:0.2": 0.3, "ffn_neurons:0.3": 0.5}
+    validation = [{"step": 0, "held_out": {"none": 0.0, "ffn_neurons:0.2": 0.4, "ffn_neurons:0.3": 0.6},
+                   "train": {"none": 0.0, "ffn_neurons:0.2": 0.41, "ffn_neurons:0.3": 0.59}},
+                  {"step": 200, "held_out": kls, "train": {k: v / 2 for k, v in kls.items()}}]
+    meta = {"folder": "f", "heal_steps": 200, "heal_tokens": 2, "heal_wall_s": 3, "heal_tokens_per_s": 4}
+    rows = [{"stage": "heal", "setting": HEALED, "action": "none", "ppl": 30.0, "ppl_ratio": 0.99,
+             "heal_validation": validation, **meta},
+            {"stage": "table", "setting": HEALED, "action": "ffn_neurons:0.2", "ppl_ratio": 1.3}]
+    text = markdown({"meta": {"windows": 4, "seq_len": 512, "limit": 200}, "rows": rows})
+    assert "| step | full model | ffn_neurons:0.2 | mean of 2 actions |" in text
+    assert "| 0 | 0.000 / 0.000 | 0.400 / 0.410 | 0.500 / 0.500 |" in text
+    assert "| 200 | 0.010 / 0.005 | 0.300 / 0.150 | 0.400 / 0.200 |" in text
+
+
 def test_recovery_bench_heads_calibration_rows_print_each_plan():
     from bench.recovery import heads_calibration_settings, markdown
     settings = heads_calibration_settings()
