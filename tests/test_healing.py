@@ -210,6 +210,31 @@ def test_heal_mode_end_to_end_writes_a_folder_every_mode_can_load(tmp_path):
     assert engine.describe()["healed"]["tokens"] == info["tokens"]
 
 
+def test_eval_and_export_serve_a_healed_folder_and_name_it_in_provenance(tmp_path):
+    """--model DIR of a heal run: eval's static route and export run the healed sub-networks (the stored plans
+    and biases) and record the folder; with the uniform allocation the healed FFN plan exports to stock shapes."""
+    from modes.heal import run_heal
+    uniform = dataclasses.replace(CFG, allocation="uniform", heal=dataclasses.replace(
+        HEAL, out_dir=str(tmp_path / "healed"), steps=2, validation=0))
+    folder = str(run_heal(uniform, progress=False))
+    rc = adaptive_pruning.main(["--mode", "eval", "--model", folder, "--eval-models", "dense,static:ffn_neurons:0.5",
+                                "--allocation", "uniform", "--calibration-dataset", "builtin",
+                                "--calibration-samples", "16", "--wikitext-samples", "2", "--eval-seq-len", "64",
+                                "--report-dir", str(tmp_path / "r")])
+    assert rc == 0
+    (run,) = sorted((tmp_path / "r").glob("eval-*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    engine = metrics["provenance"]["engine"]
+    assert engine["healed"]["folder"] == folder and "stored order" in engine["importance"]
+    assert (engine["allocation"], engine["recovery"]) == ("uniform", "compensate")
+    out = tmp_path / "exported"
+    assert adaptive_pruning.main(["--mode", "export", "--model", folder, "--action", "ffn_neurons:0.5",
+                                  "--allocation", "uniform", "--calibration-dataset", "builtin",
+                                  "--calibration-samples", "16", "--export", str(out)]) == 0
+    pruning = json.loads((out / "pruning.json").read_text())
+    assert pruning["healed"]["folder"] == folder and pruning["action"] == "ffn_neurons:0.5"
+
+
 def test_heal_data_refuses_evaluation_sets(tmp_path, capsys):
     wikitext = data_root() / "wikitext-2-raw-v1" / "wiki.test.raw"
     for spec in (str(wikitext), "Salesforce/wikitext", "EleutherAI/lambada_openai", f"builtin,{wikitext}"):
