@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.calibration import ALPACA, CALIBRATION_SENTENCES, SENTENCES  # noqa: E402
-from common.config import CalibrationConfig, EvalConfig, RunConfig  # noqa: E402
+from common.config import CalibrationConfig, EvalConfig, HealConfig, RunConfig  # noqa: E402
 from common.data import ALPACA_SUBSET, data_root, load_prompts  # noqa: E402
 from common.files import atomic_write_bytes  # noqa: E402
 from common.markdown import fmt, md_table  # noqa: E402
@@ -290,10 +290,11 @@ class Bench:
         full_todo = not self.has("heal", name, "none")
         tasks_todo = self.args.tasks and (not self.has("tasks", f"{name} (full model)", "none")
                                           or any(not self.has("tasks", name, a.label) for a in task_actions))
-        if not (todo or full_todo or tasks_todo):
+        kl_todo = self.args.held_out and not self.has("heldout", name, "none")
+        if not (todo or full_todo or tasks_todo or kl_todo):
             return
         loaded = load_model(folder, device=self.args.device)
-        engine = build_engine(dataclasses.replace(DEFAULT, model=folder), loaded, [*todo, *task_actions])
+        engine = build_engine(dataclasses.replace(DEFAULT, model=folder), loaded, [*actions, *task_actions])
         healed = engine.describe()["healed"]
         if not healed:
             raise SystemExit(f"{folder} is not a --mode heal folder (no elastic.pt sidecar)")
@@ -315,10 +316,26 @@ class Bench:
             self.add({"stage": "table", "setting": name, "action": action.label, "corpus": "wikitext", "ppl": value,
                       "dense_ppl": dense, "ppl_ratio": value / dense, **self.costs(engine, action), **meta,
                       "engine": engine.describe([action])})
+        if kl_todo:
+            self._held_out_kl(name, folder, loaded, engine, actions)
         task_actions = [a for a in task_actions if not self.has("tasks", name, a.label)]
         full = not self.has("tasks", f"{name} (full model)", "none")
         if self.args.tasks and (task_actions or full):
             self._task_rows(name, f"{name} (full model)", loaded, engine, task_actions, full)
+
+
+    def _held_out_kl(self, name: str, folder: str, loaded, engine, actions: list) -> None:
+        """Each healed action's KL to the original dense model on ``--held-out`` (a heal run's stored
+        continuations, cut into that run's windows): the same prompts for several heal runs, so their corpora
+        compare on text none of them trained on."""
+        from pruners import NONE
+        from pruners.healing import load_corpus, mean_kl
+        seq_len = heal_json(folder).get("heal", {}).get("seq_len", 128)
+        windows, corpus = load_corpus(Path(self.args.held_out), seq_len, loaded.tokenizer.eos_token_id)
+        kls = mean_kl(loaded.model, self.loaded.model, windows, [NONE, *actions], engine.pruned, batch_size=4)
+        engine.restore()
+        for label, kl in kls.items():
+            self.add({"stage": "heldout", "setting": name, "action": label, "kl": kl, "held_out": corpus})
 
 
 def heal_json(folder: str) -> dict:
@@ -331,9 +348,12 @@ def heal_json(folder: str) -> dict:
 
 
 def healed_setting(folder: str) -> str:
-    """The rows' setting name of one heal run, by its budget (several heal runs can share one --out)."""
+    """The rows' setting name of one heal run, by its budget and, when not the default, its corpus' prompts
+    (several heal runs can share one --out)."""
     info = heal_json(folder)
-    return f"{HEALED} ({info.get('steps')} steps, {info.get('tokens')} tokens)"
+    prompts = info.get("corpus", {}).get("prompts", HealConfig().samples)
+    corpus = "" if prompts == HealConfig().samples else f", {prompts} prompts"
+    return f"{HEALED} ({info.get('steps')} steps, {info.get('tokens')} tokens{corpus})"
 
 
 def validation_table(records: list[dict]) -> list[str]:
@@ -349,6 +369,21 @@ def validation_table(records: list[dict]) -> list[str]:
     table = [[str(r["step"]), pair(r, "none"), *(pair(r, a) for a in shown), pair(r, None)] for r in records]
     return ["KL to the dense teacher (nats/token), held-out prompts / as many training windows:", "",
             *md_table(["step", "full model", *shown, f"mean of {len(labels)} actions"], table), ""]
+
+
+def held_out_table(rows: list[dict]) -> list[str]:
+    """The heal runs' KL to the original dense model on one held-out file (``--held-out``)."""
+    labels = sorted({r["action"] for r in rows if r["action"] != "none"}, key=_action_order)
+    shown = [a for a in labels if a.endswith(":0.2")]
+    table = []
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == name]
+        kl = {r["action"]: r["kl"] for r in mine}
+        corpus = mine[0]["held_out"]
+        table.append([name, f"`{corpus['file']}` ({corpus['tokens']} tokens)", fmt(kl.get("none"), 3),
+                      *(fmt(kl.get(a), 3) for a in shown), fmt(statistics.fmean(kl[a] for a in labels if a in kl), 3)])
+    return ["### KL to the original dense model on held-out continuations (nats/token)", "",
+            *md_table(["setting", "held-out file", "full model", *shown, f"mean of {len(labels)} actions"], table), ""]
 
 
 def _kept(engine, action) -> str:
@@ -467,6 +502,9 @@ def markdown(data: dict) -> str:
                 *md_table(["allocation/recovery x texts", "tokens", "attention_heads:0.2",
                            "KV groups kept per layer (layer 0 first)"], table), ""]
     speed = [r for r in rows if r["stage"] == "speed"]
+    held_out = [r for r in rows if r["stage"] == "heldout"]
+    if held_out:
+        out += held_out_table(held_out)
     if speed:
         table = [[r["setting"], r["action"], r["kept"], fmt(r["speedup"], 2), fmt(r["ideal_speedup"], 2),
                   fmt(r["achieved_over_ideal"], 2)] for r in speed]
@@ -497,6 +535,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--healed", default=None, help="heal stage: a folder written by --mode heal")
     p.add_argument("--heal-intensities", default=",".join(map(str, INTENSITIES)),
                    help="heal stage: intensities of the healed actions scored")
+    p.add_argument("--held-out", default=None, metavar="FILE",
+                   help="heal stage: also each action's KL to the original dense model on this heal-validation.pt "
+                        "(a --mode heal run's held-out continuations; use one file for every run compared)")
     p.add_argument("--out", default=str(ROOT / "bench" / "recovery.json"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")

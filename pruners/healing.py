@@ -21,6 +21,7 @@ same guard as calibration refuses evaluation sets. Full weights, not LoRA: see `
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -28,7 +29,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -245,14 +246,31 @@ def teacher_log_probs(teacher: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def member_kl(engine: PruningEngine, teacher_logp: torch.Tensor, batch: torch.Tensor,
-              members: Sequence[PruningAction]) -> dict[str, float]:
-    """KL of each member on a batch, as the student runs it (no update)."""
-    out = {}
-    for action in members:
-        with student_view(engine, action):
-            out[action.label] = float(kl_to_teacher(engine.model(input_ids=batch, use_cache=False).logits, teacher_logp))
-    return out
+def mean_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, actions: Sequence[PruningAction],
+            view: Callable[[PruningAction], contextlib.AbstractContextManager], batch_size: int) -> dict[str, float]:
+    """Each action's KL(teacher || model), nats per token, over ``windows`` (one length), the model run under
+    ``view(action)``: ``student_view`` while healing, the engine's ``pruned`` to score a saved folder."""
+    sums = dict.fromkeys((a.label for a in actions), 0.0)
+    device = next(model.parameters()).device
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        teacher_logp = teacher_log_probs(teacher, batch)
+        for action in actions:
+            with view(action):
+                kl = kl_to_teacher(model(input_ids=batch, use_cache=False).logits, teacher_logp)
+            sums[action.label] += float(kl) * batch.shape[0]
+    return {label: total / windows.shape[0] for label, total in sums.items()}
+
+
+def load_corpus(path: Path, seq_len: int, eos: int | None) -> tuple[torch.Tensor, dict]:
+    """A stored heal corpus (``heal-corpus.pt`` / ``heal-validation.pt``) packed into windows, and its key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no heal corpus at {path}: give a {CORPUS} or {VALIDATION} a --mode heal run wrote")
+    stored = torch.load(path, weights_only=True)
+    windows = pack(stored["sequences"], seq_len, eos)
+    return windows, {"file": str(path), "key": stored.get("key"), "windows": int(windows.shape[0]),
+                     "tokens": int(windows.numel())}
 
 
 # ------------------------------------------------------------------ the loop
@@ -349,13 +367,8 @@ class Healer:
         sets = {"held_out": self.held_out, "train": self.windows[self.order[:min(n, self.windows.shape[0])]]}
         record: dict = {"step": self.state.step}
         for name, windows in sets.items():
-            sums = dict.fromkeys((a.label for a in self.actions), 0.0)
-            for start in range(0, windows.shape[0], self.cfg.batch):
-                batch = windows[start:start + self.cfg.batch].to(self.device)
-                teacher_logp = teacher_log_probs(self.teacher, batch)
-                for label, kl in member_kl(self.engine, teacher_logp, batch, self.actions).items():
-                    sums[label] += kl * batch.shape[0]
-            record[name] = {label: total / windows.shape[0] for label, total in sums.items()}
+            record[name] = mean_kl(self.engine.model, self.teacher, windows, self.actions,
+                                   functools.partial(student_view, self.engine), self.cfg.batch)
         self.engine.restore()
         return record
 
@@ -460,9 +473,9 @@ class Healer:
 
 
 def kl_summary(kls: dict[str, float]) -> str:
-    """"full x, actions mean y (max z)": one line of a validation record."""
+    """"full x, actions mean y (max z)": one line of a validation record (a KL of -1e-9 from rounding shows 0)."""
     rest = [v for k, v in kls.items() if k != NONE.label]
-    text = f"full {kls[NONE.label]:.4f}"
+    text = f"full {max(kls[NONE.label], 0.0):.4f}"
     return text + (f", actions mean {sum(rest) / len(rest):.4f} (max {max(rest):.4f})" if rest else "")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -16,8 +17,8 @@ from common.data import data_root
 from controller.session import action_space, build_engine
 from pruners import NONE, PruningAction
 from pruners.elastic import HEAL_JSON, SIDECAR
-from pruners.healing import (CHECKPOINT, VALIDATION, Healer, heal_corpora, heal_prompts, member_kl, pack, sandwich,
-                             save_healed, student_view, teacher_log_probs)
+from pruners.healing import (CHECKPOINT, VALIDATION, Healer, heal_corpora, heal_prompts, load_corpus, mean_kl, pack,
+                             sandwich, save_healed, student_view)
 
 HEAL = HealConfig(dataset="builtin", samples=6, new_tokens=12, steps=3, batch=2, seq_len=32, lr=1e-3,
                   random_actions=2, save_every=2, validation=3, validate_every=2)
@@ -79,11 +80,13 @@ def test_a_heal_step_lowers_the_kl_of_the_sandwich_members(tiny):
     healer = healer_for(tiny)
     batch = healer.batch(0)
     members = sandwich(healer.actions, 0, healer.seed, healer.cfg.random_actions)
-    teacher = teacher_log_probs(healer.teacher, batch)
-    before = member_kl(healer.engine, teacher, batch, members)
+    def kls() -> dict[str, float]:
+        return mean_kl(healer.engine.model, healer.teacher, batch, members,
+                       functools.partial(student_view, healer.engine), batch_size=len(batch))
+    before = kls()
     assert before["none"] < 1e-6 and all(before[m.label] > 1e-3 for m in members[1:])
     healer.step(0)
-    after = member_kl(healer.engine, teacher, batch, members)
+    after = kls()
     for member in members[1:]:
         assert after[member.label] < before[member.label], (member.label, before, after)
     assert sum(after.values()) < 0.9 * sum(before.values()), (before, after)
@@ -188,6 +191,10 @@ def test_held_out_prompts_follow_the_training_prompts_and_do_not_change_them(tin
     assert info["key"] == info0["key"] and torch.equal(train, train0)      # the training corpus is the same
     assert held_info["prompts"] == HEAL.validation and held_info["key"] != info["key"]
     assert held_out.shape[1] == HEAL.seq_len and (tmp_path / "a" / VALIDATION).is_file()
+    stored, meta = load_corpus(tmp_path / "a" / VALIDATION, HEAL.seq_len, tiny.tokenizer.eos_token_id)
+    assert torch.equal(stored, held_out) and meta["key"] == held_info["key"]
+    with pytest.raises(FileNotFoundError, match="--mode heal"):
+        load_corpus(tmp_path / "missing.pt", HEAL.seq_len, None)
     everything = dataclasses.replace(HEAL, samples=len(heal_prompts("builtin", 10 ** 6)))
     _, _, nothing_left, _ = heal_corpora(tmp_path / "c", teacher, tiny.tokenizer,
                                          dataclasses.replace(everything, new_tokens=1), seed=0, progress=False)

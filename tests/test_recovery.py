@@ -302,6 +302,9 @@ def test_recovery_bench_names_each_heal_run_and_keeps_the_training_free_cost_tab
     assert name == f"{HEALED} (200 steps, 102400 tokens)"
     with pytest.raises(SystemExit, match="--mode heal"):
         healed_setting(str(tmp_path / "missing"))
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / HEAL_JSON).write_text(json.dumps({"steps": 200, "tokens": 102400, "corpus": {"prompts": 1024}}))
+    assert healed_setting(str(tmp_path / "big")) == f"{HEALED} (200 steps, 102400 tokens, 1024 prompts)"
     cost = {"effective_intensity": 0.2, "ideal_speedup": 1.1, "extra_bytes": 1e6, "extra_share": 0.01,
             "apply_restore_us": 30}
     rows = [{"stage": "table", "setting": "+ compensation (default)", "action": "ffn_neurons:0.2", "ppl_ratio": 1.5,
@@ -331,6 +334,17 @@ def test_recovery_bench_prints_the_heal_runs_held_out_kl():
     assert "| step | full model | ffn_neurons:0.2 | mean of 2 actions |" in text
     assert "| 0 | 0.000 / 0.000 | 0.400 / 0.410 | 0.500 / 0.500 |" in text
     assert "| 200 | 0.010 / 0.005 | 0.300 / 0.150 | 0.400 / 0.200 |" in text
+
+
+def test_recovery_bench_prints_each_heal_runs_kl_on_one_held_out_file():
+    from bench.recovery import HEALED, markdown
+    corpus = {"file": "v.pt", "key": "k", "windows": 2, "tokens": 256}
+    rows = [{"stage": "heldout", "setting": f"{HEALED} (run {n})", "action": action, "kl": kl + n, "held_out": corpus}
+            for n in (1, 2) for action, kl in (("none", 0.0), ("ffn_neurons:0.2", 0.25), ("ffn_neurons:0.1", 0.75))]
+    text = markdown({"meta": {"windows": 4, "seq_len": 512, "limit": 200}, "rows": rows})
+    assert "| setting | held-out file | full model | ffn_neurons:0.2 | mean of 2 actions |" in text
+    assert f"| {HEALED} (run 1) | `v.pt` (256 tokens) | 1.000 | 1.250 | 1.500 |" in text
+    assert f"| {HEALED} (run 2) | `v.pt` (256 tokens) | 2.000 | 2.250 | 2.500 |" in text
 
 
 def test_recovery_bench_heads_calibration_rows_print_each_plan():
