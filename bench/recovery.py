@@ -290,7 +290,9 @@ class Bench:
         full_todo = not self.has("heal", name, "none")
         tasks_todo = self.args.tasks and (not self.has("tasks", f"{name} (full model)", "none")
                                           or any(not self.has("tasks", name, a.label) for a in task_actions))
-        kl_todo = self.args.held_out and not self.has("heldout", name, "none")
+        kl_todo = self.args.held_out and not any(
+            r["stage"] == "heldout" and r["setting"] == name and r["held_out"]["file"] == str(Path(self.args.held_out))
+            for r in self.rows)
         if not (todo or full_todo or tasks_todo or kl_todo):
             return
         loaded = load_model(folder, device=self.args.device)
@@ -376,11 +378,11 @@ def held_out_table(rows: list[dict]) -> list[str]:
     labels = sorted({r["action"] for r in rows if r["action"] != "none"}, key=_action_order)
     shown = [a for a in labels if a.endswith(":0.2")]
     table = []
-    for name in dict.fromkeys(r["setting"] for r in rows):
-        mine = [r for r in rows if r["setting"] == name]
+    for name, file in dict.fromkeys((r["setting"], r["held_out"]["file"]) for r in rows):
+        mine = [r for r in rows if r["setting"] == name and r["held_out"]["file"] == file]
         kl = {r["action"]: r["kl"] for r in mine}
         corpus = mine[0]["held_out"]
-        table.append([name, f"`{corpus['file']}` ({corpus['tokens']} tokens)", fmt(kl.get("none"), 3),
+        table.append([name, f"`{file}` ({corpus['tokens']} tokens)", fmt(kl.get("none"), 3),
                       *(fmt(kl.get(a), 3) for a in shown), fmt(statistics.fmean(kl[a] for a in labels if a in kl), 3)])
     return ["### KL to the original dense model on held-out continuations (nats/token)", "",
             *md_table(["setting", "held-out file", "full model", *shown, f"mean of {len(labels)} actions"], table), ""]

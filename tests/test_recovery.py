@@ -341,10 +341,13 @@ def test_recovery_bench_prints_each_heal_runs_kl_on_one_held_out_file():
     corpus = {"file": "v.pt", "key": "k", "windows": 2, "tokens": 256}
     rows = [{"stage": "heldout", "setting": f"{HEALED} (run {n})", "action": action, "kl": kl + n, "held_out": corpus}
             for n in (1, 2) for action, kl in (("none", 0.0), ("ffn_neurons:0.2", 0.25), ("ffn_neurons:0.1", 0.75))]
+    other = {**corpus, "file": "w.pt", "tokens": 128}
+    rows += [{**r, "kl": r["kl"] + 1, "held_out": other} for r in rows[:3]]
     text = markdown({"meta": {"windows": 4, "seq_len": 512, "limit": 200}, "rows": rows})
     assert "| setting | held-out file | full model | ffn_neurons:0.2 | mean of 2 actions |" in text
     assert f"| {HEALED} (run 1) | `v.pt` (256 tokens) | 1.000 | 1.250 | 1.500 |" in text
     assert f"| {HEALED} (run 2) | `v.pt` (256 tokens) | 2.000 | 2.250 | 2.500 |" in text
+    assert f"| {HEALED} (run 1) | `w.pt` (128 tokens) | 2.000 | 2.250 | 2.500 |" in text
 
 
 def test_recovery_bench_heads_calibration_rows_print_each_plan():
