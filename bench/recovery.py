@@ -367,7 +367,7 @@ def validation_table(records: list[dict]) -> list[str]:
         def value(part: str) -> float:
             kls = record[part]
             return kls[label] if label else sum(kls[a] for a in labels) / len(labels)
-        return f"{value('held_out'):.3f} / {value('train'):.3f}"
+        return f"{max(value('held_out'), 0.0):.3f} / {max(value('train'), 0.0):.3f}"    # -1e-9 from rounding: 0
     table = [[str(r["step"]), pair(r, "none"), *(pair(r, a) for a in shown), pair(r, None)] for r in records]
     return ["KL to the dense teacher (nats/token), held-out prompts / as many training windows:", "",
             *md_table(["step", "full model", *shown, f"mean of {len(labels)} actions"], table), ""]
