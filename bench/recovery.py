@@ -21,7 +21,9 @@ Stages (each appends rows to --out, a JSON file; rows already there are skipped,
 - ``heal``: the "+ healing" rows of the ``table`` stage for a ``--mode heal`` folder (``--healed DIR``): the
   healed sub-networks' WikiText-2 PPL over the *original* dense model's (same windows as every row), the
   healed full model's ratio (the "within 1 %" check) and the heal run's tokens and wall time from its
-  sidecar (heal.json); ``--heal-intensities`` limits the actions (CPU time).
+  sidecar (heal.json) with its held-out KL by step; ``--heal-intensities`` limits the actions (CPU time);
+  ``--held-out FILE`` adds every action's KL to the original model on one run's held-out continuations
+  (``heal-validation.pt``): several heal runs scored on one file compare on text none of them trained on.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/recovery.py --stage table --tasks lambada_openai,arc_easy
     .venv/bin/python bench/recovery.py --stage heal --healed .cache/heal/smollm2-135m
