@@ -16,7 +16,9 @@ which are trained too. So after healing a fresh engine on the saved weights (wit
 ``pruners.elastic``) gives the healed sub-networks bit-for-bit.
 
 Data (``heal_prompts``): prompts only, continued by the dense model itself (data-free distillation); the
-same guard as calibration refuses evaluation sets. Full weights, not LoRA: see ``common.config.HealConfig``.
+same guard as calibration refuses evaluation sets. The prompts after the training ones are held out
+(``heal_corpora``) and every action's KL on them is scored as training goes (``Healer.validate``): the
+criterion for heal settings, which must never be chosen on an evaluation set. Full weights, not LoRA: see ``common.config.HealConfig``.
 """
 from __future__ import annotations
 
