@@ -305,7 +305,8 @@ class Bench:
         dense = self.dense_ppl("wikitext")
         meta = {"folder": folder, "heal_steps": healed.get("steps"), "heal_tokens": healed.get("tokens"),
                 "heal_wall_s": healed.get("wall_s"), "heal_tokens_per_s": healed.get("tokens_per_s")}
-        validation = heal_json(folder).get("validation")
+        info = engine.menu.info          # heal.json, as the engine loaded it with the sidecar
+        validation = info.get("validation")
 
         def ppl() -> float:
             return compute_perplexity(loaded.model, loaded.tokenizer, self.wikitext, seq_len=self.args.seq_len,
@@ -321,20 +322,19 @@ class Bench:
                       "dense_ppl": dense, "ppl_ratio": value / dense, **self.costs(engine, action), **meta,
                       "engine": engine.describe([action])})
         if kl_todo:
-            self._held_out_kl(name, folder, loaded, engine, actions)
+            self._held_out_kl(name, info.get("heal", {}).get("seq_len", 128), loaded, engine, actions)
         task_actions = [a for a in task_actions if not self.has("tasks", name, a.label)]
         full = not self.has("tasks", f"{name} (full model)", "none")
         if self.args.tasks and (task_actions or full):
             self._task_rows(name, f"{name} (full model)", loaded, engine, task_actions, full)
 
 
-    def _held_out_kl(self, name: str, folder: str, loaded, engine, actions: list) -> None:
+    def _held_out_kl(self, name: str, seq_len: int, loaded, engine, actions: list) -> None:
         """Each healed action's KL to the original dense model on ``--held-out`` (a heal run's stored
-        continuations, cut into that run's windows): the same prompts for several heal runs, so their corpora
-        compare on text none of them trained on."""
+        continuations, cut into ``seq_len`` windows, the heal run's): the same prompts for several heal runs, so
+        their corpora compare on text none of them trained on."""
         from pruners import NONE
         from pruners.healing import load_corpus, mean_kl
-        seq_len = heal_json(folder).get("heal", {}).get("seq_len", 128)
         windows, corpus = load_corpus(Path(self.args.held_out), seq_len, loaded.tokenizer.eos_token_id)
         kls = mean_kl(loaded.model, self.loaded.model, windows, [NONE, *actions], engine.pruned, batch_size=4)
         engine.restore()
@@ -342,19 +342,14 @@ class Bench:
             self.add({"stage": "heldout", "setting": name, "action": label, "kl": kl, "held_out": corpus})
 
 
-def heal_json(folder: str) -> dict:
-    """A --mode heal folder's heal.json (steps, tokens, the held-out KL records, ...)."""
+def healed_setting(folder: str) -> str:
+    """The rows' setting name of one heal run, by its budget and, when not the default, its corpus' prompts
+    (several heal runs can share one --out)."""
     from pruners.elastic import HEAL_JSON
     path = Path(folder) / HEAL_JSON
     if not path.is_file():
         raise SystemExit(f"{folder} is not a --mode heal folder (no {HEAL_JSON}): heal first with --mode heal")
-    return json.loads(path.read_text())
-
-
-def healed_setting(folder: str) -> str:
-    """The rows' setting name of one heal run, by its budget and, when not the default, its corpus' prompts
-    (several heal runs can share one --out)."""
-    info = heal_json(folder)
+    info = json.loads(path.read_text())
     prompts = info.get("corpus", {}).get("prompts", HealConfig().samples)
     corpus = "" if prompts == HealConfig().samples else f", {prompts} prompts"
     return f"{HEALED} ({info.get('steps')} steps, {info.get('tokens')} tokens{corpus})"
