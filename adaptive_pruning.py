@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from controller import openmp  # torch-free: libgomp reads its wait policy once, when torch loads
+from runtime import openmp  # torch-free: libgomp reads its wait policy once, when torch loads
 
-# The policy measured for this machine (controller/openmp.py): cached, else measured now (1-3 min, once);
+# The policy measured for this machine (runtime/openmp.py): cached, else measured now (1-3 min, once);
 # never measured for --help or report mode, which load no model.
 openmp.configure(measure_if_missing=not {"-h", "--help", "report", "--mode=report"} & set(sys.argv[1:]))
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     """Build the mode's configs (cheap checks first), then call its function in modes/."""
-    from common import offline  # noqa: F401  (sets the HF offline flags before transformers/datasets/lm_eval load)
+    from common import hub  # noqa: F401  (sets the HF offline flags before transformers/datasets/lm_eval load)
     if args.mode == "report":
         from modes.report import run_report
         if not args.run_dirs:

@@ -7,7 +7,7 @@ measurements only), any Hub id, or a local directory holding a saved model.
 """
 from __future__ import annotations
 
-from common import offline  # noqa: F401  (sets HF offline flags before transformers is imported)
+from common import hub  # noqa: F401  (sets HF offline flags before transformers is imported)
 
 import importlib.util
 import json
@@ -92,7 +92,7 @@ def set_weight_layout(model: torch.nn.Module, layout: str) -> None:
     transposed storage. Values, shapes and prefix views are unchanged; build a PruningEngine after it.
 
     Why: a one-token ``F.linear`` then runs MKL's ``x @ W`` layout, which on some CPUs streams the
-    weights faster (this AMD EPYC: 1.11-1.16x dense decode); ``controller.openmp`` measures it per
+    weights faster (this AMD EPYC: 1.11-1.16x dense decode); ``runtime.openmp`` measures it per
     machine and sets ``ADAPTIVE_PRUNING_WEIGHT_LAYOUT``. Tied weights (lm_head) change with them.
     """
     if layout not in ("row", "column"):
@@ -106,7 +106,7 @@ def set_weight_layout(model: torch.nn.Module, layout: str) -> None:
 
 def check_model_name(name: str) -> None:
     """Fail before any data or weights are read when `name` cannot possibly load."""
-    from common import offline as off
+    from common import hub as off
     path = Path(name).expanduser()
     if name in ("auto", EMBEDDED_NAME, "tiny", "llama-3.2-1b-shape"):
         return
@@ -131,7 +131,7 @@ def _offline_message(model_id: str) -> str:
 
 
 def _load_auto(dtype: torch.dtype) -> LoadedModel:
-    from common import offline as off
+    from common import hub as off
     if off.hf_token() and not off.is_offline():
         try:
             loaded = _load_hub(THESIS_MODEL, dtype)
@@ -157,7 +157,7 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_cache_dir() -> Path:
-    from common import offline as off
+    from common import hub as off
     return off.cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
 
@@ -236,7 +236,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
 
 
 def _load_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
-    from common import offline as off
+    from common import hub as off
     if off.is_offline():
         raise ModelLoadError(_offline_message(model_id))
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -71,7 +71,7 @@ from typing import Any, ClassVar, Iterable, Protocol, Sequence
 
 from tqdm import tqdm
 
-from common import offline
+from common import hub
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +522,7 @@ def write_punkt_tab(data_dir: Path, language: str = "english") -> Path:
 
 
 def default_nltk_data_dir() -> Path:
-    return offline.cache_dir() / "nltk_data"
+    return hub.cache_dir() / "nltk_data"
 
 
 # ---------------------------------------------------------------------------------------------

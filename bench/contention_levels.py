@@ -22,9 +22,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from controller.contention import contention, presets  # noqa: E402
-from controller.generation import generate  # noqa: E402
-from controller.telemetry import HardwareState, TelemetrySampler  # noqa: E402
+from machine.contention import contention, presets  # noqa: E402
+from runtime.generation import generate  # noqa: E402
+from machine.telemetry import HardwareState, TelemetrySampler  # noqa: E402
 from model_loader import load_model  # noqa: E402
 
 log = logging.getLogger("contention_levels")

@@ -1,7 +1,7 @@
 """How far is decode from what the machine allows? Per action and load level, against the action's own floor.
 
 For dense and every action (default: every target at 0.1/0.2/0.3), on the idle machine and under
-each load level of ``controller.contention.presets()``:
+each load level of ``machine.contention.presets()``:
 
 - ``floor``: the bandwidth floor, the matrix-vector products over exactly the matrices that action
   reads per token (every projection of the kept layers as the engine has narrowed it, copied without
@@ -16,7 +16,7 @@ each load level of ``controller.contention.presets()``:
   in child processes under that setting and under the pre-governor one (passive, every core), in
   alternating pairs (``--reference-pairs``), for the done-when check "no slower than passive".
 
-The OpenMP policy is the one ``controller.openmp`` measured for this machine (set before torch
+The OpenMP policy is the one ``runtime.openmp`` measured for this machine (set before torch
 loads, as in the CLI); threads follow the governor's rule for the state telemetry reads.
 
     PYTHONPATH=. .venv/bin/python bench/decode_limit.py --json bench/decode_limit.json
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-from controller import openmp  # torch-free: the wait policy must be set before torch loads libgomp
+from runtime import openmp  # torch-free: the wait policy must be set before torch loads libgomp
 
 if __name__ == "__main__":
     openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
@@ -48,13 +48,13 @@ from tqdm import tqdm  # noqa: E402
 import model_loader  # noqa: E402
 from bench.script import bench_main  # noqa: E402
 from common.files import atomic_write_text  # noqa: E402
-from controller.compiled import CompiledDecoder  # noqa: E402
-from controller.contention import contention, presets  # noqa: E402
-from controller.generation import eager_decoder, generate  # noqa: E402
+from runtime.compiled import CompiledDecoder  # noqa: E402
+from machine.contention import contention, presets  # noqa: E402
+from runtime.generation import eager_decoder, generate  # noqa: E402
 from common.config import RunConfig  # noqa: E402
-from controller.runtime import ExecutionGovernor  # noqa: E402
-from controller.session import build_engine  # noqa: E402
-from controller.timing import RunTiming, SideTimings, TimingSession  # noqa: E402
+from runtime.governor import ExecutionGovernor  # noqa: E402
+from environments.session import build_engine  # noqa: E402
+from runtime.timing import RunTiming, SideTimings, TimingSession  # noqa: E402
 from pruners import NONE, PruningAction, PruningEngine  # noqa: E402
 from pruners.export import ExportError, pruned_model  # noqa: E402
 

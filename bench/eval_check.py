@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import offline  # noqa: E402  (HF offline flags first)
+from common import hub  # noqa: E402  (HF offline flags first)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     parser.add_argument("--stages", default=None,
                         help=f"comma-separated subset of {', '.join(WIKITEXT_STAGES + TASK_STAGES)}")
-    parser.add_argument("--results", type=Path, default=offline.cache_dir() / "eval_check.json")
+    parser.add_argument("--results", type=Path, default=hub.cache_dir() / "eval_check.json")
     parser.add_argument("--fresh", action="store_true", help="recompute stages already in --results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -19,7 +19,7 @@ import psutil
 
 from common.data import data_root
 from nlp_analyzer import BACKENDS, BackendUnavailable, PromptAnalyzer
-from controller.telemetry import TelemetrySampler, snapshot
+from machine.telemetry import TelemetrySampler, snapshot
 
 
 def real_prompts(n: int, words: int) -> list[str]:

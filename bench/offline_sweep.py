@@ -3,7 +3,7 @@
 Why: the learned policy can only win where the best action depends on the load and the prompt;
 with a loose budget "dense" is best everywhere and with a huge penalty "prune hardest under load"
 is a fixed rule. Each grid point re-fits every baseline and re-trains every seed on the training
-split of an offline train run and scores them on a test run's cells (controller.offline_study,
+split of an offline train run and scores them on a test run's cells (controller.study,
 the same code as --mode test), from the two runs' metrics.json alone: no model, seconds per seed.
 Hyper-parameters are the train run's; nothing here is chosen on the test split.
 
@@ -21,9 +21,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.config import DQNConfig, RewardConfig
-from controller.offline_env import OfflineData, OfflineEnvironment
-from controller.offline_study import NO_PROMPT, run_study, side_ablations
-from controller.state import state_feature_names
+from environments.precomputed import OfflineData, OfflineEnvironment
+from controller.study import NO_PROMPT, run_study, side_ablations
+from environments.state import state_feature_names
 from reporting.render import load_metrics
 from reporting.summaries import BASELINE_ARMS, summarize_offline
 

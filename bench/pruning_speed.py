@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-from controller import openmp  # torch-free: the wait policy must be set before torch loads libgomp
+from runtime import openmp  # torch-free: the wait policy must be set before torch loads libgomp
 
 if __name__ == "__main__":   # the policy measured for this machine, as in the CLI (ADAPTIVE_PRUNING_OMP overrides)
     openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
@@ -36,8 +36,8 @@ from torch import nn
 import model_loader  # noqa: E402
 from bench.script import bench_main  # noqa: E402
 from common.config import RuntimeConfig  # noqa: E402
-from controller.runtime import ExecutionGovernor  # noqa: E402
-from controller.generation import generate, prefill  # noqa: E402
+from runtime.governor import ExecutionGovernor  # noqa: E402
+from runtime.generation import generate, prefill  # noqa: E402
 from pruners import ACTION_SPACE, NONE, PruningAction  # noqa: E402
 from pruners.engine import PruningEngine  # noqa: E402
 from pruners.kv_cache import KVCachePruner  # noqa: E402

@@ -18,7 +18,7 @@ import torch
 
 from controller.checkpointing import load_checkpoint
 from controller.dqn import DoubleDQNAgent, DQNConfig
-from controller.state import state_feature_names
+from environments.state import state_feature_names
 
 
 def held_out_mse(states: np.ndarray, actions: np.ndarray, rewards: np.ndarray, prompt_ids: list[str],

@@ -113,7 +113,7 @@ def packed_settings(tokenizer) -> list[Setting]:
     built-in prompts as they are). Same tokens, long contexts: is it the text length that moves heads?"""
     from common.calibration import calibration_set
     from common.data import BUILTIN
-    from common.offline import cache_dir
+    from common.hub import cache_dir
     n_builtin = len(calibration_set(CalibrationConfig(dataset=BUILTIN, samples=4096)).texts)
     short = calibration_set(CalibrationConfig(dataset=ALPACA, samples=4096 - n_builtin)).texts   # those of x4096
     packed, current, used = [], [], 0
@@ -177,7 +177,7 @@ class Bench:
 
     def engine(self, setting: Setting, actions: list):
         """A fresh copy of the model with the setting's engine (statistics come from the disk cache)."""
-        from controller.session import build_engine
+        from environments.session import build_engine
         from model_loader import LoadedModel
         loaded = LoadedModel(copy.deepcopy(self.loaded.model), self.loaded.tokenizer, self.loaded.name,
                              self.loaded.source)
@@ -250,14 +250,14 @@ class Bench:
 
     def speed(self, setting: Setting, actions: list, model_name: str) -> None:
         """Measured decode speedup (median over interleaved dense/pruned pairs) against the ideal."""
-        from controller.generation import generate
+        from runtime.generation import generate
         todo = [a for a in actions if not self.has("speed", f"{setting.name} [{model_name}]", a.label)]
         if not todo:
             return
         if model_name == self.loaded.name:
             loaded, engine = self.engine(setting, todo)
         else:   # random weights (speed only): a small calibration is enough to shape the plans
-            from controller.session import build_engine
+            from environments.session import build_engine
             from model_loader import load_model
             loaded = load_model(model_name, device=self.args.device)
             cfg = dataclasses.replace(setting.run_config(), calibration=CalibrationConfig(samples=16))
@@ -284,7 +284,7 @@ class Bench:
     def healed(self, folder: str, actions: list, task_actions: list) -> None:
         """The "+ healing" rows: a healed folder's sub-networks against the original dense model's PPL, and
         with --tasks their lm-eval accuracy (``task_actions`` and the healed full model)."""
-        from controller.session import build_engine
+        from environments.session import build_engine
         from evaluation.wikitext import compute_perplexity
         from model_loader import load_model
         name = healed_setting(folder)

@@ -16,7 +16,7 @@ OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (l
 
 @dataclass
 class EnvConfig:
-    """How one episode is generated and timed (controller.environment)."""
+    """How one episode is generated and timed (environments.live)."""
     max_new_tokens: int = 50
     timing: str = "table"              # "table": calibrated latency table; "interleaved": A B A B per episode
     load_timing: str = "scaled"        # loaded scenarios: "scaled" (idle table x measured dense slowdown) | "measured"
@@ -32,7 +32,7 @@ class EnvConfig:
 
 @dataclass
 class RewardConfig:
-    """Speed gained against quality lost (controller.reward)."""
+    """Speed gained against quality lost (environments.reward)."""
     alpha: float = 1.0            # weight on log(speedup)
     beta: float = 1.0             # weight on log(PPL ratio pruned/dense)
     kl_weight: float = 0.0        # weight on mean token KL(dense || pruned), nats
@@ -41,7 +41,7 @@ class RewardConfig:
     budget_weight: float = 1.0    # penalty per unit of relative budget overrun
     battery_tightening: float = 0.8  # budget multiplier when running on battery
     # Offline only: a constrained objective instead of the weighted sum, as a Lagrangian reward
-    # objective - multiplier x constraint whose multiplier adapts during training (controller.reward).
+    # objective - multiplier x constraint whose multiplier adapts during training (environments.reward).
     objective: str = "weighted"   # weighted | slo: best quality with the budget met on >= slo_share of requests
                                   # | quality: best speed with mean PPL ratio <= quality_budget
     slo_share: float = 0.9
@@ -92,7 +92,7 @@ class CalibrationConfig:
 
 @dataclass
 class OfflineConfig:
-    """The offline environment (controller.offline_env): every (prompt, action) quality outcome is
+    """The offline environment (environments.precomputed): every (prompt, action) quality outcome is
     measured once and cached, latency is calibrated K times per load level, and training samples
     (prompt, level, calibration, telemetry) and looks the outcome up."""
     calibrations: int = 5          # latency tables per load level for training, and as many again for testing
@@ -224,16 +224,16 @@ class BaselineConfig:
     eval: EvalConfig = field(default_factory=_baseline_eval)
 
 
-# Where the measured weight layout travels from controller.openmp (torch-free) to model_loader.load_model.
+# Where the measured weight layout travels from runtime.openmp (torch-free) to model_loader.load_model.
 WEIGHT_LAYOUT_ENV = "ADAPTIVE_PRUNING_WEIGHT_LAYOUT"   # row (as loaded) | column
 
 
 @dataclass
 class RuntimeConfig:
-    """How the model runs on this machine, separately from what is pruned (controller.runtime).
+    """How the model runs on this machine, separately from what is pruned (runtime.governor).
 
     The OpenMP wait policy and the weight layout are not here: they are measured per machine and set
-    before torch loads, before any flag is parsed (controller.openmp; override with
+    before torch loads, before any flag is parsed (runtime.openmp; override with
     ADAPTIVE_PRUNING_OMP=passive|stock|spin-short and ADAPTIVE_PRUNING_WEIGHT_LAYOUT=row|column).
     """
     threads: int | None = None         # fixed torch threads; None: the measured rule per machine state

@@ -17,7 +17,7 @@ the sample counts change which prompts a run sees: ``take(N)`` is always a prefi
 """
 from __future__ import annotations
 
-from common import offline  # first: sets the HF offline flags before `datasets` is imported
+from common import hub  # first: sets the HF offline flags before `datasets` is imported
 
 import csv
 import hashlib
@@ -34,7 +34,7 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
-BUILTIN_PATH = offline.PROJECT_ROOT / "prompts" / "builtin.jsonl"
+BUILTIN_PATH = hub.PROJECT_ROOT / "prompts" / "builtin.jsonl"
 DATA_ENV = "ADAPTIVE_PRUNING_DATA"
 ALPACA_SUBSET = Path("alpaca_subset_refusal_direction") / "alpaca.json"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -104,7 +104,7 @@ class PromptSet:
 
 def data_root() -> Path:
     """The shared real data sets (pointed at, never copied): $ADAPTIVE_PRUNING_DATA or ../shared/data."""
-    return Path(os.environ.get(DATA_ENV, offline.PROJECT_ROOT.parent / "shared" / "data")).expanduser()
+    return Path(os.environ.get(DATA_ENV, hub.PROJECT_ROOT.parent / "shared" / "data")).expanduser()
 
 
 def local_alternatives() -> str:
@@ -292,7 +292,7 @@ def _read_hub(spec: str) -> list[tuple[str, Any]]:
         loaded = datasets.load_dataset(spec)
     except Exception as err:  # datasets raises many unrelated types (ConnectionError, FileNotFoundError, ...)
         why = ("the Hugging Face Hub is unreachable (offline) and it is not in the local cache"
-               if offline.is_offline() else f"{type(err).__name__}: {err}")
+               if hub.is_offline() else f"{type(err).__name__}: {err}")
         raise DataError(f"cannot load data set '{spec}': {why}. It is not a local file either. "
                         f"{local_alternatives()}") from err
     splits = list(loaded)

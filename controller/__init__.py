@@ -1,9 +1,6 @@
-"""The RL loop: observe -> act -> measure -> learn.
+"""The learner and its rivals: the Double DQN, its trainer, checkpoints and the policy router, and
+the fitted arms (static and rule baselines, the reward regressor) it is compared against.
 
-Owns: hardware telemetry and energy metering, contention (scenarios and the load generator), the
-RL state, generation and timing, the environment (one prompt in, one measured outcome out) with
-its quality scores and latency tables, the reward, the Double DQN, the trainer, the policy router,
-checkpoints, per-run sessions and the record types they write.
-May import: ``pruners``, ``common``, ``model_loader``, ``nlp_analyzer``; never ``evaluation``,
-``reporting`` or ``modes``.
+May import: ``environments``, ``runtime``, ``machine``, ``pruners``, ``common``, ``model_loader``,
+``nlp_analyzer``; never ``evaluation``, ``reporting``, ``serving`` or ``modes``.
 """

@@ -10,8 +10,8 @@ import numpy as np
 from controller import checkpointing
 from pruners import ActionSpaceConfig, PruningAction, build_action_space
 from controller.dqn import DoubleDQNAgent, DQNConfig
-from controller.load_signals import BASIC, CONTENTION, SlowdownTracker
-from controller.state import StateBuilder, state_feature_names
+from machine.load_signals import BASIC, CONTENTION, SlowdownTracker
+from environments.state import StateBuilder, state_feature_names
 
 
 class PolicyRouter:
@@ -45,7 +45,7 @@ def load_router(checkpoint: str | Path, loaded, sampler=None, analyzer=None) -> 
     The caller applies the chosen actions and owns the sampler when it passes one.
     """
     from nlp_analyzer import PromptAnalyzer
-    from controller.telemetry import TelemetrySampler
+    from machine.telemetry import TelemetrySampler
 
     payload = checkpointing.load_checkpoint(Path(checkpoint))
     cfg = payload["config"]

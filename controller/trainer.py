@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,13 +17,16 @@ import numpy as np
 from tqdm import tqdm
 
 from controller import checkpointing
+from common.config import DQNConfig
 from common.data import Prompt, load_prompts
-from controller.latency_table import LatencyTable
-from controller.records import EpisodeRecord, Outcome, PromptResult, to_jsonable
+from environments.latency_table import LatencyTable
+from environments.precomputed import Cell, OfflineEnvironment
+from environments.records import EpisodeRecord, Outcome, PromptResult, to_jsonable
 from controller.dqn import DoubleDQNAgent, linear_epsilon
-from controller.contention import ScenarioSchedule, contention, parse_scenarios
-from controller.session import Session
-from controller.state import state_feature_names
+from machine.replay import RecordedHardware, load_trace
+from machine.contention import ScenarioSchedule, contention, parse_scenarios
+from environments.session import Session
+from environments.state import state_feature_names
 
 log = logging.getLogger(__name__)
 
@@ -30,33 +34,6 @@ log = logging.getLogger(__name__)
 def train_prompts(spec: str, seed: int, test_fraction: float, samples: int) -> list[Prompt]:
     train, _ = load_prompts(spec, seed=seed).split(test_fraction=test_fraction, seed=seed)
     return list(train.take(samples).prompts)
-
-
-class RecordedHardware:
-    """A telemetry vector replayed from an earlier run (for exactly reproducible training)."""
-    power_plugged = None
-
-    def __init__(self, vector: list[float]):
-        self.vector = vector
-
-
-def load_trace(path: str, n_hardware: int | None = None) -> list[list[float]]:
-    """The hardware vectors a train run recorded; `n_hardware`: the slots this run's state has (checked)."""
-    try:
-        metrics = json.loads(Path(path).read_text())
-    except OSError as err:
-        raise ValueError(f"--telemetry-trace {path} cannot be read ({err.strerror})") from err
-    except ValueError as err:
-        raise ValueError(f"--telemetry-trace {path} is not valid JSON ({err}): pass a train run's metrics.json") from err
-    if not isinstance(metrics, dict):
-        raise ValueError(f"--telemetry-trace {path} is not a run's metrics.json (a JSON object)")
-    trace = [ep["hardware"] for ep in metrics.get("episodes", []) if ep.get("hardware")]
-    if not trace:
-        raise ValueError(f"--telemetry-trace {path} holds no recorded hardware states: pass a train run's metrics.json")
-    if n_hardware is not None and len(trace[0]) != n_hardware:
-        raise ValueError(f"--telemetry-trace {path} records {len(trace[0])} hardware slots, this state has {n_hardware}: "
-                         "replay a trace recorded with the same --state-features")
-    return trace
 
 
 def observe_or_replay(session: Session, prompt: Prompt, trace: list[list[float]] | None, index: int):
@@ -249,3 +226,38 @@ def evaluate_prompts(session: Session, prompts: list[Prompt], scenario_name: str
 
 def greedy_chooser(agent: DoubleDQNAgent):
     return lambda state: int(np.argmax(agent.q_values(state)))
+
+
+def train_offline(env: OfflineEnvironment, dqn: DQNConfig, episodes: int, seed: int,
+                  progress: bool = True) -> tuple[DoubleDQNAgent, list[EpisodeRecord], float]:
+    """The live trainer's bandit loop (epsilon-greedy Double DQN, one decision per prompt) on looked-up outcomes.
+
+    With a constrained objective the reward is objective - multiplier x constraint and the multiplier
+    takes a projected gradient step on each episode's constraint (dual ascent); returns the final one.
+    """
+    cfg = replace(dqn, seed=seed)
+    state_dim = len(env.state(Cell(0, 0, 0)))
+    agent = DoubleDQNAgent(state_dim, len(env.labels), cfg)
+    rng = np.random.default_rng([seed, 2])
+    order = rng.permutation(len(env.prompts))
+    records, multiplier = [], 0.0
+    for episode in tqdm(range(episodes), desc=f"train offline [seed {seed}]", disable=not progress, mininterval=1):
+        cell = env.draw(rng, int(order[episode % len(order)]))
+        state = env.state(cell)
+        epsilon = linear_epsilon(cfg, episode, episodes)
+        index, explored, _ = agent.act(state, epsilon)
+        outcome = env.outcome(cell, index)
+        if env.constrained:
+            violation = float(env.constraint[cell.calibration, cell.prompt, index])
+            outcome = replace(outcome, reward=float(env.objective[cell.calibration, cell.prompt, index])
+                              - multiplier * violation)
+            multiplier = max(0.0, multiplier + env.reward_cfg.multiplier_lr * violation)
+        loss = agent.store_and_learn(state, index, outcome.reward, state, True)
+        prompt, out = env.prompts[cell.prompt], env.outcomes[cell.prompt]
+        records.append(EpisodeRecord(
+            episode=episode, step=agent.steps, prompt_id=prompt.id, category=prompt.category,
+            prompt_tokens=out.context_tokens, complexity=float(env.features[cell.prompt].complexity),
+            scenario=env.level(cell), action_index=index, explored=explored, epsilon=epsilon,
+            outcome=outcome, loss=loss, hardware=[float(v) for v in env.hardware(cell).vector],
+            truncated=out.truncated))
+    return agent, records, multiplier

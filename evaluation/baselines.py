@@ -11,14 +11,14 @@ turns into the Pareto plot::
     rows = run_baselines(loaded, BaselineConfig(policies=("checkpoints/policy.pt",)), out_dir=run_dir)
 
 Speedup: decode speed is memory-bound and the machine may be shared, so every point is timed
-against the dense model by the protocol of ``controller.timing`` (interleaved dense/pruned pairs,
+against the dense model by the protocol of ``runtime.timing`` (interleaved dense/pruned pairs,
 greedy, EOS ignored, each side warmed up once, ratio of the median decode steps) under the
 execution governor's setting, which each row records (``runtime``). Perplexity and
 accuracies come from ``evaluation.evaluate_route``, the code path of ``--mode eval``.
 """
 from __future__ import annotations
 
-from common import offline  # noqa: F401  (HF offline flags before transformers/datasets/lm_eval load)
+from common import hub  # noqa: F401  (HF offline flags before transformers/datasets/lm_eval load)
 
 import dataclasses
 import logging
@@ -37,14 +37,14 @@ from common.calibration import calibration_set
 from common.config import BaselineConfig, RunConfig
 from common.markdown import fmt, md_table
 from evaluation.suite import evaluate_route
-from controller.generation import Decoder, eager_decoder, generate
-from controller.session import build_engine as build_run_engine, with_trained_engine
-from controller.runtime import ExecutionGovernor
-from controller.timing import RunTiming, TimingSession
+from runtime.generation import Decoder, eager_decoder, generate
+from environments.session import build_engine as build_run_engine, with_trained_engine
+from runtime.governor import ExecutionGovernor
+from runtime.timing import RunTiming, TimingSession
 from evaluation.lm_eval_tasks import prepare_tasks
 from pruners import NONE, PruningAction, PruningEngine
 from pruners.importance import tokenize_calibration
-from pruners.baseline_methods import build_engine, get_method, resolve
+from pruners.static_methods import build_engine, get_method, resolve
 from pruners.unstructured import METHODS as UNSTRUCTURED_METHODS, Sparsity, sparsified
 from evaluation.wikitext import CorpusText, load_wikitext2_test
 
@@ -91,7 +91,7 @@ class BaselineRow:
     note: str | None = None
     accuracies: dict[str, float | None] = field(default_factory=dict)   # task -> acc
     actions: dict[str, int] | None = None   # policy: decisions per action while scoring
-    runtime: str | None = None    # the runtime the speedup was timed under (controller.runtime)
+    runtime: str | None = None    # the runtime the speedup was timed under (runtime.governor)
 
     def to_dict(self) -> dict:
         """Flat row: accuracies become numeric columns, plus their mean when every task has one."""
@@ -123,7 +123,7 @@ def decode_speedup(model: torch.nn.Module, prompts: Sequence[tuple[str, torch.Te
                    repeats: int, pruned: Callable[[str], AbstractContextManager], engine=None,
                    session: TimingSession | None = None, decoder: Decoder = eager_decoder) -> float:
     """Median dense / median pruned decode step over ``repeats`` rounds of the prompts, one
-    interleaved pair per prompt (controller.timing); ``pruned(text)`` scopes one run.
+    interleaved pair per prompt (runtime.timing); ``pruned(text)`` scopes one run.
 
     ``engine`` is handed to ``generate`` so a kv_cache action chosen inside ``pruned`` applies.
     """

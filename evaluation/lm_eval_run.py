@@ -9,7 +9,7 @@ generation requests are one per document already and are routed one by one.
 """
 from __future__ import annotations
 
-from common import offline  # noqa: F401  (HF offline flags before `lm_eval` loads)
+from common import hub  # noqa: F401  (HF offline flags before `lm_eval` loads)
 
 import time
 from collections import defaultdict

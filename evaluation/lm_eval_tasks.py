@@ -12,7 +12,7 @@ the shared data folder (``$ADAPTIVE_PRUNING_DATA`` or ``../shared/data``).
 """
 from __future__ import annotations
 
-from common import offline  # noqa: F401  (HF offline flags before `lm_eval`/`datasets` load)
+from common import hub  # noqa: F401  (HF offline flags before `lm_eval`/`datasets` load)
 
 import difflib
 import hashlib
@@ -152,8 +152,8 @@ def prepare_tasks(tasks: Iterable[str], task_data: Mapping[str, str] | None = No
     """Decide each task's source, convert local files where needed and write the derived YAMLs."""
     tasks = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))
     task_data = dict(task_data or {})
-    online = (not offline.is_offline()) if online is None else online
-    cache = cache or offline.cache_dir()
+    online = (not hub.is_offline()) if online is None else online
+    cache = cache or hub.cache_dir()
     stray = sorted(set(task_data) - set(tasks))
     if stray:
         raise EvaluationError(f"{TASK_DATA_FLAG} names {', '.join(stray)}, which --eval-tasks does not list")

@@ -2,7 +2,7 @@
 
 Why a fixed probe: tokens/s from a benchmark run depend on its request lengths and batching, so
 every model (dense, static, policy) is also timed on the same prompt and the same number of new
-tokens, by the protocol of ``controller.timing`` (greedy, EOS ignored, one warm-up, medians, decode
+tokens, by the protocol of ``runtime.timing`` (greedy, EOS ignored, one warm-up, medians, decode
 as the median step) under the execution governor's setting. Prefill and decode are timed apart
 because pruning changes them differently (decode is memory-bound). These are absolute figures per
 model, timed one model after another; speedup claims belong to the interleaved timings of test mode.
@@ -18,10 +18,10 @@ import psutil
 import torch
 
 from evaluation.routes import Route
-from controller.generation import generate
-from controller.runtime import ExecutionGovernor
-from controller.timing import RunTiming, TimingSession
-from controller.energy import EnergyMeter
+from runtime.generation import generate
+from runtime.governor import ExecutionGovernor
+from runtime.timing import RunTiming, TimingSession
+from machine.energy import EnergyMeter
 
 PROBE_TEXT = ("The committee met on a grey morning to review the harbour plans. Engineers described the "
               "new sea wall, the costs of dredging the channel, and the schedule for the works, while "
@@ -37,7 +37,7 @@ class SpeedResult:
     decode_tokens_per_s: float
     latency_s: float             # one probe request: median prefill + (new_tokens - 1) x median decode step
     controller_s: float | None   # policy only: median decision time per probe request
-    runtime: str | None = None   # the runtime it was timed under (controller.runtime)
+    runtime: str | None = None   # the runtime it was timed under (runtime.governor)
 
 
 @dataclass

@@ -17,7 +17,7 @@ and only the speed probe (real generation) shows the action.
 """
 from __future__ import annotations
 
-from common import offline  # noqa: F401  (HF offline flags before transformers/datasets/lm_eval load)
+from common import hub  # noqa: F401  (HF offline flags before transformers/datasets/lm_eval load)
 
 import logging
 import time

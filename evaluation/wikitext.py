@@ -14,7 +14,7 @@ context. Every target is scored exactly once; ``max_windows`` keeps the first wi
 """
 from __future__ import annotations
 
-from common import offline  # noqa: F401  (HF offline flags before `datasets`/`transformers` load)
+from common import hub  # noqa: F401  (HF offline flags before `datasets`/`transformers` load)
 
 import hashlib
 import logging
@@ -89,7 +89,7 @@ def raw_file_rows(raw: str) -> list[str]:
 
 def load_wikitext2_test(path: str | Path | None = None) -> CorpusText:
     """The joined test split: from `path`, else from the Hub when online, else from the shared data."""
-    if path is None and offline.is_offline():
+    if path is None and hub.is_offline():
         path = data_root() / LOCAL_RELPATH
     if path is not None:
         path = Path(path).expanduser()

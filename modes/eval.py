@@ -8,7 +8,7 @@ from pathlib import Path
 from common.config import RunConfig
 from common.signals import sigterm_as_interrupt
 from controller import checkpointing
-from controller.session import action_space, build_engine, engine_mismatch
+from environments.session import action_space, build_engine, engine_mismatch
 from modes.outputs import finish_run, metrics_skeleton
 from reporting import provenance
 from reporting import render as reporting

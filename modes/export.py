@@ -25,11 +25,11 @@ def run_export(cfg: RunConfig, out_dir: str | None, action: str | None, baseline
     target = PruningAction.parse(action) if action else None
     loaded = load_model(cfg.model, device=cfg.device)
     if baseline:
-        from pruners.baseline_methods import export_baseline
+        from pruners.static_methods import export_baseline
         path = export_baseline(loaded, baseline, Path(out_dir), calibration_set(cfg.calibration).texts,
                                cfg.calibration.max_tokens)
     else:
-        from controller.session import build_engine
+        from environments.session import build_engine
         from pruners.export import export_pruned
         path = export_pruned(loaded, build_engine(cfg, loaded, [target]), target, out_dir)
     print(f"exported: {path}")

@@ -14,7 +14,7 @@ import logging
 import re
 from pathlib import Path
 
-from common import offline
+from common import hub
 from common.config import RunConfig
 from common.signals import sigterm_as_interrupt
 
@@ -25,14 +25,14 @@ def heal_folder(cfg: RunConfig) -> Path:
     if cfg.heal.out_dir:
         return Path(cfg.heal.out_dir).expanduser()
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.model).name if Path(cfg.model).exists() else cfg.model).strip("-")
-    return offline.cache_dir() / "heal" / name.lower()
+    return hub.cache_dir() / "heal" / name.lower()
 
 
 def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
     """Heal ``cfg.model``'s sub-networks for ``cfg``'s action space (weight actions) and save the folder."""
     import torch
 
-    from controller.session import action_space, build_engine
+    from environments.session import action_space, build_engine
     from model_loader import load_model
     from pruners.healing import CHECKPOINT, Healer, heal_corpora, kl_summary, save_healed
     from reporting import provenance

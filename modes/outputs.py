@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 from common.config import RunConfig
-from controller.latency_table import LatencyTable
-from controller.load_calibration import load_failures, table_verification
-from controller.records import SCHEMA_VERSION
+from environments.latency_table import LatencyTable
+from environments.latency_calibration import load_failures, table_verification
+from environments.records import SCHEMA_VERSION
 from reporting import render as reporting
 
 log = logging.getLogger(__name__)

@@ -10,14 +10,14 @@ from typing import Callable, Sequence
 from common.config import RunConfig
 from common.data import load_prompts
 from controller import checkpointing
-from controller.contention import contention, parse_scenarios
-from controller.records import to_jsonable
+from machine.contention import contention, parse_scenarios
+from environments.records import to_jsonable
 from controller.router import agent_from_checkpoint
-from controller.session import open_session, with_trained_engine
-from controller.state import state_vector
-from controller.baseline_policies import FittedBaselines
-from controller.offline_study import POLICY, arms
-from controller.offline_env import OfflineEnvironment, build_offline_data, evaluate_offline
+from environments.session import open_session, with_trained_engine
+from environments.state import state_vector
+from controller.arms import FittedBaselines
+from controller.study import POLICY, arms
+from environments.precomputed import OfflineEnvironment, build_offline_data, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
 from modes.flags import check_environment, flags_of
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,

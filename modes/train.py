@@ -8,15 +8,16 @@ import time
 from pathlib import Path
 
 from common.config import RunConfig
-from controller.records import to_jsonable
-from controller.session import open_session
+from environments.records import to_jsonable
+from environments.session import open_session
 from common.signals import interrupts_deferred, sigterm_as_interrupt
 from controller import checkpointing
-from controller.contention import parse_scenarios
+from machine.contention import parse_scenarios
 from controller.dqn import linear_epsilon
-from controller.offline_env import OfflineEnvironment, build_offline_data, train_offline
-from controller.offline_study import fit_offline_baselines, side_ablations
-from controller.state import state_feature_names
+from controller.trainer import train_offline
+from environments.precomputed import OfflineEnvironment, build_offline_data
+from controller.study import fit_offline_baselines, side_ablations
+from environments.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
                            table_load_check)

@@ -12,9 +12,9 @@ from common.config import ENVIRONMENTS, STATE_FEATURES, RunConfig
 
 
 def validate(cfg: RunConfig) -> None:
-    from controller.contention import parse_scenarios
-    from controller.reward import OBJECTIVES
-    from controller.session import action_space
+    from machine.contention import parse_scenarios
+    from environments.reward import OBJECTIVES
+    from environments.session import action_space
     from model_loader import check_model_name
     from nlp_analyzer import BACKENDS
     check_model_name(cfg.model)

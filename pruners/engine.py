@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import offline
+from common import hub
 from common.calibration import CalibrationSet, calibration_set
 from common.config import CalibrationConfig
 from pruners.actions import NONE, PruningAction
@@ -61,7 +61,7 @@ class PruningEngine:
     default ``common.calibration`` set, built-in prompts + Alpaca instructions).
     allocation / recovery: see the module docstring (library defaults "uniform" / "none": data-free
     capable; the CLI's RunConfig defaults to "global" / "compensate").
-    cache_dir: folder for the score and compensation cache (default ``offline.cache_dir()/importance``).
+    cache_dir: folder for the score and compensation cache (default ``hub.cache_dir()/importance``).
     kv_*: policy, minimum prompt length and attention sinks of kv_cache actions.
     menu: a healed model's ``pruners.elastic.ElasticMenu``: its units are already in the stored order, which
     is used as it is (no scoring, no reorder), with the stored plans and compensation of every healed action
@@ -87,7 +87,7 @@ class PruningEngine:
         self._calibration = None if calibration is None else tuple(getattr(calibration, "texts", calibration))
         self._max_tokens = calibration_max_tokens
         self._calibration_ids: list[torch.Tensor] | None = None
-        self.cache_dir = Path(offline.cache_dir() / "importance" if cache_dir is None else cache_dir)
+        self.cache_dir = Path(hub.cache_dir() / "importance" if cache_dir is None else cache_dir)
         self.criterion = get_importance(importance)
         self.menu = menu
         self._loaded_weights = weight_fingerprint(model)   # keys statistics that do not depend on the unit order

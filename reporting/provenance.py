@@ -21,8 +21,8 @@ from typing import Sequence
 import psutil
 
 from common.files import PROJECT_ROOT
-from controller import openmp
-from controller.openmp import cpu_model
+from runtime import openmp
+from runtime.openmp import cpu_model
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from common.markdown import MISSING, fmt, fmt_ci, fmt_pct, is_number, md_cell, m
 
 from reporting import offline_sections, provenance
 from reporting import summaries
-from controller.records import RUN_KINDS, SCHEMA_VERSION, to_jsonable
+from environments.records import RUN_KINDS, SCHEMA_VERSION, to_jsonable
 from reporting.plots import PLOTS, overlay_pareto, overlay_reward, render_plots
 from reporting.schema import validate_metrics
 from reporting.summaries import ALL, DENSE
@@ -237,7 +237,7 @@ def _provenance_section(prov: Mapping, metrics: Mapping) -> list[str]:
 
 
 def _runtime_text(runtime: Mapping | None) -> str | None:
-    """'OpenMP stock (measured), threads 2 idle / 1 busy, torch threads 2' (controller.openmp)."""
+    """'OpenMP stock (measured), threads 2 idle / 1 busy, torch threads 2' (runtime.openmp)."""
     omp = (runtime or {}).get("openmp")
     if not omp:
         return None

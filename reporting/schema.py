@@ -11,7 +11,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields, is_dataclass
 
-from controller.records import RUN_KINDS, SCHEMA_VERSION, EpisodeRecord, PromptResult
+from environments.records import RUN_KINDS, SCHEMA_VERSION, EpisodeRecord, PromptResult
 
 MAX_PROBLEMS = 25
 TASK_NUMBERS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from common.markdown import is_number
-from controller.records import to_jsonable
+from environments.records import to_jsonable
 from pruners.actions import PruningAction
 
 METRICS = ("reward", "speedup", "ppl_ratio", "kl")
@@ -639,7 +639,7 @@ def load_feature_names() -> list[str]:
     """The telemetry slots that describe load, in state order: CPU and memory load from the basic
     telemetry, then every slot the contention state adds (validity flags ``*_ok`` left out). What the
     report's per-level table and the load-features plot show."""
-    from controller.load_signals import BASIC, CONTENTION, hardware_feature_names
+    from machine.load_signals import BASIC, CONTENTION, hardware_feature_names
 
     basic = hardware_feature_names(BASIC)
     added = [n for n in hardware_feature_names(CONTENTION) if n not in basic and not n.endswith("_ok")]
@@ -649,8 +649,8 @@ def load_feature_names() -> list[str]:
 def summarize_calibrations(cal: Mapping) -> dict:
     """Per level: its dense slowdown per calibration, each action's speedup spread across calibrations,
     and how well the training calibrations' mean latency predicts each held-out (test) calibration."""
-    from controller.load_calibration import CalibrationSet
-    from controller.load_signals import hardware_feature_names
+    from environments.latency_calibration import CalibrationSet
+    from machine.load_signals import hardware_feature_names
 
     cs = CalibrationSet.from_dict(dict(cal))
     names = hardware_feature_names("contention")

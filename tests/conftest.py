@@ -2,9 +2,9 @@
 (a PruningEngine reorders weights in place)."""
 from __future__ import annotations
 
-from controller import openmp
+from runtime import openmp
 
-openmp.configure("passive")   # before torch loads libgomp: a fixed policy, never a probe (controller/openmp.py)
+openmp.configure("passive")   # before torch loads libgomp: a fixed policy, never a probe (runtime/openmp.py)
 
 import copy  # noqa: E402
 

@@ -19,7 +19,7 @@ from pruners.param_budget import count_parameters, match_budget
 from pruners import NONE, PruningAction
 from common.calibration import CALIBRATION_SENTENCES
 from pruners.importance import tokenize_calibration
-from pruners.baseline_methods import STRUCTURED_METHODS, build_engine, get_method
+from pruners.static_methods import STRUCTURED_METHODS, build_engine, get_method
 from pruners.taylor import compute_taylor_scores
 from pruners.unstructured import PROJECTIONS, Sparsity, prune_mask, sparsegpt_prune, sparsified
 

@@ -116,7 +116,7 @@ def test_ablation_checkpoints_are_scored_on_the_same_prompts(tmp_path, capsys):
 
 def test_ablated_state_zeroes_only_its_part():
     from types import SimpleNamespace
-    from controller.state import state_vector
+    from environments.state import state_vector
     hw, pf = SimpleNamespace(vector=[0.5, 0.25]), SimpleNamespace(vector=[0.75])
     assert list(state_vector(hw, pf)) == [0.5, 0.25, 0.75]
     assert list(state_vector(hw, pf, "no_hardware")) == [0.0, 0.0, 0.75]

@@ -1,4 +1,4 @@
-"""Compiled per-action decode (controller.compiled): same logits as eager for every action, one capture
+"""Compiled per-action decode (runtime.compiled): same logits as eager for every action, one capture
 per action, and no recompilation when switching between captured actions.
 
 On CPU the compiled step uses dynamo's "eager" backend: it traces, guards and caches exactly as
@@ -12,8 +12,8 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from controller.compiled import CompiledDecoder
-from controller.generation import eager_decoder, generate, prefill
+from runtime.compiled import CompiledDecoder
+from runtime.generation import eager_decoder, generate, prefill
 from pruners import ACTION_SPACE, PruningAction, PruningEngine
 
 PROMPT = 40          # above the engine's kv_min_tokens below, so kv_cache actions shorten the cache

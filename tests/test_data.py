@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common import offline
+from common import hub
 from common import data
 from common.data import DataError, PromptSet, load_prompts, normalise
 
@@ -199,7 +199,7 @@ def test_take(builtin):
 # ---------------------------------------------------------------- Hub ids offline
 
 def test_hub_id_offline_fails_fast_naming_alternatives():
-    if not offline.is_offline():
+    if not hub.is_offline():
         pytest.skip("the Hub is reachable here; this checks the offline path")
     started = time.perf_counter()
     with pytest.raises(DataError) as err:

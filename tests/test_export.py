@@ -16,7 +16,7 @@ import model_loader
 from pruners.export import ExportError, export_pruned
 from pruners import NONE, PruningAction, PruningEngine
 from common.calibration import CALIBRATION_SENTENCES
-from pruners.baseline_methods import export_baseline, parse_baseline
+from pruners.static_methods import export_baseline, parse_baseline
 
 ACTIONS = ["attention_heads:0.5", "ffn_neurons:0.5", "transformer_layers:0.5", "ffn_neurons:0.3"]
 

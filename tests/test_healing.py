@@ -14,7 +14,7 @@ import model_loader
 from common.calibration import EvaluationDataError
 from common.config import CalibrationConfig, HealConfig, RunConfig
 from common.data import data_root
-from controller.session import action_space, build_engine
+from environments.session import action_space, build_engine
 from pruners import NONE, PruningAction
 from pruners.elastic import HEAL_JSON, SIDECAR
 from pruners.healing import (CHECKPOINT, VALIDATION, Healer, heal_corpora, heal_prompts, load_corpus, mean_kl, pack,

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from controller.latency_table import LatencyEntry, LatencyTable
+from environments.latency_table import LatencyEntry, LatencyTable
 
 
 def test_calibration_interleaves_and_takes_medians():
@@ -16,7 +16,7 @@ def test_calibration_interleaves_and_takes_medians():
 
     table = LatencyTable()
     table.calibrate("idle", ["short"], ["none", "ffn_neurons:0.5"], time_one, repeats=2, runtime="stock/2t/eager")
-    # (dense, pruned) pairs, A B A B; each side's first run is an untimed warm-up (controller.timing)
+    # (dense, pruned) pairs, A B A B; each side's first run is an untimed warm-up (runtime.timing)
     ffn = "ffn_neurons:0.5"
     assert calls == ["none"] + ["none", "none"] * 2 + ["none", ffn, ffn] + ["none", ffn]
     entry = table.get("idle", "short", "ffn_neurons:0.5")

@@ -7,9 +7,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Higher layers may import lower ones, never the reverse (README "Layout"). Same-rank packages
 # (evaluation, reporting) may not import each other.
-RANK = {"common": 0, "model_loader": 1, "nlp_analyzer": 1, "pruners": 2, "controller": 3,
-        "evaluation": 4, "reporting": 4, "modes": 5, "adaptive_pruning": 6}
-PACKAGES = ("common", "pruners", "controller", "evaluation", "reporting", "modes")
+RANK = {"common": 0, "model_loader": 1, "nlp_analyzer": 1, "machine": 2, "pruners": 2, "runtime": 3,
+        "environments": 4, "controller": 5, "evaluation": 6, "reporting": 6, "serving": 6, "modes": 7,
+        "adaptive_pruning": 8}
+PACKAGES = ("common", "machine", "pruners", "runtime", "environments", "controller", "evaluation", "reporting",
+            "modes")
 
 
 def project_modules() -> list[Path]:

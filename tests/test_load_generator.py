@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from controller import load_generator
-from controller.load_generator import LoadGenerator, LoadLevel
+from machine import load_generator
+from machine.load_generator import LoadGenerator, LoadLevel
 
 
 def _gone(pid: int) -> bool:
@@ -64,7 +64,7 @@ def test_workers_exit_when_their_parent_dies() -> None:
     """A crashed trainer must not leave busy loops behind."""
     script = textwrap.dedent("""
         import os
-        from controller.load_generator import LoadGenerator, LoadLevel
+        from machine.load_generator import LoadGenerator, LoadLevel
         load = LoadGenerator(LoadLevel(workers=1, duty=0.3, ballast_mib=4)).start()
         print(*load.pids, flush=True)
         os._exit(0)
@@ -97,7 +97,7 @@ def test_zero_level_starts_nothing() -> None:
 
 
 def test_scenario_schedule_is_balanced_seeded_and_blocked() -> None:
-    from controller.contention import ScenarioSchedule, parse_scenarios
+    from machine.contention import ScenarioSchedule, parse_scenarios
     scenarios = parse_scenarios("idle,light,loaded")
     schedule = ScenarioSchedule(scenarios, block=5, seed=0)
     names = [schedule.scenario_for(e).name for e in range(5 * 3 * 4)]

@@ -12,13 +12,14 @@ import pytest
 
 import adaptive_pruning
 from common.config import EnvConfig, OfflineConfig, RunConfig
-from controller.baseline_policies import BASELINES, fit_baselines
-from controller.contention import Scenario
-from controller.load_calibration import CalibrationSet, Calibrator
-from controller.load_generator import LoadLevel
-from controller.offline_env import OfflineEnvironment, build_offline_data, train_offline
-from controller.session import open_session
-from controller.state import state_feature_names
+from controller.arms import BASELINES, fit_baselines
+from machine.contention import Scenario
+from environments.latency_calibration import CalibrationSet, Calibrator
+from machine.load_generator import LoadLevel
+from controller.trainer import train_offline
+from environments.precomputed import OfflineEnvironment, build_offline_data
+from environments.session import open_session
+from environments.state import state_feature_names
 from controller.trainer import train_prompts
 from pruners import PruningAction
 from reporting.summaries import clustered_bootstrap_ci, clustered_resample_means
@@ -77,15 +78,15 @@ def test_load_verification_flags_a_load_that_does_nothing(offline, caplog):
     check = cs.verification()["placebo"]
     assert check["failed"] and check["median"] < 3.0 and check["failed_checks"], check
     assert any("LOAD" in r.getMessage() and "placebo" in r.getMessage() for r in caplog.records)
-    from controller.load_calibration import load_failures
+    from environments.latency_calibration import load_failures
     assert load_failures(cs.verification()) and "placebo" in load_failures(cs.verification())[0]
 
 
 def test_load_verification_fails_a_level_whose_test_calibrations_ran_without_the_load(caplog):
     """Training rounds x2.0, test rounds x1.0 against a x1.5 minimum: the pooled median (x1.5) passes, the
     test split does not, so the level fails, and a later run reading the cached set warns again."""
-    from controller.latency_table import LatencyTable
-    from controller.load_calibration import SPLITS, LevelCalibration, load_failures
+    from environments.latency_table import LatencyTable
+    from environments.latency_calibration import SPLITS, LevelCalibration, load_failures
     cs = CalibrationSet(["idle", "heavy"], {"idle": 1.0, "heavy": 1.5}, ["short"], {})
     for r in range(4):
         for level, slowdown in (("idle", 1.0), ("heavy", 2.0 if SPLITS[r % 2] == "train" else 1.0)):
@@ -105,8 +106,8 @@ def test_load_verification_fails_a_level_whose_test_calibrations_ran_without_the
 def test_live_latency_table_is_checked_like_the_calibrations():
     """Live runs: a scenario whose dense decode step in the table is only x1.1 idle's fails its x1.5; the
     block has the offline format, so the report's load section and the console show it."""
-    from controller.latency_table import LatencyEntry, LatencyTable
-    from controller.load_calibration import load_failures, table_verification
+    from environments.latency_table import LatencyEntry, LatencyTable
+    from environments.latency_calibration import load_failures, table_verification
     from modes.outputs import table_load_check
     table = LatencyTable()
     for scenario, step in (("idle", 0.02), ("loaded", 0.022), ("heavy", 0.04)):
@@ -224,8 +225,8 @@ def test_offline_train_and_test_cli_on_tiny(tmp_path):
 
 
 def test_contention_state_adds_its_slots_and_the_observed_slowdown():
-    from controller.load_signals import LoadAwareHardware, SlowdownTracker, hardware_feature_names
-    from controller.telemetry import snapshot
+    from machine.load_signals import LoadAwareHardware, SlowdownTracker, hardware_feature_names
+    from machine.telemetry import snapshot
     basic, contention = hardware_feature_names("basic"), hardware_feature_names("contention")
     assert contention[: len(basic)] == basic and len(contention) == len(basic) + 5
     tracker = SlowdownTracker(smoothing=0.5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from controller.generation import generate, prefill
+from runtime.generation import generate, prefill
 from pruners import ACTION_SPACE, NONE, PruningAction
 from pruners.engine import PruningEngine
 from pruners.heads import allocate_group_removals

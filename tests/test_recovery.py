@@ -124,7 +124,7 @@ def test_layer_runs_and_the_replaced_layer_keeps_the_cache_consistent(tiny, tmp_
     action = PruningAction("transformer_layers", 0.3)
     with eng.pruned(action):
         assert any(isinstance(m, ReplacedRun) for m in tiny.model.model.layers)
-        from controller.generation import generate
+        from runtime.generation import generate
         out = generate(tiny.model, IDS, 4, engine=eng, ignore_eos=True)
         assert out is not None
 
@@ -272,7 +272,7 @@ def test_plans_stock_transformers_cannot_express_are_refused_with_the_alternativ
 
 def test_a_policy_is_scored_on_the_engine_it_learned_on():
     from common.config import RunConfig
-    from controller.session import LEGACY_ENGINE, engine_mismatch, trained_engine, with_trained_engine
+    from environments.session import LEGACY_ENGINE, engine_mismatch, trained_engine, with_trained_engine
     legacy = {"importance": "activation"}                        # a checkpoint from before issue 15
     assert trained_engine(legacy)["allocation"] == LEGACY_ENGINE["allocation"]
     cfg = with_trained_engine(RunConfig(), legacy, explicit=set())

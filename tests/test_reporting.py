@@ -14,7 +14,7 @@ from reporting import render as reporting
 from reporting import summaries
 from reporting.plots import PLOTS, plot_action_choice, plot_latency_breakdown, plot_outcome_boxes
 from reporting.schema import validate_metrics
-from controller.records import SCHEMA_VERSION, EpisodeRecord, Outcome, PromptResult, to_jsonable
+from environments.records import SCHEMA_VERSION, EpisodeRecord, Outcome, PromptResult, to_jsonable
 
 ACTIONS = ["none", "kv_cache:0.3", "attention_heads:0.4", "ffn_neurons:0.5", "transformer_layers:0.3"]
 EFFECT = {"none": (1.0, 1.0), "kv_cache:0.3": (1.1, 1.02), "attention_heads:0.4": (1.2, 1.3),
@@ -106,13 +106,13 @@ def make_offline_metrics(rounds: int = 4, n_prompts: int = 6) -> dict:
     ``offline`` / ``load_verification`` blocks written by the same helpers the test mode uses."""
     from common.config import RewardConfig
     from common.data import Prompt
-    from controller.baseline_policies import BASELINES, fit_baselines
-    from controller.latency_table import LatencyEntry, LatencyTable
-    from controller.load_calibration import SPLITS, CalibrationSet, LevelCalibration
-    from controller.load_signals import hardware_feature_names
-    from controller.offline_env import OfflineData, OfflineEnvironment, evaluate_offline
-    from controller.outcome_cache import ActionQuality, PromptOutcomes
-    from controller.state import state_feature_names
+    from controller.arms import BASELINES, fit_baselines
+    from environments.latency_table import LatencyEntry, LatencyTable
+    from environments.latency_calibration import SPLITS, CalibrationSet, LevelCalibration
+    from machine.load_signals import hardware_feature_names
+    from environments.precomputed import OfflineData, OfflineEnvironment, evaluate_offline
+    from environments.outcome_cache import ActionQuality, PromptOutcomes
+    from environments.state import state_feature_names
     from modes.outputs import load_check, offline_record
     from nlp_analyzer import PromptFeatures
 
@@ -331,7 +331,7 @@ def test_offline_plots_read_the_summary_structure():
                                            "random"]
     assert all("vs" in o["by_level"][g]["arms"][a] for g in o["groups"] for a in _offline_comparison_arms(o))
     names = summaries.load_feature_names()
-    from controller.load_signals import hardware_feature_names
+    from machine.load_signals import hardware_feature_names
     assert names[:3] == ["cpu_util", "process_cpu_util", "load_per_core"]
     assert set(hardware_feature_names("contention")) - set(hardware_feature_names("basic")) - set(names) == {
         "observed_slowdown_ok"}                                   # every added signal but its validity flag

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from controller.reward import RewardConfig, reward_terms
+from environments.reward import RewardConfig, reward_terms
 
 
 def test_reward_trades_speed_against_quality():

@@ -168,7 +168,7 @@ def _trained_q(ckpt: Path) -> np.ndarray:
 
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     """Interrupt at a fixed episode, resume, and compare with a straight run (same table and telemetry)."""
-    from controller import environment
+    from environments import live
     base = ["--mode", "train", *FAST, "--episodes", "6", "--save-every", "100"]
     first = tmp_path / "first.pt"
     assert adaptive_pruning.main(base + ["--checkpoint", str(first), "--report-dir", str(tmp_path / "a")]) == 0
@@ -178,7 +178,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert adaptive_pruning.main(base + fixed + ["--checkpoint", str(straight), "--report-dir", str(tmp_path / "b")]) == 0
 
     interrupted = tmp_path / "interrupted.pt"
-    real_step = environment.PruningEnvironment.step
+    real_step = live.PruningEnvironment.step
     calls = {"n": 0}
 
     def step_then_interrupt(self, *args, **kwargs):
@@ -187,10 +187,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt("test interrupt")
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(environment.PruningEnvironment, "step", step_then_interrupt)
+    monkeypatch.setattr(live.PruningEnvironment, "step", step_then_interrupt)
     assert adaptive_pruning.main(base + fixed + ["--checkpoint", str(interrupted), "--report-dir", str(tmp_path / "c")]) == 130
     assert load_checkpoint(interrupted)["next_episode"] == 3
-    monkeypatch.setattr(environment.PruningEnvironment, "step", real_step)
+    monkeypatch.setattr(live.PruningEnvironment, "step", real_step)
     assert adaptive_pruning.main(base + fixed + ["--checkpoint", str(interrupted), "--resume",
                                                  "--report-dir", str(tmp_path / "c")]) == 0
     assert np.array_equal(_trained_q(straight), _trained_q(interrupted))
@@ -203,7 +203,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 def test_embedded_model_trainings_with_a_fixed_table_and_trace_are_identical(tmp_path, embedded_loaded):
     """Issue 5: on SmolLM2, two seeded trainings whose timings come from a latency table (and whose
     telemetry is replayed) give the same network, hence the same action on any state."""
-    from controller.state import state_feature_names
+    from environments.state import state_feature_names
     table = ROOT / "bench" / "tables" / "train-v1-measured.json"       # 9 actions: 4 targets x 0.1/0.2
     hw = sum(name.startswith("hw.") for name in state_feature_names())
     rng = np.random.default_rng(0)
@@ -232,8 +232,8 @@ def test_embedded_model_trainings_with_a_fixed_table_and_trace_are_identical(tmp
 
 # ---- faults inside an episode ------------------------------------------------------------------
 def test_fault_in_generation_is_recorded_and_training_continues(tmp_path, monkeypatch):
-    from controller import environment
-    real = environment.generate
+    from environments import live
+    real = live.generate
     calls = {"n": 0}
 
     def flaky(model, ids, new_tokens, **kwargs):
@@ -253,10 +253,10 @@ def test_fault_in_generation_is_recorded_and_training_continues(tmp_path, monkey
 
 
 def test_fault_inside_pruned_step_restores_dense_logits_bit_identical(monkeypatch):
-    from controller import environment
+    from environments import live
     from common.data import Prompt
     from common.config import RunConfig
-    from controller.session import open_session
+    from environments.session import open_session
     cfg = RunConfig(model="tiny", intensities=(0.3,))
     ids = torch.arange(3, 40).unsqueeze(0)
     with open_session(cfg) as s:
@@ -275,7 +275,7 @@ def test_fault_inside_pruned_step_restores_dense_logits_bit_identical(monkeypatc
 
 
 def test_nan_reward_is_caught_and_not_stored(tmp_path, monkeypatch):
-    from controller import environment
+    from environments import live
     monkeypatch.setattr(environment, "ppl_ratio", lambda pruned, dense: float("nan"))
     assert adaptive_pruning.main(["--mode", "train", *FAST, "--episodes", "3", "--checkpoint", str(tmp_path / "p.pt"),
                                   "--report-dir", str(tmp_path / "r")]) == 0
@@ -299,7 +299,7 @@ def test_training_under_cpu_load_and_memory_ballast_completes(tmp_path):
 
 def test_telemetry_failure_mid_run_degrades_to_unavailable(monkeypatch):
     import psutil
-    from controller import telemetry
+    from machine import telemetry
     with telemetry.TelemetrySampler(rate_hz=50) as sampler:
         time.sleep(0.1)
         assert sampler.latest().ram_total > 0
@@ -318,11 +318,11 @@ def test_telemetry_failure_mid_run_degrades_to_unavailable(monkeypatch):
 
 def test_inert_actions_score_exactly_dense_without_a_forward(monkeypatch):
     """none, and a KV action on a prompt below its minimum length, reuse the dense scores."""
-    from controller import environment
+    from environments import live
     from common.data import Prompt
     from common.config import RunConfig
-    from controller.session import open_session
-    from controller.environment import EnvConfig
+    from environments.session import open_session
+    from environments.live import EnvConfig
     cfg = RunConfig(model="tiny", intensities=(0.3,), env=EnvConfig(max_new_tokens=4, calibration_tokens=2,
                                                                      calibration_repeats=1, long_prompt_tokens=64))
     with open_session(cfg) as s:
@@ -332,7 +332,7 @@ def test_inert_actions_score_exactly_dense_without_a_forward(monkeypatch):
         s.env.calibrate("idle", s.actions)
         s.env.dense_scores(prompt, 0, None)      # cached: the one forward every action compares with
         calls = {"n": 0}
-        real = environment.score_reference
+        real = live.score_reference
 
         def counted(*args, **kwargs):
             calls["n"] += 1

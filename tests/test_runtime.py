@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from common.config import WEIGHT_LAYOUT_ENV, RuntimeConfig
-from controller import openmp
-from controller.openmp import BUSY, IDLE, OpenMPChoice, Probe
-from controller.runtime import ExecutionGovernor, others_load_cores
-from controller.telemetry import HardwareState
-from controller.timing import RunTiming, TimingSession
+from runtime import openmp
+from runtime.openmp import BUSY, IDLE, OpenMPChoice, Probe
+from runtime.governor import ExecutionGovernor, others_load_cores
+from machine.telemetry import HardwareState
+from runtime.timing import RunTiming, TimingSession
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def _configure_in_child(tmp_path: Path, code: str, **env: str) -> dict:
     """Run configure() in a fresh interpreter (torch not imported) and report what it set."""
     clean = {k: v for k, v in os.environ.items() if k not in (*openmp.ENV_KEYS, openmp.OVERRIDE, openmp.MARK)}
     clean.pop(WEIGHT_LAYOUT_ENV, None)
-    script = ("import json, os, sys\nfrom controller import openmp\n" + code +
+    script = ("import json, os, sys\nfrom runtime import openmp\n" + code +
               "\nprint(json.dumps({'choice': c.to_dict(), 'torch': 'torch' in sys.modules, "
               "'env': {k: os.environ.get(k) for k in openmp.ENV_KEYS}}))")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
@@ -177,7 +177,7 @@ def test_a_decision_without_telemetry_reads_the_machine_now_not_since_the_last_o
 
 def test_the_environment_records_the_governed_runtime_in_every_table_entry(tiny, restore_threads):
     from common.config import EnvConfig, RewardConfig
-    from controller.environment import PruningEnvironment
+    from environments.live import PruningEnvironment
     from pruners import PruningAction, PruningEngine
 
     engine = PruningEngine(tiny.model, importance="magnitude")

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from reporting import summaries
-from controller.records import EpisodeRecord, Outcome, PromptResult, to_jsonable
+from environments.records import EpisodeRecord, Outcome, PromptResult, to_jsonable
 
 FFN = "ffn_neurons:0.5"
 

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from controller import telemetry
-from controller.energy import EnergyMeter
-from controller.load_generator import LoadGenerator, LoadLevel
-from controller.telemetry import HardwareProbe, HardwareState, TelemetrySampler, snapshot
+from machine import telemetry
+from machine.energy import EnergyMeter
+from machine.load_generator import LoadGenerator, LoadLevel
+from machine.telemetry import HardwareProbe, HardwareState, TelemetrySampler, snapshot
 
 GIB = 1 << 30
 GPU_SLOTS = ("gpu_util", "gpu_mem_used_frac", "gpu_power_frac", "gpu_temp_frac",

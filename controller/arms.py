@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from controller.offline_env import Cell, OfflineEnvironment
+from environments.precomputed import Cell, OfflineEnvironment
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from controller.environment import PruningEnvironment
+from environments.live import PruningEnvironment
 from model_loader import LoadedModel, load_model
 from pruners import ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
 from pruners.elastic import ensure_stored_order, find_menu
 from common.calibration import CALIBRATION_SENTENCES, SENTENCES, calibration_set
 from common.config import RunConfig
-from controller.load_signals import CONTENTION, SlowdownTracker
-from controller.state import StateBuilder
+from machine.load_signals import CONTENTION, SlowdownTracker
+from environments.state import StateBuilder
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def build_engine(cfg: RunConfig, loaded: LoadedModel, actions: Sequence[PruningA
 def open_session(cfg: RunConfig):
     """Yields a Session; the telemetry sampler runs for the session's lifetime."""
     from nlp_analyzer import PromptAnalyzer
-    from controller.telemetry import TelemetrySampler
+    from machine.telemetry import TelemetrySampler
 
     loaded = load_model(cfg.model, device=cfg.device)
     if cfg.env.max_new_tokens >= loaded.context_length // 2:

@@ -1,10 +1,10 @@
 """Child-process probe: dense decode s/token of one model under this process's OpenMP settings.
 
 Why a separate process: the OpenMP wait policy is read once, when torch loads libgomp, so each
-candidate policy needs a fresh interpreter. ``controller.openmp`` starts this module with the
+candidate policy needs a fresh interpreter. ``runtime.openmp`` starts this module with the
 candidate's environment and reads one JSON line from stdout::
 
-    python -m controller.decode_probe --model smollm2-135m --threads 2,1 --states idle,busy
+    python -m runtime.decode_probe --model smollm2-135m --threads 2,1 --states idle,busy
     {"idle": {"2": 0.031, "1": 0.052}, "busy": {"2": 1.61, "1": 0.075}}   # seconds per token
 
 ``busy`` runs under the heaviest contention preset, started here once the idle timings are done,
@@ -30,8 +30,8 @@ import time
 import torch
 
 import model_loader
-from controller.contention import contention, presets
-from controller.generation import prefill
+from machine.contention import contention, presets
+from runtime.generation import prefill
 
 log = logging.getLogger(__name__)
 BUSY_LEVEL = "loaded"   # the heaviest contention preset: every core busy with a spinning worker

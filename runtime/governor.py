@@ -2,10 +2,10 @@
 
 Why: on a 2-core CPU the thread policy moved dense decode by more than any pruning action (issue
 14), and the best thread count depends on whether other processes compete for the cores. The
-OpenMP wait policy is fixed per process before torch loads (``controller.openmp``, measured per
+OpenMP wait policy is fixed per process before torch loads (``runtime.openmp``, measured per
 machine); this module picks, per decision, the thread count that measurement found fastest for the
 machine's current state (idle or busy, read from telemetry) and whether decoding runs eagerly or
-through the compiled per-action path (``controller.compiled``: CUDA by default).
+through the compiled per-action path (``runtime.compiled``: CUDA by default).
 
 Every timing records the ``RuntimeSetting`` it ran under (latency-table entries, speed results,
 baselines rows), and the provenance block records the OpenMP choice, so a figure always says which
@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from common.config import RuntimeConfig
-from controller import openmp
-from controller.compiled import CompiledDecoder
-from controller.generation import Decoder, eager_decoder
-from controller.openmp import BUSY, IDLE, OpenMPChoice
-from controller.telemetry import HardwareProbe, HardwareState
+from runtime import openmp
+from runtime.compiled import CompiledDecoder
+from runtime.generation import Decoder, eager_decoder
+from runtime.openmp import BUSY, IDLE, OpenMPChoice
+from machine.telemetry import HardwareProbe, HardwareState
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class ExecutionGovernor:
         return self.apply(self.decide(hardware))
 
     def decoder(self, model: torch.nn.Module, engine=None) -> Decoder:
-        """The decode step this governor runs: compiled per action (controller.compiled) or eager."""
+        """The decode step this governor runs: compiled per action (runtime.compiled) or eager."""
         return CompiledDecoder(model, engine) if self.compiled else eager_decoder
 
     def describe(self) -> dict:

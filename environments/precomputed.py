@@ -22,25 +22,24 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from common import offline
-from common.config import DQNConfig, RewardConfig
+from common import hub
+from common.config import RewardConfig
 from common.data import Prompt
 from common.files import atomic_write_text
-from controller.dqn import DoubleDQNAgent, linear_epsilon
-from controller.environment import idle_dense_latency, table_speed
-from controller.load_calibration import CalibrationSet, Calibrator, LevelCalibration
-from controller.load_signals import BASIC, hardware_feature_names
-from controller.outcome_cache import OutcomeCache, PromptOutcomes, digest, engine_settings, precompute
-from controller.records import EpisodeRecord, Outcome
-from controller.reward import constrained_parts, effective_budget, reward_terms
-from controller.state import state_vector
-from controller.trainer import RecordedHardware
+from environments.live import idle_dense_latency, table_speed
+from environments.latency_calibration import CalibrationSet, Calibrator, LevelCalibration
+from machine.load_signals import BASIC, hardware_feature_names
+from environments.outcome_cache import OutcomeCache, PromptOutcomes, digest, engine_settings, precompute
+from environments.records import EpisodeRecord, Outcome
+from environments.reward import constrained_parts, effective_budget, reward_terms
+from environments.state import state_vector
+from machine.replay import RecordedHardware
+from machine.telemetry import HardwareState
 
 log = logging.getLogger(__name__)
 
-ON_BATTERY_SLOT = 7     # HardwareState.FEATURE_NAMES.index("on_battery")
+ON_BATTERY_SLOT = HardwareState.FEATURE_NAMES.index("on_battery")
 
 
 @dataclass
@@ -182,41 +181,6 @@ class OfflineEnvironment:
                 for c, cal in enumerate(self.cals) for p in range(len(self.prompts)) for _ in range(draws)]
 
 
-def train_offline(env: OfflineEnvironment, dqn: DQNConfig, episodes: int, seed: int,
-                  progress: bool = True) -> tuple[DoubleDQNAgent, list[EpisodeRecord], float]:
-    """The live trainer's bandit loop (epsilon-greedy Double DQN, one decision per prompt) on looked-up outcomes.
-
-    With a constrained objective the reward is objective - multiplier x constraint and the multiplier
-    takes a projected gradient step on each episode's constraint (dual ascent); returns the final one.
-    """
-    cfg = replace(dqn, seed=seed)
-    state_dim = len(env.state(Cell(0, 0, 0)))
-    agent = DoubleDQNAgent(state_dim, len(env.labels), cfg)
-    rng = np.random.default_rng([seed, 2])
-    order = rng.permutation(len(env.prompts))
-    records, multiplier = [], 0.0
-    for episode in tqdm(range(episodes), desc=f"train offline [seed {seed}]", disable=not progress, mininterval=1):
-        cell = env.draw(rng, int(order[episode % len(order)]))
-        state = env.state(cell)
-        epsilon = linear_epsilon(cfg, episode, episodes)
-        index, explored, _ = agent.act(state, epsilon)
-        outcome = env.outcome(cell, index)
-        if env.constrained:
-            violation = float(env.constraint[cell.calibration, cell.prompt, index])
-            outcome = replace(outcome, reward=float(env.objective[cell.calibration, cell.prompt, index])
-                              - multiplier * violation)
-            multiplier = max(0.0, multiplier + env.reward_cfg.multiplier_lr * violation)
-        loss = agent.store_and_learn(state, index, outcome.reward, state, True)
-        prompt, out = env.prompts[cell.prompt], env.outcomes[cell.prompt]
-        records.append(EpisodeRecord(
-            episode=episode, step=agent.steps, prompt_id=prompt.id, category=prompt.category,
-            prompt_tokens=out.context_tokens, complexity=float(env.features[cell.prompt].complexity),
-            scenario=env.level(cell), action_index=index, explored=explored, epsilon=epsilon,
-            outcome=outcome, loss=loss, hardware=[float(v) for v in env.hardware(cell).vector],
-            truncated=out.truncated))
-    return agent, records, multiplier
-
-
 Chooser = Callable[[Cell], int]     # a test cell -> action index (it builds whatever state it reads)
 
 
@@ -262,7 +226,7 @@ def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequen
     timed short and long inputs; the buckets are those `prompts` and the calibration prompts fall in.
     """
     cfg, env = s.cfg, s.env
-    root = Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else offline.cache_dir() / "offline"
+    root = Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else hub.cache_dir() / "offline"
     engine = engine_settings(cfg, s.loaded.name, s.loaded.source)
     outcomes = precompute(env, OutcomeCache(root / "outcomes", engine), prompts, s.actions,
                           cfg.offline.prompt_kl_tokens)

@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from common.config import DQNConfig
-from controller.baseline_policies import BASELINES, FittedBaselines, fit_baselines
-from controller.offline_env import Chooser, OfflineEnvironment, evaluate_offline, train_offline
+from controller.arms import BASELINES, FittedBaselines, fit_baselines
+from controller.trainer import train_offline
+from environments.precomputed import Chooser, OfflineEnvironment, evaluate_offline
 from controller.trainer import greedy_chooser
 
 POLICY = "policy"

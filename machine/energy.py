@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller.telemetry import NvmlGpu
+from machine.telemetry import NvmlGpu
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common.config import RunConfig
 from common.data import Prompt
 from common.files import atomic_write_text
-from controller.quality import mean_kl, ppl_ratio, token_nll
+from environments.quality import mean_kl, ppl_ratio, token_nll
 from pruners import PruningAction
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controller.load_signals import BASIC, LoadAwareHardware, SlowdownTracker, hardware_feature_names
+from machine.load_signals import BASIC, LoadAwareHardware, SlowdownTracker, hardware_feature_names
 
 ABLATIONS = ("none", "no_hardware", "no_prompt")
 

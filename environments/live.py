@@ -14,16 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from common.data import Prompt
-from controller.generation import GenerationResult, generate
-from controller.latency_table import LatencyTable
+from runtime.generation import GenerationResult, generate
+from environments.latency_table import LatencyTable
 from pruners import NONE, PruningAction, PruningEngine
-from controller.quality import TokenScores, mean_kl, ppl_ratio, score_reference
-from controller.records import Outcome
-from controller.reward import reward_terms
-from controller.energy import EnergyMeter
-from controller.load_signals import SlowdownTracker
-from controller.runtime import ExecutionGovernor
-from controller.timing import RunTiming, TimingSession
+from environments.quality import TokenScores, mean_kl, ppl_ratio, score_reference
+from environments.records import Outcome
+from environments.reward import reward_terms
+from machine.energy import EnergyMeter
+from machine.load_signals import SlowdownTracker
+from runtime.governor import ExecutionGovernor
+from runtime.timing import RunTiming, TimingSession
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class PruningEnvironment:
                              repeats=self.cfg.calibration_repeats, inert=inert_in_bucket, runtime=runtime)
 
     def _interleaved_speedup(self, context: torch.Tensor, action: PruningAction, new_tokens: int) -> tuple[float, float]:
-        """(speedup, pruned latency) of one request, timed by the protocol of controller.timing."""
+        """(speedup, pruned latency) of one request, timed by the protocol of runtime.timing."""
         def pruned(_: int) -> RunTiming:
             with self.engine.pruned(action):
                 return RunTiming.of(self._generate(context, new_tokens))

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from controller.load_generator import LoadGenerator, LoadLevel
+from machine.load_generator import LoadGenerator, LoadLevel
 
 SETTLE_S = 0.5   # > two telemetry samples at the default rate, so the first decision under load sees it
 
@@ -36,7 +36,7 @@ def presets() -> dict[str, Scenario]:
     """Levels scale with this machine's core count, so 'loaded' means the same on any host.
 
     ``min_slowdown`` is what each level must do to the dense model's decode step (checked when the
-    level starts and during calibration, controller.load_calibration); memory ballast is not
+    level starts and during calibration, environments.latency_calibration); memory ballast is not
     expected to slow anything while RAM is free, so it has no minimum.
     """
     cores = os.cpu_count() or 1

@@ -45,7 +45,7 @@ slot  name                    value
  2    steal_frac              share of the window the hypervisor gave our vCPUs to others
 ====  ======================  ============================================================
 
-Energy metering (``EnergyMeter``) lives in ``controller.energy`` and reuses this module's NVML handle.
+Energy metering (``EnergyMeter``) lives in ``machine.energy`` and reuses this module's NVML handle.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from controller.timing import RunTiming, TimingSession
+from runtime.timing import RunTiming, TimingSession
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class LatencyEntry:
     dense_decode_per_token_s: float
     samples: int
     scaled_from: str | None = None     # "idle x 1.72/1.80": the reference scenario's entry times the dense slowdown
-    runtime: str | None = None         # the runtime it was timed under (controller.runtime), e.g. "stock/2t/eager"
+    runtime: str | None = None         # the runtime it was timed under (runtime.governor), e.g. "stock/2t/eager"
 
     def latency(self, new_tokens: int) -> float:
         return self.prefill_s + new_tokens * self.decode_per_token_s
@@ -63,7 +63,7 @@ class LatencyTable:
                   repeats: int = 2, inert: Callable[[str, str], bool] = lambda bucket, action: False,
                   runtime: str | None = None, session: TimingSession | None = None) -> None:
         """Time dense and each action alternately (A B A B) and store per-action medians, by the
-        protocol of ``controller.timing`` (each side warmed up once per ``session``: a fresh one unless
+        protocol of ``runtime.timing`` (each side warmed up once per ``session``: a fresh one unless
         given, so several tables measured in one process can share their warm-ups); ``runtime`` labels
         every entry.
 

@@ -98,7 +98,7 @@ Decoder = Callable[[nn.Module, Prefill, int], Step]  # (model, prefill, new toke
 
 
 def eager_decoder(model: nn.Module, pre: Prefill, new_tokens: int) -> Step:
-    """HF's forward per token on the prefill's DynamicCache (controller.compiled has the compiled one)."""
+    """HF's forward per token on the prefill's DynamicCache (runtime.compiled has the compiled one)."""
     device = pre.logits.device
 
     def step(token: torch.Tensor, position: int) -> torch.Tensor:

@@ -26,11 +26,11 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from controller.contention import Scenario, contention
-from controller.environment import IDLE, inert_in_bucket
-from controller.latency_table import LatencyTable
-from controller.load_signals import LoadAwareHardware, SlowdownTracker
-from controller.timing import TimingSession
+from machine.contention import Scenario, contention
+from environments.live import IDLE, inert_in_bucket
+from environments.latency_table import LatencyTable
+from machine.load_signals import LoadAwareHardware, SlowdownTracker
+from runtime.timing import TimingSession
 from pruners import NONE, PruningAction
 
 log = logging.getLogger(__name__)

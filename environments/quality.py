@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from controller.generation import prefill
+from runtime.generation import prefill
 
 
 @dataclass

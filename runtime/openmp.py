@@ -7,7 +7,7 @@ but collapses when other processes compete for the cores (1.5-1.9 s/token: a spi
 loses its core stalls every op), while passive waiting survives contention. No setting is best in
 both states and the gap depends on the CPU, so it is measured, not assumed.
 
-How: ``measure`` starts one child process per candidate policy (``controller.decode_probe``) that
+How: ``measure`` starts one child process per candidate policy (``runtime.decode_probe``) that
 times the dense decode step of the embedded model at each thread count, on the machine as it is and
 then under the heaviest load preset (``contention.presets()["loaded"]``), in two rounds of
 alternating policy order.
@@ -21,7 +21,7 @@ on a machine pays the probe (about 1 min on an idle 2-core machine, 3 min on a l
 
 Entry points: ``configure()`` at the very top of the CLI (and tests/conftest.py) sets the
 environment before torch is imported; ``active()`` tells a running process what it runs under
-(``controller.runtime.ExecutionGovernor`` and the provenance block read it). The environment is
+(``runtime.governor.ExecutionGovernor`` and the provenance block read it). The environment is
 the state, because libgomp's is: ``configure`` also records ``ADAPTIVE_PRUNING_OMP_CHOICE`` so child
 processes follow the same choice, and a user who sets ``OMP_WAIT_POLICY``/``GOMP_SPINCOUNT`` or
 ``ADAPTIVE_PRUNING_OMP=<policy>`` is obeyed without a probe.
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import offline
+from common import hub
 from common.config import WEIGHT_LAYOUT_ENV
 from common.files import PROJECT_ROOT, atomic_write_text
 
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 OVERRIDE = "ADAPTIVE_PRUNING_OMP"     # auto (default) | a policy name: use it, never probe
 MARK = "ADAPTIVE_PRUNING_OMP_CHOICE"  # "<source>:<policy>", set by configure() for this process and its children
 ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-IDLE, BUSY = "idle", "busy"           # BUSY: the heaviest contention preset (controller.decode_probe)
+IDLE, BUSY = "idle", "busy"           # BUSY: the heaviest contention preset (runtime.decode_probe)
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def cpu_model() -> str | None:
 
 
 def cache_path(key: str | None = None) -> Path:
-    return offline.cache_dir() / "runtime" / f"openmp-{key or machine_key()}.json"
+    return hub.cache_dir() / "runtime" / f"openmp-{key or machine_key()}.json"
 
 
 def load_cached(key: str | None = None) -> OpenMPChoice | None:
@@ -200,7 +200,7 @@ def run_probe(p: WaitPolicy, threads: tuple[int, ...], model: str, tokens: int, 
               timeout_s: float = 300.0) -> dict[str, dict[int, float]]:
     """One child process under policy ``p`` (and weight ``layout``): seconds per decoded token per state
     and thread count."""
-    cmd = [sys.executable, "-m", "controller.decode_probe", "--model", model, "--threads",
+    cmd = [sys.executable, "-m", "runtime.decode_probe", "--model", model, "--threads",
            ",".join(map(str, threads)), "--states", ",".join(states), "--tokens", str(tokens),
            "--max-seconds", str(max_seconds)]
     done = subprocess.run(cmd, env=_probe_env(p, layout), cwd=PROJECT_ROOT, capture_output=True, text=True,
@@ -213,8 +213,8 @@ def run_probe(p: WaitPolicy, threads: tuple[int, ...], model: str, tokens: int, 
 
 def measure_layout(p: WaitPolicy, threads: int, model: str, pairs: int = 6, tokens: int = 8,
                    max_seconds: float = 3.0, timeout_s: float = 300.0) -> float:
-    """Row-major / column-major dense decode time under policy ``p`` (controller.decode_probe --layout-pairs)."""
-    cmd = [sys.executable, "-m", "controller.decode_probe", "--model", model, "--threads", str(threads),
+    """Row-major / column-major dense decode time under policy ``p`` (runtime.decode_probe --layout-pairs)."""
+    cmd = [sys.executable, "-m", "runtime.decode_probe", "--model", model, "--threads", str(threads),
            "--tokens", str(tokens), "--max-seconds", str(max_seconds), "--layout-pairs", str(pairs)]
     done = subprocess.run(cmd, env=_probe_env(p), cwd=PROJECT_ROOT, capture_output=True, text=True,
                           timeout=timeout_s)

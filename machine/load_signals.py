@@ -3,7 +3,7 @@
 Why: on a shared machine CPU utilisation reads 100 % at every load level (bench/contention_levels.py:
 1.000 at idle, moderate and heavy), so a policy reading it cannot tell the levels apart. Two kinds of
 signal still can: the scheduler's view (run queue, this process's preemptions and CPU share, steal;
-controller.telemetry) and the model's own view, the observed slowdown of its recent per-token
+machine.telemetry) and the model's own view, the observed slowdown of its recent per-token
 decode times against the idle latency table. This module keeps the second and joins both into
 one hardware vector, so recording, replaying and the DQN see a single list of numbers.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from common.config import STATE_FEATURES
-from controller.telemetry import HardwareState
+from machine.telemetry import HardwareState
 
 BASIC, CONTENTION = STATE_FEATURES
 MAX_LOG_SLOWDOWN = 3.0      # a 20x slowdown is as bad as it gets for the state

@@ -6,7 +6,7 @@ not compare. The protocol:
 
 1. **A run** is a greedy generation of a fixed number of new tokens with EOS ignored
    (``generation.generate(..., ignore_eos=True)``), under the execution governor's setting, decided
-   once per session (``controller.runtime``), and recorded with the timings.
+   once per session (``runtime.governor``), and recorded with the timings.
 2. **Per run**: the prefill time, and the decode time per token as the median of its decode steps
    (a step preempted on a shared machine does not move it).
 3. **Warm-up**: every side (dense, each action, each policy) gets one untimed run before its first
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:   # torch-free at run time: latency tables load where torch is not imported
-    from controller.generation import GenerationResult
-    from controller.runtime import RuntimeSetting
+    from runtime.generation import GenerationResult
+    from runtime.governor import RuntimeSetting
 
 DENSE = "dense"
 T = TypeVar("T")

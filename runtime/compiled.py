@@ -32,7 +32,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 from transformers import StaticCache
 
-from controller.generation import Prefill, Step
+from runtime.generation import Prefill, Step
 
 log = logging.getLogger(__name__)
 
