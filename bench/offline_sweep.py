@@ -21,11 +21,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.config import DQNConfig, RewardConfig
+from controller.arms import ARM_NAMES
 from environments.precomputed import OfflineData, OfflineEnvironment
 from controller.study import NO_PROMPT, run_study, side_ablations
 from environments.state import state_feature_names
 from reporting.render import load_metrics
-from reporting.summaries import BASELINE_ARMS, summarize_offline
+from reporting.summaries import summarize_offline
 
 log = logging.getLogger("offline_sweep")
 
@@ -54,7 +55,7 @@ def sweep(train: dict, test: dict, budgets: list[float], weights: list[float], e
                            "strongest": summary["strongest_baseline"], "claim": summary["verdict"]["claim"],
                            "groups": {g: {arm: {"vs": row["arms"][arm]["vs"], "slo_met": row["arms"][arm]["slo_met"],
                                                 "ppl_ratio": row["arms"][arm]["ppl_ratio"]}
-                                          for arm in (*BASELINE_ARMS, "random", "oracle", *side_ablations(cfg["ablation"]))}
+                                          for arm in (*ARM_NAMES, "random", "oracle", *side_ablations(cfg["ablation"]))}
                                       | {"policy": {"slo_met": row["arms"]["policy"]["slo_met"],
                                                     "ppl_ratio": row["arms"]["policy"]["ppl_ratio"]}}
                                       for g, row in summary["by_level"].items()}})

@@ -1,4 +1,4 @@
-"""Baselines a learned policy could lose to, each fitted on the training prompts and calibrations only.
+"""The fitted arms: baselines a learned policy could lose to, each fitted on the training prompts and calibrations only.
 
 Why: a policy that beats every single static action can still lose to a static action per load
 level, or to "CPU busy -> prune layers, else dense" (issue 16 found that two-line rule tying the
@@ -12,19 +12,24 @@ test prompts and test calibrations cannot reach it, and stored in the checkpoint
 - ``regressor``: a supervised per-action reward model on the policy's own state (standardised
   features, multi-output ridge with its penalty chosen by leave-one-out on the training cells),
   acting greedily: the contextual-bandit baseline with full-information training data.
+
+``ARMS`` is the one registry: each arm is a fit (training data -> plain numbers stored in the
+checkpoint) and a chooser (those numbers + a test environment -> an action per cell). Adding an arm
+is one ``Arm`` entry here; reporting reads ``ARM_NAMES``.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from environments.precomputed import Cell, OfflineEnvironment
+if TYPE_CHECKING:   # the registry stays importable without torch (reporting reads ARM_NAMES)
+    from environments.precomputed import Cell, Chooser, OfflineEnvironment
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("per_level_static", "worst_case_static", "rule", "regressor")
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-3, 3, 13))
 RULE_QUANTILES = tuple(float(q) for q in np.linspace(0.05, 0.95, 19))
 
@@ -60,48 +65,49 @@ class RidgeRegressor:
 
 
 @dataclass
-class FittedBaselines:
-    per_level: dict[str, int]
-    worst_level: str
-    worst_case: int
-    rule: ThresholdRule
-    regressor: RidgeRegressor
-    fitted_on: dict              # the training prompts and calibrations, for the record and the leak test
-    multiplier: float = 0.0      # the Lagrange multiplier of a constrained objective they were fitted at
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FittedBaselines":
-        return cls(d["per_level"], d["worst_level"], d["worst_case"], ThresholdRule(**d["rule"]),
-                   RidgeRegressor(**d["regressor"]), d["fitted_on"], d.get("multiplier", 0.0))
-
-    def chooser(self, name: str, env: OfflineEnvironment):
-        """A test-cell chooser of `env` (the test split) for one baseline."""
-        if name == "per_level_static":
-            return lambda cell: self.per_level[env.level(cell)]
-        if name == "worst_case_static":
-            return lambda cell: self.worst_case
-        if name == "rule":
-            return lambda cell: self.rule.choose(env.state(cell, "none"))
-        if name == "regressor":
-            return lambda cell: self.regressor.choose(env.state(cell, "none"))
-        raise ValueError(f"unknown baseline '{name}': choose from {', '.join(BASELINES)}")
+class TrainingData:
+    """Every training cell with its state and the reward of every action: what each arm is fitted on."""
+    env: "OfflineEnvironment"
+    cells: list["Cell"]
+    states: np.ndarray          # [N, D]
+    rewards: np.ndarray         # [N, A]
+    levels: np.ndarray          # [N] load level of each cell
+    state_names: list[str]
 
 
-def training_matrix(env: OfflineEnvironment, draws: int, seed: int) -> tuple[list[Cell], np.ndarray, np.ndarray]:
-    """(cells, states [N, D], rewards of every action [N, A]) over every training cell."""
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    fit: Callable[[TrainingData], dict]                          # -> plain numbers (JSON-able)
+    chooser: Callable[[dict, "OfflineEnvironment"], "Chooser"]   # (those numbers, test env) -> cell -> action
+    describe: Callable[[dict, list[str]], str]                   # (those numbers, action labels) -> one line
+
+
+def training_data(env: OfflineEnvironment, state_names: list[str], draws: int, seed: int) -> TrainingData:
     cells = env.cells(draws, seed)
     states = np.array([env.state(c, "none") for c in cells])
     rewards = np.array([env.reward[c.calibration, c.prompt] for c in cells])
-    return cells, states, rewards
+    return TrainingData(env, cells, states, rewards, np.array([env.level(c) for c in cells]), state_names)
 
 
-def fit_rule(states: np.ndarray, rewards: np.ndarray, names: list[str]) -> ThresholdRule:
+def fit_per_level(data: TrainingData) -> dict:
+    """The best mean-reward action of each load level."""
+    return {"per_level": {lv: int(np.argmax(data.rewards[data.levels == lv].mean(0))) for lv in data.env.levels}}
+
+
+def fit_worst_case(data: TrainingData) -> dict:
+    """The best action of the level that slows the dense model most, used everywhere."""
+    env = data.env
+    slowdown = {lv: np.median([env.calibration_set.slowdown(c) for c in env.cals if c.level == lv]) for lv in env.levels}
+    worst = max(env.levels, key=lambda lv: slowdown[lv])
+    return {"level": worst, "action": fit_per_level(data)["per_level"][worst]}
+
+
+def fit_rule(data: TrainingData) -> dict:
     """The best (hardware feature, threshold, action below, action above) by mean training reward."""
+    states, rewards = data.states, data.rewards
     best: ThresholdRule | None = None
-    for i, name in enumerate(names):
+    for i, name in enumerate(data.state_names):
         if not name.startswith("hw."):
             continue
         column = states[:, i]
@@ -114,30 +120,80 @@ def fit_rule(states: np.ndarray, rewards: np.ndarray, names: list[str]) -> Thres
                 best = ThresholdRule(name, i, float(t), below, above, value)
     if best is None:
         raise ValueError("the state has no hardware feature to threshold")
-    return best
+    return asdict(best)
 
 
-def fit_regressor(states: np.ndarray, rewards: np.ndarray) -> RidgeRegressor:
+def fit_regressor(data: TrainingData) -> dict:
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(states)
-    model = RidgeCV(alphas=RIDGE_ALPHAS).fit(scaler.transform(states), rewards)
-    return RidgeRegressor(mean=scaler.mean_.tolist(), scale=scaler.scale_.tolist(), coef=model.coef_.tolist(),
-                          intercept=np.atleast_1d(model.intercept_).tolist(), alpha=float(model.alpha_))
+    scaler = StandardScaler().fit(data.states)
+    model = RidgeCV(alphas=RIDGE_ALPHAS).fit(scaler.transform(data.states), data.rewards)
+    return asdict(RidgeRegressor(mean=scaler.mean_.tolist(), scale=scaler.scale_.tolist(), coef=model.coef_.tolist(),
+                                 intercept=np.atleast_1d(model.intercept_).tolist(), alpha=float(model.alpha_)))
 
 
-def fit_baselines(env: OfflineEnvironment, state_names: list[str], draws: int, seed: int) -> FittedBaselines:
-    """Every baseline from the training environment alone (its prompts, calibrations and telemetry)."""
-    cells, states, rewards = training_matrix(env, draws, seed)
-    levels = np.array([env.level(c) for c in cells])
-    per_level = {lv: int(np.argmax(rewards[levels == lv].mean(0))) for lv in env.levels}
-    slowdown = {lv: np.median([env.calibration_set.slowdown(c) for c in env.cals if c.level == lv]) for lv in env.levels}
-    worst = max(env.levels, key=lambda lv: slowdown[lv])
-    rule = fit_rule(states, rewards, state_names)
-    log.info("baselines: per level %s, worst case (%s) %s, rule %s <= %.3f ? %s : %s",
-             {lv: env.labels[a] for lv, a in per_level.items()}, worst, env.labels[per_level[worst]], rule.feature,
-             rule.threshold, env.labels[rule.below], env.labels[rule.above])
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("per_level_static", fit_per_level, lambda p, env: lambda cell: p["per_level"][env.level(cell)],
+        lambda p, a: "best static per level: " + ", ".join(f"{lv} → `{a[i]}`" for lv, i in p["per_level"].items())),
+    Arm("worst_case_static", fit_worst_case, lambda p, env: lambda cell: p["action"],
+        lambda p, a: f"worst level `{p['level']}` → `{a[p['action']]}` everywhere"),
+    Arm("rule", fit_rule, lambda p, env: lambda cell, r=ThresholdRule(**p): r.choose(env.state(cell, "none")),
+        lambda p, a: f"rule: `{p['feature']}` ≤ {_g(p['threshold'])} → `{a[p['below']]}`, else `{a[p['above']]}` "
+                     f"(training reward {_g(p['train_reward'])})"),
+    Arm("regressor", fit_regressor,
+        lambda p, env: lambda cell, m=RidgeRegressor(**p): m.choose(env.state(cell, "none")),
+        lambda p, a: f"regressor: ridge, penalty {_g(p['alpha'])} chosen by leave-one-out on training cells"),
+)
+ARM_NAMES = tuple(arm.name for arm in ARMS)
+
+
+@dataclass
+class FittedArms:
+    params: dict[str, dict]      # arm name -> its fitted numbers
+    fitted_on: dict              # the training prompts and calibrations, for the record and the leak test
+    multiplier: float = 0.0      # the Lagrange multiplier of a constrained objective they were fitted at
+    registry: dict[str, Arm] = field(default_factory=lambda: {a.name: a for a in ARMS}, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"arms": self.params, "fitted_on": self.fitted_on, "multiplier": self.multiplier}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FittedArms":
+        """Reads today's layout and the one checkpoints wrote before the registry (fixed fields per arm)."""
+        if "arms" in d:
+            params = d["arms"]
+        else:
+            params = {"per_level_static": {"per_level": d["per_level"]},
+                      "worst_case_static": {"level": d["worst_level"], "action": d["worst_case"]},
+                      "rule": d["rule"], "regressor": d["regressor"]}
+        return cls(params, d["fitted_on"], d.get("multiplier", 0.0))
+
+    def chooser(self, name: str, env: OfflineEnvironment) -> Chooser:
+        """A test-cell chooser of `env` (the test split) for one arm."""
+        if name not in self.params:
+            raise ValueError(f"unknown arm '{name}': choose from {', '.join(self.params)}")
+        return self.registry[name].chooser(self.params[name], env)
+
+    def describe(self, labels: list[str]) -> list[str]:
+        """One line per fitted arm, in registry order (the report's "arms fitted" section)."""
+        return [self.registry[name].describe(p, labels) for name, p in self.params.items() if name in self.registry]
+
+
+def fit_arms(env: OfflineEnvironment, state_names: list[str], draws: int, seed: int) -> FittedArms:
+    """Every arm from the training environment alone (its prompts, calibrations and telemetry)."""
+    data = training_data(env, state_names, draws, seed)
+    params = {arm.name: arm.fit(data) for arm in ARMS}
+    labels = env.labels
+    rule = params["rule"]
+    log.info("arms: per level %s, worst case (%s) %s, rule %s <= %.3f ? %s : %s",
+             {lv: labels[a] for lv, a in params["per_level_static"]["per_level"].items()},
+             params["worst_case_static"]["level"], labels[params["worst_case_static"]["action"]], rule["feature"],
+             rule["threshold"], labels[rule["below"]], labels[rule["above"]])
     fitted_on = {"prompts": [p.id for p in env.prompts],
                  "calibrations": [[c.level, c.round] for c in env.cals]}
-    return FittedBaselines(per_level, worst, per_level[worst], rule, fit_regressor(states, rewards), fitted_on)
+    return FittedArms(params, fitted_on)

@@ -1,5 +1,5 @@
-"""One offline comparison end to end: fit the baselines and train every seed on the training split, then
-score policy, ablations and baselines on the test split's cells.
+"""One offline comparison end to end: fit the arms and train every seed on the training split, then
+score policy, ablations and fitted arms on the test split's cells.
 
 Why one function: test mode (from checkpoints) and the sweeps (bench/offline_sweep.py, from two runs'
 metrics.json, no model) must build the arms the same way, or a sweep point would not be the result
@@ -11,10 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from common.config import DQNConfig
-from controller.arms import BASELINES, FittedBaselines, fit_baselines
-from controller.trainer import train_offline
+from controller.arms import ARM_NAMES, FittedArms, fit_arms
+from controller.trainer import greedy_chooser, train_offline
 from environments.precomputed import Chooser, OfflineEnvironment, evaluate_offline
-from controller.trainer import greedy_chooser
 
 POLICY = "policy"
 NO_PROMPT = "no_prompt"     # trained beside every policy that sees the prompt: what the prompt features add
@@ -32,30 +31,30 @@ def policy_chooser(env: OfflineEnvironment, agent, ablation: str) -> Chooser:
 
 
 def arms(env: OfflineEnvironment, policies: Mapping[str, tuple[Sequence, str]],
-         baselines: FittedBaselines) -> dict[str, list[Chooser]]:
-    """name -> one chooser per seed: each policy (its agents, its ablation), then every fitted baseline."""
+         fitted: FittedArms) -> dict[str, list[Chooser]]:
+    """name -> one chooser per seed: each policy (its agents, its ablation), then every fitted arm."""
     out = {name: [policy_chooser(env, a, ablation) for a in agents] for name, (agents, ablation) in policies.items()}
-    return out | {name: [baselines.chooser(name, env)] for name in BASELINES}
+    return out | {name: [fitted.chooser(name, env)] for name in ARM_NAMES}
 
 
 def run_study(train: OfflineEnvironment, test: OfflineEnvironment, state_names: list[str], dqn: DQNConfig,
               episodes: int, seeds: Sequence[int], draws: int, seed: int) -> dict:
-    """Baselines and policies from `train` alone, every arm scored on `test` (metrics.json's offline_test)."""
+    """Fitted arms and policies from `train` alone, every arm scored on `test` (metrics.json's offline_test)."""
     runs = [train_offline(train, replace(dqn, seed=s), episodes, s, progress=False) for s in seeds]
-    baselines = fit_offline_baselines(train, state_names, draws, seed, [m for _, _, m in runs])
+    fitted = fit_offline_arms(train, state_names, draws, seed, [m for _, _, m in runs])
     if test.constrained:
-        test.set_multiplier(baselines.multiplier)
+        test.set_multiplier(fitted.multiplier)
     policies = {POLICY: ([a for a, _, _ in runs], train.ablation)}
     for ablation in side_ablations(train.ablation):
         policies[ablation] = ([train_offline(train.with_ablation(ablation), replace(dqn, seed=s), episodes, s,
                                              progress=False)[0] for s in seeds], ablation)
-    return evaluate_offline(test, arms(test, policies, baselines), draws, seed)
+    return evaluate_offline(test, arms(test, policies, fitted), draws, seed)
 
 
-def fit_offline_baselines(train: OfflineEnvironment, state_names: list[str], draws: int, seed: int,
-                          multipliers: Sequence[float]) -> FittedBaselines:
-    """The baselines, fitted (for a constrained objective) at the policies' mean final multiplier, so
+def fit_offline_arms(train: OfflineEnvironment, state_names: list[str], draws: int, seed: int,
+                          multipliers: Sequence[float]) -> FittedArms:
+    """The arms, fitted (for a constrained objective) at the policies' mean final multiplier, so
     every arm is scored on one Lagrangian reward."""
     if train.constrained:
         train.set_multiplier(sum(multipliers) / len(multipliers))
-    return replace(fit_baselines(train, state_names, draws, seed), multiplier=train.multiplier)
+    return replace(fit_arms(train, state_names, draws, seed), multiplier=train.multiplier)

@@ -45,15 +45,15 @@ def load_table(path: str) -> LatencyTable:
         raise ValueError(f"--latency-table {path} is not a latency table ({err})") from err
 
 
-def offline_record(data, baselines, seeds: list[int] | None = None, histories=None, checkpoints=None) -> dict:
+def offline_record(data, arms, seeds: list[int] | None = None, histories=None, checkpoints=None) -> dict:
     """The offline block of metrics.json: calibrations (tables + telemetry), their load checks, the
-    quality outcomes, the fitted baselines and each training seed's reward curve, so a report can be
+    quality outcomes, the fitted arms and each training seed's reward curve, so a report can be
     rebuilt from metrics.json alone."""
     return {"calibrations": data.calibrations.to_dict(),
             "outcomes": {pid: dataclasses.asdict(o) for pid, o in data.outcomes.items()},
             "prompts": [{"id": p.id, "category": p.category, "source": p.source} for p in data.prompts],
             "features": {pid: dataclasses.asdict(f) for pid, f in data.features.items()},
-            "baselines": baselines.to_dict(), "seeds": seeds or [],
+            "arms": arms.to_dict(), "seeds": seeds or [],
             "checkpoints": [str(p) for p in checkpoints or []],
             "seed_rewards": [[e.outcome.reward for e in h if e.outcome] for h in histories or []]}
 

@@ -15,7 +15,7 @@ from environments.records import to_jsonable
 from controller.router import agent_from_checkpoint
 from environments.session import open_session, with_trained_engine
 from environments.state import state_vector
-from controller.arms import FittedBaselines
+from controller.arms import FittedArms
 from controller.study import POLICY, arms
 from environments.precomputed import OfflineEnvironment, build_offline_data, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
@@ -147,14 +147,15 @@ def seed_agents(payload: dict, model_id: str) -> list:
 
 def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], test_scenarios: str | None,
                      eval_cfg=None) -> Path:
-    """Policy (every seed), ablations and the fitted baselines on the held-out prompts x the test calibrations.
+    """Policy (every seed), ablations and the fitted arms on the held-out prompts x the test calibrations.
 
-    The baselines come from the checkpoint, fitted at training time on the training split; this
+    The arms come from the checkpoint, fitted at training time on the training split; this
     reads the test prompts' outcomes and the test calibrations only. With `eval_cfg` (--lm-eval) dense,
     the best pruned static action of the pooled test and the policy are also evaluated, as live tests do.
     """
-    if "baselines" not in payload:
-        raise ValueError(f"--checkpoint {cfg.checkpoint} was not trained offline (no fitted baselines): "
+    fitted_arms = payload.get("arms") or payload.get("baselines")     # "baselines": checkpoints before the arm registry
+    if not fitted_arms:
+        raise ValueError(f"--checkpoint {cfg.checkpoint} was not trained offline (no fitted arms): "
                          "test it with --environment live, or train it with --environment offline")
     given = {o["config"].get("ablation", "none") for o in others.values()}
     for path in payload.get("ablation_checkpoints") or []:       # trained beside the policy (no_prompt)
@@ -176,15 +177,15 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
         levels = [sc.name for sc in parse_scenarios(test_scenarios)] if test_scenarios else None
         env = OfflineEnvironment(data, [p.id for p in prompts], "test", labels, cfg.reward,
                                  cfg.env.long_prompt_tokens, cfg.state_features, levels=levels)
-        baselines = FittedBaselines.from_dict(payload["baselines"])
-        if env.constrained:     # every arm is scored on the Lagrangian reward the baselines were fitted at
-            env.set_multiplier(baselines.multiplier)
+        fitted = FittedArms.from_dict(fitted_arms)
+        if env.constrained:     # every arm is scored on the Lagrangian reward the arms were fitted at
+            env.set_multiplier(fitted.multiplier)
         policies = {POLICY: (seed_agents(payload, model_id), cfg.ablation)}
         for path, other in others.items():
             ablation = other["config"].get("ablation", "none")
             name = ablation if ablation != "none" and ablation not in policies else Path(path).stem
             policies[name] = (seed_agents(other, model_id), ablation)
-        result = evaluate_offline(env, arms(env, policies, baselines), cfg.offline.telemetry_draws, cfg.seed)
+        result = evaluate_offline(env, arms(env, policies, fitted), cfg.offline.telemetry_draws, cfg.seed)
         extra = {}
         if eval_cfg is not None:
             from evaluation.suite import run_evaluation
@@ -193,5 +194,5 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
             specs = ["dense", f"static:{best}", f"policy:{cfg.checkpoint}"]
             extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
     metrics = metrics_skeleton("test", cfg, prov, labels, checkpoint=str(cfg.checkpoint), offline_test=result,
-                               offline=offline_record(data, baselines), load_verification=load_check(data), **extra)
+                               offline=offline_record(data, fitted), load_verification=load_check(data), **extra)
     return finish_run(run_dir, metrics)

@@ -16,7 +16,7 @@ from machine.contention import parse_scenarios
 from controller.dqn import linear_epsilon
 from controller.trainer import train_offline
 from environments.precomputed import OfflineEnvironment, build_offline_data
-from controller.study import fit_offline_baselines, side_ablations
+from controller.study import fit_offline_arms, side_ablations
 from environments.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
@@ -84,7 +84,7 @@ def seed_checkpoints(checkpoint: str, seeds: list[int]) -> list[Path]:
 
 
 def run_train_offline(cfg: RunConfig) -> Path:
-    """Precompute (or read) the outcomes and calibrations, fit the baselines on them, train every seed.
+    """Precompute (or read) the outcomes and calibrations, fit the arms on them, train every seed.
 
     Everything here reads the training prompts and the training calibrations only; the test split's
     calibrations are measured in the same interleaved rounds but never opened.
@@ -110,7 +110,7 @@ def run_train_offline(cfg: RunConfig) -> Path:
         started = time.perf_counter()
         runs.append(train_offline(env, cfg.dqn, cfg.episodes, seed))
         log.info("seed %d: %d episodes in %.1f s", seed, cfg.episodes, time.perf_counter() - started)
-    baselines = fit_offline_baselines(env, names, cfg.offline.telemetry_draws, cfg.seed, [m for _, _, m in runs])
+    fitted = fit_offline_arms(env, names, cfg.offline.telemetry_draws, cfg.seed, [m for _, _, m in runs])
     histories = [episodes for _, episodes, _ in runs]
     # The no-prompt ablation on the same data and seeds (seconds offline): test mode scores it beside the
     # policy, and its gap at idle is what the prompt features alone add.
@@ -128,7 +128,7 @@ def run_train_offline(cfg: RunConfig) -> Path:
                                               dqn=dataclasses.replace(cfg.dqn, seed=seed)).to_dict(),
                 "agent": agent.state_dict(include_buffer=cfg.save_buffer), "next_episode": cfg.episodes,
                 "epsilon": linear_epsilon(cfg.dqn, cfg.episodes, cfg.episodes), "environment": "offline",
-                "baselines": baselines.to_dict(), "seed_checkpoints": [str(p) for p in seed_paths],
+                "arms": fitted.to_dict(), "seed_checkpoints": [str(p) for p in seed_paths],
                 "multiplier": multiplier, "code_version": (prov.get("git") or {}).get("commit"),
                 "dataset": cfg.train_dataset, "seed": seed, "test_fraction": cfg.test_fraction, **extra})
 
@@ -136,7 +136,7 @@ def run_train_offline(cfg: RunConfig) -> Path:
     for ablation, (side_paths, side_runs) in side.items():
         save(side_paths, side_runs, ablation)
     metrics = metrics_skeleton("train", cfg, prov, labels, episodes=to_jsonable(histories[0]),
-                               offline=offline_record(data, baselines, seeds, histories, paths),
+                               offline=offline_record(data, fitted, seeds, histories, paths),
                                load_verification=load_check(data))
     finish_run(run_dir, metrics)
     print(f"checkpoints: {', '.join(map(str, paths))}")

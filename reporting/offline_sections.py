@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from common.markdown import MISSING, fmt, fmt_ci, fmt_pct, md_table
+from controller.arms import ARM_NAMES, FittedArms
 from reporting import summaries
-from reporting.summaries import ALL, BASELINE_ARMS, POLICY, REFERENCE_ARMS, ci_sign
+from reporting.summaries import ALL, POLICY, REFERENCE_ARMS, ci_sign
 
 ARM_TEXT = {POLICY: "**policy**", "per_level_static": "best static per level (told the level)",
             "worst_case_static": "static for the worst level", "rule": "one-feature threshold rule",
@@ -89,7 +90,7 @@ def offline_test_section(o: Mapping | None) -> list[str]:
     for g in o["groups"]:
         row = o["by_level"][g]
         arms = row["arms"]
-        shown = [POLICY, *BASELINE_ARMS, *(a for a in o["arms"] if a not in (POLICY, *BASELINE_ARMS, *REFERENCE_ARMS)
+        shown = [POLICY, *ARM_NAMES, *(a for a in o["arms"] if a not in (POLICY, *ARM_NAMES, *REFERENCE_ARMS)
                                           and a not in o["actions"]), *REFERENCE_ARMS, row["best_static"]]
         table = []
         for a in dict.fromkeys(shown):
@@ -126,18 +127,14 @@ def _objective_lines(objective: Mapping) -> list[str]:
 
 
 def offline_train_section(offline: Mapping | None, actions: Sequence[str]) -> list[str]:
-    """The fitted baselines a test will compare with, and each seed's late training reward."""
-    if not offline or not offline.get("baselines"):
+    """The fitted arms a test will compare with, and each seed's late training reward."""
+    fitted = offline and (offline.get("arms") or offline.get("baselines"))
+    if not fitted:
         return []
-    b, rule = offline["baselines"], offline["baselines"]["rule"]
-    lines = ["## Baselines fitted on the training split", "",
-             f"- best static per level: {', '.join(f'{lv} → `{actions[a]}`' for lv, a in b['per_level'].items())}",
-             f"- worst level `{b['worst_level']}` → `{actions[b['worst_case']]}` everywhere",
-             f"- rule: `{rule['feature']}` ≤ {fmt(rule['threshold'])} → `{actions[rule['below']]}`, else "
-             f"`{actions[rule['above']]}` (training reward {fmt(rule['train_reward'])})",
-             f"- regressor: ridge, penalty {fmt(b['regressor']['alpha'])} chosen by leave-one-out on training cells",
-             f"- fitted on {len(b['fitted_on']['prompts'])} training prompts and "
-             f"{len(b['fitted_on']['calibrations'])} training calibrations", ""]
+    arms = FittedArms.from_dict(fitted)
+    lines = ["## Arms fitted on the training split", "", *(f"- {line}" for line in arms.describe(list(actions))),
+             f"- fitted on {len(arms.fitted_on['prompts'])} training prompts and "
+             f"{len(arms.fitted_on['calibrations'])} training calibrations", ""]
     curves = offline.get("seed_rewards") or []
     if curves:
         tail = [sum(c[-max(1, len(c) // 10):]) / max(1, len(c[-max(1, len(c) // 10):])) for c in curves]

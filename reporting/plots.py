@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from common.markdown import is_number
+from controller.arms import ARM_NAMES
 from reporting import summaries
 from reporting.summaries import ALL, DENSE, action_intensity, action_target
 
@@ -428,9 +429,9 @@ def plot_baselines(metrics: Mapping, out: Path, summary: Mapping | None = None) 
 
 def _offline_comparison_arms(o: Mapping) -> list[str]:
     """The arms policy − arm is plotted for: the fitted baselines, any ablation policies, random."""
-    others = [a for a in o["arms"] if a not in (summaries.POLICY, *summaries.BASELINE_ARMS, *summaries.REFERENCE_ARMS)
+    others = [a for a in o["arms"] if a not in (summaries.POLICY, *ARM_NAMES, *summaries.REFERENCE_ARMS)
               and a not in o["actions"]]
-    return [*summaries.BASELINE_ARMS, *others, "random"]
+    return [*ARM_NAMES, *others, "random"]
 
 
 def plot_offline_comparison(metrics: Mapping, out: Path, summary: Mapping | None = None) -> list[Path]:

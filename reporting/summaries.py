@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from common.markdown import is_number
+from controller.arms import ARM_NAMES
 from environments.records import to_jsonable
 from pruners.actions import PruningAction
 
@@ -483,7 +484,6 @@ def summarize_baselines(rows: Sequence[Mapping]) -> dict:
 # --------------------------------------------------------------------------- offline study
 
 POLICY = "policy"
-BASELINE_ARMS = ("per_level_static", "worst_case_static", "rule", "regressor")
 REFERENCE_ARMS = ("random", "oracle")
 OFFLINE_METRICS = ("reward", "ppl_ratio", "speedup", "slo_met")
 
@@ -572,8 +572,8 @@ def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
     keys = list(zip(ot["cells"]["prompt_id"], ot["cells"]["round"]))
     levels = np.asarray(ot["cells"]["level"])
     groups = list(ot["levels"]) + ([ALL] if len(ot["levels"]) > 1 else [])
-    others = [a for a in ot["arms"] if a != POLICY and a not in BASELINE_ARMS]
-    names = [POLICY, *BASELINE_ARMS, *others, *REFERENCE_ARMS, *ot["actions"]]
+    others = [a for a in ot["arms"] if a != POLICY and a not in ARM_NAMES]
+    names = [POLICY, *ARM_NAMES, *others, *REFERENCE_ARMS, *ot["actions"]]
     values = {(arm, m): _arm_values(ot, arm, matrices[m], reward) for arm in names for m in OFFLINE_METRICS}
     out = {}
     for g in groups:
@@ -592,7 +592,7 @@ def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
                   "best_static": max(ot["actions"], key=lambda a: arms[a]["reward"]["mean"]),
                   "seeds": {"reward": per_seed.tolist(), "sd": float(per_seed.std(ddof=1)) if per_seed.size > 1 else 0.0,
                             "vs": {b: np.nanmean(_paired(policy, cube[(b, "reward")]), axis=(1, 2)).tolist()
-                                   for b in BASELINE_ARMS}}}
+                                   for b in ARM_NAMES}}}
     objective = ot.get("objective") or {"objective": "weighted"}
     for row in out.values():       # a constrained objective: which arms meet its constraint on these cells
         for arm in row["arms"].values():
@@ -601,7 +601,7 @@ def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
                                        arm["ppl_ratio"]["mean"] <= objective["quality_budget"] + 1e-12
                                        if objective["objective"] == "quality" else None)
     pooled = out[groups[-1]]["arms"]
-    strongest = max(BASELINE_ARMS, key=lambda b: pooled[b]["reward"]["mean"])
+    strongest = max(ARM_NAMES, key=lambda b: pooled[b]["reward"]["mean"])
     return {"groups": groups, "actions": list(ot["actions"]), "arms": names, "by_level": out, "objective": objective,
             "strongest_baseline": strongest, "verdict": offline_verdict(out, strongest), "n_seeds": len(ot["arms"][POLICY])}
 
@@ -618,7 +618,7 @@ def ci_sign(ci: Mapping) -> str:
 def offline_verdict(by_level: Mapping, strongest: str) -> dict:
     """Computed, never typed: per group, the sign of policy - each baseline; the claim is made only
     against the strongest baseline (highest pooled reward) and only where its CI excludes zero."""
-    signs = {g: {b: ci_sign(row["arms"][b]["vs"]) for b in (*BASELINE_ARMS, "random")} for g, row in by_level.items()}
+    signs = {g: {b: ci_sign(row["arms"][b]["vs"]) for b in (*ARM_NAMES, "random")} for g, row in by_level.items()}
     wins = [g for g in by_level if signs[g][strongest] == "better"]
     losses = [g for g in by_level if signs[g][strongest] == "worse"]
     if wins and not losses:

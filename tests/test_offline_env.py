@@ -12,7 +12,7 @@ import pytest
 
 import adaptive_pruning
 from common.config import EnvConfig, OfflineConfig, RunConfig
-from controller.arms import BASELINES, fit_baselines
+from controller.arms import ARM_NAMES, FittedArms, fit_arms
 from machine.contention import Scenario
 from environments.latency_calibration import CalibrationSet, Calibrator
 from machine.load_generator import LoadLevel
@@ -150,14 +150,33 @@ def test_rule_and_regressor_are_fitted_on_training_data_only(offline):
 
     def fit(d, ids):
         env = OfflineEnvironment(d, ids, "train", labels, s.cfg.reward, s.cfg.env.long_prompt_tokens, "contention")
-        return fit_baselines(env, names, draws=2, seed=0).to_dict()
+        return fit_arms(env, names, draws=2, seed=0).to_dict()
 
     clean = fit(data, train_ids)
     assert fit(_poison(data, test_ids, label), train_ids) == clean
     assert set(clean["fitted_on"]["prompts"]) == set(train_ids)
     assert all(r % 2 == 0 for _, r in clean["fitted_on"]["calibrations"])    # training rounds only
     leaked = fit(_poison(data, test_ids, label), train_ids + sorted(test_ids))
-    assert leaked["regressor"] != clean["regressor"]
+    assert leaked["arms"]["regressor"] != clean["arms"]["regressor"]
+
+
+def test_fitted_arms_read_the_layout_checkpoints_wrote_before_the_registry(offline):
+    """A checkpoint's "baselines" dict (fixed fields per arm) gives the same choices as today's "arms" dict."""
+    s, data, prompts = offline
+    labels = [a.label for a in s.actions]
+    env = OfflineEnvironment(data, [p.id for p in prompts], "train", labels, s.cfg.reward,
+                             s.cfg.env.long_prompt_tokens, "contention")
+    fitted = fit_arms(env, state_feature_names("contention"), draws=2, seed=0)
+    p = fitted.params
+    old = {"per_level": p["per_level_static"]["per_level"], "worst_level": p["worst_case_static"]["level"],
+           "worst_case": p["worst_case_static"]["action"], "rule": p["rule"], "regressor": p["regressor"],
+           "fitted_on": fitted.fitted_on, "multiplier": 0.25}
+    migrated = FittedArms.from_dict(old)
+    assert migrated.params == p and migrated.multiplier == 0.25
+    cells = env.cells(2, 0)
+    for name in ARM_NAMES:
+        assert [migrated.chooser(name, env)(c) for c in cells] == [fitted.chooser(name, env)(c) for c in cells]
+    assert len(migrated.describe(labels)) == len(ARM_NAMES)
 
 
 def test_offline_training_runs_thousands_of_episodes_quickly(offline):
@@ -207,7 +226,7 @@ def test_offline_train_and_test_cli_on_tiny(tmp_path):
     assert adaptive_pruning.main(["--mode", "test", *common, "--checkpoint", str(ckpt), "--test-samples", "4",
                                   "--report-dir", str(reports)]) == 0
     test = json.loads(next(reports.glob("test-*")).joinpath("metrics.json").read_text())
-    assert set(BASELINES) | {"policy", "no_prompt"} <= set(test["offline_test"]["arms"])
+    assert set(ARM_NAMES) | {"policy", "no_prompt"} <= set(test["offline_test"]["arms"])
     assert len(test["offline_test"]["arms"]["policy"]) == 2                      # one action list per seed
     assert len(test["offline_test"]["arms"]["no_prompt"]) == 2                   # the ablation beside it, per seed
     pooled = test["summary"]["offline_test"]["by_level"]["idle"]["arms"]

@@ -106,7 +106,7 @@ def make_offline_metrics(rounds: int = 4, n_prompts: int = 6) -> dict:
     ``offline`` / ``load_verification`` blocks written by the same helpers the test mode uses."""
     from common.config import RewardConfig
     from common.data import Prompt
-    from controller.arms import BASELINES, fit_baselines
+    from controller.arms import ARM_NAMES, fit_arms
     from environments.latency_table import LatencyEntry, LatencyTable
     from environments.latency_calibration import SPLITS, CalibrationSet, LevelCalibration
     from machine.load_signals import hardware_feature_names
@@ -160,12 +160,12 @@ def make_offline_metrics(rounds: int = 4, n_prompts: int = 6) -> dict:
     data = OfflineData(prompts, outcomes, cs, features)
     ids, reward = [p.id for p in prompts], RewardConfig()
     train = OfflineEnvironment(data, ids[: n_prompts // 2], "train", ACTIONS, reward, 64, "contention")
-    baselines = fit_baselines(train, state_feature_names("contention"), draws=2, seed=0)
+    baselines = fit_arms(train, state_feature_names("contention"), draws=2, seed=0)
     test = OfflineEnvironment(data, ids[n_prompts // 2:], "test", ACTIONS, reward, 64, "contention")
     ffn, layers = ACTIONS.index("ffn_neurons:0.5"), ACTIONS.index("transformer_layers:0.3")
     arms = {"policy": [lambda c: ffn if test.level(c) == "heavy" else 0, lambda c: ffn],   # two "seeds"
             "no_prompt": [lambda c: layers if test.level(c) == "heavy" else 0, lambda c: 0]}
-    arms |= {name: [baselines.chooser(name, test)] for name in BASELINES}
+    arms |= {name: [baselines.chooser(name, test)] for name in ARM_NAMES}
     return {"schema_version": SCHEMA_VERSION, "kind": "test", "partial": False, "partial_reason": None,
             "provenance": _provenance(), "config": {"checkpoint": "x.pt", "environment": "offline"},
             "action_space": ACTIONS, "offline_test": evaluate_offline(test, arms, draws=2, seed=0),
