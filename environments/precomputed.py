@@ -215,6 +215,7 @@ def calibration_settings(cfg, engine: dict, scenarios, labels: Sequence[str], bu
             "levels": [s.to_dict() for s in scenarios], "rounds": 2 * cfg.offline.calibrations,
             "calibration_tokens": cfg.env.calibration_tokens, "repeats": cfg.env.calibration_repeats,
             "labels": list(labels), "buckets": list(buckets), "prompts": digest({"texts": list(calibration_texts)}),
+            "telemetry_schema": list(HardwareState.FEATURE_NAMES),   # the recorded vectors' slots
             "host": platform.node(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 

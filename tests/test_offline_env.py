@@ -66,6 +66,19 @@ def test_cached_outcomes_and_calibrations_are_read_back_unchanged(offline):
     assert {k: v for k, v in again.outcomes.items()} == data.outcomes
 
 
+def test_calibration_cache_key_names_the_telemetry_schema(offline, monkeypatch):
+    """A hardware feature added to the state gives new calibrations, never ones recorded with the old vector."""
+    from environments.precomputed import calibration_settings
+    from environments.outcome_cache import digest
+    from machine.telemetry import HardwareState
+
+    s, _, _ = offline
+    key = lambda: digest(calibration_settings(s.cfg, {}, LEVELS, ["none"], ["short"], ["text"]))
+    before = key()
+    monkeypatch.setattr(HardwareState, "FEATURE_NAMES", (*HardwareState.FEATURE_NAMES, "new_sensor"))
+    assert key() != before
+
+
 def test_load_verification_flags_a_load_that_does_nothing(offline, caplog):
     """A level that starts no process but expects x3 (what two busy loops do to a 2-core machine; timing
     noise on a shared one stays well below it) must fail loudly: warnings and a failed verification."""
