@@ -45,6 +45,9 @@ def observe_or_replay(session: Session, prompt: Prompt, trace: list[list[float]]
 
 
 class Trainer:
+    """The live bandit loop (apart from train_offline because it generates under real load, re-decides every
+    N tokens, and checkpoints to resume; both share the agent's act/store_and_learn and the episode record)."""
+
     def __init__(self, session: Session, train_prompts: list[Prompt], provenance: dict):
         self.s, self.cfg = session, session.cfg
         self.prompts = train_prompts

@@ -41,6 +41,8 @@ class Reference:
 
 
 class PruningEnvironment:
+    """One prompt in, one measured outcome out: prune, generate, time and score under the machine's load now."""
+
     def __init__(self, loaded, engine: PruningEngine, reward: RewardConfig, cfg: EnvConfig, gpu=None,
                  slowdown: SlowdownTracker | None = None, governor: ExecutionGovernor | None = None):
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer

@@ -76,7 +76,10 @@ class Cell:
 
 
 class OfflineEnvironment:
-    """Rewards of every (calibration, prompt, action) of one split, precomputed with the live rules."""
+    """Rewards of every (calibration, prompt, action) of one split, precomputed with the live rules.
+
+    Separate from the live PruningEnvironment because it never generates: its outcomes are the live
+    environment's own, looked up (tested equal), so thousands of episodes take seconds."""
 
     def __init__(self, data: OfflineData, prompt_ids: Sequence[str], split: str, action_labels: Sequence[str],
                  reward: RewardConfig, long_prompt_tokens: int, state_features: str = BASIC,

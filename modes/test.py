@@ -149,6 +149,8 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
                      eval_cfg=None) -> Path:
     """Policy (every seed), ablations and the fitted arms on the held-out prompts x the test calibrations.
 
+    Apart from the live path because every arm is scored on the same looked-up cells (paired exactly).
+
     The arms come from the checkpoint, fitted at training time on the training split; this
     reads the test prompts' outcomes and the test calibrations only. With `eval_cfg` (--lm-eval) dense,
     the best pruned static action of the pooled test and the policy are also evaluated, as live tests do.

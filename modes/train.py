@@ -86,6 +86,8 @@ def seed_checkpoints(checkpoint: str, seeds: list[int]) -> list[Path]:
 def run_train_offline(cfg: RunConfig) -> Path:
     """Precompute (or read) the outcomes and calibrations, fit the arms on them, train every seed.
 
+    Apart from the live path because it trains several seeds and the fitted arms on one lookup table.
+
     Everything here reads the training prompts and the training calibrations only; the test split's
     calibrations are measured in the same interleaved rounds but never opened.
     """
