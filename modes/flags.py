@@ -402,7 +402,7 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
 
 
 def flag_matrix() -> str:
-    """The README's flag x mode table (regenerate with ``python -m modes.flags`` after adding a flag)."""
+    """docs/usage.md's flag x mode table (regenerate with ``python -m modes.flags`` after adding a flag)."""
     shown = [m for m in MODES if m != "report"]
     lines = ["| flag | " + " | ".join(shown) + " | default |", "|---|" + "---|" * len(shown) + "---|"]
     for flag in FLAGS:
