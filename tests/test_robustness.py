@@ -243,7 +243,7 @@ def test_fault_in_generation_is_recorded_and_training_continues(tmp_path, monkey
                 raise RuntimeError("injected fault: out of memory")
         return real(model, ids, new_tokens, **kwargs)
 
-    monkeypatch.setattr(environment, "generate", flaky)
+    monkeypatch.setattr(live, "generate", flaky)
     assert adaptive_pruning.main(["--mode", "train", *FAST, "--episodes", "4", "--checkpoint", str(tmp_path / "p.pt"),
                                   "--report-dir", str(tmp_path / "r")]) == 0
     metrics = json.loads(next((tmp_path / "r").glob("train-*")).joinpath("metrics.json").read_text())
@@ -267,7 +267,7 @@ def test_fault_inside_pruned_step_restores_dense_logits_bit_identical(monkeypatc
         def broken(*args, **kwargs):
             raise RuntimeError("injected")
 
-        monkeypatch.setattr(environment, "generate", broken)
+        monkeypatch.setattr(live, "generate", broken)
         for action in s.actions[1:]:
             with pytest.raises(RuntimeError):
                 s.env.step(prompt, action, "idle", measure=True)
@@ -276,7 +276,7 @@ def test_fault_inside_pruned_step_restores_dense_logits_bit_identical(monkeypatc
 
 def test_nan_reward_is_caught_and_not_stored(tmp_path, monkeypatch):
     from environments import live
-    monkeypatch.setattr(environment, "ppl_ratio", lambda pruned, dense: float("nan"))
+    monkeypatch.setattr(live, "ppl_ratio", lambda pruned, dense: float("nan"))
     assert adaptive_pruning.main(["--mode", "train", *FAST, "--episodes", "3", "--checkpoint", str(tmp_path / "p.pt"),
                                   "--report-dir", str(tmp_path / "r")]) == 0
     metrics = json.loads(next((tmp_path / "r").glob("train-*")).joinpath("metrics.json").read_text())
@@ -338,7 +338,7 @@ def test_inert_actions_score_exactly_dense_without_a_forward(monkeypatch):
             calls["n"] += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(environment, "score_reference", counted)
+        monkeypatch.setattr(live, "score_reference", counted)
         by_label = {a.label: a for a in s.actions}
         outcomes = [s.env.step(prompt, by_label[label], "idle", measure=False) for label in ("none", "kv_cache:0.3")]
         for out in outcomes:   # and the same reward: speedup exactly 1, not the dense entry's timing noise
