@@ -265,6 +265,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--export", "cli.export_dir", "folder for the pruned model (save_pretrained)", (EXPORT,), metavar="DIR"),
     Flag("--action", "cli.action", "TARGET:INTENSITY to export, e.g. ffn_neurons:0.5", (EXPORT,)),
     Flag("--baseline", "cli.baseline", "METHOD@BUDGET to export, e.g. taylor@0.3", (EXPORT,)),
+    Flag("--gguf", "cli.gguf", "also write DIR/model.gguf for llama.cpp (architecture deci when the layers' widths "
+         "differ, else llama)", (EXPORT,), type=None, switch=True),
 )
 
 
