@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
 from common.config import RunConfig
+from common.files import atomic_write_text, strict_json
 from environments.records import to_jsonable
 from environments.session import open_session
 from common.signals import interrupts_deferred, sigterm_as_interrupt
@@ -74,7 +74,7 @@ def run_train(cfg: RunConfig) -> Path:
             metrics = write(trainer.episodes, partial=not completed,
                             reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
                                                           "continue with --resume")
-            (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
+            atomic_write_text(run_dir.path / "latency_table.json", strict_json(s.env.table.to_dict(), indent=1))
             metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
             finish_run(run_dir, metrics)
             tracker.close()

@@ -66,7 +66,7 @@ class ElasticMenu:
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         atomic_write_bytes(folder / SIDECAR, lambda fh: torch.save(self.to_dict(), fh))
-        atomic_write_text(folder / HEAL_JSON, json.dumps(self.info, indent=1, default=str))
+        atomic_write_text(folder / HEAL_JSON, strict_json(self.info, default=str, indent=1))
 
     @classmethod
     def load(cls, folder: Path) -> "ElasticMenu":

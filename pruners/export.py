@@ -19,13 +19,13 @@ Tied embeddings stay tied; dropped layers are left out and the rest renumbered.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
 import torch
 import transformers
 
+from common.files import atomic_write_text, strict_json
 from pruners.export_gguf import check_writable, write_gguf
 from pruners.export_hf import per_layer_model
 from pruners.param_budget import count_parameters
@@ -222,7 +222,7 @@ def export_pruned(loaded, engine: PruningEngine, action: PruningAction, out_dir:
     if gguf:
         record["gguf"] = write_gguf(model, out, out / "model.gguf", name=f"{loaded.name} {action.label}",
                                     vocab_gguf=vocab_gguf)
-    (out / "pruning.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    atomic_write_text(out / "pruning.json", strict_json(record, indent=1) + "\n")
     log.info("exported %s (%s) to %s: %d -> %d parameters; from_pretrained reload: max |logit diff| %.2e",
              loaded.name, action.label, out, before.total, after.total, record["reload_check"]["max_abs_logit_diff"])
     return out
