@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common.files import atomic_write_bytes, atomic_write_text
+from common.files import atomic_write_bytes, atomic_write_text, strict_json
 from pruners.compensation import InputMoments
 from pruners.score_cache import ImportanceScores
 

@@ -11,6 +11,7 @@ files (``tensorboard --logdir reports/``), and W&B (``wandb sync``), MLflow and 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from collections.abc import Iterable
@@ -58,11 +59,8 @@ class TensorBoardTracker(Tracker):
 def check_tracker(kind: str) -> str:
     if kind not in TRACKERS:
         raise ValueError(f"--log-to {kind}: choose from {', '.join(TRACKERS)}")
-    if kind == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
-        except ImportError as err:
-            raise ValueError("--log-to tensorboard needs the tensorboard package: pip install -r requirements.txt") from err
+    if kind == "tensorboard" and importlib.util.find_spec("tensorboard") is None:    # torch's SummaryWriter needs it
+        raise ValueError("--log-to tensorboard needs the tensorboard package: pip install -r requirements.txt")
     return kind
 
 
