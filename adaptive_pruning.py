@@ -76,7 +76,7 @@ def run(args) -> int:
         run_baselines(cfg, baseline_config(args))
     else:
         from modes.export import run_export
-        run_export(cfg, args.export, action=args.action, baseline=args.baseline)
+        run_export(cfg, args.export, action=args.action, baseline=args.baseline, gguf=bool(args.gguf))
     return 0
 
 

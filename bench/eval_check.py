@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import hub  # noqa: E402  (HF offline flags first)
+from common.files import strict_json  # noqa: E402
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -61,7 +62,7 @@ class Results:
         self.stages[stage] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.all, indent=2))
+        tmp.write_text(strict_json(self.all, indent=2))
         tmp.replace(self.path)
 
 

@@ -13,7 +13,6 @@ Hyper-parameters are the train run's; nothing here is chosen on the test split.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.config import DQNConfig, RewardConfig
+from common.files import strict_json
 from controller.arms import ARM_NAMES
 from environments.precomputed import OfflineData, OfflineEnvironment
 from controller.study import NO_PROMPT, run_study, side_ablations
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     points = sweep(load_metrics(Path(args.train)), load_metrics(Path(args.test)), args.latency_budgets,
                    args.budget_weights, args.episodes, args.seeds)
-    (out / "sweep.json").write_text(json.dumps(points, indent=1))
+    (out / "sweep.json").write_text(strict_json(points, indent=1))
     print(f"plot: {plot(points, out)}")
     for p in points:
         print(f"budget x{p['latency_budget']:g}, weight {p['budget_weight']:g}: {p['claim']}")

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from common.calibration import ALPACA, CALIBRATION_SENTENCES, SENTENCES  # noqa: E402
 from common.config import CalibrationConfig, EvalConfig, HealConfig, RunConfig  # noqa: E402
 from common.data import ALPACA_SUBSET, data_root, load_prompts  # noqa: E402
-from common.files import atomic_write_bytes  # noqa: E402
+from common.files import atomic_write_bytes, strict_json  # noqa: E402
 from common.markdown import fmt, md_table  # noqa: E402
 
 log = logging.getLogger("bench.recovery")
@@ -160,7 +160,7 @@ class Bench:
         self.rows.append(row)
         meta = {"model": self.loaded.name, "windows": self.args.windows, "seq_len": self.args.seq_len,
                 "limit": self.args.limit}
-        payload = json.dumps({"meta": meta, "rows": self.rows}, indent=1).encode()
+        payload = strict_json({"meta": meta, "rows": self.rows}, indent=1).encode()
         atomic_write_bytes(self.out, lambda fh: fh.write(payload))
         log.info("%s | %s | %s: %s", row["stage"], row["setting"], row["action"],
                  {k: v for k, v in row.items() if k not in ("stage", "setting", "action", "engine")})

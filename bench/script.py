@@ -1,12 +1,11 @@
 """The shared ``main`` of the speed benchmarks: parse, run, print the table, keep the JSON (atomically)."""
 from __future__ import annotations
 
-import json
 import logging
 from argparse import Namespace
 from typing import Callable
 
-from common.files import atomic_write_text
+from common.files import atomic_write_text, strict_json
 
 
 def bench_main(argv: list[str] | None, parse_args: Callable[[list[str] | None], Namespace],
@@ -17,4 +16,4 @@ def bench_main(argv: list[str] | None, parse_args: Callable[[list[str] | None], 
     result = run(args)
     print(render(result))
     if getattr(args, "json", None):
-        atomic_write_text(args.json, json.dumps(result, indent=1))
+        atomic_write_text(args.json, strict_json(result, indent=1))

@@ -169,6 +169,7 @@ class RunConfig:
     nlp_backend: str = "auto"               # auto: first of spaCy, NLTK, regex within the budget; runs store the one used
     observation_budget_ms: float = 5.0      # auto's per-prompt analysis budget (<= 0: first backend that loads)
     report_dir: str = "reports"
+    log_to: str = "none"                    # tensorboard: episodes, rewards, losses, heal KL as event files (reporting.tracking)
     telemetry_hz: float = 10.0
     dqn: DQNConfig = field(default_factory=DQNConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

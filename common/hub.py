@@ -18,11 +18,16 @@ from common.files import PROJECT_ROOT
 log = logging.getLogger(__name__)
 
 HUB_HOST = "huggingface.co"
+# A source checkout keeps its cache and .env beside the code; an installed package (site-packages) uses the
+# user's cache folder and the .env of the working directory.
+CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file()
 
 
 def cache_dir() -> Path:
-    """Project-local cache (git-ignored); override with ADAPTIVE_PRUNING_CACHE."""
-    path = Path(os.environ.get("ADAPTIVE_PRUNING_CACHE", PROJECT_ROOT / ".cache"))
+    """The checkout's .cache (git-ignored), or ~/.cache/adaptive-pruning when installed; ADAPTIVE_PRUNING_CACHE wins."""
+    default = (PROJECT_ROOT / ".cache" if CHECKOUT
+               else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptive-pruning")
+    path = Path(os.environ.get("ADAPTIVE_PRUNING_CACHE", default))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -46,7 +51,7 @@ def is_offline() -> bool:
 
 def configure() -> bool:
     """Set HF offline flags when the Hub cannot be reached (.env first: it may set them). True when online."""
-    load_dotenv(PROJECT_ROOT / ".env", override=False)
+    load_dotenv((PROJECT_ROOT if CHECKOUT else Path.cwd()) / ".env", override=False)
     os.environ.setdefault("HF_HOME", str(cache_dir() / "huggingface"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -14,6 +14,7 @@ from common import hub  # noqa: F401  (HF offline flags before `lm_eval` loads)
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
@@ -28,6 +29,7 @@ class LmEvalResult:
     seconds: float             # wall time of the whole simple_evaluate call
     documents: int             # documents scored over all tasks
     version: str               # lm-eval version
+    files: list[str] | None = None   # lm-eval's own results_*.json and samples_*.jsonl (relative to output_dir)
 
 
 @dataclass
@@ -90,18 +92,33 @@ def lm_eval_version() -> str:
 
 def evaluate_tasks(model, tokenizer, plan: TaskPlan, route: Route | None = None, *, task_manager=None,
                    limit: int | None = None, batch_size: int = 1, bootstrap_iters: int = 1000,
-                   max_length: int | None = None) -> LmEvalResult:
-    """Zero-shot scores of `model` on the plan's tasks (lm-eval's own prompts and metrics)."""
+                   max_length: int | None = None, output_dir: Path | None = None) -> LmEvalResult:
+    """Zero-shot scores of `model` on the plan's tasks (lm-eval's own prompts and metrics).
+
+    ``output_dir``: also write lm-eval's own files there, as its CLI's ``--output_path --log_samples`` does
+    (``results_<date>.json`` and one ``samples_<task>_<date>.jsonl`` per task, in lm-eval's format), so the
+    scores can be read by every tool that reads lm-eval's output.
+    """
     from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
 
     lm = routed_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                            max_length=max_length, route=route)
+    tracker = EvaluationTracker(output_path=str(output_dir)) if output_dir is not None else None
     started = time.perf_counter()
     out = simple_evaluate(model=lm, tasks=list(plan.tasks), task_manager=task_manager or plan.task_manager(),
-                          limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False)
+                          limit=limit, bootstrap_iters=bootstrap_iters, log_samples=tracker is not None,
+                          evaluation_tracker=tracker)
     seconds = time.perf_counter() - started
     scores = scores_from_results(out, plan)
-    return LmEvalResult(scores, seconds, sum(s.n or 0 for s in scores.values()), lm_eval_version())
+    files = None
+    if tracker is not None:
+        samples = out.pop("samples")
+        tracker.save_results_aggregated(results=out, samples=samples)
+        for task in out["configs"]:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+        files = sorted(str(p.relative_to(output_dir)) for p in Path(output_dir).rglob("*") if p.is_file())
+    return LmEvalResult(scores, seconds, sum(s.n or 0 for s in scores.values()), lm_eval_version(), files)
 
 
 def scores_from_results(out: dict, plan: TaskPlan) -> dict[str, TaskScore]:

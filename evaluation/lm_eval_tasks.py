@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping
 import yaml
 
 from common.data import data_root
-from common.files import atomic_write_text
+from common.files import atomic_write_text, strict_json
 from evaluation.routes import EvaluationError
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def _converted(task: str, path: Path, convert: Callable[[Path], list[dict]], cac
         raise EvaluationError(f"--task-data {task}={path}: does not look like {task} data ({err!r})") from err
     if not records:
         raise EvaluationError(f"--task-data {task}={path}: the file is empty (no {task} records)")
-    atomic_write_text(out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    atomic_write_text(out, "".join(strict_json(record, ensure_ascii=False) + "\n" for record in records))
     log.info("converted %s for %s -> %s (%d records)", path, task, out, len(records))
     return out
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 from common import hub  # noqa: F401  (HF offline flags before transformers/datasets/lm_eval load)
 
 import logging
+import re
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Sequence
 
 from common.config import EvalConfig
@@ -35,10 +37,15 @@ from evaluation.wikitext import CorpusText, compute_perplexity, load_wikitext2_t
 
 log = logging.getLogger(__name__)
 
+LM_EVAL_DIR = "lm_eval"     # lm-eval's own results and samples files, inside a run folder
+
 
 def run_evaluation(loaded, specs: str | Sequence[str] | Sequence[ModelSpec], config: EvalConfig,
-                   engine=None, router_factory: RouterFactory | None = None) -> dict:
+                   engine=None, router_factory: RouterFactory | None = None, output_dir: Path | None = None) -> dict:
     """Score every spec; returns the metrics.json ``"evaluation"`` block.
+
+    ``output_dir`` (the run folder's ``lm_eval/``): lm-eval's own results and samples files, one sub-folder
+    per model (``evaluation.lm_eval_run.evaluate_tasks``), listed in each model's ``lm_eval_files``.
 
     `engine` is the shared `pruners.PruningEngine` (built with `config.prune_mode` when omitted and
     a spec needs one); `router_factory` loads a policy checkpoint (default `policy.load_router`).
@@ -60,7 +67,8 @@ def run_evaluation(loaded, specs: str | Sequence[str] | Sequence[ModelSpec], con
             log.warning("%s: scoring is teacher-forced without a cache, so its perplexity and accuracies "
                         "equal the dense model's; only the speed probe reflects the action", route.label)
         try:
-            models[route.label] = evaluate_route(loaded, route, corpus, plan, task_manager, config)
+            models[route.label] = evaluate_route(loaded, route, corpus, plan, task_manager, config,
+                                                 None if output_dir is None else Path(output_dir) / folder_name(route.label))
         finally:
             close = getattr(getattr(route, "router", None), "close", None)
             if close is not None:
@@ -72,8 +80,13 @@ def run_evaluation(loaded, specs: str | Sequence[str] | Sequence[ModelSpec], con
     return block
 
 
+def folder_name(label: str) -> str:
+    """'static:ffn_neurons:0.5' -> 'static-ffn_neurons-0.5': one folder per evaluated model."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.") or "model"
+
+
 def evaluate_route(loaded, route: Route, corpus: CorpusText | None, plan: TaskPlan | None, task_manager,
-                   config: EvalConfig) -> dict:
+                   config: EvalConfig, output_dir: Path | None = None) -> dict:
     """One model: perplexity, tasks and the speed probe under the route, resources over all three."""
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
@@ -84,7 +97,8 @@ def evaluate_route(loaded, route: Route, corpus: CorpusText | None, plan: TaskPl
                                   route=route, context_length=loaded.context_length, progress=config.progress)
                if corpus is not None else None)
         tasks = (evaluate_tasks(model, tokenizer, plan, route, task_manager=task_manager, limit=config.eval_limit,
-                                batch_size=config.batch_size, bootstrap_iters=config.bootstrap_iters)
+                                batch_size=config.batch_size, bootstrap_iters=config.bootstrap_iters,
+                                output_dir=output_dir)
                  if plan is not None else None)
         scored_actions = dict(route.actions)
         speed = (probe_speed(model, tokenizer, route, prompt_tokens=config.probe_prompt_tokens,
@@ -110,6 +124,8 @@ def evaluate_route(loaded, route: Route, corpus: CorpusText | None, plan: TaskPl
         "wikitext": asdict(ppl) if ppl else None,
         "tasks": {name: asdict(score) for name, score in tasks.tasks.items()} if tasks else {},
         "lm_eval_seconds": tasks.seconds if tasks else None,
+        "lm_eval_files": ([str(Path(output_dir.parent.name) / output_dir.name / f) for f in tasks.files]
+                          if tasks and tasks.files else None),     # relative to the run folder
         "speed": speed_block,
         "actions": scored_actions if route.per_request else {route.spec.action.label: requests},
     }

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
     """WikiText-2 (and with --lm-eval, zero-shot tasks) for dense, static and policy-routed models."""
     from evaluation.routes import expand_static_all, parse_specs
-    from evaluation.suite import run_evaluation
+    from evaluation.suite import LM_EVAL_DIR, run_evaluation
     from model_loader import load_model
 
     specs = expand_static_all(specs, action_space(cfg))
@@ -38,6 +38,6 @@ def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
     prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device),
                               engine=engine.describe(static))
     with sigterm_as_interrupt():
-        block = run_evaluation(loaded, specs, eval_cfg, engine=engine)
+        block = run_evaluation(loaded, specs, eval_cfg, engine=engine, output_dir=run_dir.path / LM_EVAL_DIR)
     metrics = metrics_skeleton("eval", cfg, prov, sorted(block["models"]), evaluation=block)
     return finish_run(run_dir, metrics)

@@ -105,6 +105,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--long-prompt-tokens", _R + "env.long_prompt_tokens", "prompts this long are 'long' (KV pruning applies)",
          (TRAIN, TEST, EVAL), type=positive_int),
     Flag("--report-dir", _R + "report_dir", "folder for report folders", (TRAIN, TEST, EVAL, BASELINES)),
+    Flag("--log-to", _R + "log_to", "none | tensorboard: episodes, rewards, losses (train) and KL (heal) as event "
+         "files in the run folder's tensorboard/ (heal: the heal folder's)", (TRAIN, HEAL)),
     # ---- data
     Flag("--seed", _R + "seed", "seed for data order, exploration, network init (heal: corpus sampling, "
          "batches, sandwich members)", (TRAIN, TEST, HEAL), type=int),
@@ -265,6 +267,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--export", "cli.export_dir", "folder for the pruned model (save_pretrained)", (EXPORT,), metavar="DIR"),
     Flag("--action", "cli.action", "TARGET:INTENSITY to export, e.g. ffn_neurons:0.5", (EXPORT,)),
     Flag("--baseline", "cli.baseline", "METHOD@BUDGET to export, e.g. taylor@0.3", (EXPORT,)),
+    Flag("--gguf", "cli.gguf", "also write DIR/model.gguf for llama.cpp (architecture deci when the layers' widths "
+         "differ, else llama)", (EXPORT,), type=None, switch=True),
 )
 
 

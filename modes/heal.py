@@ -36,6 +36,7 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
     from model_loader import load_model
     from pruners.healing import CHECKPOINT, Healer, heal_corpora, kl_summary, save_healed
     from reporting import provenance
+    from reporting.tracking import log_heal_step, log_heal_validation, open_tracker
 
     check_heal(cfg)
     folder = heal_folder(cfg)
@@ -49,7 +50,7 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
                                                               progress)
     healer = Healer(engine, teacher, cfg.heal, actions, windows, seed=cfg.seed, checkpoint=folder / CHECKPOINT,
                     held_out=held_out)
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), open_tracker(cfg.log_to, folder) as tracker:
         try:
             if cfg.resume:
                 healer.resume()
@@ -59,7 +60,8 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
                      "(%s, %d torch threads)", loaded.name, cfg.heal.steps, cfg.heal.batch, cfg.heal.seq_len,
                      cfg.heal.random_actions, len(healer.actions) - 1, next(loaded.model.parameters()).device,
                      torch.get_num_threads())
-            state = healer.run(progress)
+            state = healer.run(progress, on_step=lambda r: log_heal_step(tracker, r),
+                               on_validation=lambda r: log_heal_validation(tracker, r))
         except KeyboardInterrupt:
             log.warning("interrupted at step %d: saving the heal checkpoint (continue with --resume)",
                         healer.state.step)
@@ -95,6 +97,8 @@ def check_heal(cfg: RunConfig) -> None:
         raise ValueError(f"--heal-random must be >= 0, got {h.random_actions}")
     if h.lr <= 0:
         raise ValueError(f"--heal-lr must be > 0, got {h.lr}")
+    from reporting.tracking import check_tracker
+    check_tracker(cfg.log_to)
     from common.calibration import check_not_evaluation_data
     for spec in (s.strip() for s in h.dataset.split(",") if s.strip()):
         check_not_evaluation_data(spec)

@@ -99,10 +99,11 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
         rows = to_jsonable(results)
         extra = {"ablations": to_jsonable(ablations)} if ablations else {}
         if eval_cfg is not None:
-            from evaluation.suite import run_evaluation
+            from evaluation.suite import LM_EVAL_DIR, run_evaluation
             # the report's best static over all test prompts, pruned: dense is scored beside it anyway
             specs = ["dense", f"static:{best_static(rows, pruning_only=True)}", f"policy:{cfg.checkpoint}"]
-            extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
+            extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine,
+                                                 output_dir=run_dir.path / LM_EVAL_DIR)
         metrics = metrics_skeleton("test", cfg, prov, labels, prompts=rows, checkpoint=str(cfg.checkpoint),
                                    latency_table=s.env.table.to_dict(),
                                    load_verification=table_load_check(s.env.table, scenarios), **extra)
@@ -190,11 +191,12 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
         result = evaluate_offline(env, arms(env, policies, fitted), cfg.offline.telemetry_draws, cfg.seed)
         extra = {}
         if eval_cfg is not None:
-            from evaluation.suite import run_evaluation
+            from evaluation.suite import LM_EVAL_DIR, run_evaluation
             pooled = summarize_offline(result)["by_level"][env.levels[-1] if len(env.levels) == 1 else ALL]["arms"]
             best = max((a for a in labels if a != "none"), key=lambda a: pooled[a]["reward"]["mean"])
             specs = ["dense", f"static:{best}", f"policy:{cfg.checkpoint}"]
-            extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine)
+            extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine,
+                                                 output_dir=run_dir.path / LM_EVAL_DIR)
     metrics = metrics_skeleton("test", cfg, prov, labels, checkpoint=str(cfg.checkpoint), offline_test=result,
                                offline=offline_record(data, fitted), load_verification=load_check(data), **extra)
     return finish_run(run_dir, metrics)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
 from common.config import RunConfig
+from common.files import atomic_write_text, strict_json
 from environments.records import to_jsonable
 from environments.session import open_session
 from common.signals import interrupts_deferred, sigterm_as_interrupt
@@ -23,11 +23,13 @@ from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton,
                            table_load_check)
 from reporting import provenance
 from reporting import render as reporting
+from reporting.tracking import check_tracker, log_episodes, open_tracker
 
 log = logging.getLogger(__name__)
 
 
 def run_train(cfg: RunConfig) -> Path:
+    check_tracker(cfg.log_to)
     if cfg.environment == "offline":
         return run_train_offline(cfg)
     prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
@@ -40,12 +42,16 @@ def run_train(cfg: RunConfig) -> Path:
         labels = [a.label for a in s.actions]
         trainer = Trainer(s, prompts, prov)
         run_dir = reporting.RunDir.create(Path(cfg.report_dir), "train", s.loaded.name)
+        tracker = open_tracker(cfg.log_to, run_dir.path)
+        tracked = [0]       # episodes already sent to the tracker (each write sends the new ones)
 
         def write(episodes, partial=False, reason=None):
             metrics = metrics_skeleton("train", cfg, prov, labels, episodes=to_jsonable(episodes),
                                latency_table=s.env.table.to_dict())
             metrics.update(partial=partial, partial_reason=reason)
             run_dir.write_metrics(metrics)
+            log_episodes(tracker, episodes[tracked[0]:])
+            tracked[0] = len(episodes)
             return metrics
 
         completed = False
@@ -68,9 +74,10 @@ def run_train(cfg: RunConfig) -> Path:
             metrics = write(trainer.episodes, partial=not completed,
                             reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
                                                           "continue with --resume")
-            (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
+            atomic_write_text(run_dir.path / "latency_table.json", strict_json(s.env.table.to_dict(), indent=1))
             metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
             finish_run(run_dir, metrics)
+            tracker.close()
             print(f"checkpoint: {cfg.checkpoint}")
         if not completed:
             raise KeyboardInterrupt
@@ -108,10 +115,12 @@ def run_train_offline(cfg: RunConfig) -> Path:
     seeds = [cfg.seed + i for i in range(cfg.offline.seeds)]
     paths = seed_checkpoints(cfg.checkpoint, seeds)
     runs = []
-    for seed in seeds:
-        started = time.perf_counter()
-        runs.append(train_offline(env, cfg.dqn, cfg.episodes, seed))
-        log.info("seed %d: %d episodes in %.1f s", seed, cfg.episodes, time.perf_counter() - started)
+    with open_tracker(cfg.log_to, run_dir.path) as tracker:
+        for seed in seeds:
+            started = time.perf_counter()
+            runs.append(train_offline(env, cfg.dqn, cfg.episodes, seed))
+            log.info("seed %d: %d episodes in %.1f s", seed, cfg.episodes, time.perf_counter() - started)
+            log_episodes(tracker, runs[-1][1], prefix=f"seed{seed}/")
     fitted = fit_offline_arms(env, names, cfg.offline.telemetry_draws, cfg.seed, [m for _, _, m in runs])
     histories = [episodes for _, episodes, _ in runs]
     # The no-prompt ablation on the same data and seeds (seconds offline): test mode scores it beside the

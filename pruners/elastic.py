@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common.files import atomic_write_bytes, atomic_write_text
+from common.files import atomic_write_bytes, atomic_write_text, strict_json
 from pruners.compensation import InputMoments
 from pruners.score_cache import ImportanceScores
 
@@ -66,7 +66,7 @@ class ElasticMenu:
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         atomic_write_bytes(folder / SIDECAR, lambda fh: torch.save(self.to_dict(), fh))
-        atomic_write_text(folder / HEAL_JSON, json.dumps(self.info, indent=1, default=str))
+        atomic_write_text(folder / HEAL_JSON, strict_json(self.info, default=str, indent=1))
 
     @classmethod
     def load(cls, folder: Path) -> "ElasticMenu":

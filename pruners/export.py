@@ -2,28 +2,32 @@
 
 The engine prunes with prefix views of reordered weights; other tools need real, smaller
 matrices and a config that says so. The export copies the kept prefix of every projection
-into a fresh model of the same class whose config has the new ``num_hidden_layers``,
-``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` and an explicit
-``head_dim`` (hidden / heads no longer equals it once heads are removed), then writes it with
-``save_pretrained`` together with the tokenizer and ``pruning.json`` (what was removed)::
+into a fresh model and writes it with ``save_pretrained`` together with the tokenizer and
+``pruning.json`` (what was removed, and the reload check)::
 
-    AutoModelForCausalLM.from_pretrained(out_dir)   # no project code needed
+    AutoModelForCausalLM.from_pretrained(out_dir)                           # a uniform plan
+    AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)   # a per-layer plan
 
-Stock LLaMA configs have one head count and one FFN width for all layers, so a plan whose
-kept sizes differ between layers (attention_heads at most intensities: whole KV groups are
-removed from the least important layers first) is refused with the intensities that give
-uniform shapes. Tied embeddings stay tied; dropped layers are left out and the rest renumbered.
+A plan a stock config can hold (the same head count and FFN width in every layer, no affine map
+for dropped layers) becomes a model of the source's class with the new ``num_hidden_layers``,
+``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` and an explicit ``head_dim``.
+Any other plan (``--allocation global``, ``--recovery compensate`` of dropped layers) is written by
+``pruners.export_hf`` as a ``PrunedLlamaForCausalLM``, whose per-layer config and modeling code
+travel in the folder. ``gguf=True`` also writes ``model.gguf`` for llama.cpp (``pruners.export_gguf``).
+Tied embeddings stay tied; dropped layers are left out and the rest renumbered.
 """
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
 import torch
 import transformers
 
+from common.files import atomic_write_text, strict_json
+from pruners.export_gguf import check_writable, write_gguf
+from pruners.export_hf import per_layer_model
 from pruners.param_budget import count_parameters
 from pruners import PruningAction, PruningEngine
 from pruners.slicing import ROWS
@@ -35,7 +39,11 @@ FORMAT_VERSION = 1
 
 
 class ExportError(ValueError):
-    """The action cannot be written as a stock checkpoint; the message names one that can."""
+    """The action cannot be exported; the message names one that can."""
+
+
+class PerLayerPlan(ExportError):
+    """A plan a stock config cannot hold: it is exported with the per-layer model (``pruners.export_hf``)."""
 
 
 def uniform_head_intensities(engine: PruningEngine) -> list[str]:
@@ -52,29 +60,33 @@ def uniform_head_intensities(engine: PruningEngine) -> list[str]:
 
 
 def kept_shapes(engine: PruningEngine, action: PruningAction) -> tuple[int, int, list[int]]:
-    """(KV groups per layer, FFN channels per layer, kept source layers), or ExportError."""
+    """(KV groups per layer, FFN channels per layer, kept source layers) of a plan a stock config holds.
+
+    ExportError when there is nothing to export; PerLayerPlan (saying why, and which flags give a stock
+    checkpoint) when the plan needs the per-layer model.
+    """
     if action.target == "kv_cache":
         raise ExportError(f"{action.label} prunes the KV cache while generating and removes no weights: "
                           "there is nothing to export (use attention_heads, ffn_neurons or transformer_layers)")
     plan, dims = engine.plan(action), engine.dims
     config = type(engine.model.config).__name__
     if plan.layers_kept is not None and engine.recovery == "compensate":
-        raise ExportError(f"{action.label} with --recovery compensate replaces each run of dropped layers by a "
-                          f"linear map of the hidden state, which a stock {config} cannot express: export it with "
-                          "--recovery none, or serve the compensated model through this tool's engine")
-    global_hint = (" (--allocation global ranks units across layers: export with --allocation uniform, or serve "
-                   "the global plan through this tool's engine)" if engine.allocation == "global" else "")
+        raise PerLayerPlan(f"{action.label} with --recovery compensate replaces each run of dropped layers by a "
+                           f"linear map of the hidden state, which a stock {config} cannot express (--recovery none "
+                           "gives a stock checkpoint)")
+    stock_hint = (" (--allocation uniform gives a stock checkpoint)" if engine.allocation == "global" else "")
     groups = set(plan.kv_groups_kept or (dims.num_kv_heads,))
     if len(groups) > 1:
-        uniform = "" if engine.allocation == "global" else (
-            f": export one of {', '.join(uniform_head_intensities(engine))} instead (the same KV groups removed "
-            "from every layer)")
-        raise ExportError(f"{action.label} keeps {sorted(groups)} KV groups depending on the layer, but a stock "
-                          f"{config} has one head count for all layers{uniform}{global_hint}")
+        uniform = (f" (with --allocation uniform, attention_heads at k/{dims.num_kv_heads} of the KV groups gives a "
+                   "stock checkpoint)" if engine.allocation == "global" else
+                   f" ({', '.join(uniform_head_intensities(engine))} remove the same KV groups from every layer and "
+                   "give a stock checkpoint)")
+        raise PerLayerPlan(f"{action.label} keeps {sorted(groups)} KV groups depending on the layer, but a stock "
+                           f"{config} has one head count for all layers{uniform}")
     ffn = set(plan.ffn_kept or (dims.intermediate,))
     if len(ffn) > 1:
-        raise ExportError(f"{action.label} keeps {min(ffn)}..{max(ffn)} FFN channels depending on the layer, but a "
-                          f"stock {config} has one intermediate_size{global_hint}")
+        raise PerLayerPlan(f"{action.label} keeps {min(ffn)}..{max(ffn)} FFN channels depending on the layer, but a "
+                           f"stock {config} has one intermediate_size{stock_hint}")
     layers = list(plan.layers_kept) if plan.layers_kept is not None else list(range(dims.num_layers))
     return groups.pop(), ffn.pop(), layers
 
@@ -129,30 +141,56 @@ def pruned_model(engine: PruningEngine, action: PruningAction) -> torch.nn.Modul
     return model.eval()
 
 
+def layer_shapes(model: torch.nn.Module, head_dim: int, group_size: int) -> list[dict]:
+    """What each layer of an exported model holds, read from its weights."""
+    shapes = []
+    for layer in model.model.layers:
+        kv = layer.self_attn.k_proj.out_features // head_dim
+        shapes.append({"kv_heads_kept": kv, "query_heads_kept": kv * group_size,
+                       "ffn_channels_kept": layer.mlp.gate_proj.out_features,
+                       "affine_map_after": getattr(layer, "replacement", None) is not None})
+    return shapes
+
+
 def export_pruned(loaded, engine: PruningEngine, action: PruningAction, out_dir: str | Path,
-                  method: str | None = None, budget: float | None = None) -> Path:
+                  method: str | None = None, budget: float | None = None, gguf: bool = False,
+                  vocab_gguf: Path | None = None) -> Path:
     """Write the model pruned by ``action`` to ``out_dir`` (save_pretrained + tokenizer + pruning.json).
 
     ``engine`` is the one built on ``loaded.model`` (its importance order decides what is kept);
     its current action is restored around the export. ``method``/``budget`` are recorded when
-    the action came from a baseline.
+    the action came from a baseline. ``gguf``: also write ``model.gguf`` for llama.cpp, its tokenizer copied
+    from ``vocab_gguf`` when the source model was read from one.
     """
     out = Path(out_dir)
-    groups, ffn, layers = kept_shapes(engine, action)
+    try:
+        kept_shapes(engine, action)
+        build, remote_code = pruned_model, None
+    except PerLayerPlan as why:
+        build, remote_code = per_layer_model, str(why)
+        log.info("%s: written as PrunedLlamaForCausalLM (per-layer config, trust_remote_code=True)", remote_code)
     current = engine.current_action
     engine.restore()
     try:
         before = count_parameters(engine.model)
-        model = pruned_model(engine, action)
+        model = build(engine, action)
     finally:
         engine.apply(current)
     after = count_parameters(model)
+    if gguf:
+        check_writable(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     dims = engine.dims
+    plan = engine.plan(action)
+    layers = list(plan.layers_kept) if plan.layers_kept is not None else list(range(dims.num_layers))
+    per_layer = layer_shapes(model, dims.head_dim, dims.group_size)
+    load = "AutoModelForCausalLM.from_pretrained(folder" + (", trust_remote_code=True)" if remote_code else ")")
     record = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
+        "architecture": type(model).__name__, "load_with": load,
+        "trust_remote_code": remote_code,     # why the per-layer model was needed (None: a stock class)
         "source_model": loaded.name, "source": loaded.source,
         "action": action.label, "target": action.target, "intensity": action.intensity,
         "effective_intensity": engine.effective_intensity(action),
@@ -169,32 +207,38 @@ def export_pruned(loaded, engine: PruningEngine, action: PruningAction, out_dir:
             "before": {"num_hidden_layers": dims.num_layers, "num_attention_heads": dims.num_heads,
                        "num_key_value_heads": dims.num_kv_heads, "intermediate_size": dims.intermediate,
                        "head_dim": dims.head_dim},
-            "after": {"num_hidden_layers": len(layers), "num_attention_heads": groups * dims.group_size,
-                      "num_key_value_heads": groups, "intermediate_size": ffn, "head_dim": dims.head_dim},
+            "after": {"num_hidden_layers": len(layers), "num_attention_heads": model.config.num_attention_heads,
+                      "num_key_value_heads": model.config.num_key_value_heads,
+                      "intermediate_size": model.config.intermediate_size, "head_dim": dims.head_dim,
+                      "per_layer_widths": remote_code is not None},
         },
         "layers_kept": layers,
         "layers_removed": [i for i in range(dims.num_layers) if i not in layers],
-        "per_layer": [{"layer": new, "source_layer": old, "kv_heads_kept": groups,
-                       "query_heads_kept": groups * dims.group_size, "ffn_channels_kept": ffn}
-                      for new, old in enumerate(layers)],
+        "per_layer": [{"layer": new, "source_layer": old, **shape}
+                      for new, (old, shape) in enumerate(zip(layers, per_layer))],
         "transformers_version": transformers.__version__,
     }
-    record["reload_check"] = reload_check(loaded, engine, action, out)
-    (out / "pruning.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    log.info("exported %s (%s) to %s: %d -> %d parameters; stock from_pretrained reload: max |logit diff| %.2e",
+    record["reload_check"] = reload_check(loaded, engine, action, out, trust_remote_code=remote_code is not None)
+    if gguf:
+        record["gguf"] = write_gguf(model, out, out / "model.gguf", name=f"{loaded.name} {action.label}",
+                                    vocab_gguf=vocab_gguf)
+    atomic_write_text(out / "pruning.json", strict_json(record, indent=1) + "\n")
+    log.info("exported %s (%s) to %s: %d -> %d parameters; from_pretrained reload: max |logit diff| %.2e",
              loaded.name, action.label, out, before.total, after.total, record["reload_check"]["max_abs_logit_diff"])
     return out
 
 
-def reload_check(loaded, engine: PruningEngine, action: PruningAction, out: Path, tokens: int = 32) -> dict:
-    """Reload ``out`` with stock transformers and compare its logits with the engine's pruned model.
+def reload_check(loaded, engine: PruningEngine, action: PruningAction, out: Path, tokens: int = 32,
+                 trust_remote_code: bool = False) -> dict:
+    """Reload ``out`` with transformers and compare its logits with the engine's pruned model.
 
     Recorded in pruning.json so every export carries its own evidence that the file on disk is the
     model the engine measured (not only the unit tests' tiny models).
     """
     ids = torch.randint(0, loaded.model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     device = next(loaded.model.parameters()).device
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=loaded.model.dtype).to(device).eval()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=loaded.model.dtype, trust_remote_code=trust_remote_code).to(device).eval()
     current = engine.current_action
     with torch.inference_mode():
         try:

@@ -374,7 +374,7 @@ class Healer:
         self.engine.restore()
         return record
 
-    def _maybe_validate(self) -> None:
+    def _maybe_validate(self, on_validation: Callable[[dict], None] | None = None) -> None:
         s = self.state
         due = s.step % self.cfg.validate_every == 0 or s.step == self.cfg.steps
         if self.held_out is None or not due or (s.validation and s.validation[-1]["step"] == s.step):
@@ -385,14 +385,20 @@ class Healer:
         s.validation.append(record)
         log.info("heal step %d: held-out KL %s (training windows %s)", s.step,
                  kl_summary(record["held_out"]), kl_summary(record["train"]))
+        if on_validation is not None:
+            on_validation(record)
 
-    def run(self, progress: bool = True) -> HealState:
-        """Steps until ``cfg.steps``; a checkpoint every ``save_every`` steps (the caller saves on interrupt)."""
+    def run(self, progress: bool = True, on_step: Callable[[dict], None] | None = None,
+            on_validation: Callable[[dict], None] | None = None) -> HealState:
+        """Steps until ``cfg.steps``; a checkpoint every ``save_every`` steps (the caller saves on interrupt).
+
+        ``on_step`` / ``on_validation`` receive each step's and each validation's record as it is made (a tracker).
+        """
         s, cfg = self.state, self.cfg
         tokens_per_step = cfg.batch * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=s.step, desc="heal", unit="step", disable=not progress)
         with bar:
-            self._maybe_validate()
+            self._maybe_validate(on_validation)
             while s.step < cfg.steps:
                 started = time.perf_counter()
                 record = self.step(s.step)
@@ -403,7 +409,9 @@ class Healer:
                 s.history.append(record)
                 bar.update()
                 bar.set_postfix(kl=f"{record['kl']:.4f}", tok_s=f"{s.tokens / max(s.wall_s, 1e-9):.0f}")
-                self._maybe_validate()
+                if on_step is not None:
+                    on_step(record)
+                self._maybe_validate(on_validation)
                 if self.checkpoint is not None and s.step % cfg.save_every == 0 and s.step < cfg.steps:
                     self.save_checkpoint()
         return s

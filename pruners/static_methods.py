@@ -78,11 +78,12 @@ def resolve(engine: PruningEngine, method: StructuredMethod, budget: float) -> B
 
 
 def export_baseline(loaded, spec: str, out_dir: Path, calibration: Sequence[str], max_tokens: int = 256,
-                    cache_dir: Path | None = None) -> Path:
+                    cache_dir: Path | None = None, gguf: bool = False, vocab_gguf: Path | None = None) -> Path:
     """Export the model a baseline ``METHOD@BUDGET`` prunes (see ``export.export_pruned``)."""
     from pruners.export import export_pruned
 
     method, budget = parse_baseline(spec)
     engine = build_engine(loaded, method, calibration, max_tokens, cache_dir)
     match = resolve(engine, method, budget)
-    return export_pruned(loaded, engine, match.action, out_dir, method=method.name, budget=budget)
+    return export_pruned(loaded, engine, match.action, out_dir, method=method.name, budget=budget, gguf=gguf,
+                         vocab_gguf=vocab_gguf)

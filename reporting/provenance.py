@@ -96,7 +96,10 @@ def model_info(model) -> dict | None:
         return None
     params = getattr(model, "num_parameters", None)
     return {"id": getattr(model, "name", str(model)), "source": getattr(model, "source", None),
-            "parameters": int(params) if isinstance(params, (int, float)) else None}
+            "parameters": int(params) if isinstance(params, (int, float)) else None,
+            # revision (Hub), sha256 of the weight files (local, embedded), and for the embedded model the format
+            # ("Q4_1 GGUF dequantized to fp32": not the published bf16 weights)
+            "weights": dict(getattr(model, "weights", None) or {})}
 
 
 def hardware() -> dict:

@@ -16,18 +16,17 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, is_dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 
-from common.files import atomic_write_text
+from common.files import atomic_write_text, strict_json
 from common.markdown import MISSING, fmt, fmt_ci, fmt_pct, is_number, md_cell, md_table
 
 from reporting import offline_sections, provenance
 from reporting import summaries
-from environments.records import RUN_KINDS, SCHEMA_VERSION, to_jsonable
+from environments.records import RUN_KINDS, SCHEMA_VERSION
 from reporting.plots import PLOTS, overlay_pareto, overlay_reward, render_plots
 from reporting.schema import validate_metrics
 from reporting.summaries import ALL, DENSE
@@ -84,24 +83,13 @@ class RunDir:
         data["summary"] = summaries.summarize(data)
         for problem in validate_metrics(data):
             log.warning("metrics.json of %s: %s", self.path.name, problem)
-        atomic_write_text(self.metrics_path, json.dumps(data, indent=1, default=_json_default))
+        atomic_write_text(self.metrics_path, strict_json(data, indent=1))
         return self.metrics_path
 
     def write_config(self, config: Mapping) -> Path:
         path = self.path / CONFIG_FILE
-        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True, default=str))
+        atomic_write_text(path, strict_json(config, default=str, indent=2, sort_keys=True))
         return path
-
-
-def _json_default(obj: object) -> object:
-    """Numpy scalars and arrays, paths and dataclasses that reached the metrics dict unconverted."""
-    if isinstance(obj, (np.generic, np.ndarray)):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable; convert it before writing metrics")
 
 
 def model_slug(model_name: str) -> str:

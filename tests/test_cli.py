@@ -154,6 +154,24 @@ def test_export_mode_writes_a_model_stock_transformers_loads(tmp_path):
     assert json.loads((out / "pruning.json").read_text())["action"] == "ffn_neurons:0.5"
 
 
+def test_the_readme_export_example_works_with_the_default_engine(tmp_path):
+    """--allocation global --recovery compensate (the defaults) keep a different FFN width in every layer: the
+    folder carries them in its config and loads with trust_remote_code; --gguf writes them as llama.cpp arrays."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "exported"
+    assert adaptive_pruning.main(["--mode", "export", "--model", "tiny", "--action", "ffn_neurons:0.5", "--gguf",
+                                  "--export", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    widths = model.config.layer_intermediate_sizes
+    assert len(set(widths)) > 1 and sum(widths) == 4 * 128
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["architecture"] == "PrunedLlamaForCausalLM" and "intermediate_size" in record["trust_remote_code"]
+    assert record["reload_check"]["max_abs_logit_diff"] < 1e-4
+    fields = gguf.GGUFReader(str(out / "model.gguf")).fields
+    assert fields["deci.feed_forward_length"].contents() == widths
+
+
 def test_export_mode_needs_exactly_one_source(tmp_path, capsys):
     assert adaptive_pruning.main(["--mode", "export", "--model", "tiny", "--export", str(tmp_path / "x")]) == 2
     assert "exactly one of --action" in capsys.readouterr().err

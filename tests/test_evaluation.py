@@ -321,7 +321,7 @@ def test_run_evaluation_dense_static_policy(tiny, task_files, tmp_path, monkeypa
                         wikitext_path=str(_small_raw(tmp_path)), batch_size=2, probe_prompt_tokens=8,
                         probe_new_tokens=2, probe_repeats=1, progress=False)
     block = run_evaluation(tiny, "dense,static:ffn_neurons:0.5,policy:fake.pt", config, engine=checking,
-                           router_factory=lambda checkpoint, loaded: CyclingRouter())
+                           router_factory=lambda checkpoint, loaded: CyclingRouter(), output_dir=tmp_path / "lm_eval")
     models = block["models"]
     assert list(models) == ["dense", "static:ffn_neurons:0.5", "policy:fake.pt"]
     assert models["dense"]["actions"] == {"none": 3 + 3}          # 3 windows + 3 documents
@@ -335,6 +335,13 @@ def test_run_evaluation_dense_static_policy(tiny, task_files, tmp_path, monkeypa
     assert block["lm_eval_version"] and block["task_data"]["boolq"].endswith("boolq.jsonl")
     assert torch.equal(checking.logits(), checking.dense)
     json.dumps(block)                                             # metrics.json-ready
+    # lm-eval's own files beside metrics.json, in its format: the scores equal ours, one sample line per document
+    for entry in models.values():
+        files = [tmp_path / f for f in entry["lm_eval_files"]]
+        results = json.loads(next(f for f in files if f.name.startswith("results_")).read_text())
+        assert results["results"]["boolq"]["acc,none"] == pytest.approx(entry["tasks"]["boolq"]["acc"])
+        samples = next(f for f in files if f.name.startswith("samples_boolq_")).read_text().splitlines()
+        assert len(samples) == 3 and "resps" in json.loads(samples[0])
 
 
 def _small_raw(tmp_path: Path) -> Path:

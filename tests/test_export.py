@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import model_loader
-from pruners.export import ExportError, export_pruned
+from pruners.export import ExportError, PerLayerPlan, export_pruned, kept_shapes
 from pruners import NONE, PruningAction, PruningEngine
 from common.calibration import CALIBRATION_SENTENCES
 from pruners.static_methods import export_baseline, parse_baseline
@@ -85,10 +85,10 @@ def test_export_restores_the_engine_state(tiny, ids, tmp_path):
     engine.restore()
 
 
-def test_non_uniform_heads_refused_with_a_uniform_alternative(tiny, tmp_path):
+def test_non_uniform_heads_go_per_layer_and_kv_cache_is_refused(tiny, ids, tmp_path):
     engine = PruningEngine(tiny.model, importance="magnitude", cache_dir=tmp_path)
-    with pytest.raises(ExportError, match=r"keeps \[1, 2\] KV groups.*attention_heads:0\.5"):
-        export_pruned(tiny, engine, PruningAction("attention_heads", 0.25), tmp_path / "out")
+    with pytest.raises(PerLayerPlan, match=r"keeps \[1, 2\] KV groups.*attention_heads:0\.5"):
+        kept_shapes(engine, PruningAction("attention_heads", 0.25))
     with pytest.raises(ExportError, match="removes no weights"):
         export_pruned(tiny, engine, PruningAction("kv_cache", 0.5), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -128,3 +128,57 @@ def test_baseline_spec_errors_name_the_format():
     with pytest.raises(ValueError, match="unknown structured baseline"):
         parse_baseline("obs@0.3")
     assert parse_baseline("shortgpt@0.25")[0].target == "transformer_layers"
+
+
+# ---- plans a stock config cannot hold: the per-layer model (remote code) ----------------------------
+
+PER_LAYER = ["ffn_neurons:0.5", "attention_heads:0.25", "transformer_layers:0.5"]
+
+
+@pytest.fixture
+def default_engine(tiny, tmp_path) -> PruningEngine:
+    """The CLI's defaults: one ranking across layers and training-free compensation."""
+    return PruningEngine(tiny.model, importance="activation", tokenizer=tiny.tokenizer, allocation="global",
+                         recovery="compensate", calibration=CALIBRATION_SENTENCES[:3], cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("label", PER_LAYER)
+def test_per_layer_plans_reload_with_their_widths_and_the_engines_logits(tiny, ids, tmp_path, default_engine, label):
+    action = PruningAction.parse(label)
+    out = export_pruned(tiny, default_engine, action, tmp_path / "out")
+    assert (out / "modeling_pruned_llama.py").is_file()          # the code travels with the folder
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with default_engine.pruned(action):
+        expected = logits(tiny.model, ids)
+        greedy = tiny.model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert (logits(reloaded, ids) - expected).abs().max() < 1e-4
+    assert torch.equal(reloaded.generate(ids[:1], max_new_tokens=6, do_sample=False), greedy)   # KV cache per layer
+    config, plan, record = reloaded.config, default_engine.plan(action), json.loads((out / "pruning.json").read_text())
+    if plan.ffn_kept:
+        assert config.layer_intermediate_sizes == list(plan.ffn_kept)
+    if plan.kv_groups_kept:
+        assert config.layer_num_key_value_heads == list(plan.kv_groups_kept)
+        assert [layer["query_heads_kept"] for layer in record["per_layer"]] == [3 * g for g in plan.kv_groups_kept]
+    if plan.layers_kept:
+        assert config.num_hidden_layers == len(plan.layers_kept) and config.layer_replacements
+        assert [layer["affine_map_after"] for layer in record["per_layer"]] == [
+            i in config.layer_replacements for i in range(config.num_hidden_layers)]
+    assert record["trust_remote_code"] and record["load_with"].endswith("trust_remote_code=True)")
+    assert params_on_disk(out) == sum(p.numel() for p in reloaded.parameters()) == record["parameters"]["after"]
+    assert record["reload_check"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_a_uniform_plan_of_the_default_engine_stays_a_stock_checkpoint(tiny, tmp_path, default_engine):
+    out = export_pruned(tiny, default_engine, PruningAction("attention_heads", 0.5), tmp_path / "out")
+    assert not (out / "modeling_pruned_llama.py").exists()
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    assert json.loads((out / "pruning.json").read_text())["trust_remote_code"] is None
+
+
+def test_the_shipped_modeling_code_needs_nothing_from_this_project():
+    import ast
+    import pruners.modeling_pruned_llama as remote
+    tree = ast.parse(Path(remote.__file__).read_text())
+    imported = {n.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])}
+    assert imported <= {"__future__", "torch", "transformers"}, imported

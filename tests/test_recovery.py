@@ -257,15 +257,16 @@ def test_compensated_uniform_plans_export_to_stock_transformers_with_biases(tiny
         assert reloaded.config.mlp_bias or reloaded.config.attention_bias
 
 
-def test_plans_stock_transformers_cannot_express_are_refused_with_the_alternative(tiny, tmp_path):
-    from pruners.export import ExportError, export_pruned
+def test_plans_a_stock_config_cannot_hold_say_why_and_which_flags_give_one(tiny, tmp_path):
+    """They are exported with the per-layer model (tests/test_export.py); the reason names the stock route."""
+    from pruners.export import PerLayerPlan, kept_shapes
     eng = engine(tiny, tmp_path)
-    with pytest.raises(ExportError, match="--recovery none"):
-        export_pruned(tiny, eng, PruningAction("transformer_layers", 0.3), tmp_path / "layers")
+    with pytest.raises(PerLayerPlan, match="--recovery none"):
+        kept_shapes(eng, PruningAction("transformer_layers", 0.3))
     plan = eng.plan(PruningAction("ffn_neurons", 0.3))
-    if len(set(plan.ffn_kept)) > 1:
-        with pytest.raises(ExportError, match="--allocation uniform"):
-            export_pruned(tiny, eng, PruningAction("ffn_neurons", 0.3), tmp_path / "ffn")
+    assert len(set(plan.ffn_kept)) > 1          # the tiny model's global plan differs between layers
+    with pytest.raises(PerLayerPlan, match="--allocation uniform"):
+        kept_shapes(eng, PruningAction("ffn_neurons", 0.3))
 
 
 # ---- the run's engine settings travel with the policy -------------------------------------------
