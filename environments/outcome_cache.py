@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common.config import RunConfig
 from common.data import Prompt
 from common.files import atomic_write_text
-from environments.quality import mean_kl, ppl_ratio, token_nll
+from environments.quality import mean_kl, ppl_ratio, token_kl, token_nll
 from pruners import PruningAction
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class ActionQuality:
     prompt_kl: float | None           # the same on the prompt's last positions (None: prompt too short)
     half_log_ratio: tuple[float, float]   # log PPL ratio on the first and the second half of the reference
     inert: bool                       # nothing removed on this prompt (none; KV pruning of a short prompt)
+    half_kl: tuple[float, float] | None = None   # mean token KL on the two halves (reliability of KL as the
+                                                 # damage measure; None in caches written before it existed)
 
 
 @dataclass
@@ -54,7 +56,8 @@ class PromptOutcomes:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptOutcomes":
-        actions = {k: ActionQuality(**{**v, "half_log_ratio": tuple(v["half_log_ratio"])})
+        actions = {k: ActionQuality(**{**v, "half_log_ratio": tuple(v["half_log_ratio"]),
+                                       "half_kl": tuple(v["half_kl"]) if v.get("half_kl") else None})
                    for k, v in d.pop("actions").items()}
         return cls(**d, actions=actions)
 
@@ -116,10 +119,13 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
         pruned_prompt = pruned.prompt or dense.prompt
         diff = token_nll(pruned, target) - dense_nll
         second = diff[half:] if diff.numel() > half else diff[-1:]
+        kl = token_kl(dense, pruned)
+        second_kl = kl[half:] if kl.numel() > half else kl[-1:]
         out.actions[action.label] = ActionQuality(
             ppl_ratio=ppl_ratio(pruned, dense), kl=mean_kl(dense, pruned),
             prompt_kl=None if dense.prompt is None else mean_kl(dense.prompt, pruned_prompt),
-            half_log_ratio=(float(diff[:half].mean()), float(second.mean())), inert=inert)
+            half_log_ratio=(float(diff[:half].mean()), float(second.mean())), inert=inert,
+            half_kl=(float(kl[:half].mean()), float(second_kl.mean())))
     return out
 
 
