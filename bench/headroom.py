@@ -16,12 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+from runtime import openmp  # torch-free: the wait policy must be set before torch loads libgomp
 
-from common import hub
+if __name__ == "__main__":
+    openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
+
+import torch  # noqa: E402
+
+from common import hub  # noqa: E402
 from common.calibration import calibration_set
 from common.config import EnvConfig, RunConfig
 from common.data import ALPACA_SUBSET, PromptSet, data_root, load_prompts, normalise
@@ -108,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="per-prompt records (default: <project cache>/headroom)")
     parser.add_argument("--cost-prompts", type=int, default=5, help="prompts timed for the probe's cost (0: none)")
     parser.add_argument("--cost-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     cfg = RunConfig(model=args.model, seed=args.seed,
                     env=EnvConfig(max_new_tokens=args.max_new_tokens, min_reference_tokens=args.max_new_tokens))
     train, held = held_out_prompts(cfg, args.prompts, args.held_fraction)

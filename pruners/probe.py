@@ -107,16 +107,18 @@ def per_layer_share(scores: torch.Tensor) -> torch.Tensor:
     return scores / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def prompt_fluctuation(record: PrefillRecord, model: nn.Module, means: dict[str, torch.Tensor],
+def prompt_fluctuation(record: PrefillRecord, model: nn.Module, means: dict[str, torch.Tensor] | None,
                        path: str) -> torch.Tensor:
     """[layers, columns]: this prompt's mean (x_j - mu_j)^2 ||W_:,j||^2 over its tokens after the sink, per
-    input column of ``path`` (``mu``: the calibration mean compensation adds back), in the model's unit order."""
+    input column of ``path`` (``mu``: the calibration mean compensation adds back; 0 without compensation),
+    in the model's unit order."""
     rows = []
     for i, layer in enumerate(decoder_layers(model)):
         x = tail(record.inputs[i, path])
-        mu = means[f"{i}.{path}"].to(x.device, x.dtype)
+        if means is not None:
+            x = x - means[f"{i}.{path}"].to(x.device, x.dtype)
         w_sq = layer.get_submodule(path).weight.detach().float().pow(2).sum(0)
-        rows.append(((x - mu).pow(2).mean(0) * w_sq).cpu())
+        rows.append((x.pow(2).mean(0) * w_sq).cpu())
     return torch.stack(rows)
 
 
@@ -235,3 +237,29 @@ def _complement(keep: torch.Tensor, size: int) -> torch.Tensor:
 def group_fluctuation(columns: torch.Tensor, dims: ModelDims) -> torch.Tensor:
     """[layers, o_proj columns] -> [layers, KV groups]: a group's columns summed."""
     return columns.reshape(columns.shape[0], dims.num_kv_heads, -1).sum(-1)
+
+
+def select_units(engine, record: PrefillRecord, action, weight: float = 0.5,
+                 scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 means: dict[str, torch.Tensor] | None = None) -> ProbeSelection:
+    """The units ``engine`` keeps for ``action`` (its per-layer counts), ranked for this prompt.
+
+    ``weight``: the prompt's share in the blend (0: the calibration order alone, which is the engine's own
+    prefix). ``scores`` (ffn [layers, channels], kv_groups [layers, groups]) and ``means`` replace the engine's
+    calibration statistics (e.g. an in-domain calibration); by default the engine's, in its unit order.
+    Heads/FFN actions only; the engine must be dense (the selection reads and gathers the full weights).
+    """
+    if engine.current_action.target != "none":
+        raise RuntimeError("per-prompt selection reads the dense weights: restore the engine first")
+    plan, dims, model = engine.plan(action), engine.dims, engine.model
+    if means is None and engine.recovery == "compensate":
+        means = engine.moments.mean
+    ffn_scores, group_scores = scores if scores is not None else (engine.scores.ffn, engine.scores.kv_groups)
+    if plan.ffn_kept is not None:
+        ranked = blend(prompt_fluctuation(record, model, means, FFN_INPUT), ffn_scores, weight)
+        return ProbeSelection(model, ffn=top_units(ranked, plan.ffn_kept), means=means)
+    if plan.kv_groups_kept is not None:
+        prompt = group_fluctuation(prompt_fluctuation(record, model, means, HEADS_INPUT), dims)
+        ranked = blend(prompt, group_scores, weight)
+        return ProbeSelection(model, groups=top_units(ranked, plan.kv_groups_kept), means=means)
+    raise ValueError(f"per-prompt selection covers FFN channels and KV groups, not {action.label}")
