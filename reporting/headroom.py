@@ -108,6 +108,8 @@ class RoutingRow:
     random: float
     oracle: float
     routed: dict[str, float]          # predictor -> mean log PPL ratio when it picks the half
+    gain_ci: dict[str, tuple[float, float]]   # predictor -> 95 % bootstrap CI (over held-out prompts) of
+                                              # uniform - routed (> 0: routing beats uniform)
 
     def share(self, predictor: str) -> float:
         """Share of the oracle's gain over uniform that routing by ``predictor`` captures (negative: it loses
@@ -123,15 +125,29 @@ def route(scores: np.ndarray, damage_high: np.ndarray) -> float:
     return float(damage_high[chosen].sum() / len(damage_high))
 
 
+def gain_interval(scores: np.ndarray, d_low: np.ndarray, d_high: np.ndarray, draws: int = 2000,
+                  seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap over prompts (predictions held fixed) of uniform - routed mean damage."""
+    rng = np.random.default_rng(seed)
+    n = len(d_high) - len(d_high) % 2
+    gains = []
+    for _ in range(draws):
+        idx = rng.integers(0, len(d_high), n)
+        gains.append(d_low[idx].mean() - route(scores[idx], d_high[idx]))
+    low, high = np.percentile(gains, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def routing_row(train: Sequence[PromptDamage], held: Sequence[PromptDamage], low: str, high: str,
                 predictors: Sequence[tuple[str, str, str]]) -> RoutingRow:
     """``predictors``: (name, feature set, measure the ridge is fitted to: "log_ratio" or "kl")."""
     if len(held) % 2:
         held = held[:-1]               # an even count: half at 2r spends exactly the compute of r on all
-    d_high = damage(held, high)
-    routed = {name: route(fit_predict(train, held, fs, high, measure), d_high) for name, fs, measure in predictors}
-    return RoutingRow(low.split(":")[0], low, high, float(damage(held, low).mean()), float(d_high.mean() / 2),
-                      route(d_high, d_high), routed)
+    d_low, d_high = damage(held, low), damage(held, high)
+    scores = {name: fit_predict(train, held, fs, high, measure) for name, fs, measure in predictors}
+    return RoutingRow(low.split(":")[0], low, high, float(d_low.mean()), float(d_high.mean() / 2),
+                      route(d_high, d_high), {name: route(s, d_high) for name, s in scores.items()},
+                      {name: gain_interval(s, d_low, d_high) for name, s in scores.items()})
 
 
 def cross_action_spearman(held: Sequence[PromptDamage], a: str, b: str) -> float:
@@ -159,4 +175,7 @@ def render(rows: Sequence[ActionRow], routing: Sequence[RoutingRow], feature_set
         for g in routing:
             out.append(f"| {g.target} ({g.low} vs {g.high}) | {g.uniform:.3f} | {g.random:.3f} | {g.oracle:.3f} | "
                        + " | ".join(f"{g.routed[n]:.3f} ({g.share(n):+.0%})" for n in names) + " |")
+        out += ["", "95 % bootstrap CI of uniform - routed (> 0: routing beats uniform):", ""]
+        for g in routing:
+            out.append(f"- {g.target}: " + "; ".join(f"{n} [{a:+.3f}, {b:+.3f}]" for n, (a, b) in g.gain_ci.items()))
     return "\n".join(out)
