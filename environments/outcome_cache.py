@@ -130,8 +130,12 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
 
 
 def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Sequence[PruningAction],
-               prompt_kl_tokens: int) -> dict[str, PromptOutcomes]:
-    """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks."""
+               prompt_kl_tokens: int, executor: str = "local", cfg: RunConfig | None = None,
+               ray_address: str | None = None) -> dict[str, PromptOutcomes]:
+    """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks.
+
+    ``executor="ray"``: the prompts to measure run as independent tasks on Ray actors built from ``cfg``
+    (``environments.fanout``); the cache is written here either way."""
     labels = {a.label for a in actions}
     result: dict[str, PromptOutcomes] = {}
     todo = []
@@ -144,11 +148,15 @@ def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Seq
     if todo:
         log.info("outcome cache: %d of %d prompts to measure (%d actions each) in %s",
                  len(todo), len(prompts), len(actions), cache.folder)
-    for prompt, known in tqdm(todo, desc="precompute outcomes", disable=not todo):
-        outcomes = measure_prompt(env, prompt, actions, prompt_kl_tokens, known)
+    if executor == "ray" and todo:
+        from environments.fanout import ray_measure
+        measured = ray_measure(cfg, todo, actions, prompt_kl_tokens, ray_address)
+    else:
+        measured = ((prompt, measure_prompt(env, prompt, actions, prompt_kl_tokens, known)) for prompt, known in todo)
+    for prompt, outcomes in tqdm(measured, total=len(todo), desc="precompute outcomes", disable=not todo):
         bad = [a for a, q in outcomes.actions.items() if not (math.isfinite(q.ppl_ratio) and math.isfinite(q.kl))]
         if bad:
             raise FloatingPointError(f"prompt {prompt.id}: non-finite quality for {bad}")
         cache.store(prompt, outcomes)
         result[prompt.id] = outcomes
-    return result
+    return {p.id: result[p.id] for p in prompts}
