@@ -24,6 +24,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"--environment must be one of {', '.join(ENVIRONMENTS)}, got {cfg.environment}")
     if cfg.offline.executor not in EXECUTORS:
         raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {cfg.offline.executor}")
+    if cfg.offline.ray_address and cfg.offline.executor != "ray":
+        raise ValueError("--ray-address only matters with --executor ray: add it, or drop --ray-address")
     if cfg.state_features not in STATE_FEATURES:
         raise ValueError(f"--state-features must be one of {', '.join(STATE_FEATURES)}, got {cfg.state_features}")
     levels = [sc.name for sc in parse_scenarios(cfg.scenarios)]
