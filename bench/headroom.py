@@ -14,6 +14,7 @@ prompt is cached (``--cache-dir``), so a run can be stopped and resumed or grown
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import statistics
 import sys
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--layers", action="store_true", help="also the transformer_layers actions")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop measuring new prompts after this long and report on those measured")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -134,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**engine_settings(cfg, loaded.name, loaded.source), "actions": labels}
     folder = Path(args.cache_dir or hub.cache_dir() / "headroom")
     started = time.perf_counter()
-    records = {side: measure_headroom(env, analyzer, list(prompts), actions, folder, settings,
-                                      cfg.offline.prompt_kl_tokens)
+    # training and held-out prompts alternate, so a run stopped by --minutes leaves both sides measured
+    interleaved = [p for pair in itertools.zip_longest(train, held) for p in pair if p is not None]
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else None
+    measured = dict(zip((p.id for p in interleaved),
+                        measure_headroom(env, analyzer, interleaved, actions, folder, settings,
+                                         cfg.offline.prompt_kl_tokens, deadline)))
+    records = {side: [measured[p.id] for p in prompts if measured.get(p.id) is not None]
                for side, prompts in (("train", train), ("held", held))}
     data = {side: [to_damage(r, labels) for r in recs] for side, recs in records.items()}
     predictors = [(s, s, "log_ratio") for s in FEATURE_SETS] + [("probe (fit to log KL)", "probe", "kl")]
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.recovery}, references: {args.max_new_tokens}-token dense greedy, NLP backend {analyzer.backend}, "
           f"torch threads {torch.get_num_threads()}, measured in {time.perf_counter() - started:.0f} s")
     print(f"split: Alpaca minus calibration texts, seeded hash of the text (seed {args.seed}), "
-          f"{len(train)} training / {len(held)} held-out")
+          f"{len(records['train'])} training / {len(records['held'])} held-out measured "
+          f"(of {len(train)} / {len(held)} asked)")
     print(render(action_rows(data["train"], data["held"], labels, FEATURE_SETS), routing, FEATURE_SETS,
                  len(data["train"]), len(data["held"])))
     pairs = [("ffn_neurons:0.2", "ffn_neurons:0.4"), ("ffn_neurons:0.4", "attention_heads:0.4"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -65,13 +66,17 @@ def measure_record(env, analyzer, prompt: Prompt, actions: Sequence[PruningActio
 
 
 def measure_headroom(env, analyzer, prompts: Sequence[Prompt], actions: Sequence[PruningAction], folder: Path,
-                     settings: dict, prompt_kl_tokens: int) -> list[HeadroomRecord]:
-    """Records of every prompt, measuring only those not on disk (an interrupted run resumes)."""
-    records = []
+                     settings: dict, prompt_kl_tokens: int, deadline: float | None = None) -> list[HeadroomRecord | None]:
+    """Records of the prompts, in their order, measuring only those not on disk (an interrupted run resumes).
+    After ``deadline`` (``time.monotonic()``) nothing more is measured: the prompts left get None."""
+    records: list[HeadroomRecord | None] = []
     for prompt in tqdm(prompts, desc="headroom prompts", unit="prompt"):
         path = record_path(folder, settings, prompt)
         if path.is_file():
             records.append(HeadroomRecord.from_dict(json.loads(path.read_text())))
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            records.append(None)
             continue
         record = measure_record(env, analyzer, prompt, actions, prompt_kl_tokens)
         atomic_write_text(path, json.dumps(asdict(record)))
