@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
 ENVIRONMENTS = ("offline", "live")
 STATE_FEATURES = ("basic", "contention")
+EXECUTORS = ("local", "ray")        # how the offline outcome precompute runs (environments.fanout)
 OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (live: dqn.gradient_steps, 4)
 
 
@@ -100,6 +101,8 @@ class OfflineConfig:
     prompt_kl_tokens: int = 32     # KL(dense || pruned) on the prompt's last N positions (the prefill's logits)
     telemetry_draws: int = 2       # telemetry readings per (test prompt, calibration) cell
     cache_dir: str | None = None   # outcome and calibration cache (default: <project cache>/offline)
+    executor: str = "local"        # outcome precompute: local (sequential) | ray (independent tasks on Ray actors)
+    ray_address: str | None = None # --executor ray: a cluster's address (None: ray.init() starts a local instance)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common.config import RunConfig
 from common.data import Prompt
 from common.files import atomic_write_text
-from environments.quality import mean_kl, ppl_ratio, token_nll
+from environments.quality import mean_kl, ppl_ratio, token_kl, token_nll
 from pruners import PruningAction
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class ActionQuality:
     prompt_kl: float | None           # the same on the prompt's last positions (None: prompt too short)
     half_log_ratio: tuple[float, float]   # log PPL ratio on the first and the second half of the reference
     inert: bool                       # nothing removed on this prompt (none; KV pruning of a short prompt)
+    half_kl: tuple[float, float] | None = None   # mean token KL on the two halves (reliability of KL as the
+                                                 # damage measure; None in caches written before it existed)
 
 
 @dataclass
@@ -54,7 +56,8 @@ class PromptOutcomes:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptOutcomes":
-        actions = {k: ActionQuality(**{**v, "half_log_ratio": tuple(v["half_log_ratio"])})
+        actions = {k: ActionQuality(**{**v, "half_log_ratio": tuple(v["half_log_ratio"]),
+                                       "half_kl": tuple(v["half_kl"]) if v.get("half_kl") else None})
                    for k, v in d.pop("actions").items()}
         return cls(**d, actions=actions)
 
@@ -116,16 +119,23 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
         pruned_prompt = pruned.prompt or dense.prompt
         diff = token_nll(pruned, target) - dense_nll
         second = diff[half:] if diff.numel() > half else diff[-1:]
+        kl = token_kl(dense, pruned)
+        second_kl = kl[half:] if kl.numel() > half else kl[-1:]
         out.actions[action.label] = ActionQuality(
             ppl_ratio=ppl_ratio(pruned, dense), kl=mean_kl(dense, pruned),
             prompt_kl=None if dense.prompt is None else mean_kl(dense.prompt, pruned_prompt),
-            half_log_ratio=(float(diff[:half].mean()), float(second.mean())), inert=inert)
+            half_log_ratio=(float(diff[:half].mean()), float(second.mean())), inert=inert,
+            half_kl=(float(kl[:half].mean()), float(second_kl.mean())))
     return out
 
 
 def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Sequence[PruningAction],
-               prompt_kl_tokens: int) -> dict[str, PromptOutcomes]:
-    """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks."""
+               prompt_kl_tokens: int, executor: str = "local", cfg: RunConfig | None = None,
+               ray_address: str | None = None) -> dict[str, PromptOutcomes]:
+    """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks.
+
+    ``executor="ray"``: the prompts to measure run as independent tasks on Ray actors built from ``cfg``
+    (``environments.fanout``); the cache is written here either way."""
     labels = {a.label for a in actions}
     result: dict[str, PromptOutcomes] = {}
     todo = []
@@ -138,11 +148,15 @@ def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Seq
     if todo:
         log.info("outcome cache: %d of %d prompts to measure (%d actions each) in %s",
                  len(todo), len(prompts), len(actions), cache.folder)
-    for prompt, known in tqdm(todo, desc="precompute outcomes", disable=not todo):
-        outcomes = measure_prompt(env, prompt, actions, prompt_kl_tokens, known)
+    if executor == "ray" and todo:
+        from environments.fanout import ray_measure
+        measured = ray_measure(cfg, todo, actions, prompt_kl_tokens, ray_address)
+    else:
+        measured = ((prompt, measure_prompt(env, prompt, actions, prompt_kl_tokens, known)) for prompt, known in todo)
+    for prompt, outcomes in tqdm(measured, total=len(todo), desc="precompute outcomes", disable=not todo):
         bad = [a for a, q in outcomes.actions.items() if not (math.isfinite(q.ppl_ratio) and math.isfinite(q.kl))]
         if bad:
             raise FloatingPointError(f"prompt {prompt.id}: non-finite quality for {bad}")
         cache.store(prompt, outcomes)
         result[prompt.id] = outcomes
-    return result
+    return {p.id: result[p.id] for p in prompts}

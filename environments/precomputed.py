@@ -233,7 +233,7 @@ def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequen
     root = Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else hub.cache_dir() / "offline"
     engine = engine_settings(cfg, s.loaded.name, s.loaded.source)
     outcomes = precompute(env, OutcomeCache(root / "outcomes", engine), prompts, s.actions,
-                          cfg.offline.prompt_kl_tokens)
+                          cfg.offline.prompt_kl_tokens, cfg.offline.executor, cfg, cfg.offline.ray_address)
     texts = [p.text for p in calibration_prompts][:64]
     env.set_calibration_prompts(texts)
     buckets = sorted({env.bucket(env.encode(p.text)[0].numel()) for p in [*prompts, *calibration_prompts]},

@@ -67,10 +67,14 @@ def ppl_ratio(pruned: TokenScores, dense: TokenScores) -> float:
     return math.exp(pruned.nll - dense.nll)
 
 
+def token_kl(dense: TokenScores, pruned: TokenScores) -> torch.Tensor:
+    """[T] KL(dense || pruned) at each reference position, in nats."""
+    return F.kl_div(pruned.logprobs, dense.logprobs, log_target=True, reduction="none").sum(-1)
+
+
 def mean_kl(dense: TokenScores, pruned: TokenScores) -> float:
     """Mean over reference positions of KL(dense || pruned), in nats."""
-    kl = F.kl_div(pruned.logprobs, dense.logprobs, log_target=True, reduction="none").sum(-1)
-    return float(kl.mean().clamp_min(0.0).item())
+    return float(token_kl(dense, pruned).mean().clamp_min(0.0).item())
 
 
 def token_nll(scores: TokenScores, ref_ids: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,11 @@ FLAGS: tuple[Flag, ...] = (
          "when fitting baselines and testing", (TRAIN, TEST), type=positive_int, environments=OFFLINE),
     Flag("--offline-cache", _R + "offline.cache_dir", "folder of the outcome and calibration cache "
          "(default: .cache/offline)", (TRAIN, TEST), environments=OFFLINE),
+    Flag("--executor", _R + "offline.executor", "outcome precompute: local (sequential) | ray (independent "
+         "tasks on Ray actors; ray.init() starts a local instance unless --ray-address)", (TRAIN, TEST),
+         environments=OFFLINE),
+    Flag("--ray-address", _R + "offline.ray_address", "a Ray cluster's address for --executor ray",
+         (TRAIN, TEST), environments=OFFLINE),
     Flag("--min-reference-tokens", _R + "env.min_reference_tokens", "a data set answer shorter than this is "
          "replaced by the dense greedy continuation", (TRAIN, TEST), type=positive_int),
     Flag("--latency-table", _R + "latency_table", "reuse a latency_table.json (or a run's metrics.json) from an "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.config import ENVIRONMENTS, STATE_FEATURES, RunConfig
+from common.config import ENVIRONMENTS, EXECUTORS, STATE_FEATURES, RunConfig
 
 
 def validate(cfg: RunConfig) -> None:
@@ -22,6 +22,10 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"--nlp-backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.nlp_backend}")
     if cfg.environment not in ENVIRONMENTS:
         raise ValueError(f"--environment must be one of {', '.join(ENVIRONMENTS)}, got {cfg.environment}")
+    if cfg.offline.executor not in EXECUTORS:
+        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {cfg.offline.executor}")
+    if cfg.offline.ray_address and cfg.offline.executor != "ray":
+        raise ValueError("--ray-address only matters with --executor ray: add it, or drop --ray-address")
     if cfg.state_features not in STATE_FEATURES:
         raise ValueError(f"--state-features must be one of {', '.join(STATE_FEATURES)}, got {cfg.state_features}")
     levels = [sc.name for sc in parse_scenarios(cfg.scenarios)]

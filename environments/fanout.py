@@ -1,0 +1,67 @@
+"""The outcome precompute fanned out as independent Ray tasks (``--executor ray``, issue 27).
+
+Why: the headroom and outcome measurements want >= 1,000 prompts, and each prompt is independent of the
+others (its reference, dense scores and every action's scores). Each Ray actor builds the same model and
+engine as the driver (from the same RunConfig; the engine's statistics come from the disk cache the driver
+filled) and measures whole prompts; the driver keeps writing the cache, so an interrupted run resumes
+exactly like the local one. ``ray.init()`` starts a local instance unless ``address`` names a cluster.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+
+from common import hub
+from common.config import RunConfig
+from common.data import Prompt
+from environments.outcome_cache import PromptOutcomes
+from pruners import PruningAction
+
+log = logging.getLogger(__name__)
+
+OBJECT_STORE_BYTES = 256 * 2**20
+
+
+class OutcomeWorker:
+    """One model + engine + environment, measuring prompts one at a time (a Ray actor's body)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from environments.live import PruningEnvironment
+        from environments.session import action_space, build_engine
+        from model_loader import load_model
+        import torch
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        loaded = load_model(cfg.model, device=cfg.device)
+        engine = build_engine(cfg, loaded, action_space(cfg))
+        self.env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
+
+    def measure(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int, known: dict | None) -> dict:
+        from environments.outcome_cache import measure_prompt
+        actions = [PruningAction.parse(label) for label in labels]
+        outcomes = measure_prompt(self.env, prompt, actions, prompt_kl_tokens,
+                                  PromptOutcomes.from_dict(known) if known else None)
+        return asdict(outcomes)
+
+
+def ray_measure(cfg: RunConfig, todo: Sequence[tuple[Prompt, PromptOutcomes | None]], actions: Sequence[PruningAction],
+                prompt_kl_tokens: int, address: str | None = None, workers: int | None = None
+                ) -> Iterator[tuple[Prompt, PromptOutcomes]]:
+    """(prompt, outcomes) as Ray actors finish them (any order)."""
+    import ray
+    from ray.util import ActorPool
+    if not ray.is_initialized():
+        local = {} if address else {"object_store_memory": OBJECT_STORE_BYTES}   # outcomes are a few kB
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": str(hub.PROJECT_ROOT)}},
+                 include_dashboard=False, log_to_driver=False, **local)
+    n = workers or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
+    log.info("outcome precompute on Ray: %d actors for %d prompts", n, len(todo))
+    actor = ray.remote(num_cpus=1)(OutcomeWorker)
+    pool = ActorPool([actor.remote(cfg) for _ in range(n)])
+    labels = [a.label for a in actions]
+    by_id = {p.id: p for p, _ in todo}
+    jobs = [(p, None if known is None else asdict(known)) for p, known in todo]
+    for result in pool.map_unordered(lambda a, job: a.measure.remote(job[0], labels, prompt_kl_tokens, job[1]), jobs):
+        outcomes = PromptOutcomes.from_dict(result)
+        yield by_id[outcomes.prompt_id], outcomes

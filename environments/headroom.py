@@ -1,0 +1,84 @@
+"""Per-prompt damage and the signals that might predict it, measured once per prompt and kept on disk.
+
+Why: the headroom report (``reporting.headroom``) asks how much any per-prompt policy could gain at equal
+compute, and how much of it each signal captures. That needs, per prompt: every action's outcome on the
+dense greedy reference (``environments.outcome_cache.measure_prompt``: log PPL ratio, token KL, and both
+on the reference's two halves for split-half reliability), the probe features of the very prefill that
+generated the reference (``environments.probe_features``), and the syntax features the state has today.
+One JSON file per prompt, keyed like the outcome cache, so a long run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from common.data import Prompt
+from common.files import atomic_write_text
+from environments.outcome_cache import PromptOutcomes, digest, measure_prompt
+from environments.probe_features import probe_features
+from pruners import PruningAction
+from pruners.probe import PrefillRecorder
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+
+@dataclass
+class HeadroomRecord:
+    prompt_id: str
+    outcomes: PromptOutcomes
+    probe: dict[str, float]          # environments.probe_features, from the reference's own prefill
+    nlp: list[float]                 # nlp_analyzer.PromptFeatures.vector
+    prompt_ids: list[int]
+    ref_ids: list[int]               # the dense greedy reference the outcomes are scored on
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadroomRecord":
+        return cls(**{**d, "outcomes": PromptOutcomes.from_dict(d["outcomes"])})
+
+
+def record_path(folder: Path, settings: dict, prompt: Prompt) -> Path:
+    return Path(folder) / f"{digest({**settings, 'headroom': VERSION, 'text': prompt.text})}.json"
+
+
+def measure_record(env, analyzer, prompt: Prompt, actions: Sequence[PruningAction],
+                   prompt_kl_tokens: int) -> HeadroomRecord:
+    """One prompt: the dense reference generated under a ``PrefillRecorder`` (its prefill gives the probe
+    features), then every action scored on that reference."""
+    engine = env.engine
+    engine.restore()
+    with PrefillRecorder(env.model) as recorder:
+        ref = env.reference(prompt)
+    if not recorder.record.residual:
+        raise RuntimeError(f"prompt {prompt.id}: its reference was already cached, so no prefill was recorded")
+    features = probe_features(recorder.record, ref.prompt_ids, engine, actions)
+    outcomes = measure_prompt(env, prompt, actions, prompt_kl_tokens)
+    nlp = analyzer.analyze(prompt.text, tokenizer=env.tokenizer).vector
+    return HeadroomRecord(prompt.id, outcomes, features.as_dict(), [float(v) for v in nlp],
+                          ref.prompt_ids.tolist(), ref.ref_ids.tolist())
+
+
+def measure_headroom(env, analyzer, prompts: Sequence[Prompt], actions: Sequence[PruningAction], folder: Path,
+                     settings: dict, prompt_kl_tokens: int, deadline: float | None = None) -> list[HeadroomRecord | None]:
+    """Records of the prompts, in their order, measuring only those not on disk (an interrupted run resumes).
+    After ``deadline`` (``time.monotonic()``) nothing more is measured: the prompts left get None."""
+    records: list[HeadroomRecord | None] = []
+    for prompt in tqdm(prompts, desc="headroom prompts", unit="prompt"):
+        path = record_path(folder, settings, prompt)
+        if path.is_file():
+            records.append(HeadroomRecord.from_dict(json.loads(path.read_text())))
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            records.append(None)
+            continue
+        record = measure_record(env, analyzer, prompt, actions, prompt_kl_tokens)
+        atomic_write_text(path, json.dumps(asdict(record)))
+        records.append(record)
+    return records
