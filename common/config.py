@@ -49,7 +49,7 @@ class Limit:
         if isinstance(value, (tuple, list)):
             if self.nonempty and not value:
                 return "is empty"
-            return next((f"holds {_shown(item)}, which {p}" for item in value if (p := self._item(item))), None)
+            return next((f"holds {shown_value(item)}, which {p}" for item in value if (p := self._item(item))), None)
         return self._item(value)
 
     def _item(self, value: Any) -> str | None:
@@ -99,7 +99,7 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
     """A value as the user typed it, cut short (a 5,000-character --model is not echoed whole)."""
     if isinstance(value, (tuple, list)):
         value = ",".join(map(str, value))
@@ -131,7 +131,7 @@ def check_config(cfg: Any, name: Callable[[str], str] = lambda path: path, prefi
             default = f.default if f.default_factory is MISSING else f.default_factory()
             example = limit.example or (as_flag_value(default) if default not in (None, (), "") else "...")
             flag = name(path)
-            raise ConfigError(f"argument {flag}: {_shown(value)} {problem} (e.g. {flag} {example})")
+            raise ConfigError(f"argument {flag}: {shown_value(value)} {problem} (e.g. {flag} {example})")
 
 
 @dataclass

@@ -90,15 +90,16 @@ def lm_eval_version() -> str:
 
 def evaluate_tasks(model, tokenizer, plan: TaskPlan, route: Route | None = None, *, task_manager=None,
                    limit: int | None = None, batch_size: int = 1, bootstrap_iters: int = 1000,
-                   max_length: int | None = None) -> LmEvalResult:
-    """Zero-shot scores of `model` on the plan's tasks (lm-eval's own prompts and metrics)."""
+                   max_length: int | None = None, num_fewshot: int | None = None) -> LmEvalResult:
+    """Scores of `model` on the plan's tasks (lm-eval's own prompts and metrics); zero-shot unless `num_fewshot`."""
     from lm_eval import simple_evaluate
 
     lm = routed_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                            max_length=max_length, route=route)
     started = time.perf_counter()
     out = simple_evaluate(model=lm, tasks=list(plan.tasks), task_manager=task_manager or plan.task_manager(),
-                          limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False)
+                          limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
+                          num_fewshot=num_fewshot)
     seconds = time.perf_counter() - started
     scores = scores_from_results(out, plan)
     return LmEvalResult(scores, seconds, sum(s.n or 0 for s in scores.values()), lm_eval_version())
