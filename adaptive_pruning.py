@@ -92,7 +92,7 @@ def run(args) -> int:
         return 0
     from modes.validate import validate
     cfg, explicit = run_config(args)
-    validate(cfg)
+    validate(cfg, export_dir=args.export, overwrite=bool(args.overwrite))
     if args.mode == "train":
         from modes.train import run_train
         run_train(cfg)

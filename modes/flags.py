@@ -426,8 +426,9 @@ def check_flags(args: argparse.Namespace) -> None:
         if not flag.switch and (not items or any(isinstance(v, str) and not v.strip() for v in items)):
             raise UsageError(f"argument {flag.name}: {shown_value(value)} is empty (e.g. {flag.name} {example(flag)})")
         if args.mode not in flag.modes:
+            acts = [m for m in MODES if any(m in f.modes for f in FLAGS if f.name == flag.name)]
             raise UsageError(f"{flag.name} has no effect in --mode {args.mode}; it applies to --mode "
-                             f"{', '.join(flag.modes)}")
+                             f"{', '.join(acts)}")
         if flag.requires and flag.requires not in present:
             raise UsageError(f"{flag.name} only matters with {flag.requires}")
     if args.mode == TRAIN or args.environment:   # test mode otherwise takes the checkpoint's (run_test checks)
@@ -657,18 +658,39 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
     return _filled("run", RunConfig(), args).calibration
 
 
-def flag_matrix() -> str:
-    """The README's flag x mode table (regenerate with ``python -m modes.flags`` after adding a flag)."""
-    shown = [m for m in MODES if m != "report"]
-    lines = ["| flag | " + " | ".join(shown) + " | default |", "|---|" + "---|" * len(shown) + "---|"]
-    for flag in FLAGS:
-        default = _default(flag.dest)
-        text = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        cells = " | ".join("✓" if m in flag.modes else "" for m in shown)
-        only = f" ({flag.environments[0]} only)" if len(flag.environments) == 1 else ""
-        lines.append(f"| `{flag.name}`{only} | {cells} | {'' if default is None or flag.switch else f'`{text}`'} |")
+def flag_reference() -> str:
+    """docs/flags.md, generated from the table (``python -m modes.flags > docs/flags.md``; a test keeps it current)."""
+    lines = ["# Flags of adaptive_pruning.py", "",
+             "Generated from the flag table in `modes/flags.py` (`python -m modes.flags > docs/flags.md`); a test "
+             "fails when it is stale.", "",
+             "- Every flag names the modes where it acts; any other mode refuses it with one `error:` line (exit 2). "
+             "`adaptive_pruning.py --mode MODE --help` lists one mode's flags, in these groups.",
+             "- Values are checked before anything loads, against the limits declared beside each config field "
+             "(`common/config.py`, `LIMITS`): numbers must be finite and in range, lists and names non-empty. "
+             "The error names the flag, the value and an accepted example.",
+             "- Everything a run writes is checked first: `--checkpoint` (a file that can be written), "
+             "`--report-dir` (writable, not the repository root), `--export` (new or empty, or `--overwrite`).",
+             "- `--config FILE` reads flag values from a YAML file (`episodes: 500`, `lr: 0.001`, keys spelled like "
+             "the flags) or from a run's own `config.json` (in its report folder), which re-runs that run, mode "
+             "included. Flags on the command line override the file. Values equal to the default, and fields that "
+             "do nothing in the mode, are skipped.",
+             "- lm-eval conventions: `--tasks`, `--limit`, `--num-fewshot`, `--batch-size` (with `--lm-eval`); "
+             "`--eval-tasks` and `--eval-limit` are still accepted. In `--mode train`, `--batch-size` is the DQN's "
+             "replay minibatch.", ""]
+    for group in GROUP_ORDER:
+        lines += [f"## {group}", "", "| flag | modes | default | what it does |", "|---|---|---|---|"]
+        for flag in (f for f in FLAGS if group_of(f) == group):
+            default = _default(flag.dest)
+            shown = "" if default is None or flag.switch else f"`{as_flag_value(default)}`"
+            notes = [f"{flag.environments[0]} environment only"] if len(flag.environments) == 1 else []
+            notes += [f"needs {flag.requires}"] if flag.requires else []
+            notes += [f"also {', '.join(f'`{a}`' for a in flag.aliases)}"] if flag.aliases else []
+            extra = f" ({'; '.join(notes)})" if notes else ""
+            text = flag.help.replace("%%", "%").replace("|", "\\|")
+            lines.append(f"| `{flag.name}` | {', '.join(flag.modes)} | {shown} | {text}{extra} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(flag_matrix())
+    print(flag_reference(), end="")

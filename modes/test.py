@@ -20,6 +20,7 @@ from controller.study import POLICY, arms
 from environments.precomputed import OfflineEnvironment, build_offline_data, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
 from modes.flags import check_environment, flags_of
+from modes.validate import check_checkpoint_fits
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
                            table_load_check)
 from reporting import provenance
@@ -59,6 +60,10 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
     others = {path: checkpointing.load_checkpoint(Path(path)) for path in ablation_checkpoints}
     cfg = config_from_checkpoint(cfg, payload, explicit)
     check_environment(flags_of(explicit), cfg.environment)
+    check_checkpoint_fits(cfg, payload)     # before the model loads: --targets must not relabel the policy's outputs
+    for path, other in others.items():
+        check_checkpoint_fits(dataclasses.replace(cfg, checkpoint=path, state_features=other["config"].get(
+            "state_features", cfg.state_features)), other, flag="--ablation-checkpoints")
     if cfg.environment == "offline":
         return run_test_offline(cfg, payload, others, test_scenarios, eval_cfg)
     prompts = test_prompts(cfg)

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.config import RunConfig
 from environments.records import to_jsonable
 from environments.session import open_session
-from common.signals import interrupts_deferred, sigterm_as_interrupt
+from common.signals import RunInterrupted, interrupts_deferred, sigterm_as_interrupt
 from controller import checkpointing
 from machine.contention import parse_scenarios
 from controller.dqn import linear_epsilon
@@ -19,6 +19,7 @@ from environments.precomputed import OfflineEnvironment, build_offline_data
 from controller.study import fit_offline_baselines, side_ablations
 from environments.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
+from modes.validate import check_checkpoint_fits
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
                            table_load_check)
 from reporting import provenance
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 def run_train(cfg: RunConfig) -> Path:
     if cfg.environment == "offline":
         return run_train_offline(cfg)
+    if cfg.resume:   # the checkpoint must fit this run before the model loads and the engine calibrates
+        check_checkpoint_fits(cfg, checkpointing.load_checkpoint(Path(cfg.checkpoint)))
     prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     texts = [p.text for p in prompts]
     with sigterm_as_interrupt(), open_session(cfg) as s:
@@ -62,18 +65,25 @@ def run_train(cfg: RunConfig) -> Path:
         except KeyboardInterrupt as err:
             log.warning("interrupted (%s) after episode %d: saving checkpoint and partial report",
                         err, trainer.next_episode)
-            s.engine.restore()
-            trainer.save(trainer.next_episode)
-        with interrupts_deferred():        # a second Ctrl-C waits until the files are complete
-            metrics = write(trainer.episodes, partial=not completed,
-                            reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
-                                                          "continue with --resume")
-            (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
-            metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
-            finish_run(run_dir, metrics)
-            print(f"checkpoint: {cfg.checkpoint}")
-        if not completed:
-            raise KeyboardInterrupt
+            with interrupts_deferred():    # a second signal waits until the checkpoint is complete
+                s.engine.restore()
+                trainer.save(trainer.next_episode)
+        late = False
+        try:
+            with interrupts_deferred():        # a second Ctrl-C waits until the files are complete
+                metrics = write(trainer.episodes, partial=not completed,
+                                reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
+                                                              "continue with --resume")
+                (run_dir.path / "latency_table.json").write_text(json.dumps(s.env.table.to_dict(), indent=1))
+                metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
+                finish_run(run_dir, metrics)
+                print(f"checkpoint: {cfg.checkpoint}")
+        except KeyboardInterrupt:          # arrived while the files were written: they are complete
+            late = True
+        if not completed or late:
+            raise RunInterrupted(f"checkpoint {cfg.checkpoint} after episode {trainer.next_episode} of {cfg.episodes}"
+                                 f"{'' if completed else ' (continue with --resume)'} and the "
+                                 f"{'' if completed else 'partial '}report in {run_dir.path}")
         return run_dir.path
 
 
