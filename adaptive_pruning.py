@@ -77,8 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:   # noqa: BLE001 — the CLI boundary turns every failure into one clear line
         if args.debug and not isinstance(err, UsageError):
             raise
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def one_line(message: str) -> str:
+    """The message on one line, any very long token (a 5,000-character value) cut short."""
+    return " ".join(word if len(word) <= 120 else word[:60] + "...(" + str(len(word)) + " characters)"
+                    for word in message.split())
 
 
 def run(args) -> int:

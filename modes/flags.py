@@ -284,7 +284,7 @@ GROUP_ORDER = ("model and engine", "data", "outputs", "environment, contention a
 
 def _default(dest: str) -> Any:
     root, _, path = dest.partition(".")
-    obj: Any = {"run": RunConfig(), "eval": EvalConfig(), "baselines": BaselineConfig()}.get(root)
+    obj: Any = DEFAULTS.get(root)
     if obj is None:
         return None
     for part in path.split("."):
@@ -292,19 +292,34 @@ def _default(dest: str) -> Any:
     return obj
 
 
+def _groups() -> dict[int, str]:
+    groups, section = {}, ""
+    for flag in FLAGS:
+        section = SECTIONS.get(flag.name, section)
+        groups[id(flag)] = REFILED.get(flag.name, section)
+    return groups
+
+
+def _by_name() -> dict[str, tuple[Flag, ...]]:
+    named: dict[str, tuple[Flag, ...]] = {}
+    for flag in FLAGS:
+        for name in (flag.name, *flag.aliases):
+            named[name] = (*named.get(name, ()), flag)
+    return named
+
+
+DEFAULTS = {"run": RunConfig(), "eval": EvalConfig(), "baselines": BaselineConfig()}   # read, never changed
+GROUPS, BY_NAME = _groups(), _by_name()
+
+
 def group_of(flag: Flag) -> str:
-    section = ""
-    for other in FLAGS:
-        section = SECTIONS.get(other.name, section)
-        if other is flag:
-            return REFILED.get(flag.name, section)
-    raise KeyError(flag.name)
+    return GROUPS[id(flag)]
 
 
 def flag_for(name: str, mode: str | None) -> Flag:
     """The flag called ``name`` (or one of its aliases) in ``mode``: one name may act on different fields in
     different modes (--batch-size: the replay minibatch in train, lm-eval's batch elsewhere)."""
-    named = [f for f in FLAGS if name == f.name or name in f.aliases]
+    named = BY_NAME[name]
     return next((f for f in named if mode in f.modes), named[0])
 
 
@@ -413,8 +428,9 @@ def overview() -> str:
 
 def given(args: argparse.Namespace) -> list[Flag]:
     """The flags set on the command line or by --config (each name resolved for args.mode)."""
-    flags = [flag_for(name, args.mode) for name in dict.fromkeys(f.name for f in FLAGS)]
-    return [f for f in flags if getattr(args, f.attr, None) is not None]
+    flags = [flag_for(name, args.mode) for name in dict.fromkeys(f.name for f in FLAGS)
+             if getattr(args, BY_NAME[name][0].attr, None) is not None]
+    return flags
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -433,9 +449,9 @@ def check_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag.name} only matters with {flag.requires}")
     if args.mode == TRAIN or args.environment:   # test mode otherwise takes the checkpoint's (run_test checks)
         check_environment(given(args), args.environment or RunConfig().environment)
-    if args.mode == TEST and present & {"--wikitext-path", "--wikitext-samples", "--eval-seq-len", "--eval-stride"} \
-            and "--lm-eval" not in present:
-        raise UsageError("the WikiText flags only matter in --mode test with --lm-eval")
+    wikitext = present & {"--wikitext-path", "--wikitext-samples", "--eval-seq-len", "--eval-stride"}
+    if args.mode == TEST and wikitext and "--lm-eval" not in present:
+        raise UsageError(f"{', '.join(sorted(wikitext))}: the WikiText flags only matter in --mode test with --lm-eval")
     if args.mode == EXPORT and "--baseline" in present and present & {"--importance", "--allocation", "--recovery"}:
         raise UsageError("--importance/--allocation/--recovery only matter in --mode export with --action (a "
                          "--baseline export prunes by the method's own criterion, uniformly, uncompensated)")
@@ -635,7 +651,9 @@ def structural_default() -> bool:
 def task_data(items: list[str] | None) -> dict[str, str]:
     """TASK=PATH pairs of --task-data."""
     from evaluation.lm_eval_tasks import parse_task_data
-    return parse_task_data(items or [])
+    from modes.validate import naming
+    with naming("--task-data"):
+        return parse_task_data(items or [])
 
 
 def eval_config(args: argparse.Namespace, base: EvalConfig | None = None) -> EvalConfig:

@@ -19,7 +19,7 @@ from environments.precomputed import OfflineEnvironment, build_offline_data
 from controller.study import fit_offline_baselines, side_ablations
 from environments.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
-from modes.validate import check_checkpoint_fits
+from modes.validate import check_checkpoint_fits, naming
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
                            table_load_check)
 from reporting import provenance
@@ -32,8 +32,11 @@ def run_train(cfg: RunConfig) -> Path:
     if cfg.environment == "offline":
         return run_train_offline(cfg)
     if cfg.resume:   # the checkpoint must fit this run before the model loads and the engine calibrates
-        check_checkpoint_fits(cfg, checkpointing.load_checkpoint(Path(cfg.checkpoint)))
-    prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
+        with naming("--checkpoint"):
+            payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
+        check_checkpoint_fits(cfg, payload)
+    with naming("--train-dataset"):
+        prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     texts = [p.text for p in prompts]
     with sigterm_as_interrupt(), open_session(cfg) as s:
         cfg = s.cfg            # with the prompt-analysis backend resolved
@@ -99,7 +102,8 @@ def run_train_offline(cfg: RunConfig) -> Path:
     Everything here reads the training prompts and the training calibrations only; the test split's
     calibrations are measured in the same interleaved rounds but never opened.
     """
-    prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
+    with naming("--train-dataset"):
+        prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     scenarios = parse_scenarios(cfg.scenarios)
     with sigterm_as_interrupt(), open_session(cfg) as s:
         cfg = s.cfg

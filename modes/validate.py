@@ -8,9 +8,11 @@ training ends, loses the training. Value ranges are not here: they are declared 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from common.config import RunConfig
@@ -21,15 +23,31 @@ log = logging.getLogger(__name__)
 REPORT_MODES = ("train", "test", "eval", "baselines")
 
 
+@contextlib.contextmanager
+def naming(flag: str) -> Iterator[None]:
+    """A failure inside the block names ``flag`` (a data set, model or file loader knows its input, not the flag
+    the user typed): "argument FLAG: <message>" unless the message already names it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:   # noqa: BLE001 — re-raised with the flag, one line at the CLI boundary
+        if flag in str(err):
+            raise
+        raise ValueError(f"argument {flag}: {err}") from err
+
+
 def validate(cfg: RunConfig, *, export_dir: str | None = None, overwrite: bool = False) -> None:
     from machine.contention import parse_scenarios
     from environments.session import action_space
     from model_loader import check_model_name
     from nlp_analyzer import BACKENDS
-    check_model_name(cfg.model)
+    with naming("--model"):
+        check_model_name(cfg.model)
     if cfg.nlp_backend not in ("auto", *BACKENDS):
         raise ValueError(f"--nlp-backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.nlp_backend}")
-    levels = [sc.name for sc in parse_scenarios(cfg.scenarios)]
+    with naming("--scenarios"):
+        levels = [sc.name for sc in parse_scenarios(cfg.scenarios)]
     if cfg.environment == "offline" and "idle" not in levels:
         raise ValueError(f"--scenarios {cfg.scenarios}: the offline environment needs 'idle' (every calibration "
                          "round's reference for the slowdown and the latency budget)")
@@ -59,7 +77,7 @@ def check_outputs(cfg: RunConfig, *, export_dir: str | None = None, overwrite: b
     if cfg.mode == "train":
         check_checkpoint_target(Path(cfg.checkpoint))
         if cfg.resume and not Path(cfg.checkpoint).is_file():
-            raise ValueError(f"argument --checkpoint: {cfg.checkpoint!r} does not exist, so --resume has nothing to "
+            raise ValueError(f"argument --checkpoint: {_short(Path(cfg.checkpoint))!r} does not exist, so --resume has nothing to "
                              "continue: drop --resume to start training")
     if cfg.mode == "test":
         checkpoint = Path(cfg.checkpoint)
@@ -94,9 +112,9 @@ def check_checkpoint_target(path: Path) -> None:
     """A checkpoint can be written at ``path``: a temp file named as the atomic write names it (the longest
     sibling name an offline run writes, NAME.no_prompt.seedN.pt) is created there and removed again."""
     flag, fix = "argument --checkpoint", "(e.g. --checkpoint checkpoints/policy.pt)"
-    if not path.name or path.is_dir() or str(path).endswith(os.sep):
-        raise ValueError(f"{flag}: {str(path)!r} names a folder, not a file {fix}")
     try:
+        if not path.name or path.is_dir() or str(path).endswith(os.sep):
+            raise ValueError(f"{flag}: {_short(path)!r} names a folder, not a file {fix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_orphaned_temp_files(path.parent)
         longest = f".{path.stem}.no_prompt.seed999{path.suffix}.pid{os.getpid()}-"
