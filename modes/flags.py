@@ -636,6 +636,30 @@ def apply_config(args: argparse.Namespace, data: dict, source: str) -> None:
         args.no_save_buffer = True
     if ignored:
         log.info("--config %s: %s do nothing in --mode %s (ignored)", source, ", ".join(ignored), args.mode)
+    unset = [path for path, value in _leaves(data, DEFAULTS["run"].to_dict()) if path not in SET_BY_FLAGS]
+    if unset:
+        log.warning("--config %s: %s differ from the defaults but no flag sets them: not applied", source,
+                    ", ".join(unset))
+
+
+# Config fields a run's config.json records that are not flag values: derived from flags (dqn.seed from --seed,
+# dqn.gradient_steps per environment) or set by switches (structural, save_buffer), or the mode itself.
+DERIVED = {"mode", "structural", "save_buffer", "dqn.seed", "dqn.gradient_steps"}
+SET_BY_FLAGS = DERIVED | {f.dest.removeprefix(_R) for f in FLAGS if f.dest.startswith(_R)}
+
+
+def _leaves(data: dict, default: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(path, value) of the RunConfig fields in ``data`` that differ from ``default``."""
+    found = []
+    for key, value in data.items():
+        if key not in default:
+            continue
+        if isinstance(default[key], dict) and isinstance(value, dict):
+            found += _leaves(value, default[key], f"{prefix}{key}.")
+        elif (list(value) if isinstance(value, (list, tuple)) else value) != \
+                (list(default[key]) if isinstance(default[key], tuple) else default[key]):
+            found.append((prefix + key, value))
+    return found
 
 
 def structural_default() -> bool:
