@@ -2,7 +2,8 @@
 
 Why one torch-free module: `adaptive_pruning.py --help` builds its flag defaults from these
 dataclasses, so each default is stated exactly once and the help answers without importing
-torch, transformers or lm-eval. The packages that use a config import it from here.
+torch, transformers or lm-eval. The packages that use a config import it from here. What each field accepts
+is declared beside it (a class's ``LIMITS``) and checked by ``check_config`` before a run starts.
 """
 from __future__ import annotations
 

@@ -4,6 +4,11 @@ Why a table: one parser serves six modes, and a flag that is accepted but ignore
 researcher. Each flag names the modes where it has an effect; any other mode refuses it with one
 ``error:`` line (exit 2). Defaults are read from the config dataclasses (common.config), so
 ``--help`` and the code cannot disagree, and this module imports no torch (``--help`` is instant).
+
+Each mode gets its own parser (``--mode train --help`` lists train's flags, in groups); a usage error is one
+line naming the flag, the value and an example. Values are checked against the limits declared beside the
+config fields (common.config ``LIMITS``) by ``check_values``; ``--config FILE`` fills unset flags from a
+run.yaml or a run's own config.json.
 """
 from __future__ import annotations
 
