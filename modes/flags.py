@@ -723,7 +723,11 @@ def flag_reference() -> str:
              "do nothing in the mode, are skipped.",
              "- lm-eval conventions: `--tasks`, `--limit`, `--num-fewshot`, `--batch-size` (with `--lm-eval`); "
              "`--eval-tasks` and `--eval-limit` are still accepted. In `--mode train`, `--batch-size` is the DQN's "
-             "replay minibatch.", ""]
+             "replay minibatch.",
+             "- Interrupts (Ctrl-C, SIGTERM): live training saves its checkpoint (from the first episode on) and a "
+             "partial report, prints `saved: checkpoint ...`, and `--resume` continues it; an interrupt before "
+             "training starts says that nothing was saved. Temp files left by a killed run (SIGKILL) are removed "
+             "at the next start.", ""]
     for group in GROUP_ORDER:
         lines += [f"## {group}", "", "| flag | modes | default | what it does |", "|---|---|---|---|"]
         for flag in (f for f in FLAGS if group_of(f) == group):
