@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from controller.checkpointing import load_checkpoint  # noqa: E402
 
 FAST = ["--max-new-tokens", "8", "--calibration-tokens", "4", "--calibration-repeats", "1", "--scenarios", "idle",
-        "--train-samples", "40", "--telemetry-hz", "20", "--save-every", "3"]
+        "--train-samples", "40", "--telemetry-hz", "20", "--save-every", "3", "--calibration-samples", "32"]
 
 
 def command(folder: Path, episodes: int, resume: bool = False) -> list[str]:
@@ -97,12 +97,21 @@ def main() -> int:
     parser.add_argument("--tries", type=int, default=30)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=12)
-    parser.add_argument("--max-delay", type=float, default=40.0, help="signals land uniformly in [0.5, this] s")
+    parser.add_argument("--max-delay", type=float, default=None,
+                        help="signals land uniformly in [0.5, this] s (default: 1.1 x an uninterrupted run, measured "
+                             "first, so every phase is hit: start-up, calibration, training, the final writes)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     outcomes: Counter = Counter()
     started = time.perf_counter()
+    if args.max_delay is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            whole = start(Path(tmp), args.episodes)
+            whole.communicate(timeout=900)
+        args.max_delay = 1.1 * (time.perf_counter() - started)
+        print(f"an uninterrupted run took {args.max_delay / 1.1:.0f} s (exit {whole.returncode}); "
+              f"signals land in [0.5, {args.max_delay:.0f}] s")
     for i in tqdm(range(args.tries), desc="SIGINT/SIGTERM tries"):
         sig = rng.choice([signal.SIGINT, signal.SIGTERM])
         delay = rng.uniform(0.5, args.max_delay)
