@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,23 +34,26 @@ sys.path.insert(0, str(ROOT))
 
 from controller.checkpointing import load_checkpoint  # noqa: E402
 
+# Small and quick on a loaded machine: regex prompt features (no spaCy load), a 2-action menu, a small calibration.
 FAST = ["--max-new-tokens", "8", "--calibration-tokens", "4", "--calibration-repeats", "1", "--scenarios", "idle",
-        "--train-samples", "40", "--telemetry-hz", "20", "--save-every", "3", "--calibration-samples", "32"]
+        "--train-samples", "40", "--telemetry-hz", "20", "--save-every", "3", "--calibration-samples", "32",
+        "--nlp-backend", "regex", "--targets", "ffn_neurons", "--intensities", "0.25,0.5"]
 
 
-def command(folder: Path, episodes: int, resume: bool = False) -> list[str]:
+def command(folder: Path, episodes: int, resume: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, str(ROOT / "adaptive_pruning.py"), "--mode", "train", "--model", "tiny", "--environment",
             "live", "--train-dataset", "builtin", "--episodes", str(episodes), "--checkpoint",
-            str(folder / "policy.pt"), "--report-dir", str(folder / "reports"), *FAST, *(["--resume"] if resume else [])]
+            str(folder / "policy.pt"), "--report-dir", str(folder / "reports"), *FAST, *extra,
+            *(["--resume"] if resume else [])]
 
 
-def start(folder: Path, episodes: int, resume: bool = False) -> subprocess.Popen:
-    return subprocess.Popen(command(folder, episodes, resume), cwd=folder, stdout=subprocess.DEVNULL,
+def start(folder: Path, episodes: int, resume: bool = False, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    return subprocess.Popen(command(folder, episodes, resume, extra), cwd=folder, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def one_try(folder: Path, sig: int, delay: float, episodes: int) -> tuple[str, str]:
-    proc = start(folder, episodes)
+def one_try(folder: Path, sig: int, delay: float, episodes: int, extra: tuple[str, ...]) -> tuple[str, str]:
+    proc = start(folder, episodes, extra=extra)
     time.sleep(delay)
     proc.send_signal(sig)
     try:
@@ -69,7 +73,7 @@ def one_try(folder: Path, sig: int, delay: float, episodes: int) -> tuple[str, s
         return "WRONG", f"exit {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}"
     if "saved: checkpoint" in err:
         at = load_checkpoint(checkpoint)["next_episode"]
-        resumed = subprocess.run(command(folder, episodes, resume=True), cwd=folder, capture_output=True, text=True,
+        resumed = subprocess.run(command(folder, episodes, resume=True, extra=extra), cwd=folder, capture_output=True, text=True,
                                  timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if resumed.returncode != 0 or load_checkpoint(checkpoint)["next_episode"] != episodes:
             return "WRONG", f"resume from episode {at} failed: {resumed.stderr.strip().splitlines()[-1:]}"
@@ -79,14 +83,14 @@ def one_try(folder: Path, sig: int, delay: float, episodes: int) -> tuple[str, s
     return "WRONG", "exit 130 without saying what was saved"
 
 
-def kill_try(folder: Path, delay: float, episodes: int) -> tuple[str, str]:
+def kill_try(folder: Path, delay: float, episodes: int, extra: tuple[str, ...]) -> tuple[str, str]:
     """SIGKILL, then start again: the new start must clean any orphaned temp file the kill left."""
-    proc = start(folder, episodes)
+    proc = start(folder, episodes, extra=extra)
     time.sleep(delay)
     proc.kill()
     proc.communicate()
     left = len(list(folder.glob(".*.tmp")))
-    again = start(folder, episodes)   # runs to its end: its start (validation) removes the orphans
+    again = start(folder, episodes, extra=extra)   # runs to its end: its start (validation) removes the orphans
     again.communicate(timeout=600)
     remaining = [p.name for p in folder.glob(".*.tmp") if f"pid{proc.pid}-" in p.name]
     return ("WRONG", f"orphans left: {remaining}") if remaining else ("clean", f"{left} temp file(s) after the kill")
@@ -105,26 +109,34 @@ def main() -> int:
     rng = random.Random(args.seed)
     outcomes: Counter = Counter()
     started = time.perf_counter()
+    first = Path(tempfile.mkdtemp())   # an uninterrupted run: its duration, and its latency table for every try
+    whole = start(first, args.episodes)
+    whole.communicate(timeout=900)
+    table = next((first / "reports").glob("train-*/latency_table.json"))
+    extra = ("--latency-table", str(table))
+    timed = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        again = start(Path(tmp), args.episodes, extra=extra)
+        again.communicate(timeout=900)
+    duration = time.perf_counter() - timed
     if args.max_delay is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            whole = start(Path(tmp), args.episodes)
-            whole.communicate(timeout=900)
-        args.max_delay = 1.1 * (time.perf_counter() - started)
-        print(f"an uninterrupted run took {args.max_delay / 1.1:.0f} s (exit {whole.returncode}); "
-              f"signals land in [0.5, {args.max_delay:.0f}] s")
+        args.max_delay = 1.1 * duration
+    print(f"an uninterrupted run reusing the first run's latency table took {duration:.0f} s (exit "
+          f"{again.returncode}); signals land in [0.5, {args.max_delay:.0f}] s")
     for i in tqdm(range(args.tries), desc="SIGINT/SIGTERM tries"):
         sig = rng.choice([signal.SIGINT, signal.SIGTERM])
         delay = rng.uniform(0.5, args.max_delay)
         with tempfile.TemporaryDirectory() as tmp:
-            outcome, detail = one_try(Path(tmp), sig, delay, args.episodes)
+            outcome, detail = one_try(Path(tmp), sig, delay, args.episodes, extra)
         outcomes[outcome] += 1
         tqdm.write(f"try {i + 1:2d}: {signal.Signals(sig).name:7s} at {delay:5.1f} s -> {outcome} {detail}")
     for i in tqdm(range(args.kills), desc="SIGKILL tries"):
         delay = rng.uniform(5.0, args.max_delay)
         with tempfile.TemporaryDirectory() as tmp:
-            outcome, detail = kill_try(Path(tmp), delay, args.episodes)
+            outcome, detail = kill_try(Path(tmp), delay, args.episodes, extra)
         outcomes[outcome] += 1
         tqdm.write(f"kill {i + 1}: SIGKILL at {delay:5.1f} s -> {outcome} ({detail})")
+    shutil.rmtree(first, ignore_errors=True)
     print(f"summary: {dict(outcomes)} in {time.perf_counter() - started:.0f} s "
           f"({args.tries} signal tries, {args.kills} kills, {args.episodes} episodes per run)")
     return 1 if outcomes["WRONG"] else 0
