@@ -88,7 +88,7 @@ def check_outputs(cfg: RunConfig, *, export_dir: str | None = None, overwrite: b
         check_export_target(export_dir, overwrite)
     if cfg.mode == "heal" and cfg.heal.out_dir:
         not_root(Path(cfg.heal.out_dir), "--heal-out", ".cache/heal/tiny")
-        check_writable(Path(cfg.heal.out_dir), "--heal-out")
+        check_creatable(Path(cfg.heal.out_dir), "--heal-out", ".cache/heal/tiny")
 
 
 def not_root(folder: Path, flag: str, example: str) -> None:
@@ -137,9 +137,16 @@ def check_export_target(export_dir: str | None, overwrite: bool) -> None:
     if held and not overwrite:
         raise ValueError(f"argument --export: {export_dir!r} already holds {len(held)} entries ({', '.join(held[:3])}"
                          f"{', ...' if len(held) > 3 else ''}): pass a new or empty folder, or add --overwrite")
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())   # not created yet
+    check_creatable(folder, "--export", "exports/tiny-ffn50")
+
+
+def check_creatable(folder: Path, flag: str, example: str) -> None:
+    """The folder exists as one, or can be made under its nearest existing parent (not made yet: a run refused
+    later by a cheap check leaves nothing behind)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"argument --export: {export_dir!r} cannot be created under {str(existing)!r} {fix}")
+        raise ValueError(f"argument {flag}: {str(folder)!r} cannot be created under {str(existing)!r} "
+                         f"(e.g. {flag} {example})")
 
 
 def check_checkpoint_fits(cfg: RunConfig, payload: dict, flag: str = "--checkpoint") -> None:
