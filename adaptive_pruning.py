@@ -15,34 +15,76 @@ from runtime import openmp  # torch-free: libgomp reads its wait policy once, wh
 # never measured for --help or report mode, which load no model.
 openmp.configure(measure_if_missing=not {"-h", "--help", "report", "--mode=report"} & set(sys.argv[1:]))
 
+import argparse
 import logging
 import signal
 from pathlib import Path
 
-from modes.flags import EXIT_USAGE, UsageError, baseline_config, build_parser, check_flags, \
-    eval_config, run_config
+from common import hub
+from common.signals import RunInterrupted
+
+from modes.flags import EXIT_USAGE, MODES, Parser, UsageError, apply_config, baseline_config, build_parser, check_flags, \
+    check_values, eval_config, overview, read_config_file, run_config
 
 log = logging.getLogger("adaptive_pruning")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Two passes: --mode (or the --config file's mode) picks the parser, whose --help lists that mode's flags."""
+    pre = Parser(prog="adaptive_pruning.py", add_help=False, allow_abbrev=False)
+    pre.add_argument("--mode")
+    pre.add_argument("--config")
+    first, _ = pre.parse_known_args(argv)
+    mode, data = first.mode if first.mode in MODES else None, None
+    if first.config is not None:
+        try:
+            data = read_config_file(first.config)
+        except UsageError as err:
+            pre.error(str(err))
+        if first.mode is None and data.get("mode") in MODES:
+            mode = data["mode"]
+            argv = ["--mode", mode, *argv]
+    if first.mode is None and mode is None and {"-h", "--help"} & set(argv):
+        print(overview())
+        raise SystemExit(0)
+    parser = build_parser(mode)
     args = parser.parse_args(argv)
+    if data is not None:
+        try:
+            apply_config(args, data, first.config)
+        except UsageError as err:
+            parser.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        hub.check_env_file()
         check_flags(args)
+        check_values(args)
         return run(args)
+    except RunInterrupted as err:
+        log.warning("interrupted; saved: %s", err.saved)
+        return 130
     except KeyboardInterrupt:
-        log.warning("interrupted; checkpoint and partial report were saved")
+        log.warning("interrupted before anything was saved: no checkpoint and no complete report were written")
         return 130
     except Exception as err:   # noqa: BLE001 — the CLI boundary turns every failure into one clear line
         if args.debug and not isinstance(err, UsageError):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def one_line(message: str) -> str:
+    """The message on one line, any very long token (a 5,000-character value) cut short."""
+    return " ".join(word if len(word) <= 120 else word[:60] + "...(" + str(len(word)) + " characters)"
+                    for word in message.split())
 
 
 def run(args) -> int:
@@ -56,7 +98,7 @@ def run(args) -> int:
         return 0
     from modes.validate import validate
     cfg, explicit = run_config(args)
-    validate(cfg)
+    validate(cfg, export_dir=args.export, overwrite=bool(args.overwrite))
     if args.mode == "train":
         from modes.train import run_train
         run_train(cfg)

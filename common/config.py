@@ -2,17 +2,138 @@
 
 Why one torch-free module: `adaptive_pruning.py --help` builds its flag defaults from these
 dataclasses, so each default is stated exactly once and the help answers without importing
-torch, transformers or lm-eval. The packages that use a config import it from here.
+torch, transformers or lm-eval. The packages that use a config import it from here. What each field accepts
+is declared beside it (a class's ``LIMITS``) and checked by ``check_config`` before a run starts.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar
 
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
 ENVIRONMENTS = ("offline", "live")
 STATE_FEATURES = ("basic", "contention")
 EXECUTORS = ("local", "ray")        # how the offline outcome precompute runs (environments.fanout)
 OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (live: dqn.gradient_steps, 4)
+
+
+class ConfigError(ValueError):
+    """A config value outside what its field accepts (the CLI prints it as one ``error:`` line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What one config field accepts, declared beside the field in its class's ``LIMITS``.
+
+    Why not pydantic (installed through spaCy): its models validate on construction with messages that name
+    the field, while a researcher typed a flag (``--lr``, not ``dqn.learning_rate``) or a key of a --config
+    file; the configs must also stay plain dataclasses (checkpoints and reports store ``asdict``) importable
+    without anything heavy, so --help stays instant. A table of bounds checked by ``check_config`` gives one
+    place per field and messages that name the flag, the value and an accepted example.
+    Numbers are always finite; a tuple's bounds apply to each of its items.
+    """
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False       # low itself excluded
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False       # None accepted (the field's documented "off" / "default")
+    nonempty: bool = True        # strings and tuples
+    choices: tuple[str, ...] = ()
+    example: str | None = None   # shown in the message (default: the field's default)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is refused, or None."""
+        if value is None:
+            return None if self.optional else "is required"
+        if isinstance(value, (tuple, list)):
+            if self.nonempty and not value:
+                return "is empty"
+            return next((f"holds {shown_value(item)}, which {p}" for item in value if (p := self._item(item))), None)
+        return self._item(value)
+
+    def _item(self, value: Any) -> str | None:
+        if self.low is None and self.high is None and not self.integer:
+            if not isinstance(value, str):
+                return "is not text"
+            if self.nonempty and not value.strip():
+                return "is empty"
+            if self.choices and value not in self.choices:
+                return f"is not one of {', '.join(self.choices)}"
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "is not an integer" if self.integer else "is not a number"
+        if self.integer and not float(value).is_integer():
+            return "is not an integer"
+        if not math.isfinite(value):
+            return "is not a finite number"
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return None if low_ok and high_ok else f"is out of range: {self.range()}"
+
+    def range(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        high = "" if self.high is None else f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        return f"must be {' and '.join(x for x in (low, high) if x)}"
+
+
+def count(low: int = 1, high: int = 10**9, optional: bool = False, example: str | None = None) -> Limit:
+    return Limit(low=low, high=high, integer=True, optional=optional, example=example)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
+           optional: bool = False, example: str | None = None) -> Limit:
+    return Limit(low=low, high=high, low_open=low_open, high_open=high_open, optional=optional, example=example)
+
+
+def text(*choices: str, optional: bool = False, example: str | None = None) -> Limit:
+    return Limit(choices=choices, optional=optional, example=example)
+
+
+def fraction(example: str | None = None) -> Limit:
+    """A share strictly between 0 and 1 (an intensity, a budget, a held-out share)."""
+    return number(0.0, 1.0, low_open=True, high_open=True, example=example)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def shown_value(value: Any) -> str:
+    """A value as the user typed it, cut short (a 5,000-character --model is not echoed whole)."""
+    if isinstance(value, (tuple, list)):
+        value = ",".join(map(str, value))
+    elif isinstance(value, float) and value.is_integer():
+        value = _number(value)
+    value = str(value)
+    return repr(value[:60] + "...") if len(value) > 60 else repr(value)
+
+
+def as_flag_value(value: Any) -> str:
+    """A default as it would be typed on the command line (tuples comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def check_config(cfg: Any, name: Callable[[str], str] = lambda path: path, prefix: str = "") -> None:
+    """Raise ConfigError on the first field of ``cfg`` (nested configs included) outside its ``LIMITS``.
+
+    ``name`` turns a field path ("dqn.learning_rate") into what the user typed ("--lr").
+    """
+    limits = getattr(type(cfg), "LIMITS", {})
+    for f in fields(cfg):
+        value, path = getattr(cfg, f.name), prefix + f.name
+        if is_dataclass(value):
+            check_config(value, name, path + ".")
+            continue
+        limit = limits.get(f.name)
+        problem = limit.problem(value) if limit else None
+        if problem:
+            default = f.default if f.default_factory is MISSING else f.default_factory()
+            example = limit.example or (as_flag_value(default) if default not in (None, (), "") else "...")
+            flag = name(path)
+            raise ConfigError(f"argument {flag}: {shown_value(value)} {problem} (e.g. {flag} {example})")
 
 
 @dataclass
@@ -26,6 +147,11 @@ class EnvConfig:
     long_prompt_tokens: int = 512      # prompts this long use the "long" row of the table
     min_reference_tokens: int = 32     # a data set answer shorter than this is replaced by the dense greedy
                                        # continuation: an 8-token reference made per-prompt PPL ratios noise
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "max_new_tokens": count(1, 100_000), "timing": text("table", "interleaved"),
+        "load_timing": text("scaled", "measured"), "calibration_tokens": count(1, 100_000),
+        "calibration_repeats": count(1, 1000), "long_prompt_tokens": count(1, 10_000_000),
+        "min_reference_tokens": count(1, 100_000)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +174,12 @@ class RewardConfig:
     slo_share: float = 0.9
     quality_budget: float = 1.2
     multiplier_lr: float = 0.05   # multiplier step per episode, times the constraint's violation (kept >= 0)
+    LIMITS: ClassVar[dict[str, Limit]] = {   # weights >= 0: a negative one would reward the opposite
+        "alpha": number(0, 1e6), "beta": number(0, 1e6), "kl_weight": number(0, 1e6),
+        "energy_weight": number(0, 1e6), "latency_budget": number(0, 1e6, low_open=True, optional=True),
+        "budget_weight": number(0, 1e6), "battery_tightening": number(0, 1, low_open=True),
+        "objective": text("weighted", "slo", "quality"), "slo_share": number(0, 1, low_open=True),
+        "quality_budget": number(0, 1e6, low_open=True), "multiplier_lr": number(0, 1e6)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +206,14 @@ class DQNConfig:
     exploration_fraction: float = 0.5  # share of episodes over which epsilon decays linearly
     max_grad_norm: float = 10.0
     seed: int = 0
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "hidden_sizes": count(1, 1_000_000), "learning_rate": number(0, 10, low_open=True, example="0.001"),
+        "weight_decay": number(0, 1e3), "gamma": number(0, 1), "buffer_size": count(1, 100_000_000),
+        "batch_size": count(1, 1_000_000), "learning_starts": count(0, 100_000_000), "train_frequency": count(),
+        "gradient_steps": count(1, 10_000), "target_update": text("soft", "hard"),
+        "tau": number(0, 1, low_open=True), "target_update_interval": count(), "epsilon_start": number(0, 1),
+        "epsilon_end": number(0, 1), "exploration_fraction": number(0, 1),
+        "max_grad_norm": number(0, 1e9, low_open=True), "seed": count(0, 2**32 - 1)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +229,8 @@ class CalibrationConfig:
     dataset: str = "builtin,alpaca"     # comma-separated sources, one text from each in turn (common.calibration)
     samples: int = 512                  # texts used at most
     max_tokens: int = 256               # tokens per calibration text at most
+    LIMITS: ClassVar[dict[str, Limit]] = {"dataset": text(), "samples": count(1, 10_000_000),
+                                          "max_tokens": count(1, 1_000_000)}
 
 
 @dataclass
@@ -101,6 +243,10 @@ class OfflineConfig:
     prompt_kl_tokens: int = 32     # KL(dense || pruned) on the prompt's last N positions (the prefill's logits)
     telemetry_draws: int = 2       # telemetry readings per (test prompt, calibration) cell
     cache_dir: str | None = None   # outcome and calibration cache (default: <project cache>/offline)
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "calibrations": count(1, 1000), "seeds": count(1, 1000), "prompt_kl_tokens": count(1, 100_000),
+        "telemetry_draws": count(1, 1000), "cache_dir": text(optional=True, example=".cache/offline"),
+        "executor": text(*EXECUTORS), "ray_address": text(optional=True, example="ray://head:10001")}
     executor: str = "local"        # outcome precompute: local (sequential) | ray (independent tasks on Ray actors)
     ray_address: str | None = None # --executor ray: a cluster's address (None: ray.init() starts a local instance)
 
@@ -131,6 +277,11 @@ class HealConfig:
     validation: int = 16                # held-out prompts (the next ones of the same sources; 0: none), continued
                                         # like the corpus and never trained on: every action's KL on them
     validate_every: int = 50            # ... at step 0, every N steps and at the end (heal.json "validation")
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "out_dir": text(optional=True, example=".cache/heal/tiny"), "dataset": text(), "samples": count(1, 10_000_000),
+        "new_tokens": count(1, 100_000), "steps": count(1, 100_000_000), "batch": count(1, 100_000),
+        "seq_len": count(2, 1_000_000), "lr": number(0, 1, low_open=True), "random_actions": count(0, 1000),
+        "save_every": count(), "validation": count(0, 1_000_000), "validate_every": count()}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,6 +331,21 @@ class RunConfig:
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     heal: HealConfig = field(default_factory=HealConfig)
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "mode": text("train", "test", "eval", "report", "baselines", "export", "heal"),
+        "environment": text(*ENVIRONMENTS), "state_features": text(*STATE_FEATURES), "model": text(example="tiny"),
+        "device": text(example="cpu"), "seed": count(0, 2**32 - 1), "episodes": count(1, 10_000_000),
+        "checkpoint": text(), "train_dataset": text(example="builtin"), "train_samples": count(1, 100_000_000),
+        "test_dataset": text(optional=True, example="builtin"), "test_samples": count(1, 100_000_000),
+        "test_fraction": fraction(), "importance": text(), "allocation": text("global", "uniform"),
+        "recovery": text("compensate", "none"), "targets": text(example="ffn_neurons,attention_heads"),
+        "intensities": fraction(example="0.25,0.5"), "scenarios": text(), "scenario_block": count(),
+        "redecide_every": count(0, 1_000_000, example="8"), "save_every": count(),
+        "latency_table": text(optional=True, example="reports/train-.../latency_table.json"),
+        "telemetry_trace": text(optional=True, example="reports/train-.../metrics.json"),
+        "ablation": text("none", "no_hardware", "no_prompt"), "nlp_backend": text(),
+        "observation_budget_ms": number(-1e6, 1e6),   # <= 0: no timing (documented)
+        "report_dir": text(), "telemetry_hz": number(0, 1000, low_open=True)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +371,15 @@ class EvalConfig:
     probe_new_tokens: int = 32
     probe_repeats: int = 3
     progress: bool = True
+    num_fewshot: int | None = None              # --num-fewshot: lm-eval few-shot examples (None: each task's default, 0 here)
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "wikitext_path": text(optional=True, example="wiki.test.raw"), "seq_len": count(2, 1_000_000),
+        "stride": count(1, 1_000_000, optional=True), "wikitext_samples": count(1, 100_000_000, optional=True),
+        "tasks": Limit(nonempty=False), "eval_limit": count(1, 100_000_000, optional=True),
+        "batch_size": count(1, 4096), "wikitext_batch_size": count(1, 4096), "bootstrap_iters": count(0, 10_000_000),
+        "prune_mode": text("structural", "mask"), "probe_prompt_tokens": count(1, 1_000_000),
+        "probe_new_tokens": count(1, 100_000), "probe_repeats": count(1, 1000),
+        "num_fewshot": count(0, 1000, optional=True)}
 
 
 def _baseline_eval() -> EvalConfig:
@@ -226,6 +401,12 @@ class BaselineConfig:
     speed_repeats: int = 3                     # interleaved (dense, pruned) pairs per prompt
     cache_dir: str | None = None               # importance-score cache (default: the project cache)
     eval: EvalConfig = field(default_factory=_baseline_eval)
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "methods": text(example="taylor,shortgpt"), "budgets": fraction(example="0.2,0.4"),
+        "unstructured": Limit(nonempty=False), "policies": Limit(nonempty=False),
+        "policy_importance": text(optional=True), "speed_prompts": count(1, 10_000),
+        "speed_prompt_tokens": count(1, 1_000_000), "speed_new_tokens": count(1, 100_000),
+        "speed_repeats": count(1, 1000), "cache_dir": text(optional=True)}
 
 
 # Where the measured weight layout travels from runtime.openmp (torch-free) to model_loader.load_model.

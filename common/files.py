@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# .NAME.pid<writer>-<random>.tmp: the writer's pid tells an orphan (writer gone, e.g. SIGKILL) from a write in flight
+TEMP_NAME = re.compile(r"^\..+\.pid(\d+)-[A-Za-z0-9_]+\.tmp$")
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
     """Call ``write(fh)`` on a temp file in the same folder, fsync, then os.replace it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.pid{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -70,3 +75,25 @@ def jsonable(obj: Any, default: Callable[[object], object] = _raise) -> Any:
 def strict_json(obj: Any, default: Callable[[object], object] = _raise, **dumps) -> str:
     """``json.dumps`` of ``jsonable(obj)`` with ``allow_nan=False``: parses with any strict JSON reader."""
     return json.dumps(jsonable(obj, default), allow_nan=False, **dumps)
+def clean_orphaned_temp_files(folder: Path) -> list[Path]:
+    """Remove the temp files of atomic writes whose process is gone (a SIGKILL mid-write leaves one behind);
+    a write still in flight in another process is left alone. Returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        match = TEMP_NAME.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d orphaned temp file(s) of a killed run in %s", len(removed), folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return pid != 0

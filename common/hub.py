@@ -49,9 +49,36 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
+def env_file() -> Path:
+    """The .env read at start-up: the checkout's, or the working folder's for an installed package."""
+    return (PROJECT_ROOT if CHECKOUT else Path.cwd()) / ".env"
+
+
+def env_file_problem() -> str | None:
+    """Why the .env cannot be read as UTF-8 text, or None (also when there is none)."""
+    path = env_file()
+    try:
+        path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as err:
+        return f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8 (see .env.example)"
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror}): fix its permissions or remove it"
+    return None
+
+
+def check_env_file() -> None:
+    """Refuse to run on a .env that was skipped at import (its settings, e.g. the HF token, would be missing)."""
+    problem = env_file_problem()
+    if problem:
+        raise ValueError(problem)
+
+
 def configure() -> bool:
     """Set HF offline flags when the Hub cannot be reached (.env first: it may set them). True when online."""
-    load_dotenv((PROJECT_ROOT if CHECKOUT else Path.cwd()) / ".env", override=False)
+    if env_file_problem() is None:   # an unreadable .env is refused by the CLI (check_env_file), not at import
+        load_dotenv(env_file(), override=False)
     os.environ.setdefault("HF_HOME", str(cache_dir() / "huggingface"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.environ.get("HF_HUB_OFFLINE") == "1":

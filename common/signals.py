@@ -15,6 +15,14 @@ from types import FrameType
 from typing import Any
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """An interrupt that a mode has handled: ``saved`` says what it wrote (the CLI prints it, exit 130)."""
+
+    def __init__(self, saved: str) -> None:
+        super().__init__(saved)
+        self.saved = saved
+
+
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 

@@ -92,8 +92,9 @@ def lm_eval_version() -> str:
 
 def evaluate_tasks(model, tokenizer, plan: TaskPlan, route: Route | None = None, *, task_manager=None,
                    limit: int | None = None, batch_size: int = 1, bootstrap_iters: int = 1000,
-                   max_length: int | None = None, output_dir: Path | None = None) -> LmEvalResult:
-    """Zero-shot scores of `model` on the plan's tasks (lm-eval's own prompts and metrics).
+                   max_length: int | None = None, output_dir: Path | None = None,
+                   num_fewshot: int | None = None) -> LmEvalResult:
+    """Scores of `model` on the plan's tasks (lm-eval's own prompts and metrics); zero-shot unless `num_fewshot`.
 
     ``output_dir``: also write lm-eval's own files there, as its CLI's ``--output_path --log_samples`` does
     (``results_<date>.json`` and one ``samples_<task>_<date>.jsonl`` per task, in lm-eval's format), so the
@@ -108,7 +109,7 @@ def evaluate_tasks(model, tokenizer, plan: TaskPlan, route: Route | None = None,
     started = time.perf_counter()
     out = simple_evaluate(model=lm, tasks=list(plan.tasks), task_manager=task_manager or plan.task_manager(),
                           limit=limit, bootstrap_iters=bootstrap_iters, log_samples=tracker is not None,
-                          evaluation_tracker=tracker)
+                          evaluation_tracker=tracker, num_fewshot=num_fewshot)
     seconds = time.perf_counter() - started
     scores = scores_from_results(out, plan)
     files = None

@@ -98,7 +98,7 @@ def evaluate_route(loaded, route: Route, corpus: CorpusText | None, plan: TaskPl
                if corpus is not None else None)
         tasks = (evaluate_tasks(model, tokenizer, plan, route, task_manager=task_manager, limit=config.eval_limit,
                                 batch_size=config.batch_size, bootstrap_iters=config.bootstrap_iters,
-                                output_dir=output_dir)
+                                output_dir=output_dir, num_fewshot=config.num_fewshot)
                  if plan is not None else None)
         scored_actions = dict(route.actions)
         speed = (probe_speed(model, tokenizer, route, prompt_tokens=config.probe_prompt_tokens,

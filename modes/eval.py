@@ -10,6 +10,7 @@ from common.signals import sigterm_as_interrupt
 from controller import checkpointing
 from environments.session import action_space, build_engine, engine_mismatch
 from modes.outputs import finish_run, metrics_skeleton
+from modes.validate import naming
 from reporting import provenance
 from reporting import render as reporting
 
@@ -22,11 +23,14 @@ def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
     from evaluation.suite import LM_EVAL_DIR, run_evaluation
     from model_loader import load_model
 
-    specs = expand_static_all(specs, action_space(cfg))
-    parsed = parse_specs(specs)
+    with naming("--eval-models"):
+        specs = expand_static_all(specs, action_space(cfg))
+        parsed = parse_specs(specs)
     for spec in parsed:
         if spec.kind == "policy":   # one engine per run: the policy must have learned on this one's menu
-            fix = engine_mismatch(cfg, checkpointing.load_checkpoint(Path(spec.checkpoint))["config"])
+            with naming("--eval-models"):
+                trained = checkpointing.load_checkpoint(Path(spec.checkpoint))["config"]
+            fix = engine_mismatch(cfg, trained)
             if fix:
                 raise ValueError(f"{spec.label} was trained on another engine: evaluate it with {fix}")
 

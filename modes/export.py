@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from common.config import RunConfig
+from modes.validate import naming
 from pruners import PruningAction
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ def run_export(cfg: RunConfig, out_dir: str | None, action: str | None, baseline
         raise ValueError("--mode export needs --export DIR")
     if (action is None) == (baseline is None):
         raise ValueError("--mode export needs exactly one of --action TARGET:INTENSITY or --baseline METHOD@BUDGET")
-    target = PruningAction.parse(action) if action else None
+    with naming("--action"):
+        target = PruningAction.parse(action) if action else None
     loaded = load_model(cfg.model, device=cfg.device)
     vocab_gguf = embedded_gguf_path() if gguf and loaded.source == "embedded" else None
     if baseline:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import hub
 from common.config import RunConfig
-from common.signals import sigterm_as_interrupt
+from common.signals import RunInterrupted, interrupts_deferred, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,10 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
         except KeyboardInterrupt:
             log.warning("interrupted at step %d: saving the heal checkpoint (continue with --resume)",
                         healer.state.step)
-            healer.save_checkpoint()
-            raise
+            with interrupts_deferred():
+                healer.save_checkpoint()
+            raise RunInterrupted(f"heal checkpoint {healer.checkpoint} at step {healer.state.step} "
+                                 "(continue with --resume)") from None
     prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device),
                               engine=engine.describe(healer.actions))
     info = {"base_model": loaded.name, "base_source": loaded.source, "completed": True, "corpus": corpus,
@@ -91,14 +93,9 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
 
 
 def check_heal(cfg: RunConfig) -> None:
-    """Cheap checks before the model loads."""
-    h = cfg.heal
-    if h.random_actions < 0:
-        raise ValueError(f"--heal-random must be >= 0, got {h.random_actions}")
-    if h.lr <= 0:
-        raise ValueError(f"--heal-lr must be > 0, got {h.lr}")
+    """Cheap checks before the model loads (value ranges: common.config LIMITS, checked by the CLI)."""
     from reporting.tracking import check_tracker
     check_tracker(cfg.log_to)
     from common.calibration import check_not_evaluation_data
-    for spec in (s.strip() for s in h.dataset.split(",") if s.strip()):
+    for spec in (s.strip() for s in cfg.heal.dataset.split(",") if s.strip()):
         check_not_evaluation_data(spec)

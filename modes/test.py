@@ -20,6 +20,7 @@ from controller.study import POLICY, arms
 from environments.precomputed import OfflineEnvironment, build_offline_data, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
 from modes.flags import check_environment, flags_of
+from modes.validate import check_checkpoint_fits, naming
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
                            table_load_check)
 from reporting import provenance
@@ -55,10 +56,16 @@ def run_test(cfg: RunConfig, explicit: set[str] = frozenset(), test_scenarios: s
     also evaluated on WikiText-2 and the lm-eval tasks. `ablation_checkpoints` are further policies
     (trained with --ablation) that decide on the same observations, paired with the main policy.
     """
-    payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
-    others = {path: checkpointing.load_checkpoint(Path(path)) for path in ablation_checkpoints}
+    with naming("--checkpoint"):
+        payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
+    with naming("--ablation-checkpoints"):
+        others = {path: checkpointing.load_checkpoint(Path(path)) for path in ablation_checkpoints}
     cfg = config_from_checkpoint(cfg, payload, explicit)
     check_environment(flags_of(explicit), cfg.environment)
+    check_checkpoint_fits(cfg, payload)     # before the model loads: --targets must not relabel the policy's outputs
+    for path, other in others.items():
+        check_checkpoint_fits(dataclasses.replace(cfg, checkpoint=path, state_features=other["config"].get(
+            "state_features", cfg.state_features)), other, flag="--ablation-checkpoints")
     if cfg.environment == "offline":
         return run_test_offline(cfg, payload, others, test_scenarios, eval_cfg)
     prompts = test_prompts(cfg)
@@ -133,9 +140,11 @@ def ablation_choosers(payloads: dict[str, dict], model_id: str, labels: list[str
 def test_prompts(cfg: RunConfig) -> list:
     """--test-dataset, or the held-out split of the training data set (never a training prompt)."""
     if cfg.test_dataset and cfg.test_dataset != cfg.train_dataset:
-        prompt_set = load_prompts(cfg.test_dataset, seed=cfg.seed)
+        with naming("--test-dataset"):
+            prompt_set = load_prompts(cfg.test_dataset, seed=cfg.seed)
     else:
-        prompt_set = load_prompts(cfg.train_dataset, seed=cfg.seed).split(cfg.test_fraction, seed=cfg.seed)[1]
+        with naming("--train-dataset"):
+            prompt_set = load_prompts(cfg.train_dataset, seed=cfg.seed).split(cfg.test_fraction, seed=cfg.seed)[1]
     return list(prompt_set.take(cfg.test_samples).prompts)
 
 

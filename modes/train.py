@@ -10,7 +10,7 @@ from common.config import RunConfig
 from common.files import atomic_write_text, strict_json
 from environments.records import to_jsonable
 from environments.session import open_session
-from common.signals import interrupts_deferred, sigterm_as_interrupt
+from common.signals import RunInterrupted, interrupts_deferred, sigterm_as_interrupt
 from controller import checkpointing
 from machine.contention import parse_scenarios
 from controller.dqn import linear_epsilon
@@ -19,6 +19,7 @@ from environments.precomputed import OfflineEnvironment, build_offline_data
 from controller.study import fit_offline_arms, side_ablations
 from environments.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
+from modes.validate import check_checkpoint_fits, naming
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
                            table_load_check)
 from reporting import provenance
@@ -32,7 +33,12 @@ def run_train(cfg: RunConfig) -> Path:
     check_tracker(cfg.log_to)
     if cfg.environment == "offline":
         return run_train_offline(cfg)
-    prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
+    if cfg.resume:   # the checkpoint must fit this run before the model loads and the engine calibrates
+        with naming("--checkpoint"):
+            payload = checkpointing.load_checkpoint(Path(cfg.checkpoint))
+        check_checkpoint_fits(cfg, payload)
+    with naming("--train-dataset"):
+        prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     texts = [p.text for p in prompts]
     with sigterm_as_interrupt(), open_session(cfg) as s:
         cfg = s.cfg            # with the prompt-analysis backend resolved
@@ -68,19 +74,26 @@ def run_train(cfg: RunConfig) -> Path:
         except KeyboardInterrupt as err:
             log.warning("interrupted (%s) after episode %d: saving checkpoint and partial report",
                         err, trainer.next_episode)
-            s.engine.restore()
-            trainer.save(trainer.next_episode)
-        with interrupts_deferred():        # a second Ctrl-C waits until the files are complete
-            metrics = write(trainer.episodes, partial=not completed,
-                            reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
-                                                          "continue with --resume")
-            atomic_write_text(run_dir.path / "latency_table.json", strict_json(s.env.table.to_dict(), indent=1))
-            metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
-            finish_run(run_dir, metrics)
-            tracker.close()
-            print(f"checkpoint: {cfg.checkpoint}")
-        if not completed:
-            raise KeyboardInterrupt
+            with interrupts_deferred():    # a second signal waits until the checkpoint is complete
+                s.engine.restore()
+                trainer.save(trainer.next_episode)
+        late = False
+        try:
+            with interrupts_deferred():        # a second Ctrl-C waits until the files are complete
+                metrics = write(trainer.episodes, partial=not completed,
+                                reason=None if completed else f"interrupted after episode {trainer.next_episode}; "
+                                                              "continue with --resume")
+                atomic_write_text(run_dir.path / "latency_table.json", strict_json(s.env.table.to_dict(), indent=1))
+                metrics["load_verification"] = table_load_check(s.env.table, parse_scenarios(cfg.scenarios))
+                finish_run(run_dir, metrics)
+                tracker.close()
+                print(f"checkpoint: {cfg.checkpoint}")
+        except KeyboardInterrupt:          # arrived while the files were written: they are complete
+            late = True
+        if not completed or late:
+            raise RunInterrupted(f"checkpoint {cfg.checkpoint} after episode {trainer.next_episode} of {cfg.episodes}"
+                                 f"{'' if completed else ' (continue with --resume)'} and the "
+                                 f"{'' if completed else 'partial '}report in {run_dir.path}")
         return run_dir.path
 
 
@@ -98,7 +111,8 @@ def run_train_offline(cfg: RunConfig) -> Path:
     Everything here reads the training prompts and the training calibrations only; the test split's
     calibrations are measured in the same interleaved rounds but never opened.
     """
-    prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
+    with naming("--train-dataset"):
+        prompts = train_prompts(cfg.train_dataset, cfg.seed, cfg.test_fraction, cfg.train_samples)
     scenarios = parse_scenarios(cfg.scenarios)
     with sigterm_as_interrupt(), open_session(cfg) as s:
         cfg = s.cfg

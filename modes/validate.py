@@ -1,38 +1,55 @@
-"""Cheap checks of a RunConfig, run before any model or data set is loaded.
+"""Cheap checks of a run, made before any model or data set is loaded: names, files it reads, every place it
+writes, and whether a checkpoint it continues or tests fits the run.
 
-Why up front: a typo found after a 20 s model load (or after the Hub data set failed offline)
-costs the user a round trip and hides the real mistake behind a later one.
+Why up front: a typo found after a 20 s model load (or after the Hub data set failed offline) costs the user a
+round trip and hides the real mistake behind a later one; a checkpoint path that cannot be written, found when
+training ends, loses the training. Value ranges are not here: they are declared beside the config fields
+(common.config LIMITS) and checked by modes.flags.check_values.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from common.config import ENVIRONMENTS, EXECUTORS, STATE_FEATURES, RunConfig
+from common.config import RunConfig
+from common.files import PROJECT_ROOT, clean_orphaned_temp_files
+
+log = logging.getLogger(__name__)
+
+REPORT_MODES = ("train", "test", "eval", "baselines")
 
 
-def validate(cfg: RunConfig) -> None:
+@contextlib.contextmanager
+def naming(flag: str) -> Iterator[None]:
+    """A failure inside the block names ``flag`` (a data set, model or file loader knows its input, not the flag
+    the user typed): "argument FLAG: <message>" unless the message already names it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:   # noqa: BLE001 — re-raised with the flag, one line at the CLI boundary
+        if flag in str(err):
+            raise
+        raise ValueError(f"argument {flag}: {err}") from err
+
+
+def validate(cfg: RunConfig, *, export_dir: str | None = None, overwrite: bool = False) -> None:
     from machine.contention import parse_scenarios
-    from environments.reward import OBJECTIVES
     from environments.session import action_space
     from model_loader import check_model_name
     from nlp_analyzer import BACKENDS
-    check_model_name(cfg.model)
+    with naming("--model"):
+        check_model_name(cfg.model)
     if cfg.nlp_backend not in ("auto", *BACKENDS):
         raise ValueError(f"--nlp-backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.nlp_backend}")
-    if cfg.environment not in ENVIRONMENTS:
-        raise ValueError(f"--environment must be one of {', '.join(ENVIRONMENTS)}, got {cfg.environment}")
-    if cfg.offline.executor not in EXECUTORS:
-        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {cfg.offline.executor}")
     if cfg.offline.ray_address and cfg.offline.executor != "ray":
         raise ValueError("--ray-address only matters with --executor ray: add it, or drop --ray-address")
-    if cfg.state_features not in STATE_FEATURES:
-        raise ValueError(f"--state-features must be one of {', '.join(STATE_FEATURES)}, got {cfg.state_features}")
-    levels = [sc.name for sc in parse_scenarios(cfg.scenarios)]
-    if cfg.reward.objective not in OBJECTIVES:
-        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.reward.objective}")
-    if not 0 < cfg.reward.slo_share <= 1 or cfg.reward.quality_budget <= 0 or cfg.reward.multiplier_lr < 0:
-        raise ValueError("--slo-share must be in (0, 1], --quality-budget > 0 and --multiplier-lr >= 0")
+    with naming("--scenarios"):
+        levels = [sc.name for sc in parse_scenarios(cfg.scenarios)]
     if cfg.environment == "offline" and "idle" not in levels:
         raise ValueError(f"--scenarios {cfg.scenarios}: the offline environment needs 'idle' (every calibration "
                          "round's reference for the slowdown and the latency budget)")
@@ -40,33 +57,125 @@ def validate(cfg: RunConfig) -> None:
         action_space(cfg)
     except ValueError as err:
         raise ValueError(f"--targets/--intensities: {err}") from err
-    if cfg.episodes <= 0 or cfg.episodes > 10_000_000:
-        raise ValueError(f"--episodes must be between 1 and 10,000,000, got {cfg.episodes}")
-    if not 0 < cfg.test_fraction < 1:
-        raise ValueError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
-    if cfg.env.timing not in ("table", "interleaved"):
-        raise ValueError(f"--timing must be table or interleaved, got {cfg.env.timing}")
-    if cfg.env.load_timing not in ("scaled", "measured"):
-        raise ValueError(f"--load-timing must be scaled or measured, got {cfg.env.load_timing}")
-    if cfg.env.max_new_tokens > 100_000:
-        raise ValueError(f"--max-new-tokens {cfg.env.max_new_tokens} is absurd: use at most the model's context")
-    if cfg.dqn.target_update not in ("soft", "hard"):
-        raise ValueError(f"--target-update must be soft or hard, got {cfg.dqn.target_update}")
-    if not 0 <= cfg.dqn.gamma <= 1:
-        raise ValueError(f"--gamma must be in [0, 1], got {cfg.dqn.gamma}")
+    if cfg.dqn.learning_starts > cfg.dqn.buffer_size:
+        raise ValueError(f"argument --learning-starts: {cfg.dqn.learning_starts} exceeds --buffer-size "
+                         f"{cfg.dqn.buffer_size}: no update would ever run (e.g. --learning-starts 16)")
     for flag, path in (("--latency-table", cfg.latency_table), ("--telemetry-trace", cfg.telemetry_trace)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} not found: pass the file an earlier run wrote "
                                     "(its latency_table.json or metrics.json)")
-    if cfg.mode in ("train", "test", "eval", "baselines"):
-        check_writable(Path(cfg.report_dir), "--report-dir")
+    check_outputs(cfg, export_dir=export_dir, overwrite=overwrite)
+
+
+def check_outputs(cfg: RunConfig, *, export_dir: str | None = None, overwrite: bool = False) -> None:
+    """Everything the run will write can be written, before it starts; orphaned temp files of a killed
+    earlier run there are removed."""
+    if cfg.mode in REPORT_MODES:
+        report = Path(cfg.report_dir)
+        not_root(report, "--report-dir", "reports")
+        check_writable(report, "--report-dir")
+        for folder in (report, *(p for p in report.iterdir() if p.is_dir())):
+            clean_orphaned_temp_files(folder)
+    if cfg.mode == "train":
+        check_checkpoint_target(Path(cfg.checkpoint))
+        if cfg.resume and not Path(cfg.checkpoint).is_file():
+            raise ValueError(f"argument --checkpoint: {_short(Path(cfg.checkpoint))!r} does not exist, so --resume has nothing to "
+                             "continue: drop --resume to start training")
+    if cfg.mode == "test":
+        checkpoint = Path(cfg.checkpoint)
+        if checkpoint.is_dir():
+            raise ValueError(f"argument --checkpoint: {cfg.checkpoint!r} is a folder, not a checkpoint file "
+                             "(e.g. --checkpoint checkpoints/policy.pt)")
+    if cfg.mode == "export":
+        check_export_target(export_dir, overwrite)
+    if cfg.mode == "heal" and cfg.heal.out_dir:
+        not_root(Path(cfg.heal.out_dir), "--heal-out", ".cache/heal/tiny")
+        check_creatable(Path(cfg.heal.out_dir), "--heal-out", ".cache/heal/tiny")
+
+
+def not_root(folder: Path, flag: str, example: str) -> None:
+    if folder.resolve() == PROJECT_ROOT:
+        raise ValueError(f"argument {flag}: {str(folder)!r} is the repository root: pass a folder of its own "
+                         f"(e.g. {flag} {example})")
 
 
 def check_writable(folder: Path, flag: str) -> None:
-    """The report folder can be created and written, before hours of work go into it."""
+    """The folder can be created and written, before hours of work go into it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"{flag} {folder} cannot be created ({err.strerror}): pass a writable folder") from err
+        raise ValueError(f"argument {flag}: {str(folder)!r} cannot be created ({err.strerror}): pass a writable "
+                         "folder") from err
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {folder} is not a writable folder: pass one you can write to")
+        raise ValueError(f"argument {flag}: {str(folder)!r} is not a writable folder: pass one you can write to")
+
+
+def check_checkpoint_target(path: Path) -> None:
+    """A checkpoint can be written at ``path``: a temp file named as the atomic write names it (the longest
+    sibling name an offline run writes, NAME.no_prompt.seedN.pt) is created there and removed again."""
+    flag, fix = "argument --checkpoint", "(e.g. --checkpoint checkpoints/policy.pt)"
+    try:
+        if not path.name or path.is_dir() or str(path).endswith(os.sep):
+            raise ValueError(f"{flag}: {_short(path)!r} names a folder, not a file {fix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_orphaned_temp_files(path.parent)
+        longest = f".{path.stem}.no_prompt.seed999{path.suffix}.pid{os.getpid()}-"
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=longest, suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{flag}: {_short(path)!r} cannot be written ({err.strerror}) {fix}") from err
+
+
+def check_export_target(export_dir: str | None, overwrite: bool) -> None:
+    fix = "(e.g. --export exports/tiny-ffn50)"
+    if not export_dir:
+        raise ValueError(f"--mode export needs --export DIR {fix}")
+    folder = Path(export_dir)
+    not_root(folder, "--export", "exports/tiny-ffn50")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"argument --export: {export_dir!r} is a file, not a folder {fix}")
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if held and not overwrite:
+        raise ValueError(f"argument --export: {export_dir!r} already holds {len(held)} entries ({', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}): pass a new or empty folder, or add --overwrite")
+    check_creatable(folder, "--export", "exports/tiny-ffn50")
+
+
+def check_creatable(folder: Path, flag: str, example: str) -> None:
+    """The folder exists as one, or can be made under its nearest existing parent (not made yet: a run refused
+    later by a cheap check leaves nothing behind)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"argument {flag}: {str(folder)!r} cannot be created under {str(existing)!r} "
+                         f"(e.g. {flag} {example})")
+
+
+def check_checkpoint_fits(cfg: RunConfig, payload: dict, flag: str = "--checkpoint") -> None:
+    """The checkpoint's policy can act in this run (model, action space, state schema, engine), checked on the
+    configs alone, before any model loads or any importance statistic is computed."""
+    from controller.checkpointing import CheckpointError, check_compatible
+    from environments.session import action_space, engine_mismatch
+    from environments.state import state_feature_names
+    trained = payload.get("config")
+    if not isinstance(trained, dict):
+        raise ValueError(f"argument {flag}: {cfg.checkpoint!r} has no stored config: retrain it with this version")
+    model = trained.get("model")
+    if model and "auto" not in (model, cfg.model) and model != cfg.model:
+        raise ValueError(f"argument --model: {cfg.model!r}, but {flag} {cfg.checkpoint!r} was trained on "
+                         f"{model!r}: pass --model {model} or a checkpoint trained on {cfg.model}")
+    try:
+        check_compatible(payload, model_id=payload.get("model_id"), state_features=state_feature_names(cfg.state_features),
+                         action_space=[a.label for a in action_space(cfg)])
+    except CheckpointError as err:
+        raise ValueError(f"argument {flag}: {cfg.checkpoint!r} {err}: drop --targets/--intensities/--state-features "
+                         "to use the checkpoint's, or retrain") from err
+    fix = engine_mismatch(cfg, trained)
+    if fix:
+        raise ValueError(f"argument {flag}: {cfg.checkpoint!r} was trained on another engine: run with {fix}")
+
+
+def _short(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 80 else text[:40] + "..." + text[-30:]
+

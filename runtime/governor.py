@@ -28,6 +28,7 @@ from runtime.compiled import CompiledDecoder
 from runtime.generation import Decoder, eager_decoder
 from runtime.openmp import BUSY, IDLE, OpenMPChoice
 from machine.telemetry import HardwareProbe, HardwareState
+from machine.load_signals import LoadAwareHardware
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,10 @@ class ExecutionGovernor:
         self.compiled = compile_wanted(self.config.compile, self.device)
         self._probe: HardwareProbe | None = None
 
-    def machine_state(self, hardware: HardwareState | None = None) -> str:
+    def machine_state(self, hardware: HardwareState | LoadAwareHardware | None = None) -> str:
+        """idle | busy; a contention-state observation (``LoadAwareHardware``) is read through its telemetry."""
+        if isinstance(hardware, LoadAwareHardware):
+            hardware = hardware.reading
         others = others_load_cores(hardware if hardware is not None else self._read())
         return BUSY if others is not None and others >= self.config.busy_cores else IDLE
 
@@ -101,7 +105,7 @@ class ExecutionGovernor:
         time.sleep(WINDOW_S)
         return self._probe.read(start, self._probe.cpu_counters())
 
-    def decide(self, hardware: HardwareState | None = None) -> RuntimeSetting:
+    def decide(self, hardware: HardwareState | LoadAwareHardware | None = None) -> RuntimeSetting:
         """The thread count: the configured one ("fixed"), else the measured rule for the machine's
         state ("idle" | "busy"), else torch's current one ("unmeasured": no rule, nothing read)."""
         if self.config.threads:
@@ -119,7 +123,7 @@ class ExecutionGovernor:
             log.debug("runtime: %s (%s machine)", setting.label, setting.state)
         return setting
 
-    def govern(self, hardware: HardwareState | None = None) -> RuntimeSetting:
+    def govern(self, hardware: HardwareState | LoadAwareHardware | None = None) -> RuntimeSetting:
         """Decide for the machine's current state and apply it; returns what now runs."""
         return self.apply(self.decide(hardware))
 
