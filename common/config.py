@@ -239,6 +239,7 @@ class RuntimeConfig:
     threads: int | None = None         # fixed torch threads; None: the measured rule per machine state
     compile: str = "auto"              # per-action compiled decode: auto (CUDA only; on CPU it measured no gain) | on | off
     busy_cores: float = 1.0            # other processes' load, in cores, from which the machine counts as busy
+    recheck_s: float = 120.0           # a live thread check per machine state is reused this long (0: probe priors only)
 
     def to_dict(self) -> dict:
         return asdict(self)
