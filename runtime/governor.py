@@ -32,9 +32,9 @@ import torch
 
 from common.config import RuntimeConfig
 from runtime import openmp
-from runtime.compiled import CompiledDecoder
+from runtime.compiled import CompiledDecoder, StaticCacheDecoder
 from runtime.decode_probe import decode_seconds_per_token
-from runtime.generation import Decoder, eager_decoder
+from runtime.generation import Decoder
 from runtime.openmp import BUSY, IDLE, OpenMPChoice
 from machine.telemetry import HardwareProbe, HardwareState
 
@@ -207,10 +207,10 @@ class ExecutionGovernor:
         return self.apply(self.decide(hardware))
 
     def decoder(self, model: torch.nn.Module, engine=None) -> Decoder:
-        """The decode step this governor runs: compiled per action (runtime.compiled) or eager. The model is
-        also the one its live thread checks time (``attach``)."""
+        """The decode step this governor runs: compiled per action, or eager over a static cache (both
+        runtime.compiled). The model is also the one its live thread checks time (``attach``)."""
         self.attach(model)
-        return CompiledDecoder(model, engine) if self.compiled else eager_decoder
+        return CompiledDecoder(model, engine) if self.compiled else StaticCacheDecoder(model, engine)
 
     def describe(self) -> dict:
         """For provenance: the OpenMP choice (with its probes) and this governor's rule."""
