@@ -289,3 +289,36 @@ def test_a_cached_choice_is_re_decided_by_the_current_rule(tmp_path, monkeypatch
     openmp.cache_path().write_text(json.dumps(old.to_dict()))
     got = openmp.load_cached()
     assert (got.policy, got.threads_idle, got.threads_busy) == ("stock", 2, 1) and got.probes == old.probes
+
+
+# ------------------------------------------------------------------ the true floor (runtime.floor)
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_floor_reads_the_step_s_bytes_and_is_never_above_its_decode(tiny, restore_threads, dtype):
+    from runtime.dtype import apply_weight_dtype, weight_bytes
+    from runtime.floor import decode_matrices, measure_floor
+    from runtime.generation import generate
+
+    apply_weight_dtype(tiny.model, dtype)
+    ids = torch.arange(20)[None] + 3
+    mats = decode_matrices(tiny.model, cache_tokens=24)
+    cfg = tiny.model.config
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 24 * 4
+    assert sum(m.numel() * m.element_size() for m in mats) == weight_bytes(tiny.model) + kv
+    floor = measure_floor(mats, (1, 2), passes=3)
+    assert floor.seconds == min(floor.matvec_s, floor.read_s) and {floor.matvec_threads, floor.read_threads} <= {1, 2}
+    torch.set_num_threads(1)
+    decode = min(generate(tiny.model, ids, 8).median_step_s for _ in range(3))
+    assert 0 < floor.seconds <= decode
+
+
+def test_the_floor_of_the_real_model_is_below_its_decode(embedded_loaded, restore_threads):
+    """SmolLM2-135M, dense fp32: the step itself cannot beat the best pass over its bytes."""
+    from runtime.floor import decode_matrices, measure_floor
+    from runtime.generation import generate
+
+    ids = torch.arange(32)[None] + 3
+    floor = measure_floor(decode_matrices(embedded_loaded.model, cache_tokens=36), (1, 2), passes=3)
+    assert floor.bytes > 500e6                                         # 538 MB of fp32 weights
+    torch.set_num_threads(floor.matvec_threads)
+    decode = min(generate(embedded_loaded.model, ids, 6).median_step_s for _ in range(2))
+    assert floor.seconds <= decode
