@@ -26,12 +26,15 @@ the classes back, so float32 is bit-identical to never having quantized.
     apply_weight_dtype(model, "int8")      # before or after building a PruningEngine: both work
     with engine.pruned(action): generate(model, ids, 32)
     restore_weight_dtype(model)
+    with weight_dtype_scope(model, "int8"), engine.pruned(action): ...   # switching back and forth: ~1 ms
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -154,40 +157,66 @@ def apply_weight_dtype(model: nn.Module, name: str, head: bool = True) -> float:
     """Compute the decoder Linears (and, for int8 with ``head``, the lm_head) in ``name``; returns seconds taken.
 
     float32 restores; applying over another shadow dtype restores first. Call it with the engine restored
-    (dense): the shadow is taken from each Linear's full weight.
+    (dense): the shadow is taken from each Linear's full weight. Shadows are kept on the module (``_shadows``)
+    while its weight's in-place version is unchanged, so switching dtype back and forth is a class swap
+    (about a millisecond) and an engine reorder (an in-place write) makes them be rebuilt.
     """
     check_weight_dtype(name)
     started = time.perf_counter()
-    restore_weight_dtype(model)
+    restore_weight_dtype(model, keep=True)
     if name == "float32":
         return time.perf_counter() - started
     for m in decoder_linears(model):
         if m.weight.dtype != torch.float32:
             raise ValueError(f"--dtype {name}: the model's weights are {m.weight.dtype}; load it in float32")
-        if name == "int8":
-            q, m.shadow_scale = quantize_int8(m.weight)
-            m.in_full = q.shape[1]
-            m.shadow = q if q.shape[1] % INT8_K_ALIGN == 0 else padded_columns(q, q.shape[1])
-        else:
-            m.shadow, m.shadow_scale = m.weight.detach().to(_SHADOW_DTYPES[name]).contiguous(), None
-        m._columns = {}
+        stash = m.__dict__.setdefault("_shadows", {})
+        kept = stash.get(name)
+        if kept is None or kept[0] != m.weight._version:
+            kept = stash[name] = (m.weight._version, *_shadow(m.weight, name), {})
+        _, m.shadow, m.shadow_scale, m.in_full, m._columns = kept
         m.__class__ = ShadowLinear
     if name == "int8" and head:
-        model.lm_head = QuantizedHead(model.lm_head)
+        original = model.lm_head
+        kept = original.__dict__.get("_quantized")
+        if kept is None or kept[0] != original.weight._version:
+            kept = original.__dict__["_quantized"] = (original.weight._version, QuantizedHead(original))
+        model.lm_head = kept[1]
     seconds = time.perf_counter() - started
-    log.info("weights computed in %s (%.2f s to build the shadows)", name, seconds)
+    log.debug("weights computed in %s (%.3f s)", name, seconds)
     return seconds
 
 
-def restore_weight_dtype(model: nn.Module) -> None:
-    """Back to the fp32 weights as loaded (the shadows are dropped; nothing else was touched)."""
+def _shadow(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(shadow, int8 scales or None, unpadded input width) of one full fp32 weight."""
+    if name == "bfloat16":
+        return weight.detach().to(torch.bfloat16).contiguous(), None, weight.shape[1]
+    q, scale = quantize_int8(weight)
+    return (q if q.shape[1] % INT8_K_ALIGN == 0 else padded_columns(q, q.shape[1])), scale, q.shape[1]
+
+
+def restore_weight_dtype(model: nn.Module, keep: bool = False) -> None:
+    """Back to the fp32 weights as loaded (nothing else was touched); ``keep`` keeps the shadows for a later apply."""
     for m in decoder_linears(model):
         if isinstance(m, ShadowLinear):
             m.__class__ = nn.Linear
             for attr in ("shadow", "shadow_scale", "_columns", "in_full"):
                 m.__dict__.pop(attr, None)
+        if not keep:
+            m.__dict__.pop("_shadows", None)
     if isinstance(model.lm_head, QuantizedHead):
         model.lm_head = model.lm_head.original
+    if not keep:
+        model.lm_head.__dict__.pop("_quantized", None)
+
+
+@contextlib.contextmanager
+def weight_dtype_scope(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """``with weight_dtype_scope(model, "int8"): ...`` computes in ``name`` inside, float32 after (shadows kept)."""
+    apply_weight_dtype(model, name)
+    try:
+        yield model
+    finally:
+        restore_weight_dtype(model, keep=True)
 
 
 def weight_bytes(model: nn.Module) -> int:

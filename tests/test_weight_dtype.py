@@ -95,3 +95,23 @@ def test_shadow_dtypes_read_fewer_bytes(tiny):
 def test_bad_dtype_names_the_flag():
     with pytest.raises(ValueError, match="--dtype float16: choose from float32, bfloat16, int8"):
         check_weight_dtype("float16")
+
+
+def test_switching_dtype_reuses_shadows_until_the_weights_change(tiny, ids):
+    from runtime.dtype import weight_dtype_scope
+
+    model = tiny.model
+    fp32 = logits(model, ids)
+    with weight_dtype_scope(model, "int8"):
+        first = logits(model, ids)
+        shadow = model.model.layers[0].mlp.up_proj.shadow
+    assert torch.equal(logits(model, ids), fp32) and weight_dtype(model) == "float32"
+    with weight_dtype_scope(model, "int8"):
+        assert model.model.layers[0].mlp.up_proj.shadow is shadow          # kept: a class swap, no requantization
+        assert torch.equal(logits(model, ids), first)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2.0)                 # an in-place write (an engine reorder)
+    with weight_dtype_scope(model, "int8"):
+        assert model.model.layers[0].mlp.up_proj.shadow is not shadow
+    restore_weight_dtype(model)
+    assert "_shadows" not in model.model.layers[0].mlp.up_proj.__dict__
