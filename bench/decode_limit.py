@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (every path once per round)")
     p.add_argument("--floor-passes", type=int, default=3)
+    p.add_argument("--importance", default="magnitude",
+                   help="the engine's unit order; speed depends on how many units an action keeps, not which, and "
+                        "magnitude needs no calibration pass (hours on a loaded 2-core machine)")
+    p.add_argument("--allocation", default="uniform", choices=("global", "uniform"))
+    p.add_argument("--recovery", default="none", choices=("compensate", "none"))
     p.add_argument("--llama-cpp", default="auto", choices=("auto", "off"), help="auto: when llama-cpp-python is installed")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -227,12 +232,12 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
 def run(args: argparse.Namespace) -> dict:
     loaded = model_loader.load_model(args.model, device="cpu")
     actions = [NONE] + [PruningAction.parse(a) for a in args.actions.split(",") if a.strip()]
-    importance = RunConfig.importance if loaded.source != "random" else "magnitude"
+    engine_cfg = RunConfig(importance=args.importance, allocation=args.allocation, recovery=args.recovery)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     engines: dict[str, PruningEngine] = {}
     for dtype in dtypes:            # one model copy and engine per dtype: switching dtype rebuilds its shadows
         copy_ = model_loader.LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
-        engines[dtype] = build_engine(RunConfig(importance=importance), copy_, actions)
+        engines[dtype] = build_engine(engine_cfg, copy_, actions)
         apply_weight_dtype(copy_.model, dtype)
     stock = {"float32": loaded.model, "int8": stock_int8(loaded.model)}
     ids = probe_prompt(loaded.tokenizer, args.prompt_tokens) if loaded.tokenizer is not None else \

@@ -156,6 +156,7 @@ class RunConfig:
                                             # magnitude ruins SmolLM2's FFN (see README)
     allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
     recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
+    dtype: str = "float32"                  # weight dtype the model computes in (runtime.dtype): float32 | bfloat16 | int8
     targets: tuple[str, ...] = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
     intensities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     scenarios: str = "idle,loaded"
@@ -222,6 +223,10 @@ class BaselineConfig:
     speed_repeats: int = 3                     # interleaved (dense, pruned) pairs per prompt
     cache_dir: str | None = None               # importance-score cache (default: the project cache)
     eval: EvalConfig = field(default_factory=_baseline_eval)
+    quantized: tuple[str, ...] = ("int8",)     # weight dtypes scored as baselines: dense and every structured point
+
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # runtime.dtype: what --dtype accepts
 
 
 # Where the measured weight layout travels from runtime.openmp (torch-free) to model_loader.load_model.

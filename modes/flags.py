@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, BaselineConfig, CalibrationConfig,
                            EvalConfig, RunConfig)
+from common.config import WEIGHT_DTYPES
 
 MODES = ("train", "test", "eval", "report", "baselines", "export", "heal")
 TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL = "train", "test", "eval", "baselines", "export", "heal"
@@ -52,6 +53,17 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def weight_dtype(text: str) -> str:
+    if text not in WEIGHT_DTYPES:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(WEIGHT_DTYPES)}, got '{text}'")
+    return text
+
+
+def weight_dtypes(text: str) -> tuple[str, ...]:
+    names = words(text)
+    return () if names == ("none",) else tuple(weight_dtype(n) for n in names)
 
 
 def latency_budget(text: str) -> float | None:
@@ -96,6 +108,8 @@ FLAGS: tuple[Flag, ...] = (
          (TRAIN, TEST, EVAL, HEAL), type=floats),
     Flag("--structural", "cli.structural", "slice weights: real speedups (default unless STRUCTURAL_PRUNING=0 "
          "in .env)", (TRAIN, TEST, EVAL), type=None, switch=True),
+    Flag("--dtype", _R + "dtype", "weight dtype the model computes in: float32 | bfloat16 | int8 (int8/bf16 shadows "
+         "that every pruning action's prefix views read; docs/runtime.md)", (TRAIN, TEST, EVAL), type=weight_dtype),
     Flag("--mask", "cli.mask", "zero units with hooks: quality only, NO speedup", (TRAIN, TEST, EVAL),
          type=None, switch=True),
     Flag("--allocation", _R + "allocation", "units removed per layer: global (one ranking across layers) | uniform "
@@ -231,6 +245,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--budgets", "baselines.budgets", "shares of non-embedding parameters removed", (BASELINES,), type=floats),
     Flag("--unstructured", "baselines.unstructured", "quality-only references, e.g. wanda:0.5,wanda:2:4,"
          "sparsegpt:0.5 ('none' to skip)", (BASELINES,), type=words),
+    Flag("--quantized-baselines", "baselines.quantized", "weight dtypes scored as baselines, dense and with every "
+         "structured point: int8 | bfloat16 (comma-separated; 'none' to skip)", (BASELINES,), type=weight_dtypes),
     Flag("--policy", "cli.policy", "add a policy's point to the sweep (repeatable)", (BASELINES,), repeat=True,
          metavar="CHECKPOINT"),
     Flag("--speed-repeats", "baselines.speed_repeats", "interleaved (dense, pruned) pairs per timed point",
