@@ -10,7 +10,7 @@ launches, not bytes, so slicing heads or channels barely shows (the upstream thi
 measured ~0 % from head slicing). With the step compiled and replayed as a CUDA graph
 (``mode="reduce-overhead"``) the launches go and the bytes count again. On CPU it stays off by
 default: there the step is bound by the matrix-vector kernels, and compiling it measured no gain
-(issue 14: 53.3 -> 52.3 ms; bench/decode_limit.py ``--compile`` measures it again).
+(issue 14: 53.3 -> 52.3 ms; not re-measured since).
 
 How: prefill stays eager (its length varies) into the usual DynamicCache, so KV pruning works
 unchanged; the kept entries are then copied into a StaticCache whose slots the causal mask indexes
