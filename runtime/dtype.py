@@ -39,9 +39,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from common.config import WEIGHT_DTYPES
+
 log = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 _SHADOW_DTYPES = {"bfloat16": torch.bfloat16, "int8": torch.int8}
 INT8_K_ALIGN = 8             # inner dimension of every int8 operand (see padded_columns)
 
@@ -173,14 +174,15 @@ def apply_weight_dtype(model: nn.Module, name: str, head: bool = True) -> float:
         kept = stash.get(name)
         if kept is None or kept[0] != m.weight._version:
             kept = stash[name] = (m.weight._version, *_shadow(m.weight, name), {})
-        _, m.shadow, m.shadow_scale, m.in_full, m._columns = kept
+        # straight into __dict__: nn.Module.__setattr__ costs microseconds per call, and a switch sets ~1000
+        m.__dict__.update(zip(("shadow", "shadow_scale", "in_full", "_columns"), kept[1:]))
         m.__class__ = ShadowLinear
     if name == "int8" and head:
         original = model.lm_head
         kept = original.__dict__.get("_quantized")
         if kept is None or kept[0] != original.weight._version:
             kept = original.__dict__["_quantized"] = (original.weight._version, QuantizedHead(original))
-        model.lm_head = kept[1]
+        model._modules["lm_head"] = kept[1]
     seconds = time.perf_counter() - started
     log.debug("weights computed in %s (%.3f s)", name, seconds)
     return seconds
@@ -204,7 +206,7 @@ def restore_weight_dtype(model: nn.Module, keep: bool = False) -> None:
         if not keep:
             m.__dict__.pop("_shadows", None)
     if isinstance(model.lm_head, QuantizedHead):
-        model.lm_head = model.lm_head.original
+        model._modules["lm_head"] = model.lm_head.original
     if not keep:
         model.lm_head.__dict__.pop("_quantized", None)
 
