@@ -310,6 +310,7 @@ class RunConfig:
                                             # magnitude ruins SmolLM2's FFN (see README)
     allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
     recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
+    dtype: str = "float32"                  # weight dtype the model computes in (runtime.dtype): float32 | bfloat16 | int8
     targets: tuple[str, ...] = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
     intensities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     scenarios: str = "idle,loaded"
@@ -401,12 +402,17 @@ class BaselineConfig:
     speed_repeats: int = 3                     # interleaved (dense, pruned) pairs per prompt
     cache_dir: str | None = None               # importance-score cache (default: the project cache)
     eval: EvalConfig = field(default_factory=_baseline_eval)
+    quantized: tuple[str, ...] = ("int8",)     # weight dtypes scored as baselines: dense and every structured point
     LIMITS: ClassVar[dict[str, Limit]] = {
         "methods": text(example="taylor,shortgpt"), "budgets": fraction(example="0.2,0.4"),
         "unstructured": Limit(nonempty=False), "policies": Limit(nonempty=False),
         "policy_importance": text(optional=True), "speed_prompts": count(1, 10_000),
         "speed_prompt_tokens": count(1, 1_000_000), "speed_new_tokens": count(1, 100_000),
-        "speed_repeats": count(1, 1000), "cache_dir": text(optional=True)}
+        "speed_repeats": count(1, 1000), "cache_dir": text(optional=True),
+        "quantized": Limit(nonempty=False)}
+
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # runtime.dtype: what --dtype accepts
 
 
 # Where the measured weight layout travels from runtime.openmp (torch-free) to model_loader.load_model.
@@ -424,6 +430,7 @@ class RuntimeConfig:
     threads: int | None = None         # fixed torch threads; None: the measured rule per machine state
     compile: str = "auto"              # per-action compiled decode: auto (CUDA only; on CPU it measured no gain) | on | off
     busy_cores: float = 1.0            # other processes' load, in cores, from which the machine counts as busy
+    recheck_s: float = 120.0           # a live thread check per machine state is reused this long (0: probe priors only)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,6 +11,7 @@ from environments.live import PruningEnvironment
 from model_loader import LoadedModel, load_model
 from pruners import ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
 from pruners.elastic import ensure_stored_order, find_menu
+from runtime.dtype import apply_weight_dtype
 from common.calibration import CALIBRATION_SENTENCES, SENTENCES, calibration_set
 from common.config import RunConfig
 from machine.load_signals import CONTENTION, SlowdownTracker
@@ -85,6 +86,7 @@ def build_engine(cfg: RunConfig, loaded: LoadedModel, actions: Sequence[PruningA
                            allocation=cfg.allocation, recovery=cfg.recovery, kv_min_tokens=cfg.env.long_prompt_tokens,
                            cache_dir=cache_dir)
     engine.prepare(actions)
+    apply_weight_dtype(loaded.model, cfg.dtype)   # after the engine: its scores and compensation read fp32 weights
     return engine
 
 

@@ -5,8 +5,11 @@ non-embedding parameters removed, matched by ``budget.match_budget``) a row gets
 left, the measured decode speedup, the ideal (bytes-read) speedup, WikiText-2 perplexity and,
 when ``eval.tasks`` is set, lm-eval accuracies. Unstructured / N:M references
 (``unstructured.py``) add quality-only rows, and policy checkpoints add one routed point each.
-The rows are metrics.json's ``"baselines"`` list (reports/README.md), which ``reporting``
-turns into the Pareto plot::
+Quantization is a baseline and an axis (issue 25): for each weight dtype of ``quantized`` (int8 by
+default, ``runtime.dtype``), a ``quantized`` row for the dense model at that dtype and one for every
+structured point at that dtype (``method+int8``), timed against the same fp32 dense model, so the
+Pareto plot shows what pruning adds on top of quantizing. The rows are metrics.json's
+``"baselines"`` list (reports/README.md), which ``reporting`` turns into the Pareto plot::
 
     rows = run_baselines(loaded, BaselineConfig(policies=("checkpoints/policy.pt",)), out_dir=run_dir)
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from common import hub  # noqa: F401  (HF offline flags before transformers/datasets/lm_eval load)
 
+import contextlib
 import dataclasses
 import logging
 import statistics
@@ -37,6 +41,7 @@ from common.calibration import calibration_set
 from common.config import BaselineConfig, RunConfig
 from common.markdown import fmt, md_table
 from evaluation.suite import evaluate_route
+from runtime.dtype import weight_dtype_scope
 from runtime.generation import Decoder, eager_decoder, generate
 from environments.session import build_engine as build_run_engine, with_trained_engine
 from runtime.governor import ExecutionGovernor
@@ -51,6 +56,8 @@ from evaluation.wikitext import CorpusText, load_wikitext2_test
 log = logging.getLogger(__name__)
 
 NO_SPEEDUP = "no speedup on dense kernels (zeros are still multiplied; speedup not timed)"
+QUANTIZED_BYTES = {"int8": 4.0, "bfloat16": 2.0}   # fp32 bytes / bytes of a weight in the dtype
+IDEAL_NOTE = "speedup over fp32 dense; ideal counts weight bytes only (the KV cache stays fp32)"
 
 
 def validate_config(cfg: BaselineConfig) -> None:
@@ -59,6 +66,9 @@ def validate_config(cfg: BaselineConfig) -> None:
         get_method(name)
     for spec in cfg.unstructured:
         parse_unstructured(spec)
+    for dtype in cfg.quantized:
+        if dtype not in QUANTIZED_BYTES:
+            raise ValueError(f"--quantized-baselines {dtype}: choose from {', '.join(QUANTIZED_BYTES)}")
     for budget in cfg.budgets:
         if not 0.0 < budget < 1.0:
             raise ValueError(f"budget {budget} must be a share of non-embedding parameters in (0, 1)")
@@ -183,6 +193,32 @@ class _Sweep:
                            self.ideal(engine, match.action), _ppl(entry), action=match.action.label,
                            importance=method.importance, accuracies=_accuracies(entry), runtime=runtime)
 
+    def quantized(self, dtype: str, engine: PruningEngine | None = None, method_name: str | None = None,
+                  budget: float | None = None) -> BaselineRow:
+        """The dense model (no ``engine``) or a structured point, computed in ``dtype``; speedup over fp32 dense."""
+        model = self.loaded.model
+        if engine is None:
+            with weight_dtype_scope(model, dtype):
+                entry = self.score(Route(ModelSpec("dense")))
+            speedup, runtime = self.speedup(lambda _text: weight_dtype_scope(model, dtype), None)
+            return BaselineRow(dtype, "quantized", 0.0, 0.0, self.dense_params.total, speedup, QUANTIZED_BYTES[dtype],
+                               _ppl(entry), action=NONE.label, note=IDEAL_NOTE, accuracies=_accuracies(entry),
+                               runtime=runtime)
+        method = get_method(method_name)
+        match = resolve(engine, method, budget)
+        with weight_dtype_scope(model, dtype):
+            entry = self.score(StaticRoute(ModelSpec("static", action=match.action), engine))
+
+        @contextlib.contextmanager
+        def pruned(_text: str):
+            with weight_dtype_scope(model, dtype), engine.pruned(match.action):
+                yield
+        speedup, runtime = self.speedup(pruned, engine)
+        return BaselineRow(f"{method.name}+{dtype}", "quantized", budget, match.removed, match.params, speedup,
+                           self.ideal(engine, match.action) * QUANTIZED_BYTES[dtype], _ppl(entry),
+                           action=match.action.label, importance=method.importance, note=IDEAL_NOTE,
+                           accuracies=_accuracies(entry), runtime=runtime)
+
     def unstructured(self, spec: str) -> BaselineRow:
         method, sparsity = parse_unstructured(spec)
         with sparsified(self.loaded.model, method, sparsity, self.calibration_ids,
@@ -241,7 +277,8 @@ def run_baselines(loaded, config: BaselineConfig, out_dir: Path | None = None,
     """
     validate_config(config)
     sweep = _Sweep(loaded, config)
-    total = 1 + len(config.methods) * len(config.budgets) + len(config.unstructured) + len(config.policies)
+    points = len(config.methods) * len(config.budgets)
+    total = (1 + points) * (1 + len(config.quantized)) + len(config.unstructured) + len(config.policies)
     rows: list[dict] = []
     bar = tqdm(total=total, desc="baselines", unit="point", disable=not config.eval.progress)
 
@@ -255,6 +292,9 @@ def run_baselines(loaded, config: BaselineConfig, out_dir: Path | None = None,
 
     with bar:
         add(sweep.dense())
+        for dtype in config.quantized:
+            bar.set_postfix_str(f"dense {dtype}")
+            add(sweep.quantized(dtype))
         for name in config.methods:
             bar.set_postfix_str(f"{name}: importance")
             engine = build_engine(loaded, get_method(name), sweep.calibration, config.calibration.max_tokens,
@@ -262,6 +302,9 @@ def run_baselines(loaded, config: BaselineConfig, out_dir: Path | None = None,
             for budget in config.budgets:
                 bar.set_postfix_str(f"{name} @ {budget:g}")
                 add(sweep.structured(engine, name, budget))
+                for dtype in config.quantized:    # shadows follow this engine's reorder (runtime.dtype)
+                    bar.set_postfix_str(f"{name} @ {budget:g} {dtype}")
+                    add(sweep.quantized(dtype, engine, name, budget))
         for spec in config.unstructured:
             bar.set_postfix_str(spec)
             add(sweep.unstructured(spec))

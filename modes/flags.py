@@ -25,6 +25,7 @@ from typing import Any, Callable, NoReturn
 
 from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, BaselineConfig, CalibrationConfig,
                            EvalConfig, RunConfig, as_flag_value, check_config, shown_value)
+from common.config import WEIGHT_DTYPES
 
 MODES = ("train", "test", "eval", "report", "baselines", "export", "heal")
 TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL = "train", "test", "eval", "baselines", "export", "heal"
@@ -56,8 +57,20 @@ def latency_budget(text: str) -> float | str:
     return OFF if text.strip().lower() in ("none", "off", "0") else float(text)
 
 
+def weight_dtype(text: str) -> str:
+    if text not in WEIGHT_DTYPES:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(WEIGHT_DTYPES)}, got '{text}'")
+    return text
+
+
+def weight_dtypes(text: str) -> tuple[str, ...]:
+    names = words(text)
+    return () if names == ("none",) else tuple(weight_dtype(n) for n in names)
+
+
 KINDS = {int: "an integer", float: "a number", floats: "comma-separated numbers",
-         latency_budget: "a number or 'none'"}
+         latency_budget: "a number or 'none'",
+         weight_dtype: "one of " + " | ".join(WEIGHT_DTYPES), weight_dtypes: "comma-separated weight dtypes or 'none'"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,8 @@ FLAGS: tuple[Flag, ...] = (
          (TRAIN, TEST, EVAL, HEAL), type=floats),
     Flag("--structural", "cli.structural", "slice weights: real speedups (default unless STRUCTURAL_PRUNING=0 "
          "in .env)", (TRAIN, TEST, EVAL), type=None, switch=True),
+    Flag("--dtype", _R + "dtype", "weight dtype the model computes in: float32 | bfloat16 | int8 (int8/bf16 shadows "
+         "that every pruning action's prefix views read; docs/runtime.md)", (TRAIN, TEST, EVAL), type=weight_dtype),
     Flag("--mask", "cli.mask", "zero units with hooks: quality only, NO speedup", (TRAIN, TEST, EVAL),
          type=None, switch=True),
     Flag("--allocation", _R + "allocation", "units removed per layer: global (one ranking across layers) | uniform "
@@ -245,6 +260,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--budgets", "baselines.budgets", "shares of non-embedding parameters removed", (BASELINES,), type=floats),
     Flag("--unstructured", "baselines.unstructured", "quality-only references, e.g. wanda:0.5,wanda:2:4,"
          "sparsegpt:0.5 ('none' to skip)", (BASELINES,), type=words),
+    Flag("--quantized-baselines", "baselines.quantized", "weight dtypes scored as baselines, dense and with every "
+         "structured point: int8 | bfloat16 (comma-separated; 'none' to skip)", (BASELINES,), type=weight_dtypes),
     Flag("--policy", "cli.policy", "add a policy's point to the sweep (repeatable)", (BASELINES,), repeat=True,
          metavar="CHECKPOINT"),
     Flag("--speed-repeats", "baselines.speed_repeats", "interleaved (dense, pruned) pairs per timed point",

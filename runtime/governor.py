@@ -3,9 +3,16 @@
 Why: on a 2-core CPU the thread policy moved dense decode by more than any pruning action (issue
 14), and the best thread count depends on whether other processes compete for the cores. The
 OpenMP wait policy is fixed per process before torch loads (``runtime.openmp``, measured per
-machine); this module picks, per decision, the thread count that measurement found fastest for the
-machine's current state (idle or busy, read from telemetry) and whether decoding runs eagerly or
-through the compiled per-action path (``runtime.compiled``: CUDA by default).
+machine); this module picks, per decision, the thread count for the machine's current state (idle
+or busy, read from telemetry) and whether decoding runs eagerly or through the compiled per-action
+path (``runtime.compiled``: CUDA by default).
+
+The thread count is re-decided at run time (issue 25): the one-time probe's figures are only priors,
+because a probe taken while other jobs ran chose 1 thread for the idle state (55 ms/token against 34
+for 2 threads). Once the governor knows its model (``attach``, or ``decoder``), the first decision in
+a state runs a live check (``measure_threads``: a few decode steps per candidate thread count, in
+alternating order, about 0.5 s on an idle 2-core machine) and later decisions in that state reuse it
+for ``RuntimeConfig.recheck_s`` seconds; ``choose_threads`` is the rule.
 
 Every timing records the ``RuntimeSetting`` it ran under (latency-table entries, speed results,
 baselines rows), and the provenance block records the OpenMP choice, so a figure always says which
@@ -18,14 +25,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from common.config import RuntimeConfig
 from runtime import openmp
-from runtime.compiled import CompiledDecoder
-from runtime.generation import Decoder, eager_decoder
+from runtime.compiled import CompiledDecoder, StaticCacheDecoder
+from runtime.decode_probe import decode_seconds_per_token
+from runtime.generation import Decoder
 from runtime.openmp import BUSY, IDLE, OpenMPChoice
 from machine.telemetry import HardwareProbe, HardwareState
 from machine.load_signals import LoadAwareHardware
@@ -43,6 +52,7 @@ class RuntimeSetting:
     threads: int
     state: str              # idle | busy: the machine state the thread count was chosen for; fixed | unmeasured
     decoder: str            # eager | compiled
+    basis: str = "prior"    # live (a check in this state, this session) | prior (the one-time probe) | fixed | unmeasured
 
     @property
     def label(self) -> str:
@@ -67,6 +77,45 @@ def others_load_cores(state: HardwareState) -> float | None:
     return max(0.0, by_time, by_queue)
 
 
+@dataclass(frozen=True)
+class ThreadCheck:
+    """A live check in one machine state: decode seconds per token per thread count, and when it ran."""
+    s_per_token: dict[int, float]
+    at: float               # time.monotonic()
+
+
+def choose_threads(live: dict[int, float] | None, prior: dict[int, float], fallback: int) -> tuple[int, str]:
+    """(threads, basis): the fastest of a live check when there is one, else of the probe's figures (priors),
+    else ``fallback``. Live figures replace priors wholesale: a prior was taken at another moment, so
+    mixing the two would compare two machine states."""
+    if live:
+        return min(live, key=lambda t: (live[t], -t)), "live"
+    if prior:
+        return min(prior, key=lambda t: (prior[t], -t)), "prior"
+    return fallback, "unmeasured"
+
+
+@torch.inference_mode()
+def measure_threads(model: torch.nn.Module, candidates: tuple[int, ...], steps: int = 3, rounds: int = 2,
+                    max_seconds: float = 0.3) -> dict[int, float]:
+    """Median decode step per thread count, now: ``rounds`` in alternating order, each a 16-token prefill and
+    ``steps`` + 1 steps (the first untimed); the best round per count. A second round is skipped when the first
+    already differs by 1.5x (a collapsing setting under load costs seconds per step)."""
+    before = torch.get_num_threads()
+    out: dict[int, float] = {}
+    try:
+        for r in range(rounds):
+            for threads in (candidates if r % 2 == 0 else candidates[::-1]):
+                torch.set_num_threads(threads)
+                s = decode_seconds_per_token(model, 16, steps, max_seconds)[0]
+                out[threads] = min(out.get(threads, s), s)
+            if max(out.values()) > 1.5 * min(out.values()):
+                break
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def compile_wanted(mode: str, device: torch.device) -> bool:
     """auto: compiled on CUDA only (eager HF decode is launch-bound there; on this CPU compile measured no gain)."""
     if mode not in COMPILE_MODES:
@@ -78,12 +127,45 @@ class ExecutionGovernor:
     """Chooses and applies the thread count per decision; knows the process's wait policy and decoder."""
 
     def __init__(self, config: RuntimeConfig | None = None, choice: OpenMPChoice | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config or RuntimeConfig()
         self.choice = choice or openmp.active()
         self.device = torch.device(device)
         self.compiled = compile_wanted(self.config.compile, self.device)
         self._probe: HardwareProbe | None = None
+        self._model: torch.nn.Module | None = None
+        self._clock = clock
+        self.checks: dict[str, ThreadCheck] = {}
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """The model live checks time (CPU only: on CUDA the thread count is not the decode's bottleneck)."""
+        if self.device.type == "cpu":
+            self._model = model
+
+    def candidates(self) -> tuple[int, ...]:
+        return openmp.thread_candidates(openmp.usable_cores())
+
+    def priors(self, state: str) -> dict[int, float]:
+        """The one-time probe's seconds per token for this process's policy in ``state`` (the measured rule
+        alone where the probe figures are absent)."""
+        figures = {p.threads: p.s_per_token for p in self.choice.probes
+                   if p.policy == self.choice.policy and p.state == state}
+        threads = self.choice.threads(state)
+        return figures or ({threads: 0.0} if threads else {})
+
+    def live(self, state: str) -> dict[int, float] | None:
+        """A fresh live check of ``state``: reused within ``recheck_s``, else run now (when a model is attached)."""
+        check = self.checks.get(state)
+        now = self._clock()
+        if check is not None and now - check.at < self.config.recheck_s:
+            return check.s_per_token
+        if self._model is None or self.config.recheck_s <= 0:
+            return None
+        figures = measure_threads(self._model, self.candidates())
+        self.checks[state] = ThreadCheck(figures, self._clock())
+        log.info("runtime: live thread check (%s machine): %s", state,
+                 ", ".join(f"{t}t {s * 1e3:.1f} ms/token" for t, s in sorted(figures.items())))
+        return figures
 
     def machine_state(self, hardware: HardwareState | LoadAwareHardware | None = None) -> str:
         """idle | busy; a contention-state observation (``LoadAwareHardware``) is read through its telemetry."""
@@ -106,16 +188,17 @@ class ExecutionGovernor:
         return self._probe.read(start, self._probe.cpu_counters())
 
     def decide(self, hardware: HardwareState | LoadAwareHardware | None = None) -> RuntimeSetting:
-        """The thread count: the configured one ("fixed"), else the measured rule for the machine's
-        state ("idle" | "busy"), else torch's current one ("unmeasured": no rule, nothing read)."""
+        """The thread count: the configured one ("fixed"); else, for the machine's state ("idle" | "busy"),
+        the fastest in a live check, else in the probe's priors; else torch's current one ("unmeasured":
+        no model to check, no probe, nothing read)."""
+        decoder = "compiled" if self.compiled else "eager"
         if self.config.threads:
-            threads, state = self.config.threads, "fixed"
-        elif self.choice.threads_idle is None:
-            threads, state = torch.get_num_threads(), "unmeasured"
-        else:
-            state = self.machine_state(hardware)
-            threads = self.choice.threads(state)
-        return RuntimeSetting(self.choice.policy, threads, state, "compiled" if self.compiled else "eager")
+            return RuntimeSetting(self.choice.policy, self.config.threads, "fixed", decoder, "fixed")
+        if self.choice.threads_idle is None and self._model is None:
+            return RuntimeSetting(self.choice.policy, torch.get_num_threads(), "unmeasured", decoder, "unmeasured")
+        state = self.machine_state(hardware)
+        threads, basis = choose_threads(self.live(state), self.priors(state), torch.get_num_threads())
+        return RuntimeSetting(self.choice.policy, threads, state, decoder, basis)
 
     def apply(self, setting: RuntimeSetting) -> RuntimeSetting:
         if torch.get_num_threads() != setting.threads:
@@ -128,13 +211,16 @@ class ExecutionGovernor:
         return self.apply(self.decide(hardware))
 
     def decoder(self, model: torch.nn.Module, engine=None) -> Decoder:
-        """The decode step this governor runs: compiled per action (runtime.compiled) or eager."""
-        return CompiledDecoder(model, engine) if self.compiled else eager_decoder
+        """The decode step this governor runs: compiled per action, or eager over a static cache (both
+        runtime.compiled). The model is also the one its live thread checks time (``attach``)."""
+        self.attach(model)
+        return CompiledDecoder(model, engine) if self.compiled else StaticCacheDecoder(model, engine)
 
     def describe(self) -> dict:
         """For provenance: the OpenMP choice (with its probes) and this governor's rule."""
         return {"openmp": self.choice.to_dict(), "config": self.config.to_dict(),
-                "decoder": "compiled" if self.compiled else "eager", "device": str(self.device)}
+                "decoder": "compiled" if self.compiled else "eager", "device": str(self.device),
+                "live_checks": {state: {str(t): s for t, s in c.s_per_token.items()} for state, c in self.checks.items()}}
 
     def close(self) -> None:
         if self._probe is not None:

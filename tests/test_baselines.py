@@ -264,7 +264,7 @@ def sweep_config(tmp_path, **overrides) -> BaselineConfig:
     settings = dict(
         methods=("magnitude", "shortgpt"), budgets=(0.25,), unstructured=("wanda:2:4",), policies=("fake.pt",),
         policy_importance="magnitude", calibration=CalibrationConfig(samples=4, max_tokens=64), speed_prompts=2,
-        speed_prompt_tokens=16, speed_new_tokens=3, speed_repeats=1, cache_dir=str(tmp_path),
+        speed_prompt_tokens=16, speed_new_tokens=3, speed_repeats=1, cache_dir=str(tmp_path), quantized=(),
         eval=EvalConfig(wikitext_path=str(raw), seq_len=64, wikitext_samples=2, tasks=(), progress=False))
     return BaselineConfig(**{**settings, **overrides})
 
@@ -299,6 +299,28 @@ def test_sweep_rows_table_and_dense_model_afterwards(tiny, ids, tmp_path):
     assert table.strip() == format_table(rows) and table.count("\n") == len(rows) + 2
     assert summaries.summarize_baselines(rows)["n"] == len(rows)
     json.dumps(rows)
+
+
+def test_quantized_rows_sit_beside_the_pruning_rows(tiny, ids, tmp_path):
+    """Quantization as a baseline and an axis: dense int8 and int8 + each structured point, fp32 afterwards."""
+    from runtime.dtype import ShadowLinear
+
+    config = sweep_config(tmp_path, methods=("magnitude",), unstructured=(), policies=(), quantized=("int8",))
+    dense = logits(tiny.model, ids)
+    rows = run_baselines(tiny, config, out_dir=tmp_path)
+    assert [r["method"] for r in rows] == ["dense", "int8", "magnitude", "magnitude+int8"]
+    by = {r["method"]: r for r in rows}
+    assert by["int8"]["kind"] == "quantized" and by["int8"]["ideal_speedup"] == 4.0 and by["int8"]["speedup"] > 0
+    assert by["int8"]["ppl"] != by["dense"]["ppl"] and by["int8"]["ppl"] == pytest.approx(by["dense"]["ppl"], rel=0.05)
+    both, pruned = by["magnitude+int8"], by["magnitude"]
+    assert both["action"] == pruned["action"] and both["budget"] == pruned["budget"] == 0.25
+    assert both["ideal_speedup"] == pytest.approx(4 * pruned["ideal_speedup"])
+    assert both["ppl"] != pruned["ppl"] and both["ppl"] == pytest.approx(pruned["ppl"], rel=0.05)
+    assert not any(isinstance(m, ShadowLinear) for m in tiny.model.modules())       # fp32 afterwards
+    assert (logits(tiny.model, ids) - dense).abs().max() < 1e-5
+    assert "magnitude+int8" in (tmp_path / "baselines.md").read_text()
+    with pytest.raises(ValueError, match="--quantized-baselines float32"):
+        validate_config(BaselineConfig(quantized=("float32",)))
 
 
 def test_config_rejects_bad_inputs():

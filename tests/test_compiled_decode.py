@@ -82,3 +82,20 @@ def test_cuda_graphs_match_eager_per_action_and_switch_without_recompiling(tiny)
         errors = _sweep(model, engine, decoder, ids, actions[::-1])
     assert max(errors.values()) < 1e-3, errors
     assert all(c.seconds > 0 for c in decoder.captures.values())
+
+
+def test_the_eager_static_cache_decoder_matches_the_dynamic_cache_for_every_action(tiny):
+    """The CPU default decode path (runtime.governor): same tokens as HF's DynamicCache loop, caches bounded."""
+    from runtime.compiled import StaticCacheDecoder
+
+    engine = PruningEngine(tiny.model, importance="magnitude", kv_min_tokens=16)
+    decoder = StaticCacheDecoder(tiny.model, engine, cache_bucket=16, max_caches=2)
+    ids = torch.arange(PROMPT)[None] % 200 + 5
+    errors = _sweep(tiny.model, engine, decoder, ids, ACTION_SPACE)
+    assert max(errors.values()) < 1e-5, errors
+    assert len(decoder._caches) <= 2
+    for action in (PruningAction.parse("none"), PruningAction.parse("kv_cache:0.5")):
+        with engine.pruned(action):
+            eager = generate(tiny.model, ids, 8, engine=engine)
+            static = generate(tiny.model, ids, 8, engine=engine, decoder=decoder)
+        assert static.tokens == eager.tokens and static.cache_tokens_after_prune == eager.cache_tokens_after_prune

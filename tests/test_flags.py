@@ -38,7 +38,8 @@ def _value(flag) -> list[str]:
         return [flag.name]
     samples = {"--action": "ffn_neurons:0.5", "--baseline": "taylor@0.3", "--task-data": "arc_easy=x.jsonl",
                "--latency-budget": "1.2", "--targets": "ffn_neurons", "--intensities": "0.1",
-               "--budgets": "0.1", "--unstructured": "wanda:0.5", "--baseline-methods": "taylor"}
+               "--budgets": "0.1", "--unstructured": "wanda:0.5", "--baseline-methods": "taylor",
+               "--dtype": "int8", "--quantized-baselines": "bfloat16"}
     if flag.name in samples:
         return [flag.name, samples[flag.name]]
     return [flag.name, "7" if flag.numeric else "x"]

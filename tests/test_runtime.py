@@ -15,7 +15,7 @@ import torch
 from common.config import WEIGHT_LAYOUT_ENV, RuntimeConfig
 from runtime import openmp
 from runtime.openmp import BUSY, IDLE, OpenMPChoice, Probe
-from runtime.governor import ExecutionGovernor, others_load_cores
+from runtime.governor import ExecutionGovernor, choose_threads, others_load_cores
 from machine.telemetry import HardwareState
 from runtime.timing import RunTiming, TimingSession
 
@@ -75,7 +75,7 @@ def _configure_in_child(tmp_path: Path, code: str, **env: str) -> dict:
 
 def test_configure_applies_the_cached_choice_before_torch_and_obeys_overrides(tmp_path):
     key = _configure_in_child(tmp_path, "c = openmp.active()")["choice"]["machine"]
-    cached = OpenMPChoice("stock", 2, 1, "measured", key, probes(), "2026-01-01T00:00:00", "column", 1.12)
+    cached = OpenMPChoice("stock", 2, 1, "measured", key, probes(LOADED_PROBE), "2026-01-01T00:00:00", "column", 1.12)
     (tmp_path / "runtime").mkdir()
     (tmp_path / "runtime" / f"openmp-{key}.json").write_text(json.dumps(cached.to_dict()))
 
@@ -212,3 +212,113 @@ def test_timing_session_warms_each_side_once_and_interleaves():
     assert pair.dense.decode_per_token_s == 2.1 and pair.pruned.decode_per_token_s == 1.0   # warm-ups dropped
     assert pair.decode_speedup == pytest.approx(2.1) and pair.prefill_speedup == pytest.approx(2.1)
     assert pair.pruned.latency(3) == pytest.approx(0.1 + 2 * 1.0)
+
+
+# ------------------------------------------------------------------ run-time re-decision (issue 25)
+# A probe taken while other jobs ran (this machine, 2026-12-06): 1 thread looked best at "idle".
+LOADED_PROBE = {("passive", IDLE): {2: 70.6, 1: 71.8}, ("passive", BUSY): {2: 129.3, 1: 89.3},
+                ("stock", IDLE): {2: 65.9, 1: 67.0}, ("stock", BUSY): {2: 192.1, 1: 97.1},
+                ("spin-short", IDLE): {2: 71.5, 1: 64.4}, ("spin-short", BUSY): {2: 106.5, 1: 95.1}}
+
+
+def test_decide_keeps_the_stock_policy_unless_another_wins_clearly():
+    assert openmp.decide(probes(LOADED_PROBE)) == ("stock", 2, 1)      # spin-short's 2 % idle lead is noise
+    clear = {**LOADED_PROBE, ("spin-short", IDLE): {2: 58.0, 1: 64.4}}  # 12 % faster than stock: taken
+    assert openmp.decide(probes(clear)) == ("spin-short", 2, 1)
+    assert openmp.decide(probes(LOADED_PROBE), margin=0.0) == ("spin-short", 1, 1)   # the old rule's choice
+
+
+def test_choose_threads_prefers_a_live_check_to_the_probe_priors():
+    assert choose_threads(None, {1: 0.055, 2: 0.070}, fallback=2) == (1, "prior")
+    assert choose_threads({1: 0.052, 2: 0.034}, {1: 0.055, 2: 0.070}, fallback=1) == (2, "live")
+    assert choose_threads({1: 0.050, 2: 0.050}, {}, fallback=1) == (2, "live")     # a tie keeps more threads
+    assert choose_threads(None, {}, fallback=3) == (3, "unmeasured")
+
+
+def test_governor_re_decides_per_state_at_run_time_and_rechecks_when_stale(restore_threads, monkeypatch):
+    """Priors from a loaded probe say 1 thread idle; the live check, now idle, says 2: the governor runs 2, checks
+    each state once per ``recheck_s`` and again after it."""
+    from runtime import governor as governor_module
+
+    live = {IDLE: {2: 0.034, 1: 0.052}, BUSY: {2: 1.6, 1: 0.075}}      # ms/token now: stock 2t collapses when busy
+    calls: list[str] = []
+    machine = {"state": IDLE}
+
+    def fake_measure(model, candidates, **kwargs):
+        calls.append(machine["state"])
+        return {t: live[machine["state"]][t] for t in candidates}
+
+    monkeypatch.setattr(governor_module, "measure_threads", fake_measure)
+    monkeypatch.setattr(openmp, "usable_cores", lambda: 2)
+    now = [0.0]
+    choice = OpenMPChoice("spin-short", 1, 1, "measured", "t", probes(LOADED_PROBE))
+    governor = ExecutionGovernor(RuntimeConfig(recheck_s=60.0), choice=choice, clock=lambda: now[0])
+    prior = governor.govern(_state(5.0, 0.0))
+    assert (prior.threads, prior.basis) == (1, "prior")               # no model attached: the priors decide
+    governor.attach(torch.nn.Linear(2, 2))
+    idle = governor.govern(_state(5.0, 0.0))
+    assert (idle.threads, idle.state, idle.basis) == (2, IDLE, "live") and torch.get_num_threads() == 2
+    machine["state"] = BUSY
+    busy = governor.govern(_state(100.0, 0.0))
+    assert (busy.threads, busy.state, busy.basis) == (1, BUSY, "live") and torch.get_num_threads() == 1
+    now[0] = 30.0
+    machine["state"] = IDLE
+    assert governor.govern(_state(5.0, 0.0)).threads == 2 and calls == [IDLE, BUSY]   # fresh: reused
+    now[0] = 61.0
+    live[IDLE] = {2: 0.060, 1: 0.050}                                   # the idle machine changed: re-checked
+    assert governor.govern(_state(5.0, 0.0)).threads == 1 and calls == [IDLE, BUSY, IDLE]
+    assert governor.describe()["live_checks"][IDLE] == {"2": 0.060, "1": 0.050}
+    off = ExecutionGovernor(RuntimeConfig(recheck_s=0), choice=choice)
+    off.attach(torch.nn.Linear(2, 2))
+    assert off.govern(_state(5.0, 0.0)).basis == "prior" and calls == [IDLE, BUSY, IDLE]
+
+
+def test_measure_threads_times_every_candidate_on_the_model(tiny, restore_threads):
+    from runtime.governor import measure_threads
+
+    torch.set_num_threads(1)
+    figures = measure_threads(tiny.model, (2, 1), steps=2, rounds=2)
+    assert set(figures) == {1, 2} and all(0 < s < 5 for s in figures.values())
+    assert torch.get_num_threads() == 1
+
+
+def test_a_cached_choice_is_re_decided_by_the_current_rule(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_PRUNING_CACHE", str(tmp_path))
+    old = OpenMPChoice("spin-short", 1, 1, "measured", openmp.machine_key(), probes(LOADED_PROBE))
+    openmp.cache_path().parent.mkdir(parents=True)
+    openmp.cache_path().write_text(json.dumps(old.to_dict()))
+    got = openmp.load_cached()
+    assert (got.policy, got.threads_idle, got.threads_busy) == ("stock", 2, 1) and got.probes == old.probes
+
+
+# ------------------------------------------------------------------ the true floor (runtime.floor)
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_floor_reads_the_step_s_bytes_and_is_never_above_its_decode(tiny, restore_threads, dtype):
+    from runtime.dtype import apply_weight_dtype, weight_bytes
+    from runtime.floor import decode_matrices, measure_floor
+    from runtime.generation import generate
+
+    apply_weight_dtype(tiny.model, dtype)
+    ids = torch.arange(20)[None] + 3
+    mats = decode_matrices(tiny.model, cache_tokens=24)
+    cfg = tiny.model.config
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 24 * 4
+    assert sum(m.numel() * m.element_size() for m in mats) == weight_bytes(tiny.model) + kv
+    floor = measure_floor(mats, (1, 2), passes=3)
+    assert floor.seconds == min(floor.matvec_s, floor.read_s) and {floor.matvec_threads, floor.read_threads} <= {1, 2}
+    torch.set_num_threads(1)
+    decode = min(generate(tiny.model, ids, 8).median_step_s for _ in range(3))
+    assert 0 < floor.seconds <= decode
+
+
+def test_the_floor_of_the_real_model_is_below_its_decode(embedded_loaded, restore_threads):
+    """SmolLM2-135M, dense fp32: the step itself cannot beat the best pass over its bytes."""
+    from runtime.floor import decode_matrices, measure_floor
+    from runtime.generation import generate
+
+    ids = torch.arange(32)[None] + 3
+    floor = measure_floor(decode_matrices(embedded_loaded.model, cache_tokens=36), (1, 2), passes=3)
+    assert floor.bytes > 500e6                                         # 538 MB of fp32 weights
+    torch.set_num_threads(floor.matvec_threads)
+    decode = min(generate(embedded_loaded.model, ids, 6).median_step_s for _ in range(2))
+    assert floor.seconds <= decode

@@ -1,0 +1,232 @@
+"""Weight dtype as a runtime setting: float32, bfloat16 or int8 weights, switchable while the engine prunes.
+
+Why: single-stream decode is memory-bound, so the bytes of each weight bound its speed; int8 weights
+read a quarter of fp32's (issue 25: stock ``generate`` with int8 Linear weights decoded 1.6x faster
+than fp32 here, more than any pruning action). The dtype must compose with the engine's zero-copy
+prefix views (``pruners.slicing``): an action narrows each ``nn.Linear.weight`` to a prefix view and
+restore puts the original Parameter back, so a quantized copy that replaced the weight would break both.
+
+How: ``apply_weight_dtype`` leaves every fp32 Parameter where it is (the engine keeps narrowing and
+restoring it, bit-exactly, exactly as before) and gives each decoder Linear a low-precision *shadow*
+of its full weight. The Linear's class becomes ``ShadowLinear``, whose forward reads the shape of the
+engine's current view and runs the shadow's matching prefix:
+
+- a row prefix (q/k/v, gate, up) is a view of the shadow (zero-copy: same storage);
+- a column prefix (o_proj, down_proj) is a view for bfloat16 (``F.linear`` reads strided weights), but
+  torch's int8 weight-only kernel (``aten._weight_int8pack_mm``) needs a contiguous operand, so it is a
+  contiguous copy made once per width at first use and kept (at most 27 MB of int8 for an FFN action
+  of SmolLM2-135M); switching actions stays a pointer swap either way.
+
+int8 is symmetric per output channel (scale = max|w| / 127), computed with bf16 activations (the
+kernel's fast path on AVX512-BF16: fp32 activations measured ~10x slower). The tied ``lm_head`` is
+never pruned, so it gets torch's fbgemm dynamic-quantized kernel on a prepacked int8 copy (the faster
+kernel for one 49152 x 576 matrix here); its embedding stays fp32. ``restore_weight_dtype`` puts
+the classes back, so float32 is bit-identical to never having quantized.
+
+    apply_weight_dtype(model, "int8")      # before or after building a PruningEngine: both work
+    with engine.pruned(action): generate(model, ids, 32)
+    restore_weight_dtype(model)
+    with weight_dtype_scope(model, "int8"), engine.pruned(action): ...   # switching back and forth: ~1 ms
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from common.config import WEIGHT_DTYPES
+
+log = logging.getLogger(__name__)
+
+_SHADOW_DTYPES = {"bfloat16": torch.bfloat16, "int8": torch.int8}
+INT8_K_ALIGN = 8             # inner dimension of every int8 operand (see padded_columns)
+
+
+def check_weight_dtype(name: str) -> str:
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"--dtype {name}: choose from {', '.join(WEIGHT_DTYPES)}")
+    return name
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 [out, in] row-major, bf16 scales [out])."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    return q, scale.to(torch.bfloat16)
+
+
+def padded_columns(q: torch.Tensor, cols: int) -> torch.Tensor:
+    """The first ``cols`` columns of int8 ``q`` as a contiguous copy, zero-padded to a multiple of ``INT8_K_ALIGN``.
+
+    Why the padding: torch 2.13's ``_weight_int8pack_mm`` crashes (segfault) on more than one row of
+    activations when the inner dimension is not a multiple of 8; zero columns add nothing to the product.
+    """
+    width = -(-cols // INT8_K_ALIGN) * INT8_K_ALIGN
+    out = q.new_zeros(q.shape[0], width)
+    out[:, :cols] = q[:, :cols]
+    return out
+
+
+class ShadowLinear(nn.Linear):
+    """An nn.Linear that computes with a low-precision shadow of its full weight, cut to ``weight``'s shape.
+
+    Set by ``apply_weight_dtype`` (class swap; its attributes ``shadow``, ``shadow_scale`` and
+    ``_columns`` are added there), never constructed directly.
+    """
+    shadow: torch.Tensor
+    shadow_scale: torch.Tensor | None      # int8 only: bf16 scale per output channel
+    in_full: int                           # int8 only: the unpadded input width
+    _columns: dict[int, torch.Tensor]
+
+    def shadow_weight(self) -> torch.Tensor:
+        """The shadow cut to the engine's current view: rows are views; int8 columns a cached contiguous copy."""
+        rows, cols = self.weight.shape
+        full = self.shadow
+        if self.shadow_scale is None:
+            if cols != full.shape[1]:
+                full = full[:, :cols]
+        elif cols != self.in_full:
+            full = self._columns.get(cols)
+            if full is None:
+                full = self._columns[cols] = padded_columns(self.shadow, cols)
+        return full if rows == full.shape[0] else full[:rows]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.shadow_weight()
+        if self.shadow_scale is None:
+            y = nn.functional.linear(x.to(w.dtype), w).to(x.dtype)
+        else:
+            rows, cols = w.shape
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            if cols != x2.shape[1]:
+                x2 = nn.functional.pad(x2, (0, cols - x2.shape[1]))
+            y = torch._weight_int8pack_mm(x2, w, self.shadow_scale[:rows]).to(x.dtype).reshape(*x.shape[:-1], rows)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantizedHead(nn.Module):
+    """The tied lm_head through fbgemm's dynamic int8 kernel on a prepacked copy (the head is never pruned)."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.original = head
+        self.in_features, self.out_features = head.in_features, head.out_features
+        with warnings.catch_warnings():   # torch.ao.quantization is deprecated in favour of torchao (see docs/runtime.md)
+            warnings.simplefilter("ignore")
+            self.packed = torch.ao.nn.quantized.dynamic.Linear.from_float(_with_qconfig(head))
+
+    @property
+    def weight(self) -> torch.Tensor:     # readers of lm_head.weight (byte accounting, export) see the fp32 one
+        return self.original.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed(x)
+
+
+def _with_qconfig(head: nn.Linear) -> nn.Linear:
+    plain = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    with torch.no_grad():
+        plain.weight.copy_(head.weight)
+        if head.bias is not None:
+            plain.bias.copy_(head.bias)
+    plain.qconfig = torch.ao.quantization.default_dynamic_qconfig
+    return plain
+
+
+def decoder_linears(model: nn.Module) -> list[nn.Linear]:
+    """Every nn.Linear inside the decoder layers (the ones the engine narrows, plus any others there)."""
+    return [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
+
+
+def weight_dtype(model: nn.Module) -> str:
+    """The dtype the model's Linear weights are computed in now."""
+    for m in decoder_linears(model):
+        if isinstance(m, ShadowLinear):
+            return "int8" if m.shadow_scale is not None else "bfloat16"
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(m.weight.dtype, str(m.weight.dtype))
+    return "float32"
+
+
+@torch.no_grad()
+def apply_weight_dtype(model: nn.Module, name: str, head: bool = True) -> float:
+    """Compute the decoder Linears (and, for int8 with ``head``, the lm_head) in ``name``; returns seconds taken.
+
+    float32 restores; applying over another shadow dtype restores first. Call it with the engine restored
+    (dense): the shadow is taken from each Linear's full weight. Shadows are kept on the module (``_shadows``)
+    while its weight's in-place version is unchanged, so switching dtype back and forth is a class swap
+    (about a millisecond) and an engine reorder (an in-place write) makes them be rebuilt.
+    """
+    check_weight_dtype(name)
+    started = time.perf_counter()
+    restore_weight_dtype(model, keep=True)
+    if name == "float32":
+        return time.perf_counter() - started
+    for m in decoder_linears(model):
+        if m.weight.dtype != torch.float32:
+            raise ValueError(f"--dtype {name}: the model's weights are {m.weight.dtype}; load it in float32")
+        stash = m.__dict__.setdefault("_shadows", {})
+        kept = stash.get(name)
+        if kept is None or kept[0] != m.weight._version:
+            kept = stash[name] = (m.weight._version, *_shadow(m.weight, name), {})
+        # straight into __dict__: nn.Module.__setattr__ costs microseconds per call, and a switch sets ~1000
+        m.__dict__.update(zip(("shadow", "shadow_scale", "in_full", "_columns"), kept[1:]))
+        m.__class__ = ShadowLinear
+    if name == "int8" and head:
+        original = model.lm_head
+        kept = original.__dict__.get("_quantized")
+        if kept is None or kept[0] != original.weight._version:
+            kept = original.__dict__["_quantized"] = (original.weight._version, QuantizedHead(original))
+        model._modules["lm_head"] = kept[1]
+    seconds = time.perf_counter() - started
+    log.debug("weights computed in %s (%.3f s)", name, seconds)
+    return seconds
+
+
+def _shadow(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(shadow, int8 scales or None, unpadded input width) of one full fp32 weight."""
+    if name == "bfloat16":
+        return weight.detach().to(torch.bfloat16).contiguous(), None, weight.shape[1]
+    q, scale = quantize_int8(weight)
+    return (q if q.shape[1] % INT8_K_ALIGN == 0 else padded_columns(q, q.shape[1])), scale, q.shape[1]
+
+
+def restore_weight_dtype(model: nn.Module, keep: bool = False) -> None:
+    """Back to the fp32 weights as loaded (nothing else was touched); ``keep`` keeps the shadows for a later apply."""
+    for m in decoder_linears(model):
+        if isinstance(m, ShadowLinear):
+            m.__class__ = nn.Linear
+            for attr in ("shadow", "shadow_scale", "_columns", "in_full"):
+                m.__dict__.pop(attr, None)
+        if not keep:
+            m.__dict__.pop("_shadows", None)
+    if isinstance(model.lm_head, QuantizedHead):
+        model._modules["lm_head"] = model.lm_head.original
+    if not keep:
+        model.lm_head.__dict__.pop("_quantized", None)
+
+
+@contextlib.contextmanager
+def weight_dtype_scope(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """``with weight_dtype_scope(model, "int8"): ...`` computes in ``name`` inside, float32 after (shadows kept)."""
+    apply_weight_dtype(model, name)
+    try:
+        yield model
+    finally:
+        restore_weight_dtype(model, keep=True)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of Linear weights one dense decode step reads in the current dtype (decoder Linears + lm_head)."""
+    total = 0
+    for m in decoder_linears(model):
+        w = m.shadow if isinstance(m, ShadowLinear) else m.weight
+        total += w.numel() * w.element_size()
+    head = model.lm_head
+    total += head.weight.numel() * (1 if isinstance(head, QuantizedHead) else head.weight.element_size())
+    return total

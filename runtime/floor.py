@@ -1,0 +1,120 @@
+"""The true floor of one decode step: the best this machine does with the bytes that step reads.
+
+Why: every "achieved / floor" figure divides by it, and a floor timed with the setting under test
+(issue 24's 44 ms, inside the tool's own runtime) flatters that setting: issue 25 measured 18.6-19.7 ms
+for the same bytes with the best setting. So the floor is the best over every thread count worth
+trying of two passes over exactly the matrices one step reads (``decode_matrices``):
+
+- ``matvec``: one matrix-vector product per matrix with the dtype's own kernel (fp32/bf16 ``F.linear``,
+  int8 ``aten._weight_int8pack_mm``), the work a decode step cannot avoid;
+- ``read``: reading the same bytes once (a ``sum`` over them viewed as fp32), the floor of any kernel
+  on this memory system.
+
+``Floor.seconds`` is the smaller of the two. The wait policy is the process's (fixed when torch loads).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from runtime.dtype import QuantizedHead, ShadowLinear
+
+
+@dataclass(frozen=True)
+class Floor:
+    matvec_s: float          # best over thread counts and passes: one matvec pass
+    read_s: float            # best over thread counts and passes: one read pass
+    matvec_threads: int
+    read_threads: int
+    bytes: int
+
+    @property
+    def seconds(self) -> float:
+        return min(self.matvec_s, self.read_s)
+
+    def to_dict(self) -> dict:
+        return {"matvec_ms": self.matvec_s * 1e3, "read_ms": self.read_s * 1e3, "floor_ms": self.seconds * 1e3,
+                "matvec_threads": self.matvec_threads, "read_threads": self.read_threads, "bytes": self.bytes}
+
+
+def _gap_free(weight: torch.Tensor) -> torch.Tensor:
+    """A gap-free copy in the weight's own layout (row- or column-major, model_loader.set_weight_layout)."""
+    return weight.t().contiguous().t() if weight.stride(0) == 1 and weight.shape[1] > 1 else weight.contiguous()
+
+
+def decode_matrices(model: nn.Module, cache_tokens: int) -> list[torch.Tensor]:
+    """Gap-free copies of every matrix one decode step reads in the model's current (pruned, quantized) state:
+    each Linear of the kept layers as its current view (its int8/bf16 shadow where it has one), the K and V
+    cache as [kv heads x tokens, head_dim] matrices, and the lm_head."""
+    layers = model.model.layers        # as the pruned model runs them: a replaced run is a ReplacedRun (layer + map)
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
+        model.config.hidden_size // model.config.num_attention_heads)
+    mats = []
+    for layer in layers:
+        for m in layer.modules():
+            if isinstance(m, ShadowLinear):
+                mats.append(m.shadow_weight().contiguous())
+            elif isinstance(m, nn.Linear):
+                mats.append(_gap_free(m.weight.detach()))
+        kv_heads = getattr(layer, "layer", layer).self_attn.k_proj.weight.shape[0] // head_dim
+        mats += [torch.randn(kv_heads * cache_tokens, head_dim) for _ in range(2)]
+    head = model.lm_head
+    mats.append(torch.randint(-127, 128, head.weight.shape, dtype=torch.int8) if isinstance(head, QuantizedHead)
+                else _gap_free(head.weight.detach()))
+    return mats
+
+
+def _matvec(mats: list[torch.Tensor]):
+    xs = [torch.randn(1, m.shape[1], dtype=torch.bfloat16 if m.dtype in (torch.int8, torch.bfloat16) else m.dtype)
+          for m in mats]
+    scales = [torch.ones(m.shape[0], dtype=torch.bfloat16) if m.dtype == torch.int8 else None for m in mats]
+
+    def run() -> None:
+        for x, m, s in zip(xs, mats, scales):
+            if s is None:
+                nn.functional.linear(x, m)
+            else:
+                torch._weight_int8pack_mm(x, m, s)
+    return run
+
+
+def _read(mats: list[torch.Tensor]):
+    """Sum every matrix's bytes viewed as fp32 (the same read kernel for every dtype; odd tails as they are)."""
+    flat = [m.reshape(-1) for m in mats]
+    views = [f.view(torch.float32) if f.numel() * f.element_size() % 4 == 0 else f.float() for f in flat]
+
+    def run() -> None:
+        for v in views:
+            v.sum()
+    return run
+
+
+def _timed(fn, passes: int) -> float:
+    """The fastest of ``passes`` (after one untimed): a floor is the best the machine does, and on a shared
+    machine the fastest pass is the one least disturbed (it errs towards a lower floor, a stricter ratio)."""
+    fn()
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+@torch.inference_mode()
+def measure_floor(mats: list[torch.Tensor], threads: tuple[int, ...], passes: int = 5) -> Floor:
+    """The best over ``threads`` (and passes) of a matvec pass and of a read pass over ``mats``."""
+    before = torch.get_num_threads()
+    matvec, read = {}, {}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            matvec[t] = _timed(_matvec(mats), passes)
+            read[t] = _timed(_read(mats), passes)
+    finally:
+        torch.set_num_threads(before)
+    mt, rt = min(matvec, key=matvec.get), min(read, key=read.get)
+    return Floor(matvec[mt], read[rt], mt, rt, sum(m.numel() * m.element_size() for m in mats))
