@@ -1,7 +1,7 @@
 """The engine's behaviour pinned across refactors: every action of every target on the tiny model.
 
-For 16 engines (magnitude / fluctuation importance x uniform / global allocation x no recovery /
-compensation x structural / mask mode) and every action of ``ACTION_SPACE``, the fingerprint holds the
+For 19 engines (magnitude / fluctuation importance x uniform / global allocation x no recovery /
+compensation x structural / mask mode, and the other three criteria uniform, structural) and every action of ``ACTION_SPACE``, the fingerprint holds the
 sha256 of the pruned logits, of a greedy generation (the KV cache pruned after prefill), of the healing
 student view's logits and of the compensation biases, plus the plan, cuts, effective intensity, decode cost,
 parameter-budget ladder and export shapes. The expected file was recorded before targets became classes
@@ -35,7 +35,8 @@ TEXTS = list(CALIBRATION_SENTENCES[:6])
 IDS = torch.randint(0, 250, (1, 24), generator=torch.Generator().manual_seed(0))
 LONG = torch.randint(0, 250, (1, 20), generator=torch.Generator().manual_seed(1))   # >= kv_min_tokens
 SETTINGS = list(itertools.product(("magnitude", "fluctuation"), ("uniform", "global"), ("none", "compensate"),
-                                  ("structural", "mask")))
+                                  ("structural", "mask"))) + \
+    [(importance, "uniform", "none", "structural") for importance in ("activation", "block_influence", "taylor")]
 
 
 def _sha(tensor: torch.Tensor) -> str:
