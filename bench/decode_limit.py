@@ -55,11 +55,10 @@ from common.config import RunConfig  # noqa: E402
 from runtime.governor import ExecutionGovernor  # noqa: E402
 from environments.session import build_engine  # noqa: E402
 from runtime.timing import RunTiming, SideTimings, TimingSession  # noqa: E402
-from pruners import NONE, PruningAction, PruningEngine  # noqa: E402
+from pruners import NONE, PRUNE_TARGETS, PruningAction, PruningEngine, get_target  # noqa: E402
 from pruners.export import ExportError, pruned_model  # noqa: E402
 
 log = logging.getLogger("bench.decode_limit")
-TARGETS = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
 
 
 @dataclass
@@ -82,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--levels", default=",".join(presets()), help="comma-separated contention presets")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated; empty: dense only")
+    p.add_argument("--targets", default=",".join(PRUNE_TARGETS), help="comma-separated; empty: dense only")
     p.add_argument("--intensities", default="0.1,0.2,0.3")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for non-KV actions")
     p.add_argument("--kv-prompt-tokens", type=int, default=1024)
@@ -132,7 +131,7 @@ def floor_s(mats: list[torch.Tensor], passes: int) -> tuple[float, float]:
 
 
 def exported(engine: PruningEngine, action: PruningAction) -> nn.Module | None:
-    if action.target in ("none", "kv_cache"):
+    if not get_target(action.target).removes_weights:
         return None
     try:
         return pruned_model(engine, action)
@@ -155,7 +154,7 @@ def time_level(level: str, engine: PruningEngine, actions: list[PruningAction], 
 
     rows, dense_floor = [], []
     for action in tqdm(actions, desc=f"decode limit [{level}]", leave=False):
-        ids = prompts["kv" if action.target == "kv_cache" else "short"]
+        ids = prompts["kv" if get_target(action.target).while_generating else "short"]
         copy = exported(engine, action)
         with engine.pruned(action):
             cache = generate(model, ids, 2, engine=engine).cache_tokens_after_prune + args.new_tokens // 2

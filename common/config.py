@@ -6,7 +6,7 @@ torch, transformers or lm-eval. The packages that use a config import it from he
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
 ENVIRONMENTS = ("offline", "live")
@@ -91,6 +91,55 @@ class CalibrationConfig:
 
 
 @dataclass
+class EngineConfig:
+    """What decides which units an action removes and how they are compensated (pruners.PruningEngine).
+
+    The one list of engine settings: the outcome-cache key (environments.outcome_cache), the engine a
+    checkpoint's policy learned on (environments.session, modes.test) and the engine every mode builds all
+    read these fields. A RunConfig is an EngineConfig plus the run's other options (its fields, flat, so the
+    flags and stored configs keep their names).
+    """
+    structural: bool = True                 # False: masks (quality only, no speedup)
+    importance: str = "fluctuation"         # FLAP; with global allocation + compensation it beat activation on
+                                            # held-out calibration text (bench/recovery.py --stage select);
+                                            # magnitude ruins SmolLM2's FFN (see README)
+    allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
+    recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(EngineConfig))
+
+    @classmethod
+    def of(cls, cfg: "EngineConfig") -> "EngineConfig":
+        """The engine settings of a run (a RunConfig, or any EngineConfig)."""
+        return EngineConfig(**{name: getattr(cfg, name) for name in EngineConfig.names()})
+
+    @classmethod
+    def from_stored(cls, config: dict) -> "EngineConfig":
+        """The engine a stored run config (a checkpoint's "config") was trained with; settings it lacks are
+        those of the engine before they existed (``LEGACY_ENGINE``), else today's defaults."""
+        stored = {**LEGACY_ENGINE, **{k: v for k, v in config.items() if k in cls.names() and v is not None}}
+        return EngineConfig(**{**stored, "calibration": CalibrationConfig(**stored["calibration"])})
+
+    def differences(self, other: "EngineConfig") -> list[tuple[str, object]]:
+        """(field path, other's value) wherever ``other`` differs: "importance", "calibration.dataset", ..."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        out = [(k, theirs[k]) for k in self.names() if k != "calibration" and mine[k] != theirs[k]]
+        return out + [(f"calibration.{k}", v) for k, v in theirs["calibration"].items() if mine["calibration"][k] != v]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The engine settings a stored config written before issue 15 lacks: those checkpoints were trained on 8
+# calibration sentences (common.calibration.SENTENCES), the same share from every layer, no compensation.
+LEGACY_ENGINE = {"allocation": "uniform", "recovery": "none",
+                 "calibration": {"dataset": "sentences", "samples": 8, "max_tokens": 256}}
+
+
+@dataclass
 class OfflineConfig:
     """The offline environment (environments.precomputed): every (prompt, action) quality outcome is
     measured once and cached, latency is calibrated K times per load level, and training samples
@@ -134,8 +183,8 @@ class HealConfig:
 
 
 @dataclass
-class RunConfig:
-    """A train/test run (and the model/engine settings every mode shares)."""
+class RunConfig(EngineConfig):
+    """A train/test run (and the model settings every mode shares); its engine settings are EngineConfig's."""
     mode: str = "train"
     environment: str = "offline"            # "offline": cached outcomes x calibrated tables; "live": generate per episode
     state_features: str = "contention"      # "contention": + run queue, preemptions, steal, observed slowdown; "basic"
@@ -150,13 +199,7 @@ class RunConfig:
     test_dataset: str | None = None
     test_samples: int = 50
     test_fraction: float = 0.2
-    structural: bool = True                 # False: masks (quality only, no speedup)
-    importance: str = "fluctuation"         # FLAP; with global allocation + compensation it beat activation on
-                                            # held-out calibration text (bench/recovery.py --stage select);
-                                            # magnitude ruins SmolLM2's FFN (see README)
-    allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
-    recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
-    targets: tuple[str, ...] = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
+    targets: tuple[str, ...] | None = None  # None: every registered pruning target (pruners.targets)
     intensities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     scenarios: str = "idle,loaded"
     scenario_block: int = 10
@@ -174,7 +217,6 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     heal: HealConfig = field(default_factory=HealConfig)
 
     def to_dict(self) -> dict:

@@ -27,6 +27,8 @@ import transformers
 from pruners.param_budget import count_parameters
 from pruners import PruningAction, PruningEngine
 from pruners.slicing import ROWS
+from pruners.targets import get_target
+from pruners.targets.base import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -34,49 +36,13 @@ FORMAT = "adaptive-pruning-export"
 FORMAT_VERSION = 1
 
 
-class ExportError(ValueError):
-    """The action cannot be written as a stock checkpoint; the message names one that can."""
-
-
-def uniform_head_intensities(engine: PruningEngine) -> list[str]:
-    """attention_heads intensities whose plan removes the same KV groups count from every layer."""
-    groups = engine.dims.num_kv_heads
-    labels = []
-    for k in range(1, groups):
-        for digits in (2, 3, 4, 6):
-            action = PruningAction("attention_heads", round(k / groups, digits))
-            if len(set(engine.plan(action).kv_groups_kept)) == 1:
-                labels.append(action.label)
-                break
-    return labels
-
-
 def kept_shapes(engine: PruningEngine, action: PruningAction) -> tuple[int, int, list[int]]:
-    """(KV groups per layer, FFN channels per layer, kept source layers), or ExportError."""
-    if action.target == "kv_cache":
-        raise ExportError(f"{action.label} prunes the KV cache while generating and removes no weights: "
-                          "there is nothing to export (use attention_heads, ffn_neurons or transformer_layers)")
-    plan, dims = engine.plan(action), engine.dims
-    config = type(engine.model.config).__name__
-    if plan.layers_kept is not None and engine.recovery == "compensate":
-        raise ExportError(f"{action.label} with --recovery compensate replaces each run of dropped layers by a "
-                          f"linear map of the hidden state, which a stock {config} cannot express: export it with "
-                          "--recovery none, or serve the compensated model through this tool's engine")
-    global_hint = (" (--allocation global ranks units across layers: export with --allocation uniform, or serve "
-                   "the global plan through this tool's engine)" if engine.allocation == "global" else "")
-    groups = set(plan.kv_groups_kept or (dims.num_kv_heads,))
-    if len(groups) > 1:
-        uniform = "" if engine.allocation == "global" else (
-            f": export one of {', '.join(uniform_head_intensities(engine))} instead (the same KV groups removed "
-            "from every layer)")
-        raise ExportError(f"{action.label} keeps {sorted(groups)} KV groups depending on the layer, but a stock "
-                          f"{config} has one head count for all layers{uniform}{global_hint}")
-    ffn = set(plan.ffn_kept or (dims.intermediate,))
-    if len(ffn) > 1:
-        raise ExportError(f"{action.label} keeps {min(ffn)}..{max(ffn)} FFN channels depending on the layer, but a "
-                          f"stock {config} has one intermediate_size{global_hint}")
-    layers = list(plan.layers_kept) if plan.layers_kept is not None else list(range(dims.num_layers))
-    return groups.pop(), ffn.pop(), layers
+    """(KV groups per layer, FFN channels per layer, kept source layers), or ExportError (the action's target
+    says what a stock config cannot express)."""
+    dims = engine.dims
+    shapes = {"kv_groups": dims.num_kv_heads, "ffn": dims.intermediate, "layers": list(range(dims.num_layers))}
+    shapes.update(get_target(action.target).export_shapes(engine, engine.plan(action)))
+    return shapes["kv_groups"], shapes["ffn"], shapes["layers"]
 
 
 def _layer_prefix(model: torch.nn.Module) -> str:
