@@ -1,10 +1,14 @@
 """PruningEngine: apply any action reversibly, in well under a millisecond.
 
-At construction the engine scores units once (cached on disk), then permutes each layer's FFN
-channels and KV groups by importance. The permutation leaves the dense outputs unchanged (up to
-float summation order), and makes every pruning level a prefix of the weights, so ``apply``
+At construction the engine scores units once (cached on disk), then permutes each layer's units of
+every target (FFN channels, KV groups) by importance. The permutation leaves the dense outputs unchanged
+(up to float summation order), and makes every pruning level a prefix of the weights, so ``apply``
 swaps in prefix views and ``restore`` puts the original Parameter objects back: the dense
 model after any apply/restore sequence is bit-identical to the (reordered) dense model.
+
+What differs between unit kinds lives in the targets (``pruners.targets``): the engine asks the action's
+target for its plan, cuts, cost, compensation and how to apply it, and keeps only what every target shares
+(the prefix views, masks, bias swaps, the layer dropper, the disk cache and what is to be undone).
 
 Two choices shape the menu (issue 15): ``allocation`` ("uniform": the same share from every layer;
 "global": one standardised ranking across layers, ``pruners.allocation``) and ``recovery``
