@@ -57,12 +57,10 @@ def with_trained_engine(cfg: RunConfig, trained: dict, explicit: set[str]) -> Ru
 
 def engine_mismatch(cfg: RunConfig, trained: dict) -> str | None:
     """The flags that would give ``cfg`` the engine a checkpoint's policy learned on, or None when it has it."""
-    flags = []
-    for path, value in EngineConfig.of(cfg).differences(EngineConfig.from_stored(trained)):
-        if path == "structural":
-            flags.append("--structural" if value else "--mask")
-        elif path != "calibration.max_tokens":              # no flag sets it
-            flags.append(f"--{path.replace('.', '-').replace('_', '-')} {value}")
+    # structural / mask remove the same units (the menu is the same); calibration.max_tokens has no flag
+    flags = [f"--{path.replace('.', '-').replace('_', '-')} {value}"
+             for path, value in EngineConfig.of(cfg).differences(EngineConfig.from_stored(trained))
+             if path not in ("structural", "calibration.max_tokens")]
     return " ".join(flags) or None
 
 
