@@ -38,7 +38,7 @@ from bench.script import bench_main  # noqa: E402
 from common.config import RuntimeConfig  # noqa: E402
 from runtime.governor import ExecutionGovernor  # noqa: E402
 from runtime.generation import generate, prefill  # noqa: E402
-from pruners import ACTION_SPACE, NONE, PruningAction  # noqa: E402
+from pruners import ACTION_SPACE, NONE, PruningAction, get_target  # noqa: E402
 from pruners.engine import PruningEngine  # noqa: E402
 from pruners.kv_cache import KVCachePruner  # noqa: E402
 
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict:
     for action in actions:
         if action == NONE:
             continue
-        is_kv = action.target == "kv_cache"
+        is_kv = get_target(action.target).while_generating
         ids = kv_prompt if is_kv else prompt
         dense_runs, pruned_runs = timed_pairs(engine, action, ids, args.new_tokens, args.repeats)
         dense_tok, pruned_tok = median_of(dense_runs, "median_step_s"), median_of(pruned_runs, "median_step_s")

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
 ENVIRONMENTS = ("offline", "live")
 STATE_FEATURES = ("basic", "contention")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # runtime.dtype: what --dtype accepts
 EXECUTORS = ("local", "ray")        # how the offline outcome precompute runs (environments.fanout)
 OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (live: dqn.gradient_steps, 4)
 
@@ -234,6 +235,55 @@ class CalibrationConfig:
 
 
 @dataclass
+class EngineConfig:
+    """What decides which units an action removes and how they are compensated (pruners.PruningEngine).
+
+    The one list of engine settings: the outcome-cache key (environments.outcome_cache), the engine a
+    checkpoint's policy learned on (environments.session, modes.test) and the engine every mode builds all
+    read these fields. A RunConfig is an EngineConfig plus the run's other options (its fields, flat, so the
+    flags and stored configs keep their names).
+    """
+    structural: bool = True                 # False: masks (quality only, no speedup)
+    importance: str = "fluctuation"         # FLAP; with global allocation + compensation it beat activation on
+                                            # held-out calibration text (bench/recovery.py --stage select);
+                                            # magnitude ruins SmolLM2's FFN (see README)
+    allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
+    recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(EngineConfig))
+
+    @classmethod
+    def of(cls, cfg: "EngineConfig") -> "EngineConfig":
+        """The engine settings of a run (a RunConfig, or any EngineConfig)."""
+        return EngineConfig(**{name: getattr(cfg, name) for name in EngineConfig.names()})
+
+    @classmethod
+    def from_stored(cls, config: dict) -> "EngineConfig":
+        """The engine a stored run config (a checkpoint's "config") was trained with; settings it lacks are
+        those of the engine before they existed (``LEGACY_ENGINE``), else today's defaults."""
+        stored = {**LEGACY_ENGINE, **{k: v for k, v in config.items() if k in cls.names() and v is not None}}
+        return EngineConfig(**{**stored, "calibration": CalibrationConfig(**stored["calibration"])})
+
+    def differences(self, other: "EngineConfig") -> list[tuple[str, object]]:
+        """(field path, other's value) wherever ``other`` differs: "importance", "calibration.dataset", ..."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        out = [(k, theirs[k]) for k in self.names() if k != "calibration" and mine[k] != theirs[k]]
+        return out + [(f"calibration.{k}", v) for k, v in theirs["calibration"].items() if mine["calibration"][k] != v]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The engine settings a stored config written before issue 15 lacks: those checkpoints were trained on 8
+# calibration sentences (common.calibration.SENTENCES), the same share from every layer, no compensation.
+LEGACY_ENGINE = {"allocation": "uniform", "recovery": "none",
+                 "calibration": {"dataset": "sentences", "samples": 8, "max_tokens": 256}}
+
+
+@dataclass
 class OfflineConfig:
     """The offline environment (environments.precomputed): every (prompt, action) quality outcome is
     measured once and cached, latency is calibrated K times per load level, and training samples
@@ -288,8 +338,8 @@ class HealConfig:
 
 
 @dataclass
-class RunConfig:
-    """A train/test run (and the model/engine settings every mode shares)."""
+class RunConfig(EngineConfig):
+    """A train/test run (and the model settings every mode shares); its engine settings are EngineConfig's."""
     mode: str = "train"
     environment: str = "offline"            # "offline": cached outcomes x calibrated tables; "live": generate per episode
     state_features: str = "contention"      # "contention": + run queue, preemptions, steal, observed slowdown; "basic"
@@ -304,14 +354,8 @@ class RunConfig:
     test_dataset: str | None = None
     test_samples: int = 50
     test_fraction: float = 0.2
-    structural: bool = True                 # False: masks (quality only, no speedup)
-    importance: str = "fluctuation"         # FLAP; with global allocation + compensation it beat activation on
-                                            # held-out calibration text (bench/recovery.py --stage select);
-                                            # magnitude ruins SmolLM2's FFN (see README)
-    allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
-    recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
     dtype: str = "float32"                  # weight dtype the model computes in (runtime.dtype): float32 | bfloat16 | int8
-    targets: tuple[str, ...] = ("kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
+    targets: tuple[str, ...] | None = None  # None: every registered pruning target (pruners.targets)
     intensities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     scenarios: str = "idle,loaded"
     scenario_block: int = 10
@@ -330,7 +374,6 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     heal: HealConfig = field(default_factory=HealConfig)
     LIMITS: ClassVar[dict[str, Limit]] = {
         "mode": text("train", "test", "eval", "report", "baselines", "export", "heal"),
@@ -339,7 +382,8 @@ class RunConfig:
         "checkpoint": text(), "train_dataset": text(example="builtin"), "train_samples": count(1, 100_000_000),
         "test_dataset": text(optional=True, example="builtin"), "test_samples": count(1, 100_000_000),
         "test_fraction": fraction(), "importance": text(), "allocation": text("global", "uniform"),
-        "recovery": text("compensate", "none"), "targets": text(example="ffn_neurons,attention_heads"),
+        "recovery": text("compensate", "none"), "dtype": text(*WEIGHT_DTYPES),
+        "targets": text(optional=True, example="ffn_neurons,attention_heads"),
         "intensities": fraction(example="0.25,0.5"), "scenarios": text(), "scenario_block": count(),
         "redecide_every": count(0, 1_000_000, example="8"), "save_every": count(),
         "latency_table": text(optional=True, example="reports/train-.../latency_table.json"),
@@ -410,9 +454,6 @@ class BaselineConfig:
         "speed_prompt_tokens": count(1, 1_000_000), "speed_new_tokens": count(1, 100_000),
         "speed_repeats": count(1, 1000), "cache_dir": text(optional=True),
         "quantized": Limit(nonempty=False)}
-
-
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # runtime.dtype: what --dtype accepts
 
 
 # Where the measured weight layout travels from runtime.openmp (torch-free) to model_loader.load_model.

@@ -16,7 +16,7 @@ import torch
 from common.data import Prompt
 from runtime.generation import GenerationResult, generate
 from environments.latency_table import LatencyTable
-from pruners import NONE, PruningAction, PruningEngine
+from pruners import NONE, PruningAction, PruningEngine, get_target
 from environments.quality import TokenScores, mean_kl, ppl_ratio, score_reference
 from environments.records import Outcome
 from environments.reward import reward_terms
@@ -227,8 +227,9 @@ class PruningEnvironment:
 
 
 def inert_in_bucket(bucket: str, label: str) -> bool:
-    """KV pruning does nothing to a short prompt (below the engine's minimum length)."""
-    return bucket == "short" and label.startswith("kv_cache")
+    """A target that acts while generating (KV pruning) does nothing to a short prompt (below the engine's
+    minimum length)."""
+    return bucket == "short" and get_target(PruningAction.parse(label).target).while_generating
 
 
 def table_speed(table: LatencyTable, scenario: str, bucket: str, label: str, new_tokens: int,

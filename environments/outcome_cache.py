@@ -19,7 +19,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from common.config import RunConfig
+from common.config import EngineConfig, RunConfig
 from common.data import Prompt
 from common.files import atomic_write_text
 from environments.quality import mean_kl, ppl_ratio, token_kl, token_nll
@@ -28,9 +28,6 @@ from pruners import PruningAction
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-# RunConfig fields that change which units an action removes or how they are compensated; the ones
-# this checkout does not have are skipped, so the key stays valid as the recovery work adds them.
-ENGINE_FIELDS = ("structural", "importance", "calibration", "allocation", "compensation", "recovery")
 
 
 @dataclass
@@ -64,9 +61,7 @@ class PromptOutcomes:
 
 def engine_settings(cfg: RunConfig, model_name: str, model_source: str) -> dict:
     """Everything an outcome depends on besides the prompt."""
-    engine = {name: getattr(cfg, name) for name in ENGINE_FIELDS if hasattr(cfg, name)}
-    return {"schema": SCHEMA, "model": model_name, "source": model_source, "engine": json.loads(json.dumps(
-        engine, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))),
+    return {"schema": SCHEMA, "model": model_name, "source": model_source, "engine": EngineConfig.of(cfg).to_dict(),
         "kv_min_tokens": cfg.env.long_prompt_tokens, "max_new_tokens": cfg.env.max_new_tokens,
         "min_reference_tokens": cfg.env.min_reference_tokens, "prompt_kl_tokens": cfg.offline.prompt_kl_tokens}
 

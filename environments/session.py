@@ -9,11 +9,11 @@ from pathlib import Path
 
 from environments.live import PruningEnvironment
 from model_loader import LoadedModel, load_model
-from pruners import ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
+from pruners import PRUNE_TARGETS, ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
 from pruners.elastic import ensure_stored_order, find_menu
 from runtime.dtype import apply_weight_dtype
-from common.calibration import CALIBRATION_SENTENCES, SENTENCES, calibration_set
-from common.config import RunConfig
+from common.calibration import calibration_set
+from common.config import EngineConfig, RunConfig
 from machine.load_signals import CONTENTION, SlowdownTracker
 from environments.state import StateBuilder
 
@@ -32,39 +32,36 @@ class Session:
     analyzer: object
 
 
+def run_targets(cfg: RunConfig) -> tuple[str, ...]:
+    """The run's pruning targets (``--targets``; None: every registered target)."""
+    return PRUNE_TARGETS if cfg.targets is None else tuple(cfg.targets)
+
+
 def action_space(cfg: RunConfig) -> list[PruningAction]:
-    return build_action_space(ActionSpaceConfig(targets=tuple(cfg.targets), intensities=tuple(cfg.intensities)))
-
-
-# Engine settings a checkpoint stores; checkpoints from before issue 15 were trained on this menu.
-LEGACY_ENGINE = {"allocation": "uniform", "recovery": "none",
-                 "calibration": {"dataset": SENTENCES, "samples": len(CALIBRATION_SENTENCES), "max_tokens": 256}}
-ENGINE_FIELDS = ("importance", "allocation", "recovery")
+    return build_action_space(ActionSpaceConfig(targets=run_targets(cfg), intensities=tuple(cfg.intensities)))
 
 
 def trained_engine(config: dict) -> dict:
-    """The engine settings a run's stored config was trained with (legacy defaults where absent)."""
-    return {**{k: config.get(k, LEGACY_ENGINE.get(k)) for k in ENGINE_FIELDS},
-            "calibration": config.get("calibration", LEGACY_ENGINE["calibration"])}
+    """The engine settings a run's stored config was trained with (``EngineConfig.from_stored``)."""
+    return EngineConfig.from_stored(config).to_dict()
 
 
 def with_trained_engine(cfg: RunConfig, trained: dict, explicit: set[str]) -> RunConfig:
     """``cfg`` with a checkpoint's engine settings, except those the user set explicitly: a policy is
     tested on the menu (units, compensation) it learned."""
-    settings = trained_engine(trained)
-    calibration = replace(cfg.calibration, **{k: v for k, v in settings["calibration"].items()
+    stored = EngineConfig.from_stored(trained)
+    calibration = replace(cfg.calibration, **{k: v for k, v in asdict(stored.calibration).items()
                                               if f"calibration.{k}" not in explicit})
-    return replace(cfg, calibration=calibration, **{k: settings[k] for k in ENGINE_FIELDS if k not in explicit})
+    return replace(cfg, calibration=calibration, **{k: getattr(stored, k) for k in EngineConfig.names()
+                                                    if k != "calibration" and k not in explicit})
 
 
 def engine_mismatch(cfg: RunConfig, trained: dict) -> str | None:
     """The flags that would give ``cfg`` the engine a checkpoint's policy learned on, or None when it has it."""
-    settings, ours = trained_engine(trained), {**{k: getattr(cfg, k) for k in ENGINE_FIELDS},
-                                               "calibration": asdict(cfg.calibration)}
-    flags = [f"--{k} {settings[k]}" for k in ENGINE_FIELDS if settings[k] != ours[k]]
-    for key, flag in (("dataset", "--calibration-dataset"), ("samples", "--calibration-samples")):
-        if settings["calibration"].get(key) != ours["calibration"][key]:
-            flags.append(f"{flag} {settings['calibration'].get(key)}")
+    # structural / mask remove the same units (the menu is the same); calibration.max_tokens has no flag
+    flags = [f"--{path.replace('.', '-').replace('_', '-')} {value}"
+             for path, value in EngineConfig.of(cfg).differences(EngineConfig.from_stored(trained))
+             if path not in ("structural", "calibration.max_tokens")]
     return " ".join(flags) or None
 
 
@@ -103,7 +100,8 @@ def open_session(cfg: RunConfig):
     engine = build_engine(cfg, loaded, action_space(cfg))
     budget = cfg.observation_budget_ms if cfg.observation_budget_ms > 0 else None
     analyzer = PromptAnalyzer(cfg.nlp_backend, budget_ms=budget)
-    cfg = replace(cfg, nlp_backend=analyzer.backend)   # checkpoints store the backend used, not "auto"
+    # checkpoints store the backend used, not "auto", and the targets of the action space, not "every target"
+    cfg = replace(cfg, nlp_backend=analyzer.backend, targets=run_targets(cfg))
     with TelemetrySampler(rate_hz=cfg.telemetry_hz) as sampler:
         slowdown = SlowdownTracker() if cfg.state_features == CONTENTION else None
         states = StateBuilder(analyzer, sampler, tokenizer=loaded.tokenizer, ablation=cfg.ablation, slowdown=slowdown)

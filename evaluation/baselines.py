@@ -261,7 +261,7 @@ def _policy_config(checkpoint: str, importance: str | None) -> RunConfig:
         return RunConfig(structural=True, importance=importance)
     from controller import checkpointing
     trained = checkpointing.load_checkpoint(Path(checkpoint))["config"]
-    return with_trained_engine(RunConfig(structural=True), trained, set())
+    return with_trained_engine(RunConfig(structural=True), trained, {"structural"})
 
 
 # ------------------------------------------------------------------ the sweep

@@ -34,6 +34,7 @@ from evaluation.speed import ResourceMonitor, probe_speed
 from evaluation.lm_eval_run import evaluate_tasks, lm_eval_version
 from evaluation.lm_eval_tasks import TaskPlan, prepare_tasks
 from evaluation.wikitext import CorpusText, compute_perplexity, load_wikitext2_test
+from pruners.targets import get_target
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def run_evaluation(loaded, specs: str | Sequence[str] | Sequence[ModelSpec], con
     models = {}
     for route in routes:
         log.info("evaluating %s", route.label)
-        if route.spec.action.target == "kv_cache":
+        if get_target(route.spec.action.target).while_generating:
             log.warning("%s: scoring is teacher-forced without a cache, so its perplexity and accuracies "
                         "equal the dense model's; only the speed probe reflects the action", route.label)
         try:

@@ -105,8 +105,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--importance", _R + "importance", "unit ordering: fluctuation (FLAP) | activation | magnitude | "
          "block_influence | taylor (heal: the order healing starts from, stored in the folder)",
          ENGINE_MODES),
-    Flag("--targets", _R + "targets", "pruning targets in the action space (comma-separated; heal: the "
-         "sub-networks trained)", (TRAIN, TEST, EVAL, HEAL), type=words),
+    Flag("--targets", _R + "targets", "pruning targets in the action space (comma-separated; default: every "
+         "registered target; heal: the sub-networks trained)", (TRAIN, TEST, EVAL, HEAL), type=words),
     Flag("--intensities", _R + "intensities", "intensities per target (comma-separated fractions)",
          (TRAIN, TEST, EVAL, HEAL), type=floats),
     Flag("--structural", "cli.structural", "slice weights: real speedups (default unless STRUCTURAL_PRUNING=0 "

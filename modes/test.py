@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def config_from_checkpoint(cfg: RunConfig, payload: dict, explicit: set[str]) -> RunConfig:
-    """Test with the settings the policy was trained under, unless the user set them explicitly."""
+    """Test with the settings the policy was trained under, unless the user set them explicitly (the engine's:
+    ``EngineConfig.from_stored``, via ``with_trained_engine``)."""
     trained = payload["config"]
-    keep = {"model", "targets", "intensities", "structural", "importance", "ablation", "nlp_backend", "train_dataset",
+    keep = {"model", "targets", "intensities", "ablation", "nlp_backend", "train_dataset",
             "seed", "test_fraction", "scenarios", "environment", "state_features", "train_samples"}
     updates = {k: (tuple(v) if isinstance(v, list) else v) for k, v in trained.items()
                if k in keep and k not in explicit}

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-TARGETS = ("none", "kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
-PRUNE_TARGETS = TARGETS[1:]
+from pruners.targets import PRUNE_TARGETS, REGISTRY
+
+TARGETS = ("none", *PRUNE_TARGETS)
 
 
 @dataclass(frozen=True)
 class PruningAction:
-    target: str          # one of TARGETS
+    target: str          # "none" or a registered target (pruners.targets.REGISTRY)
     intensity: float     # fraction of the target removed, 0..1
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"unknown pruning target '{self.target}': choose from {', '.join(TARGETS)}")
+        if self.target != "none" and self.target not in REGISTRY:
+            raise ValueError(f"unknown pruning target '{self.target}': choose from none, {', '.join(REGISTRY)}")
         if self.target == "none":
             if self.intensity != 0.0:
                 raise ValueError("the 'none' action has intensity 0")

@@ -9,7 +9,7 @@ Units are already sorted by importance inside each layer (the engine's reorder),
 monotone per layer, so every layer still loses a suffix: each action stays a prefix view per layer.
 The total removed equals the uniform allocation's, so both spend the same parameter budget. KV groups
 (3 per layer in SmolLM2: standardising 3 numbers says nothing) are ranked by the relative residual energy
-their removal adds instead (``PruningEngine._kv_group_damage``).
+their removal adds instead (``pruners.targets.heads.HeadsTarget.damage``).
 """
 from __future__ import annotations
 

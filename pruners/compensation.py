@@ -54,7 +54,7 @@ class InputMoments:
 
     Over the tokens after each sequence's ``SINK_TOKENS``, in the model's current unit order (the
     engine's reordered dense model), float64 on the CPU. They feed the compensation biases (means) and
-    the global allocation of KV groups (``pruners.allocation.relative_energy``).
+    the global allocation of KV groups (``pruners.targets.heads.HeadsTarget.damage``).
     """
     mean: dict[str, torch.Tensor]        # "<layer>.<path>" -> E[x]
     square: dict[str, torch.Tensor]      # "<layer>.<path>" -> E[x^2]

@@ -1,14 +1,14 @@
 """Bytes read per decoded token: the ideal speedup of memory-bound single-stream decoding.
 
 Counts every weight a decode step reads (the tied lm_head in full, every token; the embedding
-as one row) plus the K/V cache read by attention. Mask mode reads the dense weights.
+as one row) plus the K/V cache read by attention. Mask mode reads the dense weights. What a plan changes
+(units per layer, layers run, cache length) comes from its target's ``decode_shape``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pruners.model_info import ModelDims
-from pruners.plan import PruningPlan
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,20 @@ class DecodeCost:
         return (self.weight_params + self.cache_elements) * self.bytes_per_element
 
 
+@dataclass(frozen=True)
+class DecodeShape:
+    """What one decode step runs: KV groups and FFN channels per layer, the layers run, prompt tokens cached."""
+    kv_groups: tuple[int, ...]
+    ffn: tuple[int, ...]
+    layers: tuple[int, ...]
+    cached_prompt: int
+
+    @classmethod
+    def dense(cls, dims: ModelDims, prompt_tokens: int) -> "DecodeShape":
+        return cls((dims.num_kv_heads,) * dims.num_layers, (dims.intermediate,) * dims.num_layers,
+                   tuple(range(dims.num_layers)), prompt_tokens)
+
+
 def layer_params(dims: ModelDims, kv_groups: int, ffn: int) -> int:
     q = kv_groups * dims.group_size * dims.head_dim
     kv = kv_groups * dims.head_dim
@@ -29,20 +43,14 @@ def layer_params(dims: ModelDims, kv_groups: int, ffn: int) -> int:
     return attention + 3 * dims.hidden * ffn + 2 * dims.hidden       # gate/up/down + 2 norms
 
 
-def decode_cost(dims: ModelDims, plan: PruningPlan, prompt_tokens: int = 0, generated: float = 0.0,
-                bytes_per_element: int = 4, structural: bool = True) -> DecodeCost:
-    """Cost of one decode step after a ``prompt_tokens`` prefill and ``generated`` new tokens.
-
-    Heads/FFN plans only save anything when ``structural``; layer and KV plans always do.
-    """
-    dense_groups, dense_ffn = (dims.num_kv_heads,) * dims.num_layers, (dims.intermediate,) * dims.num_layers
-    groups = plan.kv_groups_kept if structural and plan.kv_groups_kept else dense_groups
-    ffn = plan.ffn_kept if structural and plan.ffn_kept else dense_ffn
-    layers = range(dims.num_layers) if plan.layers_kept is None else plan.layers_kept
-    cached = (prompt_tokens if plan.kv is None else plan.kv.budget(prompt_tokens)) + generated
+def decode_cost(dims: ModelDims, shape: DecodeShape, generated: float = 0.0, bytes_per_element: int = 4,
+                extra_params: int = 0) -> DecodeCost:
+    """Cost of one decode step of ``shape`` after ``generated`` new tokens (``extra_params``: compensation)."""
+    layers, groups, ffn = shape.layers, shape.kv_groups, shape.ffn
+    cached = shape.cached_prompt + generated
     params = sum(layer_params(dims, groups[i], ffn[i]) for i in layers)
     params += dims.vocab * dims.hidden + dims.hidden * 2                # lm_head, embedding row, final norm
-    params += plan.extra_params                                         # compensation biases / replacement maps
+    params += extra_params                                              # compensation biases / replacement maps
     cache = sum(2 * groups[i] * dims.head_dim for i in layers) * cached
     return DecodeCost(int(params), int(round(cache)), bytes_per_element)
 

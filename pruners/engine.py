@@ -1,10 +1,14 @@
 """PruningEngine: apply any action reversibly, in well under a millisecond.
 
-At construction the engine scores units once (cached on disk), then permutes each layer's FFN
-channels and KV groups by importance. The permutation leaves the dense outputs unchanged (up to
-float summation order), and makes every pruning level a prefix of the weights, so ``apply``
+At construction the engine scores units once (cached on disk), then permutes each layer's units of
+every target (FFN channels, KV groups) by importance. The permutation leaves the dense outputs unchanged
+(up to float summation order), and makes every pruning level a prefix of the weights, so ``apply``
 swaps in prefix views and ``restore`` puts the original Parameter objects back: the dense
 model after any apply/restore sequence is bit-identical to the (reordered) dense model.
+
+What differs between unit kinds lives in the targets (``pruners.targets``): the engine asks the action's
+target for its plan, cuts, cost, compensation and how to apply it, and keeps only what every target shares
+(the prefix views, masks, bias swaps, the layer dropper, the disk cache and what is to be undone).
 
 Two choices shape the menu (issue 15): ``allocation`` ("uniform": the same share from every layer;
 "global": one standardised ranking across layers, ``pruners.allocation``) and ``recovery``
@@ -28,22 +32,21 @@ from common import hub
 from common.calibration import CalibrationSet, calibration_set
 from common.config import CalibrationConfig
 from pruners.actions import NONE, PruningAction
-from pruners.allocation import check_allocation, global_kept
+from pruners.allocation import check_allocation
 from pruners.calibration_pass import calibration_pass
 from pruners.compensation import (RIDGE, SINK_TOKENS, BiasSwap, InputMoments, MomentCollector, ReplacedRun, check_recovery,
-                                  fit_replacements, input_moments, layer_runs, removed_mean_bias)
+                                  fit_replacements, input_moments, removed_mean_bias)
 from pruners.elastic import ElasticMenu
-from pruners.cost import DecodeCost, decode_cost, ideal_speedup
-from pruners.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels
-from pruners.heads import allocate_group_removals, attention_cuts, groups_to_remove, o_proj_columns, reorder_kv_groups
+from pruners.cost import DecodeCost, DecodeShape, decode_cost, ideal_speedup
 from pruners.importance import ActivationCollector, Criterion, ImportanceScores, get_importance, tokenize_calibration
 from pruners.kv_cache import KVCachePruner
-from pruners.layers import LayerDropper, contiguous_block_to_keep, layers_to_keep
+from pruners.layers import LayerDropper
 from pruners.masks import InputMasks
 from pruners.model_info import ModelDims, decoder_layers
 from pruners.plan import PruningPlan
 from pruners.score_cache import cache_key, load_or_compute, weight_fingerprint
 from pruners.slicing import COLS, Cut, PrefixLinear
+from pruners.targets import all_targets, get_target
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,8 @@ class PruningEngine:
         self.allocation = check_allocation(allocation)
         self.recovery = check_recovery(recovery)
         self.dims = ModelDims.from_model(model)
-        self._kv_settings = dict(policy=kv_policy, min_tokens=kv_min_tokens, sink_tokens=kv_sink_tokens)
-        KVCachePruner(0.0, **self._kv_settings)   # validate the settings now, not at the first kv action
+        self.kv_settings = dict(policy=kv_policy, min_tokens=kv_min_tokens, sink_tokens=kv_sink_tokens)
+        KVCachePruner(0.0, **self.kv_settings)   # validate the settings now, not at the first kv action
         self._tokenizer = tokenizer
         self._calibration_set = calibration if isinstance(calibration, CalibrationSet) else None
         self._calibration = None if calibration is None else tuple(getattr(calibration, "texts", calibration))
@@ -99,7 +102,8 @@ class PruningEngine:
             columns = self._reorder()
         else:                                   # a healed model: units already sorted, scores in that order
             self.scores, self.importance_from_cache = menu.scores, True
-        projections = [(cut.path, cut.dim) for cut in attention_cuts(1, self.dims) + ffn_cuts(1)]
+        projections = [(cut.path, cut.dim) for target in all_targets()
+                       for cut in target.layer_cuts(1, self.dims)]
         self._linears = {(i, path): PrefixLinear(layer.get_submodule(path), dim)
                          for i, layer in enumerate(decoder_layers(model)) for path, dim in projections}
         self.moments: InputMoments | None = None   # compensation means, global KV allocation (dense, reordered)
@@ -177,20 +181,16 @@ class PruningEngine:
         return scores, cached, (joint[0] if joint else None)
 
     def _reorder(self) -> dict[str, torch.Tensor]:
-        """Sort every layer's FFN channels and KV groups by descending importance, once; returns, per
+        """Sort every layer's units of every target by descending importance, once; returns, per
         ``"<layer>.<projection>"`` whose input columns moved, new column -> old column."""
-        ffn, groups = self.scores.ffn.clone(), self.scores.kv_groups.clone()
+        units = {key: value.clone() for key, value in self.scores.units.items()}
         columns: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(decoder_layers(self.model)):
-            order = torch.argsort(ffn[i], descending=True, stable=True)
-            reorder_ffn_channels(layer.mlp, order)
-            ffn[i] = ffn[i][order]
-            columns[f"{i}.mlp.down_proj"] = order
-            order = torch.argsort(groups[i], descending=True, stable=True)
-            reorder_kv_groups(layer.self_attn, order, self.dims)
-            groups[i] = groups[i][order]
-            columns[f"{i}.self_attn.o_proj"] = o_proj_columns(order, self.dims)
-        self.scores = ImportanceScores(self.scores.criterion, ffn, groups, self.scores.layers, self.scores.layer_source)
+            for target in all_targets():
+                if target.score_key in units:
+                    units[target.score_key][i], moved = target.reorder(layer, i, units[target.score_key][i], self.dims)
+                    columns.update(moved)
+        self.scores = ImportanceScores(self.scores.criterion, units, self.scores.layer_source)
         return columns
 
     # ----------------------------------------------------------------- plans
@@ -202,62 +202,18 @@ class PruningEngine:
         return plan
 
     def _make_plan(self, action: PruningAction) -> PruningPlan:
+        target = get_target(action.target)
         stored = self.menu.plans.get(action.label) if self.menu and self.menu.allocation == self.allocation else None
-        if stored:
-            return self._with_extra(PruningPlan(action, **{k: tuple(v) for k, v in stored.items()}))
-        r, dims, scores = action.intensity, self.dims, self.scores
-        if action.target == "attention_heads":
-            if self.allocation == "global":
-                kept = global_kept(self._kv_group_damage(), groups_to_remove(r, dims), standardised=False)
-            else:
-                kept = allocate_group_removals(r, dims, scores.layers.tolist())
-            return self._with_extra(PruningPlan(action, kv_groups_kept=kept))
-        if action.target == "ffn_neurons":
-            per_layer = ffn_kept(r, dims.intermediate)
-            if self.allocation == "global":
-                kept = global_kept(scores.ffn, (dims.intermediate - per_layer) * dims.num_layers)
-            else:
-                kept = (per_layer,) * dims.num_layers
-            return self._with_extra(PruningPlan(action, ffn_kept=kept))
-        if action.target == "transformer_layers":
-            if self.allocation == "global":
-                kept = contiguous_block_to_keep(r, self.moments.cosine.tolist())
-            else:
-                kept = layers_to_keep(r, scores.layers.tolist())
-            return self._with_extra(PruningPlan(action, layers_kept=kept))
-        if action.target == "kv_cache":
-            return PruningPlan(action, kv=KVCachePruner(r, **self._kv_settings))
-        return PruningPlan(action)
-
-    def _kv_group_damage(self) -> torch.Tensor:
-        """[layers, groups]: what removing each KV group adds to the residual stream, relative to its energy.
-
-        Per o_proj input column j: E[x_j^2] (Var(x_j) once its mean is compensated) * ||W_o[:, j]||^2, summed
-        per group and divided by E[||h||^2] of the layer's input. With 3 groups per layer (SmolLM2) a
-        per-layer standardisation says nothing; the relative energy is comparable across layers.
-        """
-        rows = []
-        for i in range(self.dims.num_layers):
-            key = f"{i}.self_attn.o_proj"
-            second = self.moments.square[key]
-            if self.recovery == "compensate":
-                second = (second - self.moments.mean[key].pow(2)).clamp_min(0)
-            w_sq = self._linears[i, "self_attn.o_proj"].weight.detach().double().pow(2).sum(0).cpu()
-            rows.append((second * w_sq).reshape(self.dims.num_kv_heads, -1).sum(1) / self.moments.residual[i])
-        return torch.stack(rows)
-
-    def _with_extra(self, plan: PruningPlan) -> PruningPlan:
-        """The plan with the parameters its compensation adds (read every token, so part of the cost)."""
+        plan = PruningPlan(action, kept=tuple(stored[target.plan_key])) if stored else target.plan(self, action)
         if self.recovery != "compensate":
             return plan
-        hidden = self.dims.hidden
-        if plan.layers_kept is not None:
-            extra = len(layer_runs(plan.layers_kept, self.dims.num_layers)) * (hidden * hidden + hidden)
-        else:
-            extra = sum(hidden for _ in self._bias_cuts(plan))
-        return PruningPlan(**{**plan.__dict__, "extra_params": extra})
+        return PruningPlan(**{**plan.__dict__, "extra_params": target.extra_params(self, plan)})
 
-    def _bias_cuts(self, plan: PruningPlan) -> list[tuple[int, Cut]]:
+    def prefix_linear(self, layer: int, path: str) -> PrefixLinear:
+        """The prefix views of one projection (its ``weight`` is the full Parameter, in the engine's unit order)."""
+        return self._linears[layer, path]
+
+    def bias_cuts(self, plan: PruningPlan) -> list[tuple[int, Cut]]:
         """The input-column cuts (o_proj, down_proj) that get a compensation bias."""
         return [(i, c) for i, c in self._plan_cuts(plan) if c.dim == COLS]
 
@@ -266,13 +222,7 @@ class PruningEngine:
         return self._plan_cuts(self.plan(action))
 
     def _plan_cuts(self, plan: PruningPlan) -> list[tuple[int, Cut]]:
-        cuts = []
-        for i in range(self.dims.num_layers):
-            if plan.kv_groups_kept and plan.kv_groups_kept[i] < self.dims.num_kv_heads:
-                cuts += [(i, c) for c in attention_cuts(plan.kv_groups_kept[i], self.dims)]
-            if plan.ffn_kept and plan.ffn_kept[i] < self.dims.intermediate:
-                cuts += [(i, c) for c in ffn_cuts(plan.ffn_kept[i])]
-        return cuts
+        return get_target(plan.action.target).cuts(plan, self.dims)
 
     def _structural_ops(self, action: PruningAction) -> list[tuple[PrefixLinear, int]]:
         ops = self._ops.get(action)
@@ -281,13 +231,13 @@ class PruningEngine:
         return ops
 
     # ----------------------------------------------------------------- compensation
-    def _bias_swaps(self, action: PruningAction) -> list[BiasSwap]:
+    def bias_swaps(self, action: PruningAction) -> list[BiasSwap]:
         """FLAP biases of a heads/FFN action: the removed columns' calibration mean, per cut projection."""
         swaps = self._biases.get(action)
         if swaps is None:
             swaps = self._biases[action] = []
             stored = self._stored_biases(action)
-            for i, cut in self._bias_cuts(self.plan(action)):
+            for i, cut in self.bias_cuts(self.plan(action)):
                 linear = self._linears[i, cut.path].linear
                 bias = stored.get(f"{i}.{cut.path}") if stored else None
                 if bias is None:
@@ -304,10 +254,7 @@ class PruningEngine:
 
     def compensation_biases(self, action: PruningAction) -> dict[tuple[int, str], torch.Tensor]:
         """(layer, projection path) -> the output bias a heads/FFN action adds (empty without compensation)."""
-        if self.recovery != "compensate" or action.target not in ("attention_heads", "ffn_neurons"):
-            return {}
-        return {(i, cut.path): swap.compensated.detach()
-                for (i, cut), swap in zip(self._bias_cuts(self.plan(action)), self._bias_swaps(action))}
+        return get_target(action.target).compensation_biases(self, action)
 
     def prepare(self, actions: Sequence[PruningAction], progress: bool = True) -> None:
         """Resolve every action's plan and compensation now (a calibration walk for new layer actions,
@@ -316,19 +263,21 @@ class PruningEngine:
             self.plan(action)
         if self.recovery != "compensate":
             return
-        for action in actions:
-            if action.target in ("attention_heads", "ffn_neurons"):
-                self._bias_swaps(action)
-        todo = [a for a in dict.fromkeys(actions) if a.target == "transformer_layers" and a not in self._replacements]
+        for target in all_targets():
+            target.prepare(self, [a for a in actions if a.target == target.name], progress)
+
+    def prepare_replacements(self, actions: Sequence[PruningAction], progress: bool = True) -> None:
+        """Fit (or load) the linear replacement maps of layer actions, one calibration walk for all new ones."""
+        todo = [a for a in dict.fromkeys(actions) if a not in self._replacements]
         if not todo:
             return
         current = self.current_action
         self.restore()                         # the cache key reads the dense weights
         stored = {a: self.menu.maps[a.label] for a in todo
                   if self.menu and self.menu.allocation == self.allocation and a.label in self.menu.maps}
-        names = {a: f"replace-{RIDGE:g}-sink{SINK_TOKENS}-" + ",".join(map(str, self.plan(a).layers_kept)) for a in todo}
+        names = {a: f"replace-{RIDGE:g}-sink{SINK_TOKENS}-" + ",".join(map(str, self.plan(a).kept)) for a in todo}
         missing = [a for a in todo if a not in stored and not self._cache_file(names[a], order_free=True).is_file()]
-        fitted = fit_replacements(self.model, {a.label: self.plan(a).layers_kept for a in missing},
+        fitted = fit_replacements(self.model, {a.label: self.plan(a).kept for a in missing},
                                   self.calibration_ids(), progress=progress) if missing else {}
         layers = decoder_layers(self.model)
         for action in todo:
@@ -357,28 +306,34 @@ class PruningEngine:
         """Prune to ``action`` (restoring any previous action first)."""
         self.restore()
         plan = self.plan(action)
-        compensate = self.recovery == "compensate"
         try:
-            if plan.layers_kept is not None:
-                if compensate and action not in self._replacements:
-                    self.prepare([action])
-                self._layers.apply(plan.layers_kept, self._replacements.get(action))
-            elif self.mode == "structural":
-                for linear, keep in self._structural_ops(action):
-                    linear.narrow(keep)
-                    self._narrowed.append(linear)
-            else:
-                for i, cut in self.cuts(action):
-                    if cut.dim == COLS:
-                        self._masks.add(self._linears[i, cut.path].linear, cut.keep)
-            if compensate and plan.layers_kept is None:
-                for swap in self._bias_swaps(action):
-                    swap.apply()
-                    self._swapped.append(swap)
+            get_target(action.target).apply(self, action, plan)
         except BaseException:
             self.restore()
             raise
         self._current = action
+
+    def narrow(self, action: PruningAction) -> None:
+        """Swap in the prefix views of every projection the action cuts (undone by ``restore``)."""
+        for linear, keep in self._structural_ops(action):
+            linear.narrow(keep)
+            self._narrowed.append(linear)
+
+    def mask_columns(self, action: PruningAction) -> None:
+        """Zero the cut input columns with hooks instead (mask mode; undone by ``restore``)."""
+        for i, cut in self.cuts(action):
+            if cut.dim == COLS:
+                self._masks.add(self._linears[i, cut.path].linear, cut.keep)
+
+    def swap_biases(self, action: PruningAction) -> None:
+        """Put the action's compensation biases on (undone by ``restore``)."""
+        for swap in self.bias_swaps(action):
+            swap.apply()
+            self._swapped.append(swap)
+
+    def drop_layers(self, keep: tuple[int, ...], replacements: dict[int, ReplacedRun]) -> None:
+        """Run only the layers in ``keep`` (undone by ``restore``)."""
+        self._layers.apply(keep, replacements)
 
     def restore(self) -> None:
         """Back to the dense model, bit-exactly (the original Parameter objects and layer list)."""
@@ -435,21 +390,14 @@ class PruningEngine:
 
         For kv_cache it depends on the prompt: 0 below ``kv_min_tokens``; nominal without a length.
         """
-        plan, dims = self.plan(action), self.dims
-        if plan.kv_groups_kept is not None:
-            return 1 - sum(plan.kv_groups_kept) / (dims.num_layers * dims.num_kv_heads)
-        if plan.ffn_kept is not None:
-            return 1 - sum(plan.ffn_kept) / (dims.num_layers * dims.intermediate)
-        if plan.layers_kept is not None:
-            return 1 - len(plan.layers_kept) / dims.num_layers
-        if plan.kv is not None:
-            return action.intensity if not prompt_tokens else 1 - plan.kv.budget(prompt_tokens) / prompt_tokens
-        return 0.0
+        return get_target(action.target).effective_intensity(self.plan(action), self.dims, prompt_tokens)
 
     def decode_cost(self, action: PruningAction, prompt_tokens: int = 0, generated: float = 0.0) -> DecodeCost:
         element = next(self.model.parameters()).element_size()
-        return decode_cost(self.dims, self.plan(action), prompt_tokens, generated, element,
-                           structural=self.mode == "structural")
+        plan = self.plan(action)
+        shape = get_target(action.target).decode_shape(DecodeShape.dense(self.dims, prompt_tokens), plan,
+                                                       structural=self.mode == "structural")
+        return decode_cost(self.dims, shape, generated, element, plan.extra_params)
 
     def ideal_speedup(self, action: PruningAction, prompt_tokens: int = 0, generated: float = 0.0) -> float:
         """Bytes read per decoded token, dense / pruned."""

@@ -31,6 +31,8 @@ from pruners.export_hf import per_layer_model
 from pruners.param_budget import count_parameters
 from pruners import PruningAction, PruningEngine
 from pruners.slicing import ROWS
+from pruners.targets import get_target
+from pruners.targets.base import ExportError, PerLayerPlan
 
 log = logging.getLogger(__name__)
 
@@ -38,57 +40,15 @@ FORMAT = "adaptive-pruning-export"
 FORMAT_VERSION = 1
 
 
-class ExportError(ValueError):
-    """The action cannot be exported; the message names one that can."""
-
-
-class PerLayerPlan(ExportError):
-    """A plan a stock config cannot hold: it is exported with the per-layer model (``pruners.export_hf``)."""
-
-
-def uniform_head_intensities(engine: PruningEngine) -> list[str]:
-    """attention_heads intensities whose plan removes the same KV groups count from every layer."""
-    groups = engine.dims.num_kv_heads
-    labels = []
-    for k in range(1, groups):
-        for digits in (2, 3, 4, 6):
-            action = PruningAction("attention_heads", round(k / groups, digits))
-            if len(set(engine.plan(action).kv_groups_kept)) == 1:
-                labels.append(action.label)
-                break
-    return labels
-
-
 def kept_shapes(engine: PruningEngine, action: PruningAction) -> tuple[int, int, list[int]]:
     """(KV groups per layer, FFN channels per layer, kept source layers) of a plan a stock config holds.
 
-    ExportError when there is nothing to export; PerLayerPlan (saying why, and which flags give a stock
-    checkpoint) when the plan needs the per-layer model.
-    """
-    if action.target == "kv_cache":
-        raise ExportError(f"{action.label} prunes the KV cache while generating and removes no weights: "
-                          "there is nothing to export (use attention_heads, ffn_neurons or transformer_layers)")
-    plan, dims = engine.plan(action), engine.dims
-    config = type(engine.model.config).__name__
-    if plan.layers_kept is not None and engine.recovery == "compensate":
-        raise PerLayerPlan(f"{action.label} with --recovery compensate replaces each run of dropped layers by a "
-                           f"linear map of the hidden state, which a stock {config} cannot express (--recovery none "
-                           "gives a stock checkpoint)")
-    stock_hint = (" (--allocation uniform gives a stock checkpoint)" if engine.allocation == "global" else "")
-    groups = set(plan.kv_groups_kept or (dims.num_kv_heads,))
-    if len(groups) > 1:
-        uniform = (f" (with --allocation uniform, attention_heads at k/{dims.num_kv_heads} of the KV groups gives a "
-                   "stock checkpoint)" if engine.allocation == "global" else
-                   f" ({', '.join(uniform_head_intensities(engine))} remove the same KV groups from every layer and "
-                   "give a stock checkpoint)")
-        raise PerLayerPlan(f"{action.label} keeps {sorted(groups)} KV groups depending on the layer, but a stock "
-                           f"{config} has one head count for all layers{uniform}")
-    ffn = set(plan.ffn_kept or (dims.intermediate,))
-    if len(ffn) > 1:
-        raise PerLayerPlan(f"{action.label} keeps {min(ffn)}..{max(ffn)} FFN channels depending on the layer, but a "
-                           f"stock {config} has one intermediate_size{stock_hint}")
-    layers = list(plan.layers_kept) if plan.layers_kept is not None else list(range(dims.num_layers))
-    return groups.pop(), ffn.pop(), layers
+    ExportError when there is nothing to export; PerLayerPlan (its target says why, and which flags give a
+    stock checkpoint) when the plan needs the per-layer model."""
+    dims = engine.dims
+    shapes = {"kv_groups": dims.num_kv_heads, "ffn": dims.intermediate, "layers": list(range(dims.num_layers))}
+    shapes.update(get_target(action.target).export_shapes(engine, engine.plan(action)))
+    return shapes["kv_groups"], shapes["ffn"], shapes["layers"]
 
 
 def _layer_prefix(model: torch.nn.Module) -> str:

@@ -31,7 +31,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,11 +50,12 @@ from pruners.elastic import ElasticMenu
 from pruners.engine import PruningEngine
 from pruners.model_info import decoder_layers
 from pruners.score_cache import weight_fingerprint
-from pruners.slicing import COLS, ROWS
+from pruners.slicing import COLS
+from pruners.targets import all_targets, get_target
 
 log = logging.getLogger(__name__)
 
-WEIGHT_TARGETS = ("attention_heads", "ffn_neurons", "transformer_layers")   # actions that are sub-networks
+WEIGHT_TARGETS = tuple(t.name for t in all_targets() if t.removes_weights)   # actions that are sub-networks
 CHECKPOINT = "heal-checkpoint.pt"
 CORPUS = "heal-corpus.pt"
 VALIDATION = "heal-validation.pt"
@@ -201,39 +202,12 @@ def sandwich(actions: Sequence[PruningAction], step: int, seed: int, random_acti
     return [NONE, smallest, *rng.sample(rest, min(random_actions, len(rest)))]
 
 
-@contextlib.contextmanager
-def student_view(engine: PruningEngine, action: PruningAction) -> Iterator[None]:
+def student_view(engine: PruningEngine, action: PruningAction) -> contextlib.AbstractContextManager:
     """Run ``action``'s sub-network with gradients reaching the full weights (the engine's own views are
-    detached Parameters). Heads/FFN: sliced weights plus the compensation bias as a function of the weights;
-    layers: the engine's layer drop and (trainable) replacement maps; anything else: the dense model."""
-    if action.target == "transformer_layers":
-        with engine.pruned(action):
-            yield
-        return
-    if action.target not in ("attention_heads", "ffn_neurons"):
-        yield
-        return
-    engine.restore()
-    layers = decoder_layers(engine.model)
-    saved: list[tuple[nn.Module, object, object]] = []
-    try:
-        for i, cut in engine.cuts(action):
-            linear = layers[i].get_submodule(cut.path)
-            params = linear._parameters
-            weight, bias = params["weight"], params["bias"]
-            saved.append((linear, weight, bias))
-            params["weight"] = weight[:cut.keep] if cut.dim == ROWS else weight[:, :cut.keep]
-            if bias is not None and cut.dim == ROWS:
-                params["bias"] = bias[:cut.keep]
-            if cut.dim == COLS and engine.recovery == "compensate":
-                mean = engine.moments.mean[f"{i}.{cut.path}"]
-                extra = (weight.double()[:, cut.keep:] @ mean.to(weight.device)[cut.keep:]).to(weight.dtype)
-                params["bias"] = extra if bias is None else bias + extra
-        yield
-    finally:
-        for linear, weight, bias in reversed(saved):
-            linear._parameters["weight"] = weight
-            linear._parameters["bias"] = bias
+    detached Parameters): the target's ``student_view`` (heads/FFN: sliced weights plus the compensation bias as a
+    function of the weights; layers: the engine's layer drop and trainable replacement maps; anything else:
+    the dense model)."""
+    return get_target(action.target).student_view(engine, action)
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
@@ -458,13 +432,13 @@ class Healer:
         plans, biases, maps = {}, {}, {}
         for action in self.actions[1:]:
             plan = engine.plan(action)
-            plans[action.label] = {k: list(v) for k in ("ffn_kept", "kv_groups_kept", "layers_kept")
-                                   if (v := getattr(plan, k)) is not None}
-            if engine.recovery == "compensate" and action.target != "transformer_layers":
+            plans[action.label] = plan.stored()
+            cuts = [(i, cut) for i, cut in engine.cuts(action) if cut.dim == COLS]
+            if engine.recovery == "compensate" and cuts:
                 biases[action.label] = {
                     f"{i}.{cut.path}": removed_mean_bias(layers[i].get_submodule(cut.path).weight,
                                                          engine.moments.mean[f"{i}.{cut.path}"], cut.keep).detach().cpu()
-                    for i, cut in engine.cuts(action) if cut.dim == COLS}
+                    for i, cut in cuts}
             runs = engine.replacement_maps(action)
             if runs:
                 eye = torch.eye(engine.dims.hidden, dtype=torch.float64)

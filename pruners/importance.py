@@ -1,23 +1,25 @@
-"""Importance criteria the engine takes: scores that order KV groups, FFN channels and layers
-(higher = keep longer).
+"""Importance criteria the engine takes: scores that order every target's units (higher = keep longer).
 
-As in Torch-Pruning, a criterion is an object passed into the pruner, not a subclass of it:
-``PruningEngine(model, importance="taylor")`` looks the name up in ``IMPORTANCE``, and any
-``Criterion`` (a name, whether it reads calibration text, and a scoring function) can be passed
-instead. The engine tokenises the calibration prompts and caches the scores on disk by name.
+As in Torch-Pruning, importance is an object passed into the pruner, not a subclass of it. Two levels:
+a per-unit *importance* (``Magnitude``, ``Activation``, ``Fluctuation``, ``BlockInfluence``, ``Taylor``)
+scores one target's units from a target's own description (its weights, its ``column_projection``, its cuts);
+a *criterion* (``Criterion``, registered by name in ``IMPORTANCE``) is the ordered importances that score every
+registered target, the first that supports a target scoring it. ``PruningEngine(model, importance="taylor")``
+looks the name up; any ``Criterion`` can be passed instead. The engine tokenises the calibration prompts and
+caches the scores on disk by name.
 
-Criteria:
-- ``magnitude`` (data-free): FFN channel j = ||gate_j||*||up_j||*||down_:,j||; KV group g =
-  ||v_g||_F * ||o_:,g||_F (q/k only re-weight, v and o carry the signal). Layers: a weak
-  data-free proxy, the norm bound of how far each block can move the residual stream,
-  ||W_o|| ||W_v diag(g_in)|| + ||W_down|| ||W_up diag(g_post)||.
-- ``activation`` (Wanda-style): unit score = sum over its weights of |W_ij| * ||X_j||, where X is
-  the input of down_proj (FFN) / o_proj (heads) on calibration text; layers by Block Influence.
-- ``fluctuation`` (FLAP): unit score = Var(X_j) * ||W_:,j||^2 (what is left after bias
-  compensation removes the unit's mean contribution); layers by Block Influence.
-- ``block_influence`` (ShortGPT): layers by BI = 1 - mean cos(layer input, layer output) on
-  calibration text; heads and FFN by magnitude.
-- ``taylor`` (LLM-Pruner): first-order |W * dL/dW| summed per unit (``pruners.taylor``).
+Importances:
+- ``Magnitude`` (data-free): each target's ``magnitude`` (FFN channel j = ||gate_j||*||up_j||*||down_:,j||;
+  KV group g = ||v_g||_F * ||o_:,g||_F; layers: the norm bound of how far each block can move the residual
+  stream, a weak proxy).
+- ``Activation`` (Wanda-style): unit score = sum over its ``column_projection`` columns of |W_ij| * ||X_j||, X
+  its input on calibration text.
+- ``Fluctuation`` (FLAP): unit score = Var(X_j) * ||W_:,j||^2 (what is left after bias compensation removes
+  the unit's mean contribution).
+- ``BlockInfluence`` (ShortGPT): layers by BI = 1 - mean cos(layer input, layer output) on calibration text.
+- ``Taylor`` (LLM-Pruner): first-order |W * dL/dW| summed per unit (``pruners.taylor``).
+Criteria: magnitude; activation and fluctuation (their unit importance, layers by Block Influence);
+block_influence (layers by BI, units by magnitude); taylor.
 """
 from __future__ import annotations
 
@@ -31,58 +33,28 @@ from torch import nn
 
 from pruners.calibration_pass import calibration_pass
 from pruners.compensation import TailSums
-from pruners.model_info import ModelDims, decoder_layers
+from pruners.criteria import (Activation, Activations, BlockInfluence, Fluctuation, Magnitude, Statistics,
+                              score_targets)
+from pruners.model_info import decoder_layers
 from pruners.score_cache import ImportanceScores
+from pruners.targets import all_targets
 from pruners.taylor import compute_taylor_scores
 
 log = logging.getLogger(__name__)
 
-def _norms(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    return weight.float().norm(dim=dim)
-
-
-def _group_sum(values: torch.Tensor, n_groups: int) -> torch.Tensor:
-    return values.reshape(n_groups, -1).sum(dim=1)
-
-
-@torch.no_grad()
-def magnitude_scores(model: nn.Module, dims: ModelDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ffn [L, I], kv_groups [L, G], layers [L]) from weights alone."""
-    ffn, groups, layer_scores = [], [], []
-    for layer in decoder_layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        ffn.append(_norms(mlp.gate_proj.weight, 1) * _norms(mlp.up_proj.weight, 1) * _norms(mlp.down_proj.weight, 0))
-        v_sq = _group_sum(_norms(attn.v_proj.weight, 1) ** 2, dims.num_kv_heads)
-        o_sq = _group_sum(_norms(attn.o_proj.weight, 0) ** 2, dims.num_kv_heads)
-        groups.append((v_sq * o_sq).sqrt())
-        g_in = layer.input_layernorm.weight.float()
-        g_post = layer.post_attention_layernorm.weight.float()
-        attn_bound = attn.o_proj.weight.float().norm() * (attn.v_proj.weight.float() * g_in).norm()
-        mlp_bound = mlp.down_proj.weight.float().norm() * (mlp.up_proj.weight.float() * g_post).norm()
-        layer_scores.append(attn_bound + mlp_bound)
-    return torch.stack(ffn).cpu(), torch.stack(groups).cpu(), torch.stack(layer_scores).cpu()
-
-
-@dataclass
-class _Activations:
-    down_sq: list[torch.Tensor]   # per layer: sum over tokens of x^2 for down_proj inputs
-    o_sq: list[torch.Tensor]      # same for o_proj inputs
-    cos_sum: torch.Tensor         # per layer: sum over tokens of cos(input, output)
-    tokens: int
-
 
 class ActivationCollector:
-    """Sums of x^2 (every token) of every down_proj / o_proj input and each layer's cos(input, output) (Block
-    Influence): a ``calibration_pass`` collector. The sums after the sink token(s), which fluctuation
-    importance reads, are ``compensation.TailSums``."""
+    """Sums of x^2 (every token) of every target's column projection input (o_proj, down_proj) and each layer's
+    cos(input, output) (Block Influence): a ``calibration_pass`` collector. The sums after the sink token(s),
+    which fluctuation importance reads, are ``compensation.TailSums``."""
 
     def __init__(self, model: nn.Module) -> None:
         layers = decoder_layers(model)
 
         def zeros(width: int) -> torch.Tensor:
             return torch.zeros(width, dtype=torch.float64)
-        self.acts = _Activations(down_sq=[zeros(ly.mlp.down_proj.in_features) for ly in layers],
-                                 o_sq=[zeros(ly.self_attn.o_proj.in_features) for ly in layers],
+        self.paths = [t.column_projection for t in all_targets() if t.column_projection]
+        self.acts = Activations(sq={p: [zeros(ly.get_submodule(p).in_features) for ly in layers] for p in self.paths},
                                  cos_sum=zeros(len(layers)), tokens=0)
         self._inputs: dict[int, torch.Tensor] = {}
 
@@ -104,10 +76,9 @@ class ActivationCollector:
 
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(layer.register_forward_hook(post, with_kwargs=True))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(
-                lambda _m, a, i=i: self._add_sq(acts.down_sq, i, a[0])))
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda _m, a, i=i: self._add_sq(acts.o_sq, i, a[0])))
+            for path in self.paths:
+                handles.append(layer.get_submodule(path).register_forward_pre_hook(
+                    lambda _m, a, i=i, path=path: self._add_sq(acts.sq[path], i, a[0])))
         return handles
 
     def start(self) -> None:
@@ -117,37 +88,11 @@ class ActivationCollector:
         self.acts.tokens += ids.numel()
 
 
-def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> tuple[_Activations, TailSums]:
+def collect_activations(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> tuple[Activations, TailSums]:
     """One pass over the calibration prompts with hooks; nothing but sums is kept."""
     collector, tails = ActivationCollector(model), TailSums()
     calibration_pass(model, calibration_ids, [collector, tails], desc="importance statistics")
     return collector.acts, tails
-
-
-def wanda_scores(model: nn.Module, dims: ModelDims, acts: _Activations) -> tuple[torch.Tensor, torch.Tensor]:
-    """Structured Wanda: sum_i |W_ij| * ||X_j|| over each unit's input columns."""
-    ffn, groups = [], []
-    for i, layer in enumerate(decoder_layers(model)):
-        down_abs = layer.mlp.down_proj.weight.detach().float().abs().sum(0).cpu()
-        ffn.append(down_abs * acts.down_sq[i].sqrt().float())
-        o_abs = layer.self_attn.o_proj.weight.detach().float().abs().sum(0).cpu()
-        groups.append(_group_sum(o_abs * acts.o_sq[i].sqrt().float(), dims.num_kv_heads))
-    return torch.stack(ffn), torch.stack(groups)
-
-
-def fluctuation_scores(model: nn.Module, dims: ModelDims, tails: TailSums) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLAP: Var(X_j) * ||W_:,j||^2 per input column of down_proj / o_proj (summed per KV group).
-
-    What a unit's removal leaves once its mean is compensated (``pruners.compensation``) is its
-    fluctuation times its weights, so this is the criterion that matches ``--recovery compensate``.
-    """
-    ffn, groups = [], []
-    for i, layer in enumerate(decoder_layers(model)):
-        down_sq = layer.mlp.down_proj.weight.detach().float().pow(2).sum(0).cpu()
-        ffn.append(tails.variance(f"{i}.mlp.down_proj") * down_sq)
-        o_sq = layer.self_attn.o_proj.weight.detach().float().pow(2).sum(0).cpu()
-        groups.append(_group_sum(tails.variance(f"{i}.self_attn.o_proj") * o_sq, dims.num_kv_heads))
-    return torch.stack(ffn), torch.stack(groups)
 
 
 def tokenize_calibration(texts: Sequence[str], tokenizer, max_tokens: int) -> list[torch.Tensor]:
@@ -160,33 +105,14 @@ def tokenize_calibration(texts: Sequence[str], tokenizer, max_tokens: int) -> li
 
 def magnitude_importance(model: nn.Module, _calibration_ids: Sequence[torch.Tensor] | None = None) -> ImportanceScores:
     """Data-free: every unit and layer by its weight norms."""
-    ffn, groups, layer_scores = magnitude_scores(model, ModelDims.from_model(model))
-    return ImportanceScores("magnitude", ffn, groups, layer_scores, "magnitude")
+    return score_targets("magnitude", (Magnitude(),), model, Statistics())
 
 
-def _block_influence(acts: _Activations) -> torch.Tensor:
-    return (1.0 - acts.cos_sum / acts.tokens).float()
-
-
-@torch.no_grad()
-def activation_scores(model: nn.Module, acts: _Activations, _tails: TailSums) -> ImportanceScores:
-    """Wanda-style units, Block Influence layers."""
-    ffn, groups = wanda_scores(model, ModelDims.from_model(model), acts)
-    return ImportanceScores("activation", ffn, groups, _block_influence(acts), "block_influence")
-
-
-@torch.no_grad()
-def fluctuation_activation_scores(model: nn.Module, acts: _Activations, tails: TailSums) -> ImportanceScores:
-    """FLAP-style fluctuation units, Block Influence layers."""
-    ffn, groups = fluctuation_scores(model, ModelDims.from_model(model), tails)
-    return ImportanceScores("fluctuation", ffn, groups, _block_influence(acts), "block_influence")
-
-
-@torch.no_grad()
-def block_influence_scores(model: nn.Module, acts: _Activations, _tails: TailSums) -> ImportanceScores:
-    """ShortGPT: Block Influence layers; units by magnitude."""
-    ffn, groups, _ = magnitude_scores(model, ModelDims.from_model(model))
-    return ImportanceScores("block_influence", ffn, groups, _block_influence(acts), "block_influence")
+def by_activations(name: str, *importances) -> Callable[[nn.Module, Activations, TailSums], ImportanceScores]:
+    """A criterion's scores from one calibration pass's activation and tail sums."""
+    def score(model: nn.Module, acts: Activations, tails: TailSums) -> ImportanceScores:
+        return score_targets(name, importances, model, Statistics(acts=acts, tails=tails))
+    return score
 
 
 @dataclass(frozen=True)
@@ -199,7 +125,7 @@ class Criterion:
     name: str
     needs_calibration: bool    # scores read calibration prompts (the engine tokenises them)
     score: Callable[[nn.Module, Sequence[torch.Tensor] | None], ImportanceScores] | None = None
-    from_activations: Callable[[nn.Module, _Activations, TailSums], ImportanceScores] | None = None
+    from_activations: Callable[[nn.Module, Activations, TailSums], ImportanceScores] | None = None
 
     def __call__(self, model: nn.Module, calibration_ids: Sequence[torch.Tensor] | None) -> ImportanceScores:
         if self.from_activations is None:
@@ -213,9 +139,10 @@ class Criterion:
 
 IMPORTANCE: dict[str, Criterion] = {c.name: c for c in (
     Criterion("magnitude", False, magnitude_importance),
-    Criterion("activation", True, from_activations=activation_scores),
-    Criterion("fluctuation", True, from_activations=fluctuation_activation_scores),
-    Criterion("block_influence", True, from_activations=block_influence_scores),
+    Criterion("activation", True, from_activations=by_activations("activation", Activation(), BlockInfluence())),
+    Criterion("fluctuation", True, from_activations=by_activations("fluctuation", Fluctuation(), BlockInfluence())),
+    Criterion("block_influence", True, from_activations=by_activations("block_influence", BlockInfluence(),
+                                                                         Magnitude())),
     Criterion("taylor", True, compute_taylor_scores),
 )}
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from pruners import NONE, PruningAction, PruningEngine
+from pruners.targets import all_targets, get_target
 
 log = logging.getLogger(__name__)
 
-WIDTH_AND_DEPTH_TARGETS = ("attention_heads", "ffn_neurons", "transformer_layers")
+WIDTH_AND_DEPTH_TARGETS = tuple(t.name for t in all_targets() if t.removes_weights)
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,9 @@ class BudgetMatch:
 
 def ladder_size(engine: PruningEngine, target: str) -> int:
     """Number of removal steps of a target (intensity k / size removes exactly k steps)."""
-    dims = engine.dims
-    if target == "ffn_neurons":
-        return dims.intermediate
-    if target == "attention_heads":
-        return dims.num_layers * dims.num_kv_heads
-    if target == "transformer_layers":
-        return dims.num_layers
+    kind = get_target(target)
+    if kind.removes_weights:
+        return kind.ladder_size(engine.dims)
     raise ValueError(f"target '{target}' removes no parameters: use one of {', '.join(WIDTH_AND_DEPTH_TARGETS)}")
 
 

@@ -26,20 +26,26 @@ FORMAT_VERSION = 1
 
 @dataclass
 class ImportanceScores:
-    """Per-layer unit scores in the model's current channel/group order (what every criterion returns)."""
+    """Per-layer unit scores of every scored target in the model's current unit order (what every criterion
+    returns), keyed by the target's ``score_key`` and read as attributes too (``scores.ffn``: [layers,
+    intermediate], ``scores.kv_groups``: [layers, num_kv_heads], ``scores.layers``: [layers])."""
     criterion: str
-    ffn: torch.Tensor         # [layers, intermediate]
-    kv_groups: torch.Tensor   # [layers, num_kv_heads]
-    layers: torch.Tensor      # [layers]
-    layer_source: str         # the criterion that scored the layers: "block_influence", "magnitude", "taylor"
+    units: dict[str, torch.Tensor]
+    layer_source: str         # the criterion that scored whole layers: "block_influence", "magnitude", "taylor"
+
+    def __getattr__(self, key: str) -> torch.Tensor:
+        units = self.__dict__.get("units", {})
+        if key not in units:
+            raise AttributeError(f"no importance scores for '{key}' (scored: {', '.join(units)})")
+        return units[key]
 
     def to_dict(self) -> dict:
-        return {"criterion": self.criterion, "ffn": self.ffn, "kv_groups": self.kv_groups,
-                "layers": self.layers, "layer_source": self.layer_source}
+        return {"criterion": self.criterion, **self.units, "layer_source": self.layer_source}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ImportanceScores":
-        return cls(**data)
+        units = {k: v for k, v in data.items() if k not in ("criterion", "layer_source")}
+        return cls(data["criterion"], units, data["layer_source"])
 
 
 def weight_fingerprint(model: nn.Module) -> str:

@@ -7,7 +7,8 @@ over a calibration set (language-modelling loss, one sequence at a time):
 - FFN channel j: row j of gate_proj and up_proj, column j of down_proj;
 - KV group g: the rows of its KV head in k_proj/v_proj, the rows of its query heads in q_proj
   and the matching columns of o_proj (a whole group, so GQA shapes stay valid);
-- layer: every projection weight of the block.
+- layer: every projection weight of the block
+(each target's ``taylor``: width targets sum over the projections their cuts span).
 
 It is registered as the engine criterion ``"taylor"`` (``pruners.importance.IMPORTANCE``), so the
 engine caches its scores on disk like every other criterion and a repeated sweep does not pay
@@ -21,7 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pruners.model_info import ModelDims, decoder_layers
+from pruners.criteria import Statistics, Taylor, score_targets
+from pruners.model_info import decoder_layers
 from pruners.score_cache import ImportanceScores
 
 log = logging.getLogger(__name__)
@@ -36,29 +38,15 @@ def _salience(layer: nn.Module, path: str) -> torch.Tensor:
     return (weight.detach() * weight.grad).abs().double().cpu()
 
 
-def _row_blocks(values: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """Sum of consecutive equal blocks of a per-row vector: [rows] -> [n_blocks]."""
-    return values.reshape(n_blocks, -1).sum(dim=1)
-
-
-def _unit_scores(model: nn.Module, dims: ModelDims) -> ImportanceScores:
-    ffn, groups, layer_scores = [], [], []
-    for layer in decoder_layers(model):
-        s = {path: _salience(layer, path) for path in PROJECTIONS}
-        ffn.append(s["mlp.gate_proj"].sum(1) + s["mlp.up_proj"].sum(1) + s["mlp.down_proj"].sum(0))
-        per_group = sum(_row_blocks(s[p].sum(1), dims.num_kv_heads)
-                        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-        groups.append(per_group + _row_blocks(s["self_attn.o_proj"].sum(0), dims.num_kv_heads))
-        layer_scores.append(sum(v.sum() for v in s.values()))
-    return ImportanceScores(CRITERION, torch.stack(ffn).float(), torch.stack(groups).float(),
-                            torch.stack(layer_scores).float(), CRITERION)
+def _unit_scores(model: nn.Module) -> ImportanceScores:
+    salience = [{path: _salience(layer, path) for path in PROJECTIONS} for layer in decoder_layers(model)]
+    return score_targets(CRITERION, (Taylor(),), model, Statistics(salience=salience))
 
 
 def compute_taylor_scores(model: nn.Module, calibration_ids: Sequence[torch.Tensor]) -> ImportanceScores:
     """Accumulate dL/dW over the calibration sequences, then score units (gradients are freed)."""
     if not calibration_ids:
         raise ValueError("Taylor importance needs calibration prompts")
-    dims = ModelDims.from_model(model)
     weights = [layer.get_submodule(p).weight for layer in decoder_layers(model) for p in PROJECTIONS]
     flags = [w.requires_grad for w in weights]
     device = weights[0].device
@@ -70,7 +58,7 @@ def compute_taylor_scores(model: nn.Module, calibration_ids: Sequence[torch.Tens
             for ids in calibration_ids:
                 ids = ids.to(device)
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            scores = _unit_scores(model, dims)
+            scores = _unit_scores(model)
     finally:
         for w, flag in zip(weights, flags):
             w.grad = None

@@ -272,8 +272,8 @@ def test_plans_a_stock_config_cannot_hold_say_why_and_which_flags_give_one(tiny,
 # ---- the run's engine settings travel with the policy -------------------------------------------
 
 def test_a_policy_is_scored_on_the_engine_it_learned_on():
-    from common.config import RunConfig
-    from environments.session import LEGACY_ENGINE, engine_mismatch, trained_engine, with_trained_engine
+    from common.config import LEGACY_ENGINE, RunConfig
+    from environments.session import engine_mismatch, trained_engine, with_trained_engine
     legacy = {"importance": "activation"}                        # a checkpoint from before issue 15
     assert trained_engine(legacy)["allocation"] == LEGACY_ENGINE["allocation"]
     cfg = with_trained_engine(RunConfig(), legacy, explicit=set())
