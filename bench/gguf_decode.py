@@ -42,7 +42,7 @@ from common.markdown import md_table  # noqa: E402
 from environments.session import build_engine  # noqa: E402
 from model_loader import embedded_gguf_path, load_model  # noqa: E402
 from pruners import NONE, PruningAction  # noqa: E402
-from pruners.export import export_pruned  # noqa: E402
+from pruners.export.checkpoint import export_pruned  # noqa: E402
 
 log = logging.getLogger("gguf_decode")
 

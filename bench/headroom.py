@@ -32,15 +32,15 @@ from common import hub  # noqa: E402
 from common.calibration import calibration_set
 from common.config import EnvConfig, RunConfig
 from common.data import ALPACA_SUBSET, PromptSet, data_root, load_prompts, normalise
-from environments.headroom import HeadroomRecord, measure_headroom
+from environments.outcomes.headroom import HeadroomRecord, measure_headroom
 from environments.live import PruningEnvironment
-from environments.outcome_cache import engine_settings
+from environments.outcomes.cache import engine_settings
 from environments.probe_features import probe_features
 from environments.session import build_engine
 from model_loader import load_model
 from nlp_analyzer import PromptAnalyzer
 from pruners import PruningAction
-from pruners.probe import PrefillRecorder
+from pruners.scoring.probe import PrefillRecorder
 from reporting.headroom import PromptDamage, action_rows, cross_action_spearman, render, routing_row
 from runtime.generation import generate
 

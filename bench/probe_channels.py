@@ -1,4 +1,4 @@
-"""Channels chosen per prompt (issue 27, ``pruners.probe.select_units``): PPL ratio against the static order
+"""Channels chosen per prompt (issue 27, ``pruners.scoring.probe.select_units``): PPL ratio against the static order
 and an in-domain static order, the gather cost per request and the decode speed of the gathered weights.
 
 Each example is a context and a target: held-out Alpaca prompts with their 64-token dense greedy references
@@ -42,16 +42,16 @@ from bench.headroom import ACTIONS as HEADROOM_ACTIONS, held_out_prompts  # noqa
 from common import hub  # noqa: E402
 from common.config import EnvConfig, RunConfig  # noqa: E402
 from common.data import data_root  # noqa: E402
-from environments.headroom import HeadroomRecord, record_path  # noqa: E402
-from environments.outcome_cache import engine_settings  # noqa: E402
-from environments.quality import score_reference  # noqa: E402
+from environments.outcomes.headroom import HeadroomRecord, record_path  # noqa: E402
+from environments.outcomes.cache import engine_settings  # noqa: E402
+from environments.outcomes.quality import score_reference  # noqa: E402
 from environments.session import build_engine  # noqa: E402
 from model_loader import load_model  # noqa: E402
 from pruners import PruningAction  # noqa: E402
-from pruners.calibration_pass import calibration_pass  # noqa: E402
-from pruners.compensation import TailSums  # noqa: E402
-from pruners.importance import fluctuation_scores  # noqa: E402
-from pruners.probe import PrefillRecorder, select_units  # noqa: E402
+from pruners.scoring.calibration_pass import calibration_pass  # noqa: E402
+from pruners.recovery.compensation import TailSums  # noqa: E402
+from pruners.scoring.importance import fluctuation_scores  # noqa: E402
+from pruners.scoring.probe import PrefillRecorder, select_units  # noqa: E402
 from runtime.generation import generate  # noqa: E402
 
 log = logging.getLogger("probe_channels")

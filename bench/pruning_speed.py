@@ -40,7 +40,7 @@ from runtime.governor import ExecutionGovernor  # noqa: E402
 from runtime.generation import generate, prefill  # noqa: E402
 from pruners import ACTION_SPACE, NONE, PruningAction, get_target  # noqa: E402
 from pruners.engine import PruningEngine  # noqa: E402
-from pruners.kv_cache import KVCachePruner  # noqa: E402
+from pruners.units.kv_cache import KVCachePruner  # noqa: E402
 
 log = logging.getLogger("bench.pruning_speed")
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"

@@ -334,7 +334,7 @@ class Bench:
         continuations, cut into ``seq_len`` windows, the heal run's): the same prompts for several heal runs, so
         their corpora compare on text none of them trained on."""
         from pruners import NONE
-        from pruners.healing import load_corpus, mean_kl
+        from pruners.recovery.healing import load_corpus, mean_kl
         windows, corpus = load_corpus(Path(self.args.held_out), seq_len, loaded.tokenizer.eos_token_id)
         kls = mean_kl(loaded.model, self.loaded.model, windows, [NONE, *actions], engine.pruned, batch_size=4)
         engine.restore()
@@ -345,7 +345,7 @@ class Bench:
 def healed_setting(folder: str) -> str:
     """The rows' setting name of one heal run, by its budget and, when not the default, its corpus' prompts
     (several heal runs can share one --out)."""
-    from pruners.elastic import HEAL_JSON
+    from pruners.recovery.elastic import HEAL_JSON
     path = Path(folder) / HEAL_JSON
     if not path.is_file():
         raise SystemExit(f"{folder} is not a --mode heal folder (no {HEAL_JSON}): heal first with --mode heal")

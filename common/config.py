@@ -16,7 +16,7 @@ DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
 ENVIRONMENTS = ("offline", "live")
 STATE_FEATURES = ("basic", "contention")
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # runtime.dtype: what --dtype accepts
-EXECUTORS = ("local", "ray")        # how the offline outcome precompute runs (environments.fanout)
+EXECUTORS = ("local", "ray")        # how the offline outcome precompute runs (environments.outcomes.fanout)
 OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (live: dqn.gradient_steps, 4)
 
 
@@ -238,7 +238,7 @@ class CalibrationConfig:
 class EngineConfig:
     """What decides which units an action removes and how they are compensated (pruners.PruningEngine).
 
-    The one list of engine settings: the outcome-cache key (environments.outcome_cache), the engine a
+    The one list of engine settings: the outcome-cache key (environments.outcomes.cache), the engine a
     checkpoint's policy learned on (environments.session, modes.test) and the engine every mode builds all
     read these fields. A RunConfig is an EngineConfig plus the run's other options (its fields, flat, so the
     flags and stored configs keep their names).
@@ -306,7 +306,7 @@ class OfflineConfig:
 
 @dataclass
 class HealConfig:
-    """Nested healing (--mode heal, pruners.healing): distil the prefix sub-networks from the frozen dense model.
+    """Nested healing (--mode heal, pruners.recovery.healing): distil the prefix sub-networks from the frozen dense model.
 
     Full weights, not LoRA: every decoder projection (and the norms) is trained, the tied embedding is frozen.
     The sub-networks are prefixes of the same weights, so a full-weight update is what makes the units a small

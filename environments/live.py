@@ -17,7 +17,7 @@ from common.data import Prompt
 from runtime.generation import GenerationResult, generate
 from environments.latency_table import LatencyTable
 from pruners import NONE, PruningAction, PruningEngine, get_target
-from environments.quality import TokenScores, mean_kl, ppl_ratio, score_reference
+from environments.outcomes.quality import TokenScores, mean_kl, ppl_ratio, score_reference
 from environments.records import Outcome
 from environments.reward import reward_terms
 from machine.energy import EnergyMeter

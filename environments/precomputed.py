@@ -30,7 +30,7 @@ from common.files import atomic_write_text
 from environments.live import idle_dense_latency, table_speed
 from environments.latency_calibration import CalibrationSet, Calibrator, LevelCalibration
 from machine.load_signals import BASIC, hardware_feature_names
-from environments.outcome_cache import OutcomeCache, PromptOutcomes, digest, engine_settings, precompute
+from environments.outcomes.cache import OutcomeCache, PromptOutcomes, digest, engine_settings, precompute
 from environments.records import EpisodeRecord, Outcome
 from environments.reward import constrained_parts, effective_budget, reward_terms
 from environments.state import state_vector

@@ -2,7 +2,7 @@
 
 Why: syntax features (``nlp_analyzer``) predict per-prompt damage at Spearman ~0; what the model itself
 does with the prompt predicts it better. Everything here is computed from one ``PrefillRecord``
-(``pruners.probe.PrefillRecorder`` on the prefill the request runs anyway), plus a few rows of the
+(``pruners.scoring.probe.PrefillRecorder`` on the prefill the request runs anyway), plus a few rows of the
 language-model head; no extra forward through the decoder.
 
 Three groups:
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from pruners import PruningAction, PruningEngine
-from pruners.compensation import layer_runs
+from pruners.recovery.compensation import layer_runs
 from pruners.model_info import decoder_layers
-from pruners.probe import FFN_INPUT, HEADS_INPUT, PrefillRecord, tail
+from pruners.scoring.probe import FFN_INPUT, HEADS_INPUT, PrefillRecord, tail
 
 DENSE = ("log_tokens", "prompt_nll", "prompt_entropy", "prompt_top1", "last_entropy", "last_margin",
          "log_norm_early", "log_norm_final")

@@ -10,7 +10,7 @@ from pathlib import Path
 from environments.live import PruningEnvironment
 from model_loader import LoadedModel, load_model
 from pruners import PRUNE_TARGETS, ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
-from pruners.elastic import ensure_stored_order, find_menu
+from pruners.recovery.elastic import ensure_stored_order, find_menu
 from runtime.dtype import apply_weight_dtype
 from common.calibration import calibration_set
 from common.config import EngineConfig, RunConfig

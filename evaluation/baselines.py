@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pruners.param_budget import count_parameters, removed_share
+from pruners.methods.param_budget import count_parameters, removed_share
 from evaluation.routes import ModelSpec, Route, RouterFactory, StaticRoute, build_route
 from common.calibration import calibration_set
 from common.config import BaselineConfig, RunConfig
@@ -48,9 +48,9 @@ from runtime.governor import ExecutionGovernor
 from runtime.timing import RunTiming, TimingSession
 from evaluation.lm_eval_tasks import prepare_tasks
 from pruners import NONE, PruningAction, PruningEngine
-from pruners.importance import tokenize_calibration
-from pruners.static_methods import build_engine, get_method, resolve
-from pruners.unstructured import METHODS as UNSTRUCTURED_METHODS, Sparsity, sparsified
+from pruners.scoring.importance import tokenize_calibration
+from pruners.methods.static_methods import build_engine, get_method, resolve
+from pruners.methods.unstructured import METHODS as UNSTRUCTURED_METHODS, Sparsity, sparsified
 from evaluation.wikitext import CorpusText, load_wikitext2_test
 
 log = logging.getLogger(__name__)

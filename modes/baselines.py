@@ -24,7 +24,7 @@ def run_baselines(cfg: RunConfig, bcfg) -> Path:
     run_dir.write_config({**cfg.to_dict(), "baselines": dataclasses.asdict(bcfg)})
     prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device))
     if loaded.source == "local":        # a --mode heal folder: its methods score the healed dense weights
-        from pruners.elastic import find_menu
+        from pruners.recovery.elastic import find_menu
         menu = find_menu(loaded.name)
         prov["healed"] = menu.describe() if menu is not None else None
 

@@ -30,12 +30,12 @@ def run_export(cfg: RunConfig, out_dir: str | None, action: str | None, baseline
     loaded = load_model(cfg.model, device=cfg.device)
     vocab_gguf = embedded_gguf_path() if gguf and loaded.source == "embedded" else None
     if baseline:
-        from pruners.static_methods import export_baseline
+        from pruners.methods.static_methods import export_baseline
         path = export_baseline(loaded, baseline, Path(out_dir), calibration_set(cfg.calibration).texts,
                                cfg.calibration.max_tokens, gguf=gguf, vocab_gguf=vocab_gguf)
     else:
         from environments.session import build_engine
-        from pruners.export import export_pruned
+        from pruners.export.checkpoint import export_pruned
         path = export_pruned(loaded, build_engine(cfg, loaded, [target]), target, out_dir, gguf=gguf,
                              vocab_gguf=vocab_gguf)
     print(f"exported: {path}")

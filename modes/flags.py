@@ -271,7 +271,7 @@ FLAGS: tuple[Flag, ...] = (
          "never evaluation data", MODEL_MODES),
     Flag("--calibration-samples", _R + "calibration.samples", "calibration texts used at most", MODEL_MODES,
          type=int),
-    # ---- nested healing (--mode heal, pruners.healing)
+    # ---- nested healing (--mode heal, pruners.recovery.healing)
     Flag("--heal-out", _R + "heal.out_dir", "healed model folder (save_pretrained + elastic.pt sidecar + "
          "heal.json; the checkpoint lives there while healing); default: .cache/heal/<model>", (HEAL,), metavar="DIR"),
     Flag("--heal-dataset", _R + "heal.dataset", "prompts the dense model continues to make the distillation corpus: "

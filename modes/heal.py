@@ -1,4 +1,4 @@
-"""--mode heal: nested healing of the run's sub-networks (pruners.healing), saved as a loadable model folder.
+"""--mode heal: nested healing of the run's sub-networks (pruners.recovery.healing), saved as a loadable model folder.
 
 The folder (``--heal-out``, default ``.cache/heal/<model>``) is an ordinary ``save_pretrained`` model with its
 units in importance order (stock transformers loads it as the healed dense model) plus ``elastic.pt`` (order,
@@ -34,7 +34,7 @@ def run_heal(cfg: RunConfig, progress: bool = True) -> Path:
 
     from environments.session import action_space, build_engine
     from model_loader import load_model
-    from pruners.healing import CHECKPOINT, Healer, heal_corpora, kl_summary, save_healed
+    from pruners.recovery.healing import CHECKPOINT, Healer, heal_corpora, kl_summary, save_healed
     from reporting import provenance
     from reporting.tracking import log_heal_step, log_heal_validation, open_tracker
 

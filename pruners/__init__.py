@@ -1,12 +1,11 @@
 """Structured, reversible pruning of LLaMA-family models.
 
-Owns everything that scores, removes, compensates or exports units: the action space, the
-engine, the targets (``pruners.targets``: one class per unit kind, heads/FFN/layers/KV, owning its plan,
-cuts, cost, importance ladder, student view and export shapes), importance criteria (objects the engine
-takes; per-unit importances in ``pruners.criteria``), the unit mechanics (slicing, reorder, KV cache), how many units each
-layer keeps (allocation), training-free compensation, nested healing of the sub-networks (healing) and a
-healed model's sidecar (elastic), layer-by-layer calibration walks, masks, parameter budgets, the baselines'
-methods, unstructured references and export.
+Owns the action space, the engine (reversible prefix views) and its plans and costs; sub-packages own the
+rest: ``targets`` (one class per unit kind, heads/FFN/layers/KV, owning its plan, cuts, cost, importance
+ladder, student view and export shapes), ``units`` (slicing, reorder, KV-cache pruning, masks),
+``scoring`` (importance criteria as objects, the calibration pass, the per-prompt probe), ``recovery``
+(compensation, nested healing, elastic sidecars), ``methods`` (the static methods and references the
+controller is compared against) and ``export`` (Hugging Face folder, GGUF).
 May import: ``common`` only (and torch/transformers); never ``controller``, ``evaluation``,
 ``reporting`` or ``modes``.
 
@@ -25,9 +24,9 @@ from pruners.actions import (ACTION_SPACE, NONE, PRUNE_TARGETS, TARGETS, ActionS
                              build_action_space)
 
 _LAZY = {"DecodeCost": "pruners.cost", "MODES": "pruners.engine", "PruningEngine": "pruners.engine",
-         "IMPORTANCE": "pruners.importance", "Criterion": "pruners.importance",
-         "ImportanceScores": "pruners.importance", "KV_POLICIES": "pruners.kv_cache",
-         "KVCachePruner": "pruners.kv_cache", "ModelDims": "pruners.model_info", "PruningPlan": "pruners.plan",
+         "IMPORTANCE": "pruners.scoring.importance", "Criterion": "pruners.scoring.importance",
+         "ImportanceScores": "pruners.scoring.importance", "KV_POLICIES": "pruners.units.kv_cache",
+         "KVCachePruner": "pruners.units.kv_cache", "ModelDims": "pruners.model_info", "PruningPlan": "pruners.plan",
          "Target": "pruners.targets.base", "get_target": "pruners.targets"}
 
 

@@ -13,7 +13,7 @@ target for its plan, cuts, cost, compensation and how to apply it, and keeps onl
 Two choices shape the menu (issue 15): ``allocation`` ("uniform": the same share from every layer;
 "global": one standardised ranking across layers, ``pruners.allocation``) and ``recovery``
 ("compensate": FLAP bias for FFN/heads and a least-squares linear replacement of dropped layers,
-``pruners.compensation``), both fitted on ``calibration`` text and swapped in and out with the action.
+``pruners.recovery.compensation``), both fitted on ``calibration`` text and swapped in and out with the action.
 
 Build the engine after moving the model to its device: the cached views point at the storage
 the weights had at construction.
@@ -33,19 +33,19 @@ from common.calibration import CalibrationSet, calibration_set
 from common.config import CalibrationConfig
 from pruners.actions import NONE, PruningAction
 from pruners.allocation import check_allocation
-from pruners.calibration_pass import calibration_pass
-from pruners.compensation import (RIDGE, SINK_TOKENS, BiasSwap, InputMoments, MomentCollector, ReplacedRun, check_recovery,
+from pruners.scoring.calibration_pass import calibration_pass
+from pruners.recovery.compensation import (RIDGE, SINK_TOKENS, BiasSwap, InputMoments, MomentCollector, ReplacedRun, check_recovery,
                                   fit_replacements, input_moments, removed_mean_bias)
-from pruners.elastic import ElasticMenu
+from pruners.recovery.elastic import ElasticMenu
 from pruners.cost import DecodeCost, DecodeShape, decode_cost, ideal_speedup
-from pruners.importance import ActivationCollector, Criterion, ImportanceScores, get_importance, tokenize_calibration
-from pruners.kv_cache import KVCachePruner
-from pruners.layers import LayerDropper
-from pruners.masks import InputMasks
+from pruners.scoring.importance import ActivationCollector, Criterion, ImportanceScores, get_importance, tokenize_calibration
+from pruners.units.kv_cache import KVCachePruner
+from pruners.units.layers import LayerDropper
+from pruners.units.masks import InputMasks
 from pruners.model_info import ModelDims, decoder_layers
 from pruners.plan import PruningPlan
-from pruners.score_cache import cache_key, load_or_compute, weight_fingerprint
-from pruners.slicing import COLS, Cut, PrefixLinear
+from pruners.scoring.score_cache import cache_key, load_or_compute, weight_fingerprint
+from pruners.units.slicing import COLS, Cut, PrefixLinear
 from pruners.targets import all_targets, get_target
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class PruningEngine:
 
     mode: "structural" slices weights (real speedup); "mask" zeroes the same units with hooks
     (quality checks only, no speedup). Layer and KV actions are real in both modes.
-    importance: a criterion name from ``pruners.importance.IMPORTANCE`` ("activation", the default:
+    importance: a criterion name from ``pruners.scoring.importance.IMPORTANCE`` ("activation", the default:
     data-free "magnitude" ruins SmolLM2's FFN; "block_influence"; "taylor") or a ``Criterion``.
     calibration: texts that data-driven criteria and compensation read with ``tokenizer`` (None: the
     default ``common.calibration`` set, built-in prompts + Alpaca instructions).
@@ -66,7 +66,7 @@ class PruningEngine:
     capable; the CLI's RunConfig defaults to "global" / "compensate").
     cache_dir: folder for the score and compensation cache (default ``hub.cache_dir()/importance``).
     kv_*: policy, minimum prompt length and attention sinks of kv_cache actions.
-    menu: a healed model's ``pruners.elastic.ElasticMenu``: its units are already in the stored order, which
+    menu: a healed model's ``pruners.recovery.elastic.ElasticMenu``: its units are already in the stored order, which
     is used as it is (no scoring, no reorder), with the stored plans and compensation of every healed action
     (actions it lacks, or another allocation, are planned from the stored scores and moments).
     """

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pruners.actions import PruningAction
-from pruners.kv_cache import KVCachePruner
+from pruners.units.kv_cache import KVCachePruner
 from pruners.targets import get_target
 
 

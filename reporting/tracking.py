@@ -81,7 +81,7 @@ def log_episodes(tracker: Tracker, episodes: Iterable, prefix: str = "") -> None
 
 
 def log_heal_step(tracker: Tracker, record: dict) -> None:
-    """One heal step (``pruners.healing.Healer.step``'s record): the mean KL and each member's."""
+    """One heal step (``pruners.recovery.healing.Healer.step``'s record): the mean KL and each member's."""
     step = record["step"]
     tracker.scalar("heal/kl", record["kl"], step)
     for label, kl in record["members"].items():

@@ -3,7 +3,7 @@
 Why: single-stream decode is memory-bound, so the bytes of each weight bound its speed; int8 weights
 read a quarter of fp32's (issue 25: stock ``generate`` with int8 Linear weights decoded 1.6x faster
 than fp32 here, more than any pruning action). The dtype must compose with the engine's zero-copy
-prefix views (``pruners.slicing``): an action narrows each ``nn.Linear.weight`` to a prefix view and
+prefix views (``pruners.units.slicing``): an action narrows each ``nn.Linear.weight`` to a prefix view and
 restore puts the original Parameter back, so a quantized copy that replaced the weight would break both.
 
 How: ``apply_weight_dtype`` leaves every fp32 Parameter where it is (the engine keeps narrowing and

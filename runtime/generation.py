@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from pruners.kv_cache import KVCachePruner, record_attention
+from pruners.units.kv_cache import KVCachePruner, record_attention
 
 
 @dataclass

@@ -15,13 +15,13 @@ from reporting import summaries
 from controller.checkpointing import CheckpointError
 from common.config import BaselineConfig, CalibrationConfig, EvalConfig
 from evaluation.baselines import format_table, parse_unstructured, run_baselines, validate_config
-from pruners.param_budget import count_parameters, match_budget
+from pruners.methods.param_budget import count_parameters, match_budget
 from pruners import NONE, PruningAction
 from common.calibration import CALIBRATION_SENTENCES
-from pruners.importance import tokenize_calibration
-from pruners.static_methods import STRUCTURED_METHODS, build_engine, get_method
-from pruners.taylor import compute_taylor_scores
-from pruners.unstructured import PROJECTIONS, Sparsity, prune_mask, sparsegpt_prune, sparsified
+from pruners.scoring.importance import tokenize_calibration
+from pruners.methods.static_methods import STRUCTURED_METHODS, build_engine, get_method
+from pruners.scoring.taylor import compute_taylor_scores
+from pruners.methods.unstructured import PROJECTIONS, Sparsity, prune_mask, sparsegpt_prune, sparsified
 
 WIDTH_BUDGETS = (0.1, 0.3, 0.5)
 
@@ -159,7 +159,7 @@ def test_taylor_engine_orders_by_taylor_and_keeps_dense_outputs(tiny, ids, tmp_p
 def test_layer_by_layer_inputs_match_a_full_forward(tiny, calibration_ids):
     """Calibration runs each layer on the previous layer's outputs (linear in depth): the
     statistics must equal those hooked inside ordinary full-model forwards."""
-    from pruners.unstructured import INPUT_GROUPS, first_layer_inputs, layer_input_stats, next_layer_inputs
+    from pruners.methods.unstructured import INPUT_GROUPS, first_layer_inputs, layer_input_stats, next_layer_inputs
     layers = tiny.model.model.layers
     reference: dict[tuple[int, str], torch.Tensor] = {}
 

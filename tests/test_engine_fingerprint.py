@@ -25,9 +25,9 @@ import torch
 
 from common.calibration import CALIBRATION_SENTENCES
 from pruners import ACTION_SPACE, PruningEngine
-from pruners.export import ExportError, kept_shapes
-from pruners.healing import student_view
-from pruners.param_budget import WIDTH_AND_DEPTH_TARGETS, ladder_size
+from pruners.export.checkpoint import ExportError, kept_shapes
+from pruners.recovery.healing import student_view
+from pruners.methods.param_budget import WIDTH_AND_DEPTH_TARGETS, ladder_size
 from runtime.generation import generate
 
 EXPECTED = Path(__file__).parent / "data" / "engine_fingerprint.json"

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import model_loader
-from pruners.export import ExportError, PerLayerPlan, export_pruned, kept_shapes
+from pruners.export.checkpoint import ExportError, PerLayerPlan, export_pruned, kept_shapes
 from pruners import NONE, PruningAction, PruningEngine
 from common.calibration import CALIBRATION_SENTENCES
-from pruners.static_methods import export_baseline, parse_baseline
+from pruners.methods.static_methods import export_baseline, parse_baseline
 
 ACTIONS = ["attention_heads:0.5", "ffn_neurons:0.5", "transformer_layers:0.5", "ffn_neurons:0.3"]
 
@@ -177,7 +177,7 @@ def test_a_uniform_plan_of_the_default_engine_stays_a_stock_checkpoint(tiny, tmp
 
 def test_the_shipped_modeling_code_needs_nothing_from_this_project():
     import ast
-    import pruners.modeling_pruned_llama as remote
+    import pruners.export.modeling_pruned_llama as remote
     tree = ast.parse(Path(remote.__file__).read_text())
     imported = {n.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])}

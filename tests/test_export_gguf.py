@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from common.calibration import CALIBRATION_SENTENCES
 from pruners import PruningAction, PruningEngine
-from pruners.export import export_pruned
-from pruners.export_gguf import GGUFExportError, rope_permute
+from pruners.export.checkpoint import export_pruned
+from pruners.export.gguf import GGUFExportError, rope_permute
 
 
 @pytest.fixture

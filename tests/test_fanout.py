@@ -8,7 +8,7 @@ import pytest
 from common.config import CalibrationConfig, EnvConfig, RunConfig
 from common.data import load_prompts
 from environments.live import PruningEnvironment
-from environments.outcome_cache import OutcomeCache, engine_settings, precompute
+from environments.outcomes.cache import OutcomeCache, engine_settings, precompute
 from environments.session import action_space, build_engine
 from model_loader import load_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from runtime.generation import generate, prefill
-from pruners.kv_cache import KVCachePruner
+from pruners.units.kv_cache import KVCachePruner
 
 
 def _prompt(n: int, seed: int = 0) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_one_forward_scores_equal_prefill_then_cached_reference(tiny, action):
     """score_reference's single causal forward gives what a prefill + cached pass gives (the path generation
     takes), for the reference and for the prompt's last positions, dense and pruned; asking for prompt
     positions leaves the reference scores bit-identical (the live and offline environments must agree)."""
-    from environments.quality import score_reference
+    from environments.outcomes.quality import score_reference
     from pruners import PruningAction, PruningEngine
 
     g = torch.Generator().manual_seed(0)

@@ -16,8 +16,8 @@ from common.config import CalibrationConfig, HealConfig, RunConfig
 from common.data import data_root
 from environments.session import action_space, build_engine
 from pruners import NONE, PruningAction
-from pruners.elastic import HEAL_JSON, SIDECAR
-from pruners.healing import (CHECKPOINT, VALIDATION, Healer, heal_corpora, heal_prompts, load_corpus, mean_kl, pack,
+from pruners.recovery.elastic import HEAL_JSON, SIDECAR
+from pruners.recovery.healing import (CHECKPOINT, VALIDATION, Healer, heal_corpora, heal_prompts, load_corpus, mean_kl, pack,
                              sandwich, save_healed, student_view)
 
 HEAL = HealConfig(dataset="builtin", samples=6, new_tokens=12, steps=3, batch=2, seq_len=32, lr=1e-3,
@@ -275,7 +275,7 @@ def test_a_healed_model_reordered_by_another_engine_is_put_back_in_stored_order(
     with healer.engine.pruned(action):
         expected = logits_of(tiny.model, ids)
     reloaded = model_loader.load_model(str(folder), device="cpu")
-    from pruners.score_cache import weight_fingerprint
+    from pruners.scoring.score_cache import weight_fingerprint
     stored = weight_fingerprint(reloaded.model)
     PruningEngine(reloaded.model, importance="magnitude")          # reorders in place by another criterion
     assert weight_fingerprint(reloaded.model) != stored

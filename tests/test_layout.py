@@ -63,3 +63,23 @@ def test_the_config_module_imports_no_torch():
         n.split(".")[0] for node in ast.walk(ast.parse((ROOT / "common" / "config.py").read_text()))
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])}
+
+
+def package_folders() -> list[Path]:
+    """Every package and sub-package (a folder with an __init__.py) of the project."""
+    return [init.parent for package in PACKAGES for init in sorted((ROOT / package).rglob("__init__.py"))]
+
+
+def test_no_package_is_a_hall():
+    """A newcomer finds a concept by its package: none over 12 modules or about 2,500 lines (sub-packages counted
+    apart), none above a fifth of the code, and every sub-package says what it owns."""
+    sizes = {}
+    for folder in package_folders():
+        modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+        sizes[folder] = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in folder.glob("*.py"))
+        assert len(modules) <= 12, (folder, len(modules))
+        assert sizes[folder] <= 2700, (folder, sizes[folder])     # "about 2,500"
+        assert ast.get_docstring(ast.parse((folder / "__init__.py").read_text())), folder
+    total = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in project_modules())
+    assert all(n <= 0.2 * total for n in sizes.values()), {str(k.relative_to(ROOT)): round(n / total, 3)
+                                                           for k, n in sizes.items()}

@@ -69,7 +69,7 @@ def test_cached_outcomes_and_calibrations_are_read_back_unchanged(offline):
 def test_calibration_cache_key_names_the_telemetry_schema(offline, monkeypatch):
     """A hardware feature added to the state gives new calibrations, never ones recorded with the old vector."""
     from environments.precomputed import calibration_settings
-    from environments.outcome_cache import digest
+    from environments.outcomes.cache import digest
     from machine.telemetry import HardwareState
 
     s, _, _ = offline

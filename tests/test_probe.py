@@ -9,9 +9,9 @@ import torch
 from common.calibration import CALIBRATION_SENTENCES
 from environments.probe_features import feature_names, injected_error, probe_features
 from pruners import NONE, PruningAction, PruningEngine
-from pruners.compensation import SINK_TOKENS, layer_runs
+from pruners.recovery.compensation import SINK_TOKENS, layer_runs
 from pruners.model_info import decoder_layers
-from pruners.probe import FFN_INPUT, HEADS_INPUT, PrefillRecorder, select_units
+from pruners.scoring.probe import FFN_INPUT, HEADS_INPUT, PrefillRecorder, select_units
 from runtime.generation import generate
 
 ACTIONS = [PruningAction("ffn_neurons", 0.3), PruningAction("attention_heads", 0.5),

@@ -13,11 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from runtime.generation import generate, prefill
 from pruners import ACTION_SPACE, NONE, PruningAction
 from pruners.engine import PruningEngine
-from pruners.heads import allocate_group_removals
-from pruners.importance import IMPORTANCE, Criterion
-from pruners.kv_cache import KVCachePruner
+from pruners.units.heads import allocate_group_removals
+from pruners.scoring.importance import IMPORTANCE, Criterion
+from pruners.units.kv_cache import KVCachePruner
 from pruners.model_info import ModelDims
-from pruners.param_budget import count_parameters
+from pruners.methods.param_budget import count_parameters
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5)
 WIDTH_TARGETS = ("attention_heads", "ffn_neurons")

@@ -13,9 +13,9 @@ from common.config import CalibrationConfig
 from common.data import data_root
 from pruners import NONE, PruningAction, PruningEngine
 from pruners.allocation import global_kept, standardise
-from pruners.compensation import SINK_TOKENS, ReplacedRun, _affine_stats, fit_replacements, layer_runs, ridge_affine_map
-from pruners.importance import tokenize_calibration
-from pruners.layerwise import first_layer_inputs, hidden_of, run_layer
+from pruners.recovery.compensation import SINK_TOKENS, ReplacedRun, _affine_stats, fit_replacements, layer_runs, ridge_affine_map
+from pruners.scoring.importance import tokenize_calibration
+from pruners.methods.layerwise import first_layer_inputs, hidden_of, run_layer
 from pruners.model_info import decoder_layers
 
 TEXTS = list(CALIBRATION_SENTENCES[:6])
@@ -167,8 +167,8 @@ def test_one_calibration_pass_gives_the_scores_and_moments_of_two(tiny, tmp_path
     """Importance and compensation moments from one forward per calibration text (the moments of the model as
     loaded, permuted into the engine's unit order) equal two separate passes: the criterion on the model as
     loaded (exactly) and the moments on the reordered model (to float rounding)."""
-    from pruners.compensation import input_moments
-    from pruners.importance import get_importance
+    from pruners.recovery.compensation import input_moments
+    from pruners.scoring.importance import get_importance
 
     ids = tokenize_calibration(TEXTS, tiny.tokenizer, 64)
     original = copy.deepcopy(tiny.model)
@@ -246,7 +246,7 @@ def test_calibration_never_reads_evaluation_data(monkeypatch, tiny, tmp_path):
 def test_compensated_uniform_plans_export_to_stock_transformers_with_biases(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pruners.export import export_pruned
+    from pruners.export.checkpoint import export_pruned
     eng = engine(tiny, tmp_path, allocation="uniform")
     for action in (PruningAction("ffn_neurons", 0.5), PruningAction("attention_heads", 0.5)):
         out = export_pruned(tiny, eng, action, tmp_path / action.target)
@@ -259,7 +259,7 @@ def test_compensated_uniform_plans_export_to_stock_transformers_with_biases(tiny
 
 def test_plans_a_stock_config_cannot_hold_say_why_and_which_flags_give_one(tiny, tmp_path):
     """They are exported with the per-layer model (tests/test_export.py); the reason names the stock route."""
-    from pruners.export import PerLayerPlan, kept_shapes
+    from pruners.export.checkpoint import PerLayerPlan, kept_shapes
     eng = engine(tiny, tmp_path)
     with pytest.raises(PerLayerPlan, match="--recovery none"):
         kept_shapes(eng, PruningAction("transformer_layers", 0.3))
@@ -297,7 +297,7 @@ def test_recovery_bench_names_each_heal_run_and_keeps_the_training_free_cost_tab
     import json
 
     from bench.recovery import HEALED, healed_setting, markdown
-    from pruners.elastic import HEAL_JSON
+    from pruners.recovery.elastic import HEAL_JSON
     (tmp_path / HEAL_JSON).write_text(json.dumps({"steps": 200, "tokens": 102400}))
     name = healed_setting(str(tmp_path))
     assert name == f"{HEALED} (200 steps, 102400 tokens)"

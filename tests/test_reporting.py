@@ -111,7 +111,7 @@ def make_offline_metrics(rounds: int = 4, n_prompts: int = 6) -> dict:
     from environments.latency_calibration import SPLITS, CalibrationSet, LevelCalibration
     from machine.load_signals import hardware_feature_names
     from environments.precomputed import OfflineData, OfflineEnvironment, evaluate_offline
-    from environments.outcome_cache import ActionQuality, PromptOutcomes
+    from environments.outcomes.cache import ActionQuality, PromptOutcomes
     from environments.state import state_feature_names
     from modes.outputs import load_check, offline_record
     from nlp_analyzer import PromptFeatures

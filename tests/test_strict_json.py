@@ -16,11 +16,11 @@ from reporting.render import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 # json.dump(s) calls that are not results files, and why they may stay Python's default JSON.
 NOT_RESULTS = {
-    "pruners/score_cache.py": "hash input of a cache key",
-    "pruners/healing.py": "hash input of a cache key",
+    "pruners/scoring/score_cache.py": "hash input of a cache key",
+    "pruners/recovery/healing.py": "hash input of a cache key",
     "evaluation/lm_eval_tasks.py": "hash input of a derived task's file name",
     "reporting/render.py": "set membership and the report's markdown, not a file",
-    "environments/outcome_cache.py": "internal cache read back by this tool (a NaN outcome must round-trip)",
+    "environments/outcomes/cache.py": "internal cache read back by this tool (a NaN outcome must round-trip)",
     "environments/precomputed.py": "internal calibration cache read back by this tool",
     "controller/trainer.py": "episode history inside a torch checkpoint, read back by this tool",
     "runtime/openmp.py": "internal per-machine cache of the measured thread policy",

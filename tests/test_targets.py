@@ -11,10 +11,10 @@ import torch
 from common.calibration import CALIBRATION_SENTENCES
 from common.config import LEGACY_ENGINE, CalibrationConfig, EngineConfig, RunConfig
 from pruners import ACTION_SPACE, NONE, PruningAction, PruningEngine
-from pruners.criteria import Magnitude, Statistics, score_targets
-from pruners.ffn import ffn_kept
+from pruners.scoring.criteria import Magnitude, Statistics, score_targets
+from pruners.units.ffn import ffn_kept
 from pruners.plan import PruningPlan
-from pruners.score_cache import ImportanceScores
+from pruners.scoring.score_cache import ImportanceScores
 from pruners.targets import PRUNE_TARGETS, REGISTRY, all_targets, get_target
 from pruners.targets.ffn import FFNTarget
 
@@ -106,7 +106,7 @@ def test_importance_is_computed_per_target_and_stored_under_each_score_key(tiny)
 # ---- one EngineConfig -------------------------------------------------------------------------------
 
 # A checkpoint's "config" as the code before EngineConfig (1435c52) stored it: the engine settings flat
-# among the run's, and the outcome-cache key that code computed for it (environments.outcome_cache).
+# among the run's, and the outcome-cache key that code computed for it (environments.outcomes.cache).
 TODAY = {"mode": "train", "environment": "offline", "model": "tiny", "structural": False, "importance": "activation",
          "allocation": "uniform", "recovery": "compensate", "intensities": [0.3], "seed": 0,
          "targets": ["kv_cache", "attention_heads", "ffn_neurons", "transformer_layers"],
@@ -117,7 +117,7 @@ DEFAULT_OUTCOME_KEY = "65596dfd0fefbd179002bf69"  # RunConfig() on tiny/random, 
 
 
 def test_the_engine_fields_are_one_list_read_by_cache_key_checkpoint_and_test_mode():
-    from environments.outcome_cache import digest, engine_settings
+    from environments.outcomes.cache import digest, engine_settings
     from modes.test import config_from_checkpoint
     assert EngineConfig.names() == ("structural", "importance", "allocation", "recovery", "calibration")
     assert digest(engine_settings(RunConfig(), "tiny", "random")) == DEFAULT_OUTCOME_KEY   # old caches stay valid

@@ -16,7 +16,7 @@ from pruners.actions import PruningAction
 from pruners.cost import DecodeShape
 from pruners.model_info import ModelDims
 from pruners.plan import PruningPlan
-from pruners.slicing import Cut
+from pruners.units.slicing import Cut
 
 if TYPE_CHECKING:
     from pruners.engine import PruningEngine
@@ -27,7 +27,7 @@ class ExportError(ValueError):
 
 
 class PerLayerPlan(ExportError):
-    """A plan a stock config cannot hold: it is exported with the per-layer model (``pruners.export_hf``)."""
+    """A plan a stock config cannot hold: it is exported with the per-layer model (``pruners.export.per_layer``)."""
 
 
 class Target:
@@ -72,7 +72,7 @@ class Target:
         return shape
 
     def ladder_size(self, dims: ModelDims) -> int:
-        """Removal steps of the target: intensity k / size removes exactly k (``pruners.param_budget``)."""
+        """Removal steps of the target: intensity k / size removes exactly k (``pruners.methods.param_budget``)."""
         raise ValueError(f"target '{self.name}' removes no parameters")
 
     # ---------------------------------------------------------------- importance

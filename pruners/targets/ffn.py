@@ -1,4 +1,4 @@
-"""FFN channels: channel j is row j of gate/up and column j of down (``pruners.ffn``)."""
+"""FFN channels: channel j is row j of gate/up and column j of down (``pruners.units.ffn``)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -8,10 +8,10 @@ from torch import nn
 
 from pruners.actions import PruningAction
 from pruners.allocation import global_kept
-from pruners.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels
+from pruners.units.ffn import ffn_cuts, ffn_kept, reorder_ffn_channels
 from pruners.model_info import ModelDims
 from pruners.plan import PruningPlan
-from pruners.slicing import Cut
+from pruners.units.slicing import Cut
 from pruners.targets.base import PerLayerPlan
 from pruners.targets.width import WidthTarget, global_hint
 

@@ -1,4 +1,4 @@
-"""Attention heads, removed by whole KV groups (``pruners.heads``) so GQA shapes stay valid."""
+"""Attention heads, removed by whole KV groups (``pruners.units.heads``) so GQA shapes stay valid."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -8,10 +8,10 @@ from torch import nn
 
 from pruners.actions import PruningAction
 from pruners.allocation import global_kept
-from pruners.heads import allocate_group_removals, attention_cuts, groups_to_remove, o_proj_columns, reorder_kv_groups
+from pruners.units.heads import allocate_group_removals, attention_cuts, groups_to_remove, o_proj_columns, reorder_kv_groups
 from pruners.model_info import ModelDims
 from pruners.plan import PruningPlan
-from pruners.slicing import Cut
+from pruners.units.slicing import Cut
 from pruners.targets.base import PerLayerPlan
 from pruners.targets.width import WidthTarget, global_hint
 

@@ -1,4 +1,4 @@
-"""KV-cache entries: the cache is shortened after prefill (``pruners.kv_cache``); no weight changes."""
+"""KV-cache entries: the cache is shortened after prefill (``pruners.units.kv_cache``); no weight changes."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pruners.actions import PruningAction
 from pruners.cost import DecodeShape
-from pruners.kv_cache import KVCachePruner
+from pruners.units.kv_cache import KVCachePruner
 from pruners.model_info import ModelDims
 from pruners.plan import PruningPlan
 from pruners.targets.base import ExportError, Target

@@ -1,5 +1,5 @@
-"""Whole decoder layers: run fewer of them (``pruners.layers``), dropped runs optionally replaced by a fitted
-linear map (``pruners.compensation``)."""
+"""Whole decoder layers: run fewer of them (``pruners.units.layers``), dropped runs optionally replaced by a fitted
+linear map (``pruners.recovery.compensation``)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from pruners.actions import PruningAction
-from pruners.compensation import layer_runs
+from pruners.recovery.compensation import layer_runs
 from pruners.cost import DecodeShape
-from pruners.layers import contiguous_block_to_keep, layers_to_keep
+from pruners.units.layers import contiguous_block_to_keep, layers_to_keep
 from pruners.model_info import ModelDims
 from pruners.plan import PruningPlan
 from pruners.targets.base import PerLayerPlan, Target

@@ -18,7 +18,7 @@ from pruners.actions import PruningAction
 from pruners.cost import DecodeShape
 from pruners.model_info import ModelDims, decoder_layers
 from pruners.plan import PruningPlan
-from pruners.slicing import COLS, ROWS, Cut
+from pruners.units.slicing import COLS, ROWS, Cut
 from pruners.targets.base import Target
 
 if TYPE_CHECKING:

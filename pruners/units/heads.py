@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pruners.model_info import ModelDims
-from pruners.slicing import COLS, ROWS, Cut
+from pruners.units.slicing import COLS, ROWS, Cut
 
 
 def _group_index(order: torch.Tensor, width: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common.config import EngineConfig, RunConfig
 from common.data import Prompt
 from common.files import atomic_write_text
-from environments.quality import mean_kl, ppl_ratio, token_kl, token_nll
+from environments.outcomes.quality import mean_kl, ppl_ratio, token_kl, token_nll
 from pruners import PruningAction
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Seq
     """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks.
 
     ``executor="ray"``: the prompts to measure run as independent tasks on Ray actors built from ``cfg``
-    (``environments.fanout``); the cache is written here either way."""
+    (``environments.outcomes.fanout``); the cache is written here either way."""
     labels = {a.label for a in actions}
     result: dict[str, PromptOutcomes] = {}
     todo = []
@@ -144,7 +144,7 @@ def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Seq
         log.info("outcome cache: %d of %d prompts to measure (%d actions each) in %s",
                  len(todo), len(prompts), len(actions), cache.folder)
     if executor == "ray" and todo:
-        from environments.fanout import ray_measure
+        from environments.outcomes.fanout import ray_measure
         measured = ray_measure(cfg, todo, actions, prompt_kl_tokens, ray_address)
     else:
         measured = ((prompt, measure_prompt(env, prompt, actions, prompt_kl_tokens, known)) for prompt, known in todo)

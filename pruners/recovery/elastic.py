@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from common.files import atomic_write_bytes, atomic_write_text, strict_json
-from pruners.compensation import InputMoments
-from pruners.score_cache import ImportanceScores
+from pruners.recovery.compensation import InputMoments
+from pruners.scoring.score_cache import ImportanceScores
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def find_menu(folder: str | Path) -> ElasticMenu | None:
 def ensure_stored_order(model, menu: ElasticMenu) -> None:
     """Put the healed folder's weights back when another engine reordered the model in place (the baselines
     sweep scores its methods on the same model before a policy point): the menu is only valid in stored order."""
-    from pruners.score_cache import weight_fingerprint
+    from pruners.scoring.score_cache import weight_fingerprint
     expected = menu.info.get("fingerprint")   # of the float32 weights as saved
     if expected is None or next(model.parameters()).dtype != torch.float32 or weight_fingerprint(model) == expected:
         return

@@ -1,6 +1,6 @@
 """One forward pass over the calibration texts, shared by every statistic that reads it through hooks.
 
-Why: importance (``pruners.importance``) and the compensation moments (``pruners.compensation``) both
+Why: importance (``pruners.scoring.importance``) and the compensation moments (``pruners.recovery.compensation``) both
 watch the same projections on the same texts; two passes cost the same forward twice (about 1.5 min
 each on SmolLM2-135M over the default ~21k calibration tokens on this CPU). A collector registers its
 hooks on the decoder layers, is told when each text starts and ends, and keeps only sums.

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruners.layerwise import LayerInputs, first_layer_inputs, next_layer_inputs
+from pruners.methods.layerwise import LayerInputs, first_layer_inputs, next_layer_inputs
 from pruners.model_info import decoder_layers
 
 log = logging.getLogger(__name__)

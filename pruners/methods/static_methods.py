@@ -3,7 +3,7 @@
 Every baseline runs through the same PruningEngine as the policy (reorder once, prune a
 prefix), so it gets real slicing speedups and is scored by the same evaluation suite:
 
-| method      | criterion (pruners.importance.IMPORTANCE)                 | target             |
+| method      | criterion (pruners.scoring.importance.IMPORTANCE)                 | target             |
 |-------------|-----------------------------------------------------------|--------------------|
 | magnitude   | weight norms of each FFN channel                          | ffn_neurons        |
 | wanda-sp    | Wanda-style structured: sum |W_ij| * ||X_j|| per channel  | ffn_neurons        |
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruners.param_budget import BudgetMatch, match_budget
+from pruners.methods.param_budget import BudgetMatch, match_budget
 from pruners import PruningEngine
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StructuredMethod:
     name: str
-    importance: str   # a criterion name of pruners.importance.IMPORTANCE
+    importance: str   # a criterion name of pruners.scoring.importance.IMPORTANCE
     target: str
 
 
@@ -80,7 +80,7 @@ def resolve(engine: PruningEngine, method: StructuredMethod, budget: float) -> B
 def export_baseline(loaded, spec: str, out_dir: Path, calibration: Sequence[str], max_tokens: int = 256,
                     cache_dir: Path | None = None, gguf: bool = False, vocab_gguf: Path | None = None) -> Path:
     """Export the model a baseline ``METHOD@BUDGET`` prunes (see ``export.export_pruned``)."""
-    from pruners.export import export_pruned
+    from pruners.export.checkpoint import export_pruned
 
     method, budget = parse_baseline(spec)
     engine = build_engine(loaded, method, calibration, max_tokens, cache_dir)

@@ -10,7 +10,7 @@ over a calibration set (language-modelling loss, one sequence at a time):
 - layer: every projection weight of the block
 (each target's ``taylor``: width targets sum over the projections their cuts span).
 
-It is registered as the engine criterion ``"taylor"`` (``pruners.importance.IMPORTANCE``), so the
+It is registered as the engine criterion ``"taylor"`` (``pruners.scoring.importance.IMPORTANCE``), so the
 engine caches its scores on disk like every other criterion and a repeated sweep does not pay
 the backward passes again.
 """
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pruners.criteria import Statistics, Taylor, score_targets
+from pruners.scoring.criteria import Statistics, Taylor, score_targets
 from pruners.model_info import decoder_layers
-from pruners.score_cache import ImportanceScores
+from pruners.scoring.score_cache import ImportanceScores
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruners.calibration_pass import calibration_pass
-from pruners.layerwise import LayerInputs, first_layer_inputs, hidden_of, run_layer
+from pruners.scoring.calibration_pass import calibration_pass
+from pruners.methods.layerwise import LayerInputs, first_layer_inputs, hidden_of, run_layer
 from pruners.model_info import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class InputMoments:
 class TailSums:
     """Sums of x and x^2 of every ``BIAS_INPUTS`` projection's input, over the tokens after each text's
     ``SINK_TOKENS``: the means compensation adds back and the variances fluctuation importance ranks by
-    (``pruners.importance``). A ``calibration_pass`` collector; ``MomentCollector`` holds one, so a joint
+    (``pruners.scoring.importance``). A ``calibration_pass`` collector; ``MomentCollector`` holds one, so a joint
     pass sums them once."""
 
     def __init__(self) -> None:

@@ -12,8 +12,8 @@ A plan a stock config can hold (the same head count and FFN width in every layer
 for dropped layers) becomes a model of the source's class with the new ``num_hidden_layers``,
 ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` and an explicit ``head_dim``.
 Any other plan (``--allocation global``, ``--recovery compensate`` of dropped layers) is written by
-``pruners.export_hf`` as a ``PrunedLlamaForCausalLM``, whose per-layer config and modeling code
-travel in the folder. ``gguf=True`` also writes ``model.gguf`` for llama.cpp (``pruners.export_gguf``).
+``pruners.export.per_layer`` as a ``PrunedLlamaForCausalLM``, whose per-layer config and modeling code
+travel in the folder. ``gguf=True`` also writes ``model.gguf`` for llama.cpp (``pruners.export.gguf``).
 Tied embeddings stay tied; dropped layers are left out and the rest renumbered.
 """
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch
 import transformers
 
 from common.files import atomic_write_text, strict_json
-from pruners.export_gguf import check_writable, write_gguf
-from pruners.export_hf import per_layer_model
-from pruners.param_budget import count_parameters
+from pruners.export.gguf import check_writable, write_gguf
+from pruners.export.per_layer import per_layer_model
+from pruners.methods.param_budget import count_parameters
 from pruners import PruningAction, PruningEngine
-from pruners.slicing import ROWS
+from pruners.units.slicing import ROWS
 from pruners.targets import get_target
 from pruners.targets.base import ExportError, PerLayerPlan
 

@@ -3,7 +3,7 @@
 The model is read from what the engine runs with the action applied (its prefix views, compensation biases
 and ``ReplacedRun`` wrappers), not re-derived from the plan, so the export is the measured model whatever
 allocation, recovery or healed menu produced it. It is written as a ``PrunedLlamaForCausalLM``
-(``pruners.modeling_pruned_llama``, shipped in the folder as remote code): stock transformers loads it with
+(``pruners.export.modeling_pruned_llama``, shipped in the folder as remote code): stock transformers loads it with
 ``trust_remote_code=True``.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from pruners.actions import PruningAction
-from pruners.compensation import ReplacedRun
-from pruners.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from pruners.recovery.compensation import ReplacedRun
+from pruners.export.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 
 log = logging.getLogger(__name__)
 

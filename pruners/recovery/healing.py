@@ -13,7 +13,7 @@ The student's sub-networks are run exactly as the engine serves them, but differ
 the FLAP compensation bias as the same function of the weights the engine computes
 (``compensation.removed_mean_bias``); layer actions run the engine's layer drop with its replacement maps,
 which are trained too. So after healing a fresh engine on the saved weights (with the stored plans and maps,
-``pruners.elastic``) gives the healed sub-networks bit-for-bit.
+``pruners.recovery.elastic``) gives the healed sub-networks bit-for-bit.
 
 Data (``heal_prompts``): prompts only, continued by the dense model itself (data-free distillation); the
 same guard as calibration refuses evaluation sets. The prompts after the training ones are held out
@@ -45,12 +45,12 @@ from common.config import HealConfig
 from common.data import ALPACA_SUBSET, DataError, data_root, load_prompts
 from common.files import atomic_write_bytes
 from pruners.actions import NONE, PruningAction
-from pruners.compensation import removed_mean_bias
-from pruners.elastic import ElasticMenu
+from pruners.recovery.compensation import removed_mean_bias
+from pruners.recovery.elastic import ElasticMenu
 from pruners.engine import PruningEngine
 from pruners.model_info import decoder_layers
-from pruners.score_cache import weight_fingerprint
-from pruners.slicing import COLS
+from pruners.scoring.score_cache import weight_fingerprint
+from pruners.units.slicing import COLS
 from pruners.targets import all_targets, get_target
 
 log = logging.getLogger(__name__)

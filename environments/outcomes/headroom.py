@@ -2,7 +2,7 @@
 
 Why: the headroom report (``reporting.headroom``) asks how much any per-prompt policy could gain at equal
 compute, and how much of it each signal captures. That needs, per prompt: every action's outcome on the
-dense greedy reference (``environments.outcome_cache.measure_prompt``: log PPL ratio, token KL, and both
+dense greedy reference (``environments.outcomes.cache.measure_prompt``: log PPL ratio, token KL, and both
 on the reference's two halves for split-half reliability), the probe features of the very prefill that
 generated the reference (``environments.probe_features``), and the syntax features the state has today.
 One JSON file per prompt, keyed like the outcome cache, so a long run resumes where it stopped.
@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from common.data import Prompt
 from common.files import atomic_write_text
-from environments.outcome_cache import PromptOutcomes, digest, measure_prompt
+from environments.outcomes.cache import PromptOutcomes, digest, measure_prompt
 from environments.probe_features import probe_features
 from pruners import PruningAction
-from pruners.probe import PrefillRecorder
+from pruners.scoring.probe import PrefillRecorder
 
 log = logging.getLogger(__name__)
 

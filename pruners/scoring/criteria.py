@@ -3,7 +3,7 @@
 A target gives its ``magnitude`` and ``taylor`` formulas, its ``column_projection`` (whose input columns are
 its units) and ``units`` per layer, and whether its units are whole layers (``orders_layers``); the
 importances below need nothing else, so a new target is scored by every criterion without touching them.
-``pruners.importance`` combines them into the registered criteria.
+``pruners.scoring.importance`` combines them into the registered criteria.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruners.compensation import TailSums
+from pruners.recovery.compensation import TailSums
 from pruners.model_info import ModelDims, decoder_layers
-from pruners.score_cache import ImportanceScores
+from pruners.scoring.score_cache import ImportanceScores
 from pruners.targets import all_targets
 
 
@@ -78,7 +78,7 @@ class Activation(ColumnImportance):
 class Fluctuation(ColumnImportance):
     """FLAP: Var(X_j) * ||W_:,j||^2 per input column.
 
-    What a unit's removal leaves once its mean is compensated (``pruners.compensation``) is its
+    What a unit's removal leaves once its mean is compensated (``pruners.recovery.compensation``) is its
     fluctuation times its weights, so this is the criterion that matches ``--recovery compensate``.
     """
     name = "fluctuation"

@@ -17,7 +17,7 @@ Importances:
 - ``Fluctuation`` (FLAP): unit score = Var(X_j) * ||W_:,j||^2 (what is left after bias compensation removes
   the unit's mean contribution).
 - ``BlockInfluence`` (ShortGPT): layers by BI = 1 - mean cos(layer input, layer output) on calibration text.
-- ``Taylor`` (LLM-Pruner): first-order |W * dL/dW| summed per unit (``pruners.taylor``).
+- ``Taylor`` (LLM-Pruner): first-order |W * dL/dW| summed per unit (``pruners.scoring.taylor``).
 Criteria: magnitude; activation and fluctuation (their unit importance, layers by Block Influence);
 block_influence (layers by BI, units by magnitude); taylor.
 """
@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruners.calibration_pass import calibration_pass
-from pruners.compensation import TailSums
-from pruners.criteria import (Activation, Activations, BlockInfluence, Fluctuation, Magnitude, Statistics,
+from pruners.scoring.calibration_pass import calibration_pass
+from pruners.recovery.compensation import TailSums
+from pruners.scoring.criteria import (Activation, Activations, BlockInfluence, Fluctuation, Magnitude, Statistics,
                               score_targets)
 from pruners.model_info import decoder_layers
-from pruners.score_cache import ImportanceScores
+from pruners.scoring.score_cache import ImportanceScores
 from pruners.targets import all_targets
-from pruners.taylor import compute_taylor_scores
+from pruners.scoring.taylor import compute_taylor_scores
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pruners.compensation import SINK_TOKENS
+from pruners.recovery.compensation import SINK_TOKENS
 from pruners.model_info import ModelDims, decoder_layers
 
 FFN_INPUT, HEADS_INPUT = "mlp.down_proj", "self_attn.o_proj"

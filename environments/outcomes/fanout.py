@@ -16,7 +16,7 @@ from dataclasses import asdict
 from common import hub
 from common.config import RunConfig
 from common.data import Prompt
-from environments.outcome_cache import PromptOutcomes
+from environments.outcomes.cache import PromptOutcomes
 from pruners import PruningAction
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class OutcomeWorker:
         self.env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
 
     def measure(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int, known: dict | None) -> dict:
-        from environments.outcome_cache import measure_prompt
+        from environments.outcomes.cache import measure_prompt
         actions = [PruningAction.parse(label) for label in labels]
         outcomes = measure_prompt(self.env, prompt, actions, prompt_kl_tokens,
                                   PromptOutcomes.from_dict(known) if known else None)

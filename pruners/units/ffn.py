@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruners.slicing import COLS, ROWS, Cut
+from pruners.units.slicing import COLS, ROWS, Cut
 
 
 @torch.no_grad()
