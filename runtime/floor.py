@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.dtype import QuantizedHead, ShadowLinear
+from runtime.dtype import ShadowLinear
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,7 @@ def decode_matrices(model: nn.Module, cache_tokens: int) -> list[torch.Tensor]:
         kv_heads = getattr(layer, "layer", layer).self_attn.k_proj.weight.shape[0] // head_dim
         mats += [torch.randn(kv_heads * cache_tokens, head_dim) for _ in range(2)]
     head = model.lm_head
-    mats.append(torch.randint(-127, 128, head.weight.shape, dtype=torch.int8) if isinstance(head, QuantizedHead)
-                else _gap_free(head.weight.detach()))
+    mats.append(head.shadow_weight().contiguous() if isinstance(head, ShadowLinear) else _gap_free(head.weight.detach()))
     return mats
 
 

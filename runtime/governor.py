@@ -188,13 +188,13 @@ class ExecutionGovernor:
         return self._probe.read(start, self._probe.cpu_counters())
 
     def decide(self, hardware: HardwareState | LoadAwareHardware | None = None) -> RuntimeSetting:
-        """The thread count: the configured one ("fixed"); else, for the machine's state ("idle" | "busy"),
-        the fastest in a live check, else in the probe's priors; else torch's current one ("unmeasured":
-        no model to check, no probe, nothing read)."""
+        """The thread count: the configured one ("fixed"); torch's current one where the wait policy was set
+        by hand ("unmeasured": no rule, nothing read); else, for the machine's state ("idle" | "busy"), the
+        fastest in a live check, else in the probe's priors."""
         decoder = "compiled" if self.compiled else "eager"
         if self.config.threads:
             return RuntimeSetting(self.choice.policy, self.config.threads, "fixed", decoder, "fixed")
-        if self.choice.threads_idle is None and self._model is None:
+        if self.choice.threads_idle is None:    # a policy set by hand: the caller's thread count stands
             return RuntimeSetting(self.choice.policy, torch.get_num_threads(), "unmeasured", decoder, "unmeasured")
         state = self.machine_state(hardware)
         threads, basis = choose_threads(self.live(state), self.priors(state), torch.get_num_threads())

@@ -87,9 +87,10 @@ def test_shadow_dtypes_read_fewer_bytes(tiny):
     head = tiny.model.lm_head.weight.numel()
     assert weight_bytes(tiny.model) == 4 * (decoder + head)
     apply_weight_dtype(tiny.model, "int8")
-    assert weight_bytes(tiny.model) == decoder + head                  # the head too, through fbgemm
+    assert weight_bytes(tiny.model) == decoder + head                  # the tied head too (its own shadow)
     apply_weight_dtype(tiny.model, "bfloat16")                         # over another shadow: restores first
-    assert weight_bytes(tiny.model) == 2 * decoder + 4 * head
+    assert weight_bytes(tiny.model) == 2 * (decoder + head)
+    assert tiny.model.lm_head.weight is tiny.model.model.embed_tokens.weight   # still tied, still fp32
 
 
 def test_bad_dtype_names_the_flag():
