@@ -20,7 +20,7 @@ import signal
 from pathlib import Path
 
 from modes.flags import EXIT_USAGE, UsageError, baseline_config, build_parser, check_flags, \
-    eval_config, run_config
+    eval_config, run_config, serve_config
 
 log = logging.getLogger("adaptive_pruning")
 
@@ -71,6 +71,9 @@ def run(args) -> int:
     elif args.mode == "heal":
         from modes.heal import run_heal
         run_heal(cfg)
+    elif args.mode == "serve":
+        from modes.serve import run_serve
+        run_serve(cfg, serve_config(args))
     elif args.mode == "baselines":
         from modes.baselines import run_baselines
         run_baselines(cfg, baseline_config(args))

@@ -242,3 +242,31 @@ class RuntimeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SERVE_POLICIES = ("dense", "static:ACTION", "slack", "rule", "rule:DEPTH:ACTION", "CHECKPOINT")
+
+
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible server (serving/, --mode serve) and its queueing simulation (environments.serving).
+
+    The SLO is per token: token k of a request is due ``slo_ttft_ms + k * slo_tpot_ms`` after its arrival; a
+    request meets the SLO when every token does. Width actions (none, ffn_neurons) leave the KV cache's shape
+    alone and may change every decode step; head and layer actions shape the cache, so they change only when
+    the running batch is empty (docs/serving.md).
+    """
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8                  # rows decoded together (iteration-level batching)
+    max_queue: int = 64                 # waiting requests beyond which the server answers 429
+    policy: str = "slack"               # one of SERVE_POLICIES
+    actions: tuple[str, ...] = ("none", "ffn_neurons:0.2", "ffn_neurons:0.3", "ffn_neurons:0.4", "ffn_neurons:0.5")
+    slo_ttft_ms: float = 1500.0         # first token due this long after arrival
+    slo_tpot_ms: float = 150.0          # every further token this much later
+    max_tokens: int = 64                # a request without max_tokens gets this many at most
+    step_table: str | None = None       # measured step-time table (JSON); None: measured at start, cached
+    table_contexts: tuple[int, ...] = (128, 512)   # context buckets of the step-time table (tokens)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -13,15 +13,16 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, BaselineConfig, CalibrationConfig,
-                           EvalConfig, RunConfig)
+from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, SERVE_POLICIES, BaselineConfig,
+                           CalibrationConfig, EvalConfig, RunConfig, ServeConfig)
 
-MODES = ("train", "test", "eval", "report", "baselines", "export", "heal")
+MODES = ("train", "test", "eval", "report", "baselines", "export", "heal", "serve")
 TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL = "train", "test", "eval", "baselines", "export", "heal"
-MODEL_MODES = (TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL)
+SERVE = "serve"
+MODEL_MODES = (TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL, SERVE)
 LIVE, OFFLINE = ("live",), ("offline",)
 LM_EVAL_MODES = (TEST, EVAL, BASELINES)
-ENGINE_MODES = (TRAIN, TEST, EVAL, EXPORT, HEAL)   # build the run's own PruningEngine (baselines: each method's)
+ENGINE_MODES = (TRAIN, TEST, EVAL, EXPORT, HEAL, SERVE)   # build the run's own PruningEngine (baselines: each method's)
 EXIT_USAGE = 2
 
 
@@ -265,12 +266,28 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--export", "cli.export_dir", "folder for the pruned model (save_pretrained)", (EXPORT,), metavar="DIR"),
     Flag("--action", "cli.action", "TARGET:INTENSITY to export, e.g. ffn_neurons:0.5", (EXPORT,)),
     Flag("--baseline", "cli.baseline", "METHOD@BUDGET to export, e.g. taylor@0.3", (EXPORT,)),
+    # ---- the OpenAI-compatible server (--mode serve, serving/)
+    Flag("--host", "serve.host", "address to listen on", (SERVE,)),
+    Flag("--port", "serve.port", "port to listen on", (SERVE,), type=positive_int),
+    Flag("--max-batch", "serve.max_batch", "rows decoded together (continuous batching)", (SERVE,), type=positive_int),
+    Flag("--max-queue", "serve.max_queue", "waiting requests beyond which the server answers 429 with Retry-After",
+         (SERVE,), type=positive_int),
+    Flag("--serve-policy", "serve.policy", "who picks each step's action: " + " | ".join(SERVE_POLICIES) +
+         " (a serving checkpoint)", (SERVE,)),
+    Flag("--serve-actions", "serve.actions", "the menu of slack and learned policies (comma-separated; width "
+         "actions change per step, head/layer actions per batch)", (SERVE,), type=words),
+    Flag("--slo-ttft-ms", "serve.slo_ttft_ms", "SLO: first token due this long after arrival", (SERVE,), type=float),
+    Flag("--slo-tpot-ms", "serve.slo_tpot_ms", "SLO: each further token due this much later", (SERVE,), type=float),
+    Flag("--default-max-tokens", "serve.max_tokens", "max_tokens of a request that sets none", (SERVE,),
+         type=positive_int),
+    Flag("--step-table", "serve.step_table", "measured step-time table (JSON) for slack and learned policies "
+         "(default: measured at start, cached per machine)", (SERVE,)),
 )
 
 
 def _default(dest: str) -> Any:
     root, _, path = dest.partition(".")
-    obj: Any = {"run": RunConfig(), "eval": EvalConfig(), "baselines": BaselineConfig()}.get(root)
+    obj: Any = {"run": RunConfig(), "eval": EvalConfig(), "baselines": BaselineConfig(), "serve": ServeConfig()}.get(root)
     if obj is None:
         return None
     for part in path.split("."):
@@ -281,7 +298,7 @@ def _default(dest: str) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     """argparse defaults stay None, so a mode can tell an explicit flag from a default (and refuse it)."""
     p = argparse.ArgumentParser(prog="adaptive_pruning.py",
-                                description="Runtime-adaptive pruning via RL: train, test, evaluate and report.",
+                                description="Runtime-adaptive pruning via RL: train, test, evaluate, report and serve.",
                                 epilog="Each flag lists the modes where it has an effect; others refuse it.")
     p.add_argument("--mode", required=True, choices=MODES, help="what to run")
     p.add_argument("run_dirs", nargs="*", help="report mode: run folder(s); several write a comparison")
@@ -394,6 +411,10 @@ def baseline_config(args: argparse.Namespace) -> BaselineConfig:
     unstructured = () if cfg.unstructured == ("none",) else cfg.unstructured
     return dataclasses.replace(cfg, unstructured=unstructured, policies=tuple(args.policy or ()), eval=evaluation,
                                calibration=calibration_config(args))
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    return _filled("serve", ServeConfig(), args)
 
 
 def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
