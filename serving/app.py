@@ -122,14 +122,25 @@ def build_app(ctx: ServingContext) -> FastAPI:
                               headers={"Retry-After": str(err.retry_after_s)}) from err
         except Draining as err:
             raise OpenAIError(503, str(err), kind="server_error", code="draining") from err
+        watcher = asyncio.create_task(_watch(request, job))
+        streaming = False
+        try:
+            response = await _answer(request, body, job, ids, kind, Detokenizer(ctx.tokenizer, body.stops), watcher)
+            streaming = isinstance(response, StreamingResponse)
+            return response
+        finally:
+            if not streaming:       # a stream's generator stops its watcher when it ends
+                watcher.cancel()
+
+    async def _answer(request: Request, body, job: ServeRequest, ids: list[int], kind: str, text: Detokenizer,
+                      watcher: asyncio.Task) -> Response:
         rid = new_id("chatcmpl" if kind.startswith("chat") else "cmpl")
         model = body.model
-        text = Detokenizer(ctx.tokenizer, body.stops)
         if body.stream:
-            return await _stream(request, job, text, rid, model, kind, body)
+            return await _stream(request, job, text, rid, model, kind, body, watcher)
         actions, finish = [], None
         while finish is None:
-            event = await _next(request, job)
+            event = await _next(job)
             if event is None:
                 return Response(status_code=499)
             if isinstance(event, ErrorEvent):
@@ -147,9 +158,9 @@ def build_app(ctx: ServingContext) -> FastAPI:
         return JSONResponse(payload, headers={"X-Pruning-Action": ",".join(payload["pruning"]["actions"])})
 
     async def _stream(request: Request, job: ServeRequest, text: Detokenizer, rid: str, model: str, kind: str,
-                      body) -> Response:
+                      body, watcher: asyncio.Task) -> Response:
         chunk_kind = "chat.completion.chunk" if kind.startswith("chat") else kind
-        first = await _next(request, job)
+        first = await _next(job)
         if first is None:
             return Response(status_code=499)
         if isinstance(first, ErrorEvent):
@@ -186,21 +197,26 @@ def build_app(ctx: ServingContext) -> FastAPI:
                             yield sse(tail)
                         yield sse("[DONE]")
                         return
-                    event = await job.events.get()
+                    event = await _next(job)
+                    if event is None:
+                        return
             finally:
                 job.cancel()     # a client that left (or a finished request): the slot is free either way
+                watcher.cancel()
 
         headers = {"X-Pruning-Action": first.action if isinstance(first, TokenEvent) else ""}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    async def _next(request: Request, job: ServeRequest):
-        """The request's next event; None (and the request cancelled) when the client went away."""
-        while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return None
+    async def _next(job: ServeRequest):
+        """The request's next event; None when its client went away (the request is cancelled then)."""
+        event = await job.events.get()
+        return None if isinstance(event, DoneEvent) and event.finish_reason == "cancelled" else event
+
+    async def _watch(request: Request, job: ServeRequest) -> None:
+        """Cancel the request as soon as its client disconnects: the scheduler frees the slot before its next
+        step (or drops it from the queue) and answers with a cancelled event."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        job.cancel()
 
     return app

@@ -182,13 +182,12 @@ class Scheduler:
                 self._wake.wait()
             if self._closing and not self._waiting and not len(self.batch):
                 return None
-            while self._waiting and self._waiting[0].cancelled:
-                self._waiting.popleft()
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                request.emit(DoneEvent("cancelled"))
             admitted = []
             while self._waiting and len(self.batch) + len(admitted) < self.cfg.max_batch:
-                request = self._waiting.popleft()
-                if not request.cancelled:
-                    admitted.append(request)
+                admitted.append(self._waiting.popleft())
             self.metrics.queue.set(len(self._waiting))
             return admitted
 
