@@ -185,7 +185,7 @@ def build_app(ctx: ServingContext) -> FastAPI:
                         if text.stopped:
                             job.cancel()
                             finish = "stop"
-                    if piece or finish or not opened:
+                    if isinstance(event, TokenEvent) or finish:    # one chunk per token: clients time each
                         yield sse(chunk_body(chunk_kind, rid, model, piece, finish, action, first=not opened))
                         opened = True
                     if finish:

@@ -171,26 +171,31 @@ def test_a_full_queue_answers_429_with_retry_after(tiny):
     assert refused.json()["error"]["type"] == "rate_limit_error"
 
 
-@pytest.mark.parametrize("body,param", [
+BAD_REQUESTS = [
     (b"{not json", None),
     (json.dumps({"model": "gpt-4", "prompt": "hi"}).encode(), "model"),
     (json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 0}).encode(), "max_tokens"),
     (json.dumps({"model": "tiny", "prompt": "hi", "n": 2}).encode(), "n"),
+    (json.dumps({"model": "tiny", "prompt": "hi", "temperature": 5}).encode(), "temperature"),
     (json.dumps({"model": "tiny", "prompt": "hi", "frobnicate": 1}).encode(), "frobnicate"),
     (json.dumps({"model": "tiny"}).encode(), "prompt"),
     (json.dumps({"model": "tiny", "prompt": "word " * 600}).encode(), "prompt"),
-])
-def test_bad_requests_get_openai_style_400s(tiny, body, param):
+]
+
+
+def test_bad_requests_get_openai_style_400s(tiny):
     with live_server(tiny) as (server, url):
-        answer = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
-        assert answer.status_code == 400, answer.text
-        error = answer.json()["error"]
-        assert error["type"] == "invalid_request_error" and error["message"]
-        assert error["param"] == param
-        assert server.context.scheduler.queued == 0
-        if param == "model":
-            with pytest.raises(openai.BadRequestError, match="does not exist"):
-                client(url).completions.create(model="gpt-4", prompt="hi")
+        for body, param in BAD_REQUESTS:
+            answer = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 400, (body, answer.text)
+            error = answer.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["message"], body
+            assert error["param"] == param, (body, error)
+        chat = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": []})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+        with pytest.raises(openai.BadRequestError, match="does not exist"):
+            client(url).completions.create(model="gpt-4", prompt="hi")
+        assert server.context.scheduler.queued == 0 and len(server.context.scheduler.batch) == 0
 
 
 def test_a_client_that_disconnects_frees_its_slot(tiny):
