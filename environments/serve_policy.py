@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from typing import Protocol
 
+from common.config import ServeConfig
 from environments.step_table import StepTable
 from pruners.actions import NONE, PruningAction
 
@@ -45,6 +46,49 @@ class ServeState:
 
 
 STATE_SIZE = len(ServeState(0, 0, 0.0, 0, 0.0, 1.0).vector())
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What the observation reads of one request."""
+    arrival: float
+    prompt_tokens: int
+    max_tokens: int
+    produced: int            # tokens already sent
+
+
+def observe(now: float, running: Sequence[Pending], admitted: Sequence[Pending], waiting: Sequence[Pending],
+            cfg: ServeConfig, table: StepTable | None, label: str, context: int, arrival_rate: float,
+            slowdown: float) -> ServeState:
+    """The state before a step, identical in the live scheduler and the simulator.
+
+    Slack: the tightest of every batched row's next deadline (an admitted row's second token, after the
+    admitted prompts' predicted prefill) and of every waiting request's first-token deadline, less the prefills
+    ahead of it, spread over the steps until a slot frees for it. (Only the oldest waiting request, SuperServe's rule, saw the backlog too
+    late: on a synthetic table it tied dense at 1.5x dense's capacity where a static smaller action met every SLO.)
+    """
+    def due(p: Pending, k: int) -> float:
+        return p.arrival + (cfg.slo_ttft_ms + k * cfg.slo_tpot_ms) / 1000
+
+    prefill_s = sum(table.prefill_time(label, p.prompt_tokens) for p in admitted) if table is not None else 0.0
+    rows = [*running, *admitted]
+    slack = min((due(p, max(p.produced, 1)) - now - prefill_s for p in rows), default=math.inf)
+    if waiting:
+        # waiting request j starts when the (j+1)-th slot frees: running rows free theirs as they finish, later
+        # slots after whole generations of the requests admitted before it; its first-token budget is spread
+        # over the steps until then (one step per token of every batch it waits behind)
+        free = sorted(p.max_tokens - p.produced for p in rows) if len(rows) >= cfg.max_batch else []
+        free = [0] * (cfg.max_batch - len(rows)) + free
+        mean_new = sum(p.max_tokens for p in waiting) / len(waiting)
+        each_prefill = table.prefill_time(label, round(sum(p.prompt_tokens for p in waiting) / len(waiting))) \
+            if table is not None else 0.0
+        for j, p in enumerate(waiting):
+            steps = free[j % cfg.max_batch] + (j // cfg.max_batch) * mean_new
+            slack = min(slack, (due(p, 0) - now - prefill_s - (j + 1) * each_prefill) / (steps + 1))
+    context = max(context, *(p.prompt_tokens for p in admitted), 0) + 1
+    mean_prompt = sum(p.prompt_tokens for p in waiting) / len(waiting) if waiting else 0.0
+    return ServeState(queue=len(waiting), batch=len(rows), slack_s=slack, context=context, arrival_rate=arrival_rate,
+                      slowdown=slowdown, waiting_prompt_tokens=mean_prompt)
 
 
 class ServePolicy(Protocol):

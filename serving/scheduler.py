@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from common.config import ServeConfig
-from environments.serve_policy import ServePolicy, ServeState, cache_signature
+from environments.serve_policy import Pending, ServePolicy, ServeState, cache_signature, observe
 from environments.step_table import StepTable
 from pruners.actions import PruningAction
 from runtime.generation import prefill
@@ -264,20 +264,11 @@ class Scheduler:
         now = self.clock()
         while self._arrivals and self._arrivals[0] < now - RATE_WINDOW_S:
             self._arrivals.popleft()
-        rows = [*self.batch.rows, *admitted]
-        prefill_s = 0.0
-        if self.table is not None and admitted:
-            label = self.engine.current_action.label
-            prefill_s = sum(self.table.prefill_time(label, len(r.prompt_ids)) for r in admitted)
-        # the next step produces token len(tokens) of a running row, token 1 of an admitted one
-        slack = min((r.due(max(len(r.tokens), 1), self.cfg) - now - prefill_s for r in rows), default=math.inf)
-        waiting = list(itertools.islice(self._waiting, 64))
-        if waiting and len(rows) >= self.cfg.max_batch:
-            # the oldest waiting request starts when the first row finishes: its time per step until then
-            steps = min(r.max_tokens - len(r.tokens) for r in self.batch.rows) if len(self.batch) else 1
-            slack = min(slack, (waiting[0].due(0, self.cfg) - now) / (steps + 1))
-        context = max(self.batch.context, *(len(r.prompt_ids) for r in admitted), 0) + 1
-        return ServeState(queue=len(self._waiting), batch=len(rows), slack_s=slack, context=context,
-                          arrival_rate=len(self._arrivals) / RATE_WINDOW_S, slowdown=self._slowdown,
-                          waiting_prompt_tokens=(sum(len(r.prompt_ids) for r in waiting) / len(waiting)
-                                                 if waiting else 0.0))
+        return observe(now, [_pending(r) for r in self.batch.rows], [_pending(r) for r in admitted],
+                       [_pending(r) for r in itertools.islice(self._waiting, 64)], self.cfg, self.table,
+                       self.engine.current_action.label, self.batch.context, len(self._arrivals) / RATE_WINDOW_S,
+                       self._slowdown)
+
+
+def _pending(request: ServeRequest) -> Pending:
+    return Pending(request.arrival, len(request.prompt_ids), request.max_tokens, len(request.tokens))
