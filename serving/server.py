@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
 from common.config import RunConfig, ServeConfig
+from controller.serving import load_serving_policy
 from environments.serve_policy import ServePolicy, parse_policy, policy_actions
 from environments.session import build_engine
 from environments.step_table import StepTable
@@ -54,6 +56,12 @@ def open_server(run: RunConfig, cfg: ServeConfig, loaded: LoadedModel | None = N
     menu = serve_menu(cfg)
     table = StepTable.load(cfg.step_table) if cfg.step_table else None
     policy = parse_policy(cfg.policy, table) if table is not None or not needs_table(cfg.policy) else None
+    if policy is None and cfg.policy.endswith(".pt"):
+        policy = load_serving_policy(Path(cfg.policy))
+        menu = policy.menu                      # the actions it learned, whatever --serve-actions says
+    if policy is None and cfg.policy != "slack":
+        raise ValueError(f"--serve-policy {cfg.policy}: choose dense, static:ACTION, slack, rule:DEPTH:ACTION or a "
+                         "serving checkpoint (.pt, from bench/serve_study.py --stage train)")
     loaded = loaded or load_model(run.model, device=run.device)
     actions = policy_actions(policy, menu) if policy is not None else menu
     engine = build_engine(run, loaded, actions)
@@ -62,8 +70,8 @@ def open_server(run: RunConfig, cfg: ServeConfig, loaded: LoadedModel | None = N
         table = cached_step_table(loaded.model, engine, loaded.name, menu, table_batches(cfg.max_batch), contexts,
                                   vocab=int(loaded.model.config.vocab_size),
                                   engine_key={k: getattr(run, k) for k in ("importance", "allocation", "recovery")})
-    if policy is None:
-        policy = parse_policy(cfg.policy, table) or _checkpoint_policy(cfg.policy, table, menu)
+    if policy is None:                          # slack, on the table just measured
+        policy = parse_policy(cfg.policy, table)
     missing = [a.label for a in actions if table is not None and a.label not in table.actions]
     if missing:
         raise ValueError(f"--step-table {cfg.step_table} lacks action(s) {', '.join(missing)}: measure it with the "
@@ -78,11 +86,6 @@ def open_server(run: RunConfig, cfg: ServeConfig, loaded: LoadedModel | None = N
     log.info("serving %s with policy %s over %s (max batch %d, queue %d)", loaded.name, policy.name,
              ", ".join(a.label for a in actions), cfg.max_batch, cfg.max_queue)
     return Server(build_app(context), context, loaded, engine, table, policy)
-
-
-def _checkpoint_policy(path: str, table: StepTable | None, menu: list[PruningAction]) -> ServePolicy:
-    raise ValueError(f"--serve-policy {path}: not dense, static:ACTION, slack or rule:DEPTH:ACTION, and no "
-                     "serving checkpoint is readable yet (train one with bench/serve_study.py)")
 
 
 def run_server(server: Server, cfg: ServeConfig) -> None:

@@ -130,3 +130,33 @@ def test_rule_and_policy_parsing():
         with pytest.raises(ValueError, match="--serve-policy"):
             parse_policy(bad, None)
     assert math.isinf(observe(0.0, [], [], [], ServeConfig(), None, "none", 0, 0.0, 1.0).slack_s)
+
+
+def test_a_serving_dqn_trains_in_the_simulator_saves_loads_and_decides_among_allowed_actions(tmp_path):
+    import torch
+
+    from common.config import DQNConfig
+    from controller.serving import QServePolicy, ServeReward, load_serving_policy, save_serving_policy, \
+        train_serving_policy
+
+    cfg = ServeConfig(max_batch=4, slo_ttft_ms=2000, slo_tpot_ms=40)
+    menu = [NONE, FFN]
+    traces = [[SimRequest(i * gap, 64, 8) for i in range(12)] for gap in (0.1, 0.5)]
+    reward = ServeReward({"none": 0.0, "ffn_neurons:0.5": 0.5}, output_tokens=8)
+    dqn = DQNConfig(gamma=0.9, learning_starts=16, batch_size=16, gradient_steps=1, seed=0)
+    agent = train_serving_policy(ServingSimulator(TABLE, cfg), traces, menu, reward, dqn)
+    assert agent.steps > 20 and agent.updates > 0
+    save_serving_policy(tmp_path / "p.pt", agent, menu, cfg, reward, dqn)
+    policy = load_serving_policy(tmp_path / "p.pt")
+    assert isinstance(policy, QServePolicy) and policy.menu == menu
+    state = observe(0.0, [Pending(0.0, 64, 8, 2)], [], [], cfg, TABLE, "none", 64, 1.0, 1.0)
+    assert policy.decide(state, [FFN]) == FFN                         # only what the batch's cache allows
+    started = time.perf_counter()
+    for _ in range(200):
+        policy.decide(state, menu)
+    # well under one decode step even on this shared machine; bench/serve_study.py --stage overhead reports the
+    # server's own decision-time histogram (< 1 ms per step is the target)
+    assert (time.perf_counter() - started) / 200 < 5e-3
+    torch.save({"not": "a serving policy"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a serving policy"):
+        load_serving_policy(tmp_path / "other.pt")
