@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=180.0, help="seconds of arrivals per simulated trace")
     p.add_argument("--train-seeds", type=int, default=3)
     p.add_argument("--test-seeds", type=int, default=5)
+    p.add_argument("--contexts", default="64,128", help="table stage: context buckets (the study's chat prompts "
+                   "plus 32 tokens stay under 128)")
+    p.add_argument("--rounds", type=int, default=4, help="table stage: interleaved rounds per cell")
     p.add_argument("--train-duration", type=float, default=60.0, help="seconds of arrivals per training trace")
     p.add_argument("--epochs", type=int, default=2, help="passes of the DQN over the training traces")
     p.add_argument("--live-duration", type=float, default=60.0)
@@ -88,10 +91,13 @@ def serve_config(args) -> ServeConfig:
 def open_model(args):
     from environments.session import build_engine
     from model_loader import load_model
+    from runtime.governor import ExecutionGovernor
 
     run = RunConfig(model=args.model)
     run = replace(run, calibration=replace(run.calibration, samples=args.calibration_samples))
     loaded = load_model(run.model, device="cpu")
+    setting = ExecutionGovernor().govern()     # the measured thread rule: 2 threads on a loaded 2-core box collapse
+    log.info("runtime %s (%s)", setting.label, setting.state)
     engine = build_engine(run, loaded, [PruningAction.parse(a) for a in MENU])
     return run, loaded, engine
 
@@ -101,12 +107,12 @@ def stage_table(args) -> dict:
 
     _run, loaded, engine = open_model(args)
     table = measure_step_table(loaded.model, engine, [PruningAction.parse(a) for a in MENU],
-                               table_batches(args.max_batch), ServeConfig().table_contexts,
-                               vocab=int(loaded.model.config.vocab_size))
+                               table_batches(args.max_batch), tuple(int(c) for c in args.contexts.split(",")),
+                               vocab=int(loaded.model.config.vocab_size), rounds=args.rounds)
     table.meta.update(model=loaded.name, load_average=os.getloadavg(), switch_s=switch_time(engine))
     table.save(args.out_dir / "step_table.json")
     rows = {label: {f"b{b}": round(table.step_s(label, b, 100) * 1000, 1) for b in table.batches} for label in MENU}
-    return {"switch_us": table.meta["switch_s"] * 1e6, "decode_ms_at_128_context": rows, "prefill_ms": {k: [round(v * 1000, 1) for v in vs]
+    return {"switch_us": table.meta["switch_s"] * 1e6, "decode_ms_at_100_context": rows, "prefill_ms": {k: [round(v * 1000, 1) for v in vs]
                                                               for k, vs in table.prefill_s.items()},
             "load_average": os.getloadavg()}
 

@@ -15,6 +15,7 @@ from environments.session import build_engine
 from environments.step_table import StepTable
 from model_loader import EMBEDDED_NAME, LoadedModel, load_model
 from pruners.actions import PruningAction
+from runtime.governor import ExecutionGovernor
 from serving.app import ServingContext, build_app
 from serving.metrics import ServerMetrics
 from serving.scheduler import Scheduler
@@ -63,6 +64,9 @@ def open_server(run: RunConfig, cfg: ServeConfig, loaded: LoadedModel | None = N
         raise ValueError(f"--serve-policy {cfg.policy}: choose dense, static:ACTION, slack, rule:DEPTH:ACTION or a "
                          "serving checkpoint (.pt, from bench/serve_study.py --stage train)")
     loaded = loaded or load_model(run.model, device=run.device)
+    setting = ExecutionGovernor(device=next(loaded.model.parameters()).device).govern()
+    log.info("runtime: %s (%s machine at start; the measured thread rule of runtime.openmp)", setting.label,
+             setting.state)
     actions = policy_actions(policy, menu) if policy is not None else menu
     engine = build_engine(run, loaded, actions)
     if table is None and needs_table(cfg.policy):

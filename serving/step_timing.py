@@ -1,8 +1,9 @@
 """Measure the step-time table the slack policy and the queueing simulator read.
 
-Per action and context bucket: one prompt of that length is prefilled (timed), its cache copied into a
-batch of each size, and a few decode steps timed (median). Measured with the scheduler's own batch code,
-so the table predicts the server's steps, not stock ``generate``'s.
+Per context bucket: one prompt of that length is prefilled under every action (timed), each cache copied
+into a batch of each size, and decode steps timed in interleaved rounds over the actions (medians).
+Measured with the scheduler's own batch code, so the table predicts the server's steps, not stock
+``generate``'s.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from serving.batch import RunningBatch
 
 log = logging.getLogger(__name__)
 
-STEPS = 4      # timed decode steps per cell (median); one untimed step first warms the shapes
+ROUNDS = 6     # interleaved rounds: each round times one step of every action in turn (medians over rounds)
 
 
 def table_batches(max_batch: int) -> tuple[int, ...]:
@@ -41,36 +42,49 @@ def table_batches(max_batch: int) -> tuple[int, ...]:
 
 @torch.inference_mode()
 def measure_step_table(model, engine, actions: Sequence[PruningAction], batches: Sequence[int],
-                       contexts: Sequence[int], vocab: int, seed: int = 0) -> StepTable:
+                       contexts: Sequence[int], vocab: int, seed: int = 0, rounds: int = ROUNDS) -> StepTable:
+    """Interleaved (A B C ... A B C ...) so that a slow moment of a shared machine falls on every action alike."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    decode: dict[str, list[list[float]]] = {}
-    prefills: dict[str, list[float]] = {}
-    cells = [(a, c) for a in actions for c in contexts]
-    for action, context in tqdm(cells, desc="step-time table", unit="cell"):
+    labels = [a.label for a in actions]
+    decode = {label: [[0.0] * len(contexts) for _ in batches] for label in labels}
+    prefills = {label: [0.0] * len(contexts) for label in labels}
+    progress = tqdm(total=len(contexts) * (rounds + len(batches) * (rounds + 1)), desc="step-time table", unit="round")
+    for j, context in enumerate(contexts):
         ids = torch.randint(3, vocab, (1, context), generator=generator).to(device)
-        with engine.pruned(action):
-            prefill(model, ids)                       # warm-up
-            started = time.perf_counter()
-            pre = prefill(model, ids)
-            prefills.setdefault(action.label, []).append(time.perf_counter() - started)
-            column = []
-            for size in batches:
-                batch = RunningBatch()
+        pre, times = {}, {label: [] for label in labels}
+        for _ in range(rounds):
+            for action in actions:
+                engine.apply(action)
+                started = time.perf_counter()
+                pre[action.label] = prefill(model, ids)
+                times[action.label].append(time.perf_counter() - started)
+            progress.update()
+        for label in labels:
+            prefills[label][j] = statistics.median(times[label])
+        for i, size in enumerate(batches):
+            running = {}
+            for action in actions:
+                running[action.label] = RunningBatch()
                 for row in range(size):
-                    batch.join(row, _copy(pre), context, 5)
-                times = []
-                for _ in range(STEPS + 1):
+                    running[action.label].join(row, _copy(pre[action.label]), context, 5)
+            times = {label: [] for label in labels}
+            for _ in range(rounds + 1):
+                for action in actions:
+                    engine.apply(action)
+                    batch = running[action.label]
                     started = time.perf_counter()
                     logits = batch.step(model)
                     batch.advance(logits.argmax(-1).tolist())
-                    times.append(time.perf_counter() - started)
-                column.append(statistics.median(times[1:]))
-            decode.setdefault(action.label, []).append(column)
-    grid = {label: [list(row) for row in zip(*columns)] for label, columns in decode.items()}   # [batch][context]
+                    times[action.label].append(time.perf_counter() - started)
+                progress.update()
+            for label in labels:
+                decode[label][i][j] = statistics.median(times[label][1:])     # the first round warms the shapes
+    engine.restore()
+    progress.close()
     meta = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "threads": torch.get_num_threads(), "steps_per_cell": STEPS}
-    return StepTable(tuple(a.label for a in actions), tuple(batches), tuple(contexts), grid, prefills, meta)
+            "threads": torch.get_num_threads(), "rounds": rounds}
+    return StepTable(tuple(labels), tuple(batches), tuple(contexts), decode, prefills, meta)
 
 
 def _copy(pre):
