@@ -65,8 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prompts", type=int, default=48, help="Alpaca prompts (half fit, half test)")
     p.add_argument("--output-tokens", type=int, default=32)
-    p.add_argument("--slo-ttft-ms", type=float, default=ServeConfig().slo_ttft_ms)
-    p.add_argument("--slo-tpot-ms", type=float, default=ServeConfig().slo_tpot_ms)
+    p.add_argument("--slo-ttft-ms", type=float, help="default: from the table, 2 x max-batch x the dense prefill of "
+                   "a mean prompt (fixed before the first sweep)")
+    p.add_argument("--slo-tpot-ms", type=float, help="default: from the table, 1.2 x the dense step at batch "
+                   "max-batch/2 (fixed before the first sweep)")
     p.add_argument("--duration", type=float, default=180.0, help="seconds of arrivals per simulated trace")
     p.add_argument("--train-seeds", type=int, default=3)
     p.add_argument("--test-seeds", type=int, default=5)
@@ -82,9 +84,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def serve_config(args) -> ServeConfig:
-    return ServeConfig(max_batch=args.max_batch, max_queue=256, slo_ttft_ms=args.slo_ttft_ms,
-                       slo_tpot_ms=args.slo_tpot_ms, actions=SLACK_MENU)
+def serve_config(args, table: StepTable | None = None, prompt_tokens: float = 64.0) -> ServeConfig:
+    """The study's server; an SLO not given is set from the table (this machine, today), so that dense meets it
+    at moderate load and misses it when the queue grows."""
+    ttft, tpot = args.slo_ttft_ms, args.slo_tpot_ms
+    if table is not None:
+        ttft = ttft or 2 * args.max_batch * table.prefill_time("none", round(prompt_tokens)) * 1000
+        tpot = tpot or 1.2 * table.step_s("none", max(1, args.max_batch // 2), round(prompt_tokens) + 16) * 1000
+    return ServeConfig(max_batch=args.max_batch, max_queue=256, slo_ttft_ms=ttft or ServeConfig().slo_ttft_ms,
+                       slo_tpot_ms=tpot or ServeConfig().slo_tpot_ms, actions=SLACK_MENU)
 
 
 # ---------------------------------------------------------------------------------------------- model stages
@@ -202,8 +210,8 @@ def study_inputs(args):
     """The table, the quality per (action, prompt), the config, the prompt split and the dense capacity."""
     table = StepTable.load(args.out_dir / "step_table.json")
     quality = json.loads((args.out_dir / "quality.json").read_text())
-    cfg = serve_config(args)
     lengths = quality["prompt_tokens"]
+    cfg = serve_config(args, table, statistics.fmean(lengths))
     half = len(lengths) // 2
     capacity = dense_capacity(table, cfg, statistics.fmean(lengths), args.output_tokens)
     return table, quality, cfg, lengths, list(range(half)), list(range(half, len(lengths))), capacity
@@ -247,9 +255,12 @@ def stage_sweep(args) -> dict:
     test_seeds = range(100, 100 + args.test_seeds)
     # the rule: one (depth, action) for every load, fitted on the training seeds and prompts by total goodput
     rules = [RulePolicy(d, PruningAction.parse(a)) for d in range(2, 4 * args.max_batch + 1, 2) for a in SLACK_MENU[1:]]
-    fit = {r.name: sum(run(r, [NONE, r.action], pat, m, s, fit_prompts)["goodput"] -
-                       0.01 * run(r, [NONE, r.action], pat, m, s, fit_prompts)["ppl_ratio"]
-                       for pat in PATTERNS for m in RATES for s in train_seeds) for r in rules}
+    def fit_score(r: RulePolicy) -> float:
+        """Goodput summed over the training cells; a hundredth of a request/s per unit of PPL ratio breaks ties."""
+        scores = [run(r, [NONE, r.action], pat, m, s, fit_prompts) for pat in PATTERNS for m in RATES
+                  for s in train_seeds]
+        return sum(x["goodput"] - 0.01 * x["ppl_ratio"] for x in scores)
+    fit = {r.name: fit_score(r) for r in rules}
     rule = max(rules, key=lambda r: fit[r.name])
     log.info("fitted rule %s", rule.name)
     cells = {}
@@ -275,9 +286,12 @@ def stage_sweep(args) -> dict:
                 diffs = [a["goodput"] - b["goodput"] for a, b in zip(per_seed[arm], per_seed[strongest])]
                 qdiffs = [a["ppl_ratio"] - b["ppl_ratio"] for a, b in zip(per_seed[arm], per_seed[strongest])]
                 mean, lo, hi = t_interval(diffs)
-                cell[arm] = {"rival": strongest, "goodput_diff": [mean, lo, hi],
-                             "ppl_ratio_diff": list(t_interval(qdiffs)),
-                             "verdict": "better" if lo > 0 else "worse" if hi < 0 else "no difference"}
+                qmean, qlo, qhi = t_interval(qdiffs)
+                goodput = "higher" if lo > 0 else "lower" if hi < 0 else "no difference in"
+                quality = "better" if qhi < 0 else "worse" if qlo > 0 else "no difference in"
+                cell[arm] = {"rival": strongest, "goodput_diff": [mean, lo, hi], "ppl_ratio_diff": [qmean, qlo, qhi],
+                             "verdict": f"{goodput} goodput, {quality} quality",
+                             "beats": lo > 0 and qlo <= 0}     # more goodput, quality not significantly worse
             cells[f"{pattern}@{mult}x"] = cell
     result = {"dense_capacity_rps": capacity, "fitted_rule": rule.name, "slo": [cfg.slo_ttft_ms, cfg.slo_tpot_ms],
               "max_batch": cfg.max_batch, "duration_s": args.duration, "test_seeds": len(test_seeds),
@@ -285,6 +299,33 @@ def stage_sweep(args) -> dict:
     (args.out_dir / "sweep.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out_dir)
     return result
+
+
+def render_sweep(result: dict) -> str:
+    """The sweep as markdown: attainment / goodput / mean served PPL ratio per arm and cell, then the verdicts."""
+    cells = result["cells"]
+    arms = list(next(iter(cells.values()))["arms"])
+    lines = [f"dense batched capacity {result['dense_capacity_rps']:.3f} requests/s (max batch {result['max_batch']}); "
+             f"SLO: first token {result['slo'][0]:.0f} ms, then {result['slo'][1]:.0f} ms per token; fitted rule "
+             f"{result['fitted_rule']}; {result['test_seeds']} test seeds x {result['duration_s']:.0f} s per cell "
+             f"({result['train_seeds']} training seeds fit the rule and the best static). Cells: SLO attainment / "
+             "goodput (requests/s) / mean served PPL ratio.", "",
+             "| load | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for name, cell in cells.items():
+        row = [f"{cell['arms'][a]['attainment']:.2f} / {cell['arms'][a]['goodput']:.2f} / "
+               f"{cell['arms'][a]['ppl_ratio']:.2f}" for a in arms]
+        lines.append(f"| {name} ({cell['rate_rps']:.2f} rps; best static on training: "
+                     f"{cell['best_static_on_training']}) | " + " | ".join(row) + " |")
+    lines += ["", "| load | arm | strongest rival | goodput diff [95% CI] | PPL ratio diff [95% CI] | verdict |",
+              "|---|---|---|---|---|---|"]
+    for name, cell in cells.items():
+        for arm in ("slack", "dqn"):
+            if arm in cell:
+                c = cell[arm]
+                g, q = c["goodput_diff"], c["ppl_ratio_diff"]
+                lines.append(f"| {name} | {arm} | {c['rival']} | {g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}] | "
+                             f"{q[0]:+.3f} [{q[1]:+.3f}, {q[2]:+.3f}] | {c['verdict']} |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, out_dir: Path) -> None:
@@ -309,13 +350,13 @@ def plot(result: dict, out_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- live stages
-def live_server(args, policy: str, table: Path | None):
+def live_server(args, policy: str, table: Path | None, cfg: ServeConfig | None = None):
     import uvicorn
 
     from serving.server import open_server
 
     run, loaded, _engine = open_model(args)
-    cfg = replace(serve_config(args), policy=policy, step_table=str(table) if table else None)
+    cfg = replace(cfg or serve_config(args), policy=policy, step_table=str(table) if table else None)
     server = open_server(run, cfg, loaded=loaded)
     runner = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=runner.run, daemon=True)
@@ -360,7 +401,7 @@ def stage_live(args) -> dict:
     table_path = args.out_dir / "step_table.json"
     table, quality, cfg, lengths, _fit, _test, capacity = study_inputs(args)
     arrivals = bursty(args.live_rate * capacity, args.live_duration, len(lengths), args.output_tokens, seed=7)
-    server, runner, thread, url = live_server(args, "slack", table_path)
+    server, runner, thread, url = live_server(args, "slack", table_path, cfg)
     try:
         records = asyncio.run(run_load(url, server.loaded.name, arrivals, quality["prompts"], cfg.slo_ttft_ms,
                                        cfg.slo_tpot_ms, timeout_s=600))
@@ -393,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     result = stage(args)
     result = {"stage": args.stage, "wall_s": round(time.time() - started, 1), **result}
-    print(json.dumps(result, indent=1, default=str))
+    print(render_sweep(result) if args.stage == "sweep" else json.dumps(result, indent=1, default=str))
     return 0
 
 
