@@ -96,13 +96,17 @@ def serve_config(args, table: StepTable | None = None, prompt_tokens: float = 64
 
 
 # ---------------------------------------------------------------------------------------------- model stages
+def study_run(args) -> RunConfig:
+    run = RunConfig(model=args.model)
+    return replace(run, calibration=replace(run.calibration, samples=args.calibration_samples))
+
+
 def open_model(args):
     from environments.session import build_engine
     from model_loader import load_model
     from runtime.governor import ExecutionGovernor
 
-    run = RunConfig(model=args.model)
-    run = replace(run, calibration=replace(run.calibration, samples=args.calibration_samples))
+    run = study_run(args)
     loaded = load_model(run.model, device="cpu")
     setting = ExecutionGovernor().govern()     # the measured thread rule: 2 threads on a loaded 2-core box collapse
     log.info("runtime %s (%s)", setting.label, setting.state)
@@ -254,7 +258,8 @@ def stage_sweep(args) -> dict:
     train_seeds = range(args.train_seeds)
     test_seeds = range(100, 100 + args.test_seeds)
     # the rule: one (depth, action) for every load, fitted on the training seeds and prompts by total goodput
-    rules = [RulePolicy(d, PruningAction.parse(a)) for d in range(2, 4 * args.max_batch + 1, 2) for a in SLACK_MENU[1:]]
+    depths = sorted({2, 4, args.max_batch, args.max_batch + 4, 2 * args.max_batch, 3 * args.max_batch, 4 * args.max_batch})
+    rules = [RulePolicy(d, PruningAction.parse(a)) for d in depths for a in SLACK_MENU[1:]]
     def fit_score(r: RulePolicy) -> float:
         """Goodput summed over the training cells; a hundredth of a request/s per unit of PPL ratio breaks ties."""
         scores = [run(r, [NONE, r.action], pat, m, s, fit_prompts) for pat in PATTERNS for m in RATES
@@ -291,12 +296,12 @@ def stage_sweep(args) -> dict:
                 quality = "better" if qhi < 0 else "worse" if qlo > 0 else "no difference in"
                 cell[arm] = {"rival": strongest, "goodput_diff": [mean, lo, hi], "ppl_ratio_diff": [qmean, qlo, qhi],
                              "verdict": f"{goodput} goodput, {quality} quality",
-                             "beats": lo > 0 and qlo <= 0}     # more goodput, quality not significantly worse
+                             "beats": bool(lo > 0 and qlo <= 0)}     # more goodput, quality not significantly worse
             cells[f"{pattern}@{mult}x"] = cell
     result = {"dense_capacity_rps": capacity, "fitted_rule": rule.name, "slo": [cfg.slo_ttft_ms, cfg.slo_tpot_ms],
               "max_batch": cfg.max_batch, "duration_s": args.duration, "test_seeds": len(test_seeds),
               "train_seeds": len(train_seeds), "cells": cells, "table_meta": table.meta}
-    (args.out_dir / "sweep.json").write_text(json.dumps(result, indent=1))
+    (args.out_dir / "sweep.json").write_text(json.dumps(result, indent=1, default=float))
     plot(result, args.out_dir)
     return result
 
@@ -355,9 +360,8 @@ def live_server(args, policy: str, table: Path | None, cfg: ServeConfig | None =
 
     from serving.server import open_server
 
-    run, loaded, _engine = open_model(args)
     cfg = replace(cfg or serve_config(args), policy=policy, step_table=str(table) if table else None)
-    server = open_server(run, cfg, loaded=loaded)
+    server = open_server(study_run(args), cfg)       # loads the model and builds its one engine
     runner = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
