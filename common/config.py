@@ -244,7 +244,7 @@ class RuntimeConfig:
         return asdict(self)
 
 
-SERVE_POLICIES = ("dense", "static:ACTION", "slack", "rule", "rule:DEPTH:ACTION", "CHECKPOINT")
+SERVE_POLICIES = ("dense", "static:ACTION", "slack", "rule:DEPTH:ACTION", "CHECKPOINT.pt")
 
 
 @dataclass

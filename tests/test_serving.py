@@ -264,3 +264,26 @@ def test_sigterm_drains_every_accepted_request(tmp_path):
     assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
     assert all(a.json()["usage"]["completion_tokens"] == 300 for a in answers)
     assert code == 0, proc.stdout.read()[-2000:]
+
+
+def test_a_serving_checkpoint_serves_through_the_live_scheduler(tiny, tmp_path):
+    from common.config import DQNConfig
+    from controller.serving import ServeReward, save_serving_policy, train_serving_policy
+    from environments.serving import ServingSimulator, SimRequest
+    from environments.step_table import StepTable
+
+    labels = ("none", "ffn_neurons:0.5")
+    table = StepTable(labels, (1, 2, 4), (64, 128), {label: [[0.01, 0.012]] * 3 for label in labels},
+                      {label: [0.02, 0.04] for label in labels})
+    table.save(tmp_path / "table.json")
+    menu = [PruningAction.parse(label) for label in labels]
+    cfg = ServeConfig(max_batch=4)
+    reward = ServeReward({"none": 0.0, "ffn_neurons:0.5": 0.1}, output_tokens=4)
+    dqn = DQNConfig(learning_starts=8, batch_size=8, gradient_steps=1)
+    agent = train_serving_policy(ServingSimulator(table, cfg), [[SimRequest(0.1 * i, 20, 4) for i in range(6)]],
+                                 menu, reward, dqn)
+    save_serving_policy(tmp_path / "p.pt", agent, menu, cfg, reward, dqn)
+    with live_server(tiny, policy=str(tmp_path / "p.pt"), step_table=str(tmp_path / "table.json")) as (server, url):
+        assert server.policy.name == "dqn:p.pt"
+        done = client(url).completions.create(model="tiny", prompt="hi", max_tokens=4, extra_body={"ignore_eos": True})
+        assert set(done.model_extra["pruning"]["actions"]) <= set(labels) and done.usage.completion_tokens == 4
