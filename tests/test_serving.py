@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 import uvicorn
 
 from common.config import RunConfig, ServeConfig
-from environments.serve_policy import ServeState, StaticPolicy
+from environments.serve_policy import ServeState
 from pruners import PruningAction, PruningEngine
 from runtime.generation import generate, prefill
 from serving.batch import RunningBatch
