@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-cache
+.PHONY: demo test install clean-cache serve
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The OpenAI-compatible server on the embedded model, on 127.0.0.1:8000 (docs/serving.md): continuous batching up to
+# 8 rows, the slack policy picking an FFN width every decode step (its step-time table is measured at the first
+# start, ~1-3 min, then cached). Ctrl-C or SIGTERM drains: every accepted request is answered.
+serve: $(STAMP)
+	$(PY) adaptive_pruning.py --mode serve --model smollm2-135m --serve-policy slack
 
 clean-cache:
 	rm -rf .cache

@@ -24,7 +24,8 @@ from common import hub
 from common.signals import RunInterrupted
 
 from modes.flags import EXIT_USAGE, MODES, Parser, UsageError, apply_config, baseline_config, build_parser, check_flags, \
-    check_values, eval_config, overview, read_config_file, run_config
+    check_values, eval_config, overview, read_config_file, run_config, \
+    serve_config
 
 log = logging.getLogger("adaptive_pruning")
 
@@ -113,6 +114,9 @@ def run(args) -> int:
     elif args.mode == "heal":
         from modes.heal import run_heal
         run_heal(cfg)
+    elif args.mode == "serve":
+        from modes.serve import run_serve
+        run_serve(cfg, serve_config(args))
     elif args.mode == "baselines":
         from modes.baselines import run_baselines
         run_baselines(cfg, baseline_config(args))

@@ -376,7 +376,7 @@ class RunConfig(EngineConfig):
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     heal: HealConfig = field(default_factory=HealConfig)
     LIMITS: ClassVar[dict[str, Limit]] = {
-        "mode": text("train", "test", "eval", "report", "baselines", "export", "heal"),
+        "mode": text("train", "test", "eval", "report", "baselines", "export", "heal", "serve"),
         "environment": text(*ENVIRONMENTS), "state_features": text(*STATE_FEATURES), "model": text(example="tiny"),
         "device": text(example="cpu"), "seed": count(0, 2**32 - 1), "episodes": count(1, 10_000_000),
         "checkpoint": text(), "train_dataset": text(example="builtin"), "train_samples": count(1, 100_000_000),
@@ -472,6 +472,40 @@ class RuntimeConfig:
     compile: str = "auto"              # per-action compiled decode: auto (CUDA only; on CPU it measured no gain) | on | off
     busy_cores: float = 1.0            # other processes' load, in cores, from which the machine counts as busy
     recheck_s: float = 120.0           # a live thread check per machine state is reused this long (0: probe priors only)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SERVE_POLICIES = ("dense", "static:ACTION", "slack", "rule:DEPTH:ACTION", "CHECKPOINT.pt")
+
+
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible server (serving/, --mode serve) and its queueing simulation (environments.serving).
+
+    The SLO is per token: token k of a request is due ``slo_ttft_ms + k * slo_tpot_ms`` after its arrival; a
+    request meets the SLO when every token does. Width actions (none, ffn_neurons) leave the KV cache's shape
+    alone and may change every decode step; head and layer actions shape the cache, so they change only when
+    the running batch is empty (docs/serving.md).
+    """
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8                  # rows decoded together (iteration-level batching)
+    max_queue: int = 64                 # waiting requests beyond which the server answers 429
+    policy: str = "slack"               # one of SERVE_POLICIES
+    actions: tuple[str, ...] = ("none", "ffn_neurons:0.2", "ffn_neurons:0.3", "ffn_neurons:0.4", "ffn_neurons:0.5")
+    slo_ttft_ms: float = 1500.0         # first token due this long after arrival
+    slo_tpot_ms: float = 150.0          # every further token this much later
+    max_tokens: int = 64                # a request without max_tokens gets this many at most
+    step_table: str | None = None       # measured step-time table (JSON); None: measured at start, cached
+    table_contexts: tuple[int, ...] = (128, 512)   # context buckets of the step-time table (tokens)
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "host": text(example="127.0.0.1"), "port": count(1, 65535, example="8000"), "max_batch": count(1, 1024),
+        "max_queue": count(1, 1_000_000), "policy": text(example="slack"), "actions": text(example="none,ffn_neurons:0.2"),
+        "slo_ttft_ms": number(0, 1e7, low_open=True), "slo_tpot_ms": number(0, 1e7, low_open=True),
+        "max_tokens": count(1, 1_000_000), "step_table": text(optional=True, example="bench/serve/step_table.json"),
+        "table_contexts": count(1, 10_000_000)}
 
     def to_dict(self) -> dict:
         return asdict(self)

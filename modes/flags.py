@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, BaselineConfig, CalibrationConfig,
-                           EvalConfig, RunConfig, as_flag_value, check_config, shown_value)
-from common.config import WEIGHT_DTYPES
+                           EvalConfig, RunConfig, ServeConfig, as_flag_value, check_config, shown_value)
+from common.config import SERVE_POLICIES, WEIGHT_DTYPES
 
-MODES = ("train", "test", "eval", "report", "baselines", "export", "heal")
+MODES = ("train", "test", "eval", "report", "baselines", "export", "heal", "serve")
 TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL = "train", "test", "eval", "baselines", "export", "heal"
-MODEL_MODES = (TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL)
+SERVE = "serve"
+MODEL_MODES = (TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL, SERVE)
 LIVE, OFFLINE = ("live",), ("offline",)
 LM_EVAL_MODES = (TEST, EVAL, BASELINES)
-ENGINE_MODES = (TRAIN, TEST, EVAL, EXPORT, HEAL)   # build the run's own PruningEngine (baselines: each method's)
+ENGINE_MODES = (TRAIN, TEST, EVAL, EXPORT, HEAL, SERVE)   # build the run's own PruningEngine (baselines: each method's)
 EXIT_USAGE = 2
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,22 @@ FLAGS: tuple[Flag, ...] = (
          "differ, else llama)", (EXPORT,), type=None, switch=True),
     Flag("--overwrite", "cli.overwrite", "replace the files of a non-empty --export folder", (EXPORT,), type=None,
          switch=True),
+    # ---- the OpenAI-compatible server (--mode serve, serving/)
+    Flag("--host", "serve.host", "address to listen on", (SERVE,)),
+    Flag("--port", "serve.port", "port to listen on", (SERVE,), type=int),
+    Flag("--max-batch", "serve.max_batch", "rows decoded together (continuous batching)", (SERVE,), type=int),
+    Flag("--max-queue", "serve.max_queue", "waiting requests beyond which the server answers 429 with Retry-After",
+         (SERVE,), type=int),
+    Flag("--serve-policy", "serve.policy", "who picks each step's action: " + " | ".join(SERVE_POLICIES) +
+         " (a serving checkpoint)", (SERVE,)),
+    Flag("--serve-actions", "serve.actions", "the menu of slack and learned policies (comma-separated; width "
+         "actions change per step, head/layer actions per batch)", (SERVE,), type=words),
+    Flag("--slo-ttft-ms", "serve.slo_ttft_ms", "SLO: first token due this long after arrival", (SERVE,), type=float),
+    Flag("--slo-tpot-ms", "serve.slo_tpot_ms", "SLO: each further token due this much later", (SERVE,), type=float),
+    Flag("--default-max-tokens", "serve.max_tokens", "max_tokens of a request that sets none", (SERVE,),
+         type=int),
+    Flag("--step-table", "serve.step_table", "measured step-time table (JSON) for slack and learned policies "
+         "(default: measured at start, cached per machine)", (SERVE,)),
 )
 
 # --help groups: a section starts at its first flag in FLAGS and holds the flags after it, except the refiled ones.
@@ -339,7 +356,7 @@ def _by_name() -> dict[str, tuple[Flag, ...]]:
     return named
 
 
-DEFAULTS = {"run": RunConfig(), "eval": EvalConfig(), "baselines": BaselineConfig()}   # read, never changed
+DEFAULTS = {"run": RunConfig(), "eval": EvalConfig(), "baselines": BaselineConfig(), "serve": ServeConfig()}   # read, never changed
 GROUPS, BY_NAME = _groups(), _by_name()
 
 
@@ -411,7 +428,7 @@ def build_parser(mode: str | None = None) -> Parser:
     so a mode can tell an explicit flag from a default (and refuse it)."""
     p = Parser(prog="adaptive_pruning.py", allow_abbrev=False,
                usage=f"%(prog)s --mode {mode or 'MODE'} [flags] | --config FILE [flags]",
-               description="Runtime-adaptive pruning via RL: train, test, evaluate and report."
+               description="Runtime-adaptive pruning via RL: train, test, evaluate, report and serve."
                + (f" Flags of --mode {mode}." if mode else ""),
                epilog="Each flag lists the modes where it has an effect; others refuse it. "
                       "`--mode MODE --help` lists one mode's flags.")
@@ -452,7 +469,7 @@ def overview() -> str:
     counts = {m: sum(m in f.modes for f in FLAGS) for m in MODES}
     rows = "\n".join(f"  --mode {m:<10} {counts[m]:3d} flags" for m in MODES)
     return ("usage: adaptive_pruning.py --mode MODE [flags] | --config FILE [flags]\n\n"
-            "Runtime-adaptive pruning via RL: train, test, evaluate and report.\n\nmodes:\n" + rows +
+            "Runtime-adaptive pruning via RL: train, test, evaluate, report and serve.\n\nmodes:\n" + rows +
             "\n\n`adaptive_pruning.py --mode MODE --help` lists MODE's flags in groups; "
             "docs/flags.md lists every flag.\n")
 
@@ -551,7 +568,8 @@ def check_values(args: argparse.Namespace) -> None:
     before anything loads; fields that no flag sets are named by their --config key."""
     names = flag_names(args.mode)
     for root, cfg in (("run", run_config(args)[0]), ("eval", _filled("eval", EvalConfig(), args)),
-                      ("baselines", _filled("baselines", BaselineConfig(), args))):
+                      ("baselines", _filled("baselines", BaselineConfig(), args)),
+                      ("serve", _filled("serve", ServeConfig(), args))):
         check_config(cfg, lambda path, root=root: names.get(f"{root}.{path}", f"--config key {path}"))
 
 
@@ -724,6 +742,10 @@ def baseline_config(args: argparse.Namespace) -> BaselineConfig:
     unstructured = () if cfg.unstructured == ("none",) else cfg.unstructured
     return dataclasses.replace(cfg, unstructured=unstructured, policies=tuple(args.policy or ()), eval=evaluation,
                                calibration=calibration_config(args))
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    return _filled("serve", ServeConfig(), args)
 
 
 def calibration_config(args: argparse.Namespace) -> CalibrationConfig:

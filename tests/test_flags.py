@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import adaptive_pruning
-from common.config import BaselineConfig, EvalConfig, RunConfig
-from modes.flags import FLAGS, MODES, baseline_config, build_parser, check_flags, eval_config, flag_for, run_config
+from common.config import BaselineConfig, EvalConfig, RunConfig, ServeConfig
+from modes.flags import FLAGS, MODES, baseline_config, build_parser, check_flags, eval_config, flag_for, run_config, \
+    serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -89,8 +90,9 @@ def test_every_flag_reaches_its_config_field():
             built, default = run_config(args)[0], RunConfig()
             assert path in run_config(args)[1], flag.name
         else:
-            builder = {"eval": eval_config, "baselines": baseline_config}[root]
-            built, default = builder(args), {"eval": EvalConfig(), "baselines": BaselineConfig()}[root]
+            builder = {"eval": eval_config, "baselines": baseline_config, "serve": serve_config}[root]
+            built, default = builder(args), {"eval": EvalConfig(), "baselines": BaselineConfig(),
+                                             "serve": ServeConfig()}[root]
         for part in path.split("."):
             built, default = getattr(built, part), getattr(default, part)
         assert built != default or flag.switch, flag.name

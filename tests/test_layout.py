@@ -11,7 +11,7 @@ RANK = {"common": 0, "model_loader": 1, "nlp_analyzer": 1, "machine": 2, "pruner
         "environments": 4, "controller": 5, "evaluation": 6, "reporting": 6, "serving": 6, "modes": 7,
         "adaptive_pruning": 8}
 PACKAGES = ("common", "machine", "pruners", "runtime", "environments", "controller", "evaluation", "reporting",
-            "modes")
+            "modes", "serving")
 
 
 def project_modules() -> list[Path]:

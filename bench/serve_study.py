@@ -1,0 +1,446 @@
+"""The serving study: who should pick the pruning action when requests arrive in bursts against a deadline.
+
+Stages (each writes into --out-dir, later ones read earlier ones):
+  table     the step-time table of the menu on the embedded model (serving.step_timing, the scheduler's batch code)
+  quality   PPL ratio and KL of every menu action against dense greedy 32-token references, per Alpaca prompt
+            (chat-formatted, as served); the first half of the prompts fits the arms, the second half tests them
+  sweep     the queueing simulator (environments.serving) over arrival rates 0.5x-2x the dense arm's batched
+            capacity, steady (Poisson) and bursty (on/off), training seeds to fit the rule and the best static
+            per rate, test seeds to compare every arm: SLO attainment, goodput, mean served PPL ratio, CIs
+  train     a Double DQN (gamma 0.99) in the simulator on the training seeds and prompts -> policy.pt; the sweep
+            then scores it as the learned arm against the strongest non-learned one
+  overhead  one request, no queue: the server's end-to-end against the same generation called directly
+  live      the live server (slack policy) on one bursty trace against the simulator's prediction of it
+
+    PYTHONPATH=. .venv/bin/python bench/serve_study.py --stage table
+    PYTHONPATH=. .venv/bin/python bench/serve_study.py --stage quality
+    PYTHONPATH=. .venv/bin/python bench/serve_study.py --stage train
+    PYTHONPATH=. .venv/bin/python bench/serve_study.py --stage sweep
+    PYTHONPATH=. .venv/bin/python bench/serve_study.py --stage overhead
+    PYTHONPATH=. .venv/bin/python bench/serve_study.py --stage live
+"""
+from __future__ import annotations
+
+import sys
+
+from runtime import openmp  # torch-free: the wait policy must be set before torch loads libgomp
+
+if __name__ == "__main__":
+    openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common.config import RunConfig, ServeConfig  # noqa: E402
+from common.data import ALPACA_SUBSET, data_root, load_prompts  # noqa: E402
+from environments.serve_policy import RulePolicy, SlackPolicy, StaticPolicy  # noqa: E402
+from environments.serving import ServingSimulator, SimOutcome, SimRequest  # noqa: E402
+from environments.step_table import StepTable  # noqa: E402
+from pruners.actions import NONE, PruningAction  # noqa: E402
+from serving.load import bursty, poisson  # noqa: E402
+
+log = logging.getLogger("serve_study")
+# Width actions only: they switch every step. Layer actions would switch only between batches, and fitting their
+# compensation took ~17 s a layer on the loaded machine (8.5 min), more than this study's time allowed.
+MENU = ("none", "ffn_neurons:0.2", "ffn_neurons:0.3", "ffn_neurons:0.4", "ffn_neurons:0.5")
+SLACK_MENU = MENU
+RATES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+PATTERNS = ("poisson", "bursty")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", required=True, choices=("table", "quality", "train", "sweep", "overhead", "live"))
+    p.add_argument("--out-dir", type=Path, default=Path("bench/serve"))
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=48, help="Alpaca prompts (half fit, half test)")
+    p.add_argument("--output-tokens", type=int, default=32)
+    p.add_argument("--slo-ttft-ms", type=float, help="default: from the table, 2 x max-batch x the dense prefill of "
+                   "a mean prompt (fixed before the first sweep)")
+    p.add_argument("--slo-tpot-ms", type=float, help="default: from the table, 1.2 x the dense step at batch "
+                   "max-batch/2 (fixed before the first sweep)")
+    p.add_argument("--duration", type=float, default=180.0, help="seconds of arrivals per simulated trace")
+    p.add_argument("--train-seeds", type=int, default=3)
+    p.add_argument("--test-seeds", type=int, default=5)
+    p.add_argument("--contexts", default="64,128", help="table stage: context buckets (the study's chat prompts "
+                   "plus 32 tokens stay under 128)")
+    p.add_argument("--rounds", type=int, default=4, help="table stage: interleaved rounds per cell")
+    p.add_argument("--train-duration", type=float, default=60.0, help="seconds of arrivals per training trace")
+    p.add_argument("--epochs", type=int, default=2, help="passes of the DQN over the training traces")
+    p.add_argument("--live-duration", type=float, default=60.0)
+    p.add_argument("--live-rate", type=float, default=1.25, help="live stage: x the dense arm's capacity")
+    p.add_argument("--calibration-samples", type=int, default=32, help="texts calibrating importance and compensation "
+                   "(the CLI default, 512, takes ~30 min on a loaded 2-core machine)")
+    return p.parse_args(argv)
+
+
+def serve_config(args, table: StepTable | None = None, prompt_tokens: float = 64.0) -> ServeConfig:
+    """The study's server; an SLO not given is set from the table (this machine, today), so that dense meets it
+    at moderate load and misses it when the queue grows."""
+    ttft, tpot = args.slo_ttft_ms, args.slo_tpot_ms
+    if table is not None:
+        ttft = ttft or 2 * args.max_batch * table.prefill_time("none", round(prompt_tokens)) * 1000
+        tpot = tpot or 1.2 * table.step_s("none", max(1, args.max_batch // 2), round(prompt_tokens) + 16) * 1000
+    return ServeConfig(max_batch=args.max_batch, max_queue=256, slo_ttft_ms=ttft or ServeConfig().slo_ttft_ms,
+                       slo_tpot_ms=tpot or ServeConfig().slo_tpot_ms, actions=SLACK_MENU)
+
+
+# ---------------------------------------------------------------------------------------------- model stages
+def study_run(args) -> RunConfig:
+    run = RunConfig(model=args.model)
+    return replace(run, calibration=replace(run.calibration, samples=args.calibration_samples))
+
+
+def open_model(args):
+    from environments.session import build_engine
+    from model_loader import load_model
+    from runtime.governor import ExecutionGovernor
+
+    run = study_run(args)
+    loaded = load_model(run.model, device="cpu")
+    setting = ExecutionGovernor().govern()     # the measured thread rule: 2 threads on a loaded 2-core box collapse
+    log.info("runtime %s (%s)", setting.label, setting.state)
+    engine = build_engine(run, loaded, [PruningAction.parse(a) for a in MENU])
+    return run, loaded, engine
+
+
+def stage_table(args) -> dict:
+    from serving.step_timing import measure_step_table, table_batches
+
+    _run, loaded, engine = open_model(args)
+    table = measure_step_table(loaded.model, engine, [PruningAction.parse(a) for a in MENU],
+                               table_batches(args.max_batch), tuple(int(c) for c in args.contexts.split(",")),
+                               vocab=int(loaded.model.config.vocab_size), rounds=args.rounds)
+    table.meta.update(model=loaded.name, load_average=os.getloadavg(), switch_s=switch_time(engine))
+    table.save(args.out_dir / "step_table.json")
+    rows = {label: {f"b{b}": round(table.step_s(label, b, 100) * 1000, 1) for b in table.batches} for label in MENU}
+    return {"switch_us": table.meta["switch_s"] * 1e6, "decode_ms_at_100_context": rows, "prefill_ms": {k: [round(v * 1000, 1) for v in vs]
+                                                              for k, vs in table.prefill_s.items()},
+            "load_average": os.getloadavg()}
+
+
+def switch_time(engine, repeats: int = 200) -> float:
+    """Median seconds of one width-action switch (apply ffn 0.5, back to dense): the per-step decision's price."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.apply(PruningAction.parse("ffn_neurons:0.5"))
+        engine.apply(NONE)
+        times.append((time.perf_counter() - started) / 2)
+    return statistics.median(times)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    from serving.text import chat_prompt
+    return chat_prompt(tokenizer, [("user", text)])
+
+
+def stage_quality(args) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from environments.quality import mean_kl, ppl_ratio, score_reference
+    from runtime.generation import generate
+
+    _run, loaded, engine = open_model(args)
+    texts = [p.text for p in load_prompts(str(data_root() / ALPACA_SUBSET), seed=1).prompts[:args.prompts]]
+    out = {"prompts": texts, "prompt_tokens": [], "ppl_ratio": {a: [] for a in MENU}, "kl": {a: [] for a in MENU}}
+    for text in tqdm(texts, desc="quality", unit="prompt"):
+        ids = torch.tensor(chat_ids(loaded.tokenizer, text))
+        out["prompt_tokens"].append(len(ids))
+        engine.restore()
+        ref = torch.tensor(generate(loaded.model, ids, args.output_tokens).tokens)
+        dense = score_reference(loaded.model, ids, ref)
+        for label in MENU:
+            with engine.pruned(PruningAction.parse(label)):
+                pruned = score_reference(loaded.model, ids, ref)
+            out["ppl_ratio"][label].append(ppl_ratio(pruned, dense))
+            out["kl"][label].append(mean_kl(dense, pruned))
+    (args.out_dir / "quality.json").write_text(json.dumps(out, indent=1))
+    return {label: {"ppl_ratio_mean": statistics.fmean(out["ppl_ratio"][label]),
+                    "kl_mean": statistics.fmean(out["kl"][label])} for label in MENU}
+
+
+# ---------------------------------------------------------------------------------------------- simulation
+def dense_capacity(table: StepTable, cfg: ServeConfig, prompt_tokens: float, output_tokens: int) -> float:
+    """Requests per second the dense arm sustains with full batches: a batch's prefills plus its decode steps."""
+    b = cfg.max_batch
+    context = round(prompt_tokens + output_tokens / 2)
+    generation = b * table.prefill_time("none", round(prompt_tokens)) + \
+        (output_tokens - 1) * table.step_s("none", b, context)
+    return b / generation
+
+
+def trace(pattern: str, rate: float, duration: float, prompts: list[int], output_tokens: int, seed: int,
+          lengths: list[int]) -> list[SimRequest]:
+    make = poisson if pattern == "poisson" else bursty
+    return [SimRequest(a.at_s, lengths[prompts[a.prompt]], output_tokens, prompts[a.prompt])
+            for a in make(rate, duration, len(prompts), output_tokens, seed)]
+
+
+def served_quality(outcome: SimOutcome, log_ratio: dict[str, list[float]]) -> float:
+    """Geometric mean over the request's tokens of its prompt's PPL ratio under each token's action."""
+    p = outcome.request.prompt
+    return math.exp(statistics.fmean(log_ratio[a][p] for a in outcome.actions))
+
+
+def score(outcomes: list[SimOutcome], duration: float, log_ratio) -> dict:
+    met = sum(o.slo_met for o in outcomes)
+    served = [served_quality(o, log_ratio) for o in outcomes if o.actions]
+    return {"attainment": met / max(1, len(outcomes)), "goodput": met / duration,
+            "ppl_ratio": statistics.fmean(served) if served else float("nan")}
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    from scipy import stats
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2 or statistics.pstdev(diffs) == 0:
+        return mean, mean, mean
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def study_inputs(args):
+    """The table, the quality per (action, prompt), the config, the prompt split and the dense capacity."""
+    table = StepTable.load(args.out_dir / "step_table.json")
+    quality = json.loads((args.out_dir / "quality.json").read_text())
+    lengths = quality["prompt_tokens"]
+    cfg = serve_config(args, table, statistics.fmean(lengths))
+    half = len(lengths) // 2
+    capacity = dense_capacity(table, cfg, statistics.fmean(lengths), args.output_tokens)
+    return table, quality, cfg, lengths, list(range(half)), list(range(half, len(lengths))), capacity
+
+
+def stage_train(args) -> dict:
+    from common.config import DQNConfig
+    from controller.serving import ServeReward, mean_log_ratio, save_serving_policy, train_serving_policy
+
+    table, quality, cfg, lengths, fit_prompts, _test, capacity = study_inputs(args)
+    traces = [trace(pattern, mult * capacity, args.train_duration, fit_prompts, args.output_tokens, seed, lengths)
+              for pattern in PATTERNS for mult in RATES for seed in range(args.train_seeds)]
+    reward = ServeReward(mean_log_ratio(quality["ppl_ratio"], fit_prompts), args.output_tokens)
+    dqn = DQNConfig(gamma=0.99, buffer_size=100_000, batch_size=64, learning_starts=1000, train_frequency=4,
+                    gradient_steps=1, epsilon_end=0.02, exploration_fraction=0.5, seed=0)
+    menu = [PruningAction.parse(a) for a in SLACK_MENU]
+    sim = ServingSimulator(table, cfg, noise=0.1, seed=0)     # timing noise: a policy that needs exact times fails
+    agent = train_serving_policy(sim, traces, menu, reward, dqn, epochs=args.epochs)
+    save_serving_policy(args.out_dir / "policy.pt", agent, menu, cfg, reward, dqn)
+    return {"traces": len(traces), "transitions": agent.steps, "updates": agent.updates,
+            "policy": str(args.out_dir / "policy.pt")}
+
+
+def stage_sweep(args) -> dict:
+    table, quality, cfg, lengths, fit_prompts, test_prompts, capacity = study_inputs(args)
+    log_ratio = {a: [math.log(max(r, 1e-9)) for r in quality["ppl_ratio"][a]] for a in MENU}
+    statics = {f"static:{a}" if a != "none" else "dense": StaticPolicy(PruningAction.parse(a)) for a in MENU}
+    menus = {name: [p.action] for name, p in statics.items()}
+    slack_menu = [PruningAction.parse(a) for a in SLACK_MENU]
+    sim = ServingSimulator(table, cfg)
+    learned = None
+    if (args.out_dir / "policy.pt").is_file():
+        from controller.serving import load_serving_policy
+        learned = load_serving_policy(args.out_dir / "policy.pt")
+
+    def run(policy, menu, pattern, mult, seed, prompts) -> dict:
+        requests = trace(pattern, mult * capacity, args.duration, prompts, args.output_tokens, seed, lengths)
+        return score(sim.run(requests, policy, menu), args.duration, log_ratio)
+
+    train_seeds = range(args.train_seeds)
+    test_seeds = range(100, 100 + args.test_seeds)
+    # the rule: one (depth, action) for every load, fitted on the training seeds and prompts by total goodput
+    depths = sorted({2, 4, args.max_batch, args.max_batch + 4, 2 * args.max_batch, 3 * args.max_batch, 4 * args.max_batch})
+    rules = [RulePolicy(d, PruningAction.parse(a)) for d in depths for a in SLACK_MENU[1:]]
+    def fit_score(r: RulePolicy) -> float:
+        """Goodput summed over the training cells; a hundredth of a request/s per unit of PPL ratio breaks ties."""
+        scores = [run(r, [NONE, r.action], pat, m, s, fit_prompts) for pat in PATTERNS for m in RATES
+                  for s in train_seeds]
+        return sum(x["goodput"] - 0.01 * x["ppl_ratio"] for x in scores)
+    fit = {r.name: fit_score(r) for r in rules}
+    rule = max(rules, key=lambda r: fit[r.name])
+    log.info("fitted rule %s", rule.name)
+    cells = {}
+    for pattern in PATTERNS:
+        for mult in RATES:
+            train = {name: statistics.fmean(run(p, menus[name], pattern, mult, s, fit_prompts)["goodput"]
+                                            for s in train_seeds) for name, p in statics.items()}
+            best_static = max(train, key=train.get)
+            arms = {**{n: (p, menus[n]) for n, p in statics.items()}, "slack": (SlackPolicy(table), slack_menu),
+                    "rule": (rule, [NONE, rule.action])}
+            if learned is not None:
+                arms["dqn"] = (learned, learned.menu)
+            per_seed = {name: [run(p, menu, pattern, mult, s, test_prompts) for s in test_seeds]
+                        for name, (p, menu) in arms.items()}
+            summary = {name: {k: statistics.fmean(r[k] for r in rows) for k in ("attainment", "goodput", "ppl_ratio")}
+                       for name, rows in per_seed.items()}
+            cell = {"rate_rps": mult * capacity, "best_static_on_training": best_static, "arms": summary}
+            contests = [("slack", ["dense", best_static, "rule"])]
+            if learned is not None:
+                contests.append(("dqn", ["dense", best_static, "rule", "slack"]))
+            for arm, rivals in contests:     # against the strongest rival on the test seeds, paired by seed
+                strongest = max(rivals, key=lambda n: summary[n]["goodput"])
+                diffs = [a["goodput"] - b["goodput"] for a, b in zip(per_seed[arm], per_seed[strongest])]
+                qdiffs = [a["ppl_ratio"] - b["ppl_ratio"] for a, b in zip(per_seed[arm], per_seed[strongest])]
+                mean, lo, hi = t_interval(diffs)
+                qmean, qlo, qhi = t_interval(qdiffs)
+                goodput = "higher" if lo > 0 else "lower" if hi < 0 else "no difference in"
+                quality = "better" if qhi < 0 else "worse" if qlo > 0 else "no difference in"
+                cell[arm] = {"rival": strongest, "goodput_diff": [mean, lo, hi], "ppl_ratio_diff": [qmean, qlo, qhi],
+                             "verdict": f"{goodput} goodput, {quality} quality",
+                             "beats": bool(lo > 0 and qlo <= 0)}     # more goodput, quality not significantly worse
+            cells[f"{pattern}@{mult}x"] = cell
+    result = {"dense_capacity_rps": capacity, "fitted_rule": rule.name, "slo": [cfg.slo_ttft_ms, cfg.slo_tpot_ms],
+              "max_batch": cfg.max_batch, "duration_s": args.duration, "test_seeds": len(test_seeds),
+              "train_seeds": len(train_seeds), "cells": cells, "table_meta": table.meta}
+    (args.out_dir / "sweep.json").write_text(json.dumps(result, indent=1, default=float))
+    plot(result, args.out_dir)
+    return result
+
+
+def render_sweep(result: dict) -> str:
+    """The sweep as markdown: attainment / goodput / mean served PPL ratio per arm and cell, then the verdicts."""
+    cells = result["cells"]
+    arms = list(next(iter(cells.values()))["arms"])
+    lines = [f"dense batched capacity {result['dense_capacity_rps']:.3f} requests/s (max batch {result['max_batch']}); "
+             f"SLO: first token {result['slo'][0]:.0f} ms, then {result['slo'][1]:.0f} ms per token; fitted rule "
+             f"{result['fitted_rule']}; {result['test_seeds']} test seeds x {result['duration_s']:.0f} s per cell "
+             f"({result['train_seeds']} training seeds fit the rule and the best static). Cells: SLO attainment / "
+             "goodput (requests/s) / mean served PPL ratio.", "",
+             "| load | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for name, cell in cells.items():
+        row = [f"{cell['arms'][a]['attainment']:.2f} / {cell['arms'][a]['goodput']:.2f} / "
+               f"{cell['arms'][a]['ppl_ratio']:.2f}" for a in arms]
+        lines.append(f"| {name} ({cell['rate_rps']:.2f} rps; best static on training: "
+                     f"{cell['best_static_on_training']}) | " + " | ".join(row) + " |")
+    lines += ["", "| load | arm | strongest rival | goodput diff [95% CI] | PPL ratio diff [95% CI] | verdict |",
+              "|---|---|---|---|---|---|"]
+    for name, cell in cells.items():
+        for arm in ("slack", "dqn"):
+            if arm in cell:
+                c = cell[arm]
+                g, q = c["goodput_diff"], c["ppl_ratio_diff"]
+                lines.append(f"| {name} | {arm} | {c['rival']} | {g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}] | "
+                             f"{q[0]:+.3f} [{q[1]:+.3f}, {q[2]:+.3f}] | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, out_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for pattern, ax in zip(PATTERNS, axes[:2]):
+        cells = {k: v for k, v in result["cells"].items() if k.startswith(pattern)}
+        mults = [float(k.split("@")[1][:-1]) for k in cells]
+        for arm in next(iter(cells.values()))["arms"]:
+            ax.plot(mults, [c["arms"][arm]["attainment"] for c in cells.values()], marker="o", label=arm)
+        ax.set(title=f"{pattern}: SLO attainment", xlabel="arrival rate / dense capacity", ylabel="attainment")
+    axes[0].legend(fontsize=7)
+    for cell in result["cells"].values():
+        for arm, s in cell["arms"].items():
+            axes[2].scatter(s["attainment"], s["ppl_ratio"], s=10, c="C1" if arm == "slack" else "C0")
+    axes[2].set(title="served quality vs attainment (orange: slack)", xlabel="attainment", ylabel="mean PPL ratio")
+    fig.tight_layout()
+    fig.savefig(out_dir / "serve_study.png", dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------- live stages
+def live_server(args, policy: str, table: Path | None, cfg: ServeConfig | None = None):
+    import uvicorn
+
+    from serving.server import open_server
+
+    cfg = replace(cfg or serve_config(args), policy=policy, step_table=str(table) if table else None)
+    server = open_server(study_run(args), cfg)       # loads the model and builds its one engine
+    runner = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    while not runner.started:
+        time.sleep(0.05)
+    return server, runner, thread, f"http://127.0.0.1:{runner.servers[0].sockets[0].getsockname()[1]}"
+
+
+def stage_overhead(args) -> dict:
+    import openai
+    import torch
+
+    from runtime.generation import generate
+
+    server, runner, thread, url = live_server(args, "dense", None)
+    loaded = server.loaded
+    api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    text = load_prompts(str(data_root() / ALPACA_SUBSET), seed=1).prompts[0].text
+    ids = torch.tensor(loaded.tokenizer(text).input_ids)
+    direct, served = [], []
+    for _ in range(6):          # interleaved pairs; the first is a warm-up
+        started = time.perf_counter()
+        generate(loaded.model, ids, args.output_tokens)
+        direct.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        api.completions.create(model=loaded.name, prompt=text, max_tokens=args.output_tokens,
+                               extra_body={"ignore_eos": True})
+        served.append(time.perf_counter() - started)
+    runner.should_exit = True
+    thread.join(60)
+    ratios = [s / d for s, d in zip(served[1:], direct[1:])]
+    decision = [line for line in server.context.metrics.exposition().decode().splitlines()
+                if line.startswith("serve_decision_seconds_sum") or line.startswith("serve_decision_seconds_count")]
+    return {"direct_s": direct[1:], "served_s": served[1:], "median_ratio": statistics.median(ratios),
+            "decision": decision, "load_average": os.getloadavg()}
+
+
+def stage_live(args) -> dict:
+    from serving.load import run_load
+
+    table_path = args.out_dir / "step_table.json"
+    table, quality, cfg, lengths, _fit, _test, capacity = study_inputs(args)
+    arrivals = bursty(args.live_rate * capacity, args.live_duration, len(lengths), args.output_tokens, seed=7)
+    server, runner, thread, url = live_server(args, "slack", table_path, cfg)
+    try:
+        records = asyncio.run(run_load(url, server.loaded.name, arrivals, quality["prompts"], cfg.slo_ttft_ms,
+                                       cfg.slo_tpot_ms, timeout_s=600))
+    finally:
+        runner.should_exit = True
+        thread.join(120)
+    requests = [SimRequest(a.at_s, lengths[a.prompt], a.output_tokens, a.prompt) for a in arrivals]
+    simulated = ServingSimulator(table, cfg).run(requests, SlackPolicy(table), [PruningAction.parse(a) for a in SLACK_MENU])
+    live_att = sum(r.slo_met for r in records) / len(records)
+    sim_att = sum(o.slo_met for o in simulated) / len(simulated)
+    live_tokens = [a for r in records for a in r.actions]
+    sim_tokens = [a for o in simulated for a in o.actions]
+    result = {"rate_rps": args.live_rate * capacity, "requests": len(records), "live_attainment": live_att,
+              "simulated_attainment": sim_att, "error": sim_att - live_att,
+              "live_ttft_p50": statistics.median([r.ttft_s for r in records if r.ttft_s is not None] or [math.nan]),
+              "sim_ttft_p50": statistics.median([o.ttft for o in simulated if o.ttft is not None] or [math.nan]),
+              "live_actions": {a: live_tokens.count(a) for a in set(live_tokens)},
+              "sim_actions": {a: sim_tokens.count(a) for a in set(sim_tokens)}, "load_average": os.getloadavg()}
+    (args.out_dir / "live.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stage = {"table": stage_table, "quality": stage_quality, "train": stage_train, "sweep": stage_sweep,
+             "overhead": stage_overhead,
+             "live": stage_live}[args.stage]
+    started = time.time()
+    result = stage(args)
+    result = {"stage": args.stage, "wall_s": round(time.time() - started, 1), **result}
+    print(render_sweep(result) if args.stage == "sweep" else json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
