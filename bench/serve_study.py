@@ -4,7 +4,7 @@ Stages (each writes into --out-dir, later ones read earlier ones):
   table     the step-time table of the menu on the embedded model (serving.step_timing, the scheduler's batch code)
   quality   PPL ratio and KL of every menu action against dense greedy 32-token references, per Alpaca prompt
             (chat-formatted, as served); the first half of the prompts fits the arms, the second half tests them
-  sweep     the queueing simulator (environments.serving) over arrival rates 0.5x-2x the dense arm's batched
+  sweep     the queueing simulator (environments.queueing.simulator) over arrival rates 0.5x-2x the dense arm's batched
             capacity, steady (Poisson) and bursty (on/off), training seeds to fit the rule and the best static
             per rate, test seeds to compare every arm: SLO attainment, goodput, mean served PPL ratio, CIs
   train     a Double DQN (gamma 0.99) in the simulator on the training seeds and prompts -> policy.pt; the sweep
@@ -42,9 +42,9 @@ from pathlib import Path  # noqa: E402
 
 from common.config import RunConfig, ServeConfig  # noqa: E402
 from common.data import ALPACA_SUBSET, data_root, load_prompts  # noqa: E402
-from environments.serve_policy import RulePolicy, SlackPolicy, StaticPolicy  # noqa: E402
-from environments.serving import ServingSimulator, SimOutcome, SimRequest  # noqa: E402
-from environments.step_table import StepTable  # noqa: E402
+from environments.queueing.policies import RulePolicy, SlackPolicy, StaticPolicy  # noqa: E402
+from environments.queueing.simulator import ServingSimulator, SimOutcome, SimRequest  # noqa: E402
+from environments.queueing.step_table import StepTable  # noqa: E402
 from pruners.actions import NONE, PruningAction  # noqa: E402
 from serving.load import bursty, poisson  # noqa: E402
 

@@ -482,7 +482,7 @@ SERVE_POLICIES = ("dense", "static:ACTION", "slack", "rule:DEPTH:ACTION", "CHECK
 
 @dataclass
 class ServeConfig:
-    """The OpenAI-compatible server (serving/, --mode serve) and its queueing simulation (environments.serving).
+    """The OpenAI-compatible server (serving/, --mode serve) and its queueing simulation (environments.queueing.simulator).
 
     The SLO is per token: token k of a request is due ``slo_ttft_ms + k * slo_tpot_ms`` after its arrival; a
     request meets the SLO when every token does. Width actions (none, ffn_neurons) leave the KV cache's shape

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from common.config import DQNConfig, ServeConfig
 from controller.dqn import DoubleDQNAgent, linear_epsilon
-from environments.serve_policy import STATE_SIZE, ServeState
-from environments.serving import ServingSimulator, SimRequest, Step
+from environments.queueing.policies import STATE_SIZE, ServeState
+from environments.queueing.simulator import ServingSimulator, SimRequest, Step
 from pruners.actions import PruningAction
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 One worker thread owns the model. Each iteration it drops cancelled rows, admits waiting requests up
 to ``max_batch`` (oldest first), asks the policy for an action among those the running batch's KV cache
-allows (``environments.serve_policy.cache_signature``), applies it if it changed (a prefix view: well
+allows (``environments.queueing.policies.cache_signature``), applies it if it changed (a prefix view: well
 under a millisecond), prefills the admitted prompts under it, and decodes one token for every row.
 Tokens go back to the request's asyncio queue on the server's event loop; the HTTP side never touches
 the model.
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from common.config import ServeConfig
-from environments.serve_policy import Pending, ServePolicy, ServeState, cache_signature, observe
-from environments.step_table import StepTable
+from environments.queueing.policies import Pending, ServePolicy, ServeState, cache_signature, observe
+from environments.queueing.step_table import StepTable
 from pruners.actions import PruningAction
 from runtime.generation import prefill
 from serving.batch import RunningBatch

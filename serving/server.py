@@ -10,9 +10,9 @@ from fastapi import FastAPI
 
 from common.config import RunConfig, ServeConfig
 from controller.serving import load_serving_policy
-from environments.serve_policy import ServePolicy, parse_policy, policy_actions
+from environments.queueing.policies import ServePolicy, parse_policy, policy_actions
 from environments.session import build_engine
-from environments.step_table import StepTable
+from environments.queueing.step_table import StepTable
 from model_loader import EMBEDDED_NAME, LoadedModel, load_model
 from pruners.actions import PruningAction
 from runtime.governor import ExecutionGovernor

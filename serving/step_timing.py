@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from common import hub
-from environments.step_table import StepTable
+from environments.queueing.step_table import StepTable
 from pruners.actions import PruningAction
 from runtime.generation import prefill
 from serving.batch import RunningBatch

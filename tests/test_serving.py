@@ -21,7 +21,7 @@ import torch
 import uvicorn
 
 from common.config import RunConfig, ServeConfig
-from environments.serve_policy import ServeState
+from environments.queueing.policies import ServeState
 from pruners import PruningAction, PruningEngine
 from runtime.generation import generate, prefill
 from serving.batch import RunningBatch
@@ -268,8 +268,8 @@ def test_sigterm_drains_every_accepted_request(tmp_path):
 def test_a_serving_checkpoint_serves_through_the_live_scheduler(tiny, tmp_path):
     from common.config import DQNConfig
     from controller.serving import ServeReward, save_serving_policy, train_serving_policy
-    from environments.serving import ServingSimulator, SimRequest
-    from environments.step_table import StepTable
+    from environments.queueing.simulator import ServingSimulator, SimRequest
+    from environments.queueing.step_table import StepTable
 
     labels = ("none", "ffn_neurons:0.5")
     table = StepTable(labels, (1, 2, 4), (64, 128), {label: [[0.01, 0.012]] * 3 for label in labels},

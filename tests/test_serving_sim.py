@@ -7,10 +7,10 @@ import time
 import pytest
 
 from common.config import ServeConfig
-from environments.serve_policy import (Pending, RulePolicy, SlackPolicy, StaticPolicy, cache_signature, observe,
+from environments.queueing.policies import (Pending, RulePolicy, SlackPolicy, StaticPolicy, cache_signature, observe,
                                        parse_policy)
-from environments.serving import ServingSimulator, SimRequest, summarize
-from environments.step_table import StepTable
+from environments.queueing.simulator import ServingSimulator, SimRequest, summarize
+from environments.queueing.step_table import StepTable
 from pruners.actions import NONE, PruningAction
 
 FFN = PruningAction("ffn_neurons", 0.5)

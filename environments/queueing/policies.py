@@ -1,7 +1,7 @@
 """Who picks the pruning action of a serving step: what a server knows, and the non-learned arms.
 
 The same objects decide in the live server (serving.scheduler) and in the queueing simulator
-(environments.serving), so a policy fitted or trained in simulation is the one that serves.
+(environments.queueing.simulator), so a policy fitted or trained in simulation is the one that serves.
 A decision reads a ``ServeState`` and returns one of the actions the running batch allows (a batch
 whose KV cache a head or layer action shaped keeps that action until it drains); it costs microseconds.
 """
@@ -13,7 +13,7 @@ from dataclasses import astuple, dataclass
 from typing import Protocol
 
 from common.config import ServeConfig
-from environments.step_table import StepTable
+from environments.queueing.step_table import StepTable
 from pruners.actions import NONE, PruningAction
 
 CACHE_SHAPING = ("attention_heads", "transformer_layers")   # their KV cache differs in shape from the dense one

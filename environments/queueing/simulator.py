@@ -2,7 +2,7 @@
 
 Why: a live server decodes ~30 tokens a second per row here, so a rate sweep over policies, loads and
 seeds would take days live; the simulator replays the same decisions (the scheduler's admission rule,
-cache-compatible action sets, ``observe`` and the policy objects of ``environments.serve_policy``) on the
+cache-compatible action sets, ``observe`` and the policy objects of ``environments.queueing.policies``) on the
 table's times in milliseconds, which also lets a controller learn with gamma > 0: a decision now fills or
 drains the queue that later decisions face. The live server on the same trace checks how far the table's
 times are from the real ones (bench/serve_study.py reports the attainment error).
@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from common.config import ServeConfig
-from environments.serve_policy import Pending, ServePolicy, ServeState, cache_signature, observe
-from environments.step_table import StepTable
+from environments.queueing.policies import Pending, ServePolicy, ServeState, cache_signature, observe
+from environments.queueing.step_table import StepTable
 from pruners.actions import PruningAction
 
 RATE_WINDOW_S = 10.0
