@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from pathlib import Path
 
 from common.config import ServeConfig
+from common.files import strict_json
 from common.data import ALPACA_SUBSET, data_root, load_prompts
 from serving.load import PATTERNS, bursty, check_local, from_trace, poisson, run_load, summarize
 
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                                    args.timeout, chat=not args.completions))
     duration = max((a.at_s for a in arrivals), default=0.0) or args.duration
     summary = {"pattern": args.pattern, "rate": args.rate, "seed": args.seed, **summarize(records, duration)}
-    print(json.dumps(summary, indent=1))
+    print(strict_json(summary, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+        args.out.write_text("".join(strict_json(r.to_dict()) + "\n" for r in records))
     return 0
 
 

@@ -40,6 +40,7 @@ import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from common.files import strict_json  # noqa: E402
 from common.config import RunConfig, ServeConfig  # noqa: E402
 from common.data import ALPACA_SUBSET, data_root, load_prompts  # noqa: E402
 from environments.queueing.policies import RulePolicy, SlackPolicy, StaticPolicy  # noqa: E402
@@ -166,7 +167,7 @@ def stage_quality(args) -> dict:
                 pruned = score_reference(loaded.model, ids, ref)
             out["ppl_ratio"][label].append(ppl_ratio(pruned, dense))
             out["kl"][label].append(mean_kl(dense, pruned))
-    (args.out_dir / "quality.json").write_text(json.dumps(out, indent=1))
+    (args.out_dir / "quality.json").write_text(strict_json(out, indent=1))
     return {label: {"ppl_ratio_mean": statistics.fmean(out["ppl_ratio"][label]),
                     "kl_mean": statistics.fmean(out["kl"][label])} for label in MENU}
 
@@ -301,7 +302,7 @@ def stage_sweep(args) -> dict:
     result = {"dense_capacity_rps": capacity, "fitted_rule": rule.name, "slo": [cfg.slo_ttft_ms, cfg.slo_tpot_ms],
               "max_batch": cfg.max_batch, "duration_s": args.duration, "test_seeds": len(test_seeds),
               "train_seeds": len(train_seeds), "cells": cells, "table_meta": table.meta}
-    (args.out_dir / "sweep.json").write_text(json.dumps(result, indent=1, default=float))
+    (args.out_dir / "sweep.json").write_text(strict_json(result, float, indent=1))
     plot(result, args.out_dir)
     return result
 
@@ -424,7 +425,7 @@ def stage_live(args) -> dict:
               "sim_ttft_p50": statistics.median([o.ttft for o in simulated if o.ttft is not None] or [math.nan]),
               "live_actions": {a: live_tokens.count(a) for a in set(live_tokens)},
               "sim_actions": {a: sim_tokens.count(a) for a in set(sim_tokens)}, "load_average": os.getloadavg()}
-    (args.out_dir / "live.json").write_text(json.dumps(result, indent=1))
+    (args.out_dir / "live.json").write_text(strict_json(result, indent=1))
     return result
 
 
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     result = stage(args)
     result = {"stage": args.stage, "wall_s": round(time.time() - started, 1), **result}
-    print(render_sweep(result) if args.stage == "sweep" else json.dumps(result, indent=1, default=str))
+    print(render_sweep(result) if args.stage == "sweep" else strict_json(result, str, indent=1))
     return 0
 
 

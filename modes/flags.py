@@ -60,7 +60,7 @@ def latency_budget(text: str) -> float | str:
 
 def weight_dtype(text: str) -> str:
     if text not in WEIGHT_DTYPES:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(WEIGHT_DTYPES)}, got '{text}'")
+        raise ValueError(text)      # the flag's parser words it (KINDS), with the value cut short
     return text
 
 

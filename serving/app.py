@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from common.files import strict_json
 from serving.metrics import ServerMetrics
 from serving.protocol import (ChatRequest, CompletionRequest, OpenAIError, chunk_body, completion_body, new_id,
                               validation_error)
@@ -168,7 +169,7 @@ def build_app(ctx: ServingContext) -> FastAPI:
         usage = bool(body.stream_options and body.stream_options.get("include_usage"))
 
         def sse(data: dict | str) -> str:
-            return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+            return f"data: {data if isinstance(data, str) else strict_json(data)}\n\n"
 
         async def events() -> AsyncIterator[str]:
             event, actions, opened = first, [], False

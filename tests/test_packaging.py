@@ -78,8 +78,8 @@ def test_pip_install_into_a_fresh_venv_gives_a_working_console_script(tmp_path):
                            "--quiet", str(source)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     env = {**os.environ, "ADAPTIVE_PRUNING_OMP": "passive", "ADAPTIVE_PRUNING_CACHE": str(tmp_path / "cache")}
-    helped = subprocess.run([str(venv / "bin" / "adaptive-pruning"), "--help"], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=120)
+    helped = subprocess.run([str(venv / "bin" / "adaptive-pruning"), "--mode", "export", "--help"], capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=120)
     assert helped.returncode == 0 and "--mode" in helped.stdout and "--gguf" in helped.stdout, helped.stderr[-2000:]
     installed = subprocess.run([str(python), "-c", "import model_loader, common.data as d; "
                                 "print(model_loader.CONFIG_DIR.is_dir(), d.BUILTIN_PATH.is_file(), model_loader.__file__)"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from common.files import atomic_write_text, strict_json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class StepTable:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path, strict_json(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: Path, flag: str = "--step-table") -> "StepTable":
