@@ -30,6 +30,7 @@ from environments.session import build_engine  # noqa: E402
 from evaluation.wikitext import compute_perplexity, load_wikitext2_test  # noqa: E402
 from pruners import NONE, PruningAction  # noqa: E402
 from runtime.dtype import apply_weight_dtype, restore_weight_dtype, weight_dtype_scope  # noqa: E402
+from runtime.timing import pass_times  # noqa: E402
 
 ACTIONS = ("attention_heads:0.2,attention_heads:0.4,ffn_neurons:0.2,ffn_neurons:0.4,transformer_layers:0.2,"
            "transformer_layers:0.4,kv_cache:0.5")
@@ -50,13 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def switch_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    return statistics.median(pass_times(fn, repeats)) * 1e3
 
 
 def run(args: argparse.Namespace) -> dict:

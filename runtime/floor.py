@@ -14,13 +14,13 @@ trying of two passes over exactly the matrices one step reads (``decode_matrices
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from runtime.dtype import ShadowLinear
+from runtime.timing import pass_times
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,7 @@ def _read(mats: list[torch.Tensor]):
 def _timed(fn, passes: int) -> float:
     """The fastest of ``passes`` (after one untimed): a floor is the best the machine does, and on a shared
     machine the fastest pass is the one least disturbed (it errs towards a lower floor, a stricter ratio)."""
-    fn()
-    times = []
-    for _ in range(passes):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(pass_times(fn, passes))
 
 
 @torch.inference_mode()

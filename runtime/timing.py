@@ -25,6 +25,7 @@ not compare. The protocol:
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -35,6 +36,18 @@ if TYPE_CHECKING:   # torch-free at run time: latency tables load where torch is
 
 DENSE = "dense"
 T = TypeVar("T")
+
+
+def pass_times(fn: Callable[[], object], passes: int) -> list[float]:
+    """Seconds of ``passes`` calls of ``fn`` after one untimed call (the protocol's warm-up, rule 3) — for
+    timings below a whole run: a floor's matrix pass, an engine switch."""
+    fn()
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
 
 
 @dataclass(frozen=True)
