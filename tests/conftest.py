@@ -38,3 +38,9 @@ def embedded_loaded() -> model_loader.LoadedModel:
         return model_loader.load_model("smollm2-135m", device="cpu")
     except model_loader.ModelLoadError as err:
         pytest.skip(f"embedded model unavailable: {err}")
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    """24 token ids of the tiny model's vocabulary, the same in every test that compares logits."""
+    return torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(0))

@@ -32,11 +32,6 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture
-def ids() -> torch.Tensor:
-    return torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
 def calibration_ids(tiny) -> list[torch.Tensor]:
     return tokenize_calibration(CALIBRATION_SENTENCES[:4], tiny.tokenizer, 64)
 

@@ -34,11 +34,6 @@ def flops(model, ids: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-@pytest.fixture
-def ids() -> torch.Tensor:
-    return torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(0))
-
-
 def engine_for(loaded, tmp_path, **kwargs) -> PruningEngine:
     return PruningEngine(loaded.model, tokenizer=loaded.tokenizer, cache_dir=tmp_path, **kwargs)
 

@@ -16,11 +16,6 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.fixture
-def ids() -> torch.Tensor:
-    return torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(0))
-
-
 def test_int8_quantization_is_per_channel_and_close():
     w = torch.randn(48, 32) * torch.linspace(0.01, 3, 48)[:, None]    # rows of very different scale
     q, scale = quantize_int8(w)
