@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import platform
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,7 +31,7 @@ from environments.live import idle_dense_latency, table_speed
 from environments.latency_calibration import CalibrationSet, Calibrator, LevelCalibration
 from machine.load_signals import BASIC, hardware_feature_names
 from environments.outcomes.cache import OutcomeCache, PromptOutcomes, digest, engine_settings, precompute
-from environments.records import EpisodeRecord, Outcome
+from environments.records import Outcome
 from environments.reward import constrained_parts, effective_budget, reward_terms
 from environments.state import state_vector
 from machine.replay import RecordedHardware
