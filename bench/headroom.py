@@ -10,6 +10,7 @@ training (predictors fitted) and held-out (every figure) halves (``common.data.P
 prompt is cached (``--cache-dir``), so a run can be stopped and resumed or grown.
 
     PYTHONPATH=. timeout 3h .venv/bin/python bench/headroom.py --model smollm2-135m --prompts 150
+    PYTHONPATH=. .venv/bin/python bench/headroom.py --prompts 1000 --executor ray     # one actor per CPU
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ import torch  # noqa: E402
 
 from common import hub  # noqa: E402
 from common.calibration import calibration_set
-from common.config import EnvConfig, RunConfig
+from common.config import EXECUTORS, EnvConfig, RunConfig
 from common.data import ALPACA_SUBSET, PromptSet, data_root, load_prompts, normalise
+from environments.outcomes.fanout import ray_headroom
 from environments.outcomes.headroom import HeadroomRecord, measure_headroom
 from environments.live import PruningEnvironment
 from environments.outcomes.cache import engine_settings
@@ -119,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--layers", action="store_true", help="also the transformer_layers actions")
+    parser.add_argument("--executor", default="local", choices=EXECUTORS,
+                        help="ray: prompts measured by Ray actors, one CPU and one torch thread each")
+    parser.add_argument("--ray-address", default=None, help="--executor ray: a cluster (default: a local instance)")
+    parser.add_argument("--workers", type=int, default=None, help="--executor ray: actors (default: the CPUs Ray sees)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop measuring new prompts after this long and report on those measured")
     args = parser.parse_args(argv)
@@ -140,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     # training and held-out prompts alternate, so a run stopped by --minutes leaves both sides measured
     interleaved = [p for pair in itertools.zip_longest(train, held) for p in pair if p is not None]
     deadline = time.monotonic() + 60 * args.minutes if args.minutes else None
+    fanout = None
+    if args.executor == "ray":
+        def fanout(todo):
+            return ray_headroom(cfg, todo, actions, cfg.offline.prompt_kl_tokens, args.ray_address, args.workers)
     measured = dict(zip((p.id for p in interleaved),
                         measure_headroom(env, analyzer, interleaved, actions, folder, settings,
-                                         cfg.offline.prompt_kl_tokens, deadline)))
+                                         cfg.offline.prompt_kl_tokens, deadline, fanout)))
     records = {side: [measured[p.id] for p in prompts if measured.get(p.id) is not None]
                for side, prompts in (("train", train), ("held", held))}
     data = {side: [to_damage(r, labels) for r in recs] for side, recs in records.items()}

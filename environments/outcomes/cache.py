@@ -55,8 +55,8 @@ class PromptOutcomes:
     def from_dict(cls, d: dict) -> "PromptOutcomes":
         actions = {k: ActionQuality(**{**v, "half_log_ratio": tuple(v["half_log_ratio"]),
                                        "half_kl": tuple(v["half_kl"]) if v.get("half_kl") else None})
-                   for k, v in d.pop("actions").items()}
-        return cls(**d, actions=actions)
+                   for k, v in d["actions"].items()}
+        return cls(**{k: v for k, v in d.items() if k != "actions"}, actions=actions)
 
 
 def engine_settings(cfg: RunConfig, model_name: str, model_source: str) -> dict:

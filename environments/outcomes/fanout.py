@@ -25,17 +25,20 @@ OBJECT_STORE_BYTES = 256 * 2**20
 
 
 class OutcomeWorker:
-    """One model + engine + environment, measuring prompts one at a time (a Ray actor's body)."""
+    """One model + engine + environment, measuring prompts one at a time (a Ray actor's body). The engine is
+    built for ``labels`` (default: the run's action space), as the driver built its own."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, labels: Sequence[str] | None = None) -> None:
         from environments.live import PruningEnvironment
         from environments.session import action_space, build_engine
         from model_loader import load_model
         import torch
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         loaded = load_model(cfg.model, device=cfg.device)
-        engine = build_engine(cfg, loaded, action_space(cfg))
+        actions = [PruningAction.parse(label) for label in labels] if labels else action_space(cfg)
+        engine = build_engine(cfg, loaded, actions)
         self.env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
+        self.analyzer = None
 
     def measure(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int, known: dict | None) -> dict:
         from environments.outcomes.cache import measure_prompt
@@ -44,24 +47,47 @@ class OutcomeWorker:
                                   PromptOutcomes.from_dict(known) if known else None)
         return asdict(outcomes)
 
+    def headroom(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int) -> dict:
+        from environments.outcomes.headroom import measure_record
+        from nlp_analyzer import PromptAnalyzer
+        if self.analyzer is None:
+            self.analyzer = PromptAnalyzer("auto")
+        actions = [PruningAction.parse(label) for label in labels]
+        return asdict(measure_record(self.env, self.analyzer, prompt, actions, prompt_kl_tokens))
 
-def ray_measure(cfg: RunConfig, todo: Sequence[tuple[Prompt, PromptOutcomes | None]], actions: Sequence[PruningAction],
-                prompt_kl_tokens: int, address: str | None = None, workers: int | None = None
-                ) -> Iterator[tuple[Prompt, PromptOutcomes]]:
-    """(prompt, outcomes) as Ray actors finish them (any order)."""
+
+def actor_pool(cfg: RunConfig, jobs: int, labels: Sequence[str] | None = None, address: str | None = None,
+               workers: int | None = None):
+    """A Ray ActorPool of ``OutcomeWorker``s, one CPU each (``ray.init()`` here unless Ray already runs)."""
     import ray
     from ray.util import ActorPool
     if not ray.is_initialized():
         local = {} if address else {"object_store_memory": OBJECT_STORE_BYTES}   # outcomes are a few kB
         ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": str(hub.PROJECT_ROOT)}},
                  include_dashboard=False, log_to_driver=False, **local)
-    n = workers or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
-    log.info("outcome precompute on Ray: %d actors for %d prompts", n, len(todo))
+    n = workers or max(1, min(jobs, int(ray.available_resources().get("CPU", 1))))
+    log.info("precompute on Ray: %d actors for %d prompts", n, jobs)
     actor = ray.remote(num_cpus=1)(OutcomeWorker)
-    pool = ActorPool([actor.remote(cfg) for _ in range(n)])
+    return ActorPool([actor.remote(cfg, labels) for _ in range(n)])
+
+
+def ray_measure(cfg: RunConfig, todo: Sequence[tuple[Prompt, PromptOutcomes | None]], actions: Sequence[PruningAction],
+                prompt_kl_tokens: int, address: str | None = None, workers: int | None = None
+                ) -> Iterator[tuple[Prompt, PromptOutcomes]]:
+    """(prompt, outcomes) as Ray actors finish them (any order)."""
+    pool = actor_pool(cfg, len(todo), address=address, workers=workers)
     labels = [a.label for a in actions]
     by_id = {p.id: p for p, _ in todo}
     jobs = [(p, None if known is None else asdict(known)) for p, known in todo]
     for result in pool.map_unordered(lambda a, job: a.measure.remote(job[0], labels, prompt_kl_tokens, job[1]), jobs):
         outcomes = PromptOutcomes.from_dict(result)
         yield by_id[outcomes.prompt_id], outcomes
+
+
+def ray_headroom(cfg: RunConfig, prompts: Sequence[Prompt], actions: Sequence[PruningAction], prompt_kl_tokens: int,
+                 address: str | None = None, workers: int | None = None) -> Iterator[dict]:
+    """Headroom records (``environments.outcomes.headroom``, as dicts) of ``prompts`` as Ray actors finish
+    them (any order); each actor's engine is built for exactly ``actions``."""
+    labels = [a.label for a in actions]
+    pool = actor_pool(cfg, len(prompts), labels, address, workers)
+    yield from pool.map_unordered(lambda a, p: a.headroom.remote(p, labels, prompt_kl_tokens), list(prompts))

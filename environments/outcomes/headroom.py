@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from tqdm import tqdm
 
@@ -66,19 +66,33 @@ def measure_record(env, analyzer, prompt: Prompt, actions: Sequence[PruningActio
 
 
 def measure_headroom(env, analyzer, prompts: Sequence[Prompt], actions: Sequence[PruningAction], folder: Path,
-                     settings: dict, prompt_kl_tokens: int, deadline: float | None = None) -> list[HeadroomRecord | None]:
+                     settings: dict, prompt_kl_tokens: int, deadline: float | None = None,
+                     fanout: Callable[[Sequence[Prompt]], Iterator[dict]] | None = None) -> list[HeadroomRecord | None]:
     """Records of the prompts, in their order, measuring only those not on disk (an interrupted run resumes).
-    After ``deadline`` (``time.monotonic()``) nothing more is measured: the prompts left get None."""
-    records: list[HeadroomRecord | None] = []
-    for prompt in tqdm(prompts, desc="headroom prompts", unit="prompt"):
+    ``fanout`` measures the missing prompts elsewhere (``environments.outcomes.fanout.ray_headroom``) and yields
+    their records as dicts in any order; they are written here either way. After ``deadline``
+    (``time.monotonic()``) nothing more is measured: the prompts left get None."""
+    records: dict[str, HeadroomRecord] = {}
+    todo = []
+    for prompt in prompts:
         path = record_path(folder, settings, prompt)
         if path.is_file():
-            records.append(HeadroomRecord.from_dict(json.loads(path.read_text())))
-            continue
+            records[prompt.id] = HeadroomRecord.from_dict(json.loads(path.read_text()))
+        else:
+            todo.append(prompt)
+
+    def local() -> Iterator[dict]:
+        for prompt in todo:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            yield asdict(measure_record(env, analyzer, prompt, actions, prompt_kl_tokens))
+
+    by_id = {p.id: p for p in todo}
+    measured = fanout(todo) if fanout is not None and todo else local()
+    for data in tqdm(measured, total=len(todo), desc="headroom prompts", unit="prompt", disable=not todo):
+        record = HeadroomRecord.from_dict(data)
+        atomic_write_text(record_path(folder, settings, by_id[record.prompt_id]), json.dumps(data))
+        records[record.prompt_id] = record
         if deadline is not None and time.monotonic() > deadline:
-            records.append(None)
-            continue
-        record = measure_record(env, analyzer, prompt, actions, prompt_kl_tokens)
-        atomic_write_text(path, json.dumps(asdict(record)))
-        records.append(record)
-    return records
+            break
+    return [records.get(p.id) for p in prompts]
