@@ -28,6 +28,7 @@ if __name__ == "__main__":
     openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import copy  # noqa: E402
 import importlib.util  # noqa: E402
 import logging  # noqa: E402
@@ -40,6 +41,7 @@ from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
@@ -151,6 +153,8 @@ def llama_cpp_runner(ids: list[int], new_tokens: int) -> Callable[[int], float] 
     import llama_cpp
 
     models: dict[int, llama_cpp.Llama] = {}
+    # closed before the interpreter tears llama_cpp down (its __del__ fails at exit otherwise)
+    atexit.register(lambda: [llm.close() for llm in models.values()])
 
     def run(threads: int) -> float:
         llm = models.get(threads)
@@ -161,7 +165,9 @@ def llama_cpp_runner(ids: list[int], new_tokens: int) -> Callable[[int], float] 
         llm.eval(ids)
         steps = []
         for _ in range(new_tokens - 1):
-            token = int(llm.scores[llm.n_tokens - 1].argmax())
+            # without logits_all, llama-cpp-python 0.3 keeps no scores: read the last position's logits
+            last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            token = int(last.argmax())
             started = time.perf_counter()
             llm.eval([token])
             steps.append(time.perf_counter() - started)

@@ -175,9 +175,14 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_gguf: Path
     padding = vocab_size - len(tokens)        # embedding rows no token uses (convert_hf_to_gguf pads the same way)
     tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     types += [gguf.TokenType.UNUSED] * padding
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    if not model.get("merges"):
+        # A bytes-only BPE (the tests' tiny model): llama.cpp's gpt2 vocabulary requires merges and the gguf
+        # package writes no empty array, so llama.cpp is told "none": it runs on token ids and ignores the list.
+        writer.add_tokenizer_model("none")
+        return "tokenizer.json without merges: llama.cpp vocabulary 'none' (token ids only)"
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
     gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
     return "tokenizer.json (byte-level BPE, pre-tokenizer 'default')"
