@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) adaptive_pruning.py --mode test --checkpoint checkpoints/demo.pt --test-samples 10
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The OpenAI-compatible server on the embedded model, on 127.0.0.1:8000 (docs/serving.md): continuous batching up to
 # 8 rows, the slack policy picking an FFN width every decode step (its step-time table is measured at the first

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", default=None, help="--executor ray: a cluster (default: a local instance)")
     parser.add_argument("--workers", type=int, default=None, help="--executor ray: actors (default: the CPUs Ray sees)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="stop measuring new prompts after this long and report on those measured")
+                        help="stop measuring new prompts after this long and report on those measured (0: report only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     # training and held-out prompts alternate, so a run stopped by --minutes leaves both sides measured
     interleaved = [p for pair in itertools.zip_longest(train, held) for p in pair if p is not None]
-    deadline = time.monotonic() + 60 * args.minutes if args.minutes else None
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes is not None else None
     fanout = None
     if args.executor == "ray":
         def fanout(todo):
