@@ -29,6 +29,7 @@ from reporting import summaries
 from environments.records import RUN_KINDS, SCHEMA_VERSION
 from reporting.plots import PLOTS, overlay_pareto, overlay_reward, render_plots
 from reporting.schema import validate_metrics
+from reporting.study.equal_speed import equal_speed_section
 from reporting.summaries import ALL, DENSE
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def report_markdown(metrics: Mapping, summary: Mapping, run_name: str, plots: Ma
     lines += offline_sections.quality_section(summary.get("quality"))
     lines += offline_sections.offline_train_section(metrics.get("offline"), metrics.get("action_space") or [])
     lines += offline_sections.offline_test_section(summary.get("offline_test"))
+    lines += equal_speed_section(summary.get("equal_speed"))
     if "evaluation" in summary:
         lines += _evaluation_section(summary["evaluation"])
     if metrics.get("baselines"):
