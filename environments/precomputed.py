@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -257,6 +257,21 @@ def calibration_settings(cfg, engine: dict, scenarios, labels: Sequence[str], bu
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
+def cache_root(cfg) -> Path:
+    return Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else hub.cache_dir() / "offline"
+
+
+def cached_probe_outcomes(s, prompts: Sequence[Prompt]) -> dict:
+    """The outcomes (with probe features) and syntax features of those ``prompts`` the outcome cache holds, measured
+    by an earlier run (a test run's training prompts: the in-study headroom report reads them); nothing measured."""
+    cache = OutcomeCache(cache_root(s.cfg) / "outcomes", engine_settings(s.cfg, s.loaded.name, s.loaded.source))
+    known = {p.id: (p, o) for p in prompts if (o := cache.load(p)) is not None and o.has_probe(s.actions)}
+    texts = [p.text for p, _ in known.values()]
+    features = s.analyzer.analyze_batch(texts, tokenizer=s.loaded.tokenizer) if texts else []
+    return {"outcomes": {pid: asdict(o) for pid, (_, o) in known.items()},
+            "features": {pid: asdict(f) for pid, f in zip(known, features)}}
+
+
 def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequence[Prompt], scenarios) -> OfflineData:
     """Outcomes of `prompts` and the calibration set, from the caches or measured now with session `s`.
 
@@ -264,7 +279,7 @@ def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequen
     timed short and long inputs; the buckets are those `prompts` and the calibration prompts fall in.
     """
     cfg, env = s.cfg, s.env
-    root = Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else hub.cache_dir() / "offline"
+    root = cache_root(cfg)
     engine = engine_settings(cfg, s.loaded.name, s.loaded.source)
     outcomes = precompute(env, OutcomeCache(root / "outcomes", engine), prompts, s.actions,
                           cfg.offline.prompt_kl_tokens, cfg.offline.executor, cfg, cfg.offline.ray_address,

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-from common.config import RunConfig
+from common.config import RunConfig, uses_probe
 from common.data import load_prompts
 from controller import checkpointing
 from machine.contention import contention, parse_scenarios
@@ -17,7 +17,7 @@ from environments.session import open_session, with_trained_engine
 from environments.state import state_feature_names, state_vector
 from controller.arms import FittedArms
 from controller.study import POLICY, arms
-from environments.precomputed import OfflineEnvironment, build_offline_data, evaluate_offline
+from environments.precomputed import OfflineEnvironment, build_offline_data, cached_probe_outcomes, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
 from modes.flags import check_environment, flags_of
 from modes.validate import check_checkpoint_fits, naming
@@ -203,6 +203,9 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
             name = ablation if ablation != "none" and ablation not in policies else Path(path).stem
             policies[name] = (seed_agents(other, model_id), ablation)
         result = evaluate_offline(env, arms(env, policies, fitted), cfg.offline.telemetry_draws, cfg.seed)
+        offline = offline_record(data, fitted)
+        if uses_probe(cfg.state_features):     # the training prompts' side of the in-study headroom report
+            offline["headroom_train"] = cached_probe_outcomes(s, calibration)
         extra = {}
         if eval_cfg is not None:
             from evaluation.suite import LM_EVAL_DIR, run_evaluation
@@ -212,5 +215,5 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
             extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine,
                                                  output_dir=run_dir.path / LM_EVAL_DIR)
     metrics = metrics_skeleton("test", cfg, prov, labels, checkpoint=str(cfg.checkpoint), offline_test=result,
-                               offline=offline_record(data, fitted), load_verification=load_check(data), **extra)
+                               offline=offline, load_verification=load_check(data), **extra)
     return finish_run(run_dir, metrics)

@@ -738,5 +738,7 @@ def summarize(metrics: Mapping, seed: int = 0) -> dict:
     if offline.get("calibrations"):
         out["calibrations"] = summarize_calibrations(offline["calibrations"])
     if offline.get("outcomes"):
+        from reporting.study.headroom import summarize_headroom
         out["quality"] = summarize_quality(offline["outcomes"])
+        out["headroom"] = summarize_headroom(offline)
     return out
