@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.markdown import fmt, fmt_ci, md_table
+from common.markdown import fmt, fmt_ci, fmt_pct, md_table
 from reporting.summaries import POLICY, _cube, ci_sign, clustered_bootstrap_ci
 
 LEVEL = "idle"
@@ -94,3 +94,14 @@ def equal_speed_section(e: Mapping | None) -> list[str]:
             *md_table(["arm", "speedup ×", "PPL ratio", "reward"], rows), "",
             f"Policy − static, log PPL ratio (negative: the policy keeps more quality) {fmt_ci(quality)} "
             f"(**{verdict}**); reward {fmt_ci(e['vs_reward'])} ({ci_sign(e['vs_reward'])}).", ""]
+
+
+def selection_cost_lines(selection: Mapping | None) -> list[str]:
+    """--importance probe: what choosing and gathering a request's units cost against its dense generation (not in
+    the latency tables, which time the static prefix views of the same shapes)."""
+    if not selection:
+        return []
+    return [f"Per-request unit selection + gather (`--importance probe`): median {fmt(1e3 * selection['median_s'], 1)} "
+            f"ms over {selection['selections']} selections, {fmt_pct(selection['median_share_of_dense_generation'])} "
+            "of the request's dense generation (median). The speedups above time the static prefix views of the same "
+            "shapes and leave this cost out.", ""]
