@@ -30,7 +30,7 @@ from pruners.recovery.compensation import layer_runs
 from pruners.model_info import decoder_layers
 from pruners.scoring.probe import FFN_INPUT, HEADS_INPUT, PrefillRecord, tail
 
-VERSION = 1                     # of these definitions: an outcome cache's stored features are recomputed when it changes
+VERSION = 1                     # of these definitions: stored features of another version are recomputed
 PROBED = ("attention_heads", "ffn_neurons", "transformer_layers")   # targets with an injected-error feature
 DENSE = ("log_tokens", "prompt_nll", "prompt_entropy", "prompt_top1", "last_entropy", "last_margin",
          "log_norm_early", "log_norm_final")

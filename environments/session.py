@@ -13,7 +13,8 @@ from pruners import PRUNE_TARGETS, ActionSpaceConfig, PruningAction, PruningEngi
 from pruners.recovery.elastic import ensure_stored_order, find_menu
 from runtime.dtype import apply_weight_dtype
 from common.calibration import calibration_set
-from common.config import PROBE_BLEND, PROBE_IMPORTANCE, EngineConfig, RunConfig, hardware_kind, static_importance, uses_probe
+from common.config import (PROBE_BLEND, PROBE_IMPORTANCE, EngineConfig, RunConfig, hardware_kind, static_importance,
+                           uses_probe)
 from machine.load_signals import CONTENTION, SlowdownTracker
 from environments.state import StateBuilder
 

@@ -80,7 +80,9 @@ def ray_measure(cfg: RunConfig, todo: Sequence[tuple[Prompt, PromptOutcomes | No
     labels = [a.label for a in actions]
     by_id = {p.id: p for p, _ in todo}
     jobs = [(p, None if known is None else asdict(known)) for p, known in todo]
-    for result in pool.map_unordered(lambda a, job: a.measure.remote(job[0], labels, prompt_kl_tokens, job[1], probe), jobs):
+    def measure(actor, job):
+        return actor.measure.remote(job[0], labels, prompt_kl_tokens, job[1], probe)
+    for result in pool.map_unordered(measure, jobs):
         outcomes = PromptOutcomes.from_dict(result)
         yield by_id[outcomes.prompt_id], outcomes
 

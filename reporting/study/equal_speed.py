@@ -53,7 +53,8 @@ def summarize_equal_speed(ot: Mapping, seed: int = 0) -> dict | None:
     matrices = {"speedup": np.asarray(ot["speedup"], float), "log_ppl": np.log(np.asarray(ot["ppl_ratio"], float)),
                 "reward": np.asarray(ot["reward"], float)}
     cells = np.arange(len(keys))
-    policy = {m: np.stack([v[cells, np.asarray(a, dtype=int)] for a in ot["arms"][POLICY]]) for m, v in matrices.items()}
+    policy = {m: np.stack([v[cells, np.asarray(a, dtype=int)] for a in ot["arms"][POLICY]])
+              for m, v in matrices.items()}
     target = float(policy["speedup"][:, selected].mean())
     speed, log_ppl = matrices["speedup"][selected].mean(0), matrices["log_ppl"][selected].mean(0)
     mix = best_mix(speed, log_ppl, target)
