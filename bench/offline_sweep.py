@@ -39,7 +39,7 @@ def sweep(train: dict, test: dict, budgets: list[float], weights: list[float], e
     cfg = train["config"]
     data = OfflineData.from_record(train["offline"]).merged(OfflineData.from_record(test["offline"]))
     train_ids, test_ids = [p["id"] for p in train["offline"]["prompts"]], [p["id"] for p in test["offline"]["prompts"]]
-    labels, names = train["action_space"], state_feature_names(cfg["state_features"])
+    labels = train["action_space"]
     dqn = DQNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["dqn"].items()})
     points = []
     for budget in tqdm(budgets, desc="latency budgets"):
@@ -48,6 +48,7 @@ def sweep(train: dict, test: dict, budgets: list[float], weights: list[float], e
             envs = [OfflineEnvironment(data, ids, split, labels, reward, cfg["env"]["long_prompt_tokens"],
                                        cfg["state_features"], cfg["ablation"])
                     for ids, split in ((train_ids, "train"), (test_ids, "test"))]
+            names = state_feature_names(cfg["state_features"], envs[0].probe_names)   # probe names: from the data
             result = run_study(*envs, names, dqn, episodes, [cfg["seed"] + i for i in range(seeds)],
                                cfg["offline"]["telemetry_draws"], cfg["seed"])
             summary = summarize_offline(result)

@@ -50,7 +50,7 @@ from model_loader import load_model  # noqa: E402
 from pruners import PruningAction  # noqa: E402
 from pruners.scoring.calibration_pass import calibration_pass  # noqa: E402
 from pruners.recovery.compensation import TailSums  # noqa: E402
-from pruners.scoring.importance import fluctuation_scores  # noqa: E402
+from pruners.scoring.criteria import Fluctuation, Magnitude, Statistics, score_targets  # noqa: E402
 from pruners.scoring.probe import PrefillRecorder, select_units  # noqa: E402
 from runtime.generation import generate  # noqa: E402
 
@@ -108,7 +108,8 @@ def in_domain(model, engine, texts: list[torch.Tensor]):
     """Fluctuation scores (ffn, kv groups) and means of the model's current unit order on in-domain text."""
     tails = TailSums()
     calibration_pass(model, [t.view(1, -1) for t in texts if t.numel() > 1], [tails], desc="in-domain statistics")
-    return fluctuation_scores(model, engine.dims, tails), tails.mean()
+    scores = score_targets("fluctuation", (Fluctuation(), Magnitude()), model, Statistics(tails=tails))
+    return (scores.ffn, scores.kv_groups), tails.mean()
 
 
 def nll(model, context: torch.Tensor, target: torch.Tensor) -> float:

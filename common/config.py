@@ -14,10 +14,31 @@ from typing import Any, ClassVar
 
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
 ENVIRONMENTS = ("offline", "live")
-STATE_FEATURES = ("basic", "contention")
+STATE_FEATURES = ("basic", "contention")           # the hardware part of the state
+PROBE = "probe"     # "+probe": the prompt's prefill-probe features join the state (environments.probe_features)
+STATE_FEATURE_SETS = (*STATE_FEATURES, *(f"{kind}+{PROBE}" for kind in STATE_FEATURES))   # what --state-features takes
+# --importance probe: the engine keeps its static order (PROBE_STATIC, calibration fluctuation) and every request's
+# heads/FFN units are re-ranked by its own prefill blended with it (pruners.scoring.probe.select_units), the
+# prompt's share PROBE_BLEND (the issue's 1:1 prior, not tuned)
+PROBE_IMPORTANCE, PROBE_STATIC, PROBE_BLEND = "probe", "fluctuation", 0.5
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # runtime.dtype: what --dtype accepts
 EXECUTORS = ("local", "ray")        # how the offline outcome precompute runs (environments.outcomes.fanout)
 OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (live: dqn.gradient_steps, 4)
+
+
+def hardware_kind(state_features: str) -> str:
+    """The hardware part of a --state-features value ("contention+probe" -> "contention")."""
+    return state_features.split("+", 1)[0]
+
+
+def uses_probe(state_features: str) -> bool:
+    """Whether a --state-features value adds the prefill-probe features."""
+    return state_features.endswith(f"+{PROBE}")
+
+
+def static_importance(importance: str) -> str:
+    """The criterion that orders the engine's units (probe: its static base, re-ranked per request)."""
+    return PROBE_STATIC if importance == PROBE_IMPORTANCE else importance
 
 
 class ConfigError(ValueError):
@@ -246,7 +267,8 @@ class EngineConfig:
     structural: bool = True                 # False: masks (quality only, no speedup)
     importance: str = "fluctuation"         # FLAP; with global allocation + compensation it beat activation on
                                             # held-out calibration text (bench/recovery.py --stage select);
-                                            # magnitude ruins SmolLM2's FFN (see README)
+                                            # magnitude ruins SmolLM2's FFN (see README); "probe":
+                                            # fluctuation re-ranked per request by its prefill (PROBE_IMPORTANCE)
     allocation: str = "global"              # units per layer: global (one ranking across layers) | uniform
     recovery: str = "compensate"            # compensate (FLAP bias, least-squares layer replacement) | none
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -342,7 +364,8 @@ class RunConfig(EngineConfig):
     """A train/test run (and the model settings every mode shares); its engine settings are EngineConfig's."""
     mode: str = "train"
     environment: str = "offline"            # "offline": cached outcomes x calibrated tables; "live": generate per episode
-    state_features: str = "contention"      # "contention": + run queue, preemptions, steal, observed slowdown; "basic"
+    state_features: str = "contention"      # "contention": + run queue, preemptions, steal, observed slowdown; "basic";
+                                            # either "+probe": + the prompt's prefill-probe features (offline)
     model: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -377,7 +400,7 @@ class RunConfig(EngineConfig):
     heal: HealConfig = field(default_factory=HealConfig)
     LIMITS: ClassVar[dict[str, Limit]] = {
         "mode": text("train", "test", "eval", "report", "baselines", "export", "heal", "serve"),
-        "environment": text(*ENVIRONMENTS), "state_features": text(*STATE_FEATURES), "model": text(example="tiny"),
+        "environment": text(*ENVIRONMENTS), "state_features": text(*STATE_FEATURE_SETS), "model": text(example="tiny"),
         "device": text(example="cpu"), "seed": count(0, 2**32 - 1), "episodes": count(1, 10_000_000),
         "checkpoint": text(), "train_dataset": text(example="builtin"), "train_samples": count(1, 100_000_000),
         "test_dataset": text(optional=True, example="builtin"), "test_samples": count(1, 100_000_000),

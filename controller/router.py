@@ -10,6 +10,7 @@ import numpy as np
 from controller import checkpointing
 from pruners import ActionSpaceConfig, PruningAction, build_action_space
 from controller.dqn import DoubleDQNAgent, DQNConfig
+from common.config import PROBE_IMPORTANCE, hardware_kind, uses_probe
 from machine.load_signals import BASIC, CONTENTION, SlowdownTracker
 from environments.state import StateBuilder, state_feature_names
 
@@ -49,15 +50,29 @@ def load_router(checkpoint: str | Path, loaded, sampler=None, analyzer=None) -> 
 
     payload = checkpointing.load_checkpoint(Path(checkpoint))
     cfg = payload["config"]
+    problem = per_request_probe(cfg)
+    if problem:
+        raise checkpointing.CheckpointError(f"checkpoint {checkpoint} {problem}, which a router deciding before the "
+                                            "prefill cannot compute: test it with --mode test")
     agent, actions = agent_from_checkpoint(payload, loaded.name)
     owned = TelemetrySampler().start() if sampler is None else None
     analyzer = analyzer or PromptAnalyzer(cfg.get("nlp_backend", "auto"))   # the features it was trained on
     # A contention-state policy reads the observed slowdown too; routed scoring times no generation, so
     # its tracker stays empty and the state says so (slowdown_ok = 0), as on a first request.
-    slowdown = SlowdownTracker() if cfg.get("state_features", BASIC) == CONTENTION else None
+    slowdown = SlowdownTracker() if hardware_kind(cfg.get("state_features", BASIC)) == CONTENTION else None
     states = StateBuilder(analyzer, sampler or owned, tokenizer=loaded.tokenizer, ablation=cfg.get("ablation", "none"),
                           slowdown=slowdown)
     return PolicyRouter(agent, actions, states, owned_sampler=owned)
+
+
+def per_request_probe(config: dict) -> str | None:
+    """What of a stored run config reads each request's own prefill (probe state features, per-request units),
+    or None."""
+    if uses_probe(config.get("state_features", BASIC)):
+        return f"was trained with --state-features {config['state_features']} (features of the request's prefill)"
+    if config.get("importance") == PROBE_IMPORTANCE:
+        return f"was trained with --importance {PROBE_IMPORTANCE} (units chosen from the request's prefill)"
+    return None
 
 
 def agent_from_checkpoint(payload: dict, model_id: str) -> tuple[DoubleDQNAgent, list[PruningAction]]:
@@ -65,7 +80,9 @@ def agent_from_checkpoint(payload: dict, model_id: str) -> tuple[DoubleDQNAgent,
     cfg = payload["config"]
     actions = build_action_space(ActionSpaceConfig(targets=tuple(cfg["targets"]),
                                                    intensities=tuple(cfg["intensities"])))
-    features = state_feature_names(cfg.get("state_features", BASIC))   # checkpoints before it: basic
+    stored = payload.get("state_features") or []
+    probe = [n.removeprefix("probe.") for n in stored if n.startswith("probe.")]
+    features = state_feature_names(cfg.get("state_features", BASIC), probe)   # checkpoints before it: basic
     checkpointing.check_compatible(payload, model_id=model_id, action_space=[a.label for a in actions],
                                    state_features=features)
     dqn = DQNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["dqn"].items()})

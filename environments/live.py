@@ -5,8 +5,11 @@ continuation, dense timing) so an episode costs about one pruned generation.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from common.config import EnvConfig, RewardConfig
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from common.data import Prompt
 from runtime.generation import GenerationResult, generate
 from environments.latency_table import LatencyTable
 from pruners import NONE, PruningAction, PruningEngine, get_target
+from pruners.scoring.probe import SELECTABLE, PrefillRecord, PrefillRecorder, select_units
 from environments.outcomes.quality import TokenScores, mean_kl, ppl_ratio, score_reference
 from environments.records import Outcome
 from environments.reward import reward_terms
@@ -44,7 +48,12 @@ class PruningEnvironment:
     """One prompt in, one measured outcome out: prune, generate, time and score under the machine's load now."""
 
     def __init__(self, loaded, engine: PruningEngine, reward: RewardConfig, cfg: EnvConfig, gpu=None,
-                 slowdown: SlowdownTracker | None = None, governor: ExecutionGovernor | None = None):
+                 slowdown: SlowdownTracker | None = None, governor: ExecutionGovernor | None = None,
+                 record_prefill: bool = False, probe_blend: float | None = None):
+        """``record_prefill``: keep the activations of each reference generation's dense prefill (the probe
+        features and the per-request selection read them). ``probe_blend``: heads/FFN actions keep the units
+        ranked by the request's prefill blended with the calibration order at this weight (``--importance
+        probe``); None: the engine's static prefix."""
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.engine = engine
         self.gpu = gpu                     # open NVML handle to reuse for energy metering (None: none)
@@ -58,6 +67,10 @@ class PruningEnvironment:
         self._references: dict[str, Reference] = {}
         self._dense_scores: OrderedDict[tuple, TokenScores] = OrderedDict()
         self._calibration_ids: dict[str, torch.Tensor] = {}
+        self.record_prefill = record_prefill or probe_blend is not None
+        self.probe_blend = probe_blend
+        self._prefill: tuple[str, PrefillRecord] | None = None   # the latest prompt's recorded dense prefill
+        self.selection_costs: list[tuple[float, float]] = []     # (selection + gather s, dense generation s)
 
     # ---- prompts and references --------------------------------------------------------
     def encode(self, text: str) -> tuple[torch.Tensor, bool]:
@@ -77,7 +90,10 @@ class PruningEnvironment:
             return self._references[prompt.id]
         prompt_ids, truncated = self.encode(prompt.text)
         self.engine.restore()
-        dense, dense_energy = self._generate_metered(prompt_ids, self.cfg.max_new_tokens)
+        with PrefillRecorder(self.model) if self.record_prefill else contextlib.nullcontext() as recorder:
+            dense, dense_energy = self._generate_metered(prompt_ids, self.cfg.max_new_tokens)
+        if recorder is not None:
+            self._prefill = (prompt.id, recorder.record)
         ref_ids, source = torch.tensor(dense.tokens), "dense_greedy"
         if prompt.reference:
             answer = self.tokenizer(prompt.reference, add_special_tokens=False,
@@ -88,6 +104,36 @@ class PruningEnvironment:
         ref = Reference(prompt_ids, ref_ids.to(self.device), truncated, source, dense.total_s, dense_energy)
         self._references[prompt.id] = ref
         return ref
+
+    def prefill(self, prompt: Prompt) -> PrefillRecord:
+        """The prompt's dense prefill as its reference generation recorded it. A prompt whose reference was
+        generated before the latest one (or without recording) costs one dense forward over the prompt."""
+        ref = self.reference(prompt)
+        if self._prefill is None or self._prefill[0] != prompt.id:
+            log.debug("prompt %s: its reference prefill is gone; one dense forward records it", prompt.id)
+            self.engine.restore()
+            with PrefillRecorder(self.model) as recorder, torch.inference_mode():
+                self.model(input_ids=ref.prompt_ids.view(1, -1))
+            self._prefill = (prompt.id, recorder.record)
+        return self._prefill[1]
+
+    @contextlib.contextmanager
+    def pruned_for(self, prompt: Prompt, action: PruningAction) -> Iterator[None]:
+        """``action`` applied for this request: heads/FFN units chosen from its own prefill under ``probe_blend``
+        (gathered, then restored bit-exactly), else the engine's static prefix views."""
+        if self.probe_blend is None or action.target not in SELECTABLE:
+            with self.engine.pruned(action):
+                yield
+            return
+        record = self.prefill(prompt)
+        started = time.perf_counter()
+        selection = select_units(self.engine, record, action, weight=self.probe_blend)
+        self.selection_costs.append((time.perf_counter() - started, self.reference(prompt).dense_total_s))
+        selection.apply()
+        try:
+            yield
+        finally:
+            selection.restore()
 
     def segment(self, prompt: Prompt, start: int = 0, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, target): prompt + reference[:start] as context, the next `length` reference tokens as target."""

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,7 +33,10 @@ from machine.load_signals import BASIC, hardware_feature_names
 from environments.outcomes.cache import OutcomeCache, PromptOutcomes, digest, engine_settings, precompute
 from environments.records import Outcome
 from environments.reward import constrained_parts, effective_budget, reward_terms
+from environments.probe_features import state_names
 from environments.state import state_vector
+from common.config import uses_probe
+from pruners import PruningAction
 from machine.replay import RecordedHardware
 from machine.telemetry import HardwareState
 
@@ -49,6 +52,7 @@ class OfflineData:
     outcomes: dict[str, PromptOutcomes]
     calibrations: CalibrationSet
     features: dict[str, object]          # prompt id -> nlp_analyzer.PromptFeatures
+    selection: dict | None = None        # --importance probe: the per-request selection cost measured (selection_cost)
 
     @classmethod
     def from_record(cls, offline: dict) -> "OfflineData":
@@ -57,7 +61,7 @@ class OfflineData:
         prompts = [Prompt(p["id"], "", p["category"], None, p["source"]) for p in offline["prompts"]]
         return cls(prompts, {k: PromptOutcomes.from_dict(dict(v)) for k, v in offline["outcomes"].items()},
                    CalibrationSet.from_dict(offline["calibrations"]),
-                   {k: PromptFeatures(**v) for k, v in offline["features"].items()})
+                   {k: PromptFeatures(**v) for k, v in offline["features"].items()}, offline.get("selection"))
 
     def merged(self, other: "OfflineData") -> "OfflineData":
         """This run's prompts with another's (a train and a test run of the same calibration set)."""
@@ -65,7 +69,8 @@ class OfflineData:
             raise ValueError("the two runs were calibrated differently: merge runs of one calibration set")
         known = {p.id for p in self.prompts}
         return OfflineData(self.prompts + [p for p in other.prompts if p.id not in known],
-                           {**other.outcomes, **self.outcomes}, self.calibrations, {**other.features, **self.features})
+                           {**other.outcomes, **self.outcomes}, self.calibrations, {**other.features, **self.features},
+                           self.selection or other.selection)
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,19 @@ class OfflineEnvironment:
         self.labels, self.reward_cfg, self.ablation = list(action_labels), reward, ablation
         self.long_prompt_tokens = long_prompt_tokens
         self.n_hardware = len(hardware_feature_names(state_features))
+        self.probe_names: list[str] = []               # the probe features the state reads (none without +probe)
+        self.probe: list[list[float]] = [[] for _ in self.outcomes]
+        if uses_probe(state_features):
+            self._read_probe()
         self._fill()
+
+    def _read_probe(self) -> None:
+        missing = [p.id for p, o in zip(self.prompts, self.outcomes) if o.probe is None]
+        if missing:
+            raise ValueError(f"{len(missing)} prompts' outcomes have no probe features (e.g. {missing[0]}): measure "
+                             "them with --state-features ...+probe")
+        self.probe_names = state_names(self.outcomes[0].probe, [PruningAction.parse(a) for a in self.labels])
+        self.probe = [[o.probe[n] for n in self.probe_names] for o in self.outcomes]
 
     # ---- the reward matrix ------------------------------------------------------------------
     def bucket(self, outcome: PromptOutcomes) -> str:
@@ -169,7 +186,8 @@ class OfflineEnvironment:
         return self.cals[cell.calibration].level
 
     def state(self, cell: Cell, ablation: str | None = None) -> np.ndarray:
-        return state_vector(self.hardware(cell), self.features[cell.prompt], ablation or self.ablation)
+        return state_vector(self.hardware(cell), self.features[cell.prompt], ablation or self.ablation,
+                            self.probe[cell.prompt])
 
     def outcome(self, cell: Cell, action: int) -> Outcome:
         c, p = cell.calibration, cell.prompt
@@ -210,6 +228,22 @@ def evaluate_offline(env: OfflineEnvironment, arms: dict[str, list[Chooser]], dr
     }
 
 
+def selection_cost(env) -> dict | None:
+    """The per-request cost of --importance probe's unit selection and gather, against the dense generation of the
+    same request (what a deployed request pays before its decode; not in the latency tables' speedups), over the
+    selections measured in this process (None: none)."""
+    if not env.selection_costs:
+        return None
+    costs = np.array([cost for cost, _ in env.selection_costs])
+    shares = np.array([cost / dense for cost, dense in env.selection_costs if dense > 0])
+    out = {"selections": len(costs), "median_s": float(np.median(costs)),
+           "median_share_of_dense_generation": float(np.median(shares)) if shares.size else None}
+    log.info("per-request unit selection + gather (--importance probe): median %.1f ms over %d selections, %s of "
+             "the request's dense generation (median)", 1e3 * out["median_s"], out["selections"],
+             "n/a" if shares.size == 0 else f"{100 * out['median_share_of_dense_generation']:.1f} %")
+    return out
+
+
 def calibration_settings(cfg, engine: dict, scenarios, labels: Sequence[str], buckets: Sequence[str],
                          calibration_texts: Sequence[str]) -> dict:
     """Everything a calibration set depends on: the engine, the levels, the timing protocol, this machine."""
@@ -223,6 +257,21 @@ def calibration_settings(cfg, engine: dict, scenarios, labels: Sequence[str], bu
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
+def cache_root(cfg) -> Path:
+    return Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else hub.cache_dir() / "offline"
+
+
+def cached_probe_outcomes(s, prompts: Sequence[Prompt]) -> dict:
+    """The outcomes (with probe features) and syntax features of those ``prompts`` the outcome cache holds, measured
+    by an earlier run (a test run's training prompts: the in-study headroom report reads them); nothing measured."""
+    cache = OutcomeCache(cache_root(s.cfg) / "outcomes", engine_settings(s.cfg, s.loaded.name, s.loaded.source))
+    known = {p.id: (p, o) for p in prompts if (o := cache.load(p)) is not None and o.has_probe(s.actions)}
+    texts = [p.text for p, _ in known.values()]
+    features = s.analyzer.analyze_batch(texts, tokenizer=s.loaded.tokenizer) if texts else []
+    return {"outcomes": {pid: asdict(o) for pid, (_, o) in known.items()},
+            "features": {pid: asdict(f) for pid, f in zip(known, features)}}
+
+
 def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequence[Prompt], scenarios) -> OfflineData:
     """Outcomes of `prompts` and the calibration set, from the caches or measured now with session `s`.
 
@@ -230,10 +279,12 @@ def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequen
     timed short and long inputs; the buckets are those `prompts` and the calibration prompts fall in.
     """
     cfg, env = s.cfg, s.env
-    root = Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else hub.cache_dir() / "offline"
+    root = cache_root(cfg)
     engine = engine_settings(cfg, s.loaded.name, s.loaded.source)
     outcomes = precompute(env, OutcomeCache(root / "outcomes", engine), prompts, s.actions,
-                          cfg.offline.prompt_kl_tokens, cfg.offline.executor, cfg, cfg.offline.ray_address)
+                          cfg.offline.prompt_kl_tokens, cfg.offline.executor, cfg, cfg.offline.ray_address,
+                          probe=uses_probe(cfg.state_features))
+    selection = selection_cost(env)
     texts = [p.text for p in calibration_prompts][:64]
     env.set_calibration_prompts(texts)
     buckets = sorted({env.bucket(env.encode(p.text)[0].numel()) for p in [*prompts, *calibration_prompts]},
@@ -247,4 +298,4 @@ def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequen
     Calibrator(env, s.sampler, scenarios, s.actions, cfg.env.calibration_repeats, cfg.seed).run(
         cs, settings["rounds"], save=lambda c: atomic_write_text(path, json.dumps(c.to_dict())))
     features = s.analyzer.analyze_batch([p.text for p in prompts], tokenizer=s.loaded.tokenizer, progress=True)
-    return OfflineData(list(prompts), outcomes, cs, {p.id: f for p, f in zip(prompts, features)})
+    return OfflineData(list(prompts), outcomes, cs, {p.id: f for p, f in zip(prompts, features)}, selection)

@@ -30,6 +30,8 @@ from pruners.recovery.compensation import layer_runs
 from pruners.model_info import decoder_layers
 from pruners.scoring.probe import FFN_INPUT, HEADS_INPUT, PrefillRecord, tail
 
+VERSION = 1                     # of these definitions: stored features of another version are recomputed
+PROBED = ("attention_heads", "ffn_neurons", "transformer_layers")   # targets with an injected-error feature
 DENSE = ("log_tokens", "prompt_nll", "prompt_entropy", "prompt_top1", "last_entropy", "last_margin",
          "log_norm_early", "log_norm_final")
 LENS_FRACTIONS = (0.5, 0.75)    # intermediate layers read through the head, as a share of the depth
@@ -44,6 +46,18 @@ class ProbeFeatures:
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.names, self.values))
+
+
+def probed(actions: Sequence[PruningAction]) -> list[PruningAction]:
+    """The actions that get an ``inject.<label>`` feature, in their order."""
+    return [a for a in actions if a.target in PROBED]
+
+
+def state_names(stored: dict[str, float], actions: Sequence[PruningAction]) -> list[str]:
+    """The probe features a state reads from a prompt's stored ones: the prompt's own (dense, lens) and one
+    injected error per probed action of the run, in the run's action order (a cache measured for a larger
+    action space holds more)."""
+    return [n for n in stored if not n.startswith("inject.")] + [f"inject.{a.label}" for a in probed(actions)]
 
 
 def lens_layers(num_layers: int) -> list[int]:
@@ -128,7 +142,7 @@ def probe_features(record: PrefillRecord, input_ids: torch.Tensor, engine: Pruni
     the features read the full weights)."""
     if engine.current_action.target != "none":
         raise RuntimeError("probe features read the dense weights: restore the engine first")
-    actions = [a for a in actions if a.target in ("attention_heads", "ffn_neurons", "transformer_layers")]
+    actions = probed(actions)
     model = engine.model
     values = (dense_statistics(record, input_ids, model) + lens_statistics(record, model)
               + [injected_error(record, engine, a) for a in actions])

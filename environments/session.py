@@ -13,7 +13,8 @@ from pruners import PRUNE_TARGETS, ActionSpaceConfig, PruningAction, PruningEngi
 from pruners.recovery.elastic import ensure_stored_order, find_menu
 from runtime.dtype import apply_weight_dtype
 from common.calibration import calibration_set
-from common.config import EngineConfig, RunConfig
+from common.config import (PROBE_BLEND, PROBE_IMPORTANCE, EngineConfig, RunConfig, hardware_kind, static_importance,
+                           uses_probe)
 from machine.load_signals import CONTENTION, SlowdownTracker
 from environments.state import StateBuilder
 
@@ -78,13 +79,20 @@ def build_engine(cfg: RunConfig, loaded: LoadedModel, actions: Sequence[PruningA
     if menu is not None:
         ensure_stored_order(loaded.model, menu)
     engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask", menu=menu,
-                           importance=cfg.importance, tokenizer=loaded.tokenizer,
+                           importance=static_importance(cfg.importance), tokenizer=loaded.tokenizer,
                            calibration=calibration_set(cfg.calibration), calibration_max_tokens=cfg.calibration.max_tokens,
                            allocation=cfg.allocation, recovery=cfg.recovery, kv_min_tokens=cfg.env.long_prompt_tokens,
                            cache_dir=cache_dir)
     engine.prepare(actions)
     apply_weight_dtype(loaded.model, cfg.dtype)   # after the engine: its scores and compensation read fp32 weights
     return engine
+
+
+def probe_options(cfg: RunConfig) -> dict:
+    """What the environment reads from each request's dense prefill: probe features for the state, and the
+    blend weight of the per-request unit selection (None: the engine's static order)."""
+    return {"record_prefill": uses_probe(cfg.state_features) or cfg.importance == PROBE_IMPORTANCE,
+            "probe_blend": PROBE_BLEND if cfg.importance == PROBE_IMPORTANCE else None}
 
 
 @contextlib.contextmanager
@@ -103,9 +111,10 @@ def open_session(cfg: RunConfig):
     # checkpoints store the backend used, not "auto", and the targets of the action space, not "every target"
     cfg = replace(cfg, nlp_backend=analyzer.backend, targets=run_targets(cfg))
     with TelemetrySampler(rate_hz=cfg.telemetry_hz) as sampler:
-        slowdown = SlowdownTracker() if cfg.state_features == CONTENTION else None
+        slowdown = SlowdownTracker() if hardware_kind(cfg.state_features) == CONTENTION else None
         states = StateBuilder(analyzer, sampler, tokenizer=loaded.tokenizer, ablation=cfg.ablation, slowdown=slowdown)
-        env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, gpu=sampler.probe.gpu, slowdown=slowdown)
+        env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, gpu=sampler.probe.gpu, slowdown=slowdown,
+                                 **probe_options(cfg))
         try:
             yield Session(cfg, loaded, engine, action_space(cfg), states, env, sampler, analyzer)
         finally:

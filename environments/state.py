@@ -1,4 +1,5 @@
-"""The RL state: hardware telemetry vector + prompt-feature vector, with ablation masks.
+"""The RL state: hardware telemetry vector + prompt-feature vector (+ the prompt's prefill-probe features with
+``--state-features ...+probe``), with ablation masks.
 
 Shared by training, testing and the policy router in evaluation so all three see the same state.
 """
@@ -9,6 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from collections.abc import Sequence
+
+from common.config import uses_probe
 from machine.load_signals import BASIC, LoadAwareHardware, SlowdownTracker, hardware_feature_names
 
 ABLATIONS = ("none", "no_hardware", "no_prompt")
@@ -22,10 +26,15 @@ class Observation:
     controller_s: float       # time to read telemetry and analyse the prompt
 
 
-def state_feature_names(kind: str = BASIC) -> list[str]:
-    """Hardware slots (``kind``: basic telemetry, or + the contention signals) then prompt features."""
+def state_feature_names(kind: str = BASIC, probe: Sequence[str] = ()) -> list[str]:
+    """Hardware slots (``kind``: basic telemetry, or + the contention signals) then prompt features, then with
+    ``kind`` "...+probe" the probe features ``probe`` (their names depend on the model's depth and the action
+    space: ``environments.probe_features.state_names``)."""
     from nlp_analyzer import PromptFeatures
-    return [f"hw.{n}" for n in hardware_feature_names(kind)] + [f"prompt.{n}" for n in PromptFeatures.FEATURE_NAMES]
+    if uses_probe(kind) and not probe:
+        raise ValueError(f"state features '{kind}' need the probe features' names")
+    return ([f"hw.{n}" for n in hardware_feature_names(kind)] + [f"prompt.{n}" for n in PromptFeatures.FEATURE_NAMES]
+            + ([f"probe.{n}" for n in probe] if uses_probe(kind) else []))
 
 
 class StateBuilder:
@@ -48,8 +57,9 @@ class StateBuilder:
         return Observation(state_vector(hw, features, self.ablation), hw, features, time.perf_counter() - started)
 
 
-def state_vector(hardware, features, ablation: str = "none") -> np.ndarray:
-    """Hardware then prompt features, with the ablated part zeroed.
+def state_vector(hardware, features, ablation: str = "none", probe: Sequence[float] = ()) -> np.ndarray:
+    """Hardware then prompt features (then the probe features), with the ablated part zeroed (no_prompt: the
+    syntax and the probe features, everything the prompt decides).
 
     Test mode rebuilds an ablation policy's state from the main policy's observation with this, so
     both decide on the very same telemetry reading and prompt.
@@ -57,7 +67,7 @@ def state_vector(hardware, features, ablation: str = "none") -> np.ndarray:
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation '{ablation}': choose from {', '.join(ABLATIONS)}")
     hw_vec = np.asarray(hardware.vector, dtype=np.float64)
-    pf_vec = np.asarray(features.vector, dtype=np.float64)
+    pf_vec = np.concatenate([np.asarray(features.vector, dtype=np.float64), np.asarray(probe, dtype=np.float64)])
     if ablation == "no_hardware":
         hw_vec = np.zeros_like(hw_vec)
     elif ablation == "no_prompt":

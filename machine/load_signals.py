@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from common.config import STATE_FEATURES
+from common.config import STATE_FEATURES, hardware_kind
 from machine.telemetry import HardwareState
 
 BASIC, CONTENTION = STATE_FEATURES
@@ -60,7 +60,9 @@ class LoadAwareHardware:
 
 
 def hardware_feature_names(kind: str) -> list[str]:
-    """Names of the hardware slots of a state of this kind ("basic" or "contention")."""
+    """Names of the hardware slots of a state of this kind ("basic" or "contention", with or without "+probe",
+    which adds prompt slots only)."""
+    kind = hardware_kind(kind)
     if kind not in STATE_FEATURES:
         raise ValueError(f"unknown state features '{kind}': choose from {', '.join(STATE_FEATURES)}")
     names = list(HardwareState.FEATURE_NAMES)

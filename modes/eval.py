@@ -8,6 +8,7 @@ from pathlib import Path
 from common.config import RunConfig
 from common.signals import sigterm_as_interrupt
 from controller import checkpointing
+from controller.router import per_request_probe
 from environments.session import action_space, build_engine, engine_mismatch
 from modes.outputs import finish_run, metrics_skeleton
 from modes.validate import naming
@@ -30,6 +31,10 @@ def run_eval(cfg: RunConfig, eval_cfg, specs: str) -> Path:
         if spec.kind == "policy":   # one engine per run: the policy must have learned on this one's menu
             with naming("--eval-models"):
                 trained = checkpointing.load_checkpoint(Path(spec.checkpoint))["config"]
+            problem = per_request_probe(trained)
+            if problem:
+                raise ValueError(f"argument --eval-models: {spec.label} {problem}, which routed evaluation does not "
+                                 "compute: score it with --mode test --checkpoint instead")
             fix = engine_mismatch(cfg, trained)
             if fix:
                 raise ValueError(f"{spec.label} was trained on another engine: evaluate it with {fix}")

@@ -104,7 +104,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--model", _R + "model", "auto | smollm2-135m | tiny | llama-3.2-1b-shape | HF id | local dir", MODEL_MODES),
     Flag("--device", _R + "device", "auto | cpu | cuda | cuda:N", MODEL_MODES),
     Flag("--importance", _R + "importance", "unit ordering: fluctuation (FLAP) | activation | magnitude | "
-         "block_influence | taylor (heal: the order healing starts from, stored in the folder)",
+         "block_influence | taylor (heal: the order healing starts from, stored in the folder) | probe (train/test "
+         "offline: fluctuation, with each request's heads/FFN units re-ranked by its own prefill blended 1:1 with it)",
          ENGINE_MODES),
     Flag("--targets", _R + "targets", "pruning targets in the action space (comma-separated; default: every "
          "registered target; heal: the sub-networks trained)", (TRAIN, TEST, EVAL, HEAL), type=words),
@@ -148,7 +149,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--scenarios", _R + "scenarios", "load levels: idle,light,moderate,heavy,stream,loaded,memory "
          "(comma-separated; offline needs idle)", (TRAIN, TEST)),
     Flag("--state-features", _R + "state_features", "basic (telemetry) | contention (+ run queue, preemptions, "
-         "steal, observed slowdown of the model's own decode steps)", (TRAIN,)),
+         "steal, observed slowdown of the model's own decode steps); either +probe (offline: + the prompt's "
+         "prefill-probe features: dense statistics, logit lens, each action's injected error)", (TRAIN,)),
     Flag("--calibrations", _R + "offline.calibrations", "latency tables per load level for training (as many "
          "again for testing)", (TRAIN, TEST), type=int, environments=OFFLINE),
     Flag("--train-seeds", _R + "offline.seeds", "policies trained with seeds --seed, --seed+1, ... (their "

@@ -53,6 +53,7 @@ def offline_record(data, arms, seeds: list[int] | None = None, histories=None, c
             "outcomes": {pid: dataclasses.asdict(o) for pid, o in data.outcomes.items()},
             "prompts": [{"id": p.id, "category": p.category, "source": p.source} for p in data.prompts],
             "features": {pid: dataclasses.asdict(f) for pid, f in data.features.items()},
+            "selection": data.selection,
             "arms": arms.to_dict(), "seeds": seeds or [],
             "checkpoints": [str(p) for p in checkpoints or []],
             "seed_rewards": [[e.outcome.reward for e in h if e.outcome] for h in histories or []]}

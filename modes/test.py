@@ -7,17 +7,17 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-from common.config import RunConfig
+from common.config import RunConfig, uses_probe
 from common.data import load_prompts
 from controller import checkpointing
 from machine.contention import contention, parse_scenarios
 from environments.records import to_jsonable
 from controller.router import agent_from_checkpoint
 from environments.session import open_session, with_trained_engine
-from environments.state import state_vector
+from environments.state import state_feature_names, state_vector
 from controller.arms import FittedArms
 from controller.study import POLICY, arms
-from environments.precomputed import OfflineEnvironment, build_offline_data, evaluate_offline
+from environments.precomputed import OfflineEnvironment, build_offline_data, cached_probe_outcomes, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
 from modes.flags import check_environment, flags_of
 from modes.validate import check_checkpoint_fits, naming
@@ -190,6 +190,10 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
         levels = [sc.name for sc in parse_scenarios(test_scenarios)] if test_scenarios else None
         env = OfflineEnvironment(data, [p.id for p in prompts], "test", labels, cfg.reward,
                                  cfg.env.long_prompt_tokens, cfg.state_features, levels=levels)
+        names = state_feature_names(cfg.state_features, env.probe_names)   # the probe part: known from the data now
+        for path, checked in [(cfg.checkpoint, payload), *others.items()]:
+            with naming("--checkpoint" if path == cfg.checkpoint else "--ablation-checkpoints"):
+                checkpointing.check_compatible(checked, model_id=model_id, action_space=labels, state_features=names)
         fitted = FittedArms.from_dict(fitted_arms)
         if env.constrained:     # every arm is scored on the Lagrangian reward the arms were fitted at
             env.set_multiplier(fitted.multiplier)
@@ -199,6 +203,9 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
             name = ablation if ablation != "none" and ablation not in policies else Path(path).stem
             policies[name] = (seed_agents(other, model_id), ablation)
         result = evaluate_offline(env, arms(env, policies, fitted), cfg.offline.telemetry_draws, cfg.seed)
+        offline = offline_record(data, fitted)
+        if uses_probe(cfg.state_features):     # the training prompts' side of the in-study headroom report
+            offline["headroom_train"] = cached_probe_outcomes(s, calibration)
         extra = {}
         if eval_cfg is not None:
             from evaluation.suite import LM_EVAL_DIR, run_evaluation
@@ -208,5 +215,5 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
             extra["evaluation"] = run_evaluation(s.loaded, specs, eval_cfg, engine=s.engine,
                                                  output_dir=run_dir.path / LM_EVAL_DIR)
     metrics = metrics_skeleton("test", cfg, prov, labels, checkpoint=str(cfg.checkpoint), offline_test=result,
-                               offline=offline_record(data, fitted), load_verification=load_check(data), **extra)
+                               offline=offline, load_verification=load_check(data), **extra)
     return finish_run(run_dir, metrics)

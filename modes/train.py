@@ -123,9 +123,9 @@ def run_train_offline(cfg: RunConfig) -> Path:
         run_dir.write_config(cfg.to_dict())
         data = build_offline_data(s, prompts, prompts, scenarios)
         labels, model_id = [a.label for a in s.actions], s.loaded.name
-    names = state_feature_names(cfg.state_features)
     env = OfflineEnvironment(data, [p.id for p in prompts], "train", labels, cfg.reward, cfg.env.long_prompt_tokens,
                              cfg.state_features, cfg.ablation)
+    names = state_feature_names(cfg.state_features, env.probe_names)
     seeds = [cfg.seed + i for i in range(cfg.offline.seeds)]
     paths = seed_checkpoints(cfg.checkpoint, seeds)
     runs = []

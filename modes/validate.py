@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.config import RunConfig
+from common.config import PROBE_IMPORTANCE, RunConfig, uses_probe
 from common.files import PROJECT_ROOT, clean_orphaned_temp_files
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def validate(cfg: RunConfig, *, export_dir: str | None = None, overwrite: bool =
         check_model_name(cfg.model)
     if cfg.nlp_backend not in ("auto", *BACKENDS):
         raise ValueError(f"--nlp-backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.nlp_backend}")
+    check_probe(cfg)
     if cfg.offline.ray_address and cfg.offline.executor != "ray":
         raise ValueError("--ray-address only matters with --executor ray: add it, or drop --ray-address")
     with naming("--scenarios"):
@@ -65,6 +66,17 @@ def validate(cfg: RunConfig, *, export_dir: str | None = None, overwrite: bool =
             raise FileNotFoundError(f"{flag} {path} not found: pass the file an earlier run wrote "
                                     "(its latency_table.json or metrics.json)")
     check_outputs(cfg, export_dir=export_dir, overwrite=overwrite)
+
+
+def check_probe(cfg: RunConfig) -> None:
+    """The per-request prefill probe (features, unit selection) is wired into the offline study's train and test
+    only: every other path decides or prunes before a prefill it could read."""
+    if uses_probe(cfg.state_features) and cfg.environment != "offline":
+        raise ValueError(f"argument --state-features: {cfg.state_features} is computed in the offline study only: "
+                         "add --environment offline, or use --state-features contention")
+    if cfg.importance == PROBE_IMPORTANCE and (cfg.mode not in ("train", "test") or cfg.environment != "offline"):
+        raise ValueError(f"argument --importance: {PROBE_IMPORTANCE} chooses units per request in the offline study's "
+                         "train and test only: use --mode train/test --environment offline, or --importance fluctuation")
 
 
 def check_outputs(cfg: RunConfig, *, export_dir: str | None = None, overwrite: bool = False) -> None:
@@ -164,8 +176,15 @@ def check_checkpoint_fits(cfg: RunConfig, payload: dict, flag: str = "--checkpoi
     if model and "auto" not in (model, cfg.model) and model != cfg.model:
         raise ValueError(f"argument --model: {cfg.model!r}, but {flag} {cfg.checkpoint!r} was trained on "
                          f"{model!r}: pass --model {model} or a checkpoint trained on {cfg.model}")
+    # probe feature names depend on the model's depth, not loaded yet: a probe run takes the checkpoint's (the
+    # offline environment checks them against its data), and the rest must match
+    trained_probe = [n.removeprefix("probe.") for n in payload.get("state_features") or [] if n.startswith("probe.")]
+    if uses_probe(cfg.state_features) and not trained_probe:
+        raise ValueError(f"argument {flag}: {cfg.checkpoint!r} was trained without probe features, this run has "
+                         f"--state-features {cfg.state_features}: drop --state-features to use the checkpoint's, or retrain")
     try:
-        check_compatible(payload, model_id=payload.get("model_id"), state_features=state_feature_names(cfg.state_features),
+        names = state_feature_names(cfg.state_features, trained_probe)
+        check_compatible(payload, model_id=payload.get("model_id"), state_features=names,
                          action_space=[a.label for a in action_space(cfg)])
     except CheckpointError as err:
         raise ValueError(f"argument {flag}: {cfg.checkpoint!r} {err}: drop --targets/--intensities/--state-features "

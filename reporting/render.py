@@ -29,6 +29,8 @@ from reporting import summaries
 from environments.records import RUN_KINDS, SCHEMA_VERSION
 from reporting.plots import PLOTS, overlay_pareto, overlay_reward, render_plots
 from reporting.schema import validate_metrics
+from reporting.study.equal_speed import equal_speed_section, selection_cost_lines
+from reporting.study.headroom import headroom_section
 from reporting.summaries import ALL, DENSE
 
 log = logging.getLogger(__name__)
@@ -164,8 +166,11 @@ def report_markdown(metrics: Mapping, summary: Mapping, run_name: str, plots: Ma
         lines += _latency_check_section(summary["test"].get("latency_check"), load_timing)
     lines += offline_sections.load_section(metrics.get("load_verification"), summary.get("calibrations"))
     lines += offline_sections.quality_section(summary.get("quality"))
+    lines += headroom_section(summary.get("headroom"))
     lines += offline_sections.offline_train_section(metrics.get("offline"), metrics.get("action_space") or [])
     lines += offline_sections.offline_test_section(summary.get("offline_test"))
+    lines += equal_speed_section(summary.get("equal_speed"))
+    lines += selection_cost_lines((metrics.get("offline") or {}).get("selection"))
     if "evaluation" in summary:
         lines += _evaluation_section(summary["evaluation"])
     if metrics.get("baselines"):

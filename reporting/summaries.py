@@ -731,10 +731,14 @@ def summarize(metrics: Mapping, seed: int = 0) -> dict:
     if metrics.get("baselines"):
         out["baselines"] = summarize_baselines(metrics["baselines"])
     if metrics.get("offline_test"):
+        from reporting.study.equal_speed import summarize_equal_speed   # it builds on this module
         out["offline_test"] = summarize_offline(metrics["offline_test"], seed=seed)
+        out["equal_speed"] = summarize_equal_speed(metrics["offline_test"], seed=seed)
     offline = metrics.get("offline") or {}
     if offline.get("calibrations"):
         out["calibrations"] = summarize_calibrations(offline["calibrations"])
     if offline.get("outcomes"):
+        from reporting.study.headroom import summarize_headroom
         out["quality"] = summarize_quality(offline["outcomes"])
+        out["headroom"] = summarize_headroom(offline)
     return out

@@ -115,6 +115,12 @@ def fixture_cases(files: dict[str, Path], tmp: Path) -> list[tuple[str, list[str
         ("--targets", ["--mode", "train", "--targets", "banana"]),
         ("--targets", ["--mode", "train", "--targets", "ffn_neurons,ffn_neurons,茶"]),
         ("--nlp-backend", ["--mode", "train", "--nlp-backend", "stanza"]),
+        ("--state-features", ["--mode", "train", *live, "--state-features", "contention+probe"]),
+        ("--state-features", ["--mode", "train", "--state-features", "probe"]),
+        ("--importance", ["--mode", "train", *live, "--importance", "probe"]),
+        ("--importance", ["--mode", "eval", "--model", "tiny", "--importance", "probe"]),
+        ("--importance", ["--mode", "export", "--model", "tiny", "--action", "ffn_neurons:0.5", "--importance", "probe",
+                          "--export", str(tmp / "probe-export")]),
         ("--learning-starts", ["--mode", "train", "--learning-starts", "1000000"]),
         ("--eval-models", ["--mode", "eval", "--model", "tiny", "--eval-models", "bogus"]),
         ("--eval-models", ["--mode", "eval", "--model", "tiny", "--eval-models", "static:ffn_neurons:2"]),
@@ -287,16 +293,26 @@ def test_resume_refuses_a_checkpoint_of_another_action_space_before_loading(cli,
          "--targets", "attention_heads", "--intensities", "0.5"], "--checkpoint")
 
 
-def tiny_checkpoint(tmp_path: Path, targets, intensities) -> Path:
+def test_eval_refuses_a_policy_that_reads_the_requests_prefill_before_loading(cli, tmp_path):
+    """Routed evaluation decides before any prefill: a policy trained on probe features cannot be routed there."""
+    checkpoint = tiny_checkpoint(tmp_path, targets=("ffn_neurons",), intensities=(0.5,),
+                                 state_features="contention+probe")
+    line = cli(["--mode", "eval", "--model", "tiny", "--eval-models", f"policy:{checkpoint}"], "--eval-models")
+    assert "--state-features contention+probe" in line and "--mode test" in line
+
+
+def tiny_checkpoint(tmp_path: Path, targets, intensities, state_features: str = "contention") -> Path:
     """A policy checkpoint as train writes it (the network is never run by these tests)."""
     import dataclasses
+    from common.config import uses_probe
     from controller import checkpointing
     from controller.dqn import DoubleDQNAgent
     from environments.session import action_space
     from environments.state import state_feature_names
-    cfg = dataclasses.replace(RunConfig(model="tiny", environment="live", targets=targets, intensities=intensities))
+    cfg = dataclasses.replace(RunConfig(model="tiny", environment="live", targets=targets, intensities=intensities,
+                                        state_features=state_features))
     labels = [a.label for a in action_space(cfg)]
-    names = state_feature_names(cfg.state_features)
+    names = state_feature_names(cfg.state_features, ["dense.log_tokens"] if uses_probe(state_features) else [])
     agent = DoubleDQNAgent(len(names), len(labels), cfg.dqn)
     path = tmp_path / "policy.pt"
     checkpointing.save_checkpoint(path, {"model_id": "tiny", "action_space": labels, "state_features": names,

@@ -23,6 +23,7 @@ from common.config import EngineConfig, RunConfig
 from common.data import Prompt
 from common.files import atomic_write_text
 from environments.outcomes.quality import mean_kl, ppl_ratio, token_kl, token_nll
+from environments.probe_features import VERSION as PROBE_VERSION, probe_features, probed
 from pruners import PruningAction
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ class PromptOutcomes:
     reference_source: str             # "dataset" or "dense_greedy"
     truncated: bool
     actions: dict[str, ActionQuality] = field(default_factory=dict)
+    # environments.probe_features of the reference generation's dense prefill, by name (None: not asked for;
+    # --state-features ...+probe asks), and the version of their definition they were computed with
+    probe: dict[str, float] | None = None
+    probe_version: int | None = None
+
+    def has_probe(self, actions: Sequence[PruningAction]) -> bool:
+        """Probe features of today's definition, with an injected error for every probed action of ``actions``."""
+        return (self.probe is not None and self.probe_version == PROBE_VERSION
+                and all(f"inject.{a.label}" in self.probe for a in probed(actions)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptOutcomes":
@@ -94,10 +104,14 @@ class OutcomeCache:
 
 
 def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt_kl_tokens: int,
-                   known: PromptOutcomes | None = None) -> PromptOutcomes:
+                   known: PromptOutcomes | None = None, probe: bool = False) -> PromptOutcomes:
     """Quality of every action on one prompt (those in `known` are kept): the same dense reference,
     dense scores and pruned scoring path as the live environment's step, plus KL on the prompt's last
-    positions and the two halves of the reference for split-half reliability."""
+    positions and the two halves of the reference for split-half reliability.
+
+    ``probe``: also the probe features, from the dense prefill of the reference generation (no extra forward
+    when the reference is generated here). Heads/FFN actions keep the units the environment's ``pruned_for``
+    chooses (per request under ``--importance probe``)."""
     ref = env.reference(prompt)
     context, target = env.segment(prompt)
     dense = env.dense_scores(prompt, prompt_positions=prompt_kl_tokens)
@@ -108,7 +122,7 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
         if action.label in out.actions:
             continue
         inert = env.inert(action, context.numel())
-        with env.engine.pruned(action):
+        with env.pruned_for(prompt, action):
             pruned = env.pruned_scores(context, target, dense, inert, prompt_positions=prompt_kl_tokens)
         # KV pruning happens after the prefill, so its prompt positions are the dense ones.
         pruned_prompt = pruned.prompt or dense.prompt
@@ -121,13 +135,18 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
             prompt_kl=None if dense.prompt is None else mean_kl(dense.prompt, pruned_prompt),
             half_log_ratio=(float(diff[:half].mean()), float(second.mean())), inert=inert,
             half_kl=(float(kl[:half].mean()), float(second_kl.mean())))
+    if probe and not out.has_probe(actions):
+        env.engine.restore()
+        out.probe = probe_features(env.prefill(prompt), ref.prompt_ids, env.engine, actions).as_dict()
+        out.probe_version = PROBE_VERSION
     return out
 
 
 def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Sequence[PruningAction],
                prompt_kl_tokens: int, executor: str = "local", cfg: RunConfig | None = None,
-               ray_address: str | None = None) -> dict[str, PromptOutcomes]:
-    """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks.
+               ray_address: str | None = None, probe: bool = False) -> dict[str, PromptOutcomes]:
+    """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks (``probe``:
+    the probe features too; a cached prompt without them is completed, its actions' scores kept).
 
     ``executor="ray"``: the prompts to measure run as independent tasks on Ray actors built from ``cfg``
     (``environments.outcomes.fanout``); the cache is written here either way."""
@@ -136,7 +155,7 @@ def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Seq
     todo = []
     for prompt in prompts:
         known = cache.load(prompt)
-        if known is not None and labels <= set(known.actions):
+        if known is not None and labels <= set(known.actions) and (not probe or known.has_probe(actions)):
             result[prompt.id] = known
         else:
             todo.append((prompt, known))
@@ -145,9 +164,10 @@ def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Seq
                  len(todo), len(prompts), len(actions), cache.folder)
     if executor == "ray" and todo:
         from environments.outcomes.fanout import ray_measure
-        measured = ray_measure(cfg, todo, actions, prompt_kl_tokens, ray_address)
+        measured = ray_measure(cfg, todo, actions, prompt_kl_tokens, ray_address, probe=probe)
     else:
-        measured = ((prompt, measure_prompt(env, prompt, actions, prompt_kl_tokens, known)) for prompt, known in todo)
+        measured = ((prompt, measure_prompt(env, prompt, actions, prompt_kl_tokens, known, probe))
+                    for prompt, known in todo)
     for prompt, outcomes in tqdm(measured, total=len(todo), desc="precompute outcomes", disable=not todo):
         bad = [a for a, q in outcomes.actions.items() if not (math.isfinite(q.ppl_ratio) and math.isfinite(q.kl))]
         if bad:

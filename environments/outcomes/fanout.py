@@ -30,21 +30,22 @@ class OutcomeWorker:
 
     def __init__(self, cfg: RunConfig, labels: Sequence[str] | None = None) -> None:
         from environments.live import PruningEnvironment
-        from environments.session import action_space, build_engine
+        from environments.session import action_space, build_engine, probe_options
         from model_loader import load_model
         import torch
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         loaded = load_model(cfg.model, device=cfg.device)
         actions = [PruningAction.parse(label) for label in labels] if labels else action_space(cfg)
         engine = build_engine(cfg, loaded, actions)
-        self.env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
+        self.env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, **probe_options(cfg))
         self.analyzer = None
 
-    def measure(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int, known: dict | None) -> dict:
+    def measure(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int, known: dict | None,
+                probe: bool = False) -> dict:
         from environments.outcomes.cache import measure_prompt
         actions = [PruningAction.parse(label) for label in labels]
         outcomes = measure_prompt(self.env, prompt, actions, prompt_kl_tokens,
-                                  PromptOutcomes.from_dict(known) if known else None)
+                                  PromptOutcomes.from_dict(known) if known else None, probe)
         return asdict(outcomes)
 
     def headroom(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int) -> dict:
@@ -72,14 +73,16 @@ def actor_pool(cfg: RunConfig, jobs: int, labels: Sequence[str] | None = None, a
 
 
 def ray_measure(cfg: RunConfig, todo: Sequence[tuple[Prompt, PromptOutcomes | None]], actions: Sequence[PruningAction],
-                prompt_kl_tokens: int, address: str | None = None, workers: int | None = None
-                ) -> Iterator[tuple[Prompt, PromptOutcomes]]:
+                prompt_kl_tokens: int, address: str | None = None, workers: int | None = None,
+                probe: bool = False) -> Iterator[tuple[Prompt, PromptOutcomes]]:
     """(prompt, outcomes) as Ray actors finish them (any order)."""
     pool = actor_pool(cfg, len(todo), address=address, workers=workers)
     labels = [a.label for a in actions]
     by_id = {p.id: p for p, _ in todo}
     jobs = [(p, None if known is None else asdict(known)) for p, known in todo]
-    for result in pool.map_unordered(lambda a, job: a.measure.remote(job[0], labels, prompt_kl_tokens, job[1]), jobs):
+    def measure(actor, job):
+        return actor.measure.remote(job[0], labels, prompt_kl_tokens, job[1], probe)
+    for result in pool.map_unordered(measure, jobs):
         outcomes = PromptOutcomes.from_dict(result)
         yield by_id[outcomes.prompt_id], outcomes
 

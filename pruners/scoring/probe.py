@@ -26,6 +26,7 @@ from pruners.recovery.compensation import SINK_TOKENS
 from pruners.model_info import ModelDims, decoder_layers
 
 FFN_INPUT, HEADS_INPUT = "mlp.down_proj", "self_attn.o_proj"
+SELECTABLE = ("ffn_neurons", "attention_heads")     # the targets select_units re-ranks per prompt
 
 
 @dataclass
