@@ -174,8 +174,13 @@ def render(rows: Sequence[ActionRow], routing: Sequence[RoutingRow], feature_set
                 "|---|---|---|---|" + "---|" * len(names)]
         for g in routing:
             out.append(f"| {g.target} ({g.low} vs {g.high}) | {g.uniform:.3f} | {g.random:.3f} | {g.oracle:.3f} | "
-                       + " | ".join(f"{g.routed[n]:.3f} ({g.share(n):+.0%})" for n in names) + " |")
+                       + " | ".join(f"{g.routed[n]:.3f} ({_share_text(g.share(n))})" for n in names) + " |")
         out += ["", "95 % bootstrap CI of uniform - routed (> 0: routing beats uniform):", ""]
         for g in routing:
             out.append(f"- {g.target}: " + "; ".join(f"{n} [{a:+.3f}, {b:+.3f}]" for n, (a, b) in g.gain_ci.items()))
     return "\n".join(out)
+
+
+def _share_text(share: float) -> str:
+    """A share, or why there is none: when even the oracle half loses to uniform there is no gain to share."""
+    return "no oracle gain" if np.isnan(share) else f"{share:+.0%}"

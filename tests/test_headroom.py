@@ -1,10 +1,12 @@
 """Issue 27: the headroom report's statistics on synthetic prompts whose answers are known."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from reporting.headroom import PromptDamage, action_rows, reliability, render, route, routing_row
+from reporting.headroom import PromptDamage, RoutingRow, action_rows, reliability, render, route, routing_row
 
 
 def prompts(n: int, seed: int, noise: float) -> list[PromptDamage]:
@@ -47,3 +49,10 @@ def test_a_predictor_that_sees_fragility_reaches_the_oracle_and_noise_does_not()
     assert rows[1].prediction["good"] > 0.95 > rows[1].reliability - 0.1
     assert abs(rows[1].prediction["blind"]) < 0.3
     assert "| a:0.4 |" in render(rows, [row], ["good", "blind"], len(train), len(held))
+
+
+def test_a_target_whose_oracle_loses_to_uniform_says_so_instead_of_a_share():
+    row = RoutingRow("t", "t:0.2", "t:0.4", uniform=0.3, random=0.6, oracle=0.45, routed={"p": 0.55},
+                     gain_ci={"p": (-0.3, -0.2)})
+    assert math.isnan(row.share("p"))
+    assert "0.550 (no oracle gain)" in render([], [row], ["p"], 1, 1)
