@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     fanout = None
     if args.executor == "ray":
         def fanout(todo):
-            return ray_headroom(cfg, todo, actions, cfg.offline.prompt_kl_tokens, args.ray_address, args.workers)
+            return ray_headroom(cfg, todo, actions, cfg.offline.prompt_kl_tokens, analyzer.backend, args.ray_address,
+                                args.workers)
     measured = dict(zip((p.id for p in interleaved),
                         measure_headroom(env, analyzer, interleaved, actions, folder, settings,
                                          cfg.offline.prompt_kl_tokens, deadline, fanout)))

@@ -59,7 +59,7 @@ def test_ray_headroom_records_equal_the_sequential_ones(tmp_path, local_ray, set
     analyzer = PromptAnalyzer("auto")
     sequential = measure_headroom(fresh_env(loaded, engine), analyzer, prompts, actions, tmp_path / "local", settings, 4)
     parallel = measure_headroom(None, None, prompts, actions, tmp_path / "ray", settings, 4,
-                                fanout=lambda todo: ray_headroom(CFG, todo, actions, 4))
+                                fanout=lambda todo: ray_headroom(CFG, todo, actions, 4, analyzer.backend))
     assert [r.prompt_id for r in parallel] == [r.prompt_id for r in sequential] == [p.id for p in prompts]
     for prompt in prompts:
         assert (json.loads(record_path(tmp_path / "ray", settings, prompt).read_text())

@@ -48,11 +48,11 @@ class OutcomeWorker:
                                   PromptOutcomes.from_dict(known) if known else None, probe)
         return asdict(outcomes)
 
-    def headroom(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int) -> dict:
+    def headroom(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int, nlp_backend: str) -> dict:
         from environments.outcomes.headroom import measure_record
         from nlp_analyzer import PromptAnalyzer
         if self.analyzer is None:
-            self.analyzer = PromptAnalyzer("auto")
+            self.analyzer = PromptAnalyzer(nlp_backend)
         actions = [PruningAction.parse(label) for label in labels]
         return asdict(measure_record(self.env, self.analyzer, prompt, actions, prompt_kl_tokens))
 
@@ -88,9 +88,11 @@ def ray_measure(cfg: RunConfig, todo: Sequence[tuple[Prompt, PromptOutcomes | No
 
 
 def ray_headroom(cfg: RunConfig, prompts: Sequence[Prompt], actions: Sequence[PruningAction], prompt_kl_tokens: int,
-                 address: str | None = None, workers: int | None = None) -> Iterator[dict]:
+                 nlp_backend: str, address: str | None = None, workers: int | None = None) -> Iterator[dict]:
     """Headroom records (``environments.outcomes.headroom``, as dicts) of ``prompts`` as Ray actors finish
-    them (any order); each actor's engine is built for exactly ``actions``."""
+    them (any order); each actor's engine is built for exactly ``actions``. ``nlp_backend`` is the driver's
+    resolved prompt-analysis backend: "auto" re-resolved in an actor could pick another one under load."""
     labels = [a.label for a in actions]
     pool = actor_pool(cfg, len(prompts), labels, address, workers)
-    yield from pool.map_unordered(lambda a, p: a.headroom.remote(p, labels, prompt_kl_tokens), list(prompts))
+    yield from pool.map_unordered(lambda a, p: a.headroom.remote(p, labels, prompt_kl_tokens, nlp_backend),
+                                  list(prompts))
