@@ -545,7 +545,7 @@ def soak_policy(args) -> str:
     cells = {float(name.split("@")[1][:-1]): cell for name, cell in sweep["cells"].items() if name.startswith("bursty@")}
     arms = cells[min(cells, key=lambda m: abs(m - args.soak_rate))]["arms"]
     best = max(arms, key=lambda a: arms[a]["goodput"])
-    return {"rule": sweep["fitted_rule"], "dqn": str(args.out_dir / "policy.pt")}.get(best, best)
+    return {"rule": sweep["fitted_rule"], "dqn": str((args.out_dir / "policy.pt").resolve())}.get(best, best)
 
 
 def stage_soak(args) -> dict:
@@ -556,7 +556,7 @@ def stage_soak(args) -> dict:
     cfg = inp.cfg
     policy = soak_policy(args)
     arrivals = bursty(args.soak_rate * inp.capacity, args.soak_duration, len(inp.lengths), args.output_tokens, seed=11)
-    serve_args = ["--model", args.model, "--serve-policy", policy, "--step-table", str(args.out_dir / "step_table.json"),
+    serve_args = ["--model", args.model, "--serve-policy", policy, "--step-table", str((args.out_dir / "step_table.json").resolve()),
                   "--serve-actions", ",".join(cfg.actions), "--max-batch", str(cfg.max_batch),
                   "--max-queue", str(args.soak_max_queue), "--slo-ttft-ms", f"{cfg.slo_ttft_ms:.1f}",
                   "--slo-tpot-ms", f"{cfg.slo_tpot_ms:.1f}", "--calibration-samples", str(args.calibration_samples)]
