@@ -191,7 +191,7 @@ def stage_quality(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from environments.quality import mean_kl, ppl_ratio, score_reference
+    from environments.outcomes.quality import mean_kl, ppl_ratio, score_reference
     from runtime.generation import generate
 
     _run, loaded, engine = open_model(args)
@@ -449,12 +449,12 @@ def plot(result: dict, out_dir: Path) -> None:
         mults = [float(k.split("@")[1][:-1]) for k in cells]
         for i, arm in enumerate(next(iter(cells.values()))["arms"]):
             ax.plot(mults, [c["arms"][arm]["attainment"] for c in cells.values()], marker="o", label=arm,
-                    color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
+                    color=plt.cm.tab20(i % 20))
         ax.set(title=f"{pattern}: SLO attainment", xlabel="arrival rate / dense capacity", ylabel="attainment")
     axes[0].legend(fontsize=6)
     for cell in result["cells"].values():
         for i, (arm, s) in enumerate(cell["arms"].items()):
-            axes[2].scatter(s["attainment"], s["ppl_ratio"], s=10, color=f"C{i % 10}")
+            axes[2].scatter(s["attainment"], s["ppl_ratio"], s=10, color=plt.cm.tab20(i % 20))
     axes[2].set(title="served quality vs attainment (colours as left)", xlabel="attainment", ylabel="mean PPL ratio",
                 yscale="log")
     fig.tight_layout()
