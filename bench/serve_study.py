@@ -1,14 +1,16 @@
 """The serving study: who should pick the pruning action when requests arrive in bursts against a deadline.
 
 Stages (each writes into --out-dir, later ones read earlier ones):
-  table     the step-time table of the menu on the embedded model (serving.step_timing, the scheduler's batch code)
+  table     the step-time table of the menu on the embedded model (serving.step_timing, the scheduler's batch code),
+            and what same-action groups would cost if head and layer actions were chosen per request
   quality   PPL ratio and KL of every menu action against dense greedy 32-token references, per Alpaca prompt
             (chat-formatted, as served); the first half of the prompts fits the arms, the second half tests them
   sweep     the queueing simulator (environments.queueing.simulator) over arrival rates 0.5x-2x the dense arm's batched
             capacity, steady (Poisson) and bursty (on/off), training seeds to fit the rule and the best static
-            per rate, test seeds to compare every arm: SLO attainment, goodput, mean served PPL ratio, CIs
+            per rate, test seeds to compare every arm: SLO attainment, goodput, mean served PPL ratio, CIs; the
+            issue's above-capacity criterion computed from the bursty cells above 1x
   train     a Double DQN (gamma 0.99) in the simulator on the training seeds and prompts -> policy.pt; the sweep
-            then scores it as the learned arm against the strongest non-learned one
+            then scores it as the learned arm against each of slack, the fitted rule and the best static per rate
   overhead  one request, no queue: the server's end-to-end against the same generation called directly
   live      the live server (slack policy) on one bursty trace against the simulator's prediction of it
   soak      the live server in a process of its own for 10 minutes of bursty load at 1.5x the dense capacity: every
@@ -189,7 +191,6 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 def stage_quality(args) -> dict:
     import torch
-    from tqdm import tqdm
 
     from environments.outcomes.quality import mean_kl, ppl_ratio, score_reference
     from runtime.generation import generate
