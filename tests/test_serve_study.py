@@ -26,7 +26,7 @@ def synthetic_study(folder, prompts: int = 8) -> None:
     rng = random.Random(0)
     ratio = {a: [1.0 if a == "none" else (1 + 20 * (1 - f)) * rng.uniform(0.8, 1.2) for _ in range(prompts)]
              for a, f in SPEED.items()}
-    (folder / "quality.json").write_text(json.dumps({"prompts": [f"p{i}" for i in range(prompts)], "ratio": 0,
+    (folder / "quality.json").write_text(json.dumps({"prompts": [f"p{i}" for i in range(prompts)],
                                                      "prompt_tokens": [rng.randint(30, 60) for _ in range(prompts)],
                                                      "ppl_ratio": ratio}))
 
