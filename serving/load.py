@@ -90,7 +90,7 @@ class RequestRecord:
     index: int
     sent_s: float                        # after the start
     prompt: int
-    status: int                          # 200, 429, 400, ... (0: the connection failed)
+    status: int                          # 200, 429, 400, ... (500: an error event mid-stream; 0: no answer)
     ttft_s: float | None = None
     e2e_s: float | None = None
     tpot_s: float | None = None          # mean time per token after the first
@@ -148,6 +148,8 @@ async def run_load(url: str, model: str, arrivals: Sequence[Arrival], prompts: S
             record.status, record.error = err.status_code, str(err)[:200]
         except (openai.APIConnectionError, openai.APITimeoutError) as err:
             record.error = str(err)[:200]
+        except openai.APIError as err:           # an error event inside an accepted stream
+            record.status, record.error = 500, str(err)[:200]
         if times:
             record.ttft_s, record.e2e_s, record.output_tokens = times[0], times[-1], len(times)
             record.tpot_s = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None

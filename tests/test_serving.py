@@ -25,6 +25,7 @@ from environments.queueing.policies import ServeState
 from pruners import PruningAction, PruningEngine
 from runtime.generation import generate, prefill
 from serving.batch import RunningBatch
+from serving.scheduler import ServeRequest
 from serving.server import open_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,3 +287,50 @@ def test_a_serving_checkpoint_serves_through_the_live_scheduler(tiny, tmp_path):
         assert server.policy.name == "dqn:p.pt"
         done = client(url).completions.create(model="tiny", prompt="hi", max_tokens=4, extra_body={"ignore_eos": True})
         assert set(done.model_extra["pruning"]["actions"]) <= set(labels) and done.usage.completion_tokens == 4
+
+
+def test_head_and_layer_actions_switch_only_on_an_empty_batch_exactly_as_the_simulator_replays_it(tiny, tmp_path):
+    """The live scheduler and the queueing simulator offer the same actions and serve every token with the same one
+    when a policy mixes width, head and layer actions (three requests, two slots, all queued before the first step)."""
+    from environments.queueing.simulator import ServingSimulator, SimRequest
+    from environments.queueing.step_table import StepTable
+
+    labels = ("none", "ffn_neurons:0.5", "transformer_layers:0.25", "attention_heads:0.5")
+    table = StepTable(labels, (1, 2), (64,), {label: [[0.01], [0.012]] for label in labels},
+                      {label: [0.02] for label in labels})
+
+    class Cycle:
+        """Picks allowed[k mod len(allowed)] at its k-th decision; records what it was offered."""
+        name = "cycle"
+
+        def __init__(self):
+            self.offered = []
+
+        def decide(self, state, allowed):
+            self.offered.append([a.label for a in allowed])
+            return allowed[(len(self.offered) - 1) % len(allowed)]
+
+    table.save(tmp_path / "table.json")
+    cfg = dict(max_batch=2, actions=labels)
+    server = open_server(FAST_ENGINE, ServeConfig(policy="slack", step_table=str(tmp_path / "table.json"), **cfg),
+                         loaded=tiny)
+    scheduler = server.context.scheduler
+    live_policy = scheduler.policy = Cycle()
+    loop = asyncio.new_event_loop()
+    ids = tiny.tokenizer("one two three").input_ids
+    requests = [ServeRequest(ids, 3, loop=loop, ignore_eos=True) for _ in range(3)]
+    for request in requests:
+        scheduler.submit(request)
+    scheduler.start()
+    deadline = time.time() + 60
+    while any(len(r.tokens) < 3 for r in requests):
+        assert time.time() < deadline, [r.actions for r in requests]
+        time.sleep(0.01)
+    scheduler.close(30)
+    loop.close()
+    sim_policy = Cycle()
+    simulated = ServingSimulator(table, ServeConfig(**cfg)).run([SimRequest(0.0, len(ids), 3) for _ in range(3)],
+                                                               sim_policy, scheduler.menu)
+    assert live_policy.offered == sim_policy.offered
+    assert [r.actions for r in requests] == [o.actions for o in simulated]
+    assert {"transformer_layers:0.25"} <= {a for r in requests for a in r.actions}     # a shaping action served

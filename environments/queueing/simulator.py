@@ -10,6 +10,7 @@ times are from the real ones (bench/serve_study.py reports the attainment error)
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class ServingSimulator:
         pending = sorted(requests, key=lambda r: r.arrival)
         outcomes = {id(r): SimOutcome(r) for r in pending}
         waiting: collections.deque[SimRequest] = collections.deque()
+        queued: dict[int, Pending] = {}          # a waiting request's Pending (fixed until admitted)
         running: list[SimRequest] = []
         arrivals: collections.deque[float] = collections.deque()
         t, i, signature, label = 0.0, 0, None, menu[0].label
@@ -108,18 +110,20 @@ class ServingSimulator:
                     rejected += 1
                 else:
                     waiting.append(pending[i])
+                    queued[id(pending[i])] = pend(pending[i])
                 i += 1
             while arrivals and arrivals[0] < t - RATE_WINDOW_S:
                 arrivals.popleft()
             admitted = []
             while waiting and len(running) + len(admitted) < cfg.max_batch:
                 admitted.append(waiting.popleft())
+                del queued[id(admitted[-1])]
             if not running:
                 signature = None
             allowed = [a for a in menu if signature in (None, cache_signature(a))]
             context = max((r.prompt_tokens + len(outcomes[id(r)].token_times) - 1 for r in running), default=0)
             state = observe(t, [pend(r) for r in running], [pend(r) for r in admitted],
-                            [pend(r) for r in list(waiting)[:64]], cfg, table, label, context,
+                            [queued[id(r)] for r in itertools.islice(waiting, 64)], cfg, table, label, context,
                             len(arrivals) / RATE_WINDOW_S, 1.0)
             action = policy.decide(state, allowed)
             label, signature = action.label, cache_signature(action)
