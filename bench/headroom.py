@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     actions = [PruningAction.parse(a) for a in labels]
     loaded = load_model(cfg.model, device=cfg.device)
     engine = build_engine(cfg, loaded, actions)
-    env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
+    env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, record_prefill=True)   # the probe features read it
     analyzer = PromptAnalyzer("auto")
     settings = {**engine_settings(cfg, loaded.name, loaded.source), "actions": labels}
     folder = Path(args.cache_dir or hub.cache_dir() / "headroom")

@@ -40,7 +40,7 @@ def setup():
 
 def fresh_env(loaded, engine) -> PruningEnvironment:
     """An environment without cached references: the headroom record must see the reference's own prefill."""
-    return PruningEnvironment(loaded, engine, CFG.reward, CFG.env)
+    return PruningEnvironment(loaded, engine, CFG.reward, CFG.env, record_prefill=True)
 
 
 def test_ray_precompute_equals_the_sequential_one(tmp_path, local_ray, setup):

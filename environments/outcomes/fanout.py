@@ -26,9 +26,10 @@ OBJECT_STORE_BYTES = 256 * 2**20
 
 class OutcomeWorker:
     """One model + engine + environment, measuring prompts one at a time (a Ray actor's body). The engine is
-    built for ``labels`` (default: the run's action space), as the driver built its own."""
+    built for ``labels`` (default: the run's action space), as the driver built its own; ``record_prefill``: every
+    reference generation keeps its dense prefill (the headroom's probe features read it), whatever ``cfg`` asks."""
 
-    def __init__(self, cfg: RunConfig, labels: Sequence[str] | None = None) -> None:
+    def __init__(self, cfg: RunConfig, labels: Sequence[str] | None = None, record_prefill: bool = False) -> None:
         from environments.live import PruningEnvironment
         from environments.session import action_space, build_engine, probe_options
         from model_loader import load_model
@@ -37,7 +38,9 @@ class OutcomeWorker:
         loaded = load_model(cfg.model, device=cfg.device)
         actions = [PruningAction.parse(label) for label in labels] if labels else action_space(cfg)
         engine = build_engine(cfg, loaded, actions)
-        self.env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, **probe_options(cfg))
+        options = probe_options(cfg)
+        options["record_prefill"] = options["record_prefill"] or record_prefill
+        self.env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env, **options)
         self.analyzer = None
 
     def measure(self, prompt: Prompt, labels: Sequence[str], prompt_kl_tokens: int, known: dict | None,
@@ -58,7 +61,7 @@ class OutcomeWorker:
 
 
 def actor_pool(cfg: RunConfig, jobs: int, labels: Sequence[str] | None = None, address: str | None = None,
-               workers: int | None = None):
+               workers: int | None = None, record_prefill: bool = False):
     """A Ray ActorPool of ``OutcomeWorker``s, one CPU each (``ray.init()`` here unless Ray already runs)."""
     import ray
     from ray.util import ActorPool
@@ -69,7 +72,7 @@ def actor_pool(cfg: RunConfig, jobs: int, labels: Sequence[str] | None = None, a
     n = workers or max(1, min(jobs, int(ray.available_resources().get("CPU", 1))))
     log.info("precompute on Ray: %d actors for %d prompts", n, jobs)
     actor = ray.remote(num_cpus=1)(OutcomeWorker)
-    return ActorPool([actor.remote(cfg, labels) for _ in range(n)])
+    return ActorPool([actor.remote(cfg, labels, record_prefill) for _ in range(n)])
 
 
 def ray_measure(cfg: RunConfig, todo: Sequence[tuple[Prompt, PromptOutcomes | None]], actions: Sequence[PruningAction],
@@ -93,6 +96,6 @@ def ray_headroom(cfg: RunConfig, prompts: Sequence[Prompt], actions: Sequence[Pr
     them (any order); each actor's engine is built for exactly ``actions``. ``nlp_backend`` is the driver's
     resolved prompt-analysis backend: "auto" re-resolved in an actor could pick another one under load."""
     labels = [a.label for a in actions]
-    pool = actor_pool(cfg, len(prompts), labels, address, workers)
+    pool = actor_pool(cfg, len(prompts), labels, address, workers, record_prefill=True)
     yield from pool.map_unordered(lambda a, p: a.headroom.remote(p, labels, prompt_kl_tokens, nlp_backend),
                                   list(prompts))

@@ -23,7 +23,6 @@ from common.files import atomic_write_text
 from environments.outcomes.cache import PromptOutcomes, digest, measure_prompt
 from environments.probe_features import probe_features
 from pruners import PruningAction
-from pruners.scoring.probe import PrefillRecorder
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +49,13 @@ def record_path(folder: Path, settings: dict, prompt: Prompt) -> Path:
 
 def measure_record(env, analyzer, prompt: Prompt, actions: Sequence[PruningAction],
                    prompt_kl_tokens: int) -> HeadroomRecord:
-    """One prompt: the dense reference generated under a ``PrefillRecorder`` (its prefill gives the probe
-    features), then every action scored on that reference."""
+    """One prompt: the dense reference and the probe features of its prefill (``env.prefill``: recorded by the
+    reference generation itself when ``env`` was built with ``record_prefill``), then every action scored on that
+    reference."""
     engine = env.engine
     engine.restore()
-    with PrefillRecorder(env.model) as recorder:
-        ref = env.reference(prompt)
-    if not recorder.record.residual:
-        raise RuntimeError(f"prompt {prompt.id}: its reference was already cached, so no prefill was recorded")
-    features = probe_features(recorder.record, ref.prompt_ids, engine, actions)
+    ref = env.reference(prompt)
+    features = probe_features(env.prefill(prompt), ref.prompt_ids, engine, actions)
     outcomes = measure_prompt(env, prompt, actions, prompt_kl_tokens)
     nlp = analyzer.analyze(prompt.text, tokenizer=env.tokenizer).vector
     return HeadroomRecord(prompt.id, outcomes, features.as_dict(), [float(v) for v in nlp],
