@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from runtime.generation import generate, prefill
 from serving.batch import RunningBatch
 from serving.scheduler import ServeRequest
 from serving.server import open_server
+from serving.soak import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_ENGINE = RunConfig(model="tiny", importance="magnitude", allocation="uniform", recovery="none")
@@ -218,14 +218,8 @@ def test_a_client_that_disconnects_frees_its_slot(tiny):
     assert steps < 200                                        # neither ran anywhere near its 400 tokens
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_every_accepted_request(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "ADAPTIVE_PRUNING_OMP": "passive", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "adaptive_pruning.py", "--mode", "serve", "--model", "tiny",
                              "--importance", "magnitude", "--allocation", "uniform", "--recovery", "none",
