@@ -6,11 +6,10 @@ Shared by training, testing and the policy router in evaluation so all three see
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from collections.abc import Sequence
 
 from common.config import uses_probe
 from machine.load_signals import BASIC, LoadAwareHardware, SlowdownTracker, hardware_feature_names
