@@ -9,7 +9,8 @@ One run, interleaved rounds, per load level (``machine.contention.presets()``: i
   OpenMP policy, HF's DynamicCache), fp32 and with ``torch.ao`` ``quantize_dynamic`` int8 Linears;
   per-token times from a logits processor's timestamps, so they are median steps like ours;
 - ``tool``: the tool's own decode path (``runtime.generation.generate`` with the governor's decoder and
-  thread count, the CLI's engine) for dense and each action, at each ``--dtypes`` (``runtime.dtype``);
+  thread count, the CLI's engine) for dense and each action, at each ``--dtypes`` (``runtime.dtype``) and
+  decode kernel ``--matvecs`` (``runtime.matvec``: torch's, our own); rows say ``dtype/kernel``;
 - ``llama.cpp``: the embedded wheel's own Q4_1 GGUF through ``llama-cpp-python`` (an optional extra:
   skipped, and said so, where it is not installed), at 1 and all threads, on the same token ids.
 
@@ -38,7 +39,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict, dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -54,7 +55,7 @@ from environments.session import build_engine  # noqa: E402
 from evaluation.speed import probe_prompt  # noqa: E402
 from machine.contention import contention, presets  # noqa: E402
 from pruners import NONE, PruningAction, PruningEngine  # noqa: E402
-from runtime.dtype import apply_weight_dtype  # noqa: E402
+from runtime.matvec import KernelBuildError, matvec_kernel  # noqa: E402
 from runtime.floor import decode_matrices, measure_floor  # noqa: E402
 from runtime.generation import generate  # noqa: E402
 from runtime.governor import ExecutionGovernor  # noqa: E402
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--levels", default="idle", help="comma-separated contention presets")
     p.add_argument("--dtypes", default="float32,int8", help="weight dtypes of the tool's rows (runtime.dtype)")
+    p.add_argument("--matvecs", default="torch,native",
+                   help="decode kernels of the tool's rows (runtime.matvec; native is skipped, and said so, where it "
+                        "does not build)")
     p.add_argument("--actions", default=ACTIONS, help="comma-separated action labels besides dense")
     p.add_argument("--prompt-tokens", type=int, default=512, help="the eval speed probe's prompt length")
     p.add_argument("--new-tokens", type=int, default=16)
@@ -196,7 +200,7 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         """Every floor once more, keeping the best: floors are taken in every round, between the decodes,
         so load that drifts during the run reaches both (a floor taken once, up front, came out above the
         decode it bounds when the machine's load fell later)."""
-        for dtype, engine in engines.items():
+        for dtype, engine in {label.split("/")[0]: e for label, e in engines.items()}.items():
             for action in actions:
                 with engine.pruned(action):
                     floor = measure_floor(decode_matrices(engine.model, cache_tokens), threads,
@@ -227,7 +231,7 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
     ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     rows = []
     for (path, dtype, action), value in ms.items():
-        floor = floors.get((dtype, action)) if path != "llama.cpp" else None
+        floor = floors.get((dtype.split("/")[0], action)) if path != "llama.cpp" else None
         dense = ms.get(("tool", dtype, NONE.label))
         engine = engines.get(dtype)
         tool_row = path == "tool"
@@ -249,19 +253,25 @@ def run(args: argparse.Namespace) -> dict:
     actions = [NONE] + [PruningAction.parse(a) for a in args.actions.split(",") if a.strip()]
     engine_cfg = RunConfig(importance=args.importance, allocation=args.allocation, recovery=args.recovery)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    kernels = {}
+    for name in (k.strip() for k in args.matvecs.split(",") if k.strip()):
+        try:
+            kernels[name] = matvec_kernel(name)
+        except KernelBuildError as err:
+            log.warning("no %s rows: %s", name, err)
     engines: dict[str, PruningEngine] = {}
-    for dtype in dtypes:            # one model copy and engine per dtype: switching dtype rebuilds its shadows
-        copy_ = model_loader.LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
-        engines[dtype] = build_engine(engine_cfg, copy_, actions)
-        apply_weight_dtype(copy_.model, dtype)
+    for dtype in dtypes:            # one model copy and engine per dtype and kernel: switching rebuilds shadows
+        for name, kernel in kernels.items():
+            copy_ = model_loader.LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
+            engines[f"{dtype}/{name}"] = build_engine(replace(engine_cfg, dtype=dtype, matvec=name), copy_, actions)
     stock = {"float32": loaded.model, "int8": stock_int8(loaded.model)}
     ids = probe_prompt(loaded.tokenizer, args.prompt_tokens) if loaded.tokenizer is not None else \
         (torch.arange(args.prompt_tokens)[None] * 7919) % (loaded.model.config.vocab_size - 1) + 1
     llama = llama_cpp_runner(ids[0].tolist(), args.new_tokens) if args.llama_cpp == "auto" else None
     known = presets()
     started = time.time()
-    result = {"settings": {"model": loaded.name, "source": loaded.source, "dtypes": dtypes,
-                           "actions": [a.label for a in actions], "engine": engines[dtypes[0]].describe(),
+    result = {"settings": {"model": loaded.name, "source": loaded.source, "dtypes": dtypes, "matvecs": list(kernels),
+                           "actions": [a.label for a in actions], "engine": next(iter(engines.values())).describe(),
                            "openmp": {k: v for k, v in openmp.active().to_dict().items() if k != "probes"},
                            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
                            "torch": torch.__version__, "platform": platform.platform(), "cpu": openmp.cpu_model(),

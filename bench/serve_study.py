@@ -492,6 +492,7 @@ def stage_overhead(args) -> dict:
     from model_loader import load_model
     from runtime.generation import generate
     from runtime.governor import ExecutionGovernor
+    from reporting.summaries import bootstrap_ci
     from serving.soak import scrape, server_process
 
     serve_args = ["--model", args.model, "--serve-policy", "dense", "--calibration-samples", str(args.calibration_samples)]
@@ -503,19 +504,48 @@ def stage_overhead(args) -> dict:
         text = load_prompts(str(data_root() / ALPACA_SUBSET), seed=1).prompts[0].text
         ids = torch.tensor(loaded.tokenizer(text).input_ids)
         api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        direct, served = [], []
-        for _ in range(args.overhead_pairs + 1):          # interleaved pairs; the first is a warm-up
-            started = time.perf_counter()
-            generate(loaded.model, ids, args.output_tokens)
-            direct.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            api.completions.create(model=loaded.name, prompt=text, max_tokens=args.output_tokens,
-                                   extra_body={"ignore_eos": True})
-            served.append(time.perf_counter() - started)
+        parts: dict[str, list[tuple[float, float]]] = {"direct": [], "streamed": []}   # (first token s, median step s)
+
+        def direct_run() -> None:
+            result = generate(loaded.model, ids, args.output_tokens)
+            parts["direct"].append((result.prefill_s, result.median_step_s))
+
+        def streamed_run() -> None:
+            started, stamps = time.perf_counter(), []
+            for _chunk in api.completions.create(model=loaded.name, prompt=text, max_tokens=args.output_tokens,
+                                                 stream=True, extra_body={"ignore_eos": True}):
+                stamps.append(time.perf_counter())
+            parts["streamed"].append((stamps[0] - started, statistics.median(b - a for a, b in zip(stamps, stamps[1:]))))
+
+        runs = {"direct": direct_run,
+                "served": lambda: api.completions.create(model=loaded.name, prompt=text, max_tokens=args.output_tokens,
+                                                         extra_body={"ignore_eos": True}),
+                "streamed": streamed_run}
+        times: dict[str, list[float]] = {side: [] for side in runs}
+        for pair in range(args.overhead_pairs + 1):       # the first pair is a warm-up
+            # counterbalanced: whichever runs later in a pair inherits the others' cache and thread state
+            for side in ("direct", "served", "streamed") if pair % 2 == 0 else ("streamed", "served", "direct"):
+                started = time.perf_counter()
+                runs[side]()
+                times[side].append(time.perf_counter() - started)
         counters = scrape(url)
-    ratios = [s / d for s, d in zip(served[1:], direct[1:])]
+    direct, served = times["direct"][1:], times["served"][1:]
+    split = {side: {"first_token_ms": 1e3 * statistics.median(p[0] for p in rows[1:]),
+                    "step_ms": 1e3 * statistics.median(p[1] for p in rows[1:])} for side, rows in parts.items()}
+    ratios = [s / d for s, d in zip(served, direct)]
     decisions = counters.get("serve_decision_seconds_count", 0.0)
-    return {"direct_s": direct[1:], "served_s": served[1:], "median_ratio": statistics.median(ratios),
+    return {"direct_s": direct, "served_s": served, "median_ratio": statistics.median(ratios),
+            "median_ratio_direct_first": statistics.median(ratios[1::2] or [math.nan]),
+            "median_ratio_served_first": statistics.median(ratios[0::2] or [math.nan]),
+            "geomean_ratio_ci95": {k: math.exp(v) for k, v in bootstrap_ci([math.log(r) for r in ratios]).items()
+                                   if k != "n"},
+            "streamed_over_direct": statistics.median(s / d for s, d in zip(times["streamed"][1:], direct)),
+            "first_token_and_step": split,
+            # the server's own view (arrival to first token, mean per later token), all requests incl. the warm-up
+            "server_side": {"first_token_ms": 1e3 * counters.get("serve_time_to_first_token_seconds_sum", 0.0)
+                            / max(counters.get("serve_time_to_first_token_seconds_count", 0.0), 1.0),
+                            "step_ms": 1e3 * counters.get("serve_time_per_output_token_seconds_sum", 0.0)
+                            / max(counters.get("serve_time_per_output_token_seconds_count", 0.0), 1.0)},
             "decisions": decisions, "decision_ms_per_step": 1e3 * counters.get("serve_decision_seconds_sum", 0.0)
             / max(decisions, 1.0), "direct_runtime": setting.label, "load_average": os.getloadavg()}
 

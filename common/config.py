@@ -22,6 +22,7 @@ STATE_FEATURE_SETS = (*STATE_FEATURES, *(f"{kind}+{PROBE}" for kind in STATE_FEA
 # prompt's share PROBE_BLEND (the 1:1 prior, not tuned)
 PROBE_IMPORTANCE, PROBE_STATIC, PROBE_BLEND = "probe", "fluctuation", 0.5
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # runtime.dtype: what --dtype accepts
+MATVEC_KERNELS = ("auto", "native", "torch")       # runtime.matvec: what --matvec accepts
 EXECUTORS = ("local", "ray")        # how the offline outcome precompute runs (environments.outcomes.fanout)
 OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (live: dqn.gradient_steps, 4)
 
@@ -378,6 +379,7 @@ class RunConfig(EngineConfig):
     test_samples: int = 50
     test_fraction: float = 0.2
     dtype: str = "float32"                  # weight dtype the model computes in (runtime.dtype): float32 | bfloat16 | int8
+    matvec: str = "auto"                    # decode's one-row products (runtime.matvec): auto | native | torch
     targets: tuple[str, ...] | None = None  # None: every registered pruning target (pruners.targets)
     intensities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     scenarios: str = "idle,loaded"
@@ -405,7 +407,7 @@ class RunConfig(EngineConfig):
         "checkpoint": text(), "train_dataset": text(example="builtin"), "train_samples": count(1, 100_000_000),
         "test_dataset": text(optional=True, example="builtin"), "test_samples": count(1, 100_000_000),
         "test_fraction": fraction(), "importance": text(), "allocation": text("global", "uniform"),
-        "recovery": text("compensate", "none"), "dtype": text(*WEIGHT_DTYPES),
+        "recovery": text("compensate", "none"), "dtype": text(*WEIGHT_DTYPES), "matvec": text(*MATVEC_KERNELS),
         "targets": text(optional=True, example="ffn_neurons,attention_heads"),
         "intensities": fraction(example="0.25,0.5"), "scenarios": text(), "scenario_block": count(),
         "redecide_every": count(0, 1_000_000, example="8"), "save_every": count(),

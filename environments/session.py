@@ -11,7 +11,8 @@ from environments.live import PruningEnvironment
 from model_loader import LoadedModel, load_model
 from pruners import PRUNE_TARGETS, ActionSpaceConfig, PruningAction, PruningEngine, build_action_space
 from pruners.recovery.elastic import ensure_stored_order, find_menu
-from runtime.dtype import apply_weight_dtype
+from runtime.dtype import apply_weight_dtype, set_kernel
+from runtime.matvec import matvec_kernel
 from common.calibration import calibration_set
 from common.config import (PROBE_BLEND, PROBE_IMPORTANCE, EngineConfig, RunConfig, hardware_kind, static_importance,
                            uses_probe)
@@ -84,6 +85,7 @@ def build_engine(cfg: RunConfig, loaded: LoadedModel, actions: Sequence[PruningA
                            allocation=cfg.allocation, recovery=cfg.recovery, kv_min_tokens=cfg.env.long_prompt_tokens,
                            cache_dir=cache_dir)
     engine.prepare(actions)
+    set_kernel(loaded.model, matvec_kernel(cfg.matvec, next(loaded.model.parameters()).device))
     apply_weight_dtype(loaded.model, cfg.dtype)   # after the engine: its scores and compensation read fp32 weights
     return engine
 

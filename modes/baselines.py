@@ -18,8 +18,12 @@ def run_baselines(cfg: RunConfig, bcfg) -> Path:
     """Static structured and unstructured baselines (and policy points) on one protocol."""
     from evaluation.baselines import run_baselines as sweep
     from model_loader import load_model
+    from runtime.dtype import set_kernel
+    from runtime.matvec import matvec_kernel
 
     loaded = load_model(cfg.model, device=cfg.device)
+    # every arm decodes on the same kernel as the policy's runs (quantized arms included)
+    set_kernel(loaded.model, matvec_kernel(cfg.matvec, next(loaded.model.parameters()).device))
     run_dir = reporting.RunDir.create(Path(cfg.report_dir), "baselines", loaded.name)
     run_dir.write_config({**cfg.to_dict(), "baselines": dataclasses.asdict(bcfg)})
     prov = provenance.collect(seed=cfg.seed, model=loaded, device=str(next(loaded.model.parameters()).device))

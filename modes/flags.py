@@ -25,7 +25,7 @@ from typing import Any, Callable, NoReturn
 
 from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, BaselineConfig, CalibrationConfig,
                            EvalConfig, RunConfig, ServeConfig, as_flag_value, check_config, shown_value)
-from common.config import SERVE_POLICIES, WEIGHT_DTYPES
+from common.config import MATVEC_KERNELS, SERVE_POLICIES, WEIGHT_DTYPES
 
 MODES = ("train", "test", "eval", "report", "baselines", "export", "heal", "serve")
 TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL = "train", "test", "eval", "baselines", "export", "heal"
@@ -64,6 +64,12 @@ def weight_dtype(text: str) -> str:
     return text
 
 
+def matvec_choice(text: str) -> str:
+    if text not in MATVEC_KERNELS:
+        raise ValueError(text)
+    return text
+
+
 def weight_dtypes(text: str) -> tuple[str, ...]:
     names = words(text)
     return () if names == ("none",) else tuple(weight_dtype(n) for n in names)
@@ -71,7 +77,8 @@ def weight_dtypes(text: str) -> tuple[str, ...]:
 
 KINDS = {int: "an integer", float: "a number", floats: "comma-separated numbers",
          latency_budget: "a number or 'none'",
-         weight_dtype: "one of " + " | ".join(WEIGHT_DTYPES), weight_dtypes: "comma-separated weight dtypes or 'none'"}
+         weight_dtype: "one of " + " | ".join(WEIGHT_DTYPES), matvec_choice: "one of " + " | ".join(MATVEC_KERNELS),
+         weight_dtypes: "comma-separated weight dtypes or 'none'"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,9 @@ FLAGS: tuple[Flag, ...] = (
          "in .env)", (TRAIN, TEST, EVAL), type=None, switch=True),
     Flag("--dtype", _R + "dtype", "weight dtype the model computes in: float32 | bfloat16 | int8 (int8/bf16 shadows "
          "that every pruning action's prefix views read; docs/runtime.md)", (TRAIN, TEST, EVAL), type=weight_dtype),
+    Flag("--matvec", _R + "matvec", "decode's one-row matrix products: auto (our multi-threaded kernel, "
+         "runtime/matvec.cpp, built once per machine, where it builds vectorised on a CPU; else torch's) | native "
+         "(insist) | torch (docs/runtime.md)", (TRAIN, TEST, EVAL, BASELINES, SERVE), type=matvec_choice),
     Flag("--mask", "cli.mask", "zero units with hooks: quality only, NO speedup", (TRAIN, TEST, EVAL),
          type=None, switch=True),
     Flag("--allocation", _R + "allocation", "units removed per layer: global (one ranking across layers) | uniform "

@@ -35,11 +35,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from common.config import WEIGHT_DTYPES
+from runtime.matvec import KernelLinear, one_row
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,12 @@ class ShadowLinear(nn.Linear):
         return full if rows == full.shape[0] else full[:rows]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.__dict__.get("kernel")
+        if kernel is not None and one_row(x):       # int8 only: the decode kernel reads the shadow's prefix in place
+            rows, cols = self.weight.shape
+            y = kernel.matvec_i8(self.shadow[:rows, :cols], self.__dict__["scale_f32"],
+                                 x.reshape(-1).float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], rows)
+            return y if self.bias is None else y + self.bias
         w = self.shadow_weight()
         if self.shadow_scale is None:
             y = nn.functional.linear(x.to(w.dtype), w).to(x.dtype)
@@ -129,6 +137,19 @@ def weight_dtype(model: nn.Module) -> str:
     return "float32"
 
 
+def set_kernel(model: nn.Module, kernel: ModuleType | None) -> None:
+    """Run the model's one-row float32 and int8 Linear calls on ``kernel`` (``runtime.matvec.matvec_kernel``;
+    None: torch's kernels) from now on, in its current dtype and every later one."""
+    current = weight_dtype(model)
+    model.__dict__["_matvec_kernel"] = kernel
+    apply_weight_dtype(model, current, head=any(isinstance(model.lm_head, c) for c in (ShadowLinear, KernelLinear))
+                       or current == "float32")
+
+
+def model_kernel(model: nn.Module) -> ModuleType | None:
+    return model.__dict__.get("_matvec_kernel")
+
+
 @torch.no_grad()
 def apply_weight_dtype(model: nn.Module, name: str, head: bool = True) -> float:
     """Compute the decoder Linears (and with ``head`` the lm_head) in ``name``; returns seconds taken.
@@ -137,10 +158,14 @@ def apply_weight_dtype(model: nn.Module, name: str, head: bool = True) -> float:
     (dense): the shadow is taken from each Linear's full weight. Shadows are kept on the module (``_shadows``)
     while its weight's in-place version is unchanged, so switching dtype back and forth is a class swap
     (about a millisecond) and an engine reorder (an in-place write) makes them be rebuilt.
+
+    With a kernel set (``set_kernel``), one-row calls of float32 and int8 Linears run on it; bfloat16 has no
+    path there and keeps torch's kernels.
     """
     check_weight_dtype(name)
     started = time.perf_counter()
     restore_weight_dtype(model, keep=True)
+    kernel = model_kernel(model)
     if name == "float32":
         return time.perf_counter() - started
     for m in shadowed_linears(model, head):
@@ -152,6 +177,8 @@ def apply_weight_dtype(model: nn.Module, name: str, head: bool = True) -> float:
             kept = stash[name] = (m.weight._version, *_shadow(m.weight, name), {})
         # straight into __dict__: nn.Module.__setattr__ costs microseconds per call, and a switch sets ~1000
         m.__dict__.update(zip(("shadow", "shadow_scale", "in_full", "_columns"), kept[1:]))
+        if kernel is not None and name == "int8" and m.weight.device.type == "cpu":
+            m.__dict__.update(kernel=kernel, scale_f32=m.shadow_scale.float())
         m.__class__ = ShadowLinear
     seconds = time.perf_counter() - started
     log.debug("weights computed in %s (%.3f s)", name, seconds)
@@ -167,14 +194,19 @@ def _shadow(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def restore_weight_dtype(model: nn.Module, keep: bool = False) -> None:
-    """Back to the fp32 weights as loaded (nothing else was touched); ``keep`` keeps the shadows for a later apply."""
+    """Back to the fp32 weights as loaded (nothing else was touched; on the model's kernel where it has one);
+    ``keep`` keeps the shadows for a later apply."""
+    kernel = model_kernel(model)
     for m in shadowed_linears(model):
-        if isinstance(m, ShadowLinear):
+        if isinstance(m, (ShadowLinear, KernelLinear)):
             m.__class__ = nn.Linear
-            for attr in ("shadow", "shadow_scale", "_columns", "in_full"):
+            for attr in ("shadow", "shadow_scale", "_columns", "in_full", "kernel", "scale_f32"):
                 m.__dict__.pop(attr, None)
         if not keep:
             m.__dict__.pop("_shadows", None)
+        if kernel is not None and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+            m.__dict__["kernel"] = kernel
+            m.__class__ = KernelLinear
 
 
 @contextlib.contextmanager

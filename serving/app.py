@@ -115,7 +115,7 @@ def build_app(ctx: ServingContext) -> FastAPI:
                               "prompt or lower max_tokens", param="messages" if kind.startswith("chat") else "prompt",
                               code="context_length_exceeded")
         job = ServeRequest(ids, max_tokens, loop=asyncio.get_running_loop(), temperature=body.temperature or 0.0,
-                           seed=body.seed, ignore_eos=body.ignore_eos)
+                           seed=body.seed, ignore_eos=body.ignore_eos, token_events=bool(body.stream or body.stops))
         try:
             ctx.scheduler.submit(job)
         except QueueFull as err:
@@ -148,6 +148,9 @@ def build_app(ctx: ServingContext) -> FastAPI:
                 raise OpenAIError(500, event.message, kind="server_error")
             if isinstance(event, DoneEvent):
                 finish = event.finish_reason
+                if not job.token_events:            # the tokens were not sent one by one: all of them at once
+                    actions = list(job.actions)
+                    text.extend(job.tokens)
                 continue
             actions.append(event.action)
             text.add(event.token)

@@ -73,6 +73,10 @@ class ServeRequest:
     temperature: float = 0.0
     seed: int | None = None
     ignore_eos: bool = False
+    # False: no TokenEvent per token, only the DoneEvent (tokens and actions are read from the request then). A
+    # non-streamed answer without stop strings needs nothing sooner, and each event wakes the HTTP thread,
+    # which takes a core from the decode's OpenMP team for a moment
+    token_events: bool = True
     arrival: float = field(default_factory=time.perf_counter)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)
@@ -241,7 +245,8 @@ class Scheduler:
         request.tokens.append(token)
         request.actions.append(action.label)
         request.token_times.append(now)
-        request.emit(TokenEvent(token, action.label))
+        if request.token_events:
+            request.emit(TokenEvent(token, action.label))
         reason = None
         if token in self.eos and not request.ignore_eos:
             reason = "stop"

@@ -31,6 +31,12 @@ class Detokenizer:
             safe = min(safe, len(full) - 1)
         return self._send(full[:max(safe, len(self.text))])
 
+    def extend(self, tokens: list[int]) -> None:
+        """Append tokens without decoding (no stop strings to watch): ``flush`` decodes them once."""
+        if self.stops:
+            raise ValueError("extend() would skip the stop-string check: add() each token")
+        self.ids.extend(tokens)
+
     def flush(self) -> str:
         """Everything not yet sent (the request has finished); nothing after a stop string."""
         return "" if self.stopped else self._send(self._decoded())

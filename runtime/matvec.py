@@ -1,0 +1,117 @@
+"""The decode step's matrix-vector products on a kernel of our own (``matvec.cpp``), fp32 and int8 weights.
+
+Why: single-stream decode is one matrix-vector product per weight, so it is bound by how fast the kernel
+streams the weight bytes. torch's are far from that here (issue 25, SmolLM2-135M's matrices, 2-core AMD
+EPYC): MKL's one-row fp32 product ran on one thread whatever ``torch.set_num_threads`` said, at about 1.7x
+a one-pass read of the same bytes, and torch's int8 weight-only kernel at about 2x. This kernel splits
+the output rows over torch's own OpenMP threads and streams each row once (AVX2/FMA where the compiler
+targets it), which measured 22 ms against MKL's 36 ms for the fp32 bytes of one step and 8 ms for their
+int8 copy (read floor 7.7 ms; ``bench/decode_limit.py`` has the per-run figures).
+
+How: ``torch.utils.cpp_extension`` compiles it with the machine's C++ compiler (``-O3 -march=native``)
+the first time it is needed (about a minute), into the project cache under a key of the source, the
+compiler flags and torch's version, so later runs load it in milliseconds. It reads every weight in
+place through its strides, so the engine's zero-copy prefix views (a row prefix of q/k/v/gate/up, a
+column prefix of o_proj/down_proj) stay zero-copy, and the int8 shadows need no padded column copies.
+``runtime.dtype.apply_weight_dtype(model, dtype, kernel)`` routes every one-row Linear call through it;
+batches (prefill, serving) keep torch's kernels, which do batch well. No library covers this here: torch
+has no such kernel, and intel-extension-for-pytorch (whose weight-only kernels do) stops at torch 2.8.
+
+``--matvec``: ``auto`` (default) uses it where it builds with its vectorised path and the device is the
+CPU, else torch's kernels, and logs which; ``native`` insists (an error names the fix when it cannot
+build); ``torch`` never builds it.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from common.config import MATVEC_KERNELS
+from common.hub import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("matvec.cpp")
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def check_matvec(name: str) -> str:
+    if name not in MATVEC_KERNELS:
+        raise ValueError(f"--matvec {name}: choose from {', '.join(MATVEC_KERNELS)}")
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> ModuleType:
+    """The compiled extension (built on first use, then loaded from the cache); KernelBuildError says why not.
+
+    Memoised: a process loads an extension once, and every later call must get that same module."""
+    from torch.utils import cpp_extension
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+                         + sys.version.encode()).hexdigest()[:16]
+    build = cache_dir() / "kernels" / key
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        log.info("building the decode kernel (runtime/matvec.cpp) into %s: about a minute, once per machine", build)
+    try:
+        return cpp_extension.load(name=f"adaptive_matvec_{key}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    except Exception as err:        # noqa: BLE001 — no compiler, no ninja, a failed build: all mean "use torch's"
+        raise KernelBuildError(f"the decode kernel runtime/matvec.cpp did not build ({str(err).strip()[-300:]}); "
+                               "install a C++ compiler and ninja (pip install ninja), or pass --matvec torch") from err
+
+
+def matvec_kernel(name: str, device: torch.device | str = "cpu") -> ModuleType | None:
+    """The kernel ``--matvec name`` asks for on ``device``: the extension, or None for torch's kernels."""
+    check_matvec(name)
+    if name == "torch":
+        return None
+    if torch.device(device).type != "cpu":
+        if name == "native":
+            raise KernelBuildError(f"--matvec native: the decode kernel is for the CPU, not {device}; "
+                                   "use --matvec auto or torch")
+        return None
+    if name == "native":
+        return load_kernel()
+    try:
+        kernel = load_kernel()
+    except KernelBuildError as err:
+        log.warning("%s; decoding with torch's kernels", err)
+        return None
+    if not kernel.vectorized():
+        log.warning("the decode kernel built without AVX2/FMA (not this CPU or compiler): decoding with torch's "
+                    "kernels, which are faster than its plain loops")
+        return None
+    return kernel
+
+
+def one_row(x: torch.Tensor) -> bool:
+    """A decode-step input (one token of one sequence) that no gradient needs: the kernel's case."""
+    return x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+class KernelLinear(nn.Linear):
+    """An fp32 nn.Linear whose one-row calls run the decode kernel on its current (possibly prefix-view) weight.
+
+    Set by ``runtime.dtype.apply_weight_dtype`` (class swap; it adds the ``kernel`` attribute), never
+    constructed directly; batches and anything that needs a gradient run ``F.linear`` as before.
+    """
+    kernel: ModuleType
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not one_row(x) or x.dtype != torch.float32 or self.weight.requires_grad and torch.is_grad_enabled():
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = self.kernel.matvec_f32(self.weight, x.reshape(-1).contiguous()).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias

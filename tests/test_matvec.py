@@ -1,0 +1,124 @@
+"""The decode kernel (runtime.matvec): the products it computes, the views it reads in place, and where it runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pruners import ACTION_SPACE, NONE
+from pruners.engine import PruningEngine
+from runtime.dtype import ShadowLinear, apply_weight_dtype, decoder_linears, restore_weight_dtype, set_kernel
+from runtime.generation import generate
+from runtime.matvec import KernelBuildError, KernelLinear, check_matvec, load_kernel, matvec_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    try:
+        return load_kernel()
+    except KernelBuildError as err:
+        pytest.skip(f"no C++ toolchain here: {err}")
+
+
+def views(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weight views the engine hands a Linear: whole, row prefix, column prefix, both; row- and column-major."""
+    col = w.t().contiguous().t()
+    return {f"{layout} {name}": v for layout, m in (("row", w), ("column", col))
+            for name, v in (("whole", m), ("rows", m[:29]), ("columns", m[:, :21]), ("both", m[:29, :21]))}
+
+
+def test_fp32_products_match_torch_on_every_view(kernel):
+    w = torch.randn(67, 45)                      # odd sizes: the vector loops' tails run too
+    for name, v in views(w).items():
+        x = torch.randn(v.shape[1])
+        assert v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() or "column" in name
+        torch.testing.assert_close(kernel.matvec_f32(v, x), v @ x, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_int8_products_match_the_dequantized_weight_on_prefix_views(kernel):
+    q = torch.randint(-127, 128, (70, 53), dtype=torch.int8)
+    scale = torch.rand(70) + 0.01
+    for v in (q, q[:33], q[:, :41], q[:33, :41]):
+        x = torch.randn(v.shape[1])
+        expected = (v.float() @ x) * scale[:v.shape[0]]
+        torch.testing.assert_close(kernel.matvec_i8(v, scale, x), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_bad_operands_are_refused_with_the_reason(kernel):
+    with pytest.raises(RuntimeError, match="contiguous fp32 vector"):
+        kernel.matvec_f32(torch.randn(8, 6), torch.randn(5))
+    with pytest.raises(RuntimeError, match="row- or column-major"):
+        kernel.matvec_f32(torch.randn(8, 12)[:, ::2], torch.randn(6))
+    with pytest.raises(RuntimeError, match="scale"):
+        kernel.matvec_i8(torch.zeros(8, 6, dtype=torch.int8), torch.ones(4), torch.randn(6))
+
+
+def test_the_choice_of_kernel(kernel):
+    assert matvec_kernel("torch") is None
+    assert matvec_kernel("native") is kernel and matvec_kernel("auto") is (kernel if kernel.vectorized() else None)
+    assert matvec_kernel("auto", "cuda") is None
+    with pytest.raises(KernelBuildError, match="--matvec auto or torch"):
+        matvec_kernel("native", "cuda")
+    with pytest.raises(ValueError, match="choose from auto, native, torch"):
+        check_matvec("fast")
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids[:, :1]).logits        # one token: the kernel's case
+
+
+def test_every_action_decodes_the_same_on_the_kernel(tiny, ids, tmp_path, kernel):
+    model = tiny.model
+    engine = PruningEngine(model, tokenizer=tiny.tokenizer, cache_dir=tmp_path)
+    reference = {}
+    for action in ACTION_SPACE:
+        with engine.pruned(action):
+            reference[action.label] = (logits(model, ids), generate(model, ids, 6, engine=engine).tokens)
+    set_kernel(model, kernel)
+    linears = decoder_linears(model) + [model.lm_head]
+    assert all(isinstance(m, KernelLinear) for m in linears)
+    for action in ACTION_SPACE:
+        with engine.pruned(action):
+            torch.testing.assert_close(logits(model, ids), reference[action.label][0], rtol=1e-4, atol=1e-4,
+                                       msg=action.label)
+            assert generate(model, ids, 6, engine=engine).tokens == reference[action.label][1], action.label
+    set_kernel(model, None)
+    assert not any(isinstance(m, KernelLinear) for m in model.modules())
+    assert torch.equal(logits(model, ids), reference[NONE.label][0])    # torch's kernels again, bit for bit
+
+
+def test_int8_on_the_kernel_reads_the_shadow_in_place(tiny, ids, tmp_path, kernel):
+    model = tiny.model
+    engine = PruningEngine(model, tokenizer=tiny.tokenizer, cache_dir=tmp_path)
+    apply_weight_dtype(model, "int8")
+    torch_int8 = {}
+    for action in ACTION_SPACE:
+        with engine.pruned(action):
+            torch_int8[action.label] = logits(model, ids)
+    set_kernel(model, kernel)
+    assert all(isinstance(m, ShadowLinear) and m.kernel is kernel for m in decoder_linears(model))
+    for m in decoder_linears(model):
+        m._columns.clear()                                                 # torch's kernel made these
+    for action in ACTION_SPACE:
+        with engine.pruned(action):
+            # fp32 activations against torch's bf16 ones: close, not equal
+            got, want = logits(model, ids), torch_int8[action.label]
+            assert (got - want).abs().max() < 0.05 * want.abs().max(), action.label
+    assert all(not m._columns for m in decoder_linears(model))          # no padded column copies were made
+    restore_weight_dtype(model)
+    assert all(isinstance(m, KernelLinear) for m in decoder_linears(model))   # float32 stays on the kernel
+
+
+def test_batches_and_gradients_keep_torchs_kernel(kernel):
+    layer = nn.Linear(16, 8, bias=True)
+    x = torch.randn(3, 16)
+    expected = layer(x)
+    layer.__dict__["kernel"] = kernel
+    layer.__class__ = KernelLinear
+    torch.testing.assert_close(layer(x), expected)                         # three rows: F.linear
+    one = torch.randn(1, 1, 16, requires_grad=True)
+    layer(one).sum().backward()                                            # a gradient: F.linear
+    assert one.grad is not None and one.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(layer(one), nn.functional.linear(one, layer.weight, layer.bias))
