@@ -4,8 +4,9 @@ Why: on a 2-core CPU the thread policy moved dense decode by more than any pruni
 14), and the best thread count depends on whether other processes compete for the cores. The
 OpenMP wait policy is fixed per process before torch loads (``runtime.openmp``, measured per
 machine); this module picks, per decision, the thread count for the machine's current state (idle
-or busy, read from telemetry) and whether decoding runs eagerly or through the compiled per-action
-path (``runtime.compiled``: CUDA by default).
+or busy, read from telemetry) and the decode step: compiled per action (``runtime.compiled``: CUDA by
+default), else on the CPU the lean step (``runtime.lean``: the model's layers run directly, without HF's
+per-step framework work) where the model allows it, else HF's forward over a static cache.
 
 The thread count is re-decided at run time (issue 25): the one-time probe's figures are only priors,
 because a probe taken while other jobs ran chose 1 thread for the idle state (55 ms/token against 34
@@ -19,7 +20,7 @@ baselines rows), and the provenance block records the OpenMP choice, so a figure
 runtime produced it::
 
     governor = ExecutionGovernor(RuntimeConfig(), device=model.device)
-    setting = governor.govern(hardware_state)      # sets torch threads; setting.label: "stock/2t/eager"
+    setting = governor.govern(hardware_state)      # sets torch threads; setting.label: "stock/2t/lean"
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from runtime import openmp
 from runtime.compiled import CompiledDecoder, StaticCacheDecoder
 from runtime.decode_probe import decode_seconds_per_token
 from runtime.generation import Decoder
+from runtime.lean import LeanDecoder, unsupported
 from runtime.openmp import BUSY, IDLE, OpenMPChoice
 from machine.telemetry import HardwareProbe, HardwareState
 from machine.load_signals import LoadAwareHardware
@@ -51,7 +53,7 @@ class RuntimeSetting:
     wait_policy: str
     threads: int
     state: str              # idle | busy: the machine state the thread count was chosen for; fixed | unmeasured
-    decoder: str            # eager | compiled
+    decoder: str            # lean | eager (HF's forward over a static cache) | compiled
     basis: str = "prior"    # live (a check in this state, this session) | prior (the one-time probe) | fixed | unmeasured
 
     @property
@@ -132,6 +134,8 @@ class ExecutionGovernor:
         self.choice = choice or openmp.active()
         self.device = torch.device(device)
         self.compiled = compile_wanted(self.config.compile, self.device)
+        # what ``decoder`` builds: "eager" where the lean step cannot run the model (found out by ``decoder``)
+        self.decoder_name = "compiled" if self.compiled else "lean" if self.device.type == "cpu" else "eager"
         self._probe: HardwareProbe | None = None
         self._model: torch.nn.Module | None = None
         self._clock = clock
@@ -191,7 +195,7 @@ class ExecutionGovernor:
         """The thread count: the configured one ("fixed"); torch's current one where the wait policy was set
         by hand ("unmeasured": no rule, nothing read); else, for the machine's state ("idle" | "busy"), the
         fastest in a live check, else in the probe's priors."""
-        decoder = "compiled" if self.compiled else "eager"
+        decoder = self.decoder_name
         if self.config.threads:
             return RuntimeSetting(self.choice.policy, self.config.threads, "fixed", decoder, "fixed")
         if self.choice.threads_idle is None:    # a policy set by hand: the caller's thread count stands
@@ -211,15 +215,24 @@ class ExecutionGovernor:
         return self.apply(self.decide(hardware))
 
     def decoder(self, model: torch.nn.Module, engine=None) -> Decoder:
-        """The decode step this governor runs: compiled per action, or eager over a static cache (both
-        runtime.compiled). The model is also the one its live thread checks time (``attach``)."""
+        """The decode step this governor runs: compiled per action (runtime.compiled), the lean step on the CPU
+        (runtime.lean; it still falls back per generation, e.g. while hooks are on), else HF's forward over a
+        static cache. The model is also the one its live thread checks time (``attach``)."""
         self.attach(model)
-        return CompiledDecoder(model, engine) if self.compiled else StaticCacheDecoder(model, engine)
+        if self.compiled:
+            return CompiledDecoder(model, engine)
+        if self.decoder_name == "lean":
+            reason = unsupported(model, engine)
+            if reason is None:
+                return LeanDecoder(model, engine)
+            log.info("runtime: lean decode off for this model (%s): HF's forward over a static cache", reason)
+            self.decoder_name = "eager"
+        return StaticCacheDecoder(model, engine)
 
     def describe(self) -> dict:
         """For provenance: the OpenMP choice (with its probes) and this governor's rule."""
         return {"openmp": self.choice.to_dict(), "config": self.config.to_dict(),
-                "decoder": "compiled" if self.compiled else "eager", "device": str(self.device),
+                "decoder": self.decoder_name, "device": str(self.device),
                 "live_checks": {state: {str(t): s for t, s in c.s_per_token.items()} for state, c in self.checks.items()}}
 
     def close(self) -> None:

@@ -142,7 +142,7 @@ def test_governor_sets_the_measured_threads_for_each_machine_state(restore_threa
     choice = OpenMPChoice("stock", 2, 1, "measured", "test")
     governor = ExecutionGovernor(choice=choice)
     busy = governor.govern(_state(100.0, 0.0))
-    assert (busy.threads, busy.state, busy.label) == (1, BUSY, "stock/1t/eager") and torch.get_num_threads() == 1
+    assert (busy.threads, busy.state, busy.label) == (1, BUSY, "stock/1t/lean") and torch.get_num_threads() == 1
     idle = governor.govern(_state(5.0, 0.0))
     assert (idle.threads, idle.state) == (2, IDLE) and torch.get_num_threads() == 2
     fixed = ExecutionGovernor(RuntimeConfig(threads=1), choice=choice).govern(_state(5.0, 0.0))
@@ -187,7 +187,7 @@ def test_the_environment_records_the_governed_runtime_in_every_table_entry(tiny,
     env.set_calibration_prompts(["a short prompt about the sea", "another prompt, about the weather today"])
     env.calibrate("idle", [PruningAction.parse("ffn_neurons:0.5")])
     assert torch.get_num_threads() == 2
-    assert {e.runtime for e in env.table.entries.values()} == {"passive/2t/eager"}
+    assert {e.runtime for e in env.table.entries.values()} == {"passive/2t/lean"}
 
 
 def test_provenance_records_the_runtime():
