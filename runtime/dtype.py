@@ -32,9 +32,10 @@ head alone moved SmolLM2-135M's WikiText-2 PPL by x1.072 (weight-only: x0.997, 3
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -99,12 +100,19 @@ class ShadowLinear(nn.Linear):
                 full = self._columns[cols] = padded_columns(self.shadow, cols)
         return full if rows == full.shape[0] else full[:rows]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def bound_matvec(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """With a kernel (int8 only), the kernel bound to the shadow's prefix for the current view: contiguous fp32
+        x [in] -> fp32 [out], no bias (read in place); None without one. See ``KernelLinear.bound_matvec``."""
         kernel = self.__dict__.get("kernel")
-        if kernel is not None and one_row(x):       # int8 only: the decode kernel reads the shadow's prefix in place
-            rows, cols = self.weight.shape
-            y = kernel.matvec_i8(self.shadow[:rows, :cols], self.__dict__["scale_f32"],
-                                 x.reshape(-1).float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], rows)
+        if kernel is None:
+            return None
+        rows, cols = self.weight.shape
+        return functools.partial(kernel.matvec_i8, self.shadow[:rows, :cols], self.__dict__["scale_f32"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matvec = self.bound_matvec()
+        if matvec is not None and one_row(x):       # int8 only: the decode kernel reads the shadow's prefix in place
+            y = matvec(x.reshape(-1).float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         w = self.shadow_weight()
         if self.shadow_scale is None:

@@ -9,9 +9,10 @@ position is the same for every layer.
 How: ``LeanDecoder`` is a ``runtime.generation.Decoder``. Per generation (an action cannot change inside
 one; between generations the engine narrows weights and swaps layer lists, so nothing is kept across them)
 it reads the model as it runs now: the layer list (a ``ReplacedRun`` is its layer followed by its affine
-map), every Linear's bound ``forward`` (so the KernelLinear / ShadowLinear kernels, the engine's prefix
-views and FLAP compensation biases apply, and each call reads the weight the module holds then), head
-counts from the projections' shapes, the norms' weights; it copies the prefill's (possibly KV-pruned)
+map), every Linear's product for its current weight view (the decode kernel bound to it where the Linear
+has one, ``bound_matvec``: KernelLinear fp32, ShadowLinear int8; else the module's ``forward``), with its
+bias where it has one (FLAP compensation adds o_proj/down_proj biases), head counts from the projections'
+shapes, the norms' weights; it copies the prefill's (possibly KV-pruned)
 cache into its own per-layer K/V buffers and takes cos/sin from the model's ``rotary_emb`` for the
 generation's positions. A step is then: the embedding row; per layer RMSNorm, q/k/v, RoPE as one
 [head_dim, head_dim] rotation per step (the attention scale folded into the query's), the new key and
@@ -34,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.modules import module as torch_module
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel,
                                                       LlamaRMSNorm, LlamaRotaryEmbedding)
@@ -119,11 +119,12 @@ def unsupported(model: nn.Module, engine=None) -> str | None:
     if weight.device.type != "cpu":
         return f"the model is on {weight.device.type} (the lean step is for the CPU)"
     if weight.dtype != torch.float32:
-        return f"weights loaded in {weight.dtype} (the lean step computes in float32; --dtype sets low-precision weights)"
+        return f"weights loaded in {weight.dtype} (the lean step computes in float32; --dtype sets int8/bf16 weights)"
     rope = getattr(model.model.rotary_emb, "rope_type", None)
     if rope not in ROPE_TYPES:
         return f"RoPE type {rope!r} (the lean step runs {', '.join(ROPE_TYPES)})"
-    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+    layer_types = getattr(config, "layer_types", None) or ()
+    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
         return "sliding-window attention"
     if model.training and config.attention_dropout > 0:
         return "attention dropout in training mode"
@@ -131,8 +132,23 @@ def unsupported(model: nn.Module, engine=None) -> str | None:
 
 
 def _norm(norm: LlamaRMSNorm) -> Linear:
-    weight, eps, shape = norm.weight, norm.variance_epsilon, tuple(norm.weight.shape)
-    return lambda x: F.rms_norm(x, shape, weight, eps)
+    """HF's RMSNorm of one hidden vector, its scale computed as a Python float (F.rms_norm is ~10 aten ops)."""
+    weight, eps, size = norm.weight, norm.variance_epsilon, norm.weight.shape[0]
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        return torch.mul(h, (float(torch.dot(h, h)) / size + eps) ** -0.5).mul_(weight)
+    return run
+
+
+def _product(linear: nn.Linear) -> Linear:
+    """x [in] -> linear(x) [out] for the weight view the Linear holds now: its kernel bound to that view where it
+    has one (``bound_matvec``), else its ``forward``."""
+    bound = getattr(linear, "bound_matvec", None)
+    matvec = bound() if bound is not None else None
+    if matvec is None:
+        return linear.forward
+    bias = linear.bias
+    return matvec if bias is None else lambda x: matvec(x).add_(bias)
 
 
 def _rotation_basis(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +167,7 @@ def _rotation_basis(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class _Layer:
-    """One run layer as this generation reads it: norms, bound Linear forwards, heads and its K/V buffers."""
+    """One run layer as this generation reads it: norms, Linear products, heads and its K/V buffers."""
     in_norm: Linear
     q: Linear
     k: Linear
@@ -183,10 +199,10 @@ def _layer(entry: nn.Module, pre: Prefill, slots: int) -> _Layer:
     values = cached.values.new_empty(kv_heads, slots, head_dim)
     keys[:, :length] = cached.keys[0]
     values[:, :length] = cached.values[0]
-    return _Layer(_norm(layer.input_layernorm), attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward,
-                  attn.o_proj.forward, _norm(layer.post_attention_layernorm), mlp.gate_proj.forward,
-                  mlp.up_proj.forward, mlp.down_proj.forward, mlp.act_fn.forward,
-                  None if out_map is None else out_map.forward,
+    return _Layer(_norm(layer.input_layernorm), _product(attn.q_proj), _product(attn.k_proj), _product(attn.v_proj),
+                  _product(attn.o_proj), _norm(layer.post_attention_layernorm), _product(mlp.gate_proj),
+                  _product(mlp.up_proj), _product(mlp.down_proj), mlp.act_fn.forward,
+                  None if out_map is None else _product(out_map),
                   kv_heads, attn.q_proj.weight.shape[0] // head_dim // kv_heads, keys, values)
 
 
@@ -195,7 +211,7 @@ class LeanDecoder:
     where it cannot do so exactly (``unsupported``; logged once per reason)."""
 
     def __init__(self, model: nn.Module, engine=None) -> None:
-        self.model, self.engine = model, engine
+        self.engine = engine
         self.fallback = StaticCacheDecoder(model, engine)
         self._said: set[str] = set()
 
@@ -210,46 +226,59 @@ class LeanDecoder:
     def __call__(self, model: nn.Module, pre: Prefill, new_tokens: int) -> Step:
         if self._falls_back(model):
             return self.fallback(model, pre, new_tokens)
-        return _lean_step(model, pre, new_tokens)
+        return _LeanStep(model, pre, new_tokens)
 
 
-def _lean_step(model: nn.Module, pre: Prefill, new_tokens: int) -> Step:
-    """The step of one generation (``LeanDecoder``'s module docstring says what it reads and when)."""
-    base = model.model
-    filled = pre.cache.get_seq_length()
-    layers = [_layer(entry, pre, filled + new_tokens) for entry in run_layers(model)]
-    first_attn = _parts(run_layers(model)[0])[0].self_attn
-    head_dim, scaling = first_attn.head_dim, first_attn.scaling
-    eye, signed = _rotation_basis(head_dim)
-    embedding, final_norm, head, rotary = base.embed_tokens.weight, _norm(base.norm), model.lm_head.forward, base.rotary_emb
-    state = {"filled": filled, "first": None, "cos": None, "sin": None}
+class _LeanStep:
+    """The step of one generation (the module docstring says what it reads and when)."""
+
+    def __init__(self, model: nn.Module, pre: Prefill, new_tokens: int) -> None:
+        base = model.model
+        self.filled = pre.cache.get_seq_length()
+        self.slots = self.filled + new_tokens
+        self.layers = [_layer(entry, pre, self.slots) for entry in run_layers(model)]
+        attn = _parts(run_layers(model)[0])[0].self_attn
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.eye, self.signed = _rotation_basis(self.head_dim)
+        self.embedding, self.rotary = base.embed_tokens.weight, base.rotary_emb
+        self.final_norm, self.head = _norm(base.norm), _product(model.lm_head)
+        self.new_tokens = new_tokens
+        self.first: int | None = None       # the first step's position: cos/sin are indexed from it
+        self.cos = self.sin = torch.empty(0)
+
+    def _rotation(self, position: int) -> torch.Tensor:
+        """RoPE of ``position`` as one [head_dim, head_dim] matrix (cos/sin of every position of the generation
+        are taken from the model's rotary embedding at its first step)."""
+        if self.first is None:
+            self.first = position
+            positions = torch.arange(position, position + self.new_tokens)[None]
+            self.cos, self.sin = (t[0] for t in self.rotary(self.embedding[:1], positions))
+        index = position - self.first
+        if not 0 <= index < self.new_tokens:
+            raise ValueError(f"position {position}: this step decodes positions {self.first} to "
+                             f"{self.first + self.new_tokens - 1}, one after another")
+        return torch.addcmul(self.eye * self.cos[index], self.signed, self.sin[index])
 
     @torch.inference_mode()
-    def step(token: torch.Tensor, position: int) -> torch.Tensor:
-        slot = state["filled"]
-        if slot >= filled + new_tokens:
-            raise ValueError(f"this step was made for {new_tokens} new tokens: make a new one per generation")
-        if state["first"] is None:          # cos/sin of every position this generation decodes, at its first step
-            state["first"] = position
-            positions = torch.arange(position, position + new_tokens)[None]
-            state["cos"], state["sin"] = (t[0] for t in rotary(embedding[:1], positions))
-        index = position - state["first"]
-        rotation = torch.addcmul(eye * state["cos"][index], signed, state["sin"][index])
-        q_rotation = rotation * scaling
-        n = slot + 1
-        h = embedding[int(token)][None]
-        for layer in layers:
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        slot = self.filled
+        if slot >= self.slots:
+            raise ValueError(f"this step was made for {self.new_tokens} new tokens: make a new one per generation")
+        rotation = self._rotation(position)
+        q_rotation = rotation * self.scaling
+        head_dim, n = self.head_dim, slot + 1
+        h = self.embedding[int(token)]          # one hidden vector [hidden] throughout
+        for layer in self.layers:
             x = layer.in_norm(h)
             q = torch.mm(layer.q(x).view(-1, head_dim), q_rotation).view(layer.kv_heads, layer.group, head_dim)
             torch.mm(layer.k(x).view(layer.kv_heads, head_dim), rotation, out=layer.keys[:, slot])
             layer.values[:, slot] = layer.v(x).view(layer.kv_heads, head_dim)
             scores = torch.bmm(q, layer.keys[:, :n].transpose(1, 2)).softmax(dim=-1)
-            attended = torch.bmm(scores, layer.values[:, :n]).view(1, -1)
+            attended = torch.bmm(scores, layer.values[:, :n]).view(-1)
             h = h + layer.o(attended)
             x = layer.post_norm(h)
             h += layer.down(layer.act(layer.gate(x)).mul_(layer.up(x)))
             if layer.out_map is not None:
                 h = layer.out_map(h)
-        state["filled"] = n
-        return head(final_norm(h))
-    return step
+        self.filled = n
+        return self.head(self.final_norm(h))[None]

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -110,8 +111,13 @@ class KernelLinear(nn.Linear):
     """
     kernel: ModuleType
 
+    def bound_matvec(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The kernel bound to the current weight view: contiguous fp32 x [in] -> x W^T [out], no bias. For a caller
+        that makes many calls with the view fixed (runtime.lean: one generation), it skips this forward's checks."""
+        return functools.partial(self.kernel.matvec_f32, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not one_row(x) or x.dtype != torch.float32 or self.weight.requires_grad and torch.is_grad_enabled():
             return nn.functional.linear(x, self.weight, self.bias)
-        y = self.kernel.matvec_f32(self.weight, x.reshape(-1).contiguous()).reshape(*x.shape[:-1], -1)
+        y = self.bound_matvec()(x.reshape(-1).contiguous()).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias

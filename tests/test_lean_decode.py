@@ -1,4 +1,4 @@
-"""The lean decode step (runtime.lean): HF's numbers for every action, dtype and kernel; HF's own path where it cannot."""
+"""The lean decode step (runtime.lean): HF's numbers for every action, dtype and kernel; HF's path where it cannot."""
 from __future__ import annotations
 
 import contextlib
