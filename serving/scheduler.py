@@ -144,7 +144,7 @@ class Scheduler:
 
         Why (``serving.server.run_server``): the thread that loaded the model owns the process's OpenMP pool.
         Decode steps run from a second thread start a second pool, and with more pool threads than cores
-        libgomp stops spinning between parallel regions: the same decode step measured 45 % slower there
+        libgomp stops spinning between parallel regions: the same decode step measured 17-60 % slower there
         (2 threads, 2 cores; docs/serving.md).
         """
         self._thread = None
