@@ -40,7 +40,7 @@ from common.config import EnvConfig, RunConfig  # noqa: E402
 from environments.live import PruningEnvironment  # noqa: E402
 from environments.outcomes.cache import engine_settings  # noqa: E402
 from environments.outcomes.headroom import HeadroomRecord, record_path  # noqa: E402
-from environments.outcomes.lookahead import KS, LookaheadRecord, measure_all  # noqa: E402
+from environments.outcomes.lookahead import KS, LookaheadRecord, measure_all, sidecar_path  # noqa: E402
 from environments.outcomes.quality import score_reference, token_kl  # noqa: E402
 from environments.session import build_engine  # noqa: E402
 from model_loader import load_model  # noqa: E402
@@ -118,6 +118,13 @@ def lookahead_cost(env: PruningEnvironment, pairs: list[tuple[HeadroomRecord, Lo
                         f"{statistics.median(forward[k]):.1%}" for k in KS])
 
 
+def shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise SystemExit(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 0/2")
+    return int(index), int(count)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -129,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lookahead-dir", default=None,
                         help="per-prompt look-ahead records (default: <cache>/headroom_lookahead)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
-    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure the missing look-ahead records and print the report")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="print the report")
+    parser.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the records that lack a look-ahead (--no-measure: report on those that have one)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="only measure every N-th record from the I-th, no report (N processes use N cores)")
     parser.add_argument("--cost-prompts", type=int, default=0, help="held-out prompts timed for the cost (0: none)")
     parser.add_argument("--cost-tokens", type=int, default=32)
     args = parser.parse_args(argv)
@@ -156,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
              if path.is_file()]
     if not found:
         raise SystemExit(f"no headroom records in {folder} for these settings: run bench/headroom.py first")
+    if args.shard:
+        index, count = shard(args.shard)
+        measure_all(loaded.model, engine, [(path, r) for _, path, r in found[index::count]], actions, sidecar)
+        return 0
+    if not args.measure:
+        found = [(side, path, r) for side, path, r in found if sidecar_path(sidecar, path).is_file()]
     ahead = measure_all(loaded.model, engine, [(path, r) for _, path, r in found], actions, sidecar)
     sides = {s: [(r, a) for (side, _, r), a in zip(found, ahead) if side == s] for s in ("train", "held")}
     if args.report:
