@@ -48,9 +48,8 @@ from pruners import PruningAction  # noqa: E402
 from reporting.headroom import KL_FLOOR, PromptDamage, action_rows, render, routing_row  # noqa: E402
 from runtime.generation import generate  # noqa: E402
 
-log = logging.getLogger("lookahead")
-
 LOOKAHEAD_SETS = ("lookahead", "probe+lookahead")
+SUMMARY_SETS = ("dense", "probe", "lookahead", "probe+lookahead")
 PAIRS = (("ffn_neurons:0.2", "ffn_neurons:0.4"), ("attention_heads:0.2", "attention_heads:0.4"))
 
 
@@ -70,8 +69,11 @@ def damage_after(record: HeadroomRecord, ahead: LookaheadRecord, labels: list[st
 
 def report(sides: dict[str, list[tuple[HeadroomRecord, LookaheadRecord]]], labels: list[str]) -> str:
     """Per K (0 first): the damage/prediction table for every action and the equal-compute routing per target,
-    each action predicted with its own look-ahead KL."""
+    each action predicted with its own look-ahead KL; then a summary of the 2r actions (the routed ones)."""
     out = []
+    summary = ["### Summary: the routed actions (2r), held-out Spearman with the after-K log PPL ratio / share of the "
+               "oracle's equal-compute gain over uniform r", "",
+               "| K | action | sqrt(rel.) | " + " | ".join(SUMMARY_SETS) + " |", "|---|---|---|" + "---|" * len(SUMMARY_SETS)]
     for k in (0, *KS):
         sets = list(FEATURE_SETS) + (list(LOOKAHEAD_SETS) if k else [])
         data = {label: {side: [damage_after(r, a, labels, label, k) for r, a in pairs] for side, pairs in sides.items()}
@@ -81,14 +83,23 @@ def report(sides: dict[str, list[tuple[HeadroomRecord, LookaheadRecord]]], label
         routing = [routing_row(data[high]["train"], data[high]["held"], low, high, [(s, s, "log_ratio") for s in sets])
                    for low, high in PAIRS]
         title = ("K = 0: no look-ahead, the probe on the whole reference" if not k else
-                 f"K = {k}: target = log PPL ratio of reference tokens {k + 1}-{len(sides['held'][0][1].kl[labels[0]])}"
-                 f", look-ahead = mean KL on the first {k}")
+                 f"K = {k}: target = log PPL ratio of the reference after its first {k} tokens, look-ahead = "
+                 f"the action's mean KL on those {k}")
         out += [f"### {title}", "", render(rows, routing, sets, len(sides["train"]), len(sides["held"])), ""]
-    return "\n".join(out)
+        for g in routing:
+            row = next(r for r in rows if r.label == g.high)
+            summary.append(f"| {k} | {g.high} | {math.sqrt(max(row.reliability, 0.0)):.2f} | " + " | ".join(
+                f"{row.prediction[s]:.2f} / {share_text(g.share(s))}" if s in row.prediction else "-" for s in SUMMARY_SETS)
+                + " |")
+    return "\n".join(out + summary)
 
 
-def lookahead_cost(env: PruningEnvironment, pairs: list[tuple[HeadroomRecord, LookaheadRecord]],
-                   actions: list[PruningAction], tokens: int, repeats: int) -> str:
+def share_text(share: float) -> str:
+    return "no oracle gain" if math.isnan(share) else f"{share:+.0%}"
+
+
+def lookahead_cost(env: PruningEnvironment, records: list[HeadroomRecord], actions: list[PruningAction], tokens: int,
+                   repeats: int) -> str:
     """Interleaved per prompt: a dense ``tokens``-token generation, then per K and action one pruned forward
     over prompt + K - 1 reference tokens with the KL on its K positions. The look-ahead's K dense decode steps
     are taken at that generation's own per-token decode time. Medians over prompts, repeats and actions."""
@@ -96,7 +107,7 @@ def lookahead_cost(env: PruningEnvironment, pairs: list[tuple[HeadroomRecord, Lo
     gross = {k: [] for k in KS}
     forward = {k: [] for k in KS}
     plain = []
-    for record, _ in pairs:
+    for record in records:
         prompt_ids, ref_ids = torch.tensor(record.prompt_ids), torch.tensor(record.ref_ids)
         for _ in range(repeats):
             engine.restore()
@@ -110,7 +121,7 @@ def lookahead_cost(env: PruningEnvironment, pairs: list[tuple[HeadroomRecord, Lo
                     spent = time.perf_counter() - started
                 forward[k].append(spent / gen.total_s)
                 gross[k].append((k * gen.decode_s_per_token + spent) / gen.total_s)
-    return "\n".join([f"look-ahead cost over {len(pairs)} prompts x {repeats} interleaved repeats, torch threads "
+    return "\n".join([f"look-ahead cost over {len(records)} prompts x {repeats} interleaved repeats, torch threads "
                       f"{torch.get_num_threads()}: dense {tokens}-token generation median "
                       f"{statistics.median(plain) * 1e3:.0f} ms; as a share of it (median):"]
                      + [f"- K = {k}: K dense decode steps + pruned forward {statistics.median(gross[k]):.1%}; the "
@@ -170,11 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         index, count = shard(args.shard)
         measure_all(loaded.model, engine, [(path, r) for _, path, r in found[index::count]], actions, sidecar)
         return 0
-    if not args.measure:
-        found = [(side, path, r) for side, path, r in found if sidecar_path(sidecar, path).is_file()]
-    ahead = measure_all(loaded.model, engine, [(path, r) for _, path, r in found], actions, sidecar)
-    sides = {s: [(r, a) for (side, _, r), a in zip(found, ahead) if side == s] for s in ("train", "held")}
     if args.report:
+        measured = found if args.measure else [f for f in found if sidecar_path(sidecar, f[1]).is_file()]
+        ahead = measure_all(loaded.model, engine, [(path, r) for _, path, r in measured], actions, sidecar)
+        sides = {s: [(r, a) for (side, _, r), a in zip(measured, ahead) if side == s] for s in ("train", "held")}
         drift = max(abs(a.after(label) - math.log(r.outcomes.actions[label].ppl_ratio))
                     for pairs in sides.values() for r, a in pairs for label in labels)
         print(f"model {loaded.name} ({loaded.source}), engine {engine.describe()['importance']} / {cfg.allocation} / "
@@ -187,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost_prompts:
         env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
         high = [PruningAction.parse(h) for _, h in PAIRS]
-        print(lookahead_cost(env, sides["held"][:args.cost_prompts], high, args.cost_tokens, repeats=3))
+        timed = [r for side, _, r in found if side == "held"][:args.cost_prompts]
+        print(lookahead_cost(env, timed, high, args.cost_tokens, repeats=3))
     return 0
 
 
