@@ -33,11 +33,11 @@ if __name__ == "__main__":
     openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from bench.headroom import ACTIONS, FEATURE_SETS, held_out_prompts, to_damage  # noqa: E402
 from common import hub  # noqa: E402
 from common.config import EnvConfig, RunConfig  # noqa: E402
-from environments.live import PruningEnvironment  # noqa: E402
 from environments.outcomes.cache import engine_settings  # noqa: E402
 from environments.outcomes.headroom import HeadroomRecord, record_path  # noqa: E402
 from environments.outcomes.lookahead import KS, LookaheadRecord, measure_all, sidecar_path  # noqa: E402
@@ -50,6 +50,7 @@ from runtime.generation import generate  # noqa: E402
 
 LOOKAHEAD_SETS = ("lookahead", "probe+lookahead")
 SUMMARY_SETS = ("dense", "probe", "lookahead", "probe+lookahead")
+log = logging.getLogger("lookahead")
 PAIRS = (("ffn_neurons:0.2", "ffn_neurons:0.4"), ("attention_heads:0.2", "attention_heads:0.4"))
 
 
@@ -98,20 +99,20 @@ def share_text(share: float) -> str:
     return "no oracle gain" if math.isnan(share) else f"{share:+.0%}"
 
 
-def lookahead_cost(env: PruningEnvironment, records: list[HeadroomRecord], actions: list[PruningAction], tokens: int,
+def lookahead_cost(model, engine, records: list[HeadroomRecord], actions: list[PruningAction], tokens: int,
                    repeats: int) -> str:
     """Interleaved per prompt: a dense ``tokens``-token generation, then per K and action one pruned forward
     over prompt + K - 1 reference tokens with the KL on its K positions. The look-ahead's K dense decode steps
-    are taken at that generation's own per-token decode time. Medians over prompts, repeats and actions."""
-    model, engine = env.model, env.engine
+    are taken at that generation's own per-token decode time. Both run on torch's eager path (no governor or
+    compiled decoder: the pruned forward is an eager one too). Medians over prompts, repeats and actions."""
     gross = {k: [] for k in KS}
     forward = {k: [] for k in KS}
     plain = []
-    for record in records:
+    for record in tqdm(records, desc="look-ahead cost", unit="prompt"):
         prompt_ids, ref_ids = torch.tensor(record.prompt_ids), torch.tensor(record.ref_ids)
         for _ in range(repeats):
             engine.restore()
-            gen = generate(model, prompt_ids.view(1, -1), tokens, decoder=env.decoder)
+            gen = generate(model, prompt_ids.view(1, -1), tokens)
             plain.append(gen.total_s)
             for k, action in itertools.product(KS, actions):
                 dense = score_reference(model, prompt_ids, ref_ids[:k])      # stands in for the decode's logits
@@ -195,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
               f"forwards vs the record's: max |difference| {drift:.2e}\n")
         print(report(sides, labels))
     if args.cost_prompts:
-        env = PruningEnvironment(loaded, engine, cfg.reward, cfg.env)
+        log.info("timing the look-ahead on %d held-out prompts", args.cost_prompts)
         high = [PruningAction.parse(h) for _, h in PAIRS]
         timed = [r for side, _, r in found if side == "held"][:args.cost_prompts]
-        print(lookahead_cost(env, timed, high, args.cost_tokens, repeats=3))
+        print(lookahead_cost(loaded.model, engine, timed, high, args.cost_tokens, repeats=3))
     return 0
 
 
