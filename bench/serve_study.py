@@ -493,12 +493,15 @@ def stage_overhead(args) -> dict:
     from runtime.generation import generate
     from runtime.governor import ExecutionGovernor
     from reporting.summaries import bootstrap_ci
+    from runtime.dtype import set_kernel
+    from runtime.matvec import matvec_kernel
     from serving.soak import scrape, server_process
 
     serve_args = ["--model", args.model, "--serve-policy", "dense", "--calibration-samples", str(args.calibration_samples)]
     # the server first, so that its governor decides on a machine this process is not loading a model on
     with server_process(serve_args) as (_proc, url):
         loaded = load_model(args.model, device="cpu")
+        set_kernel(loaded.model, matvec_kernel(RunConfig().matvec))     # the server's default decode kernel
         setting = ExecutionGovernor().govern()
         log.info("runtime %s (%s)", setting.label, setting.state)
         text = load_prompts(str(data_root() / ALPACA_SUBSET), seed=1).prompts[0].text

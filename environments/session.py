@@ -79,13 +79,14 @@ def build_engine(cfg: RunConfig, loaded: LoadedModel, actions: Sequence[PruningA
     menu = find_menu(loaded.name) if loaded.source == "local" else None
     if menu is not None:
         ensure_stored_order(loaded.model, menu)
+    # the decode kernel first: it may re-lay the weights, and the engine's prefix views are taken from them
+    set_kernel(loaded.model, matvec_kernel(cfg.matvec, next(loaded.model.parameters()).device))
     engine = PruningEngine(loaded.model, mode="structural" if cfg.structural else "mask", menu=menu,
                            importance=static_importance(cfg.importance), tokenizer=loaded.tokenizer,
                            calibration=calibration_set(cfg.calibration), calibration_max_tokens=cfg.calibration.max_tokens,
                            allocation=cfg.allocation, recovery=cfg.recovery, kv_min_tokens=cfg.env.long_prompt_tokens,
                            cache_dir=cache_dir)
     engine.prepare(actions)
-    set_kernel(loaded.model, matvec_kernel(cfg.matvec, next(loaded.model.parameters()).device))
     apply_weight_dtype(loaded.model, cfg.dtype)   # after the engine: its scores and compensation read fp32 weights
     return engine
 

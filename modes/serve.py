@@ -14,6 +14,6 @@ def run_serve(cfg: RunConfig, serve: ServeConfig) -> None:
     server = open_server(cfg, serve)
     try:
         run_server(server, serve)
-    except KeyboardInterrupt:   # uvicorn re-raises the SIGTERM/SIGINT it drained on, after the drain
+    except KeyboardInterrupt:   # a SIGTERM/SIGINT that came before run_server had put its own handlers in place
         pass
     log.info("server stopped; every accepted request was answered")

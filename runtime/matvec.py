@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("matvec.cpp")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
+STALE_LOCK_S = 900.0         # a build takes about a minute; a lock this old was left by a killed one
 
 
 class KernelBuildError(RuntimeError):
@@ -57,18 +61,36 @@ def check_matvec(name: str) -> str:
 def load_kernel() -> ModuleType:
     """The compiled extension (built on first use, then loaded from the cache); KernelBuildError says why not.
 
-    Memoised: a process loads an extension once, and every later call must get that same module."""
+    Memoised: a process loads an extension once, and every later call must get that same module. A built
+    library is imported directly: ``cpp_extension.load`` would re-run ninja and take the build folder's lock
+    on every load, and a process frozen or killed while holding that lock would stall every later one.
+    The key includes the source's path, so two checkouts sharing one cache do not rebuild each other's.
+    """
+    key = hashlib.sha256(SOURCE.read_bytes() + str(SOURCE).encode() + " ".join(CFLAGS).encode()
+                         + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    name = f"adaptive_matvec_{key}"
+    build = cache_dir() / "kernels" / key
+    built = build / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[-1]}"
+    if not built.is_file():
+        _build(name, build)
+    spec = importlib.util.spec_from_file_location(name, built)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(name: str, build: Path) -> None:
     from torch.utils import cpp_extension
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
-                         + sys.version.encode()).hexdigest()[:16]
-    build = cache_dir() / "kernels" / key
     build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        log.info("building the decode kernel (runtime/matvec.cpp) into %s: about a minute, once per machine", build)
+    lock = build / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing %s, left by a build that never finished", lock)
+        lock.unlink(missing_ok=True)
+    log.info("building the decode kernel (runtime/matvec.cpp) into %s: about a minute, once per machine", build)
     try:
-        return cpp_extension.load(name=f"adaptive_matvec_{key}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
-                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"],
+                           build_directory=str(build), verbose=False)
     except Exception as err:        # noqa: BLE001 — no compiler, no ninja, a failed build: all mean "use torch's"
         raise KernelBuildError(f"the decode kernel runtime/matvec.cpp did not build ({str(err).strip()[-300:]}); "
                                "install a C++ compiler and ninja (pip install ninja), or pass --matvec torch") from err

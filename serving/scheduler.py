@@ -130,11 +130,28 @@ class Scheduler:
         self._signature: str | None = None
         self._slowdown = 1.0
         self._e2e_ewma = 1.0
-        self._thread = threading.Thread(target=self._run, name="serve-scheduler", daemon=True)
+        self._thread: threading.Thread | None = threading.Thread(target=self._run, name="serve-scheduler", daemon=True)
+        self._stopped = threading.Event()
 
     # ------------------------------------------------------------------ the HTTP side
     def start(self) -> None:
-        self._thread.start()
+        """Start the worker thread (unless ``keep_on_this_thread`` was called: then ``run`` is the loop)."""
+        if self._thread is not None:
+            self._thread.start()
+
+    def keep_on_this_thread(self) -> None:
+        """Run the loop on the caller's thread (``run``) rather than a thread of its own.
+
+        Why (``serving.server.run_server``): the thread that loaded the model owns the process's OpenMP pool.
+        Decode steps run from a second thread start a second pool, and with more pool threads than cores
+        libgomp stops spinning between parallel regions: the same decode step measured 17-60 % slower there
+        (2 threads, 2 cores; docs/serving.md).
+        """
+        self._thread = None
+
+    def run(self) -> None:
+        """The scheduling loop on the calling thread, until ``close``."""
+        self._run()
 
     def submit(self, request: ServeRequest) -> None:
         """Queue a request, or raise QueueFull / Draining."""
@@ -156,7 +173,11 @@ class Scheduler:
         with self._wake:
             self._closing = True
             self._wake.notify()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            if self._thread.is_alive():
+                self._thread.join(timeout)
+        else:
+            self._stopped.wait(timeout)
 
     @property
     def queued(self) -> int:
@@ -178,6 +199,7 @@ class Scheduler:
                     self.batch = RunningBatch()
         finally:
             self.engine.restore()
+            self._stopped.set()
 
     def _admit(self) -> list[ServeRequest] | None:
         """Wait for work; take the requests that fit. None: closing and nothing left."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +96,32 @@ def open_server(run: RunConfig, cfg: ServeConfig, loaded: LoadedModel | None = N
 
 def run_server(server: Server, cfg: ServeConfig) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn then stops accepting, lets every open request finish, and the app's
-    lifespan closes the scheduler."""
+    lifespan closes the scheduler.
+
+    The scheduler's loop runs on this thread, the one that loaded the model and so owns the process's OpenMP
+    pool (``Scheduler.keep_on_this_thread`` says why); uvicorn runs on a thread of its own, so the signals
+    that stop it are caught here and handed to it.
+    """
     config = uvicorn.Config(server.app, host=cfg.host, port=cfg.port, log_level="info", access_log=False)
-    uvicorn.Server(config).run()
+    web = uvicorn.Server(config)
+    scheduler = server.context.scheduler
+    scheduler.keep_on_this_thread()
+
+    def serve_http() -> None:
+        try:
+            web.run()
+        finally:            # stopped, or never started (a port in use): either way the loop below must end
+            scheduler.close(timeout=0)
+
+    previous = {sig: signal.signal(sig, web.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=serve_http, name="uvicorn", daemon=True)
+    http.start()
+    try:
+        scheduler.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    http.join()
+    if not web.started:
+        raise RuntimeError(f"the server did not start on {cfg.host}:{cfg.port} (the log above says why): free the "
+                           "port or pass another --port")

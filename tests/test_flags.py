@@ -40,7 +40,7 @@ def _value(flag) -> list[str]:
     samples = {"--action": "ffn_neurons:0.5", "--baseline": "taylor@0.3", "--task-data": "arc_easy=x.jsonl",
                "--latency-budget": "1.2", "--targets": "ffn_neurons", "--intensities": "0.1",
                "--budgets": "0.1", "--unstructured": "wanda:0.5", "--baseline-methods": "taylor",
-               "--dtype": "int8", "--quantized-baselines": "bfloat16"}
+               "--dtype": "int8", "--quantized-baselines": "bfloat16", "--matvec": "torch"}
     if flag.name in samples:
         return [flag.name, samples[flag.name]]
     return [flag.name, "7" if flag.numeric else "x"]

@@ -1,6 +1,8 @@
 """The decode kernel (runtime.matvec): the products it computes, the views it reads in place, and where it runs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -122,3 +124,23 @@ def test_batches_and_gradients_keep_torchs_kernel(kernel):
     assert one.grad is not None and one.grad.abs().sum() > 0
     with torch.no_grad():
         torch.testing.assert_close(layer(one), nn.functional.linear(one, layer.weight, layer.bias))
+
+
+def test_a_failed_build_names_the_fix_and_a_stale_lock_is_cleared(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    from runtime import matvec
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = lock.stat().st_mtime - matvec.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    seen = []
+
+    def failing_load(**kwargs):
+        seen.append(lock.exists())
+        raise RuntimeError("g++: not found")
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    with pytest.raises(KernelBuildError, match="g\\+\\+: not found.*--matvec torch"):
+        matvec._build("adaptive_matvec_test", tmp_path)
+    assert seen == [False]                     # the lock a killed build left no longer blocks this one
