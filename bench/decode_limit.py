@@ -188,10 +188,12 @@ def tool_step(model: torch.nn.Module, engine: PruningEngine, governor: Execution
 def time_level(level: str, engines: dict[str, PruningEngine], actions: list[PruningAction], args,
                ids: torch.Tensor, stock: dict[str, torch.nn.Module], llama: Callable[[int], float] | None) -> dict:
     """Floors, then ``args.rounds`` interleaved rounds of every path; medians per path."""
-    governor = ExecutionGovernor()
-    first = next(iter(engines.values()))
-    governor.attach(first.model)
-    setting = governor.govern()
+    # one governor per row set: its live thread check must time the model and kernel it decides for (torch's
+    # one-threaded MKL product ties 1 and 2 threads; the decode kernel splits rows over both)
+    governors = {label: ExecutionGovernor() for label in engines}
+    for label, engine in engines.items():
+        governors[label].attach(engine.model)
+    settings = {label: governor.govern() for label, governor in governors.items()}
     cache_tokens = ids.shape[1] + args.new_tokens // 2
     threads = openmp.thread_candidates(openmp.usable_cores())
     floors: dict[tuple[str, str], dict] = {}
@@ -213,7 +215,8 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         runs["stock generate", dtype, NONE.label] = lambda m=model: stock_generate(m, ids, args.new_tokens)
     for dtype, engine in engines.items():
         for action in actions:
-            def tool(engine=engine, action=action) -> float:
+            def tool(engine=engine, action=action, governor=governors[dtype]) -> float:
+                governor.govern()                   # its thread count (re-checked when the state changes)
                 with engine.pruned(action):
                     return tool_step(engine.model, engine, governor, ids, args.new_tokens)
             runs["tool", dtype, action.label] = tool
@@ -237,13 +240,14 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         tool_row = path == "tool"
         ideal = engine.ideal_speedup(PruningAction.parse(action), ids.shape[1], args.new_tokens / 2) \
             if tool_row else None
-        runtime = setting.label if tool_row else ("stock/%dt" % openmp.usable_cores() if path == "stock generate"
+        runtime = settings[dtype].label if tool_row else ("stock/%dt" % openmp.usable_cores() if path == "stock generate"
                                                   else action)
         rows.append(Row(level, path, dtype, action, runtime, value, floor["floor_ms"] if floor else None,
                         value / floor["floor_ms"] if floor else None,
                         dense / value if tool_row and dense else None, ideal))
-    return {"level": level, "runtime": setting.label, "basis": setting.basis, "live_checks": governor.describe()[
-        "live_checks"], "floors": {f"{d}/{a}": f for (d, a), f in floors.items()},
+    return {"level": level, "runtime": {k: v.label for k, v in settings.items()},
+            "basis": {k: v.basis for k, v in settings.items()},
+            "live_checks": {k: g.describe()["live_checks"] for k, g in governors.items()}, "floors": {f"{d}/{a}": f for (d, a), f in floors.items()},
             "samples_ms": {"|".join(k): [x * 1e3 for x in v] for k, v in samples.items()},
             "rows": [asdict(r) for r in rows], "loadavg_1m": round(os.getloadavg()[0], 2)}
 
@@ -301,10 +305,10 @@ def format_tables(result: dict) -> str:
              + ("" if s["llama_cpp"] else "; llama.cpp not installed (rows skipped)")]
     cols = ("path", "dtype", "action", "runtime", "ms/token", "floor", "ach/floor", "speedup", "ideal")
     for level in result["levels"]:
-        checks = "; ".join(f"{st}: " + ", ".join(f"{t}t {v * 1e3:.1f}" for t, v in c.items())
-                           for st, c in level["live_checks"].items())
-        lines += ["", f"[{level['level']}] tool runtime {level['runtime']} ({level['basis']}; live thread checks, "
-                  f"ms/token: {checks or 'none'}); load avg {level['loadavg_1m']}",
+        checks = "; ".join(f"{label} {st}: " + ", ".join(f"{t}t {v * 1e3:.1f}" for t, v in c.items())
+                           for label, per in level["live_checks"].items() for st, c in per.items())
+        lines += ["", f"[{level['level']}] live thread checks, ms/token: {checks or 'none'}; "
+                  f"load avg {level['loadavg_1m']}",
                   " | ".join(cols), " | ".join("-" * len(c) for c in cols)]
         for r in level["rows"]:
             lines.append(" | ".join((r["path"], r["dtype"], r["action"], r["runtime"], f"{r['ms_per_token']:.1f}",
