@@ -44,3 +44,29 @@ def embedded_loaded() -> model_loader.LoadedModel:
 def ids() -> torch.Tensor:
     """24 token ids of the tiny model's vocabulary, the same in every test that compares logits."""
     return torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    """The decode kernel (runtime.matvec), built once per machine; the test is skipped where it cannot build."""
+    from runtime.matvec import KernelBuildError, load_kernel
+    try:
+        return load_kernel()
+    except KernelBuildError as err:
+        pytest.skip(f"no C++ toolchain here: {err}")
+
+
+@pytest.fixture
+def compensated_engine(tiny, tmp_path):
+    """Builds the engine the probe and look-ahead tests share on ``tiny``: fluctuation importance on six builtin
+    calibration sentences, global allocation, compensation; ``actions`` are prepared."""
+    from common.calibration import CALIBRATION_SENTENCES
+    from pruners import PruningEngine
+
+    def build(actions) -> PruningEngine:
+        eng = PruningEngine(tiny.model, importance="fluctuation", tokenizer=tiny.tokenizer,
+                            calibration=list(CALIBRATION_SENTENCES[:6]), calibration_max_tokens=64,
+                            cache_dir=tmp_path, allocation="global", recovery="compensate")
+        eng.prepare(actions)
+        return eng
+    return build

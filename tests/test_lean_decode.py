@@ -17,20 +17,11 @@ from runtime.dtype import apply_weight_dtype, set_kernel
 from runtime.generation import generate, prefill
 from runtime.governor import ExecutionGovernor
 from runtime.lean import LeanDecoder, unsupported
-from runtime.matvec import KernelBuildError, load_kernel
 from runtime.openmp import OpenMPChoice
 
 PROMPT = 40          # above the engine's kv_min_tokens below, so kv_cache actions shorten the cache
 STEPS = 8
 IDS = torch.arange(PROMPT)[None] % 200 + 5
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    try:
-        return load_kernel()
-    except KernelBuildError as err:
-        pytest.skip(f"no C++ toolchain here: {err}")
 
 
 def step_logits(model, engine, decoder, tokens: list[int] | None = None) -> list[torch.Tensor]:

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.calibration import CALIBRATION_SENTENCES
 from environments.outcomes.headroom import HeadroomRecord
 from environments.outcomes.lookahead import measure_all, measure_lookahead
 from pruners import PruningAction, PruningEngine
@@ -18,12 +17,8 @@ REF_TOKENS = 12
 
 
 @pytest.fixture
-def engine(tiny, tmp_path) -> PruningEngine:
-    eng = PruningEngine(tiny.model, importance="fluctuation", tokenizer=tiny.tokenizer,
-                        calibration=list(CALIBRATION_SENTENCES[:6]), calibration_max_tokens=64, cache_dir=tmp_path,
-                        allocation="global", recovery="compensate")
-    eng.prepare(ACTIONS)
-    return eng
+def engine(compensated_engine) -> PruningEngine:
+    return compensated_engine(ACTIONS)
 
 
 @pytest.fixture

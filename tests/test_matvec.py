@@ -11,15 +11,7 @@ from pruners import ACTION_SPACE, NONE
 from pruners.engine import PruningEngine
 from runtime.dtype import ShadowLinear, apply_weight_dtype, decoder_linears, restore_weight_dtype, set_kernel
 from runtime.generation import generate
-from runtime.matvec import KernelBuildError, KernelLinear, check_matvec, load_kernel, matvec_kernel
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    try:
-        return load_kernel()
-    except KernelBuildError as err:
-        pytest.skip(f"no C++ toolchain here: {err}")
+from runtime.matvec import KernelBuildError, KernelLinear, check_matvec, matvec_kernel
 
 
 def views(w: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,12 +20,8 @@ IDS = torch.randint(0, 250, (1, 20), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture
-def engine(tiny, tmp_path) -> PruningEngine:
-    eng = PruningEngine(tiny.model, importance="fluctuation", tokenizer=tiny.tokenizer,
-                        calibration=list(CALIBRATION_SENTENCES[:6]), calibration_max_tokens=64, cache_dir=tmp_path,
-                        allocation="global", recovery="compensate")
-    eng.prepare(ACTIONS)
-    return eng
+def engine(compensated_engine) -> PruningEngine:
+    return compensated_engine(ACTIONS)
 
 
 def count_forwards(model) -> list[int]:
