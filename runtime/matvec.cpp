@@ -34,42 +34,47 @@ inline __m256 load_i8(const int8_t* p) {
 }
 #endif
 
-// rows [n0, n0 + count) of a row-major fp32 W with leading dimension ld
-void rows_f32(const float* W, int64_t ld, const float* x, int64_t K, float* y, int64_t n0, int64_t count) {
+#if MATVEC_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) { return load_i8(p); }
+#endif
+
+// rows [n0, n0 + count) of a row-major W (fp32, or int8 with a scale per row; scale == nullptr: none), leading
+// dimension ld
+template <typename T>
+void rows(const T* W, int64_t ld, const float* scale, const float* x, int64_t K, float* y, int64_t n0,
+          int64_t count) {
   int64_t n = n0;
 #if MATVEC_AVX2
   for (; n + kRows <= n0 + count; n += kRows) {
-    const float* r0 = W + n * ld;
-    const float* r1 = r0 + ld;
-    const float* r2 = r1 + ld;
-    const float* r3 = r2 + ld;
+    const T* r0 = W + n * ld;
+    const T* r1 = r0 + ld;
+    const T* r2 = r1 + ld;
+    const T* r3 = r2 + ld;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), xv, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), xv, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), xv, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), xv, a3);
+      a0 = _mm256_fmadd_ps(load8(r0 + k), xv, a0);
+      a1 = _mm256_fmadd_ps(load8(r1 + k), xv, a1);
+      a2 = _mm256_fmadd_ps(load8(r2 + k), xv, a2);
+      a3 = _mm256_fmadd_ps(load8(r3 + k), xv, a3);
     }
-    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    float s[kRows] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
     for (; k < K; ++k) {
-      s0 += r0[k] * x[k];
-      s1 += r1[k] * x[k];
-      s2 += r2[k] * x[k];
-      s3 += r3[k] * x[k];
+      s[0] += r0[k] * x[k];
+      s[1] += r1[k] * x[k];
+      s[2] += r2[k] * x[k];
+      s[3] += r3[k] * x[k];
     }
-    y[n] = s0;
-    y[n + 1] = s1;
-    y[n + 2] = s2;
-    y[n + 3] = s3;
+    for (int64_t i = 0; i < kRows; ++i) y[n + i] = scale ? s[i] * scale[n + i] : s[i];
   }
 #endif
   for (; n < n0 + count; ++n) {
-    const float* r = W + n * ld;
+    const T* r = W + n * ld;
     float s = 0.f;
     for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
-    y[n] = s;
+    y[n] = scale ? s * scale[n] : s;
   }
 }
 
@@ -100,46 +105,6 @@ void cols_f32(const float* W, int64_t ld, const float* x, int64_t K, float* y, i
   }
 }
 
-// rows [n0, n0 + count) of a row-major int8 W, each scaled by its own scale
-void rows_i8(const int8_t* W, int64_t ld, const float* scale, const float* x, int64_t K, float* y, int64_t n0,
-             int64_t count) {
-  int64_t n = n0;
-#if MATVEC_AVX2
-  for (; n + kRows <= n0 + count; n += kRows) {
-    const int8_t* r0 = W + n * ld;
-    const int8_t* r1 = r0 + ld;
-    const int8_t* r2 = r1 + ld;
-    const int8_t* r3 = r2 + ld;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + k);
-      a0 = _mm256_fmadd_ps(load_i8(r0 + k), xv, a0);
-      a1 = _mm256_fmadd_ps(load_i8(r1 + k), xv, a1);
-      a2 = _mm256_fmadd_ps(load_i8(r2 + k), xv, a2);
-      a3 = _mm256_fmadd_ps(load_i8(r3 + k), xv, a3);
-    }
-    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-    for (; k < K; ++k) {
-      s0 += r0[k] * x[k];
-      s1 += r1[k] * x[k];
-      s2 += r2[k] * x[k];
-      s3 += r3[k] * x[k];
-    }
-    y[n] = s0 * scale[n];
-    y[n + 1] = s1 * scale[n + 1];
-    y[n + 2] = s2 * scale[n + 2];
-    y[n + 3] = s3 * scale[n + 3];
-  }
-#endif
-  for (; n < n0 + count; ++n) {
-    const int8_t* r = W + n * ld;
-    float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
-    y[n] = s * scale[n];
-  }
-}
-
 void check_vector(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 1 && x.size(0) == K && x.is_contiguous() && x.scalar_type() == torch::kFloat32,
               "matvec: x must be a contiguous fp32 vector of the weight's ", K, " columns");
@@ -165,7 +130,7 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& x) {
   float* Y = y.data_ptr<float>();
   if (w.stride(1) == 1 || K == 1) {
     const int64_t ld = w.stride(0);
-    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows_f32(W, ld, X, K, Y, n0, count); });
+    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, nullptr, X, K, Y, n0, count); });
   } else {
     TORCH_CHECK(w.stride(0) == 1, "matvec_f32: w must be row- or column-major (a prefix view of either)");
     const int64_t ld = w.stride(1);
@@ -188,7 +153,7 @@ torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, cons
   const float* X = x.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t ld = w.stride(0);
-  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows_i8(W, ld, S, X, K, Y, n0, count); });
+  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, S, X, K, Y, n0, count); });
   return y;
 }
 
