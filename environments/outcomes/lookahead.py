@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.files import atomic_write_text
+from common.files import atomic_write_text, strict_json
 from environments.outcomes.headroom import HeadroomRecord
 from environments.outcomes.quality import score_reference, token_kl, token_nll
 from pruners import PruningAction
@@ -110,6 +110,6 @@ def measure_all(model, engine, records: Sequence[tuple[Path, HeadroomRecord]], a
         todo.append((side, record))
     for side, record in tqdm(todo, desc="look-ahead prompts", unit="prompt", disable=not todo):
         measured = measure_lookahead(model, engine, record, actions)
-        atomic_write_text(side, json.dumps(asdict(measured)))
+        atomic_write_text(side, strict_json(asdict(measured)))
         out[record.prompt_id] = measured
     return [out[record.prompt_id] for _, record in records]
