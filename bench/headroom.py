@@ -109,17 +109,31 @@ def probe_cost(env: PruningEnvironment, records: list[HeadroomRecord], actions: 
             f"{statistics.median(shares):+.1%} (target <= 5 %)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def record_set_arguments(parser: argparse.ArgumentParser, prompts: int, prompts_help: str) -> None:
+    """The flags that name a set of headroom records and how it runs (bench/lookahead.py reads the same set)."""
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", type=int, default=150, help="prompts in all (training + held-out)")
+    parser.add_argument("--prompts", type=int, default=prompts, help=prompts_help)
     parser.add_argument("--held-fraction", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="dense greedy reference length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+
+
+def record_set_config(args: argparse.Namespace) -> RunConfig:
+    """Logging, seed and threads set from ``record_set_arguments``' flags; the RunConfig the records are measured with."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    return RunConfig(model=args.model, seed=args.seed,
+                     env=EnvConfig(max_new_tokens=args.max_new_tokens, min_reference_tokens=args.max_new_tokens))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    record_set_arguments(parser, prompts=150, prompts_help="prompts in all (training + held-out)")
     parser.add_argument("--cache-dir", default=None, help="per-prompt records (default: <project cache>/headroom)")
     parser.add_argument("--cost-prompts", type=int, default=5, help="prompts timed for the probe's cost (0: none)")
     parser.add_argument("--cost-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--layers", action="store_true", help="also the transformer_layers actions")
     parser.add_argument("--executor", default="local", choices=EXECUTORS,
                         help="ray: prompts measured by Ray actors, one CPU and one torch thread each")
@@ -128,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop measuring new prompts after this long and report on those measured (0: report only)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    cfg = RunConfig(model=args.model, seed=args.seed,
-                    env=EnvConfig(max_new_tokens=args.max_new_tokens, min_reference_tokens=args.max_new_tokens))
+    cfg = record_set_config(args)
     train, held = held_out_prompts(cfg, args.prompts, args.held_fraction)
     labels = list(ACTIONS) + (list(LAYER_ACTIONS) if args.layers else [])
     actions = [PruningAction.parse(a) for a in labels]

@@ -35,9 +35,9 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.headroom import ACTIONS, FEATURE_SETS, held_out_prompts, to_damage  # noqa: E402
+from bench.headroom import (ACTIONS, FEATURE_SETS, held_out_prompts, record_set_arguments,  # noqa: E402
+                            record_set_config, to_damage)
 from common import hub  # noqa: E402
-from common.config import EnvConfig, RunConfig  # noqa: E402
 from environments.outcomes.cache import engine_settings  # noqa: E402
 from environments.outcomes.headroom import HeadroomRecord, record_path  # noqa: E402
 from environments.outcomes.lookahead import KS, LookaheadRecord, measure_all, sidecar_path  # noqa: E402
@@ -139,15 +139,10 @@ def shard(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", type=int, default=1000, help="prompts bench/headroom.py was asked for")
-    parser.add_argument("--held-fraction", type=float, default=0.5)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="dense greedy reference length")
-    parser.add_argument("--seed", type=int, default=0)
+    record_set_arguments(parser, prompts=1000, prompts_help="prompts bench/headroom.py was asked for")
     parser.add_argument("--cache-dir", default=None, help="headroom records, read only (default: <cache>/headroom)")
     parser.add_argument("--lookahead-dir", default=None,
                         help="per-prompt look-ahead records (default: <cache>/headroom_lookahead)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="print the report")
     parser.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the records that lack a look-ahead (--no-measure: report on those that have one)")
@@ -156,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-prompts", type=int, default=0, help="held-out prompts timed for the cost (0: none)")
     parser.add_argument("--cost-tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    cfg = RunConfig(model=args.model, seed=args.seed,
-                    env=EnvConfig(max_new_tokens=args.max_new_tokens, min_reference_tokens=args.max_new_tokens))
+    cfg = record_set_config(args)
     train, held = held_out_prompts(cfg, args.prompts, args.held_fraction)
     labels = list(ACTIONS)
     actions = [PruningAction.parse(a) for a in labels]

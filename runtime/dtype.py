@@ -158,8 +158,8 @@ def set_kernel(model: nn.Module, kernel: ModuleType | None) -> None:
         set_weight_layout(model, "row")
     current = weight_dtype(model)
     model.__dict__["_matvec_kernel"] = kernel
-    apply_weight_dtype(model, current, head=any(isinstance(model.lm_head, c) for c in (ShadowLinear, KernelLinear))
-                       or current == "float32")
+    # float32 reaches every Linear (the head included) through restore; a shadow dtype keeps its head choice
+    apply_weight_dtype(model, current, head=current == "float32" or isinstance(model.lm_head, ShadowLinear))
 
 
 def model_kernel(model: nn.Module) -> ModuleType | None:

@@ -9,11 +9,11 @@ targets it), which measured 22 ms against MKL's 36 ms for the fp32 bytes of one 
 int8 copy (read floor 7.7 ms; ``bench/decode_limit.py`` has the per-run figures).
 
 How: ``torch.utils.cpp_extension`` compiles it with the machine's C++ compiler (``-O3 -march=native``)
-the first time it is needed (about a minute), into the project cache under a key of the source, the
-compiler flags and torch's version, so later runs load it in milliseconds. It reads every weight in
+the first time it is needed (about a minute), into the project cache under a key of the source, its path, the
+compiler flags and the torch and Python versions, so later runs load it in milliseconds. It reads every weight in
 place through its strides, so the engine's zero-copy prefix views (a row prefix of q/k/v/gate/up, a
 column prefix of o_proj/down_proj) stay zero-copy, and the int8 shadows need no padded column copies.
-``runtime.dtype.apply_weight_dtype(model, dtype, kernel)`` routes every one-row Linear call through it;
+``runtime.dtype.set_kernel(model, kernel)`` routes every one-row fp32 and int8 Linear call through it;
 batches (prefill, serving) keep torch's kernels, which do batch well. No library covers this here: torch
 has no such kernel, and intel-extension-for-pytorch (whose weight-only kernels do) stops at torch 2.8.
 
