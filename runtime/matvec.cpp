@@ -3,7 +3,8 @@
 // Every kernel reads the weight in place through its strides, so the engine's prefix views (a row prefix of
 // q/k/v/gate/up, a column prefix of o_proj/down_proj) need no copy:
 //   matvec_f32: y[n] = sum_k W[n, k] x[k], W fp32 row-major (stride(1) == 1) or column-major (stride(0) == 1);
-//   matvec_i8:  y[n] = scale[n] * sum_k W[n, k] x[k], W int8 row-major, fp32 activations and scales.
+//   matvec_i8:  y[n] = scale[n] * sum_k W[n, k] x[k], W int8 row-major, fp32 activations and scales;
+//   matvec_i8_blocked: the same on W stored in column blocks (runtime.dtype.column_blocks), for column prefixes.
 // Output rows are split across at::parallel_for's threads; each thread streams its rows once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -39,41 +40,50 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const int8_t* p) { return load_i8(p); }
 #endif
 
-// rows [n0, n0 + count) of a row-major W (fp32, or int8 with a scale per row; scale == nullptr: none), leading
-// dimension ld
+// rows [n0, n0 + count) of a row-major W (fp32, or int8 with a scale per row; scale == nullptr: none). The
+// inputs may be cut into blocks of B columns stored one after another (element (n, k) at
+// (k / B) * bstride + n * ld + k % B), so that a column prefix is a memory prefix of whole blocks; plain
+// row-major is one block (B >= K).
 template <typename T>
-void rows(const T* W, int64_t ld, const float* scale, const float* x, int64_t K, float* y, int64_t n0,
-          int64_t count) {
+void rows(const T* W, int64_t ld, int64_t B, int64_t bstride, const float* scale, const float* x, int64_t K,
+          float* y, int64_t n0, int64_t count) {
   int64_t n = n0;
 #if MATVEC_AVX2
   for (; n + kRows <= n0 + count; n += kRows) {
-    const T* r0 = W + n * ld;
-    const T* r1 = r0 + ld;
-    const T* r2 = r1 + ld;
-    const T* r3 = r2 + ld;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + k);
-      a0 = _mm256_fmadd_ps(load8(r0 + k), xv, a0);
-      a1 = _mm256_fmadd_ps(load8(r1 + k), xv, a1);
-      a2 = _mm256_fmadd_ps(load8(r2 + k), xv, a2);
-      a3 = _mm256_fmadd_ps(load8(r3 + k), xv, a3);
+    float s[kRows] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t kb = 0; kb < K; kb += B) {
+      const T* r0 = W + (kb / B) * bstride + n * ld;
+      const T* r1 = r0 + ld;
+      const T* r2 = r1 + ld;
+      const T* r3 = r2 + ld;
+      const float* xb = x + kb;
+      const int64_t width = std::min(B, K - kb);
+      int64_t k = 0;
+      for (; k + 8 <= width; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(xb + k);
+        a0 = _mm256_fmadd_ps(load8(r0 + k), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(r1 + k), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(r2 + k), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(r3 + k), xv, a3);
+      }
+      for (; k < width; ++k) {
+        s[0] += r0[k] * xb[k];
+        s[1] += r1[k] * xb[k];
+        s[2] += r2[k] * xb[k];
+        s[3] += r3[k] * xb[k];
+      }
     }
-    float s[kRows] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-    for (; k < K; ++k) {
-      s[0] += r0[k] * x[k];
-      s[1] += r1[k] * x[k];
-      s[2] += r2[k] * x[k];
-      s[3] += r3[k] * x[k];
-    }
+    s[0] += hsum(a0);
+    s[1] += hsum(a1);
+    s[2] += hsum(a2);
+    s[3] += hsum(a3);
     for (int64_t i = 0; i < kRows; ++i) y[n + i] = scale ? s[i] * scale[n + i] : s[i];
   }
 #endif
   for (; n < n0 + count; ++n) {
-    const T* r = W + n * ld;
     float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
+    for (int64_t k = 0; k < K; ++k) s += W[(k / B) * bstride + n * ld + k % B] * x[k];
     y[n] = scale ? s * scale[n] : s;
   }
 }
@@ -130,7 +140,7 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& x) {
   float* Y = y.data_ptr<float>();
   if (w.stride(1) == 1 || K == 1) {
     const int64_t ld = w.stride(0);
-    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, nullptr, X, K, Y, n0, count); });
+    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, K, 0, nullptr, X, K, Y, n0, count); });
   } else {
     TORCH_CHECK(w.stride(0) == 1, "matvec_f32: w must be row- or column-major (a prefix view of either)");
     const int64_t ld = w.stride(1);
@@ -153,7 +163,31 @@ torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, cons
   const float* X = x.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t ld = w.stride(0);
-  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, S, X, K, Y, n0, count); });
+  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, K, 0, S, X, K, Y, n0, count); });
+  return y;
+}
+
+// y = scale[:rows] * W[:rows, :K] x with W int8 in column blocks [blocks, rows_full, B] (runtime.dtype's layout for
+// column prefixes: a prefix of K columns reads only the first ceil(K / B) blocks); K = x's length
+torch::Tensor matvec_i8_blocked(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& x,
+                                int64_t rows_) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kInt8 && w.device().is_cpu() && w.is_contiguous(),
+              "matvec_i8_blocked: w must be a contiguous 3-D int8 CPU tensor [blocks, rows, block width]");
+  const int64_t B = w.size(2), N = rows_, K = x.size(0);
+  TORCH_CHECK(0 < N && N <= w.size(1) && 0 < K && K <= w.size(0) * B,
+              "matvec_i8_blocked: ", N, " rows and ", K, " columns do not fit a weight of ", w.size(1), " rows and ",
+              w.size(0) * B, " columns");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) >= N && scale.is_contiguous() &&
+                  scale.scalar_type() == torch::kFloat32,
+              "matvec_i8_blocked: scale must be a contiguous fp32 vector of at least the rows asked for");
+  check_vector(x, K);
+  auto y = torch::empty({N}, x.options());
+  const int8_t* W = w.data_ptr<int8_t>();
+  const float* S = scale.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t bstride = w.size(1) * B;
+  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, B, B, bstride, S, X, K, Y, n0, count); });
   return y;
 }
 
@@ -162,5 +196,6 @@ torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matvec_f32", &matvec_f32, py::call_guard<py::gil_scoped_release>());
   m.def("matvec_i8", &matvec_i8, py::call_guard<py::gil_scoped_release>());
+  m.def("matvec_i8_blocked", &matvec_i8_blocked, py::call_guard<py::gil_scoped_release>());
   m.def("vectorized", []() { return bool(MATVEC_AVX2); });
 }

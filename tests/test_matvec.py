@@ -9,7 +9,8 @@ from torch import nn
 
 from pruners import ACTION_SPACE, NONE
 from pruners.engine import PruningEngine
-from runtime.dtype import ShadowLinear, apply_weight_dtype, decoder_linears, restore_weight_dtype, set_kernel
+from runtime.dtype import (ShadowLinear, apply_weight_dtype, column_blocks, decoder_linears, restore_weight_dtype,
+                           set_kernel)
 from runtime.generation import generate
 from runtime.matvec import KernelBuildError, KernelLinear, check_matvec, matvec_kernel
 
@@ -38,6 +39,18 @@ def test_int8_products_match_the_dequantized_weight_on_prefix_views(kernel):
         torch.testing.assert_close(kernel.matvec_i8(v, scale, x), expected, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows,cols", [(70, 53), (33, 53), (70, 41), (33, 16), (5, 7)])
+def test_int8_column_blocks_give_the_product_of_every_prefix(kernel, rows, cols):
+    """A prefix of the blocked copy is the prefix of the weight: whole blocks, a part of one, fewer than a block."""
+    q = torch.randint(-127, 128, (70, 53), dtype=torch.int8)
+    scale = torch.rand(70) + 0.01
+    blocks = column_blocks(q, width=16)
+    assert blocks.shape == (4, 70, 16) and torch.equal(blocks[3, :, 5:], torch.zeros(70, 11, dtype=torch.int8))
+    x = torch.randn(cols)
+    expected = (q[:rows, :cols].float() @ x) * scale[:rows]
+    torch.testing.assert_close(kernel.matvec_i8_blocked(blocks, scale, x, rows), expected, rtol=1e-5, atol=1e-3)
+
+
 def test_bad_operands_are_refused_with_the_reason(kernel):
     with pytest.raises(RuntimeError, match="contiguous fp32 vector"):
         kernel.matvec_f32(torch.randn(8, 6), torch.randn(5))
@@ -45,6 +58,9 @@ def test_bad_operands_are_refused_with_the_reason(kernel):
         kernel.matvec_f32(torch.randn(8, 12)[:, ::2], torch.randn(6))
     with pytest.raises(RuntimeError, match="scale"):
         kernel.matvec_i8(torch.zeros(8, 6, dtype=torch.int8), torch.ones(4), torch.randn(6))
+    blocks = column_blocks(torch.zeros(8, 6, dtype=torch.int8), width=4)
+    with pytest.raises(RuntimeError, match="9 rows and 6 columns do not fit a weight of 8 rows and 8 columns"):
+        kernel.matvec_i8_blocked(blocks, torch.ones(9), torch.randn(6), 9)
 
 
 def test_the_choice_of_kernel(kernel):
@@ -100,6 +116,10 @@ def test_int8_on_the_kernel_reads_the_shadow_in_place(tiny, ids, tmp_path, kerne
             got, want = logits(model, ids), torch_int8[action.label]
             assert (got - want).abs().max() < 0.05 * want.abs().max(), action.label
     assert all(not m._columns for m in decoder_linears(model))          # no padded column copies were made
+    blocked = [m for m in decoder_linears(model) if m._blocks]
+    # column prefixes (o_proj for heads, down_proj for FFN) read one blocked copy each, made once; rows never
+    assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m in blocked} == {"o_proj", "down_proj"}
+    assert all(len(m._blocks) == 1 for m in blocked)
     restore_weight_dtype(model)
     assert all(isinstance(m, KernelLinear) for m in decoder_linears(model))   # float32 stays on the kernel
 
