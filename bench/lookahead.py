@@ -32,6 +32,7 @@ from runtime import openmp  # torch-free: the wait policy must be set before tor
 if __name__ == "__main__":
     openmp.configure(measure_if_missing="-h" not in sys.argv and "--help" not in sys.argv)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -45,7 +46,8 @@ from environments.outcomes.quality import score_reference, token_kl  # noqa: E40
 from environments.session import build_engine  # noqa: E402
 from model_loader import load_model  # noqa: E402
 from pruners import PruningAction  # noqa: E402
-from reporting.headroom import KL_FLOOR, PromptDamage, action_rows, render, routing_row  # noqa: E402
+from reporting.headroom import (KL_FLOOR, PromptDamage, action_rows, damage, fit_predict, render,  # noqa: E402
+                                routing_row, spearman)
 from runtime.generation import generate  # noqa: E402
 
 LOOKAHEAD_SETS = ("lookahead", "probe+lookahead")
@@ -93,6 +95,32 @@ def report(sides: dict[str, list[tuple[HeadroomRecord, LookaheadRecord]]], label
                 f"{row.prediction[s]:.2f} / {share_text(g.share(s))}" if s in row.prediction else "-" for s in SUMMARY_SETS)
                 + " |")
     return "\n".join(out + summary)
+
+
+def choose_k(train: dict[int, dict[str, list[PromptDamage]]], folds: int = 5, seed: int = 0) -> tuple[int, str]:
+    """The look-ahead length the policy's ``--lookahead-tokens`` default takes, chosen on training prompts only:
+    ``train[k][action]`` are the training prompts' after-k damages of each routed action with their look-ahead
+    feature; the K whose feature best ranks that damage (mean over the actions of the ``folds``-fold
+    cross-validated Spearman within the training split) wins. Returns (K, a table of the scores)."""
+    from sklearn.model_selection import KFold
+
+    scores: dict[int, dict[str, float]] = {}
+    for k, by_action in train.items():
+        scores[k] = {}
+        for high, data in by_action.items():
+            predicted = np.empty(len(data))
+            for fit, out in KFold(folds, shuffle=True, random_state=seed).split(data):
+                predicted[out] = fit_predict([data[i] for i in fit], [data[i] for i in out], "lookahead", high)
+            scores[k][high] = spearman(predicted, damage(data, high))
+    best = max(scores, key=lambda k: statistics.mean(scores[k].values()))
+    actions = list(next(iter(train.values())))
+    n = len(next(iter(next(iter(train.values())).values())))
+    lines = [f"### Choosing K on the {n} training prompts ({folds}-fold cross-validated Spearman of the look-ahead "
+             "KL with the after-K log PPL ratio)", "", "| K | " + " | ".join(actions) + " | mean |",
+             "|---|" + "---|" * (len(actions) + 1)]
+    lines += [f"| {k} | " + " | ".join(f"{scores[k][h]:.2f}" for h in actions)
+              + f" | {statistics.mean(scores[k].values()):.2f} |" for k in scores]
+    return best, "\n".join(lines + ["", f"chosen: K = {best} (the default of --lookahead-tokens)"])
 
 
 def share_text(share: float) -> str:
@@ -186,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(sides['held'])} held-out prompts with records; whole-reference log PPL ratio from the look-ahead "
               f"forwards vs the record's: max |difference| {drift:.2e}\n")
         print(report(sides, labels))
+        print("\n" + choose_k({k: {high: [damage_after(r, a, labels, high, k) for r, a in sides["train"]]
+                                     for _, high in PAIRS} for k in KS})[1])
     if args.cost_prompts:
         log.info("timing the look-ahead on %d held-out prompts", args.cost_prompts)
         high = [PruningAction.parse(h) for _, h in PAIRS]

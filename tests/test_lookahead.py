@@ -83,3 +83,25 @@ def test_sidecar_resumes_without_a_forward(tiny, engine, record, tmp_path):
     again = measure_all(tiny.model, engine, [(path, record)], ACTIONS, tmp_path / "ahead")
     assert calls[0] == 0
     assert again == first
+
+
+def test_the_lookahead_length_is_chosen_by_cross_validation_on_training_prompts():
+    """choose_k picks the K whose look-ahead feature ranks the after-K damage, from training prompts alone."""
+    import numpy as np
+
+    from bench.lookahead import choose_k
+    from reporting.headroom import PromptDamage
+
+    rng = np.random.default_rng(0)
+    label = "ffn_neurons:0.4"
+
+    def prompts(signal: float) -> list[PromptDamage]:
+        out = []
+        for _ in range(60):
+            d = float(rng.normal())
+            feature = signal * d + (1 - signal) * float(rng.normal())
+            out.append(PromptDamage(log_ratio={label: d}, half_log_ratio={label: (d, d)}, kl={label: 1.0},
+                                    half_kl={label: (1.0, 1.0)}, features={"lookahead": [feature]}))
+        return out
+    k, table = choose_k({2: {label: prompts(0.0)}, 4: {label: prompts(0.9)}, 8: {label: prompts(0.3)}})
+    assert k == 4 and "chosen: K = 4" in table and "| 4 |" in table
