@@ -40,51 +40,42 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const int8_t* p) { return load_i8(p); }
 #endif
 
-// rows [n0, n0 + count) of a row-major W (fp32, or int8 with a scale per row; scale == nullptr: none). The
-// inputs may be cut into blocks of B columns stored one after another (element (n, k) at
-// (k / B) * bstride + n * ld + k % B), so that a column prefix is a memory prefix of whole blocks; plain
-// row-major is one block (B >= K).
-template <typename T>
-void rows(const T* W, int64_t ld, int64_t B, int64_t bstride, const float* scale, const float* x, int64_t K,
-          float* y, int64_t n0, int64_t count) {
+// rows [n0, n0 + count) of a row-major W (fp32, or int8 with a scale per row; scale == nullptr: none), leading
+// dimension ld; kAdd: added to y instead of written
+template <typename T, bool kAdd = false>
+void rows(const T* W, int64_t ld, const float* scale, const float* x, int64_t K, float* y, int64_t n0,
+          int64_t count) {
   int64_t n = n0;
 #if MATVEC_AVX2
   for (; n + kRows <= n0 + count; n += kRows) {
+    const T* r0 = W + n * ld;
+    const T* r1 = r0 + ld;
+    const T* r2 = r1 + ld;
+    const T* r3 = r2 + ld;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    float s[kRows] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t kb = 0; kb < K; kb += B) {
-      const T* r0 = W + (kb / B) * bstride + n * ld;
-      const T* r1 = r0 + ld;
-      const T* r2 = r1 + ld;
-      const T* r3 = r2 + ld;
-      const float* xb = x + kb;
-      const int64_t width = std::min(B, K - kb);
-      int64_t k = 0;
-      for (; k + 8 <= width; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(xb + k);
-        a0 = _mm256_fmadd_ps(load8(r0 + k), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(r1 + k), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(r2 + k), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(r3 + k), xv, a3);
-      }
-      for (; k < width; ++k) {
-        s[0] += r0[k] * xb[k];
-        s[1] += r1[k] * xb[k];
-        s[2] += r2[k] * xb[k];
-        s[3] += r3[k] * xb[k];
-      }
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      a0 = _mm256_fmadd_ps(load8(r0 + k), xv, a0);
+      a1 = _mm256_fmadd_ps(load8(r1 + k), xv, a1);
+      a2 = _mm256_fmadd_ps(load8(r2 + k), xv, a2);
+      a3 = _mm256_fmadd_ps(load8(r3 + k), xv, a3);
     }
-    s[0] += hsum(a0);
-    s[1] += hsum(a1);
-    s[2] += hsum(a2);
-    s[3] += hsum(a3);
-    for (int64_t i = 0; i < kRows; ++i) y[n + i] = scale ? s[i] * scale[n + i] : s[i];
+    float s[kRows] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (; k < K; ++k) {
+      s[0] += r0[k] * x[k];
+      s[1] += r1[k] * x[k];
+      s[2] += r2[k] * x[k];
+      s[3] += r3[k] * x[k];
+    }
+    for (int64_t i = 0; i < kRows; ++i) y[n + i] = (kAdd ? y[n + i] : 0.f) + (scale ? s[i] * scale[n + i] : s[i]);
   }
 #endif
   for (; n < n0 + count; ++n) {
+    const T* r = W + n * ld;
     float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += W[(k / B) * bstride + n * ld + k % B] * x[k];
-    y[n] = scale ? s * scale[n] : s;
+    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
+    y[n] = (kAdd ? y[n] : 0.f) + (scale ? s * scale[n] : s);
   }
 }
 
@@ -140,7 +131,7 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& x) {
   float* Y = y.data_ptr<float>();
   if (w.stride(1) == 1 || K == 1) {
     const int64_t ld = w.stride(0);
-    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, K, 0, nullptr, X, K, Y, n0, count); });
+    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, nullptr, X, K, Y, n0, count); });
   } else {
     TORCH_CHECK(w.stride(0) == 1, "matvec_f32: w must be row- or column-major (a prefix view of either)");
     const int64_t ld = w.stride(1);
@@ -163,7 +154,7 @@ torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, cons
   const float* X = x.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t ld = w.stride(0);
-  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, K, 0, S, X, K, Y, n0, count); });
+  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, S, X, K, Y, n0, count); });
   return y;
 }
 
@@ -187,7 +178,19 @@ torch::Tensor matvec_i8_blocked(const torch::Tensor& w, const torch::Tensor& sca
   const float* X = x.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t bstride = w.size(1) * B;
-  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, B, B, bstride, S, X, K, Y, n0, count); });
+  // each task runs its rows through every block it needs, adding up, then scales them
+  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) {
+    for (int64_t kb = 0; kb < K; kb += B) {
+      const int8_t* block = W + (kb / B) * bstride;
+      const int64_t width = std::min(B, K - kb);
+      if (kb == 0) {
+        rows(block, B, nullptr, X, width, Y, n0, count);
+      } else {
+        rows<int8_t, true>(block, B, nullptr, X + kb, width, Y, n0, count);
+      }
+    }
+    for (int64_t n = n0; n < n0 + count; ++n) Y[n] *= S[n];
+  });
   return y;
 }
 
