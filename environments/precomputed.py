@@ -151,7 +151,8 @@ class OfflineEnvironment:
         k = self.lookahead_tokens
         quality = [[(q.ppl_ratio, q.kl) if k is None else after_lookahead(q, k)
                     for q in (o.actions[a] for a in self.labels)] for o in self.outcomes]
-        self.ppl_ratio, self.kl = np.array(quality)[..., 0], np.array(quality)[..., 1]
+        quality = np.array(quality, dtype=np.float64).reshape(len(self.outcomes), len(self.labels), 2)
+        self.ppl_ratio, self.kl = quality[..., 0], quality[..., 1]     # (after the look-ahead, with one)
         for c, cal in enumerate(self.cals):
             table = self.calibration_set.merged_table(cal)
             on_battery = self.on_battery(cal)
