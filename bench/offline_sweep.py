@@ -24,7 +24,6 @@ from common.files import strict_json
 from controller.arms import ARM_NAMES
 from environments.precomputed import OfflineData, OfflineEnvironment
 from controller.study import NO_PROMPT, run_study, side_ablations
-from environments.state import state_feature_names
 from reporting.render import load_metrics
 from reporting.summaries import summarize_offline
 
@@ -46,9 +45,10 @@ def sweep(train: dict, test: dict, budgets: list[float], weights: list[float], e
         for weight in weights:
             reward = replace(RewardConfig(**cfg["reward"]), latency_budget=budget, budget_weight=weight)
             envs = [OfflineEnvironment(data, ids, split, labels, reward, cfg["env"]["long_prompt_tokens"],
-                                       cfg["state_features"], cfg["ablation"])
+                                       cfg["state_features"], cfg["ablation"],
+                                       lookahead_tokens=cfg["offline"].get("lookahead_tokens"))
                     for ids, split in ((train_ids, "train"), (test_ids, "test"))]
-            names = state_feature_names(cfg["state_features"], envs[0].probe_names)   # probe names: from the data
+            names = envs[0].state_names   # probe names: from the data
             result = run_study(*envs, names, dqn, episodes, [cfg["seed"] + i for i in range(seeds)],
                                cfg["offline"]["telemetry_draws"], cfg["seed"])
             summary = summarize_offline(result)

@@ -16,7 +16,10 @@ DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "lambada_openai")
 ENVIRONMENTS = ("offline", "live")
 STATE_FEATURES = ("basic", "contention")           # the hardware part of the state
 PROBE = "probe"     # "+probe": the prompt's prefill-probe features join the state (environments.probe_features)
-STATE_FEATURE_SETS = (*STATE_FEATURES, *(f"{kind}+{PROBE}" for kind in STATE_FEATURES))   # what --state-features takes
+LOOKAHEAD = "lookahead"   # "+lookahead": each action's KL on a short dense look-ahead joins the state (offline only)
+# what --state-features takes: a hardware kind, then any of the per-prompt model parts, always in this order
+STATE_FEATURE_SETS = tuple(f"{kind}{extra}" for kind in STATE_FEATURES
+                           for extra in ("", f"+{PROBE}", f"+{LOOKAHEAD}", f"+{PROBE}+{LOOKAHEAD}"))
 # --importance probe: the engine keeps its static order (PROBE_STATIC, calibration fluctuation) and every request's
 # heads/FFN units are re-ranked by its own prefill blended with it (pruners.scoring.probe.select_units), the
 # prompt's share PROBE_BLEND (the issue's 1:1 prior, not tuned)
@@ -34,7 +37,13 @@ def hardware_kind(state_features: str) -> str:
 
 def uses_probe(state_features: str) -> bool:
     """Whether a --state-features value adds the prefill-probe features."""
-    return state_features.endswith(f"+{PROBE}")
+    return PROBE in state_features.split("+")[1:]
+
+
+def uses_lookahead(state_features: str) -> bool:
+    """Whether a --state-features value adds each action's KL on a short dense look-ahead
+    (environments.lookahead_state)."""
+    return LOOKAHEAD in state_features.split("+")[1:]
 
 
 def static_importance(importance: str) -> str:
@@ -316,8 +325,11 @@ class OfflineConfig:
     prompt_kl_tokens: int = 32     # KL(dense || pruned) on the prompt's last N positions (the prefill's logits)
     telemetry_draws: int = 2       # telemetry readings per (test prompt, calibration) cell
     cache_dir: str | None = None   # outcome and calibration cache (default: <project cache>/offline)
+    lookahead_tokens: int = 8      # --state-features ...+lookahead: K reference tokens generated densely before the
+                                   # decision; the state reads each action's KL on them, the decision covers the rest
     LIMITS: ClassVar[dict[str, Limit]] = {
         "calibrations": count(1, 1000), "seeds": count(1, 1000), "prompt_kl_tokens": count(1, 100_000),
+        "lookahead_tokens": count(1, 100_000),
         "telemetry_draws": count(1, 1000), "cache_dir": text(optional=True, example=".cache/offline"),
         "executor": text(*EXECUTORS), "ray_address": text(optional=True, example="ray://head:10001")}
     executor: str = "local"        # outcome precompute: local (sequential) | ray (independent tasks on Ray actors)
@@ -366,7 +378,8 @@ class RunConfig(EngineConfig):
     mode: str = "train"
     environment: str = "offline"            # "offline": cached outcomes x calibrated tables; "live": generate per episode
     state_features: str = "contention"      # "contention": + run queue, preemptions, steal, observed slowdown; "basic";
-                                            # either "+probe": + the prompt's prefill-probe features (offline)
+                                            # either "+probe": + the prompt's prefill-probe features (offline),
+                                            # "+lookahead": + each action's KL on a dense look-ahead (offline)
     model: str = "auto"
     device: str = "auto"
     seed: int = 0

@@ -10,7 +10,7 @@ import numpy as np
 from controller import checkpointing
 from pruners import ActionSpaceConfig, PruningAction, build_action_space
 from controller.dqn import DoubleDQNAgent, DQNConfig
-from common.config import PROBE_IMPORTANCE, hardware_kind, uses_probe
+from common.config import PROBE_IMPORTANCE, hardware_kind, uses_lookahead, uses_probe
 from machine.load_signals import BASIC, CONTENTION, SlowdownTracker
 from environments.state import StateBuilder, state_feature_names
 
@@ -70,6 +70,9 @@ def per_request_probe(config: dict) -> str | None:
     or None."""
     if uses_probe(config.get("state_features", BASIC)):
         return f"was trained with --state-features {config['state_features']} (features of the request's prefill)"
+    if uses_lookahead(config.get("state_features", BASIC)):
+        return (f"was trained with --state-features {config['state_features']} (each action's KL on a dense "
+                "look-ahead of the request)")
     if config.get("importance") == PROBE_IMPORTANCE:
         return f"was trained with --importance {PROBE_IMPORTANCE} (units chosen from the request's prefill)"
     return None
@@ -82,7 +85,8 @@ def agent_from_checkpoint(payload: dict, model_id: str) -> tuple[DoubleDQNAgent,
                                                    intensities=tuple(cfg["intensities"])))
     stored = payload.get("state_features") or []
     probe = [n.removeprefix("probe.") for n in stored if n.startswith("probe.")]
-    features = state_feature_names(cfg.get("state_features", BASIC), probe)   # checkpoints before it: basic
+    features = state_feature_names(cfg.get("state_features", BASIC), probe,   # checkpoints before it: basic
+                                   [a.label for a in actions])
     checkpointing.check_compatible(payload, model_id=model_id, action_space=[a.label for a in actions],
                                    state_features=features)
     dqn = DQNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["dqn"].items()})

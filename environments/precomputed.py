@@ -34,8 +34,9 @@ from environments.outcomes.cache import OutcomeCache, PromptOutcomes, digest, en
 from environments.records import Outcome
 from environments.reward import constrained_parts, effective_budget, reward_terms
 from environments.probe_features import state_names
-from environments.state import state_vector
-from common.config import uses_probe
+from environments.lookahead_state import after_lookahead, check_positions, lookahead_features, lookahead_speed
+from environments.state import lookahead_labels, state_feature_names, state_vector
+from common.config import uses_lookahead, uses_probe
 from pruners import PruningAction
 from machine.replay import RecordedHardware
 from machine.telemetry import HardwareState
@@ -88,8 +89,10 @@ class OfflineEnvironment:
 
     def __init__(self, data: OfflineData, prompt_ids: Sequence[str], split: str, action_labels: Sequence[str],
                  reward: RewardConfig, long_prompt_tokens: int, state_features: str = BASIC,
-                 ablation: str = "none", levels: Sequence[str] | None = None):
-        """`levels`: only these load levels' calibrations (default: all of the split)."""
+                 ablation: str = "none", levels: Sequence[str] | None = None, lookahead_tokens: int | None = None):
+        """`levels`: only these load levels' calibrations (default: all of the split); `lookahead_tokens`: the
+        look-ahead's K, required with a "...+lookahead" state (quality, speed and state then follow
+        ``environments.lookahead_state``)."""
         by_id = {p.id: p for p in data.prompts}
         self.prompts = [by_id[i] for i in prompt_ids]
         self.outcomes = [data.outcomes[i] for i in prompt_ids]
@@ -107,7 +110,26 @@ class OfflineEnvironment:
         self.probe: list[list[float]] = [[] for _ in self.outcomes]
         if uses_probe(state_features):
             self._read_probe()
+        self.state_features = state_features
+        self.lookahead_tokens = lookahead_tokens if uses_lookahead(state_features) else None
+        self.lookahead: list[list[float]] = [[] for _ in self.outcomes]   # the state's look-ahead KLs (log)
+        if uses_lookahead(state_features):
+            self._read_lookahead()
         self._fill()
+
+    @property
+    def state_names(self) -> list[str]:
+        """The names of the state's slots (what a checkpoint stores and check_compatible compares)."""
+        return state_feature_names(self.state_features, self.probe_names, self.labels)
+
+    def _read_lookahead(self) -> None:
+        k = self.lookahead_tokens
+        if k is None:
+            raise ValueError(f"state features '{self.state_features}' need the look-ahead's length: pass "
+                             "lookahead_tokens (--lookahead-tokens)")
+        for prompt, outcome in zip(self.prompts, self.outcomes):
+            check_positions(outcome, self.labels, k, prompt.id)
+        self.lookahead = [lookahead_features(o, self.labels, k) for o in self.outcomes]
 
     def _read_probe(self) -> None:
         missing = [p.id for p, o in zip(self.prompts, self.outcomes) if o.probe is None]
@@ -126,8 +148,11 @@ class OfflineEnvironment:
         self.reward, self.speedup, self.latency = np.zeros(shape), np.zeros(shape), np.zeros(shape)
         self.objective, self.constraint = np.zeros(shape), np.zeros(shape)   # constrained objectives' parts
         self.budget = np.full(shape[:2], np.inf)         # seconds allowed per (calibration, prompt)
-        self.ppl_ratio = np.array([[o.actions[a].ppl_ratio for a in self.labels] for o in self.outcomes])
-        self.kl = np.array([[o.actions[a].kl for a in self.labels] for o in self.outcomes])
+        k = self.lookahead_tokens
+        quality = [[(q.ppl_ratio, q.kl) if k is None else after_lookahead(q, k)
+                    for q in (o.actions[a] for a in self.labels)] for o in self.outcomes]
+        quality = np.array(quality, dtype=np.float64).reshape(len(self.outcomes), len(self.labels), 2)
+        self.ppl_ratio, self.kl = quality[..., 0], quality[..., 1]     # (after the look-ahead, with one)
         for c, cal in enumerate(self.cals):
             table = self.calibration_set.merged_table(cal)
             on_battery = self.on_battery(cal)
@@ -136,15 +161,19 @@ class OfflineEnvironment:
                 idle_s = idle_dense_latency(table, bucket, n_new)
                 budget = effective_budget(self.reward_cfg, idle_s, on_battery)
                 self.budget[c, p] = np.inf if budget is None else budget
+                forwards = [a for a in lookahead_labels(self.labels) if not out.actions[a].inert]
                 for a, label in enumerate(self.labels):
                     q = out.actions[label]
-                    speedup, latency = table_speed(table, cal.level, bucket, label, n_new, q.inert)
-                    terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=q.ppl_ratio, kl=q.kl,
+                    speedup, latency = (table_speed(table, cal.level, bucket, label, n_new, q.inert) if k is None else
+                                        lookahead_speed(table, cal.level, bucket, label, forwards, n_new, k, q.inert))
+                    terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=self.ppl_ratio[p, a],
+                                         kl=self.kl[p, a],
                                          latency_s=latency, idle_dense_s=idle_s, on_battery=on_battery)
                     self.reward[c, p, a], self.speedup[c, p, a], self.latency[c, p, a] = terms.total, speedup, latency
                     if self.constrained:
                         self.objective[c, p, a], self.constraint[c, p, a] = constrained_parts(
-                            self.reward_cfg, terms, budget_met=latency <= self.budget[c, p], ppl_ratio=q.ppl_ratio)
+                            self.reward_cfg, terms, budget_met=latency <= self.budget[c, p],
+                            ppl_ratio=self.ppl_ratio[p, a])
         self.multiplier = 0.0
         if self.constrained:
             self.set_multiplier(0.0)
@@ -187,7 +216,7 @@ class OfflineEnvironment:
 
     def state(self, cell: Cell, ablation: str | None = None) -> np.ndarray:
         return state_vector(self.hardware(cell), self.features[cell.prompt], ablation or self.ablation,
-                            self.probe[cell.prompt])
+                            self.probe[cell.prompt], self.lookahead[cell.prompt])
 
     def outcome(self, cell: Cell, action: int) -> Outcome:
         c, p = cell.calibration, cell.prompt
@@ -283,7 +312,7 @@ def build_offline_data(s, prompts: Sequence[Prompt], calibration_prompts: Sequen
     engine = engine_settings(cfg, s.loaded.name, s.loaded.source)
     outcomes = precompute(env, OutcomeCache(root / "outcomes", engine), prompts, s.actions,
                           cfg.offline.prompt_kl_tokens, cfg.offline.executor, cfg, cfg.offline.ray_address,
-                          probe=uses_probe(cfg.state_features))
+                          probe=uses_probe(cfg.state_features), lookahead=uses_lookahead(cfg.state_features))
     selection = selection_cost(env)
     texts = [p.text for p in calibration_prompts][:64]
     env.set_calibration_prompts(texts)

@@ -25,7 +25,7 @@ from typing import Any, Callable, NoReturn
 
 from common.config import (DEFAULT_TASKS, ENVIRONMENTS, OFFLINE_GRADIENT_STEPS, BaselineConfig, CalibrationConfig,
                            EvalConfig, RunConfig, ServeConfig, as_flag_value, check_config, shown_value)
-from common.config import MATVEC_KERNELS, SERVE_POLICIES, WEIGHT_DTYPES
+from common.config import MATVEC_KERNELS, SERVE_POLICIES, WEIGHT_DTYPES, hardware_kind, uses_lookahead
 
 MODES = ("train", "test", "eval", "report", "baselines", "export", "heal", "serve")
 TRAIN, TEST, EVAL, BASELINES, EXPORT, HEAL = "train", "test", "eval", "baselines", "export", "heal"
@@ -160,7 +160,12 @@ FLAGS: tuple[Flag, ...] = (
          "(comma-separated; offline needs idle)", (TRAIN, TEST)),
     Flag("--state-features", _R + "state_features", "basic (telemetry) | contention (+ run queue, preemptions, "
          "steal, observed slowdown of the model's own decode steps); either +probe (offline: + the prompt's "
-         "prefill-probe features: dense statistics, logit lens, each action's injected error)", (TRAIN,)),
+         "prefill-probe features: dense statistics, logit lens, each action's injected error), +lookahead "
+         "(offline: + each action's KL on the first --lookahead-tokens tokens generated densely; the decision "
+         "covers the rest), or +probe+lookahead", (TRAIN,)),
+    Flag("--lookahead-tokens", _R + "offline.lookahead_tokens", "--state-features ...+lookahead: reference tokens "
+         "generated densely before the decision (their cost is charged in the speedup)", (TRAIN,), type=int,
+         environments=OFFLINE),
     Flag("--calibrations", _R + "offline.calibrations", "latency tables per load level for training (as many "
          "again for testing)", (TRAIN, TEST), type=int, environments=OFFLINE),
     Flag("--train-seeds", _R + "offline.seeds", "policies trained with seeds --seed, --seed+1, ... (their "
@@ -507,6 +512,10 @@ def check_flags(args: argparse.Namespace) -> None:
                              f"{', '.join(acts)}")
         if flag.requires and flag.requires not in present:
             raise UsageError(f"{flag.name} only matters with {flag.requires}")
+    state = args.state_features or RunConfig().state_features
+    if "--lookahead-tokens" in present and not uses_lookahead(state):
+        raise UsageError(f"--lookahead-tokens only matters with a look-ahead state: add --state-features "
+                         f"{hardware_kind(state)}+lookahead, or drop --lookahead-tokens")
     if args.mode == TRAIN or args.environment:   # test mode otherwise takes the checkpoint's (run_test checks)
         check_environment(given(args), args.environment or RunConfig().environment)
     wikitext = present & {"--wikitext-path", "--wikitext-samples", "--eval-seq-len", "--eval-stride"}

@@ -14,7 +14,7 @@ from machine.contention import contention, parse_scenarios
 from environments.records import to_jsonable
 from controller.router import agent_from_checkpoint
 from environments.session import open_session, with_trained_engine
-from environments.state import state_feature_names, state_vector
+from environments.state import state_vector
 from controller.arms import FittedArms
 from controller.study import POLICY, arms
 from environments.precomputed import OfflineEnvironment, build_offline_data, cached_probe_outcomes, evaluate_offline
@@ -189,8 +189,9 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
         data = build_offline_data(s, prompts, calibration, scenarios)
         levels = [sc.name for sc in parse_scenarios(test_scenarios)] if test_scenarios else None
         env = OfflineEnvironment(data, [p.id for p in prompts], "test", labels, cfg.reward,
-                                 cfg.env.long_prompt_tokens, cfg.state_features, levels=levels)
-        names = state_feature_names(cfg.state_features, env.probe_names)   # the probe part: known from the data now
+                                 cfg.env.long_prompt_tokens, cfg.state_features, levels=levels,
+                                 lookahead_tokens=cfg.offline.lookahead_tokens)
+        names = env.state_names   # the probe part: known from the data now
         for path, checked in [(cfg.checkpoint, payload), *others.items()]:
             with naming("--checkpoint" if path == cfg.checkpoint else "--ablation-checkpoints"):
                 checkpointing.check_compatible(checked, model_id=model_id, action_space=labels, state_features=names)

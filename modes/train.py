@@ -17,7 +17,6 @@ from controller.dqn import linear_epsilon
 from controller.trainer import train_offline
 from environments.precomputed import OfflineEnvironment, build_offline_data
 from controller.study import fit_offline_arms, side_ablations
-from environments.state import state_feature_names
 from controller.trainer import Trainer, train_prompts
 from modes.validate import check_checkpoint_fits, naming
 from modes.outputs import (finish_run, load_check, load_table, metrics_skeleton, offline_record,
@@ -124,8 +123,8 @@ def run_train_offline(cfg: RunConfig) -> Path:
         data = build_offline_data(s, prompts, prompts, scenarios)
         labels, model_id = [a.label for a in s.actions], s.loaded.name
     env = OfflineEnvironment(data, [p.id for p in prompts], "train", labels, cfg.reward, cfg.env.long_prompt_tokens,
-                             cfg.state_features, cfg.ablation)
-    names = state_feature_names(cfg.state_features, env.probe_names)
+                             cfg.state_features, cfg.ablation, lookahead_tokens=cfg.offline.lookahead_tokens)
+    names = env.state_names
     seeds = [cfg.seed + i for i in range(cfg.offline.seeds)]
     paths = seed_checkpoints(cfg.checkpoint, seeds)
     runs = []

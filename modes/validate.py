@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.config import PROBE_IMPORTANCE, RunConfig, uses_probe
+from common.config import PROBE_IMPORTANCE, RunConfig, hardware_kind, uses_lookahead, uses_probe
 from common.files import PROJECT_ROOT, clean_orphaned_temp_files
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,17 @@ def validate(cfg: RunConfig, *, export_dir: str | None = None, overwrite: bool =
 
 
 def check_probe(cfg: RunConfig) -> None:
-    """The per-request prefill probe (features, unit selection) is wired into the offline study's train and test
-    only: every other path decides or prunes before a prefill it could read."""
-    if uses_probe(cfg.state_features) and cfg.environment != "offline":
+    """The per-request prefill probe (features, unit selection) and the dense look-ahead are wired into the offline
+    study's train and test only: every other path decides or prunes before a prefill (or look-ahead) it could read."""
+    per_prompt = uses_probe(cfg.state_features) or uses_lookahead(cfg.state_features)
+    if per_prompt and cfg.environment != "offline":
         raise ValueError(f"argument --state-features: {cfg.state_features} is computed in the offline study only: "
-                         "add --environment offline, or use --state-features contention")
+                         f"add --environment offline, or use --state-features {hardware_kind(cfg.state_features)}")
+    shortest = min(cfg.env.min_reference_tokens, cfg.env.max_new_tokens)   # a data set answer is at least this long
+    if uses_lookahead(cfg.state_features) and cfg.offline.lookahead_tokens >= shortest:
+        raise ValueError(f"argument --lookahead-tokens: {cfg.offline.lookahead_tokens} leaves no reference token to "
+                         f"decide on (references can be {shortest} tokens: --max-new-tokens/--min-reference-tokens): "
+                         f"pass --lookahead-tokens below {shortest}")
     if cfg.importance == PROBE_IMPORTANCE and (cfg.mode not in ("train", "test") or cfg.environment != "offline"):
         raise ValueError(f"argument --importance: {PROBE_IMPORTANCE} chooses units per request in the offline study's "
                          "train and test only: use --mode train/test --environment offline, or --importance fluctuation")
@@ -183,9 +189,10 @@ def check_checkpoint_fits(cfg: RunConfig, payload: dict, flag: str = "--checkpoi
         raise ValueError(f"argument {flag}: {cfg.checkpoint!r} was trained without probe features, this run has "
                          f"--state-features {cfg.state_features}: drop --state-features to use the checkpoint's, or retrain")
     try:
-        names = state_feature_names(cfg.state_features, trained_probe)
+        labels = [a.label for a in action_space(cfg)]
+        names = state_feature_names(cfg.state_features, trained_probe, labels)
         check_compatible(payload, model_id=payload.get("model_id"), state_features=names,
-                         action_space=[a.label for a in action_space(cfg)])
+                         action_space=labels)
     except CheckpointError as err:
         raise ValueError(f"argument {flag}: {cfg.checkpoint!r} {err}: drop --targets/--intensities/--state-features "
                          "to use the checkpoint's, or retrain") from err

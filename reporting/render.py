@@ -29,7 +29,7 @@ from reporting import summaries
 from environments.records import RUN_KINDS, SCHEMA_VERSION
 from reporting.plots import PLOTS, overlay_pareto, overlay_reward, render_plots
 from reporting.schema import validate_metrics
-from reporting.study.equal_speed import equal_speed_section, selection_cost_lines
+from reporting.study.equal_speed import equal_speed_section, lookahead_cost_lines, selection_cost_lines
 from reporting.study.headroom import headroom_section
 from reporting.summaries import ALL, DENSE
 
@@ -171,6 +171,7 @@ def report_markdown(metrics: Mapping, summary: Mapping, run_name: str, plots: Ma
     lines += offline_sections.offline_test_section(summary.get("offline_test"))
     lines += equal_speed_section(summary.get("equal_speed"))
     lines += selection_cost_lines((metrics.get("offline") or {}).get("selection"))
+    lines += lookahead_cost_lines(metrics.get("config"), summary.get("offline_test"))
     if "evaluation" in summary:
         lines += _evaluation_section(summary["evaluation"])
     if metrics.get("baselines"):

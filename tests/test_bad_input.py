@@ -117,6 +117,11 @@ def fixture_cases(files: dict[str, Path], tmp: Path) -> list[tuple[str, list[str
         ("--nlp-backend", ["--mode", "train", "--nlp-backend", "stanza"]),
         ("--state-features", ["--mode", "train", *live, "--state-features", "contention+probe"]),
         ("--state-features", ["--mode", "train", "--state-features", "probe"]),
+        ("--state-features", ["--mode", "train", *live, "--state-features", "contention+lookahead"]),
+        ("--state-features", ["--mode", "train", "--state-features", "contention+lookahead+probe"]),
+        ("--lookahead-tokens", ["--mode", "train", "--lookahead-tokens", "4"]),            # no look-ahead state
+        ("--lookahead-tokens", ["--mode", "train", "--state-features", "basic+lookahead", "--max-new-tokens", "8",
+                                "--lookahead-tokens", "8"]),                            # nothing left to decide on
         ("--importance", ["--mode", "train", *live, "--importance", "probe"]),
         ("--importance", ["--mode", "eval", "--model", "tiny", "--importance", "probe"]),
         ("--importance", ["--mode", "export", "--model", "tiny", "--action", "ffn_neurons:0.5", "--importance", "probe",
@@ -293,12 +298,13 @@ def test_resume_refuses_a_checkpoint_of_another_action_space_before_loading(cli,
          "--targets", "attention_heads", "--intensities", "0.5"], "--checkpoint")
 
 
-def test_eval_refuses_a_policy_that_reads_the_requests_prefill_before_loading(cli, tmp_path):
-    """Routed evaluation decides before any prefill: a policy trained on probe features cannot be routed there."""
-    checkpoint = tiny_checkpoint(tmp_path, targets=("ffn_neurons",), intensities=(0.5,),
-                                 state_features="contention+probe")
+@pytest.mark.parametrize("state_features", ["contention+probe", "contention+lookahead"])
+def test_eval_refuses_a_policy_that_reads_the_requests_prefill_before_loading(cli, tmp_path, state_features):
+    """Routed evaluation decides before any prefill: a policy trained on probe or look-ahead features cannot be
+    routed there."""
+    checkpoint = tiny_checkpoint(tmp_path, targets=("ffn_neurons",), intensities=(0.5,), state_features=state_features)
     line = cli(["--mode", "eval", "--model", "tiny", "--eval-models", f"policy:{checkpoint}"], "--eval-models")
-    assert "--state-features contention+probe" in line and "--mode test" in line
+    assert f"--state-features {state_features}" in line and "--mode test" in line
 
 
 def tiny_checkpoint(tmp_path: Path, targets, intensities, state_features: str = "contention") -> Path:
@@ -312,7 +318,7 @@ def tiny_checkpoint(tmp_path: Path, targets, intensities, state_features: str = 
     cfg = dataclasses.replace(RunConfig(model="tiny", environment="live", targets=targets, intensities=intensities,
                                         state_features=state_features))
     labels = [a.label for a in action_space(cfg)]
-    names = state_feature_names(cfg.state_features, ["dense.log_tokens"] if uses_probe(state_features) else [])
+    names = state_feature_names(cfg.state_features, ["dense.log_tokens"] if uses_probe(state_features) else [], labels)
     agent = DoubleDQNAgent(len(names), len(labels), cfg.dqn)
     path = tmp_path / "policy.pt"
     checkpointing.save_checkpoint(path, {"model_id": "tiny", "action_space": labels, "state_features": names,

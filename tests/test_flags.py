@@ -80,6 +80,7 @@ def test_every_flag_reaches_its_config_field():
         mode = flag.modes[0]
         extra = ["--lm-eval"] if flag.requires == "--lm-eval" else []
         extra += ["--environment", flag.environments[0]] if len(flag.environments) == 1 else []
+        extra += ["--state-features", "contention+lookahead"] if flag.name == "--lookahead-tokens" else []
         args = parser.parse_args(["--mode", mode, *_value(flag), *extra])
         check_flags(args)
         root, _, path = flag.dest.partition(".")

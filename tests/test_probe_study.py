@@ -152,7 +152,8 @@ def test_equal_speed_compares_the_policy_with_a_mix_of_its_mean_speed():
     assert e["policy"]["ppl_ratio"] == pytest.approx(1.0) and e["vs_log_ppl"]["mean"] < 0
 
 
-def test_offline_train_and_test_cli_with_probe_state_and_per_request_units(tmp_path):
+def test_offline_train_and_test_cli_with_probe_and_lookahead_state_and_per_request_units(tmp_path):
+    """One round trip for both per-prompt model parts of the state (a run of each alone would double CI time)."""
     ckpt, reports = tmp_path / "p.pt", tmp_path / "r"
     common = ["--model", "tiny", "--nlp-backend", "regex", "--offline-cache", str(tmp_path / "cache")]
     assert adaptive_pruning.main([
@@ -160,10 +161,12 @@ def test_offline_train_and_test_cli_with_probe_state_and_per_request_units(tmp_p
         "--calibration-tokens", "3", "--calibration-repeats", "1", "--long-prompt-tokens", "64", "--intensities",
         "0.3", "--targets", "ffn_neurons,attention_heads", "--scenarios", "idle", "--episodes", "200",
         "--calibrations", "1", "--train-seeds", "1", "--checkpoint", str(ckpt), "--report-dir", str(reports),
-        "--state-features", "contention+probe", "--importance", "probe"]) == 0
+        "--state-features", "contention+probe+lookahead", "--lookahead-tokens", "2", "--importance", "probe"]) == 0
     payload = torch.load(ckpt, weights_only=True)
-    assert payload["config"]["importance"] == "probe"
+    assert payload["config"]["importance"] == "probe" and payload["config"]["offline"]["lookahead_tokens"] == 2
     assert "probe.inject.ffn_neurons:0.3" in payload["state_features"]
+    assert payload["state_features"][-2:] == ["lookahead.ffn_neurons:0.3", "lookahead.attention_heads:0.3"]
+    assert torch.load(tmp_path / "p.no_prompt.pt", weights_only=True)["state_features"] == payload["state_features"]
     assert adaptive_pruning.main(["--mode", "test", *common, "--checkpoint", str(ckpt), "--test-samples", "4",
                                   "--report-dir", str(reports)]) == 0
     run = next(reports.glob("test-*"))
@@ -175,3 +178,4 @@ def test_offline_train_and_test_cli_with_probe_state_and_per_request_units(tmp_p
     assert "policy against static actions at equal mean speed" in report
     assert "Per-prompt headroom on this study's prompts" in report and "Spearman: probe" in report
     assert "Per-request unit selection + gather" in report
+    assert "Dense look-ahead in the state" in report and "Per-prompt adaptation at idle" in report

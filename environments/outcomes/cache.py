@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +41,10 @@ class ActionQuality:
     inert: bool                       # nothing removed on this prompt (none; KV pruning of a short prompt)
     half_kl: tuple[float, float] | None = None   # mean token KL on the two halves (reliability of KL as the
                                                  # damage measure; None in caches written before it existed)
+    # KL(dense || pruned) and pruned - dense NLL at each reference position, from the same scores as the means
+    # (a dense look-ahead of K tokens reads the first K, its decision the rest; None in caches written before them)
+    token_kl: list[float] | None = None
+    token_nll_diff: list[float] | None = None
 
 
 @dataclass
@@ -60,6 +64,15 @@ class PromptOutcomes:
         """Probe features of today's definition, with an injected error for every probed action of ``actions``."""
         return (self.probe is not None and self.probe_version == PROBE_VERSION
                 and all(f"inject.{a.label}" in self.probe for a in probed(actions)))
+
+    def has_positions(self, labels: Sequence[str]) -> bool:
+        """Per-position KL and NLL difference for every action of ``labels`` (what a look-ahead state reads)."""
+        return all(label in self.actions and self.actions[label].token_kl is not None for label in labels)
+
+    def without_positionless(self) -> "PromptOutcomes":
+        """A copy keeping only the actions measured with per-position scores (the rest are measured again)."""
+        kept = {k: q for k, q in self.actions.items() if q.token_kl is not None}
+        return replace(self, actions=kept)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptOutcomes":
@@ -134,7 +147,8 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
             ppl_ratio=ppl_ratio(pruned, dense), kl=mean_kl(dense, pruned),
             prompt_kl=None if dense.prompt is None else mean_kl(dense.prompt, pruned_prompt),
             half_log_ratio=(float(diff[:half].mean()), float(second.mean())), inert=inert,
-            half_kl=(float(kl[:half].mean()), float(second_kl.mean())))
+            half_kl=(float(kl[:half].mean()), float(second_kl.mean())),
+            token_kl=kl.clamp_min(0.0).tolist(), token_nll_diff=diff.tolist())
     if probe and not out.has_probe(actions):
         env.engine.restore()
         out.probe = probe_features(env.prefill(prompt), ref.prompt_ids, env.engine, actions).as_dict()
@@ -144,9 +158,11 @@ def measure_prompt(env, prompt: Prompt, actions: Sequence[PruningAction], prompt
 
 def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Sequence[PruningAction],
                prompt_kl_tokens: int, executor: str = "local", cfg: RunConfig | None = None,
-               ray_address: str | None = None, probe: bool = False) -> dict[str, PromptOutcomes]:
+               ray_address: str | None = None, probe: bool = False,
+               lookahead: bool = False) -> dict[str, PromptOutcomes]:
     """prompt id -> outcomes for every prompt and action, measuring only what the cache lacks (``probe``:
-    the probe features too; a cached prompt without them is completed, its actions' scores kept).
+    the probe features too; a cached prompt without them is completed, its actions' scores kept; ``lookahead``:
+    per-position scores of every action, so actions cached before them are measured again, never read as zero).
 
     ``executor="ray"``: the prompts to measure run as independent tasks on Ray actors built from ``cfg``
     (``environments.outcomes.fanout``); the cache is written here either way."""
@@ -155,6 +171,8 @@ def precompute(env, cache: OutcomeCache, prompts: Sequence[Prompt], actions: Seq
     todo = []
     for prompt in prompts:
         known = cache.load(prompt)
+        if known is not None and lookahead and not known.has_positions(labels):
+            known = known.without_positionless()
         if known is not None and labels <= set(known.actions) and (not probe or known.has_probe(actions)):
             result[prompt.id] = known
         else:

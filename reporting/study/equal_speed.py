@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from common.config import uses_lookahead
 from common.markdown import fmt, fmt_ci, fmt_pct, md_table
 from reporting.summaries import POLICY, _cube, ci_sign, clustered_bootstrap_ci
 
@@ -106,3 +107,19 @@ def selection_cost_lines(selection: Mapping | None) -> list[str]:
             f"ms over {selection['selections']} selections, {fmt_pct(selection['median_share_of_dense_generation'])} "
             "of the request's dense generation (median). The speedups above time the static prefix views of the same "
             "shapes and leave this cost out.", ""]
+
+
+def lookahead_cost_lines(config: Mapping | None, offline_test: Mapping | None) -> list[str]:
+    """--state-features ...+lookahead: what the look-ahead costs, read from the speedups the reward matrix charged
+    (``environments.lookahead_state.lookahead_speed``, the one cost rule), so the reader sees dense itself below x1."""
+    state = (config or {}).get("state_features", "basic")
+    if not offline_test or not uses_lookahead(state):
+        return []
+    k = config["offline"]["lookahead_tokens"]
+    dense = ", ".join(f"×{fmt(offline_test['by_level'][g]['arms']['none']['speedup']['mean'])} ({g})"
+                      for g in offline_test["groups"] if "none" in offline_test["by_level"][g]["arms"])
+    return [f"Dense look-ahead in the state (`{state}`): the first {k} reference tokens are generated densely and "
+            f"each pruning action scores them in one pruned forward before the decision. The speedups above charge "
+            f"it (dense prefill + {k} dense steps + one forward per action + the remaining tokens at the chosen "
+            f"action's step), so dense itself runs at {dense or 'n/a'}; PPL ratios and KL are over the reference "
+            f"tokens after the first {k}.", ""]
