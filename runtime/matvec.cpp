@@ -140,22 +140,32 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& x) {
   return y;
 }
 
+// the operands of an int8 product of N rows and K columns, checked, and its output
+struct Int8Product {
+  torch::Tensor y;
+  const float* scale;
+  const float* x;
+  float* out;
+};
+
+Int8Product int8_product(const torch::Tensor& scale, const torch::Tensor& x, int64_t N, int64_t K,
+                         const char* name) {
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) >= N && scale.is_contiguous() &&
+                  scale.scalar_type() == torch::kFloat32,
+              name, ": scale must be a contiguous fp32 vector of at least the rows asked for");
+  check_vector(x, K);
+  auto y = torch::empty({N}, x.options());
+  return {y, scale.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>()};
+}
+
 torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& x) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.device().is_cpu() && w.stride(1) == 1,
               "matvec_i8: w must be a row-major 2-D int8 CPU tensor (a row or column prefix view of one)");
-  const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) >= N && scale.is_contiguous() &&
-                  scale.scalar_type() == torch::kFloat32,
-              "matvec_i8: scale must be a contiguous fp32 vector of at least the weight's rows");
-  check_vector(x, K);
-  auto y = torch::empty({N}, x.options());
+  const int64_t N = w.size(0), K = w.size(1), ld = w.stride(0);
+  const Int8Product p = int8_product(scale, x, N, K, "matvec_i8");
   const int8_t* W = w.data_ptr<int8_t>();
-  const float* S = scale.data_ptr<float>();
-  const float* X = x.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  const int64_t ld = w.stride(0);
-  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, S, X, K, Y, n0, count); });
-  return y;
+  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, p.scale, p.x, K, p.out, n0, count); });
+  return p.y;
 }
 
 // y = scale[:rows] * W[:rows, :K] x with W int8 in column blocks [blocks, rows_full, B] (runtime.dtype's layout for
@@ -164,34 +174,26 @@ torch::Tensor matvec_i8_blocked(const torch::Tensor& w, const torch::Tensor& sca
                                 int64_t rows_) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kInt8 && w.device().is_cpu() && w.is_contiguous(),
               "matvec_i8_blocked: w must be a contiguous 3-D int8 CPU tensor [blocks, rows, block width]");
-  const int64_t B = w.size(2), N = rows_, K = x.size(0);
+  const int64_t B = w.size(2), N = rows_, K = x.size(0), bstride = w.size(1) * B;
   TORCH_CHECK(0 < N && N <= w.size(1) && 0 < K && K <= w.size(0) * B,
               "matvec_i8_blocked: ", N, " rows and ", K, " columns do not fit a weight of ", w.size(1), " rows and ",
               w.size(0) * B, " columns");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) >= N && scale.is_contiguous() &&
-                  scale.scalar_type() == torch::kFloat32,
-              "matvec_i8_blocked: scale must be a contiguous fp32 vector of at least the rows asked for");
-  check_vector(x, K);
-  auto y = torch::empty({N}, x.options());
+  const Int8Product p = int8_product(scale, x, N, K, "matvec_i8_blocked");
   const int8_t* W = w.data_ptr<int8_t>();
-  const float* S = scale.data_ptr<float>();
-  const float* X = x.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  const int64_t bstride = w.size(1) * B;
   // each task runs its rows through every block it needs, adding up, then scales them
   over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) {
     for (int64_t kb = 0; kb < K; kb += B) {
       const int8_t* block = W + (kb / B) * bstride;
       const int64_t width = std::min(B, K - kb);
       if (kb == 0) {
-        rows(block, B, nullptr, X, width, Y, n0, count);
+        rows(block, B, nullptr, p.x, width, p.out, n0, count);
       } else {
-        rows<int8_t, true>(block, B, nullptr, X + kb, width, Y, n0, count);
+        rows<int8_t, true>(block, B, nullptr, p.x + kb, width, p.out, n0, count);
       }
     }
-    for (int64_t n = n0; n < n0 + count; ++n) Y[n] *= S[n];
+    for (int64_t n = n0; n < n0 + count; ++n) p.out[n] *= p.scale[n];
   });
-  return y;
+  return p.y;
 }
 
 }  // namespace
