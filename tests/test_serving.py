@@ -165,7 +165,9 @@ def test_a_full_queue_answers_429_with_retry_after(tiny):
                     "model": "tiny", "prompt": "hi", "max_tokens": 30, "ignore_eos": True}) for _ in range(6)))
         answers = asyncio.run(flood())
     codes = sorted(a.status_code for a in answers)
-    assert codes.count(200) >= 2 and 429 in codes, codes
+    # all six arrive within one request's service time (>= 0.3 s): at most max_batch + max_queue = 2 are admitted
+    # (2 when the first is already running as the second arrives, 1 when the machine is slow to dequeue it)
+    assert 1 <= codes.count(200) <= 2 and codes.count(429) == 6 - codes.count(200), codes
     refused = next(a for a in answers if a.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error"
