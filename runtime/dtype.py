@@ -137,8 +137,10 @@ class ShadowLinear(nn.Linear):
         return lambda x: kernel.matvec_i8_blocked(blocks, scale, x, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        matvec = self.bound_matvec()
-        if matvec is not None and one_row(x):       # int8 only: the decode kernel reads the shadow's prefix in place
+        # int8 with a kernel, one row: the decode kernel reads the shadow's prefix (row prefixes in place, column
+        # prefixes from its column blocks, which a batch such as a prefill never needs to build)
+        matvec = self.bound_matvec() if one_row(x) else None
+        if matvec is not None:
             y = matvec(x.reshape(-1).float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         w = self.shadow_weight()

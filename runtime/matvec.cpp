@@ -1,7 +1,7 @@
 // One-row matrix-vector products for decode, multi-threaded on torch's own OpenMP pool (runtime/matvec.py).
 //
-// Every kernel reads the weight in place through its strides, so the engine's prefix views (a row prefix of
-// q/k/v/gate/up, a column prefix of o_proj/down_proj) need no copy:
+// The kernels read the weight in place through its strides, so the engine's prefix views (a row prefix of
+// q/k/v/gate/up, a column prefix of o_proj/down_proj) need no copy per view:
 //   matvec_f32: y[n] = sum_k W[n, k] x[k], W fp32 row-major (stride(1) == 1) or column-major (stride(0) == 1);
 //   matvec_i8:  y[n] = scale[n] * sum_k W[n, k] x[k], W int8 row-major, fp32 activations and scales;
 //   matvec_i8_blocked: the same on W stored in column blocks (runtime.dtype.column_blocks), for column prefixes.

@@ -12,7 +12,9 @@ How: ``torch.utils.cpp_extension`` compiles it with the machine's C++ compiler (
 the first time it is needed (about a minute), into the project cache under a key of the source, its path, the
 compiler flags and the torch and Python versions, so later runs load it in milliseconds. It reads every weight in
 place through its strides, so the engine's zero-copy prefix views (a row prefix of q/k/v/gate/up, a
-column prefix of o_proj/down_proj) stay zero-copy, and the int8 shadows need no padded column copies.
+column prefix of o_proj/down_proj) stay zero-copy; int8 column prefixes are read from one copy of the shadow in
+column blocks (``runtime.dtype.column_blocks``: a strided row prefix saved no bandwidth there), never a copy per
+width.
 ``runtime.dtype.set_kernel(model, kernel)`` routes every one-row fp32 and int8 Linear call through it;
 batches (prefill, serving) keep torch's kernels, which do batch well. No library covers this here: torch
 has no such kernel, and intel-extension-for-pytorch (whose weight-only kernels do) stops at torch 2.8.
