@@ -20,7 +20,7 @@ is one ``Arm`` entry here; reporting reads ``ARM_NAMES``.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -81,6 +81,7 @@ class Arm:
     fit: Callable[[TrainingData], dict]                          # -> plain numbers (JSON-able)
     chooser: Callable[[dict, "OfflineEnvironment"], "Chooser"]   # (those numbers, test env) -> cell -> action
     describe: Callable[[dict, list[str]], str]                   # (those numbers, action labels) -> one line
+    reads_prompt: bool = False      # decides on the prompt features too: pays a "...+lookahead" state's look-ahead
 
 
 def training_data(env: OfflineEnvironment, state_names: list[str], draws: int, seed: int) -> TrainingData:
@@ -147,9 +148,11 @@ ARMS: tuple[Arm, ...] = (
                      f"(training reward {_g(p['train_reward'])})"),
     Arm("regressor", fit_regressor,
         lambda p, env: lambda cell, m=RidgeRegressor(**p): m.choose(env.state(cell, "none")),
-        lambda p, a: f"regressor: ridge, penalty {_g(p['alpha'])} chosen by leave-one-out on training cells"),
+        lambda p, a: f"regressor: ridge, penalty {_g(p['alpha'])} chosen by leave-one-out on training cells",
+        reads_prompt=True),
 )
 ARM_NAMES = tuple(arm.name for arm in ARMS)
+PROMPT_ARMS = tuple(arm.name for arm in ARMS if arm.reads_prompt)   # priced with a look-ahead state's look-ahead
 
 
 @dataclass
@@ -185,9 +188,12 @@ class FittedArms:
 
 
 def fit_arms(env: OfflineEnvironment, state_names: list[str], draws: int, seed: int) -> FittedArms:
-    """Every arm from the training environment alone (its prompts, calibrations and telemetry)."""
-    data = training_data(env, state_names, draws, seed)
-    params = {arm.name: arm.fit(data) for arm in ARMS}
+    """Every arm from the training environment alone (its prompts, calibrations and telemetry); an arm that reads no
+    prompt feature is fitted on the rewards without a look-ahead state's look-ahead, which it would not run."""
+    data, static = {True: training_data(env, state_names, draws, seed)}, env.static()
+    data[False] = replace(data[True], env=static, rewards=static.reward[[c.calibration for c in data[True].cells],
+                                                                        [c.prompt for c in data[True].cells]])
+    params = {arm.name: arm.fit(data[arm.reads_prompt]) for arm in ARMS}
     labels = env.labels
     rule = params["rule"]
     log.info("arms: per level %s, worst case (%s) %s, rule %s <= %.3f ? %s : %s",

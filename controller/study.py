@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from common.config import DQNConfig
-from controller.arms import ARM_NAMES, FittedArms, fit_arms
+from controller.arms import ARM_NAMES, PROMPT_ARMS, FittedArms, fit_arms
 from controller.trainer import greedy_chooser, train_offline
-from environments.precomputed import Chooser, OfflineEnvironment, evaluate_offline
+from environments.precomputed import Chooser, OfflineEnvironment, evaluate_offline, reads_lookahead
 
 POLICY = "policy"
 NO_PROMPT = "no_prompt"     # trained beside every policy that sees the prompt: what the prompt features add
@@ -37,6 +37,12 @@ def arms(env: OfflineEnvironment, policies: Mapping[str, tuple[Sequence, str]],
     return out | {name: [fitted.chooser(name, env)] for name in ARM_NAMES}
 
 
+def lookahead_arms(policies: Mapping[str, tuple[Sequence, str]]) -> list[str]:
+    """The arms a "...+lookahead" state's look-ahead is charged to: those that read the prompt part of the state
+    (each policy but a no-prompt one, the prompt-reading fitted arms)."""
+    return [name for name, (_, ablation) in policies.items() if reads_lookahead(ablation)] + list(PROMPT_ARMS)
+
+
 def run_study(train: OfflineEnvironment, test: OfflineEnvironment, state_names: list[str], dqn: DQNConfig,
               episodes: int, seeds: Sequence[int], draws: int, seed: int) -> dict:
     """Fitted arms and policies from `train` alone, every arm scored on `test` (metrics.json's offline_test)."""
@@ -48,7 +54,7 @@ def run_study(train: OfflineEnvironment, test: OfflineEnvironment, state_names: 
     for ablation in side_ablations(train.ablation):
         policies[ablation] = ([train_offline(train.with_ablation(ablation), replace(dqn, seed=s), episodes, s,
                                              progress=False)[0] for s in seeds], ablation)
-    return evaluate_offline(test, arms(test, policies, fitted), draws, seed)
+    return evaluate_offline(test, arms(test, policies, fitted), draws, seed, lookahead_arms(policies))
 
 
 def fit_offline_arms(train: OfflineEnvironment, state_names: list[str], draws: int, seed: int,

@@ -10,8 +10,11 @@ K: the dense model's own tokens when the reference is its greedy continuation.
 
 Three rules, each used by the reward matrix and by anything that reports on it:
 - the state: per pruning action, log(max(mean KL over the first K positions, FLOOR));
-- the quality of a decision: log PPL ratio and KL over the positions from K on (the first K are dense output);
+- the quality of a decision: ``response_quality``, over the whole response the request gets (its first K tokens
+  dense, the rest from the chosen action), so it is on the same scale as a static action's whole-reference quality;
 - the speed: ``lookahead_speed``, the look-ahead's own cost charged against the dense baseline.
+Only what reads the look-ahead pays for it: static actions and arms that see no prompt feature are priced without
+it (``environments.precomputed``).
 """
 from __future__ import annotations
 
@@ -41,11 +44,11 @@ def lookahead_features(outcome, labels: Sequence[str], k: int) -> list[float]:
     return [math.log(max(sum(outcome.actions[a].token_kl[:k]) / k, FLOOR)) for a in lookahead_labels(labels)]
 
 
-def after_lookahead(quality, k: int) -> tuple[float, float]:
-    """(PPL ratio pruned / dense, mean KL) of an action over the reference positions from ``k`` on: what its
-    decision covers after a ``k``-token dense look-ahead."""
-    diff, kl = quality.token_nll_diff[k:], quality.token_kl[k:]
-    return math.exp(sum(diff) / len(diff)), sum(kl) / len(kl)
+def response_quality(quality, k: int) -> tuple[float, float]:
+    """(PPL ratio pruned / dense, mean KL) over the whole reference of an action decided after a ``k``-token dense
+    look-ahead: its first ``k`` positions are dense output (ratio 1, KL 0), the rest are the action's."""
+    n = len(quality.token_nll_diff)
+    return math.exp(sum(quality.token_nll_diff[k:]) / n), sum(quality.token_kl[k:]) / n
 
 
 def lookahead_speed(table: LatencyTable, scenario: str, bucket: str, chosen: str, forwards: Sequence[str],

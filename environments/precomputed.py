@@ -18,7 +18,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from environments.outcomes.cache import OutcomeCache, PromptOutcomes, digest, en
 from environments.records import Outcome
 from environments.reward import constrained_parts, effective_budget, reward_terms
 from environments.probe_features import state_names
-from environments.lookahead_state import after_lookahead, check_positions, lookahead_features, lookahead_speed
+from environments.lookahead_state import response_quality, check_positions, lookahead_features, lookahead_speed
 from environments.state import lookahead_labels, state_feature_names, state_vector
 from common.config import uses_lookahead, uses_probe
 from pruners import PruningAction
@@ -72,6 +72,27 @@ class OfflineData:
         return OfflineData(self.prompts + [p for p in other.prompts if p.id not in known],
                            {**other.outcomes, **self.outcomes}, self.calibrations, {**other.features, **self.features},
                            self.selection or other.selection)
+
+
+def reads_lookahead(ablation: str) -> bool:
+    """Whether a policy of this ablation reads the look-ahead part of its state (no_prompt zeroes it)."""
+    return ablation != "no_prompt"
+
+
+@dataclass
+class Pricing:
+    """The matrices one way of serving a request is scored by: [calibration, prompt, action] and [prompt, action].
+
+    Two exist with a "...+lookahead" state: decided after the dense look-ahead (its cost charged, the whole
+    response's quality), and without it; an arm is priced by what its decisions read."""
+    reward: np.ndarray
+    speedup: np.ndarray
+    latency: np.ndarray
+    objective: np.ndarray       # constrained objectives' parts
+    constraint: np.ndarray
+    ppl_ratio: np.ndarray
+    kl: np.ndarray
+    multiplier: float = 0.0     # a constrained objective's Lagrange multiplier: reward = objective - it x constraint
 
 
 @dataclass(frozen=True)
@@ -144,44 +165,72 @@ class OfflineEnvironment:
         return "long" if outcome.context_tokens >= self.long_prompt_tokens else "short"
 
     def _fill(self) -> None:
-        shape = (len(self.cals), len(self.prompts), len(self.labels))
-        self.reward, self.speedup, self.latency = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-        self.objective, self.constraint = np.zeros(shape), np.zeros(shape)   # constrained objectives' parts
-        self.budget = np.full(shape[:2], np.inf)         # seconds allowed per (calibration, prompt)
-        k = self.lookahead_tokens
-        quality = [[(q.ppl_ratio, q.kl) if k is None else after_lookahead(q, k)
-                    for q in (o.actions[a] for a in self.labels)] for o in self.outcomes]
-        quality = np.array(quality, dtype=np.float64).reshape(len(self.outcomes), len(self.labels), 2)
-        self.ppl_ratio, self.kl = quality[..., 0], quality[..., 1]     # (after the look-ahead, with one)
-        for c, cal in enumerate(self.cals):
-            table = self.calibration_set.merged_table(cal)
-            on_battery = self.on_battery(cal)
-            for p, out in enumerate(self.outcomes):
-                bucket, n_new = self.bucket(out), out.reference_tokens
-                idle_s = idle_dense_latency(table, bucket, n_new)
-                budget = effective_budget(self.reward_cfg, idle_s, on_battery)
-                self.budget[c, p] = np.inf if budget is None else budget
-                forwards = [a for a in lookahead_labels(self.labels) if not out.actions[a].inert]
-                for a, label in enumerate(self.labels):
-                    q = out.actions[label]
-                    speedup, latency = (table_speed(table, cal.level, bucket, label, n_new, q.inert) if k is None else
-                                        lookahead_speed(table, cal.level, bucket, label, forwards, n_new, k, q.inert))
-                    terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=self.ppl_ratio[p, a],
-                                         kl=self.kl[p, a],
-                                         latency_s=latency, idle_dense_s=idle_s, on_battery=on_battery)
-                    self.reward[c, p, a], self.speedup[c, p, a], self.latency[c, p, a] = terms.total, speedup, latency
-                    if self.constrained:
-                        self.objective[c, p, a], self.constraint[c, p, a] = constrained_parts(
-                            self.reward_cfg, terms, budget_met=latency <= self.budget[c, p],
-                            ppl_ratio=self.ppl_ratio[p, a])
-        self.multiplier = 0.0
+        self.budget = np.full((len(self.cals), len(self.prompts)), np.inf)   # seconds allowed per (calibration, prompt)
+        self.pricing = self._price(self.lookahead_tokens)
+        # what reads no prompt feature runs no look-ahead: static actions, the level- and hardware-only arms, the
+        # no-prompt ablation are priced without it (the same matrices when the state has no look-ahead)
+        self.static_pricing = self.pricing if self.lookahead_tokens is None else self._price(None)
         if self.constrained:
             self.set_multiplier(0.0)
 
+    def _price(self, k: int | None) -> Pricing:
+        """Every cell's matrices, decided after a ``k``-token dense look-ahead (None: without one)."""
+        shape = (len(self.cals), len(self.prompts), len(self.labels))
+        quality = [[(q.ppl_ratio, q.kl) if k is None else response_quality(q, k)
+                    for q in (o.actions[a] for a in self.labels)] for o in self.outcomes]
+        quality = np.array(quality, dtype=np.float64).reshape(len(self.outcomes), len(self.labels), 2)
+        out = Pricing(*(np.zeros(shape) for _ in range(5)), ppl_ratio=quality[..., 0], kl=quality[..., 1])
+        for c, cal in enumerate(self.cals):
+            table = self.calibration_set.merged_table(cal)
+            on_battery = self.on_battery(cal)
+            for p, outcome in enumerate(self.outcomes):
+                bucket, n_new = self.bucket(outcome), outcome.reference_tokens
+                idle_s = idle_dense_latency(table, bucket, n_new)
+                budget = effective_budget(self.reward_cfg, idle_s, on_battery)
+                self.budget[c, p] = np.inf if budget is None else budget
+                forwards = [a for a in lookahead_labels(self.labels) if not outcome.actions[a].inert]
+                for a, label in enumerate(self.labels):
+                    q = outcome.actions[label]
+                    speedup, latency = (table_speed(table, cal.level, bucket, label, n_new, q.inert) if k is None else
+                                        lookahead_speed(table, cal.level, bucket, label, forwards, n_new, k, q.inert))
+                    terms = reward_terms(self.reward_cfg, speedup=speedup, ppl_ratio=out.ppl_ratio[p, a],
+                                         kl=out.kl[p, a], latency_s=latency, idle_dense_s=idle_s,
+                                         on_battery=on_battery)
+                    out.reward[c, p, a], out.speedup[c, p, a], out.latency[c, p, a] = terms.total, speedup, latency
+                    if self.constrained:
+                        out.objective[c, p, a], out.constraint[c, p, a] = constrained_parts(
+                            self.reward_cfg, terms, budget_met=latency <= self.budget[c, p],
+                            ppl_ratio=out.ppl_ratio[p, a])
+        return out
+
+    # the matrices of this environment's pricing (a static twin reads the look-ahead-free one)
+    reward = property(lambda self: self.pricing.reward)
+    speedup = property(lambda self: self.pricing.speedup)
+    latency = property(lambda self: self.pricing.latency)
+    objective = property(lambda self: self.pricing.objective)
+    constraint = property(lambda self: self.pricing.constraint)
+    ppl_ratio = property(lambda self: self.pricing.ppl_ratio)
+    kl = property(lambda self: self.pricing.kl)
+    multiplier = property(lambda self: self.pricing.multiplier)
+
+    @property
+    def has_lookahead(self) -> bool:
+        return self.pricing is not self.static_pricing
+
+    def static(self) -> OfflineEnvironment:
+        """The same cells and states priced without the look-ahead: what an arm that reads no prompt feature
+        (a static action, the per-level and rule arms, the no-prompt ablation) is fitted and scored on."""
+        if not self.has_lookahead:
+            return self
+        other = copy.copy(self)
+        other.pricing = self.static_pricing
+        return other
+
     def with_ablation(self, ablation: str) -> OfflineEnvironment:
         """The same cells and reward matrices (shared, not copied), states with `ablation` applied: an
-        ablation policy trains on exactly the main policy's data."""
-        other = copy.copy(self)
+        ablation policy trains on exactly the main policy's data (priced without the look-ahead when the
+        ablation removes it from the state)."""
+        other = copy.copy(self.static() if not reads_lookahead(ablation) else self)
         other.ablation = ablation
         return other
 
@@ -190,9 +239,11 @@ class OfflineEnvironment:
         return self.reward_cfg.objective != "weighted"
 
     def set_multiplier(self, value: float) -> None:
-        """Rewards of a constrained objective at this Lagrange multiplier (objective - value x constraint)."""
-        self.multiplier = float(value)
-        self.reward = self.objective - self.multiplier * self.constraint
+        """Rewards of a constrained objective at this Lagrange multiplier (objective - value x constraint), in
+        both pricings (shared by every twin of this environment)."""
+        for pricing in {id(p): p for p in (self.pricing, self.static_pricing)}.values():
+            pricing.multiplier = float(value)
+            pricing.reward = pricing.objective - pricing.multiplier * pricing.constraint
 
     @staticmethod
     def on_battery(cal: LevelCalibration) -> bool:
@@ -234,27 +285,39 @@ class OfflineEnvironment:
 Chooser = Callable[[Cell], int]     # a test cell -> action index (it builds whatever state it reads)
 
 
-def evaluate_offline(env: OfflineEnvironment, arms: dict[str, list[Chooser]], draws: int, seed: int) -> dict:
+def evaluate_offline(env: OfflineEnvironment, arms: dict[str, list[Chooser]], draws: int, seed: int,
+                     lookahead_arms: Collection[str] = ()) -> dict:
     """Every arm's action in every test cell, with the matrices their rewards come from.
 
     An arm is a list of choosers, one per training seed (baselines have one). The result is what
-    metrics.json stores as ``offline_test``: summaries recompute every figure from it alone.
+    metrics.json stores as ``offline_test``: summaries recompute every figure from it alone. With a look-ahead
+    state the top-level matrices are the pricing without it (static actions, random, oracle, every arm not in
+    ``lookahead_arms``) and ``lookahead`` holds the pricing of the arms that read it, with their names.
     """
     cells = env.cells(draws, seed)
     actions = {name: [[int(choose(cell)) for cell in cells] for choose in choosers] for name, choosers in arms.items()}
     c_idx, p_idx = [cell.calibration for cell in cells], [cell.prompt for cell in cells]
-    return {
+
+    def matrices(pricing: Pricing) -> dict:
+        return {"reward": pricing.reward[c_idx, p_idx].tolist(), "speedup": pricing.speedup[c_idx, p_idx].tolist(),
+                "ppl_ratio": pricing.ppl_ratio[p_idx].tolist(), "kl": pricing.kl[p_idx].tolist(),
+                "latency_s": pricing.latency[c_idx, p_idx].tolist()}
+    unknown = set(lookahead_arms) - set(arms)
+    if unknown:
+        raise ValueError(f"look-ahead arms {sorted(unknown)} are not among the arms scored")
+    out = {
         "actions": env.labels, "levels": env.levels,
         "objective": {"objective": env.reward_cfg.objective, "slo_share": env.reward_cfg.slo_share,
                       "quality_budget": env.reward_cfg.quality_budget, "multiplier": env.multiplier},
         "cells": {"prompt_id": [env.prompts[p].id for p in p_idx], "level": [env.level(cell) for cell in cells],
                   "round": [env.cals[c].round for c in c_idx], "telemetry": [cell.telemetry for cell in cells]},
-        "reward": env.reward[c_idx, p_idx].tolist(), "speedup": env.speedup[c_idx, p_idx].tolist(),
-        "ppl_ratio": env.ppl_ratio[p_idx].tolist(), "kl": env.kl[p_idx].tolist(),
-        "latency_s": env.latency[c_idx, p_idx].tolist(),
+        **matrices(env.static_pricing),
         "budget_s": [None if np.isinf(b) else float(b) for b in env.budget[c_idx, p_idx]],
         "arms": actions,
     }
+    if env.has_lookahead:
+        out["lookahead"] = {"arms": [a for a in arms if a in set(lookahead_arms)], **matrices(env.pricing)}
+    return out
 
 
 def selection_cost(env) -> dict | None:

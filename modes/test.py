@@ -16,7 +16,7 @@ from controller.router import agent_from_checkpoint
 from environments.session import open_session, with_trained_engine
 from environments.state import state_vector
 from controller.arms import FittedArms
-from controller.study import POLICY, arms
+from controller.study import POLICY, arms, lookahead_arms
 from environments.precomputed import OfflineEnvironment, build_offline_data, cached_probe_outcomes, evaluate_offline
 from controller.trainer import evaluate_prompts, greedy_chooser, load_trace, train_prompts
 from modes.flags import check_environment, flags_of
@@ -203,7 +203,8 @@ def run_test_offline(cfg: RunConfig, payload: dict, others: dict[str, dict], tes
             ablation = other["config"].get("ablation", "none")
             name = ablation if ablation != "none" and ablation not in policies else Path(path).stem
             policies[name] = (seed_agents(other, model_id), ablation)
-        result = evaluate_offline(env, arms(env, policies, fitted), cfg.offline.telemetry_draws, cfg.seed)
+        result = evaluate_offline(env, arms(env, policies, fitted), cfg.offline.telemetry_draws, cfg.seed,
+                                  lookahead_arms(policies))
         offline = offline_record(data, fitted)
         if uses_probe(cfg.state_features):     # the training prompts' side of the in-study headroom report
             offline["headroom_train"] = cached_probe_outcomes(s, calibration)

@@ -539,9 +539,27 @@ def _cube(per_cell: np.ndarray, keys: Sequence[tuple[str, int]], selected: np.nd
         return total / np.where(count > 0, count, np.nan)
 
 
+def offline_matrices(ot: Mapping) -> dict[str, dict[str, np.ndarray]]:
+    """Per pricing, metric -> [cells, actions]: "static" (the top level: every arm without a look-ahead) and, with a
+    "...+lookahead" state, "lookahead" (the arms that read it; ``environments.precomputed.evaluate_offline``)."""
+    budget = np.array([np.inf if b is None else b for b in ot["budget_s"]], dtype=float)
+
+    def read(block: Mapping) -> dict[str, np.ndarray]:
+        return {"reward": np.asarray(block["reward"], dtype=float),
+                "ppl_ratio": np.asarray(block["ppl_ratio"], dtype=float),
+                "speedup": np.asarray(block["speedup"], dtype=float),
+                "slo_met": (np.asarray(block["latency_s"], dtype=float) <= budget[:, None]).astype(float)}
+    return {"static": read(ot)} | ({"lookahead": read(ot["lookahead"])} if ot.get("lookahead") else {})
+
+
+def arm_pricing(ot: Mapping, name: str) -> str:
+    """Which pricing of ``offline_matrices`` an arm is scored by."""
+    return "lookahead" if name in (ot.get("lookahead") or {}).get("arms", ()) else "static"
+
+
 def _arm_values(ot: Mapping, name: str, matrix: np.ndarray, reward: np.ndarray) -> np.ndarray:
-    """[seeds, cells] of one metric for an arm: a chooser's actions, random (the mean over actions),
-    oracle (the best-reward action), or a static action label."""
+    """[seeds, cells] of one metric for an arm, from its pricing's ``matrix`` and ``reward``: a chooser's actions,
+    random (the mean over actions), oracle (the best-reward action), or a static action label."""
     cells = np.arange(matrix.shape[0])
     if name in ot["arms"]:
         return np.stack([matrix[cells, np.asarray(a, dtype=int)] for a in ot["arms"][name]])
@@ -564,17 +582,14 @@ def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
     """Per load level and pooled: every arm's reward (clustered CI), PPL ratio, speedup, SLO attainment,
     policy - arm with clustered CIs over seeds x prompts x calibrations, the spread across training
     seeds, and the verdict against the strongest fitted baseline."""
-    reward = np.asarray(ot["reward"], dtype=float)
-    budget = np.array([np.inf if b is None else b for b in ot["budget_s"]], dtype=float)
-    matrices = {"reward": reward, "ppl_ratio": np.asarray(ot["ppl_ratio"], dtype=float),
-                "speedup": np.asarray(ot["speedup"], dtype=float),
-                "slo_met": (np.asarray(ot["latency_s"], dtype=float) <= budget[:, None]).astype(float)}
+    pricings = offline_matrices(ot)
     keys = list(zip(ot["cells"]["prompt_id"], ot["cells"]["round"]))
     levels = np.asarray(ot["cells"]["level"])
     groups = list(ot["levels"]) + ([ALL] if len(ot["levels"]) > 1 else [])
     others = [a for a in ot["arms"] if a != POLICY and a not in ARM_NAMES]
     names = [POLICY, *ARM_NAMES, *others, *REFERENCE_ARMS, *ot["actions"]]
-    values = {(arm, m): _arm_values(ot, arm, matrices[m], reward) for arm in names for m in OFFLINE_METRICS}
+    values = {(arm, m): _arm_values(ot, arm, (mine := pricings[arm_pricing(ot, arm)])[m], mine["reward"])
+              for arm in names for m in OFFLINE_METRICS}
     out = {}
     for g in groups:
         sel = np.ones(len(keys), bool) if g == ALL else levels == g
@@ -602,8 +617,14 @@ def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
                                        if objective["objective"] == "quality" else None)
     pooled = out[groups[-1]]["arms"]
     strongest = max(ARM_NAMES, key=lambda b: pooled[b]["reward"]["mean"])
-    return {"groups": groups, "actions": list(ot["actions"]), "arms": names, "by_level": out, "objective": objective,
-            "strongest_baseline": strongest, "verdict": offline_verdict(out, strongest), "n_seeds": len(ot["arms"][POLICY])}
+    result = {"groups": groups, "actions": list(ot["actions"]), "arms": names, "by_level": out, "objective": objective,
+              "strongest_baseline": strongest, "verdict": offline_verdict(out, strongest),
+              "n_seeds": len(ot["arms"][POLICY])}
+    if "lookahead" in pricings:    # who paid the look-ahead, and what it costs: dense decided after it
+        dense = pricings["lookahead"]["speedup"][:, ot["actions"].index(DENSE)]
+        result["lookahead"] = {"arms": list(ot["lookahead"]["arms"]), "dense_speedup": {
+            g: float(dense[np.ones(len(keys), bool) if g == ALL else levels == g].mean()) for g in groups}}
+    return result
 
 
 def ci_sign(ci: Mapping) -> str:

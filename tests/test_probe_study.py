@@ -145,11 +145,18 @@ def test_equal_speed_compares_the_policy_with_a_mix_of_its_mean_speed():
     ot = {"actions": ["none", "a"], "levels": ["idle"],
           "cells": {"prompt_id": ["p0", "p1", "p2", "p3"], "level": ["idle"] * 4, "round": [0] * 4},
           "speedup": [[1.0, 2.0]] * 4, "ppl_ratio": [[1.0, p] for p in ppl_a],
-          "reward": [[0.0, math.log(2) - math.log(p)] for p in ppl_a], "arms": {"policy": [[1, 1, 0, 0]]}}
+          "reward": [[0.0, math.log(2) - math.log(p)] for p in ppl_a], "arms": {"policy": [[1, 1, 0, 0]]},
+          "latency_s": [[1.0, 0.5]] * 4, "budget_s": [None] * 4}
     e = summarize_equal_speed(ot)
     assert e["matched"] and e["static"]["speedup"] == pytest.approx(e["policy"]["speedup"]) == pytest.approx(1.5)
     assert (e["static"]["low"], e["static"]["high"], e["static"]["share_high"]) == ("none", "a", pytest.approx(0.5))
     assert e["policy"]["ppl_ratio"] == pytest.approx(1.0) and e["vs_log_ppl"]["mean"] < 0
+    # a policy that reads a look-ahead is scored on its pricing (slower), the static mix on the plain one
+    paid = {"arms": ["policy"], "speedup": [[0.9, 1.8]] * 4, "ppl_ratio": ot["ppl_ratio"], "reward": ot["reward"],
+            "latency_s": [[1.1, 0.55]] * 4, "kl": [[0.0, 0.0]] * 4}
+    e = summarize_equal_speed({**ot, "lookahead": paid})
+    assert e["policy"]["speedup"] == pytest.approx(1.35) and e["static"]["speedup"] == pytest.approx(1.35)
+    assert e["static"]["share_high"] == pytest.approx(0.35)
 
 
 def test_offline_train_and_test_cli_with_probe_and_lookahead_state_and_per_request_units(tmp_path):

@@ -18,9 +18,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.config import uses_lookahead
 from common.markdown import fmt, fmt_ci, fmt_pct, md_table
-from reporting.summaries import POLICY, _cube, ci_sign, clustered_bootstrap_ci
+from reporting.summaries import POLICY, _cube, arm_pricing, ci_sign, clustered_bootstrap_ci, offline_matrices
 
 LEVEL = "idle"
 TOLERANCE = 1e-9
@@ -51,11 +50,12 @@ def summarize_equal_speed(ot: Mapping, seed: int = 0) -> dict | None:
         return None
     selected = np.asarray(ot["cells"]["level"]) == LEVEL
     keys = list(zip(ot["cells"]["prompt_id"], ot["cells"]["round"]))
-    matrices = {"speedup": np.asarray(ot["speedup"], float), "log_ppl": np.log(np.asarray(ot["ppl_ratio"], float)),
-                "reward": np.asarray(ot["reward"], float)}
+    pricings = {name: {"speedup": m["speedup"], "log_ppl": np.log(m["ppl_ratio"]), "reward": m["reward"]}
+                for name, m in offline_matrices(ot).items()}
+    matrices = pricings["static"]          # the static actions', without a look-ahead
     cells = np.arange(len(keys))
     policy = {m: np.stack([v[cells, np.asarray(a, dtype=int)] for a in ot["arms"][POLICY]])
-              for m, v in matrices.items()}
+              for m, v in pricings[arm_pricing(ot, POLICY)].items()}
     target = float(policy["speedup"][:, selected].mean())
     speed, log_ppl = matrices["speedup"][selected].mean(0), matrices["log_ppl"][selected].mean(0)
     mix = best_mix(speed, log_ppl, target)
@@ -110,16 +110,18 @@ def selection_cost_lines(selection: Mapping | None) -> list[str]:
 
 
 def lookahead_cost_lines(config: Mapping | None, offline_test: Mapping | None) -> list[str]:
-    """--state-features ...+lookahead: what the look-ahead costs, read from the speedups the reward matrix charged
-    (``environments.lookahead_state.lookahead_speed``, the one cost rule), so the reader sees dense itself below x1."""
+    """--state-features ...+lookahead: what the look-ahead costs the arms that read it, read from the speedups their
+    pricing charged (``environments.lookahead_state.lookahead_speed``, the one cost rule): dense after the look-ahead
+    is the oracle-free measure of that cost, so it is summarised from the policy's own pricing."""
     state = (config or {}).get("state_features", "basic")
-    if not offline_test or not uses_lookahead(state):
+    if not offline_test or not offline_test.get("lookahead"):
         return []
-    k = config["offline"]["lookahead_tokens"]
-    dense = ", ".join(f"×{fmt(offline_test['by_level'][g]['arms']['none']['speedup']['mean'])} ({g})"
-                      for g in offline_test["groups"] if "none" in offline_test["by_level"][g]["arms"])
+    k, paid = config["offline"]["lookahead_tokens"], offline_test["lookahead"]
+    dense = ", ".join(f"×{fmt(v)} ({g})" for g, v in paid["dense_speedup"].items())
     return [f"Dense look-ahead in the state (`{state}`): the first {k} reference tokens are generated densely and "
-            f"each pruning action scores them in one pruned forward before the decision. The speedups above charge "
-            f"it (dense prefill + {k} dense steps + one forward per action + the remaining tokens at the chosen "
-            f"action's step), so dense itself runs at {dense or 'n/a'}; PPL ratios and KL are over the reference "
-            f"tokens after the first {k}.", ""]
+            f"each pruning action scores them in one pruned forward before the decision. It is charged to the arms "
+            f"that read it ({', '.join(f'`{a}`' for a in paid['arms']) or 'none'}): dense prefill + {k} dense steps + "
+            f"one forward per action + the remaining tokens at the chosen action's step, so dense decided after it "
+            f"runs at {dense}; their PPL ratio and KL are over the whole response (its first {k} tokens dense). The "
+            "static actions, `random`, `oracle` and the arms that read no prompt feature run no look-ahead and are "
+            "priced without it.", ""]
