@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
 WINDOW_S = 0.2              # a decision without telemetry reads the CPU over this long, starting then
+RETIME_FACTOR = 2.0         # a live check times again only the thread counts within this factor of its best
 
 
 @dataclass(frozen=True)
@@ -101,18 +102,19 @@ def choose_threads(live: dict[int, float] | None, prior: dict[int, float], fallb
 def measure_threads(model: torch.nn.Module, candidates: tuple[int, ...], steps: int = 3, rounds: int = 2,
                     max_seconds: float = 0.3) -> dict[int, float]:
     """Median decode step per thread count, now: ``rounds`` in alternating order, each a 16-token prefill and
-    ``steps`` + 1 steps (the first untimed); the best round per count. A second round is skipped when the first
-    already differs by 1.5x (a collapsing setting under load costs seconds per step)."""
+    ``steps`` + 1 steps (the first untimed); the best round per count. After the first round only the counts within
+    ``RETIME_FACTOR`` of the best are timed again: a collapsing setting under load costs seconds per step and cannot
+    win, while at idle 1 and 2 threads differ by < 2x and a single round of three steps can rank them wrongly (a
+    bench run decided 1 thread at idle from one such round, then its re-check timed 2 threads 1.7x faster)."""
     before = torch.get_num_threads()
     out: dict[int, float] = {}
     try:
         for r in range(rounds):
-            for threads in (candidates if r % 2 == 0 else candidates[::-1]):
+            order = candidates if r % 2 == 0 else candidates[::-1]
+            for threads in (t for t in order if r == 0 or out[t] <= RETIME_FACTOR * min(out.values())):
                 torch.set_num_threads(threads)
                 s = decode_seconds_per_token(model, 16, steps, max_seconds)[0]
                 out[threads] = min(out.get(threads, s), s)
-            if max(out.values()) > 1.5 * min(out.values()):
-                break
     finally:
         torch.set_num_threads(before)
     return out

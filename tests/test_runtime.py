@@ -282,6 +282,28 @@ def test_measure_threads_times_every_candidate_on_the_model(tiny, restore_thread
     assert torch.get_num_threads() == 1
 
 
+def test_a_live_check_times_again_every_count_that_can_still_win(monkeypatch, restore_threads):
+    """At idle (2 threads 1.7x faster in round one) both counts are timed twice, so one noisy round cannot decide;
+    under load the collapsing count (24x slower) is not timed again."""
+    from runtime import governor as governor_module
+
+    for first, second, retimed in (({2: 0.050, 1: 0.030}, {1: 0.051, 2: 0.029}, [2, 1, 1, 2]),
+                                   ({2: 1.55, 1: 0.064}, {1: 0.063}, [2, 1, 1])):
+        script = [first, second]
+        timed: list[int] = []
+
+        def fake_step(model, prompt_tokens, tokens, max_seconds, script=script, timed=timed):
+            threads = torch.get_num_threads()
+            timed.append(threads)
+            round_ = script[0] if len(timed) <= 2 else script[1]
+            return round_[threads], tokens
+        monkeypatch.setattr(governor_module, "decode_seconds_per_token", fake_step)
+        figures = governor_module.measure_threads(torch.nn.Linear(2, 2), (2, 1))
+        assert timed == retimed
+        assert figures == {t: min(first[t], second.get(t, first[t])) for t in first}
+    assert governor_module.choose_threads({2: 0.029, 1: 0.030}, {}, 1) == (2, "live")
+
+
 def test_a_cached_choice_is_re_decided_by_the_current_rule(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPTIVE_PRUNING_CACHE", str(tmp_path))
     old = OpenMPChoice("spin-short", 1, 1, "measured", openmp.machine_key(), probes(LOADED_PROBE))
