@@ -17,8 +17,9 @@ One run, interleaved rounds, per load level (``machine.contention.presets()``: i
 Columns: ms/token (median over rounds of each run's median step), achieved/floor (that median over the best
 floor), best/floor (the fastest round over the best floor: the same statistic on both sides, so noise that slows
 some rounds does not count against the path), speedup over the tool's dense path at the same dtype, the ideal
-speedup (bytes, dense / pruned). A tool row's runtime is what its rounds ran under (the governor re-decides
-per run; counts where they differ).
+speedup (bytes, dense / pruned); paired: the median over rounds of dense / pruned timed in the same round (the
+machine's drift between rounds cancels; the row's speedup divides medians taken over different rounds). A tool
+row's runtime is what its rounds ran under (the governor re-decides per run; counts where they differ).
 
     PYTHONPATH=. .venv/bin/python bench/decode_limit.py --levels idle,heavy --json bench/decode_limit.json
 """
@@ -79,7 +80,8 @@ class Row:
     floor_ms: float | None
     achieved_over_floor: float | None     # the median round over the best floor (the conservative ratio)
     best_over_floor: float | None         # the fastest round over the best floor (the same statistic both sides)
-    speedup: float | None     # over the tool's dense path at the same dtype
+    speedup: float | None     # over the tool's dense path at the same dtype: median dense / median this
+    paired_speedup: float | None   # the median over rounds of dense / this in the same round (drift cancels)
     ideal_speedup: float | None
 
 
@@ -252,9 +254,11 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         runtime = runtime_label(used[path, dtype, action]) if tool_row else (
             "stock/%dt" % openmp.usable_cores() if path == "stock generate" else action)
         best = min(samples[path, dtype, action]) * 1e3
+        paired = statistics.median(d / v for d, v in zip(samples["tool", dtype, NONE.label], samples[path, dtype, action])) \
+            if tool_row else None
         rows.append(Row(level, path, dtype, action, runtime, value, floor["floor_ms"] if floor else None,
                         value / floor["floor_ms"] if floor else None, best / floor["floor_ms"] if floor else None,
-                        dense / value if tool_row and dense else None, ideal))
+                        dense / value if tool_row and dense else None, paired, ideal))
     return {"level": level, "runtime": {k: v.label for k, v in settings.items()},   # the first decision per row set
             "basis": {k: v.basis for k, v in settings.items()},
             "live_checks": {k: g.describe()["live_checks"] for k, g in governors.items()}, "floors": {f"{d}/{a}": f for (d, a), f in floors.items()},
@@ -319,7 +323,8 @@ def format_tables(result: dict) -> str:
              f"{omp['policy']} ({omp['source']}); prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new, "
              f"{s['rounds']} interleaved rounds; started {s['started']}, {s['wall_s']} s"
              + ("" if s["llama_cpp"] else "; llama.cpp not installed (rows skipped)")]
-    cols = ("path", "dtype", "action", "runtime", "ms/token", "floor", "ach/floor", "best/floor", "speedup", "ideal")
+    cols = ("path", "dtype", "action", "runtime", "ms/token", "floor", "ach/floor", "best/floor", "speedup", "paired",
+            "ideal")
     for level in result["levels"]:
         checks = "; ".join(f"{label} {st}: " + ", ".join(f"{t}t {v * 1e3:.1f}" for t, v in c.items())
                            for label, per in level["live_checks"].items() for st, c in per.items())
@@ -330,7 +335,8 @@ def format_tables(result: dict) -> str:
             lines.append(" | ".join((r["path"], r["dtype"], r["action"], r["runtime"], f"{r['ms_per_token']:.1f}",
                                      _f(r["floor_ms"], ".1f"), _f(r["achieved_over_floor"], ".2f"),
                                      _f(r.get("best_over_floor"), ".2f"),
-                                     _f(r["speedup"], ".3f"), _f(r["ideal_speedup"], ".3f"))))
+                                     _f(r["speedup"], ".3f"), _f(r.get("paired_speedup"), ".3f"),
+                                     _f(r["ideal_speedup"], ".3f"))))
     return "\n".join(lines)
 
 

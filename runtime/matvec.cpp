@@ -3,13 +3,21 @@
 // The kernels read the weight in place through its strides, so the engine's prefix views (a row prefix of
 // q/k/v/gate/up, a column prefix of o_proj/down_proj) need no copy per view:
 //   matvec_f32: y[n] = sum_k W[n, k] x[k], W fp32 row-major (stride(1) == 1) or column-major (stride(0) == 1);
-//   matvec_i8:  y[n] = scale[n] * sum_k W[n, k] x[k], W int8 row-major, fp32 activations and scales;
+//   matvec_i8:  y[n] = scale[n] * sum_k W[n, k] x[k], W int8 row-major, fp32 scales; x is quantized to int16
+//               per block of kQBlock columns (scale max|x| / 32767 per block: relative error ~2e-5 of the output)
+//               and the products run on int16 multiply-adds (madd_epi16), accumulated in int32 per block;
 //   matvec_i8_blocked: the same on W stored in column blocks (runtime.dtype.column_blocks), for column prefixes.
-// Output rows are split across at::parallel_for's threads; each thread streams its rows once.
+// Output rows are split across at::parallel_for's threads; each thread streams its rows once. The int8 kernels
+// prefetch kPrefetchRows rows ahead: an int8 row is a few hundred bytes, too short for the hardware prefetcher to
+// ramp up on, and without it int8 read 10-14 GB/s cold against fp32's 25 (with it 16-32; bench numbers in
+// bench/RESULTS.md). Why int16 activations: the int8 -> fp32 conversion made the product compute-heavy enough
+// that memory and compute did not overlap; int16 products need a third of the instructions.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -22,6 +30,9 @@ namespace {
 
 constexpr int64_t kRows = 4;      // rows per row-major task: four dot products share each load of x
 constexpr int64_t kCols = 32;     // outputs per column-major task: four 8-float accumulators
+constexpr int64_t kQBlock = 256;  // columns per int16 activation scale (and per int32 partial sum: no overflow)
+constexpr int64_t kPrefetchRows = 8;
+constexpr int64_t kBlockedRows = 96;   // the most rows per task of the column-block product (matvec_i8_blocked)
 
 #if MATVEC_AVX2
 inline float hsum(__m256 v) {
@@ -30,36 +41,40 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-inline __m256 load_i8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+// sum of W[k] * x[k] over 16 int8 weights and int16 activations, as eight int32 lanes added to acc
+inline __m256i madd16(const int8_t* w, const int16_t* x, __m256i acc) {
+  const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_hadd_epi32(s, s);
+  return _mm_cvtsi128_si32(_mm_hadd_epi32(s, s));
+}
+
+inline void prefetch_rows(const int8_t* p, int64_t ld) {
+  for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(p + i * ld), _MM_HINT_T0);
 }
 #endif
 
-#if MATVEC_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const int8_t* p) { return load_i8(p); }
-#endif
-
-// rows [n0, n0 + count) of a row-major W (fp32, or int8 with a scale per row; scale == nullptr: none), leading
-// dimension ld; kAdd: added to y instead of written
-template <typename T, bool kAdd = false>
-void rows(const T* W, int64_t ld, const float* scale, const float* x, int64_t K, float* y, int64_t n0,
-          int64_t count) {
+// rows [n0, n0 + count) of a row-major fp32 W, leading dimension ld
+void rows(const float* W, int64_t ld, const float* x, int64_t K, float* y, int64_t n0, int64_t count) {
   int64_t n = n0;
 #if MATVEC_AVX2
   for (; n + kRows <= n0 + count; n += kRows) {
-    const T* r0 = W + n * ld;
-    const T* r1 = r0 + ld;
-    const T* r2 = r1 + ld;
-    const T* r3 = r2 + ld;
+    const float* r0 = W + n * ld;
+    const float* r1 = r0 + ld;
+    const float* r2 = r1 + ld;
+    const float* r3 = r2 + ld;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
-      a0 = _mm256_fmadd_ps(load8(r0 + k), xv, a0);
-      a1 = _mm256_fmadd_ps(load8(r1 + k), xv, a1);
-      a2 = _mm256_fmadd_ps(load8(r2 + k), xv, a2);
-      a3 = _mm256_fmadd_ps(load8(r3 + k), xv, a3);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), xv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), xv, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), xv, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), xv, a3);
     }
     float s[kRows] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
     for (; k < K; ++k) {
@@ -68,14 +83,82 @@ void rows(const T* W, int64_t ld, const float* scale, const float* x, int64_t K,
       s[2] += r2[k] * x[k];
       s[3] += r3[k] * x[k];
     }
-    for (int64_t i = 0; i < kRows; ++i) y[n + i] = (kAdd ? y[n + i] : 0.f) + (scale ? s[i] * scale[n + i] : s[i]);
+    for (int64_t i = 0; i < kRows; ++i) y[n + i] = s[i];
   }
 #endif
   for (; n < n0 + count; ++n) {
-    const T* r = W + n * ld;
+    const float* r = W + n * ld;
     float s = 0.f;
     for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
-    y[n] = (kAdd ? y[n] : 0.f) + (scale ? s * scale[n] : s);
+    y[n] = s;
+  }
+}
+
+// x quantized to int16 per kQBlock columns: q[k] = round(x[k] / s[k / kQBlock]), s = max|x| / 32767 per block
+struct QuantizedVector {
+  std::vector<int16_t> q;
+  std::vector<float> s;
+};
+
+QuantizedVector quantize_int16(const float* x, int64_t K) {
+  QuantizedVector v{std::vector<int16_t>(K), std::vector<float>((K + kQBlock - 1) / kQBlock)};
+  for (int64_t kb = 0; kb < K; kb += kQBlock) {
+    const int64_t ke = std::min(K, kb + kQBlock);
+    float m = 0.f;
+    for (int64_t k = kb; k < ke; ++k) m = std::max(m, std::fabs(x[k]));
+    const float s = m > 0.f ? m / 32767.f : 1.f;
+    v.s[kb / kQBlock] = s;
+    for (int64_t k = kb; k < ke; ++k) v.q[k] = static_cast<int16_t>(std::nearbyint(x[k] / s));
+  }
+  return v;
+}
+
+// rows [n0, n0 + count) of int8 W (leading dimension ld) times x quantized (columns k0 .. k0 + K of it: W may be
+// one column block of a wider product), y = or += the fp32 sums; scales per row applied by the caller
+template <bool kAdd>
+void rows_i8(const int8_t* W, int64_t ld, const QuantizedVector& xq, int64_t k0, int64_t K, float* y, int64_t n0,
+             int64_t count) {
+  const int16_t* x = xq.q.data() + k0;
+  const float* xs = xq.s.data();
+  int64_t n = n0;
+#if MATVEC_AVX2
+  for (; n + kRows <= n0 + count; n += kRows) {
+    const int8_t* r[kRows] = {W + n * ld, W + (n + 1) * ld, W + (n + 2) * ld, W + (n + 3) * ld};
+    float acc[kRows] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t kb = 0; kb < K;) {       // one activation block at a time (its boundaries are global columns)
+      const int64_t ke = std::min(K, ((k0 + kb) / kQBlock + 1) * kQBlock - k0);
+      __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+      int64_t k = kb;
+      for (; k + 16 <= ke; k += 16) {
+        if ((k & 63) == 0) prefetch_rows(r[0] + kPrefetchRows * ld + k, ld);
+        s0 = madd16(r[0] + k, x + k, s0);
+        s1 = madd16(r[1] + k, x + k, s1);
+        s2 = madd16(r[2] + k, x + k, s2);
+        s3 = madd16(r[3] + k, x + k, s3);
+      }
+      // the block's sum in int32 first (exact: < kQBlock * 127 * 32767 < 2^31), then one conversion: converting
+      // the eight lanes would round each, and lanes that cancel leave that rounding in a small sum
+      int32_t sum[kRows] = {hsum_epi32(s0), hsum_epi32(s1), hsum_epi32(s2), hsum_epi32(s3)};
+      for (; k < ke; ++k)
+        for (int64_t i = 0; i < kRows; ++i) sum[i] += r[i][k] * x[k];
+      const float scale = xs[(k0 + kb) / kQBlock];
+      for (int64_t i = 0; i < kRows; ++i) acc[i] += static_cast<float>(sum[i]) * scale;
+      kb = ke;
+    }
+    for (int64_t i = 0; i < kRows; ++i) y[n + i] = (kAdd ? y[n + i] : 0.f) + acc[i];
+  }
+#endif
+  for (; n < n0 + count; ++n) {
+    const int8_t* r = W + n * ld;
+    float s = 0.f;
+    for (int64_t kb = 0; kb < K;) {
+      const int64_t ke = std::min(K, ((k0 + kb) / kQBlock + 1) * kQBlock - k0);
+      int32_t block = 0;
+      for (int64_t k = kb; k < ke; ++k) block += r[k] * x[k];
+      s += block * xs[(k0 + kb) / kQBlock];
+      kb = ke;
+    }
+    y[n] = (kAdd ? y[n] : 0.f) + s;
   }
 }
 
@@ -131,7 +214,7 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& x) {
   float* Y = y.data_ptr<float>();
   if (w.stride(1) == 1 || K == 1) {
     const int64_t ld = w.stride(0);
-    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, nullptr, X, K, Y, n0, count); });
+    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, X, K, Y, n0, count); });
   } else {
     TORCH_CHECK(w.stride(0) == 1, "matvec_f32: w must be row- or column-major (a prefix view of either)");
     const int64_t ld = w.stride(1);
@@ -144,7 +227,7 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& x) {
 struct Int8Product {
   torch::Tensor y;
   const float* scale;
-  const float* x;
+  QuantizedVector x;
   float* out;
 };
 
@@ -155,7 +238,7 @@ Int8Product int8_product(const torch::Tensor& scale, const torch::Tensor& x, int
               name, ": scale must be a contiguous fp32 vector of at least the rows asked for");
   check_vector(x, K);
   auto y = torch::empty({N}, x.options());
-  return {y, scale.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>()};
+  return {y, scale.data_ptr<float>(), quantize_int16(x.data_ptr<float>(), K), y.data_ptr<float>()};
 }
 
 torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& x) {
@@ -164,7 +247,10 @@ torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, cons
   const int64_t N = w.size(0), K = w.size(1), ld = w.stride(0);
   const Int8Product p = int8_product(scale, x, N, K, "matvec_i8");
   const int8_t* W = w.data_ptr<int8_t>();
-  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, p.scale, p.x, K, p.out, n0, count); });
+  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) {
+    rows_i8<false>(W, ld, p.x, 0, K, p.out, n0, count);
+    for (int64_t n = n0; n < n0 + count; ++n) p.out[n] *= p.scale[n];
+  });
   return p.y;
 }
 
@@ -180,15 +266,19 @@ torch::Tensor matvec_i8_blocked(const torch::Tensor& w, const torch::Tensor& sca
               w.size(0) * B, " columns");
   const Int8Product p = int8_product(scale, x, N, K, "matvec_i8_blocked");
   const int8_t* W = w.data_ptr<int8_t>();
-  // each task runs its rows through every block it needs, adding up, then scales them
-  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) {
+  // each task runs its rows through every block it needs, adding up, then scales them. Tasks are taller than the
+  // row-major path's: a task reads each block's share as one stretch of rows x B bytes, and 16-row stretches (4 KB)
+  // left the product at 0.94 of the full row-major one for 0.8 of its bytes; 96 rows reached 0.77 (576 x 1536,
+  // 1229 columns, 2 threads). At least two tasks per thread, so wide machines still split small weights.
+  const int64_t task = std::clamp<int64_t>(N / (2 * at::get_num_threads()) / kRows * kRows, 4 * kRows, kBlockedRows);
+  over_blocks(N, task, [&](int64_t n0, int64_t count) {
     for (int64_t kb = 0; kb < K; kb += B) {
       const int8_t* block = W + (kb / B) * bstride;
       const int64_t width = std::min(B, K - kb);
       if (kb == 0) {
-        rows(block, B, nullptr, p.x, width, p.out, n0, count);
+        rows_i8<false>(block, B, p.x, kb, width, p.out, n0, count);
       } else {
-        rows<int8_t, true>(block, B, nullptr, p.x + kb, width, p.out, n0, count);
+        rows_i8<true>(block, B, p.x, kb, width, p.out, n0, count);
       }
     }
     for (int64_t n = n0; n < n0 + count; ++n) p.out[n] *= p.scale[n];

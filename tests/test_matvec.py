@@ -30,13 +30,30 @@ def test_fp32_products_match_torch_on_every_view(kernel):
         torch.testing.assert_close(kernel.matvec_f32(v, x), v @ x, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_int8_products_match_the_dequantized_weight_on_prefix_views(kernel):
-    q = torch.randint(-127, 128, (70, 53), dtype=torch.int8)
+QBLOCK = 256     # matvec.cpp's kQBlock: columns per int16 activation scale
+
+
+def int16_product(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 kernels' documented product, in torch: x quantized to int16 per QBLOCK columns (scale max|x| / 32767,
+    round half to even), exact integer products; and the bound on its distance from the fp32-activation product
+    (half a quantization step per column, times |w|)."""
+    step = torch.cat([(b.abs().max() / 32767).clamp_min(1e-30).expand(len(b)) for b in x.split(QBLOCK)])
+    xq = torch.round(x / step).double()
+    sums = [(wb.double() @ xb) * sb[0].double() for wb, xb, sb in zip(w.split(QBLOCK, 1), xq.split(QBLOCK),
+                                                                      step.split(QBLOCK))]
+    rows = scale[:w.shape[0]]
+    return torch.stack(sums).sum(0).float() * rows, (w.float().abs() @ (step / 2)) * rows + 1e-5
+
+
+def test_int8_products_are_the_int16_activation_product_on_prefix_views(kernel):
+    q = torch.randint(-127, 128, (70, 600), dtype=torch.int8)     # three activation blocks, the last a part one
     scale = torch.rand(70) + 0.01
-    for v in (q, q[:33], q[:, :41], q[:33, :41]):
-        x = torch.randn(v.shape[1])
-        expected = (v.float() @ x) * scale[:v.shape[0]]
-        torch.testing.assert_close(kernel.matvec_i8(v, scale, x), expected, rtol=1e-5, atol=1e-3)
+    for v in (q, q[:33], q[:, :41], q[:33, :300], q[:, :53]):
+        x = torch.randn(v.shape[1]) * torch.linspace(0.1, 10, v.shape[1])     # blocks of different ranges
+        expected, bound = int16_product(v, scale, x)
+        got = kernel.matvec_i8(v, scale, x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        assert ((got - (v.float() @ x) * scale[:v.shape[0]]).abs() <= bound).all()     # near the fp32 product
 
 
 @pytest.mark.parametrize("rows,cols", [(70, 53), (33, 53), (70, 41), (33, 16), (5, 7)])
@@ -47,8 +64,19 @@ def test_int8_column_blocks_give_the_product_of_every_prefix(kernel, rows, cols)
     blocks = column_blocks(q, width=16)
     assert blocks.shape == (4, 70, 16) and torch.equal(blocks[3, :, 5:], torch.zeros(70, 11, dtype=torch.int8))
     x = torch.randn(cols)
-    expected = (q[:rows, :cols].float() @ x) * scale[:rows]
-    torch.testing.assert_close(kernel.matvec_i8_blocked(blocks, scale, x, rows), expected, rtol=1e-5, atol=1e-3)
+    expected, _ = int16_product(q[:rows, :cols], scale, x)
+    torch.testing.assert_close(kernel.matvec_i8_blocked(blocks, scale, x, rows), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_column_blocks_and_activation_blocks_need_not_align(kernel):
+    """Column blocks of 96 against activation blocks of 256: a column block straddles an activation block."""
+    q = torch.randint(-127, 128, (37, 700), dtype=torch.int8)
+    scale = torch.rand(37) + 0.01
+    x = torch.randn(650) * torch.linspace(0.1, 10, 650)
+    expected, _ = int16_product(q[:, :650], scale, x)
+    torch.testing.assert_close(kernel.matvec_i8_blocked(column_blocks(q, width=96), scale, x, 37), expected,
+                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernel.matvec_i8(q[:, :650], scale, x), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_bad_operands_are_refused_with_the_reason(kernel):
