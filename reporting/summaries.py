@@ -19,6 +19,7 @@ import numpy as np
 
 from common.markdown import is_number
 from controller.arms import ARM_NAMES
+from reporting.study.pricing import arm_pricing, offline_matrices
 from environments.records import to_jsonable
 from pruners.actions import PruningAction
 
@@ -537,24 +538,6 @@ def _cube(per_cell: np.ndarray, keys: Sequence[tuple[str, int]], selected: np.nd
         count[p, r] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         return total / np.where(count > 0, count, np.nan)
-
-
-def offline_matrices(ot: Mapping) -> dict[str, dict[str, np.ndarray]]:
-    """Per pricing, metric -> [cells, actions]: "static" (the top level: every arm without a look-ahead) and, with a
-    "...+lookahead" state, "lookahead" (the arms that read it; ``environments.precomputed.evaluate_offline``)."""
-    budget = np.array([np.inf if b is None else b for b in ot["budget_s"]], dtype=float)
-
-    def read(block: Mapping) -> dict[str, np.ndarray]:
-        return {"reward": np.asarray(block["reward"], dtype=float),
-                "ppl_ratio": np.asarray(block["ppl_ratio"], dtype=float),
-                "speedup": np.asarray(block["speedup"], dtype=float),
-                "slo_met": (np.asarray(block["latency_s"], dtype=float) <= budget[:, None]).astype(float)}
-    return {"static": read(ot)} | ({"lookahead": read(ot["lookahead"])} if ot.get("lookahead") else {})
-
-
-def arm_pricing(ot: Mapping, name: str) -> str:
-    """Which pricing of ``offline_matrices`` an arm is scored by."""
-    return "lookahead" if name in (ot.get("lookahead") or {}).get("arms", ()) else "static"
 
 
 def _arm_values(ot: Mapping, name: str, matrix: np.ndarray, reward: np.ndarray) -> np.ndarray:

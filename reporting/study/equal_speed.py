@@ -19,7 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from common.markdown import fmt, fmt_ci, fmt_pct, md_table
-from reporting.summaries import POLICY, _cube, arm_pricing, ci_sign, clustered_bootstrap_ci, offline_matrices
+from reporting.study.pricing import arm_pricing, offline_matrices
+from reporting.summaries import POLICY, _cube, ci_sign, clustered_bootstrap_ci
 
 LEVEL = "idle"
 TOLERANCE = 1e-9
