@@ -254,8 +254,8 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         runtime = runtime_label(used[path, dtype, action]) if tool_row else (
             "stock/%dt" % openmp.usable_cores() if path == "stock generate" else action)
         best = min(samples[path, dtype, action]) * 1e3
-        paired = statistics.median(d / v for d, v in zip(samples["tool", dtype, NONE.label], samples[path, dtype, action])) \
-            if tool_row else None
+        paired = (statistics.median(d / v for d, v in zip(samples["tool", dtype, NONE.label],
+                                                          samples[path, dtype, action])) if tool_row else None)
         rows.append(Row(level, path, dtype, action, runtime, value, floor["floor_ms"] if floor else None,
                         value / floor["floor_ms"] if floor else None, best / floor["floor_ms"] if floor else None,
                         dense / value if tool_row and dense else None, paired, ideal))

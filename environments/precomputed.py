@@ -302,7 +302,8 @@ def evaluate_offline(env: OfflineEnvironment, arms: dict[str, list[Chooser]], dr
         return {"reward": pricing.reward[c_idx, p_idx].tolist(), "speedup": pricing.speedup[c_idx, p_idx].tolist(),
                 "ppl_ratio": pricing.ppl_ratio[p_idx].tolist(), "kl": pricing.kl[p_idx].tolist(),
                 "latency_s": pricing.latency[c_idx, p_idx].tolist()}
-    unknown = set(lookahead_arms) - set(arms)
+    paid = set(lookahead_arms)
+    unknown = paid - set(arms)
     if unknown:
         raise ValueError(f"look-ahead arms {sorted(unknown)} are not among the arms scored")
     out = {
@@ -316,7 +317,7 @@ def evaluate_offline(env: OfflineEnvironment, arms: dict[str, list[Chooser]], dr
         "arms": actions,
     }
     if env.has_lookahead:
-        out["lookahead"] = {"arms": [a for a in arms if a in set(lookahead_arms)], **matrices(env.pricing)}
+        out["lookahead"] = {"arms": [a for a in arms if a in paid], **matrices(env.pricing)}
     return out
 
 

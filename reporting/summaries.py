@@ -573,9 +573,9 @@ def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
     names = [POLICY, *ARM_NAMES, *others, *REFERENCE_ARMS, *ot["actions"]]
     values = {(arm, m): _arm_values(ot, arm, (mine := pricings[arm_pricing(ot, arm)])[m], mine["reward"])
               for arm in names for m in OFFLINE_METRICS}
+    selections = {g: np.ones(len(keys), bool) if g == ALL else levels == g for g in groups}
     out = {}
-    for g in groups:
-        sel = np.ones(len(keys), bool) if g == ALL else levels == g
+    for g, sel in selections.items():
         cube = {k: _cube(v, keys, sel) for k, v in values.items()}
         policy = cube[(POLICY, "reward")]
         arms = {}
@@ -605,8 +605,8 @@ def summarize_offline(ot: Mapping, seed: int = 0) -> dict:
               "n_seeds": len(ot["arms"][POLICY])}
     if "lookahead" in pricings:    # who paid the look-ahead, and what it costs: dense decided after it
         dense = pricings["lookahead"]["speedup"][:, ot["actions"].index(DENSE)]
-        result["lookahead"] = {"arms": list(ot["lookahead"]["arms"]), "dense_speedup": {
-            g: float(dense[np.ones(len(keys), bool) if g == ALL else levels == g].mean()) for g in groups}}
+        result["lookahead"] = {"arms": list(ot["lookahead"]["arms"]),
+                               "dense_speedup": {g: float(dense[sel].mean()) for g, sel in selections.items()}}
     return result
 
 

@@ -113,6 +113,11 @@ QuantizedVector quantize_int16(const float* x, int64_t K) {
   return v;
 }
 
+// the end of the activation block that column kb of a product starting at global column k0 lies in, within K
+inline int64_t block_end(int64_t k0, int64_t kb, int64_t K) {
+  return std::min(K, ((k0 + kb) / kQBlock + 1) * kQBlock - k0);
+}
+
 // rows [n0, n0 + count) of int8 W (leading dimension ld) times x quantized (columns k0 .. k0 + K of it: W may be
 // one column block of a wider product), y = or += the fp32 sums; scales per row applied by the caller
 template <bool kAdd>
@@ -126,7 +131,7 @@ void rows_i8(const int8_t* W, int64_t ld, const QuantizedVector& xq, int64_t k0,
     const int8_t* r[kRows] = {W + n * ld, W + (n + 1) * ld, W + (n + 2) * ld, W + (n + 3) * ld};
     float acc[kRows] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t kb = 0; kb < K;) {       // one activation block at a time (its boundaries are global columns)
-      const int64_t ke = std::min(K, ((k0 + kb) / kQBlock + 1) * kQBlock - k0);
+      const int64_t ke = block_end(k0, kb, K);
       __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
       int64_t k = kb;
       for (; k + 16 <= ke; k += 16) {
@@ -152,7 +157,7 @@ void rows_i8(const int8_t* W, int64_t ld, const QuantizedVector& xq, int64_t k0,
     const int8_t* r = W + n * ld;
     float s = 0.f;
     for (int64_t kb = 0; kb < K;) {
-      const int64_t ke = std::min(K, ((k0 + kb) / kQBlock + 1) * kQBlock - k0);
+      const int64_t ke = block_end(k0, kb, K);
       int32_t block = 0;
       for (int64_t k = kb; k < ke; ++k) block += r[k] * x[k];
       s += block * xs[(k0 + kb) / kQBlock];

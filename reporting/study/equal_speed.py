@@ -112,8 +112,8 @@ def selection_cost_lines(selection: Mapping | None) -> list[str]:
 
 def lookahead_cost_lines(config: Mapping | None, offline_test: Mapping | None) -> list[str]:
     """--state-features ...+lookahead: what the look-ahead costs the arms that read it, read from the speedups their
-    pricing charged (``environments.lookahead_state.lookahead_speed``, the one cost rule): dense after the look-ahead
-    is the oracle-free measure of that cost, so it is summarised from the policy's own pricing."""
+    pricing charged (``environments.lookahead_state.lookahead_speed``, the one cost rule): the speedup of dense decided
+    after the look-ahead is that cost alone (``summarize_offline``'s ``lookahead`` block)."""
     state = (config or {}).get("state_features", "basic")
     if not offline_test or not offline_test.get("lookahead"):
         return []
