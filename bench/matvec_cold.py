@@ -3,9 +3,9 @@
 A decode step reads every weight once, from memory: the question is how close each product gets to the bytes'
 read speed, not its in-cache arithmetic. Each shape is timed over enough distinct random weights to fill
 ``--megabytes`` (cycled, so no weight is in cache when it is read), at every thread count, in alternating order
-over ``--rounds``; the best round per cell. Rows: fp32 row-major (``matvec_f32``), int8 row-major
-(``matvec_i8``: int16 activations, prefetch), int8 column blocks at the full width and at FFN 0.2's down_proj
-width (``matvec_i8_blocked``), and one read pass over the same fp32 bytes (``Tensor.sum``) as the reference.
+over ``--rounds``; the best round per cell. Rows: fp32 row-major (``Product`` of an fp32 weight), int8
+row-major (int16 activations, prefetch), int8 column blocks at the full width and at FFN 0.2's down_proj
+width (``runtime.dtype.column_blocks``), and one read pass over the same fp32 bytes (``Tensor.sum``) as the reference.
 GB/s counts the weight bytes each product needs (a prefix reads its prefix).
 
     PYTHONPATH=. .venv/bin/python bench/matvec_cold.py --json bench/matvec_cold.json
@@ -51,10 +51,11 @@ def cases(kernel, n: int, k: int, count: int) -> dict[str, tuple[Callable[[int],
     scale, x = torch.rand(n), torch.randn(k)
     cols = int(k * PREFIX)
     xp = torch.randn(cols)
-    return {"fp32 rows": (lambda i: kernel.matvec_f32(f32[i], x), 4 * n * k),
-            "int8 rows": (lambda i: kernel.matvec_i8(q8[i], scale, x), n * k),
-            "int8 blocks": (lambda i: kernel.matvec_i8_blocked(blocks[i], scale, x, n), n * k),
-            f"int8 blocks {PREFIX:.0%} cols": (lambda i: kernel.matvec_i8_blocked(blocks[i], scale, xp, n), n * cols),
+    return {"fp32 rows": (lambda i: kernel.Product(f32[i])(x), 4 * n * k),
+            "int8 rows": (lambda i: kernel.Product(q8[i], scale)(x), n * k),
+            "int8 blocks": (lambda i: kernel.Product(blocks[i], scale, rows=n, cols=k)(x), n * k),
+            f"int8 blocks {PREFIX:.0%} cols": (lambda i: kernel.Product(blocks[i], scale, rows=n, cols=cols)(xp),
+                                               n * cols),
             "fp32 read pass": (lambda i: f32[i].sum(), 4 * n * k)}
 
 

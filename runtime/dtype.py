@@ -34,10 +34,9 @@ head alone moved SmolLM2-135M's WikiText-2 PPL by x1.072 (weight-only: x0.997, 3
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -121,28 +120,27 @@ class ShadowLinear(nn.Linear):
                 full = self._columns[cols] = padded_columns(self.shadow, cols)
         return full if rows == full.shape[0] else full[:rows]
 
-    def bound_matvec(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """With a kernel (int8 only), the kernel bound to the shadow's prefix for the current view: contiguous fp32
-        x [in] -> fp32 [out], no bias (read in place); None without one. See ``KernelLinear.bound_matvec``."""
+    def kernel_product(self):
+        """With a kernel (int8 only), its product for the current view, bias included: row prefixes of the shadow read
+        in place, column prefixes from its column blocks (made at first use); None without one. See
+        ``KernelLinear.kernel_product``."""
         kernel = self.__dict__.get("kernel")
         if kernel is None:
             return None
         rows, cols = self.weight.shape
         scale = self.__dict__["scale_f32"]
         if cols == self.in_full:
-            return functools.partial(kernel.matvec_i8, self.shadow[:rows, :cols], scale)
+            return kernel.Product(self.shadow[:rows, :cols], scale, bias=self.bias)
         if not self._blocks:
             self._blocks.append(column_blocks(self.shadow[:, :self.in_full]))
-        blocks = self._blocks[0]
-        return lambda x: kernel.matvec_i8_blocked(blocks, scale, x, rows)
+        return kernel.Product(self._blocks[0], scale, rows=rows, cols=cols, bias=self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # int8 with a kernel, one row: the decode kernel reads the shadow's prefix (row prefixes in place, column
         # prefixes from its column blocks, which a batch such as a prefill never needs to build)
-        matvec = self.bound_matvec() if one_row(x) else None
-        if matvec is not None:
-            y = matvec(x.reshape(-1).float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
+        product = self.kernel_product() if one_row(x) else None
+        if product is not None:
+            return product(x.reshape(-1).float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], -1)
         w = self.shadow_weight()
         if self.shadow_scale is None:
             y = nn.functional.linear(x.to(w.dtype), w).to(x.dtype)

@@ -1,24 +1,28 @@
-"""A lean batch-1 decode step for Llama-family models: one token through the model in a few tensor ops per layer.
+"""A lean batch-1 decode step for Llama-family models: one token through the model in one kernel call, or a few tensor
+ops per layer.
 
 Why (issue 25): on SmolLM2-135M at 2 threads the int8 decode step over HF's forward (``StaticCacheDecoder``)
 took 26.7 ms, of which the matvec kernel was ~8 ms; fp32 43.7 ms, of which ~22 ms. The rest was framework
 work per step: HF module calls, the causal mask and RoPE rebuilt for every token, ~2000 small aten ops. At
 batch 1 none of it is needed: one query attends to every cached slot (no mask), and the rotation of one
-position is the same for every layer.
+position is the same for every layer. The torch-op loop over layers that replaced it still made ~600 torch
+calls and 211 kernel calls per step (fp32 40-44 ms against 30-31 ms in one call; int8 23-24 against 13-15,
+``bench/lean_decode.py``), hence the one-call step.
 
 How: ``LeanDecoder`` is a ``runtime.generation.Decoder``. Per generation (an action cannot change inside
 one; between generations the engine narrows weights and swaps layer lists, so nothing is kept across them)
 it reads the model as it runs now: the layer list (a ``ReplacedRun`` is its layer followed by its affine
-map), every Linear's product for its current weight view (the decode kernel bound to it where the Linear
-has one, ``bound_matvec``: KernelLinear fp32, ShadowLinear int8; else the module's ``forward``), with its
-bias where it has one (FLAP compensation adds o_proj/down_proj biases), head counts from the projections'
-shapes, the norms' weights; it copies the prefill's (possibly KV-pruned)
-cache into its own per-layer K/V buffers and takes cos/sin from the model's ``rotary_emb`` for the
-generation's positions. A step is then: the embedding row; per layer RMSNorm, q/k/v, RoPE as one
-[head_dim, head_dim] rotation per step (the attention scale folded into the query's), the new key and
-value written into the next slot, grouped-query attention over the filled slots (two bmm, no copies of
-K/V per query head), o_proj, residual, RMSNorm, gate/up/act/down, residual; the final norm and the
-lm_head for the one position.
+map), every Linear's product for its current weight view (the decode kernel's ``Product`` bound to it, bias
+included, where the model has the kernel: ``kernel_product`` of KernelLinear fp32 and ShadowLinear int8; else
+the module's ``forward``), head counts from the projections' shapes, the norms; it copies the prefill's
+(possibly KV-pruned) cache into its own per-layer K/V buffers and takes cos/sin from the model's
+``rotary_emb`` for the generation's positions. A step is then: the embedding row; per layer RMSNorm,
+q/k/v, RoPE, the new key and value written into the next slot, grouped-query attention over the filled
+slots, o_proj, residual, RMSNorm, gate/up/act/down, residual; the final norm and the lm_head for the one
+position. Where every product is on the kernel and the activation is SiLU, the kernel's ``LeanStep``
+(``lean_step.cpp``) runs all of it in one call; else ``_LeanStep._layers`` runs it in torch ops (RoPE as one
+[head_dim, head_dim] rotation, attention as two bmm). The tests hold both to HF's forward and the one-call
+step to the loop.
 
 Where it cannot run the model exactly (``unsupported``: a configuration it was not tested on, hooks or
 a patched ``forward`` on any module, CUDA, weights not in float32, ...) it runs ``StaticCacheDecoder``
@@ -36,17 +40,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
+from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel,
                                                       LlamaRMSNorm, LlamaRotaryEmbedding)
 
 from pruners.recovery.compensation import ReplacedRun
 from runtime.compiled import StaticCacheDecoder
+from runtime.dtype import model_kernel
 from runtime.generation import Prefill, Step
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama",)                 # configurations the tests run the lean step on
 ROPE_TYPES = ("default", "llama3")       # inv_freq fixed per model (dynamic / longrope depend on the length)
+SILU = (nn.SiLU, SiLUActivation)         # the activations the kernel's one-call step computes
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs")
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -131,24 +138,20 @@ def unsupported(model: nn.Module, engine=None) -> str | None:
     return _structure(model) or _hooks(model)
 
 
-def _norm(norm: LlamaRMSNorm) -> Linear:
+def _rms(norm: LlamaRMSNorm, h: torch.Tensor) -> torch.Tensor:
     """HF's RMSNorm of one hidden vector, its scale computed as a Python float (F.rms_norm is ~10 aten ops)."""
-    weight, eps, size = norm.weight, norm.variance_epsilon, norm.weight.shape[0]
-
-    def run(h: torch.Tensor) -> torch.Tensor:
-        return torch.mul(h, (float(torch.dot(h, h)) / size + eps) ** -0.5).mul_(weight)
-    return run
+    return torch.mul(h, (float(torch.dot(h, h)) / h.shape[0] + norm.variance_epsilon) ** -0.5).mul_(norm.weight)
 
 
-def _product(linear: nn.Linear) -> Linear:
-    """x [in] -> linear(x) [out] for the weight view the Linear holds now: its kernel bound to that view where it
-    has one (``bound_matvec``), else its ``forward``."""
-    bound = getattr(linear, "bound_matvec", None)
-    matvec = bound() if bound is not None else None
-    if matvec is None:
-        return linear.forward
-    bias = linear.bias
-    return matvec if bias is None else lambda x: matvec(x).add_(bias)
+def _product(linear: nn.Linear, kernel) -> Linear:
+    """x [in] -> linear(x) [out] for the weight view the Linear holds now: the decode kernel's product bound to that
+    view, bias included, where it has one (``kernel_product``; a plain fp32 Linear, such as the affine map the engine
+    made for a replaced run after the kernel was set, gets one from ``kernel``), else its ``forward``."""
+    make = getattr(linear, "kernel_product", None)
+    product = make() if make is not None else None
+    if product is None and kernel is not None and type(linear) is nn.Linear and linear.weight.dtype == torch.float32:
+        product = kernel.Product(linear.weight, bias=linear.bias)
+    return linear.forward if product is None else product
 
 
 def _rotation_basis(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,24 +171,27 @@ def _rotation_basis(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class _Layer:
     """One run layer as this generation reads it: norms, Linear products, heads and its K/V buffers."""
-    in_norm: Linear
+    in_norm: LlamaRMSNorm
     q: Linear
     k: Linear
     v: Linear
     o: Linear
-    post_norm: Linear
+    post_norm: LlamaRMSNorm
     gate: Linear
     up: Linear
     down: Linear
-    act: Linear
+    act: nn.Module
     out_map: Linear | None
     kv_heads: int
     group: int              # query heads per KV head
     keys: torch.Tensor      # [kv_heads, slots, head_dim]
     values: torch.Tensor
 
+    def products(self) -> list[Linear]:
+        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down] + ([self.out_map] if self.out_map else [])
 
-def _layer(entry: nn.Module, pre: Prefill, slots: int) -> _Layer:
+
+def _layer(entry: nn.Module, pre: Prefill, slots: int, kernel) -> _Layer:
     layer, out_map = _parts(entry)
     attn, mlp = layer.self_attn, layer.mlp
     head_dim = attn.head_dim
@@ -199,11 +205,28 @@ def _layer(entry: nn.Module, pre: Prefill, slots: int) -> _Layer:
     values = cached.values.new_empty(kv_heads, slots, head_dim)
     keys[:, :length] = cached.keys[0]
     values[:, :length] = cached.values[0]
-    return _Layer(_norm(layer.input_layernorm), _product(attn.q_proj), _product(attn.k_proj), _product(attn.v_proj),
-                  _product(attn.o_proj), _norm(layer.post_attention_layernorm), _product(mlp.gate_proj),
-                  _product(mlp.up_proj), _product(mlp.down_proj), mlp.act_fn.forward,
-                  None if out_map is None else _product(out_map),
+    def product(linear: nn.Linear) -> Linear:
+        return _product(linear, kernel)
+    return _Layer(layer.input_layernorm, product(attn.q_proj), product(attn.k_proj), product(attn.v_proj),
+                  product(attn.o_proj), layer.post_attention_layernorm, product(mlp.gate_proj),
+                  product(mlp.up_proj), product(mlp.down_proj), mlp.act_fn, None if out_map is None else product(out_map),
                   kv_heads, attn.q_proj.weight.shape[0] // head_dim // kv_heads, keys, values)
+
+
+def _native_step(kernel, layers: list[_Layer], base: nn.Module, head: Linear, head_dim: int, scaling: float):
+    """The kernel's one-call step (lean_step.cpp) over these layers, or None where it cannot run them: a product not
+    on the kernel (bfloat16, ``--matvec torch``) or an activation other than SiLU."""
+    products = [head] + [p for layer in layers for p in layer.products()]
+    if kernel is None or not all(isinstance(p, kernel.Product) for p in products) \
+            or not all(type(layer.act) in SILU for layer in layers):
+        return None
+    step = kernel.LeanStep(base.embed_tokens.weight, base.norm.weight, base.norm.variance_epsilon, head, head_dim,
+                           scaling)
+    for layer in layers:
+        step.add_layer(layer.in_norm.weight, layer.in_norm.variance_epsilon, layer.q, layer.k, layer.v, layer.o,
+                       layer.post_norm.weight, layer.post_norm.variance_epsilon, layer.gate, layer.up, layer.down,
+                       layer.out_map, layer.keys, layer.values)
+    return step
 
 
 class LeanDecoder:
@@ -230,25 +253,28 @@ class LeanDecoder:
 
 
 class _LeanStep:
-    """The step of one generation (the module docstring says what it reads and when)."""
+    """The step of one generation (the module docstring says what it reads and when): the kernel's one-call step where
+    every product is on the kernel (``_native_step``), else this module's loop over the layers."""
 
     def __init__(self, model: nn.Module, pre: Prefill, new_tokens: int) -> None:
         base = model.model
         self.filled = pre.cache.get_seq_length()
         self.slots = self.filled + new_tokens
-        self.layers = [_layer(entry, pre, self.slots) for entry in run_layers(model)]
+        kernel = model_kernel(model)
+        self.layers = [_layer(entry, pre, self.slots, kernel) for entry in run_layers(model)]
         attn = _parts(run_layers(model)[0])[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.eye, self.signed = _rotation_basis(self.head_dim)
-        self.embedding, self.rotary = base.embed_tokens.weight, base.rotary_emb
-        self.final_norm, self.head = _norm(base.norm), _product(model.lm_head)
+        self.embedding, self.rotary, self.final_norm = base.embed_tokens.weight, base.rotary_emb, base.norm
+        self.head = _product(model.lm_head, kernel)
+        self.native = _native_step(kernel, self.layers, base, self.head, self.head_dim, self.scaling)
         self.new_tokens = new_tokens
         self.first: int | None = None       # the first step's position: cos/sin are indexed from it
         self.cos = self.sin = torch.empty(0)
 
-    def _rotation(self, position: int) -> torch.Tensor:
-        """RoPE of ``position`` as one [head_dim, head_dim] matrix (cos/sin of every position of the generation
-        are taken from the model's rotary embedding at its first step)."""
+    def _cos_sin(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin of ``position`` [head_dim] (those of every position of the generation are taken from the
+        model's rotary embedding at its first step)."""
         if self.first is None:
             self.first = position
             positions = torch.arange(position, position + self.new_tokens)[None]
@@ -257,28 +283,35 @@ class _LeanStep:
         if not 0 <= index < self.new_tokens:
             raise ValueError(f"position {position}: this step decodes positions {self.first} to "
                              f"{self.first + self.new_tokens - 1}, one after another")
-        return torch.addcmul(self.eye * self.cos[index], self.signed, self.sin[index])
+        return self.cos[index], self.sin[index]
 
     @torch.inference_mode()
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         slot = self.filled
         if slot >= self.slots:
             raise ValueError(f"this step was made for {self.new_tokens} new tokens: make a new one per generation")
-        rotation = self._rotation(position)
-        q_rotation = rotation * self.scaling
-        head_dim, n = self.head_dim, slot + 1
+        cos, sin = self._cos_sin(position)
+        logits = self.native(int(token), cos, sin, slot) if self.native is not None else self._layers(token, cos, sin)
+        self.filled = slot + 1
+        return logits
+
+    def _layers(self, token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The step in torch ops: RoPE as one [head_dim, head_dim] rotation (the attention scale folded into the
+        query's), two bmm for grouped-query attention (no copies of K/V per query head)."""
+        slot, head_dim = self.filled, self.head_dim
+        rotation = torch.addcmul(self.eye * cos, self.signed, sin)
+        q_rotation, n = rotation * self.scaling, slot + 1
         h = self.embedding[int(token)]          # one hidden vector [hidden] throughout
         for layer in self.layers:
-            x = layer.in_norm(h)
+            x = _rms(layer.in_norm, h)
             q = torch.mm(layer.q(x).view(-1, head_dim), q_rotation).view(layer.kv_heads, layer.group, head_dim)
             torch.mm(layer.k(x).view(layer.kv_heads, head_dim), rotation, out=layer.keys[:, slot])
             layer.values[:, slot] = layer.v(x).view(layer.kv_heads, head_dim)
             scores = torch.bmm(q, layer.keys[:, :n].transpose(1, 2)).softmax(dim=-1)
             attended = torch.bmm(scores, layer.values[:, :n]).view(-1)
             h = h + layer.o(attended)
-            x = layer.post_norm(h)
+            x = _rms(layer.post_norm, h)
             h += layer.down(layer.act(layer.gate(x)).mul_(layer.up(x)))
             if layer.out_map is not None:
                 h = layer.out_map(h)
-        self.filled = n
-        return self.head(self.final_norm(h))[None]
+        return self.head(_rms(self.final_norm, h))[None]

@@ -1,46 +1,33 @@
 // One-row matrix-vector products for decode, multi-threaded on torch's own OpenMP pool (runtime/matvec.py).
 //
 // The kernels read the weight in place through its strides, so the engine's prefix views (a row prefix of
-// q/k/v/gate/up, a column prefix of o_proj/down_proj) need no copy per view:
-//   matvec_f32: y[n] = sum_k W[n, k] x[k], W fp32 row-major (stride(1) == 1) or column-major (stride(0) == 1);
-//   matvec_i8:  y[n] = scale[n] * sum_k W[n, k] x[k], W int8 row-major, fp32 scales; x is quantized to int16
-//               per block of kQBlock columns (scale max|x| / 32767 per block: relative error ~2e-5 of the output)
-//               and the products run on int16 multiply-adds (madd_epi16), accumulated in int32 per block;
-//   matvec_i8_blocked: the same on W stored in column blocks (runtime.dtype.column_blocks), for column prefixes.
-// Output rows are split across at::parallel_for's threads; each thread streams its rows once. The int8 kernels
+// q/k/v/gate/up, a column prefix of o_proj/down_proj) need no copy per view (matvec.h lists the layouts):
+//   fp32: y[n] = sum_k W[n, k] x[k], W row-major (stride(1) == 1) or column-major (stride(0) == 1);
+//   int8: y[n] = scale[n] * sum_k W[n, k] x[k], W row-major or in column blocks (runtime.dtype.column_blocks, for
+//         column prefixes), fp32 scales; x is quantized to int16 per block of kQBlock columns (scale max|x| / 32767
+//         per block: relative error ~2e-5 of the output) and the products run on int16 multiply-adds
+//         (madd_epi16), accumulated in int32 per block.
+// Output rows are split into tasks over at::parallel_for's threads; each task streams its rows once. The int8 kernels
 // prefetch kPrefetchRows rows ahead: an int8 row is a few hundred bytes, too short for the hardware prefetcher to
 // ramp up on, and without it int8 read 10-14 GB/s cold against fp32's 25 (with it 16-32; bench numbers in
 // bench/RESULTS.md). Why int16 activations: the int8 -> fp32 conversion made the product compute-heavy enough
 // that memory and compute did not overlap; int16 products need a third of the instructions.
-#include <torch/extension.h>
+#include "matvec.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MATVEC_AVX2 1
-#else
-#define MATVEC_AVX2 0
-#endif
-
+namespace matvec {
 namespace {
 
-constexpr int64_t kRows = 4;      // rows per row-major task: four dot products share each load of x
+constexpr int64_t kRows = 4;      // rows per inner loop of the row-major kernels: four dot products share each x load
+constexpr int64_t kRowTask = 16;  // rows per task of the row-major products
 constexpr int64_t kCols = 32;     // outputs per column-major task: four 8-float accumulators
-constexpr int64_t kQBlock = 256;  // columns per int16 activation scale (and per int32 partial sum: no overflow)
 constexpr int64_t kPrefetchRows = 8;
-constexpr int64_t kBlockedRows = 96;   // the most rows per task of the column-block product (matvec_i8_blocked)
-
+constexpr int64_t kBlockedRows = 96;   // the most rows per task of the column-block product
 #if MATVEC_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
-
 // sum of W[k] * x[k] over 16 int8 weights and int16 activations, as eight int32 lanes added to acc
 inline __m256i madd16(const int8_t* w, const int16_t* x, __m256i acc) {
   const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
@@ -59,7 +46,7 @@ inline void prefetch_rows(const int8_t* p, int64_t ld) {
 #endif
 
 // rows [n0, n0 + count) of a row-major fp32 W, leading dimension ld
-void rows(const float* W, int64_t ld, const float* x, int64_t K, float* y, int64_t n0, int64_t count) {
+void rows_f32(const float* W, int64_t ld, const float* x, int64_t K, float* y, int64_t n0, int64_t count) {
   int64_t n = n0;
 #if MATVEC_AVX2
   for (; n + kRows <= n0 + count; n += kRows) {
@@ -92,25 +79,6 @@ void rows(const float* W, int64_t ld, const float* x, int64_t K, float* y, int64
     for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
     y[n] = s;
   }
-}
-
-// x quantized to int16 per kQBlock columns: q[k] = round(x[k] / s[k / kQBlock]), s = max|x| / 32767 per block
-struct QuantizedVector {
-  std::vector<int16_t> q;
-  std::vector<float> s;
-};
-
-QuantizedVector quantize_int16(const float* x, int64_t K) {
-  QuantizedVector v{std::vector<int16_t>(K), std::vector<float>((K + kQBlock - 1) / kQBlock)};
-  for (int64_t kb = 0; kb < K; kb += kQBlock) {
-    const int64_t ke = std::min(K, kb + kQBlock);
-    float m = 0.f;
-    for (int64_t k = kb; k < ke; ++k) m = std::max(m, std::fabs(x[k]));
-    const float s = m > 0.f ? m / 32767.f : 1.f;
-    v.s[kb / kQBlock] = s;
-    for (int64_t k = kb; k < ke; ++k) v.q[k] = static_cast<int16_t>(std::nearbyint(x[k] / s));
-  }
-  return v;
 }
 
 // the end of the activation block that column kb of a product starting at global column k0 lies in, within K
@@ -194,108 +162,147 @@ void cols_f32(const float* W, int64_t ld, const float* x, int64_t K, float* y, i
   }
 }
 
-void check_vector(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == K && x.is_contiguous() && x.scalar_type() == torch::kFloat32,
-              "matvec: x must be a contiguous fp32 vector of the weight's ", K, " columns");
+}  // namespace
+
+QuantizedVector quantize_int16(const float* x, int64_t K) {
+  QuantizedVector v{std::vector<int16_t>(K), std::vector<float>((K + kQBlock - 1) / kQBlock)};
+  for (int64_t kb = 0; kb < K; kb += kQBlock) {
+    const int64_t ke = std::min(K, kb + kQBlock);
+    float m = 0.f;
+    for (int64_t k = kb; k < ke; ++k) m = std::max(m, std::fabs(x[k]));
+    const float s = m > 0.f ? m / 32767.f : 1.f;
+    v.s[kb / kQBlock] = s;
+    for (int64_t k = kb; k < ke; ++k) v.q[k] = static_cast<int16_t>(std::nearbyint(x[k] / s));
+  }
+  return v;
 }
 
-// split `blocks` tasks of `width` outputs over the pool; `run(n0, count)` computes one task
-template <typename F>
-void over_blocks(int64_t N, int64_t width, const F& run) {
-  const int64_t blocks = (N + width - 1) / width;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) run(b * width, std::min(width, N - b * width));
+Product::Product(torch::Tensor w, std::optional<torch::Tensor> scale, int64_t rows, int64_t cols,
+                 std::optional<torch::Tensor> bias)
+    : w_(std::move(w)) {
+  TORCH_CHECK(w_.device().is_cpu() && (w_.scalar_type() == torch::kFloat32 || w_.scalar_type() == torch::kInt8),
+              "Product: w must be an fp32 or int8 CPU tensor");
+  if (w_.scalar_type() == torch::kFloat32) {
+    TORCH_CHECK(w_.dim() == 2 && !scale, "Product: an fp32 w is 2-D and takes no scale");
+    N_ = w_.size(0);
+    K_ = w_.size(1);
+    if (w_.stride(1) == 1 || K_ == 1) {
+      kind_ = Kind::F32Rows;
+      ld_ = w_.stride(0);
+    } else {
+      TORCH_CHECK(w_.stride(0) == 1, "Product: w must be row- or column-major (a prefix view of either)");
+      kind_ = Kind::F32Cols;
+      ld_ = w_.stride(1);
+    }
+  } else if (w_.dim() == 2) {
+    TORCH_CHECK(w_.stride(1) == 1, "Product: an int8 w must be row-major (a row or column prefix view of one)");
+    kind_ = Kind::I8Rows;
+    N_ = w_.size(0);
+    K_ = w_.size(1);
+    ld_ = w_.stride(0);
+  } else {
+    TORCH_CHECK(w_.dim() == 3 && w_.is_contiguous(),
+                "Product: int8 column blocks must be a contiguous 3-D tensor [blocks, rows, block width]");
+    kind_ = Kind::I8Blocks;
+    N_ = rows;
+    K_ = cols;
+    ld_ = w_.size(2);
+    block_stride_ = w_.size(1) * ld_;
+    TORCH_CHECK(0 < N_ && N_ <= w_.size(1) && 0 < K_ && K_ <= w_.size(0) * ld_, "Product: ", N_, " rows and ", K_,
+                " columns do not fit a weight of ", w_.size(1), " rows and ", w_.size(0) * ld_, " columns");
+  }
+  TORCH_CHECK((rows < 0 || rows == N_) && (cols < 0 || cols == K_), "Product: ", rows, " rows and ", cols,
+              " columns asked of a ", N_, " x ", K_, " weight");
+  if (int8()) {
+    TORCH_CHECK(scale && scale->dim() == 1 && scale->size(0) >= N_ && scale->is_contiguous() &&
+                    scale->scalar_type() == torch::kFloat32,
+                "Product: an int8 w needs a contiguous fp32 scale of at least its ", N_, " rows");
+    scale_ = *scale;
+    scale_ptr_ = scale_.data_ptr<float>();
+  }
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N_ && bias->is_contiguous() &&
+                    bias->scalar_type() == torch::kFloat32,
+                "Product: bias must be a contiguous fp32 vector of the product's ", N_, " rows");
+    bias_ = *bias;
+    bias_ptr_ = bias_.data_ptr<float>();
+  }
+}
+
+int64_t Product::task_rows(int64_t threads) const {
+  switch (kind_) {
+    case Kind::F32Cols:
+      return kCols;
+    case Kind::I8Blocks:
+      // a task reads each block's share as one stretch of rows x B bytes; 16-row stretches (4 KB) left the product at
+      // 0.94 of the full row-major one for 0.8 of its bytes, 96 rows reached 0.77 (576 x 1536, 1229 columns, 2
+      // threads). At least two tasks per thread, so wide machines still split small weights.
+      return std::clamp<int64_t>(N_ / (2 * threads) / kRows * kRows, kRowTask, kBlockedRows);
+    default:
+      return kRowTask;
+  }
+}
+
+void Product::run(int64_t n0, int64_t count, const float* x, const QuantizedVector* xq, float* y) const {
+  switch (kind_) {
+    case Kind::F32Rows:
+      rows_f32(w_.data_ptr<float>(), ld_, x, K_, y, n0, count);
+      break;
+    case Kind::F32Cols:
+      cols_f32(w_.data_ptr<float>(), ld_, x, K_, y, n0, count);
+      break;
+    case Kind::I8Rows:
+      rows_i8<false>(w_.data_ptr<int8_t>(), ld_, *xq, 0, K_, y, n0, count);
+      break;
+    case Kind::I8Blocks: {
+      const int8_t* W = w_.data_ptr<int8_t>();
+      for (int64_t kb = 0; kb < K_; kb += ld_) {
+        const int8_t* block = W + (kb / ld_) * block_stride_;
+        const int64_t width = std::min(ld_, K_ - kb);
+        if (kb == 0) {
+          rows_i8<false>(block, ld_, *xq, kb, width, y, n0, count);
+        } else {
+          rows_i8<true>(block, ld_, *xq, kb, width, y, n0, count);
+        }
+      }
+      break;
+    }
+  }
+  if (scale_ptr_ != nullptr)
+    for (int64_t n = n0; n < n0 + count; ++n) y[n] *= scale_ptr_[n];
+  if (bias_ptr_ != nullptr)
+    for (int64_t n = n0; n < n0 + count; ++n) y[n] += bias_ptr_[n];
+}
+
+void run_products(const std::vector<std::pair<const Product*, float*>>& jobs, const float* x, int64_t K) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<int64_t> width(jobs.size()), first(jobs.size() + 1, 0);
+  bool int8 = false;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const Product& p = *jobs[j].first;
+    TORCH_CHECK(p.cols() == K, "run_products: a product of ", p.cols(), " columns on a vector of ", K);
+    width[j] = p.task_rows(threads);
+    first[j + 1] = first[j] + (p.rows() + width[j] - 1) / width[j];
+    int8 |= p.int8();
+  }
+  const QuantizedVector xq = int8 ? quantize_int16(x, K) : QuantizedVector{};
+  at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
+    size_t j = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      while (t >= first[j + 1]) ++j;
+      const Product& p = *jobs[j].first;
+      const int64_t n0 = (t - first[j]) * width[j];
+      p.run(n0, std::min(width[j], p.rows() - n0), x, &xq, jobs[j].second);
+    }
   });
 }
 
-torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& x) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.device().is_cpu(),
-              "matvec_f32: w must be a 2-D fp32 CPU tensor");
-  const int64_t N = w.size(0), K = w.size(1);
-  check_vector(x, K);
-  auto y = torch::empty({N}, x.options());
-  const float* W = w.data_ptr<float>();
-  const float* X = x.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  if (w.stride(1) == 1 || K == 1) {
-    const int64_t ld = w.stride(0);
-    over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) { rows(W, ld, X, K, Y, n0, count); });
-  } else {
-    TORCH_CHECK(w.stride(0) == 1, "matvec_f32: w must be row- or column-major (a prefix view of either)");
-    const int64_t ld = w.stride(1);
-    over_blocks(N, kCols, [&](int64_t n0, int64_t count) { cols_f32(W, ld, X, K, Y, n0, count); });
-  }
+torch::Tensor Product::operator()(const torch::Tensor& x) const {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == K_ && x.is_contiguous() && x.scalar_type() == torch::kFloat32,
+              "Product: x must be a contiguous fp32 vector of the weight's ", K_, " columns");
+  auto y = torch::empty({N_}, x.options());
+  run_products({{this, y.data_ptr<float>()}}, x.data_ptr<float>(), K_);
   return y;
 }
 
-// the operands of an int8 product of N rows and K columns, checked, and its output
-struct Int8Product {
-  torch::Tensor y;
-  const float* scale;
-  QuantizedVector x;
-  float* out;
-};
-
-Int8Product int8_product(const torch::Tensor& scale, const torch::Tensor& x, int64_t N, int64_t K,
-                         const char* name) {
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) >= N && scale.is_contiguous() &&
-                  scale.scalar_type() == torch::kFloat32,
-              name, ": scale must be a contiguous fp32 vector of at least the rows asked for");
-  check_vector(x, K);
-  auto y = torch::empty({N}, x.options());
-  return {y, scale.data_ptr<float>(), quantize_int16(x.data_ptr<float>(), K), y.data_ptr<float>()};
-}
-
-torch::Tensor matvec_i8(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& x) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.device().is_cpu() && w.stride(1) == 1,
-              "matvec_i8: w must be a row-major 2-D int8 CPU tensor (a row or column prefix view of one)");
-  const int64_t N = w.size(0), K = w.size(1), ld = w.stride(0);
-  const Int8Product p = int8_product(scale, x, N, K, "matvec_i8");
-  const int8_t* W = w.data_ptr<int8_t>();
-  over_blocks(N, 4 * kRows, [&](int64_t n0, int64_t count) {
-    rows_i8<false>(W, ld, p.x, 0, K, p.out, n0, count);
-    for (int64_t n = n0; n < n0 + count; ++n) p.out[n] *= p.scale[n];
-  });
-  return p.y;
-}
-
-// y = scale[:rows] * W[:rows, :K] x with W int8 in column blocks [blocks, rows_full, B] (runtime.dtype's layout for
-// column prefixes: a prefix of K columns reads only the first ceil(K / B) blocks); K = x's length
-torch::Tensor matvec_i8_blocked(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& x,
-                                int64_t rows_) {
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kInt8 && w.device().is_cpu() && w.is_contiguous(),
-              "matvec_i8_blocked: w must be a contiguous 3-D int8 CPU tensor [blocks, rows, block width]");
-  const int64_t B = w.size(2), N = rows_, K = x.size(0), bstride = w.size(1) * B;
-  TORCH_CHECK(0 < N && N <= w.size(1) && 0 < K && K <= w.size(0) * B,
-              "matvec_i8_blocked: ", N, " rows and ", K, " columns do not fit a weight of ", w.size(1), " rows and ",
-              w.size(0) * B, " columns");
-  const Int8Product p = int8_product(scale, x, N, K, "matvec_i8_blocked");
-  const int8_t* W = w.data_ptr<int8_t>();
-  // each task runs its rows through every block it needs, adding up, then scales them. Tasks are taller than the
-  // row-major path's: a task reads each block's share as one stretch of rows x B bytes, and 16-row stretches (4 KB)
-  // left the product at 0.94 of the full row-major one for 0.8 of its bytes; 96 rows reached 0.77 (576 x 1536,
-  // 1229 columns, 2 threads). At least two tasks per thread, so wide machines still split small weights.
-  const int64_t task = std::clamp<int64_t>(N / (2 * at::get_num_threads()) / kRows * kRows, 4 * kRows, kBlockedRows);
-  over_blocks(N, task, [&](int64_t n0, int64_t count) {
-    for (int64_t kb = 0; kb < K; kb += B) {
-      const int8_t* block = W + (kb / B) * bstride;
-      const int64_t width = std::min(B, K - kb);
-      if (kb == 0) {
-        rows_i8<false>(block, B, p.x, kb, width, p.out, n0, count);
-      } else {
-        rows_i8<true>(block, B, p.x, kb, width, p.out, n0, count);
-      }
-    }
-    for (int64_t n = n0; n < n0 + count; ++n) p.out[n] *= p.scale[n];
-  });
-  return p.y;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matvec_f32", &matvec_f32, py::call_guard<py::gil_scoped_release>());
-  m.def("matvec_i8", &matvec_i8, py::call_guard<py::gil_scoped_release>());
-  m.def("matvec_i8_blocked", &matvec_i8_blocked, py::call_guard<py::gil_scoped_release>());
-  m.def("vectorized", []() { return bool(MATVEC_AVX2); });
-}
+}  // namespace matvec

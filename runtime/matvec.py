@@ -32,7 +32,6 @@ import importlib.util
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -44,7 +43,7 @@ from common.hub import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("matvec.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("matvec.h", "matvec.cpp", "lean_step.cpp"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 STALE_LOCK_S = 900.0         # a build takes about a minute; a lock this old was left by a killed one
 
@@ -68,7 +67,7 @@ def load_kernel() -> ModuleType:
     on every load, and a process frozen or killed while holding that lock would stall every later one.
     The key includes the source's path, so two checkouts sharing one cache do not rebuild each other's.
     """
-    key = hashlib.sha256(SOURCE.read_bytes() + str(SOURCE).encode() + " ".join(CFLAGS).encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() + str(p).encode() for p in SOURCES) + " ".join(CFLAGS).encode()
                          + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     name = f"adaptive_matvec_{key}"
     build = cache_dir() / "kernels" / key
@@ -91,8 +90,9 @@ def _build(name: str, build: Path) -> None:
         lock.unlink(missing_ok=True)
     log.info("building the decode kernel (runtime/matvec.cpp) into %s: about a minute, once per machine", build)
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"],
-                           build_directory=str(build), verbose=False)
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES if p.suffix == ".cpp"],
+                           extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=str(build),
+                           verbose=False)
     except Exception as err:        # noqa: BLE001 — no compiler, no ninja, a failed build: all mean "use torch's"
         raise KernelBuildError(f"the decode kernel runtime/matvec.cpp did not build ({str(err).strip()[-300:]}); "
                                "install a C++ compiler and ninja (pip install ninja), or pass --matvec torch") from err
@@ -135,13 +135,12 @@ class KernelLinear(nn.Linear):
     """
     kernel: ModuleType
 
-    def bound_matvec(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The kernel bound to the current weight view: contiguous fp32 x [in] -> x W^T [out], no bias. For a caller
-        that makes many calls with the view fixed (runtime.lean: one generation), it skips this forward's checks."""
-        return functools.partial(self.kernel.matvec_f32, self.weight)
+    def kernel_product(self):
+        """The kernel's product for the current weight view, bias included (read in place: the engine's prefix views
+        stay zero-copy). A caller that makes many calls with the view fixed (runtime.lean: one generation) keeps it."""
+        return self.kernel.Product(self.weight, bias=self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not one_row(x) or x.dtype != torch.float32 or self.weight.requires_grad and torch.is_grad_enabled():
             return nn.functional.linear(x, self.weight, self.bias)
-        y = self.bound_matvec()(x.reshape(-1).contiguous()).reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return self.kernel_product()(x.reshape(-1).contiguous()).reshape(*x.shape[:-1], -1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import pytest
@@ -16,7 +17,7 @@ from runtime.compiled import StaticCacheDecoder
 from runtime.dtype import apply_weight_dtype, set_kernel
 from runtime.generation import generate, prefill
 from runtime.governor import ExecutionGovernor
-from runtime.lean import LeanDecoder, unsupported
+from runtime.lean import LeanDecoder, _LeanStep, unsupported
 from runtime.openmp import OpenMPChoice
 
 PROMPT = 40          # above the engine's kv_min_tokens below, so kv_cache actions shorten the cache
@@ -72,6 +73,52 @@ def test_every_action_decodes_as_hf_does(tiny, tmp_path, dtype, use_kernel, requ
     assert replaced
 
 
+def loop_step(model, pre, new_tokens) -> _LeanStep:
+    """The lean step with the kernel's one-call step switched off: the module's loop over the same products."""
+    step = _LeanStep(model, pre, new_tokens)
+    assert step.native is not None
+    step.native = None
+    return step
+
+
+def assert_native_is_the_loop(model, engine, tolerance: float, label: str) -> None:
+    """The kernel's one-call step (lean_step.cpp) gives the Python loop's logits on the same products and tokens."""
+    tokens = generate(model, IDS, STEPS, engine=engine, decoder=LeanDecoder(model, engine)).tokens
+    native = step_logits(model, engine, lambda m, pre, n: _LeanStep(m, pre, n), tokens)
+    loop = step_logits(model, engine, loop_step, tokens)
+    error = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(native, loop))
+    assert error < tolerance, (label, error)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_kernels_one_call_step_is_the_loops_numbers(tiny, tmp_path, dtype, kernel):
+    """Every action, compensated (biases, replaced runs), in both dtypes; the loop is the reference the HF test
+    above checks."""
+    model = tiny.model
+    engine = PruningEngine(model, tokenizer=tiny.tokenizer, calibration=list(CALIBRATION_SENTENCES[:6]),
+                           calibration_max_tokens=64, cache_dir=tmp_path, allocation="global",
+                           recovery="compensate", kv_min_tokens=16)
+    apply_weight_dtype(model, dtype)
+    set_kernel(model, kernel)
+    # int8: the int16 activations round a last-bit change of an input to a step of 3e-5 of the block's largest
+    tolerance = 2 ** -12 if dtype == "int8" else 1e-5
+    for action in ACTION_SPACE:
+        with engine.pruned(action):
+            assert_native_is_the_loop(model, engine, tolerance, f"{dtype} {action.label}")
+
+
+def test_the_one_call_step_runs_only_on_the_kernel(tiny, kernel):
+    """bfloat16 and torch's kernels have no kernel products: the loop runs them; a non-SiLU activation too."""
+    model = tiny.model
+    with torch.inference_mode():
+        pre = prefill(model, IDS, None)
+        assert _LeanStep(model, pre, STEPS).native is None                 # no kernel set
+        set_kernel(model, kernel)
+        assert _LeanStep(model, prefill(model, IDS, None), STEPS).native is not None
+        model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+        assert _LeanStep(model, prefill(model, IDS, None), STEPS).native is None
+
+
 def test_a_pruned_cache_keeps_the_true_positions(tiny):
     engine = PruningEngine(tiny.model, importance="magnitude", kv_min_tokens=16)
     with engine.pruned(PruningAction.parse("kv_cache:0.5")):
@@ -105,6 +152,19 @@ def test_biases_and_llama3_rope_decode_as_hf_does():
     for action in (NONE, PruningAction.parse("attention_heads:0.5"), PruningAction.parse("ffn_neurons:0.5")):
         with engine.pruned(action):
             assert_same_decode(model, engine, 1e-5, action.label)
+
+
+def test_biases_and_llama3_rope_on_the_kernels_one_call_step(kernel):
+    model = variant(attention_bias=True, mlp_bias=True,
+                    rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64})
+    set_kernel(model, kernel)
+    engine = PruningEngine(model, importance="magnitude")
+    for action in (NONE, PruningAction.parse("attention_heads:0.5"), PruningAction.parse("ffn_neurons:0.5")):
+        with engine.pruned(action):
+            assert_same_decode(model, engine, 1e-5, action.label)
+            assert_native_is_the_loop(model, engine, 1e-5, action.label)
 
 
 def tiny_mistral() -> MistralForCausalLM:
@@ -167,3 +227,10 @@ def test_the_embedded_model_decodes_as_hf_does(embedded_loaded):
     model = embedded_loaded.model
     assert unsupported(model) is None
     assert_same_decode(model, None, 1e-4, "smollm2-135m dense")
+
+
+def test_the_embedded_model_on_the_kernels_one_call_step(embedded_loaded, kernel):
+    model = copy.deepcopy(embedded_loaded.model)
+    set_kernel(model, kernel)
+    assert_same_decode(model, None, 1e-4, "smollm2-135m dense, kernel")
+    assert_native_is_the_loop(model, None, 1e-5, "smollm2-135m dense, kernel")

@@ -27,7 +27,7 @@ def test_fp32_products_match_torch_on_every_view(kernel):
     for name, v in views(w).items():
         x = torch.randn(v.shape[1])
         assert v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() or "column" in name
-        torch.testing.assert_close(kernel.matvec_f32(v, x), v @ x, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(kernel.Product(v)(x), v @ x, rtol=1e-5, atol=1e-5, msg=name)
 
 
 QBLOCK = 256     # matvec.cpp's kQBlock: columns per int16 activation scale
@@ -51,7 +51,7 @@ def test_int8_products_are_the_int16_activation_product_on_prefix_views(kernel):
     for v in (q, q[:33], q[:, :41], q[:33, :300], q[:, :53]):
         x = torch.randn(v.shape[1]) * torch.linspace(0.1, 10, v.shape[1])     # blocks of different ranges
         expected, bound = int16_product(v, scale, x)
-        got = kernel.matvec_i8(v, scale, x)
+        got = kernel.Product(v, scale)(x)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
         assert ((got - (v.float() @ x) * scale[:v.shape[0]]).abs() <= bound).all()     # near the fp32 product
 
@@ -65,7 +65,7 @@ def test_int8_column_blocks_give_the_product_of_every_prefix(kernel, rows, cols)
     assert blocks.shape == (4, 70, 16) and torch.equal(blocks[3, :, 5:], torch.zeros(70, 11, dtype=torch.int8))
     x = torch.randn(cols)
     expected, _ = int16_product(q[:rows, :cols], scale, x)
-    torch.testing.assert_close(kernel.matvec_i8_blocked(blocks, scale, x, rows), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernel.Product(blocks, scale, rows=rows, cols=cols)(x), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_int8_column_blocks_and_activation_blocks_need_not_align(kernel):
@@ -74,21 +74,37 @@ def test_int8_column_blocks_and_activation_blocks_need_not_align(kernel):
     scale = torch.rand(37) + 0.01
     x = torch.randn(650) * torch.linspace(0.1, 10, 650)
     expected, _ = int16_product(q[:, :650], scale, x)
-    torch.testing.assert_close(kernel.matvec_i8_blocked(column_blocks(q, width=96), scale, x, 37), expected,
+    torch.testing.assert_close(kernel.Product(column_blocks(q, width=96), scale, rows=37, cols=650)(x), expected,
                                rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(kernel.matvec_i8(q[:, :650], scale, x), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernel.Product(q[:, :650], scale)(x), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_bad_operands_are_refused_with_the_reason(kernel):
-    with pytest.raises(RuntimeError, match="contiguous fp32 vector"):
-        kernel.matvec_f32(torch.randn(8, 6), torch.randn(5))
+    with pytest.raises(RuntimeError, match="contiguous fp32 vector of the weight's 6 columns"):
+        kernel.Product(torch.randn(8, 6))(torch.randn(5))
     with pytest.raises(RuntimeError, match="row- or column-major"):
-        kernel.matvec_f32(torch.randn(8, 12)[:, ::2], torch.randn(6))
-    with pytest.raises(RuntimeError, match="scale"):
-        kernel.matvec_i8(torch.zeros(8, 6, dtype=torch.int8), torch.ones(4), torch.randn(6))
+        kernel.Product(torch.randn(8, 12)[:, ::2])
+    with pytest.raises(RuntimeError, match="scale of at least its 8 rows"):
+        kernel.Product(torch.zeros(8, 6, dtype=torch.int8), torch.ones(4))
+    with pytest.raises(RuntimeError, match="bias must be a contiguous fp32 vector of the product's 8 rows"):
+        kernel.Product(torch.randn(8, 6), bias=torch.ones(7))
     blocks = column_blocks(torch.zeros(8, 6, dtype=torch.int8), width=4)
     with pytest.raises(RuntimeError, match="9 rows and 6 columns do not fit a weight of 8 rows and 8 columns"):
-        kernel.matvec_i8_blocked(blocks, torch.ones(9), torch.randn(6), 9)
+        kernel.Product(blocks, torch.ones(9), rows=9, cols=6)
+
+
+def test_a_product_adds_its_bias_on_every_layout(kernel):
+    w, bias = torch.randn(40, 30), torch.randn(40)
+    q, scale = torch.randint(-127, 128, (40, 30), dtype=torch.int8), torch.rand(40) + 0.01
+    x = torch.randn(30)
+    torch.testing.assert_close(kernel.Product(w, bias=bias)(x), w @ x + bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel.Product(w.t().contiguous().t(), bias=bias)(x), w @ x + bias, rtol=1e-5,
+                               atol=1e-5)
+    expected = kernel.Product(q, scale)(x) + bias
+    torch.testing.assert_close(kernel.Product(q, scale, bias=bias)(x), expected)
+    torch.testing.assert_close(kernel.Product(column_blocks(q, width=16), scale, rows=40, cols=30, bias=bias)(x),
+                               expected, rtol=1e-5, atol=1e-4)
+    assert kernel.Product(w[:7, :5]).shape == (7, 5)
 
 
 def test_the_choice_of_kernel(kernel):
