@@ -167,6 +167,16 @@ def test_biases_and_llama3_rope_on_the_kernels_one_call_step(kernel):
             assert_native_is_the_loop(model, engine, 1e-5, action.label)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_one_call_step_on_llama_head_sizes(kernel, head_dim):
+    """SmolLM2 and Llama-3.2-1B have heads of 64 (the kernel's register-blocked attention path), Llama-3-8B 128;
+    a 40-token prompt gives a part block of eight slots."""
+    model = variant(head_dim=head_dim)
+    set_kernel(model, kernel)
+    assert_same_decode(model, None, 1e-5, f"head_dim {head_dim}")
+    assert_native_is_the_loop(model, None, 1e-5, f"head_dim {head_dim}")
+
+
 def tiny_mistral() -> MistralForCausalLM:
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
