@@ -31,27 +31,27 @@ import torch
 
 import model_loader
 from machine.contention import contention, presets
-from runtime.generation import prefill
+from runtime.generation import Decoder, eager_decoder, prefill
 
 log = logging.getLogger(__name__)
 BUSY_LEVEL = "loaded"   # the heaviest contention preset: every core busy with a spinning worker
 
 
 @torch.inference_mode()
-def decode_seconds_per_token(model: torch.nn.Module, prompt_tokens: int, tokens: int,
-                             max_seconds: float) -> tuple[float, int]:
-    """Median decode step after a ``prompt_tokens`` prefill (one warm-up step excluded), and the steps timed."""
+def decode_seconds_per_token(model: torch.nn.Module, prompt_tokens: int, tokens: int, max_seconds: float,
+                             decoder: Decoder = eager_decoder) -> tuple[float, int]:
+    """Median decode step of ``decoder`` (HF's forward by default) after a ``prompt_tokens`` prefill (one warm-up
+    step excluded), and the steps timed."""
     device = next(model.parameters()).device
     ids = torch.arange(prompt_tokens, device=device)[None] % (model.config.vocab_size - 1) + 1
     pre = prefill(model, ids)
     token = pre.logits.argmax(dim=-1, keepdim=True)
+    step = decoder(model, pre, tokens + 1)
     steps: list[float] = []
     deadline = time.perf_counter() + max_seconds
     for position in range(prompt_tokens, prompt_tokens + tokens + 1):
         started = time.perf_counter()
-        out = model(input_ids=token, position_ids=torch.tensor([[position]], device=device),
-                    past_key_values=pre.cache, use_cache=True)
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        token = step(token, position).argmax(dim=-1, keepdim=True)
         int(token)
         steps.append(time.perf_counter() - started)
         if time.perf_counter() > deadline and len(steps) >= 3:

@@ -11,7 +11,7 @@ per-step framework work) where the model allows it, else HF's forward over a sta
 The thread count is re-decided at run time (issue 25): the one-time probe's figures are only priors,
 because a probe taken while other jobs ran chose 1 thread for the idle state (55 ms/token against 34
 for 2 threads). Once the governor knows its model (``attach``, or ``decoder``), the first decision in
-a state runs a live check (``measure_threads``: a few decode steps per candidate thread count, in
+a state runs a live check (``measure_threads``: a few steps of the decoder it runs per candidate thread count, in
 alternating order, about 0.5 s on an idle 2-core machine) and later decisions in that state reuse it
 for ``RuntimeConfig.recheck_s`` seconds; ``choose_threads`` is the rule.
 
@@ -35,7 +35,7 @@ from common.config import RuntimeConfig
 from runtime import openmp
 from runtime.compiled import CompiledDecoder, StaticCacheDecoder
 from runtime.decode_probe import decode_seconds_per_token
-from runtime.generation import Decoder
+from runtime.generation import Decoder, eager_decoder
 from runtime.lean import LeanDecoder, unsupported
 from runtime.openmp import BUSY, IDLE, OpenMPChoice
 from machine.telemetry import HardwareProbe, HardwareState
@@ -100,9 +100,10 @@ def choose_threads(live: dict[int, float] | None, prior: dict[int, float], fallb
 
 @torch.inference_mode()
 def measure_threads(model: torch.nn.Module, candidates: tuple[int, ...], steps: int = 3, rounds: int = 2,
-                    max_seconds: float = 0.3) -> dict[int, float]:
-    """Median decode step per thread count, now: ``rounds`` in alternating order, each a 16-token prefill and
-    ``steps`` + 1 steps (the first untimed); the best round per count. After the first round only the counts within
+                    max_seconds: float = 0.3, decoder: Decoder = eager_decoder) -> dict[int, float]:
+    """Median step of ``decoder`` (the one the governor runs: a ranking of HF's forward, which is mostly per-step
+    Python work, need not be the lean step's) per thread count, now: ``rounds`` in alternating order, each a 16-token
+    prefill and ``steps`` + 1 steps (the first untimed); the best round per count. After the first round only the counts within
     ``RETIME_FACTOR`` of the best are timed again: a collapsing setting under load costs seconds per step and cannot
     win, while at idle 1 and 2 threads differ by < 2x and a single round of three steps can rank them wrongly (a
     bench run decided 1 thread at idle from one such round, then its re-check timed 2 threads 1.7x faster)."""
@@ -113,7 +114,7 @@ def measure_threads(model: torch.nn.Module, candidates: tuple[int, ...], steps: 
             order = candidates if r % 2 == 0 else candidates[::-1]
             for threads in (t for t in order if r == 0 or out[t] <= RETIME_FACTOR * min(out.values())):
                 torch.set_num_threads(threads)
-                s = decode_seconds_per_token(model, 16, steps, max_seconds)[0]
+                s = decode_seconds_per_token(model, 16, steps, max_seconds, decoder)[0]
                 out[threads] = min(out.get(threads, s), s)
     finally:
         torch.set_num_threads(before)
@@ -140,6 +141,7 @@ class ExecutionGovernor:
         self.decoder_name = "compiled" if self.compiled else "lean" if self.device.type == "cpu" else "eager"
         self._probe: HardwareProbe | None = None
         self._model: torch.nn.Module | None = None
+        self._decoder: Decoder = eager_decoder     # the step live checks time: the one ``decoder`` built
         self._clock = clock
         self.checks: dict[str, ThreadCheck] = {}
 
@@ -167,7 +169,7 @@ class ExecutionGovernor:
             return check.s_per_token
         if self._model is None or self.config.recheck_s <= 0:
             return None
-        figures = measure_threads(self._model, self.candidates())
+        figures = measure_threads(self._model, self.candidates(), decoder=self._decoder)
         self.checks[state] = ThreadCheck(figures, self._clock())
         log.info("runtime: live thread check (%s machine): %s", state,
                  ", ".join(f"{t}t {s * 1e3:.1f} ms/token" for t, s in sorted(figures.items())))
@@ -226,10 +228,12 @@ class ExecutionGovernor:
         if self.decoder_name == "lean":
             reason = unsupported(model, engine)
             if reason is None:
-                return LeanDecoder(model, engine)
+                self._decoder = LeanDecoder(model, engine)
+                return self._decoder
             log.info("runtime: lean decode off for this model (%s): HF's forward over a static cache", reason)
             self.decoder_name = "eager"
-        return StaticCacheDecoder(model, engine)
+        self._decoder = StaticCacheDecoder(model, engine)
+        return self._decoder
 
     def describe(self) -> dict:
         """For provenance: the OpenMP choice (with its probes) and this governor's rule."""

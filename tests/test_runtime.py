@@ -282,6 +282,29 @@ def test_measure_threads_times_every_candidate_on_the_model(tiny, restore_thread
     assert torch.get_num_threads() == 1
 
 
+def test_the_live_check_times_the_decoder_the_governor_runs(tiny, restore_threads, monkeypatch):
+    """The lean step, once the governor built it (HF's forward before): its ranking of thread counts is the one that
+    matters, and HF's forward is mostly per-step Python work that threads do not speed up."""
+    from runtime import governor as governor_module
+    from runtime.lean import LeanDecoder
+
+    timed = []
+    real = governor_module.decode_seconds_per_token
+    monkeypatch.setattr(governor_module, "decode_seconds_per_token",
+                        lambda *args: timed.append(args[-1]) or real(*args))
+    monkeypatch.setattr(openmp, "usable_cores", lambda: 2)
+    choice = OpenMPChoice("spin-short", 1, 1, "measured", "t", probes(LOADED_PROBE))
+    governor = ExecutionGovernor(RuntimeConfig(recheck_s=60.0), choice=choice)
+    governor.attach(tiny.model)
+    assert governor.govern(_state(5.0, 0.0)).basis == "live"
+    assert timed and all(d is governor_module.eager_decoder for d in timed)
+    decoder = governor.decoder(tiny.model)
+    assert isinstance(decoder, LeanDecoder)
+    timed.clear()
+    assert governor.govern(_state(100.0, 0.0)).basis == "live"       # the busy state: a new check, on the lean step
+    assert timed and all(d is decoder for d in timed)
+
+
 def test_a_live_check_times_again_every_count_that_can_still_win(monkeypatch, restore_threads):
     """At idle (2 threads 1.7x faster in round one) both counts are timed twice, so one noisy round cannot decide;
     under load the collapsing count (24x slower) is not timed again."""
@@ -292,7 +315,7 @@ def test_a_live_check_times_again_every_count_that_can_still_win(monkeypatch, re
         script = [first, second]
         timed: list[int] = []
 
-        def fake_step(model, prompt_tokens, tokens, max_seconds, script=script, timed=timed):
+        def fake_step(model, prompt_tokens, tokens, max_seconds, decoder, script=script, timed=timed):
             threads = torch.get_num_threads()
             timed.append(threads)
             round_ = script[0] if len(timed) <= 2 else script[1]
