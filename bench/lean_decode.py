@@ -1,8 +1,10 @@
 """The lean decode step against HF's forward over a static cache (issue 25): ms/token per weight dtype and action.
 
-Both decoders run on the decode kernel (``runtime.matvec``) with the same model, engine, prompt and thread count;
-only the step differs (``runtime.compiled.StaticCacheDecoder`` vs ``runtime.lean.LeanDecoder``). Interleaved: in
-every round each (dtype, action) cell generates once per decoder, the order alternating by round (ABAB); a cell's
+Every decoder runs on the decode kernel (``runtime.matvec``) with the same model, engine, prompt and thread count;
+only the step differs: ``runtime.compiled.StaticCacheDecoder`` (HF's forward), ``runtime.lean.LeanDecoder`` with
+``one_call=False`` (its torch-op loop over the layers) and ``LeanDecoder`` (the kernel's one-call step,
+``runtime/lean_step.cpp``). Interleaved: in every round each (dtype, action) cell generates once per decoder, the
+order alternating by round (ABC CBA); a cell's
 figure is the median over rounds of each generation's median step. A cell the lean step cannot run exactly is
 reported as such (it would time StaticCacheDecoder twice).
 
@@ -36,7 +38,7 @@ from runtime.generation import generate  # noqa: E402
 from runtime.lean import LeanDecoder, unsupported  # noqa: E402
 from runtime.matvec import matvec_kernel  # noqa: E402
 
-DECODERS = ("static", "lean")
+DECODERS = ("static", "loop", "lean")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> dict:
     actions = [NONE] + [PruningAction.parse(a) for a in args.actions.split(",") if a.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     ids = probe_prompt(loaded.tokenizer, args.prompt_tokens)
-    decoders = {"static": StaticCacheDecoder(model, engine), "lean": LeanDecoder(model, engine)}
+    decoders = {"static": StaticCacheDecoder(model, engine), "loop": LeanDecoder(model, engine, one_call=False),
+                "lean": LeanDecoder(model, engine)}
     cells = [(dtype, action) for dtype in dtypes for action in actions]
     samples: dict[tuple[str, str, str], list[float]] = {(d, a.label, n): [] for d, a in cells for n in DECODERS}
     lean_runs: dict[tuple[str, str], str | None] = {}
@@ -82,8 +85,9 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for dtype, action in cells:
         ms = {n: statistics.median(samples[dtype, action.label, n]) for n in DECODERS}
-        rows.append({"dtype": dtype, "action": action.label, "static_ms": ms["static"], "lean_ms": ms["lean"],
-                     "speedup": ms["static"] / ms["lean"], "lean_ran": lean_runs[dtype, action.label] is None,
+        rows.append({"dtype": dtype, "action": action.label, "static_ms": ms["static"], "loop_ms": ms["loop"],
+                     "lean_ms": ms["lean"], "speedup": ms["static"] / ms["lean"],
+                     "one_call_speedup": ms["loop"] / ms["lean"], "lean_ran": lean_runs[dtype, action.label] is None,
                      "fallback_reason": lean_runs[dtype, action.label]})
     return {"settings": {"model": loaded.name, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
                          "new_tokens": args.new_tokens, "rounds": args.rounds, "kernel": "native",
@@ -97,11 +101,15 @@ def render(result: dict) -> str:
     lines = [f"{s['model']}, {s['threads']} threads ({s['cpu']}), OpenMP {s['openmp']}, torch {s['torch']}, decode "
              f"kernel {s['kernel']}; prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new, {s['rounds']} "
              f"interleaved rounds; load avg {s['loadavg_1m']} at the end; {s['wall_s']} s",
-             "dtype | action | StaticCacheDecoder ms/token | LeanDecoder ms/token | speedup",
-             "----- | ------ | -------------------------- | ------------------- | -------"]
+             "dtype | action | StaticCacheDecoder ms/token | lean, torch-op loop | lean, one call | speedup over "
+             "static | one call over loop",
+             "----- | ------ | -------------------------- | ------------------- | -------------- | ------------------"
+             " | ------------------"]
     for r in result["rows"]:
-        lean = f"{r['lean_ms']:.1f}" if r["lean_ran"] else f"(fell back: {r['fallback_reason']})"
-        lines.append(f"{r['dtype']} | {r['action']} | {r['static_ms']:.1f} | {lean} | {r['speedup']:.2f}x")
+        lean = f"{r['loop_ms']:.1f} | {r['lean_ms']:.1f}" if r["lean_ran"] else \
+            f"(fell back: {r['fallback_reason']}) | -"
+        lines.append(f"{r['dtype']} | {r['action']} | {r['static_ms']:.1f} | {lean} | {r['speedup']:.2f}x | "
+                     f"{r['one_call_speedup']:.2f}x")
     return "\n".join(lines)
 
 

@@ -231,10 +231,11 @@ def _native_step(kernel, layers: list[_Layer], base: nn.Module, head: Linear, he
 
 class LeanDecoder:
     """A ``generation.Decoder`` that runs a Llama-family model's decode step directly, or ``StaticCacheDecoder``
-    where it cannot do so exactly (``unsupported``; logged once per reason)."""
+    where it cannot do so exactly (``unsupported``; logged once per reason). ``one_call=False`` runs the torch-op
+    loop even where the kernel's one-call step could run (bench/lean_decode.py times the two)."""
 
-    def __init__(self, model: nn.Module, engine=None) -> None:
-        self.engine = engine
+    def __init__(self, model: nn.Module, engine=None, one_call: bool = True) -> None:
+        self.engine, self.one_call = engine, one_call
         self.fallback = StaticCacheDecoder(model, engine)
         self._said: set[str] = set()
 
@@ -249,14 +250,14 @@ class LeanDecoder:
     def __call__(self, model: nn.Module, pre: Prefill, new_tokens: int) -> Step:
         if self._falls_back(model):
             return self.fallback(model, pre, new_tokens)
-        return _LeanStep(model, pre, new_tokens)
+        return _LeanStep(model, pre, new_tokens, self.one_call)
 
 
 class _LeanStep:
     """The step of one generation (the module docstring says what it reads and when): the kernel's one-call step where
     every product is on the kernel (``_native_step``), else this module's loop over the layers."""
 
-    def __init__(self, model: nn.Module, pre: Prefill, new_tokens: int) -> None:
+    def __init__(self, model: nn.Module, pre: Prefill, new_tokens: int, one_call: bool = True) -> None:
         base = model.model
         self.filled = pre.cache.get_seq_length()
         self.slots = self.filled + new_tokens
@@ -267,7 +268,8 @@ class _LeanStep:
         self.eye, self.signed = _rotation_basis(self.head_dim)
         self.embedding, self.rotary, self.final_norm = base.embed_tokens.weight, base.rotary_emb, base.norm
         self.head = _product(model.lm_head, kernel)
-        self.native = _native_step(kernel, self.layers, base, self.head, self.head_dim, self.scaling)
+        self.native = _native_step(kernel, self.layers, base, self.head, self.head_dim, self.scaling) \
+            if one_call else None
         self.new_tokens = new_tokens
         self.first: int | None = None       # the first step's position: cos/sin are indexed from it
         self.cos = self.sin = torch.empty(0)
