@@ -102,11 +102,12 @@ def choose_threads(live: dict[int, float] | None, prior: dict[int, float], fallb
 def measure_threads(model: torch.nn.Module, candidates: tuple[int, ...], steps: int = 3, rounds: int = 2,
                     max_seconds: float = 0.3, decoder: Decoder = eager_decoder) -> dict[int, float]:
     """Median step of ``decoder`` (the one the governor runs: a ranking of HF's forward, which is mostly per-step
-    Python work, need not be the lean step's) per thread count, now: ``rounds`` in alternating order, each a 16-token
-    prefill and ``steps`` + 1 steps (the first untimed); the best round per count. After the first round only the counts within
-    ``RETIME_FACTOR`` of the best are timed again: a collapsing setting under load costs seconds per step and cannot
-    win, while at idle 1 and 2 threads differ by < 2x and a single round of three steps can rank them wrongly (a
-    bench run decided 1 thread at idle from one such round, then its re-check timed 2 threads 1.7x faster)."""
+    Python work, need not be the lean step's) per thread count, now: ``rounds`` in alternating order, each a
+    16-token prefill and ``steps`` + 1 steps (the first untimed); the best round per count. After the first round only
+    the counts within ``RETIME_FACTOR`` of the best are timed again: a collapsing setting under load costs seconds per
+    step and cannot win, while at idle 1 and 2 threads differ by < 2x and a single round of three steps can rank them
+    wrongly (a bench run decided 1 thread at idle from one such round, then its re-check timed 2 threads 1.7x
+    faster)."""
     before = torch.get_num_threads()
     out: dict[int, float] = {}
     try:

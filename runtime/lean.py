@@ -33,6 +33,7 @@ instead and logs why, once per reason: never different numbers silently.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,7 +189,8 @@ class _Layer:
     values: torch.Tensor
 
     def products(self) -> list[Linear]:
-        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down] + ([self.out_map] if self.out_map else [])
+        maps = [] if self.out_map is None else [self.out_map]
+        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down] + maps
 
 
 def _layer(entry: nn.Module, pre: Prefill, slots: int, kernel) -> _Layer:
@@ -205,11 +207,11 @@ def _layer(entry: nn.Module, pre: Prefill, slots: int, kernel) -> _Layer:
     values = cached.values.new_empty(kv_heads, slots, head_dim)
     keys[:, :length] = cached.keys[0]
     values[:, :length] = cached.values[0]
-    def product(linear: nn.Linear) -> Linear:
-        return _product(linear, kernel)
+    product = functools.partial(_product, kernel=kernel)
     return _Layer(layer.input_layernorm, product(attn.q_proj), product(attn.k_proj), product(attn.v_proj),
                   product(attn.o_proj), layer.post_attention_layernorm, product(mlp.gate_proj),
-                  product(mlp.up_proj), product(mlp.down_proj), mlp.act_fn, None if out_map is None else product(out_map),
+                  product(mlp.up_proj), product(mlp.down_proj), mlp.act_fn,
+                  None if out_map is None else product(out_map),
                   kv_heads, attn.q_proj.weight.shape[0] // head_dim // kv_heads, keys, values)
 
 
