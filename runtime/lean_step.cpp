@@ -3,10 +3,11 @@
 // Why: with the products on the kernel, a step of SmolLM2-135M still made ~600 small torch calls and 211 kernel calls
 // from Python (about 6-8 ms of a 29-33 ms fp32 step, issue 25). Here a step is one call: per layer RMSNorm, q/k/v in
 // one parallel region (int8: x quantized once for the three), RoPE of the new query and key, the key and value
-// written into the next cache slot, grouped-query attention over the filled slots (heads split over the threads),
-// o_proj, residual, RMSNorm, gate and up in one region, SiLU(gate) * up, down_proj, residual, and a replaced run's
-// affine map; then the final norm and the head. The math is runtime/lean.py's Python step (the reference the tests
-// compare it with); the products are matvec.cpp's, on the weight views the engine set for this generation.
+// written into the next cache slot, grouped-query attention over the filled slots (split over KV heads and stretches
+// of slots: attend), o_proj, residual, RMSNorm, gate and up in one region, SiLU(gate) * up, down_proj, residual, and a
+// replaced run's affine map; then the final norm and the head. The math is runtime/lean.py's Python step (the
+// reference the tests compare it with); the products are matvec.cpp's, on the weight views the engine set for this
+// generation.
 #include "matvec.h"
 
 #include <ATen/Parallel.h>

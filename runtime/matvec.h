@@ -53,7 +53,6 @@ class Product {
   int64_t rows() const { return N_; }
   int64_t cols() const { return K_; }
   bool int8() const { return kind_ == Kind::I8Rows || kind_ == Kind::I8Blocks; }
-  Kind kind() const { return kind_; }
   // output rows per task on `threads` threads
   int64_t task_rows(int64_t threads) const;
   // y[n0, n0 + count) of the product (scale and bias applied); xq is x quantized where int8()

@@ -88,13 +88,15 @@ def _build(name: str, build: Path) -> None:
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         log.warning("removing %s, left by a build that never finished", lock)
         lock.unlink(missing_ok=True)
-    log.info("building the decode kernel (runtime/matvec.cpp) into %s: about a minute, once per machine", build)
+    log.info("building the decode kernel (runtime/matvec.cpp, lean_step.cpp) into %s: about a minute, once per "
+             "machine", build)
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES if p.suffix == ".cpp"],
                            extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=str(build),
                            verbose=False)
     except Exception as err:        # noqa: BLE001 — no compiler, no ninja, a failed build: all mean "use torch's"
-        raise KernelBuildError(f"the decode kernel runtime/matvec.cpp did not build ({str(err).strip()[-300:]}); "
+        raise KernelBuildError(f"the decode kernel (runtime/matvec.cpp, lean_step.cpp) did not build "
+                               f"({str(err).strip()[-300:]}); "
                                "install a C++ compiler and ninja (pip install ninja), or pass --matvec torch") from err
 
 
