@@ -16,9 +16,11 @@ One run, interleaved rounds, per load level (``machine.contention.presets()``: i
 
 Columns: ms/token (median over rounds of each run's median step), achieved/floor (that median over the best
 floor), best/floor (the fastest round over the best floor: the same statistic on both sides, so noise that slows
-some rounds does not count against the path), speedup over the tool's dense path at the same dtype, the ideal
-speedup (bytes, dense / pruned); paired: the median over rounds of dense / pruned timed in the same round (the
-machine's drift between rounds cancels; the row's speedup divides medians taken over different rounds). A tool
+some rounds does not count against the path), pair/floor (the median over rounds of each round's time over the
+floor taken in that round, right after its decodes: the machine's drift between rounds cancels, as in paired),
+speedup over the tool's dense path at the same dtype, the ideal speedup (bytes, dense / pruned, the weights at the
+row's dtype and the K/V cache in fp32); paired: the median over rounds of dense / pruned timed in the same round
+(the machine's drift between rounds cancels; the row's speedup divides medians taken over different rounds). A tool
 row's runtime is what its rounds ran under (the governor re-decides per run; counts where they differ).
 
     PYTHONPATH=. .venv/bin/python bench/decode_limit.py --levels idle,heavy --json bench/decode_limit.json
@@ -54,7 +56,7 @@ from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 import model_loader  # noqa: E402
 from bench.script import bench_main  # noqa: E402
-from common.config import RunConfig  # noqa: E402
+from common.config import WEIGHT_DTYPE_BYTES, RunConfig  # noqa: E402
 from common.files import atomic_write_text, strict_json  # noqa: E402
 from environments.session import build_engine  # noqa: E402
 from evaluation.speed import probe_prompt  # noqa: E402
@@ -80,6 +82,7 @@ class Row:
     floor_ms: float | None
     achieved_over_floor: float | None     # the median round over the best floor (the conservative ratio)
     best_over_floor: float | None         # the fastest round over the best floor (the same statistic both sides)
+    paired_over_floor: float | None       # the median over rounds of this round's time over this round's floor
     speedup: float | None     # over the tool's dense path at the same dtype: median dense / median this
     paired_speedup: float | None   # the median over rounds of dense / this in the same round (drift cancels)
     ideal_speedup: float | None
@@ -204,16 +207,18 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
     cache_tokens = ids.shape[1] + args.new_tokens // 2
     threads = openmp.thread_candidates(openmp.usable_cores())
     floors: dict[tuple[str, str], dict] = {}
+    round_floors: dict[tuple[str, str], list[float]] = {}   # ms, one per round: the paired ratio's denominators
 
     def measure_floors() -> None:
-        """Every floor once more, keeping the best: floors are taken in every round, between the decodes,
-        so load that drifts during the run reaches both (a floor taken once, up front, came out above the
-        decode it bounds when the machine's load fell later)."""
+        """Every floor once more, keeping the best and this round's: floors are taken in every round, between
+        the decodes, so load that drifts during the run reaches both (a floor taken once, up front, came out above
+        the decode it bounds when the machine's load fell later)."""
         for dtype, engine in {label.split("/")[0]: e for label, e in engines.items()}.items():
             for action in actions:
                 with engine.pruned(action):
                     floor = measure_floor(decode_matrices(engine.model, cache_tokens), threads,
                                           args.floor_passes).to_dict()
+                round_floors.setdefault((dtype, action.label), []).append(floor["floor_ms"])
                 best = floors.get((dtype, action.label))
                 if best is None or floor["floor_ms"] < best["floor_ms"]:
                     floors[dtype, action.label] = floor
@@ -249,19 +254,24 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         dense = ms.get(("tool", dtype, NONE.label))
         engine = engines.get(dtype)
         tool_row = path == "tool"
-        ideal = engine.ideal_speedup(PruningAction.parse(action), ids.shape[1], args.new_tokens / 2) \
-            if tool_row else None
+        ideal = engine.ideal_speedup(PruningAction.parse(action), ids.shape[1], args.new_tokens / 2,
+                                     WEIGHT_DTYPE_BYTES[dtype.split("/")[0]]) if tool_row else None
         runtime = runtime_label(used[path, dtype, action]) if tool_row else (
             "stock/%dt" % openmp.usable_cores() if path == "stock generate" else action)
         best = min(samples[path, dtype, action]) * 1e3
         paired = (statistics.median(d / v for d, v in zip(samples["tool", dtype, NONE.label],
                                                           samples[path, dtype, action])) if tool_row else None)
+        per_round = round_floors.get((dtype.split("/")[0], action)) if floor else None
+        paired_floor = statistics.median(v * 1e3 / f for v, f in zip(samples[path, dtype, action], per_round)) \
+            if per_round else None
         rows.append(Row(level, path, dtype, action, runtime, value, floor["floor_ms"] if floor else None,
                         value / floor["floor_ms"] if floor else None, best / floor["floor_ms"] if floor else None,
-                        dense / value if tool_row and dense else None, paired, ideal))
+                        paired_floor, dense / value if tool_row and dense else None, paired, ideal))
     return {"level": level, "runtime": {k: v.label for k, v in settings.items()},   # the first decision per row set
             "basis": {k: v.basis for k, v in settings.items()},
-            "live_checks": {k: g.describe()["live_checks"] for k, g in governors.items()}, "floors": {f"{d}/{a}": f for (d, a), f in floors.items()},
+            "live_checks": {k: g.describe()["live_checks"] for k, g in governors.items()},
+            "floors": {f"{d}/{a}": f for (d, a), f in floors.items()},
+            "round_floors_ms": {f"{d}/{a}": f for (d, a), f in round_floors.items()},
             "samples_ms": {"|".join(k): [x * 1e3 for x in v] for k, v in samples.items()},
             "rows": [asdict(r) for r in rows], "loadavg_1m": round(os.getloadavg()[0], 2)}
 
@@ -323,8 +333,8 @@ def format_tables(result: dict) -> str:
              f"{omp['policy']} ({omp['source']}); prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new, "
              f"{s['rounds']} interleaved rounds; started {s['started']}, {s['wall_s']} s"
              + ("" if s["llama_cpp"] else "; llama.cpp not installed (rows skipped)")]
-    cols = ("path", "dtype", "action", "runtime", "ms/token", "floor", "ach/floor", "best/floor", "speedup", "paired",
-            "ideal")
+    cols = ("path", "dtype", "action", "runtime", "ms/token", "floor", "ach/floor", "best/floor", "pair/floor",
+            "speedup", "paired", "ideal")
     for level in result["levels"]:
         checks = "; ".join(f"{label} {st}: " + ", ".join(f"{t}t {v * 1e3:.1f}" for t, v in c.items())
                            for label, per in level["live_checks"].items() for st, c in per.items())
@@ -334,7 +344,7 @@ def format_tables(result: dict) -> str:
         for r in level["rows"]:
             lines.append(" | ".join((r["path"], r["dtype"], r["action"], r["runtime"], f"{r['ms_per_token']:.1f}",
                                      _f(r["floor_ms"], ".1f"), _f(r["achieved_over_floor"], ".2f"),
-                                     _f(r.get("best_over_floor"), ".2f"),
+                                     _f(r.get("best_over_floor"), ".2f"), _f(r.get("paired_over_floor"), ".2f"),
                                      _f(r["speedup"], ".3f"), _f(r.get("paired_speedup"), ".3f"),
                                      _f(r["ideal_speedup"], ".3f"))))
     return "\n".join(lines)

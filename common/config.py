@@ -25,6 +25,7 @@ STATE_FEATURE_SETS = tuple(f"{kind}{extra}" for kind in STATE_FEATURES
 # prompt's share PROBE_BLEND (the 1:1 prior, not tuned)
 PROBE_IMPORTANCE, PROBE_STATIC, PROBE_BLEND = "probe", "fluctuation", 0.5
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # runtime.dtype: what --dtype accepts
+WEIGHT_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}   # bytes per weight element (the K/V cache stays fp32)
 MATVEC_KERNELS = ("auto", "native", "torch")       # runtime.matvec: what --matvec accepts
 EXECUTORS = ("local", "ray")        # how the offline outcome precompute runs (environments.outcomes.fanout)
 OFFLINE_GRADIENT_STEPS = 1    # offline transitions are free: one update each (live: dqn.gradient_steps, 4)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from pruners.methods.param_budget import count_parameters, removed_share
 from evaluation.routes import ModelSpec, Route, RouterFactory, StaticRoute, build_route
 from common.calibration import calibration_set
-from common.config import BaselineConfig, RunConfig
+from common.config import WEIGHT_DTYPE_BYTES, WEIGHT_DTYPES, BaselineConfig, RunConfig
 from common.markdown import fmt, md_table
 from evaluation.suite import evaluate_route
 from runtime.dtype import weight_dtype_scope
@@ -48,6 +48,8 @@ from runtime.governor import ExecutionGovernor
 from runtime.timing import RunTiming, TimingSession
 from evaluation.lm_eval_tasks import prepare_tasks
 from pruners import NONE, PruningAction, PruningEngine
+from pruners.cost import DecodeShape, decode_cost, ideal_speedup
+from pruners.model_info import ModelDims
 from pruners.scoring.importance import tokenize_calibration
 from pruners.methods.static_methods import build_engine, get_method, resolve
 from pruners.methods.unstructured import METHODS as UNSTRUCTURED_METHODS, Sparsity, sparsified
@@ -56,8 +58,8 @@ from evaluation.wikitext import CorpusText, load_wikitext2_test
 log = logging.getLogger(__name__)
 
 NO_SPEEDUP = "no speedup on dense kernels (zeros are still multiplied; speedup not timed)"
-QUANTIZED_BYTES = {"int8": 4.0, "bfloat16": 2.0}   # fp32 bytes / bytes of a weight in the dtype
-IDEAL_NOTE = "speedup over fp32 dense; ideal counts weight bytes only (the KV cache stays fp32)"
+QUANTIZED = tuple(d for d in WEIGHT_DTYPES if d != "float32")
+IDEAL_NOTE = "speedup over fp32 dense; ideal: fp32 dense bytes / bytes with the weights in the dtype (KV cache fp32)"
 
 
 def validate_config(cfg: BaselineConfig) -> None:
@@ -67,8 +69,8 @@ def validate_config(cfg: BaselineConfig) -> None:
     for spec in cfg.unstructured:
         parse_unstructured(spec)
     for dtype in cfg.quantized:
-        if dtype not in QUANTIZED_BYTES:
-            raise ValueError(f"--quantized-baselines {dtype}: choose from {', '.join(QUANTIZED_BYTES)}")
+        if dtype not in QUANTIZED:
+            raise ValueError(f"--quantized-baselines {dtype}: choose from {', '.join(QUANTIZED)}")
     for budget in cfg.budgets:
         if not 0.0 < budget < 1.0:
             raise ValueError(f"budget {budget} must be a share of non-embedding parameters in (0, 1)")
@@ -179,6 +181,17 @@ class _Sweep:
     def ideal(self, engine: PruningEngine, action: PruningAction) -> float:
         return engine.ideal_speedup(action, self.cfg.speed_prompt_tokens, self.cfg.speed_new_tokens / 2)
 
+    def quantized_ideal(self, dtype: str, engine: PruningEngine | None = None, action: PruningAction = NONE) -> float:
+        """fp32 dense bytes / the bytes of ``action`` (dense without an engine) with its weights in ``dtype``."""
+        prompt, generated = self.cfg.speed_prompt_tokens, self.cfg.speed_new_tokens / 2
+        if engine is None:
+            dims = ModelDims.from_model(self.loaded.model)
+            element = next(self.loaded.model.parameters()).element_size()
+            dense = pruned = decode_cost(dims, DecodeShape.dense(dims, prompt), generated, element)
+        else:
+            dense, pruned = engine.decode_cost(NONE, prompt, generated), engine.decode_cost(action, prompt, generated)
+        return ideal_speedup(dense, pruned, WEIGHT_DTYPE_BYTES[dtype])
+
     def dense(self) -> BaselineRow:
         entry = self.score(Route(ModelSpec("dense")))
         return BaselineRow("dense", "dense", 0.0, 0.0, self.dense_params.total, 1.0, 1.0, _ppl(entry),
@@ -201,7 +214,7 @@ class _Sweep:
             with weight_dtype_scope(model, dtype):
                 entry = self.score(Route(ModelSpec("dense")))
             speedup, runtime = self.speedup(lambda _text: weight_dtype_scope(model, dtype), None)
-            return BaselineRow(dtype, "quantized", 0.0, 0.0, self.dense_params.total, speedup, QUANTIZED_BYTES[dtype],
+            return BaselineRow(dtype, "quantized", 0.0, 0.0, self.dense_params.total, speedup, self.quantized_ideal(dtype),
                                _ppl(entry), action=NONE.label, note=IDEAL_NOTE, accuracies=_accuracies(entry),
                                runtime=runtime)
         method = get_method(method_name)
@@ -215,7 +228,7 @@ class _Sweep:
                 yield
         speedup, runtime = self.speedup(pruned, engine)
         return BaselineRow(f"{method.name}+{dtype}", "quantized", budget, match.removed, match.params, speedup,
-                           self.ideal(engine, match.action) * QUANTIZED_BYTES[dtype], _ppl(entry),
+                           self.quantized_ideal(dtype, engine, match.action), _ppl(entry),
                            action=match.action.label, importance=method.importance, note=IDEAL_NOTE,
                            accuracies=_accuracies(entry), runtime=runtime)
 

@@ -1,7 +1,9 @@
 """Bytes read per decoded token: the ideal speedup of memory-bound single-stream decoding.
 
 Counts every weight a decode step reads (the tied lm_head in full, every token; the embedding
-as one row) plus the K/V cache read by attention. Mask mode reads the dense weights. What a plan changes
+as one row) plus the K/V cache read by attention. Mask mode reads the dense weights. Weights computed in
+another dtype (``runtime.dtype``: int8, bfloat16) are counted at that dtype's size while the K/V cache keeps the
+model's (``DecodeCost.bytes_at``): at int8 the cache is a larger share of the bytes, so an action's ideal differs. What a plan changes
 (units per layer, layers run, cache length) comes from its target's ``decode_shape``.
 """
 from __future__ import annotations
@@ -15,11 +17,17 @@ from pruners.model_info import ModelDims
 class DecodeCost:
     weight_params: int      # weight elements read per decoded token
     cache_elements: int     # K/V elements read per decoded token (at the given cache length)
-    bytes_per_element: int
+    bytes_per_element: int  # the model's element size: its K/V cache's, and its weights' as loaded
 
     @property
     def bytes(self) -> int:
         return (self.weight_params + self.cache_elements) * self.bytes_per_element
+
+    def bytes_at(self, weight_bytes: float | None = None) -> float:
+        """Bytes read with the weights at ``weight_bytes`` per element (None: the model's own); the cache as it is."""
+        if weight_bytes is None:
+            return self.bytes
+        return self.weight_params * weight_bytes + self.cache_elements * self.bytes_per_element
 
 
 @dataclass(frozen=True)
@@ -55,5 +63,8 @@ def decode_cost(dims: ModelDims, shape: DecodeShape, generated: float = 0.0, byt
     return DecodeCost(int(params), int(round(cache)), bytes_per_element)
 
 
-def ideal_speedup(dense: DecodeCost, pruned: DecodeCost) -> float:
-    return dense.bytes / pruned.bytes
+def ideal_speedup(dense: DecodeCost, pruned: DecodeCost, weight_bytes: float | None = None,
+                  dense_weight_bytes: float | None = None) -> float:
+    """Bytes dense / pruned, the pruned weights at ``weight_bytes`` per element and the dense ones at
+    ``dense_weight_bytes`` (each None: the model's own)."""
+    return dense.bytes_at(dense_weight_bytes) / pruned.bytes_at(weight_bytes)

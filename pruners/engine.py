@@ -399,10 +399,12 @@ class PruningEngine:
                                                        structural=self.mode == "structural")
         return decode_cost(self.dims, shape, generated, element, plan.extra_params)
 
-    def ideal_speedup(self, action: PruningAction, prompt_tokens: int = 0, generated: float = 0.0) -> float:
-        """Bytes read per decoded token, dense / pruned."""
+    def ideal_speedup(self, action: PruningAction, prompt_tokens: int = 0, generated: float = 0.0,
+                      weight_bytes: float | None = None) -> float:
+        """Bytes read per decoded token, dense / pruned, both with the weights at ``weight_bytes`` per element (a
+        weight dtype's, ``common.config.WEIGHT_DTYPE_BYTES``; None: the model's own)."""
         return ideal_speedup(self.decode_cost(NONE, prompt_tokens, generated),
-                             self.decode_cost(action, prompt_tokens, generated))
+                             self.decode_cost(action, prompt_tokens, generated), weight_bytes, weight_bytes)
 
 
 def _encode_maps(maps: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict:

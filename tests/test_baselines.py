@@ -305,11 +305,13 @@ def test_quantized_rows_sit_beside_the_pruning_rows(tiny, ids, tmp_path):
     rows = run_baselines(tiny, config, out_dir=tmp_path)
     assert [r["method"] for r in rows] == ["dense", "int8", "magnitude", "magnitude+int8"]
     by = {r["method"]: r for r in rows}
-    assert by["int8"]["kind"] == "quantized" and by["int8"]["ideal_speedup"] == 4.0 and by["int8"]["speedup"] > 0
+    # the ideal counts int8 weights at a byte and the K/V cache still in fp32: below 4x, the more so with more cache
+    assert by["int8"]["kind"] == "quantized" and 1.0 < by["int8"]["ideal_speedup"] < 4.0 and by["int8"]["speedup"] > 0
     assert by["int8"]["ppl"] != by["dense"]["ppl"] and by["int8"]["ppl"] == pytest.approx(by["dense"]["ppl"], rel=0.05)
     both, pruned = by["magnitude+int8"], by["magnitude"]
     assert both["action"] == pruned["action"] and both["budget"] == pruned["budget"] == 0.25
-    assert both["ideal_speedup"] == pytest.approx(4 * pruned["ideal_speedup"])
+    assert pruned["ideal_speedup"] < both["ideal_speedup"] < 4 * pruned["ideal_speedup"]
+    assert both["ideal_speedup"] > by["int8"]["ideal_speedup"]
     assert both["ppl"] != pruned["ppl"] and both["ppl"] == pytest.approx(pruned["ppl"], rel=0.05)
     assert not any(isinstance(m, ShadowLinear) for m in tiny.model.modules())       # fp32 afterwards
     assert (logits(tiny.model, ids) - dense).abs().max() < 1e-5

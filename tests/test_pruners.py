@@ -165,6 +165,20 @@ def test_every_level_resolves_for_every_target(tiny, tmp_path):
             assert engine.ideal_speedup(action, prompt_tokens=512) > 1.0, action.label
 
 
+def test_ideal_speedup_counts_weights_in_their_dtype_and_the_cache_in_fp32(tiny, tmp_path):
+    """int8 weights read a byte each while the K/V cache stays fp32: the cache is a larger share of an int8 step,
+    so a weight-only action gains less at int8 than at fp32, and without a cache the two ideals agree."""
+    engine = engine_for(tiny, tmp_path)
+    ffn, kv = PruningAction("ffn_neurons", 0.5), PruningAction("kv_cache", 0.5)
+    dense, pruned = engine.decode_cost(NONE, 512), engine.decode_cost(ffn, 512)
+    assert dense.bytes_at(1) == dense.weight_params + 4 * dense.cache_elements and dense.bytes_at() == dense.bytes
+    int8 = engine.ideal_speedup(ffn, 512, weight_bytes=1)
+    assert int8 == pytest.approx(dense.bytes_at(1) / pruned.bytes_at(1))
+    assert 1.0 < int8 < engine.ideal_speedup(ffn, 512)
+    assert engine.ideal_speedup(ffn, weight_bytes=1) == pytest.approx(engine.ideal_speedup(ffn))  # no cache
+    assert engine.ideal_speedup(kv, 512, weight_bytes=1) > engine.ideal_speedup(kv, 512) > 1.0    # cache-only
+
+
 def test_group_allocation_spreads_uniformly_with_remainder_to_least_important():
     dims = ModelDims(num_layers=30, hidden=576, intermediate=1536, num_heads=9, num_kv_heads=3, head_dim=64,
                      vocab=49152, tied_lm_head=True)
