@@ -214,7 +214,8 @@ class _Sweep:
             with weight_dtype_scope(model, dtype):
                 entry = self.score(Route(ModelSpec("dense")))
             speedup, runtime = self.speedup(lambda _text: weight_dtype_scope(model, dtype), None)
-            return BaselineRow(dtype, "quantized", 0.0, 0.0, self.dense_params.total, speedup, self.quantized_ideal(dtype),
+            return BaselineRow(dtype, "quantized", 0.0, 0.0, self.dense_params.total, speedup,
+                               self.quantized_ideal(dtype),
                                _ppl(entry), action=NONE.label, note=IDEAL_NOTE, accuracies=_accuracies(entry),
                                runtime=runtime)
         method = get_method(method_name)

@@ -1,10 +1,10 @@
 """Bytes read per decoded token: the ideal speedup of memory-bound single-stream decoding.
 
 Counts every weight a decode step reads (the tied lm_head in full, every token; the embedding
-as one row) plus the K/V cache read by attention. Mask mode reads the dense weights. Weights computed in
-another dtype (``runtime.dtype``: int8, bfloat16) are counted at that dtype's size while the K/V cache keeps the
-model's (``DecodeCost.bytes_at``): at int8 the cache is a larger share of the bytes, so an action's ideal differs. What a plan changes
-(units per layer, layers run, cache length) comes from its target's ``decode_shape``.
+as one row) plus the K/V cache read by attention. Mask mode reads the dense weights. What a plan changes
+(units per layer, layers run, cache length) comes from its target's ``decode_shape``. Weights computed in another
+dtype (``runtime.dtype``: int8, bfloat16) count at that dtype's size while the K/V cache keeps the model's
+(``DecodeCost.bytes_at``): at int8 the cache is a larger share of the bytes, so an action's ideal differs.
 """
 from __future__ import annotations
 

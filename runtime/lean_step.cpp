@@ -286,21 +286,19 @@ class LeanStep {
     partial_max_.assign(heads * stretches, -std::numeric_limits<float>::infinity());
     partial_sum_.assign(heads * stretches, 0.f);
     partial_out_.assign(heads * stretches * dim, 0.f);
-    at::parallel_for(0, l.kv_heads * stretches, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores(stretch);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t g = t / stretches, c = t % stretches, s0 = c * stretch, s1 = std::min(n, s0 + stretch);
-        if (s0 >= s1) continue;
-        const float *K = keys + g * slots * dim, *V = values + g * slots * dim;
-        for (int64_t j = 0; j < group; ++j) {
-          const int64_t i = g * group + j;
-          float* sc = scores.data();
-          slot_scores(q_.data() + i * dim, K, dim, s0, s1, sc);
-          const float top = *std::max_element(sc, sc + (s1 - s0));
-          partial_max_[i * stretches + c] = top;
-          partial_sum_[i * stretches + c] = exp_shifted(sc, s1 - s0, top);
-          weighted_rows(sc, V + s0 * dim, dim, s1 - s0, partial_out_.data() + (i * stretches + c) * dim);
-        }
+    parallel_tasks(l.kv_heads * stretches, [&](int64_t t) {
+      const int64_t g = t / stretches, c = t % stretches, s0 = c * stretch, s1 = std::min(n, s0 + stretch);
+      if (s0 >= s1) return;
+      const float *K = keys + g * slots * dim, *V = values + g * slots * dim;
+      std::vector<float> scores(s1 - s0);
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t i = g * group + j;
+        float* sc = scores.data();
+        slot_scores(q_.data() + i * dim, K, dim, s0, s1, sc);
+        const float top = *std::max_element(sc, sc + (s1 - s0));
+        partial_max_[i * stretches + c] = top;
+        partial_sum_[i * stretches + c] = exp_shifted(sc, s1 - s0, top);
+        weighted_rows(sc, V + s0 * dim, dim, s1 - s0, partial_out_.data() + (i * stretches + c) * dim);
       }
     });
     for (int64_t i = 0; i < heads; ++i) {

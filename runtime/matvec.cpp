@@ -7,8 +7,8 @@
 //         column prefixes), fp32 scales; x is quantized to int16 per block of kQBlock columns (scale max|x| / 32767
 //         per block: relative error ~2e-5 of the output) and the products run on int16 multiply-adds
 //         (madd_epi16), accumulated in int32 per block.
-// Output rows are split into tasks over at::parallel_for's threads; each task streams its rows once. The int8 kernels
-// prefetch kPrefetchRows rows ahead: an int8 row is a few hundred bytes, too short for the hardware prefetcher to
+// Output rows are split into tasks over torch's OpenMP threads (parallel_tasks); each task streams its rows once.
+// The int8 kernels prefetch kPrefetchRows rows ahead: an int8 row is a few hundred bytes, too short for the hardware prefetcher to
 // ramp up on, and without it int8 read 10-14 GB/s cold against fp32's 25 (with it 16-32; bench numbers in
 // bench/RESULTS.md). Why int16 activations: the int8 -> fp32 conversion made the product compute-heavy enough
 // that memory and compute did not overlap; int16 products need a third of the instructions.
@@ -17,13 +17,15 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 namespace matvec {
 namespace {
 
 constexpr int64_t kRows = 4;      // rows per inner loop of the row-major kernels: four dot products share each x load
-constexpr int64_t kRowTask = 16;  // rows per task of the row-major products
+constexpr int64_t kRowTask = 16;  // rows per task of the row-major products (fp32: 36 KB of SmolLM2's rows)
+constexpr int64_t kI8RowTask = 64;  // int8 rows are a quarter as long: tasks of about as many bytes
 constexpr int64_t kCols = 32;     // outputs per column-major task: four 8-float accumulators
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kBlockedRows = 96;   // the most rows per task of the column-block product
@@ -213,6 +215,7 @@ Product::Product(torch::Tensor w, std::optional<torch::Tensor> scale, int64_t ro
   }
   TORCH_CHECK((rows < 0 || rows == N_) && (cols < 0 || cols == K_), "Product: ", rows, " rows and ", cols,
               " columns asked of a ", N_, " x ", K_, " weight");
+  data_ = w_.data_ptr();
   if (int8()) {
     TORCH_CHECK(scale && scale->dim() == 1 && scale->size(0) >= N_ && scale->is_contiguous() &&
                     scale->scalar_type() == torch::kFloat32,
@@ -238,6 +241,8 @@ int64_t Product::task_rows(int64_t threads) const {
       // 0.94 of the full row-major one for 0.8 of its bytes, 96 rows reached 0.77 (576 x 1536, 1229 columns, 2
       // threads). At least two tasks per thread, so wide machines still split small weights.
       return std::clamp<int64_t>(N_ / (2 * threads) / kRows * kRows, kRowTask, kBlockedRows);
+    case Kind::I8Rows:
+      return kI8RowTask;
     default:
       return kRowTask;
   }
@@ -246,16 +251,16 @@ int64_t Product::task_rows(int64_t threads) const {
 void Product::run(int64_t n0, int64_t count, const float* x, const QuantizedVector* xq, float* y) const {
   switch (kind_) {
     case Kind::F32Rows:
-      rows_f32(w_.data_ptr<float>(), ld_, x, K_, y, n0, count);
+      rows_f32(static_cast<const float*>(data_), ld_, x, K_, y, n0, count);
       break;
     case Kind::F32Cols:
-      cols_f32(w_.data_ptr<float>(), ld_, x, K_, y, n0, count);
+      cols_f32(static_cast<const float*>(data_), ld_, x, K_, y, n0, count);
       break;
     case Kind::I8Rows:
-      rows_i8<false>(w_.data_ptr<int8_t>(), ld_, *xq, 0, K_, y, n0, count);
+      rows_i8<false>(static_cast<const int8_t*>(data_), ld_, *xq, 0, K_, y, n0, count);
       break;
     case Kind::I8Blocks: {
-      const int8_t* W = w_.data_ptr<int8_t>();
+      const int8_t* W = static_cast<const int8_t*>(data_);
       for (int64_t kb = 0; kb < K_; kb += ld_) {
         const int8_t* block = W + (kb / ld_) * block_stride_;
         const int64_t width = std::min(ld_, K_ - kb);
@@ -286,13 +291,62 @@ void run_products(const std::vector<std::pair<const Product*, float*>>& jobs, co
     int8 |= p.int8();
   }
   const QuantizedVector xq = int8 ? quantize_int16(x, K) : QuantizedVector{};
-  at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
-    size_t j = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      while (t >= first[j + 1]) ++j;
-      const Product& p = *jobs[j].first;
-      const int64_t n0 = (t - first[j]) * width[j];
-      p.run(n0, std::min(width[j], p.rows() - n0), x, &xq, jobs[j].second);
+  parallel_tasks(first.back(), [&](int64_t t) {
+    const size_t j = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    const Product& p = *jobs[j].first;
+    const int64_t n0 = (t - first[j]) * width[j];
+    p.run(n0, std::min(width[j], p.rows() - n0), x, &xq, jobs[j].second);
+  });
+}
+
+namespace {
+
+// one thread's tasks [lo, hi) in one word, so that its owner (from the front) and a thief (from the back) claim by
+// compare-and-swap; a cache line each: the owner's claims stay in its own cache until a thief looks
+struct alignas(64) Share {
+  std::atomic<uint64_t> range{0};
+};
+
+constexpr uint64_t pack(uint64_t lo, uint64_t hi) { return hi << 32 | lo; }
+constexpr uint32_t low(uint64_t r) { return static_cast<uint32_t>(r); }
+constexpr uint32_t high(uint64_t r) { return static_cast<uint32_t>(r >> 32); }
+
+}  // namespace
+
+void parallel_tasks(int64_t count, const std::function<void(int64_t)>& task) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < count; ++t) task(t);
+    return;
+  }
+  TORCH_CHECK(count < (int64_t{1} << 32), "parallel_tasks: ", count, " tasks do not fit a 32-bit index");
+  std::vector<Share> shares(threads);
+  for (int64_t i = 0; i < threads; ++i)
+    shares[i].range.store(pack(count * i / threads, count * (i + 1) / threads), std::memory_order_relaxed);
+  at::parallel_for(0, threads, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t me = i0; me < i1; ++me) {     // one share per thread (more where OpenMP gave fewer threads)
+      std::atomic<uint64_t>& own = shares[me].range;
+      for (;;) {
+        uint64_t r = own.load(std::memory_order_acquire);
+        if (low(r) < high(r)) {
+          if (own.compare_exchange_weak(r, pack(low(r) + 1, high(r)), std::memory_order_acq_rel)) task(low(r));
+          continue;
+        }
+        // own share done: the back half of the largest share left, which becomes this thread's share
+        int64_t victim = -1;
+        uint64_t seen = 0;
+        for (int64_t v = 0; v < threads; ++v) {
+          const uint64_t vr = shares[v].range.load(std::memory_order_acquire);
+          if (low(vr) < high(vr) && (victim < 0 || high(vr) - low(vr) > high(seen) - low(seen))) {
+            victim = v;
+            seen = vr;
+          }
+        }
+        if (victim < 0) break;
+        const uint32_t split = high(seen) - (high(seen) - low(seen) + 1) / 2;
+        if (shares[victim].range.compare_exchange_strong(seen, pack(low(seen), split), std::memory_order_acq_rel))
+          own.store(pack(split, high(seen)), std::memory_order_release);
+      }
     }
   });
 }

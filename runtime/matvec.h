@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -63,6 +64,7 @@ class Product {
  private:
   Kind kind_;
   torch::Tensor w_, scale_, bias_;  // held so the views outlive the Python objects they came from
+  const void* data_ = nullptr;      // w_'s first element: data_ptr<T>() checks the type on every call (perf: ~2 %)
   int64_t N_, K_, ld_, block_stride_;
   const float* scale_ptr_ = nullptr;
   const float* bias_ptr_ = nullptr;
@@ -70,5 +72,11 @@ class Product {
 
 // several products on one input x (all of x's length), each into its output, in one parallel region
 void run_products(const std::vector<std::pair<const Product*, float*>>& jobs, const float* x, int64_t K);
+
+// task(i) for every i in [0, count), on torch's OpenMP threads: each thread starts on its own contiguous share, in
+// order (its rows stream as one), and a thread whose share is done takes the back half of the largest share left.
+// Why not a static split: with one thread waiting for the other at the end of every region, perf put 8-22 % of each
+// thread's time of a step in libgomp's spin (the machine's bandwidth per thread varies moment to moment).
+void parallel_tasks(int64_t count, const std::function<void(int64_t)>& task);
 
 }  // namespace matvec
