@@ -21,7 +21,11 @@ floor taken in that round, right after its decodes: the machine's drift between 
 speedup over the tool's dense path at the same dtype, the ideal speedup (bytes, dense / pruned, the weights at the
 row's dtype and the K/V cache in fp32); paired: the median over rounds of dense / pruned timed in the same round
 (the machine's drift between rounds cancels; the row's speedup divides medians taken over different rounds). A tool
-row's runtime is what its rounds ran under (the governor re-decides per run; counts where they differ).
+row's runtime is what its rounds ran under (the governor re-decides per run; counts where they differ). At a
+level other than idle the tool's dense path also runs at each thread count fixed (``none@1t``, ``none@2t``: the
+governor's decoder, its thread choice bypassed) in the same rounds; gov/best is the median over rounds of the
+governed dense time over the faster fixed one in that round (the issue's "within 10 % of the best setting measured in
+that state").
 
     PYTHONPATH=. .venv/bin/python bench/decode_limit.py --levels idle,heavy --json bench/decode_limit.json
 """
@@ -86,6 +90,7 @@ class Row:
     speedup: float | None     # over the tool's dense path at the same dtype: median dense / median this
     paired_speedup: float | None   # the median over rounds of dense / this in the same round (drift cancels)
     ideal_speedup: float | None
+    over_best_fixed: float | None = None   # not idle, dense: median over rounds of this / the faster fixed thread count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -234,6 +239,18 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
                 with engine.pruned(action):
                     return tool_step(engine.model, engine, governor, ids, args.new_tokens)
             runs["tool", dtype, action.label] = tool
+    if level != "idle":     # the governor's pick against each thread count fixed, same rounds (dense only)
+        for dtype, engine in engines.items():
+            for t in threads:
+                def fixed(engine=engine, governor=governors[dtype], t=t) -> float:
+                    before = torch.get_num_threads()
+                    torch.set_num_threads(t)
+                    try:
+                        return generate(engine.model, ids, args.new_tokens, engine=engine,
+                                        decoder=governor.decoder(engine.model, engine)).median_step_s
+                    finally:
+                        torch.set_num_threads(before)
+                runs["tool", dtype, f"{NONE.label}@{t}t"] = fixed
     if llama is not None and level == "idle":
         for t in threads:
             runs["llama.cpp", "Q4_1", f"{t} threads"] = lambda t=t: llama(t)
@@ -249,11 +266,12 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         measure_floors()
     ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     rows = []
+    fixed = {dtype: [samples[k] for k in samples if k[:2] == ("tool", dtype) and "@" in k[2]] for dtype in engines}
     for (path, dtype, action), value in ms.items():
-        floor = floors.get((dtype.split("/")[0], action)) if path != "llama.cpp" else None
+        floor = floors.get((dtype.split("/")[0], action.split("@")[0])) if path != "llama.cpp" else None
         dense = ms.get(("tool", dtype, NONE.label))
         engine = engines.get(dtype)
-        tool_row = path == "tool"
+        tool_row = path == "tool" and "@" not in action
         ideal = engine.ideal_speedup(PruningAction.parse(action), ids.shape[1], args.new_tokens / 2,
                                      WEIGHT_DTYPE_BYTES[dtype.split("/")[0]]) if tool_row else None
         runtime = runtime_label(used[path, dtype, action]) if tool_row else (
@@ -261,12 +279,14 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         best = min(samples[path, dtype, action]) * 1e3
         paired = (statistics.median(d / v for d, v in zip(samples["tool", dtype, NONE.label],
                                                           samples[path, dtype, action])) if tool_row else None)
-        per_round = round_floors.get((dtype.split("/")[0], action)) if floor else None
+        per_round = round_floors.get((dtype.split("/")[0], action.split("@")[0])) if floor else None
         paired_floor = statistics.median(v * 1e3 / f for v, f in zip(samples[path, dtype, action], per_round)) \
             if per_round else None
+        best_fixed = statistics.median(v / min(f) for v, f in zip(samples[path, dtype, action], zip(*fixed[dtype]))) \
+            if tool_row and action == NONE.label and fixed.get(dtype) else None
         rows.append(Row(level, path, dtype, action, runtime, value, floor["floor_ms"] if floor else None,
                         value / floor["floor_ms"] if floor else None, best / floor["floor_ms"] if floor else None,
-                        paired_floor, dense / value if tool_row and dense else None, paired, ideal))
+                        paired_floor, dense / value if tool_row and dense else None, paired, ideal, best_fixed))
     return {"level": level, "runtime": {k: v.label for k, v in settings.items()},   # the first decision per row set
             "basis": {k: v.basis for k, v in settings.items()},
             "live_checks": {k: g.describe()["live_checks"] for k, g in governors.items()},
@@ -334,7 +354,7 @@ def format_tables(result: dict) -> str:
              f"{s['rounds']} interleaved rounds; started {s['started']}, {s['wall_s']} s"
              + ("" if s["llama_cpp"] else "; llama.cpp not installed (rows skipped)")]
     cols = ("path", "dtype", "action", "runtime", "ms/token", "floor", "ach/floor", "best/floor", "pair/floor",
-            "speedup", "paired", "ideal")
+            "speedup", "paired", "ideal", "gov/best")
     for level in result["levels"]:
         checks = "; ".join(f"{label} {st}: " + ", ".join(f"{t}t {v * 1e3:.1f}" for t, v in c.items())
                            for label, per in level["live_checks"].items() for st, c in per.items())
@@ -346,7 +366,7 @@ def format_tables(result: dict) -> str:
                                      _f(r["floor_ms"], ".1f"), _f(r["achieved_over_floor"], ".2f"),
                                      _f(r.get("best_over_floor"), ".2f"), _f(r.get("paired_over_floor"), ".2f"),
                                      _f(r["speedup"], ".3f"), _f(r.get("paired_speedup"), ".3f"),
-                                     _f(r["ideal_speedup"], ".3f"))))
+                                     _f(r["ideal_speedup"], ".3f"), _f(r.get("over_best_fixed"), ".2f"))))
     return "\n".join(lines)
 
 

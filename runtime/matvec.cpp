@@ -8,9 +8,9 @@
 //         per block: relative error ~2e-5 of the output) and the products run on int16 multiply-adds
 //         (madd_epi16), accumulated in int32 per block.
 // Output rows are split into tasks over torch's OpenMP threads (parallel_tasks); each task streams its rows once.
-// The int8 kernels prefetch kPrefetchRows rows ahead: an int8 row is a few hundred bytes, too short for the hardware prefetcher to
-// ramp up on, and without it int8 read 10-14 GB/s cold against fp32's 25 (with it 16-32; bench numbers in
-// bench/RESULTS.md). Why int16 activations: the int8 -> fp32 conversion made the product compute-heavy enough
+// The int8 kernels prefetch kPrefetchRows rows ahead: an int8 row is a few hundred bytes, too short for the hardware
+// prefetcher to ramp up on, and without it int8 read 10-14 GB/s cold against fp32's 25 (with it 16-32; bench numbers
+// in bench/RESULTS.md). Why int16 activations: the int8 -> fp32 conversion made the product compute-heavy enough
 // that memory and compute did not overlap; int16 products need a third of the instructions.
 #include "matvec.h"
 
