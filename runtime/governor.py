@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
 WINDOW_S = 0.2              # a decision without telemetry reads the CPU over this long, starting then
-RETIME_FACTOR = 2.0         # a live check times again only the thread counts within this factor of its best
 
 
 @dataclass(frozen=True)
@@ -103,17 +102,17 @@ def measure_threads(model: torch.nn.Module, candidates: tuple[int, ...], steps: 
                     max_seconds: float = 0.3, decoder: Decoder = eager_decoder) -> dict[int, float]:
     """Median step of ``decoder`` (the one the governor runs: a ranking of HF's forward, which is mostly per-step
     Python work, need not be the lean step's) per thread count, now: ``rounds`` in alternating order, each a
-    16-token prefill and ``steps`` + 1 steps (the first untimed); the best round per count. After the first round only
-    the counts within ``RETIME_FACTOR`` of the best are timed again: a collapsing setting under load costs seconds per
-    step and cannot win, while at idle 1 and 2 threads differ by < 2x and a single round of three steps can rank them
-    wrongly (a bench run decided 1 thread at idle from one such round, then its re-check timed 2 threads 1.7x
-    faster)."""
+    16-token prefill and ``steps`` + 1 steps (the first untimed); the best round per count. Every count is timed in
+    every round, even one that collapsed in the first: a single round of three steps can rank them wrongly (at idle a
+    bench run decided 1 thread from one such round, then its re-check timed 2 threads 1.7x faster), and under load a
+    collapse can be a passing moment (with the work-stealing kernel, 2 threads timed 1188 ms against 1 thread's 30 in
+    one check under ``heavy``, then ran 49 ms per step against 1 thread's 63 in the same run's fixed rounds)."""
     before = torch.get_num_threads()
     out: dict[int, float] = {}
     try:
         for r in range(rounds):
             order = candidates if r % 2 == 0 else candidates[::-1]
-            for threads in (t for t in order if r == 0 or out[t] <= RETIME_FACTOR * min(out.values())):
+            for threads in order:
                 torch.set_num_threads(threads)
                 s = decode_seconds_per_token(model, 16, steps, max_seconds, decoder)[0]
                 out[threads] = min(out.get(threads, s), s)
