@@ -59,7 +59,7 @@ def run_train(cfg: RunConfig) -> Path:
             tracked[0] = len(episodes)
             return metrics
 
-        completed = False
+        completed = late = False
         try:   # from here on an interrupt always leaves a checkpoint and a partial report
             run_dir.write_config(cfg.to_dict())
             if cfg.resume:
@@ -76,7 +76,8 @@ def run_train(cfg: RunConfig) -> Path:
             with interrupts_deferred():    # a second signal waits until the checkpoint is complete
                 s.engine.restore()
                 trainer.save(trainer.next_episode)
-        late = False
+            # every episode had run (the signal came while the run closed): its files are complete, not partial
+            completed = late = trainer.next_episode >= cfg.episodes
         try:
             with interrupts_deferred():        # a second Ctrl-C waits until the files are complete
                 metrics = write(trainer.episodes, partial=not completed,

@@ -200,6 +200,28 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert np.array_equal(_trained_q(straight), _trained_q(again))
 
 
+def test_an_interrupt_after_the_last_episode_leaves_a_complete_report(tmp_path, monkeypatch):
+    """A signal while the run closes (here: in the final checkpoint write) after every episode ran: exit 130, but the
+    checkpoint and the report are complete, not partial (a random-signal test caught the report marked partial)."""
+    from controller import trainer as trainer_module
+    real_save = trainer_module.Trainer.save
+    calls = {"final": 0}
+
+    def save_then_interrupt(self, next_episode):
+        real_save(self, next_episode)
+        if next_episode == 3 and not calls["final"]:
+            calls["final"] += 1
+            raise KeyboardInterrupt("test interrupt")
+    monkeypatch.setattr(trainer_module.Trainer, "save", save_then_interrupt)
+    ckpt, reports = tmp_path / "p.pt", tmp_path / "r"
+    code = adaptive_pruning.main(["--mode", "train", *FAST, "--episodes", "3", "--save-every", "100",
+                                  "--checkpoint", str(ckpt), "--report-dir", str(reports)])
+    assert code == 130 and calls["final"] == 1
+    metrics = json.loads(next(reports.glob("train-*")).joinpath("metrics.json").read_text())
+    assert load_checkpoint(ckpt)["next_episode"] == 3 and len(metrics["episodes"]) == 3
+    assert metrics["partial"] is False and metrics["partial_reason"] is None
+
+
 def test_embedded_model_trainings_with_a_fixed_table_and_trace_are_identical(tmp_path, embedded_loaded):
     """Issue 5: on SmolLM2, two seeded trainings whose timings come from a latency table (and whose
     telemetry is replayed) give the same network, hence the same action on any state."""
