@@ -268,18 +268,19 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
     rows = []
     fixed = {dtype: [samples[k] for k in samples if k[:2] == ("tool", dtype) and "@" in k[2]] for dtype in engines}
     for (path, dtype, action), value in ms.items():
-        floor = floors.get((dtype.split("/")[0], action.split("@")[0])) if path != "llama.cpp" else None
+        weights, base = dtype.split("/")[0], action.split("@")[0]   # "int8/native" -> "int8"; "none@2t" -> "none"
+        floor = floors.get((weights, base)) if path != "llama.cpp" else None
         dense = ms.get(("tool", dtype, NONE.label))
         engine = engines.get(dtype)
         tool_row = path == "tool" and "@" not in action
         ideal = engine.ideal_speedup(PruningAction.parse(action), ids.shape[1], args.new_tokens / 2,
-                                     WEIGHT_DTYPE_BYTES[dtype.split("/")[0]]) if tool_row else None
+                                     WEIGHT_DTYPE_BYTES[weights]) if tool_row else None
         runtime = runtime_label(used[path, dtype, action]) if tool_row else (
             "stock/%dt" % openmp.usable_cores() if path == "stock generate" else action)
         best = min(samples[path, dtype, action]) * 1e3
         paired = (statistics.median(d / v for d, v in zip(samples["tool", dtype, NONE.label],
                                                           samples[path, dtype, action])) if tool_row else None)
-        per_round = round_floors.get((dtype.split("/")[0], action.split("@")[0])) if floor else None
+        per_round = round_floors.get((weights, base)) if floor else None
         paired_floor = statistics.median(v * 1e3 / f for v, f in zip(samples[path, dtype, action], per_round)) \
             if per_round else None
         best_fixed = statistics.median(v / min(f) for v, f in zip(samples[path, dtype, action], zip(*fixed[dtype]))) \
