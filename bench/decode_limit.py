@@ -25,7 +25,9 @@ row's runtime is what its rounds ran under (the governor re-decides per run; cou
 level other than idle the tool's dense path also runs at each thread count fixed (``none@1t``, ``none@2t``: the
 governor's decoder, its thread choice bypassed) in the same rounds; gov/best is the median over rounds of the
 governed dense time over the faster fixed one in that round (the issue's "within 10 % of the best setting measured in
-that state").
+that state"; the minimum of two noisy times favours the fixed side when they tie), and gov/arm the median over rounds of
+the governed time over the time in that round of the fixed count whose median over rounds is lowest (the best single
+setting, chosen after the fact).
 
     PYTHONPATH=. .venv/bin/python bench/decode_limit.py --levels idle,heavy --json bench/decode_limit.json
 """
@@ -90,7 +92,8 @@ class Row:
     speedup: float | None     # over the tool's dense path at the same dtype: median dense / median this
     paired_speedup: float | None   # the median over rounds of dense / this in the same round (drift cancels)
     ideal_speedup: float | None
-    over_best_fixed: float | None = None   # not idle, dense: median over rounds of this / the faster fixed thread count
+    over_best_fixed: float | None = None   # not idle, dense: median over rounds of this / the faster fixed count
+    over_best_arm: float | None = None     # not idle, dense: median over rounds of this / the best-median fixed count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -207,7 +210,7 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
     # one-threaded MKL product ties 1 and 2 threads; the decode kernel splits rows over both)
     governors = {label: ExecutionGovernor() for label in engines}
     for label, engine in engines.items():
-        governors[label].attach(engine.model)
+        governors[label].attach(engine.model, engine)
     settings = {label: governor.govern() for label, governor in governors.items()}
     cache_tokens = ids.shape[1] + args.new_tokens // 2
     threads = openmp.thread_candidates(openmp.usable_cores())
@@ -267,6 +270,7 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
     ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     rows = []
     fixed = {dtype: [samples[k] for k in samples if k[:2] == ("tool", dtype) and "@" in k[2]] for dtype in engines}
+    best_arm = {dtype: min(arms, key=statistics.median) for dtype, arms in fixed.items() if arms}
     for (path, dtype, action), value in ms.items():
         weights, base = dtype.split("/")[0], action.split("@")[0]   # "int8/native" -> "int8"; "none@2t" -> "none"
         floor = floors.get((weights, base)) if path != "llama.cpp" else None
@@ -283,17 +287,22 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         per_round = round_floors.get((weights, base)) if floor else None
         paired_floor = statistics.median(v * 1e3 / f for v, f in zip(samples[path, dtype, action], per_round)) \
             if per_round else None
+        governed = tool_row and action == NONE.label and dtype in best_arm
         best_fixed = statistics.median(v / min(f) for v, f in zip(samples[path, dtype, action], zip(*fixed[dtype]))) \
-            if tool_row and action == NONE.label and fixed.get(dtype) else None
+            if governed else None
+        over_arm = statistics.median(v / f for v, f in zip(samples[path, dtype, action], best_arm[dtype])) \
+            if governed else None
         rows.append(Row(level, path, dtype, action, runtime, value, floor["floor_ms"] if floor else None,
                         value / floor["floor_ms"] if floor else None, best / floor["floor_ms"] if floor else None,
-                        paired_floor, dense / value if tool_row and dense else None, paired, ideal, best_fixed))
+                        paired_floor, dense / value if tool_row and dense else None, paired, ideal, best_fixed,
+                        over_arm))
     return {"level": level, "runtime": {k: v.label for k, v in settings.items()},   # the first decision per row set
             "basis": {k: v.basis for k, v in settings.items()},
             "live_checks": {k: g.describe()["live_checks"] for k, g in governors.items()},
             "floors": {f"{d}/{a}": f for (d, a), f in floors.items()},
             "round_floors_ms": {f"{d}/{a}": f for (d, a), f in round_floors.items()},
             "samples_ms": {"|".join(k): [x * 1e3 for x in v] for k, v in samples.items()},
+            "runtime_per_round": {"|".join(k): v for k, v in used.items()},
             "rows": [asdict(r) for r in rows], "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -355,7 +364,7 @@ def format_tables(result: dict) -> str:
              f"{s['rounds']} interleaved rounds; started {s['started']}, {s['wall_s']} s"
              + ("" if s["llama_cpp"] else "; llama.cpp not installed (rows skipped)")]
     cols = ("path", "dtype", "action", "runtime", "ms/token", "floor", "ach/floor", "best/floor", "pair/floor",
-            "speedup", "paired", "ideal", "gov/best")
+            "speedup", "paired", "ideal", "gov/best", "gov/arm")
     for level in result["levels"]:
         checks = "; ".join(f"{label} {st}: " + ", ".join(f"{t}t {v * 1e3:.1f}" for t, v in c.items())
                            for label, per in level["live_checks"].items() for st, c in per.items())
@@ -367,7 +376,8 @@ def format_tables(result: dict) -> str:
                                      _f(r["floor_ms"], ".1f"), _f(r["achieved_over_floor"], ".2f"),
                                      _f(r.get("best_over_floor"), ".2f"), _f(r.get("paired_over_floor"), ".2f"),
                                      _f(r["speedup"], ".3f"), _f(r.get("paired_speedup"), ".3f"),
-                                     _f(r["ideal_speedup"], ".3f"), _f(r.get("over_best_fixed"), ".2f"))))
+                                     _f(r["ideal_speedup"], ".3f"), _f(r.get("over_best_fixed"), ".2f"),
+                                     _f(r.get("over_best_arm"), ".2f"))))
     return "\n".join(lines)
 
 

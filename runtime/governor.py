@@ -141,14 +141,20 @@ class ExecutionGovernor:
         self.decoder_name = "compiled" if self.compiled else "lean" if self.device.type == "cpu" else "eager"
         self._probe: HardwareProbe | None = None
         self._model: torch.nn.Module | None = None
-        self._decoder: Decoder = eager_decoder     # the step live checks time: the one ``decoder`` built
+        self._decoder: Decoder = eager_decoder     # the step live checks time: the one ``attach`` built
         self._clock = clock
         self.checks: dict[str, ThreadCheck] = {}
 
-    def attach(self, model: torch.nn.Module) -> None:
-        """The model live checks time (CPU only: on CUDA the thread count is not the decode's bottleneck)."""
-        if self.device.type == "cpu":
-            self._model = model
+    def attach(self, model: torch.nn.Module, engine=None) -> None:
+        """The model live checks time, on the decode step this governor runs it with (CPU only: on CUDA the thread
+        count is not the decode's bottleneck). Why the step is built here: a check before ``decoder`` timed HF's
+        forward, which 1 and 2 threads run alike (mostly Python), and at idle a bench run then decoded two rounds on
+        1 thread at 36 ms per token against 24 on 2."""
+        if self.device.type != "cpu":
+            return
+        self._model = model
+        if not self.compiled:
+            self._decoder = self._step(model, engine)
 
     def candidates(self) -> tuple[int, ...]:
         return openmp.thread_candidates(openmp.usable_cores())
@@ -222,18 +228,20 @@ class ExecutionGovernor:
         """The decode step this governor runs: compiled per action (runtime.compiled), the lean step on the CPU
         (runtime.lean; it still falls back per generation, e.g. while hooks are on), else HF's forward over a
         static cache. The model is also the one its live thread checks time (``attach``)."""
-        self.attach(model)
+        self.attach(model, engine)
         if self.compiled:
             return CompiledDecoder(model, engine)
+        return self._decoder if self.device.type == "cpu" else self._step(model, engine)
+
+    def _step(self, model: torch.nn.Module, engine=None) -> Decoder:
+        """The uncompiled step: lean where it can run the model, else HF's forward over a static cache."""
         if self.decoder_name == "lean":
             reason = unsupported(model, engine)
             if reason is None:
-                self._decoder = LeanDecoder(model, engine)
-                return self._decoder
+                return LeanDecoder(model, engine)
             log.info("runtime: lean decode off for this model (%s): HF's forward over a static cache", reason)
             self.decoder_name = "eager"
-        self._decoder = StaticCacheDecoder(model, engine)
-        return self._decoder
+        return StaticCacheDecoder(model, engine)
 
     def describe(self) -> dict:
         """For provenance: the OpenMP choice (with its probes) and this governor's rule."""

@@ -118,11 +118,12 @@ def _hooks(model: nn.Module) -> str | None:
 
 def unsupported(model: nn.Module, engine=None) -> str | None:
     """Why the lean step cannot run ``model`` as it is now exactly as HF's forward does (None: it can)."""
-    config = model.config
+    config = getattr(model, "config", None)
     if getattr(engine, "mode", None) == "mask":
         return "the engine prunes with hooks (mask mode)"
-    if config.model_type not in MODEL_TYPES:
-        return f"model type {config.model_type!r} (the lean step runs {', '.join(MODEL_TYPES)})"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return f"model type {model_type!r} (the lean step runs {', '.join(MODEL_TYPES)})"
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
         return f"the model is on {weight.device.type} (the lean step is for the CPU)"

@@ -1,4 +1,4 @@
-// One-row matrix-vector products for decode, multi-threaded on torch's own OpenMP pool (runtime/matvec.py).
+// One-row matrix-vector products for decode, multi-threaded on the kernel's task pool (tasks.cpp; runtime/matvec.py).
 //
 // The kernels read the weight in place through its strides, so the engine's prefix views (a row prefix of
 // q/k/v/gate/up, a column prefix of o_proj/down_proj) need no copy per view (matvec.h lists the layouts):
@@ -7,7 +7,7 @@
 //         column prefixes), fp32 scales; x is quantized to int16 per block of kQBlock columns (scale max|x| / 32767
 //         per block: relative error ~2e-5 of the output) and the products run on int16 multiply-adds
 //         (madd_epi16), accumulated in int32 per block.
-// Output rows are split into tasks over torch's OpenMP threads (parallel_tasks); each task streams its rows once.
+// Output rows are split into tasks over torch's thread count (parallel_tasks); each task streams its rows once.
 // The int8 kernels prefetch kPrefetchRows rows ahead: an int8 row is a few hundred bytes, too short for the hardware
 // prefetcher to ramp up on, and without it int8 read 10-14 GB/s cold against fp32's 25 (with it 16-32; bench numbers
 // in bench/RESULTS.md). Why int16 activations: the int8 -> fp32 conversion made the product compute-heavy enough
@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 
 namespace matvec {
@@ -296,58 +295,6 @@ void run_products(const std::vector<std::pair<const Product*, float*>>& jobs, co
     const Product& p = *jobs[j].first;
     const int64_t n0 = (t - first[j]) * width[j];
     p.run(n0, std::min(width[j], p.rows() - n0), x, &xq, jobs[j].second);
-  });
-}
-
-namespace {
-
-// one thread's tasks [lo, hi) in one word, so that its owner (from the front) and a thief (from the back) claim by
-// compare-and-swap; a cache line each: the owner's claims stay in its own cache until a thief looks
-struct alignas(64) Share {
-  std::atomic<uint64_t> range{0};
-};
-
-constexpr uint64_t pack(uint64_t lo, uint64_t hi) { return hi << 32 | lo; }
-constexpr uint32_t low(uint64_t r) { return static_cast<uint32_t>(r); }
-constexpr uint32_t high(uint64_t r) { return static_cast<uint32_t>(r >> 32); }
-
-}  // namespace
-
-void parallel_tasks(int64_t count, const std::function<void(int64_t)>& task) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  if (threads <= 1 || at::in_parallel_region()) {
-    for (int64_t t = 0; t < count; ++t) task(t);
-    return;
-  }
-  TORCH_CHECK(count < (int64_t{1} << 32), "parallel_tasks: ", count, " tasks do not fit a 32-bit index");
-  std::vector<Share> shares(threads);
-  for (int64_t i = 0; i < threads; ++i)
-    shares[i].range.store(pack(count * i / threads, count * (i + 1) / threads), std::memory_order_relaxed);
-  at::parallel_for(0, threads, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t me = i0; me < i1; ++me) {     // one share per thread (more where OpenMP gave fewer threads)
-      std::atomic<uint64_t>& own = shares[me].range;
-      for (;;) {
-        uint64_t r = own.load(std::memory_order_acquire);
-        if (low(r) < high(r)) {
-          if (own.compare_exchange_weak(r, pack(low(r) + 1, high(r)), std::memory_order_acq_rel)) task(low(r));
-          continue;
-        }
-        // own share done: the back half of the largest share left, which becomes this thread's share
-        int64_t victim = -1;
-        uint64_t seen = 0;
-        for (int64_t v = 0; v < threads; ++v) {
-          const uint64_t vr = shares[v].range.load(std::memory_order_acquire);
-          if (low(vr) < high(vr) && (victim < 0 || high(vr) - low(vr) > high(seen) - low(seen))) {
-            victim = v;
-            seen = vr;
-          }
-        }
-        if (victim < 0) break;
-        const uint32_t split = high(seen) - (high(seen) - low(seen) + 1) / 2;
-        if (shares[victim].range.compare_exchange_strong(seen, pack(low(seen), split), std::memory_order_acq_rel))
-          own.store(pack(split, high(seen)), std::memory_order_release);
-      }
-    }
   });
 }
 

@@ -58,7 +58,7 @@ class Product {
   int64_t task_rows(int64_t threads) const;
   // y[n0, n0 + count) of the product (scale and bias applied); xq is x quantized where int8()
   void run(int64_t n0, int64_t count, const float* x, const QuantizedVector* xq, float* y) const;
-  // x [cols] -> y [rows], on torch's OpenMP pool
+  // x [cols] -> y [rows], on parallel_tasks
   torch::Tensor operator()(const torch::Tensor& x) const;
 
  private:
@@ -73,10 +73,11 @@ class Product {
 // several products on one input x (all of x's length), each into its output, in one parallel region
 void run_products(const std::vector<std::pair<const Product*, float*>>& jobs, const float* x, int64_t K);
 
-// task(i) for every i in [0, count), on torch's OpenMP threads: each thread starts on its own contiguous share, in
-// order (its rows stream as one), and a thread whose share is done takes the back half of the largest share left.
-// Why not a static split: with one thread waiting for the other at the end of every region, perf put 8-22 % of each
-// thread's time of a step in libgomp's spin (the machine's bandwidth per thread varies moment to moment).
+// task(i) for every i in [0, count) on torch's thread count (tasks.cpp: the kernel's own pool, not OpenMP's): each
+// thread starts on its own contiguous share, in order (its rows stream as one), and a thread whose share is done
+// takes the back half of the largest share left. Why not a static split: with one thread waiting for the other at the
+// end of every region, perf put 8-22 % of each thread's time of a step in libgomp's spin (the machine's bandwidth
+// per thread varies moment to moment). It returns when every task is done, without waiting for a worker to arrive.
 void parallel_tasks(int64_t count, const std::function<void(int64_t)>& task);
 
 }  // namespace matvec

@@ -4,8 +4,9 @@ Why: single-stream decode is one matrix-vector product per weight, so it is boun
 streams the weight bytes. torch's are far from that here (issue 25, SmolLM2-135M's matrices, 2-core AMD
 EPYC): MKL's one-row fp32 product ran on one thread whatever ``torch.set_num_threads`` said, at about 1.7x
 a one-pass read of the same bytes, and torch's int8 weight-only kernel at about 2x. This kernel splits
-the output rows over torch's own OpenMP threads and streams each row once (AVX2/FMA where the compiler
-targets it), which measured 22 ms against MKL's 36 ms for the fp32 bytes of one step and 8 ms for their
+the output rows over torch's thread count, on a task pool of its own (``tasks.cpp``: a region ends when its tasks are
+done, not at a barrier that waits for a thread the OS has not scheduled), and streams each row once (AVX2/FMA where
+the compiler targets it), which measured 22 ms against MKL's 36 ms for the fp32 bytes of one step and 8 ms for their
 int8 copy (read floor 7.7 ms; ``bench/decode_limit.py`` has the per-run figures).
 
 How: ``torch.utils.cpp_extension`` compiles it with the machine's C++ compiler (``-O3 -march=native``)
@@ -43,7 +44,7 @@ from common.hub import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("matvec.h", "matvec.cpp", "lean_step.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("matvec.h", "matvec.cpp", "tasks.cpp", "lean_step.cpp"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 STALE_LOCK_S = 900.0         # a build takes about a minute; a lock this old was left by a killed one
 
@@ -88,14 +89,14 @@ def _build(name: str, build: Path) -> None:
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         log.warning("removing %s, left by a build that never finished", lock)
         lock.unlink(missing_ok=True)
-    log.info("building the decode kernel (runtime/matvec.cpp, lean_step.cpp) into %s: about a minute, once per "
-             "machine", build)
+    log.info("building the decode kernel (runtime/matvec.cpp, tasks.cpp, lean_step.cpp) into %s: about a minute, "
+             "once per machine", build)
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES if p.suffix == ".cpp"],
                            extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=str(build),
                            verbose=False)
     except Exception as err:        # noqa: BLE001 — no compiler, no ninja, a failed build: all mean "use torch's"
-        raise KernelBuildError(f"the decode kernel (runtime/matvec.cpp, lean_step.cpp) did not build "
+        raise KernelBuildError(f"the decode kernel (runtime/matvec.cpp, tasks.cpp, lean_step.cpp) did not build "
                                f"({str(err).strip()[-300:]}); "
                                "install a C++ compiler and ninja (pip install ninja), or pass --matvec torch") from err
 

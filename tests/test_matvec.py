@@ -227,3 +227,112 @@ def test_two_threads_share_the_tasks_and_give_the_one_thread_result(kernel):
                 assert torch.equal(p(xs[name]), one[name]), name
     finally:
         torch.set_num_threads(before)
+
+
+def kernel_products(kernel) -> dict[str, tuple[object, torch.Tensor, torch.Tensor]]:
+    """A product per layout with its input and its one-thread output."""
+    q = torch.randint(-127, 128, (301, 700), dtype=torch.int8)
+    w, scale = torch.randn(301, 700), torch.rand(301) + 0.01
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for name, p, cols in (("fp32 rows", kernel.Product(w[:, :650]), 650),
+                              ("int8 blocks", kernel.Product(column_blocks(q, width=96), scale, rows=290, cols=650),
+                               650)):
+            x = torch.randn(cols)
+            out[name] = (p, x, p(x))
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [3, 8])
+def test_more_threads_than_cores_give_the_one_thread_result(kernel, threads):
+    """The task pool (runtime/tasks.cpp) with more workers than cores: most regions start while some worker is not
+    running, and it must neither lose a task nor run one twice."""
+    products = kernel_products(kernel)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(50):
+            for name, (p, x, one) in products.items():
+                assert torch.equal(p(x), one), name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_two_python_threads_can_run_products_at_once(kernel):
+    """The kernel releases the GIL, so two callers can reach the pool together: one runs its region on the pool and
+    the other its tasks itself, both correct."""
+    import threading
+    products = kernel_products(kernel)
+    failures: list[str] = []
+
+    def caller() -> None:
+        for _ in range(100):
+            for name, (p, x, one) in products.items():
+                if not torch.equal(p(x), one):
+                    failures.append(name)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        callers = [threading.Thread(target=caller) for _ in range(2)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join(timeout=120)
+        assert not any(c.is_alive() for c in callers), "a caller hung"
+    finally:
+        torch.set_num_threads(before)
+    assert failures == []
+
+
+def test_a_forked_child_runs_the_pool_of_its_own(kernel):
+    """A child forked after the pool started has none of its workers: its regions still finish, with the same
+    result (it starts workers of its own)."""
+    import multiprocessing
+    products = kernel_products(kernel)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for p, x, _ in products.values():
+            p(x)                                   # the parent's pool is running
+        child = multiprocessing.get_context("fork").Process(target=_check_products, args=(products,))
+        child.start()
+        child.join(timeout=120)
+        if child.is_alive():
+            child.kill()
+        assert child.exitcode == 0, "the child hung or gave another result"
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_products(products) -> None:
+    torch.set_num_threads(2)
+    for _ in range(20):
+        for p, x, one in products.values():
+            if not torch.equal(p(x), one):
+                os._exit(1)
+    os._exit(0)
+
+
+def test_idle_workers_sleep_rather_than_spin(kernel):
+    """Between generations the pool's workers must give the cores back (under load a spinning worker takes a core
+    from the decode): after a region they spin about a millisecond, then sleep."""
+    import resource
+    import time
+    products = kernel_products(kernel)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for p, x, _ in products.values():
+            p(x)
+        time.sleep(0.05)
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(0.3)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        torch.set_num_threads(before)
+    assert (after.ru_utime + after.ru_stime) - (used.ru_utime + used.ru_stime) < 0.05
