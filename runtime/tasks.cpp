@@ -47,6 +47,14 @@ inline void pause() {
 #endif
 }
 
+// the caller's wait on the workers: spin briefly, then yield the core (a worker it waits for may need it)
+template <typename Done>
+void wait_until(Done done) {
+  for (int64_t spins = 0; !done(); ++spins) {
+    if (spins < kYieldAfter) pause(); else std::this_thread::yield();
+  }
+}
+
 thread_local bool in_worker = false;   // a task that calls parallel_tasks runs its tasks itself
 
 class Pool {
@@ -73,15 +81,10 @@ class Pool {
     }
     while (take(0)) {
     }
-    // every task is claimed: wait for those a worker is still running
-    for (int64_t spins = 0; finished() < count; ++spins) {
-      if (spins < kYieldAfter) pause(); else std::this_thread::yield();
-    }
+    wait_until([&] { return finished() == count; });   // every task is claimed: wait for those a worker still runs
     open_.store(false);
     // a worker that joined late may still be looking at the shares; the next region rewrites them
-    for (int64_t spins = 0; inside_.load() > 0; ++spins) {
-      if (spins < kYieldAfter) pause(); else std::this_thread::yield();
-    }
+    wait_until([&] { return inside_.load() == 0; });
     return true;
   }
 

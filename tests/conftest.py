@@ -19,6 +19,14 @@ def _one_thread() -> None:
     torch.set_num_threads(1)   # 2 OpenMP threads on a shared 2-core machine stall ~100x
 
 
+@pytest.fixture
+def restore_threads():
+    """A test that sets torch's thread count gets the session's count back afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_loaded() -> model_loader.LoadedModel:
     return model_loader.load_model("tiny", device="cpu")

@@ -208,61 +208,44 @@ def test_a_failed_build_names_the_fix_and_a_stale_lock_is_cleared(tmp_path, monk
     assert seen == [False]                     # the lock a killed build left no longer blocks this one
 
 
-def test_two_threads_share_the_tasks_and_give_the_one_thread_result(kernel):
+def test_two_threads_share_the_tasks_and_give_the_one_thread_result(kernel, restore_threads):
     """parallel_tasks: each output row is one task's, whichever thread claims it (its own share or a stolen half), so
     two threads reproduce one thread's bits; a task left out would leave the output's uninitialised memory."""
-    q = torch.randint(-127, 128, (301, 700), dtype=torch.int8)
-    w, scale = torch.randn(301, 700), torch.rand(301) + 0.01
-    products = {"fp32 rows": (kernel.Product(w[:, :650]), 650),
-                "fp32 columns": (kernel.Product(w.t().contiguous().t()), 700),
-                "int8 rows": (kernel.Product(q, scale), 700),
-                "int8 blocks": (kernel.Product(column_blocks(q, width=96), scale, rows=290, cols=650), 650)}
-    xs = {name: torch.randn(cols) for name, (_, cols) in products.items()}
-    one = {name: p(xs[name]) for name, (p, _) in products.items()}
-    before = torch.get_num_threads()
+    products = kernel_products(kernel)
     torch.set_num_threads(2)
-    try:
-        for _ in range(20):
-            for name, (p, _) in products.items():
-                assert torch.equal(p(xs[name]), one[name]), name
-    finally:
-        torch.set_num_threads(before)
+    for _ in range(20):
+        for name, (p, x, one) in products.items():
+            assert torch.equal(p(x), one), name
 
 
 def kernel_products(kernel) -> dict[str, tuple[object, torch.Tensor, torch.Tensor]]:
-    """A product per layout with its input and its one-thread output."""
+    """A product per layout with its input and its one-thread output; leaves torch at 1 thread (the caller's test
+    takes ``restore_threads``)."""
     q = torch.randint(-127, 128, (301, 700), dtype=torch.int8)
     w, scale = torch.randn(301, 700), torch.rand(301) + 0.01
-    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        out = {}
-        for name, p, cols in (("fp32 rows", kernel.Product(w[:, :650]), 650),
-                              ("int8 blocks", kernel.Product(column_blocks(q, width=96), scale, rows=290, cols=650),
-                               650)):
-            x = torch.randn(cols)
-            out[name] = (p, x, p(x))
-        return out
-    finally:
-        torch.set_num_threads(before)
+    out = {}
+    for name, p, cols in (("fp32 rows", kernel.Product(w[:, :650]), 650),
+                          ("fp32 columns", kernel.Product(w.t().contiguous().t()), 700),
+                          ("int8 rows", kernel.Product(q, scale), 700),
+                          ("int8 blocks", kernel.Product(column_blocks(q, width=96), scale, rows=290, cols=650), 650)):
+        x = torch.randn(cols)
+        out[name] = (p, x, p(x))
+    return out
 
 
 @pytest.mark.parametrize("threads", [3, 8])
-def test_more_threads_than_cores_give_the_one_thread_result(kernel, threads):
+def test_more_threads_than_cores_give_the_one_thread_result(kernel, threads, restore_threads):
     """The task pool (runtime/tasks.cpp) with more workers than cores: most regions start while some worker is not
     running, and it must neither lose a task nor run one twice."""
     products = kernel_products(kernel)
-    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        for _ in range(50):
-            for name, (p, x, one) in products.items():
-                assert torch.equal(p(x), one), name
-    finally:
-        torch.set_num_threads(before)
+    for _ in range(50):
+        for name, (p, x, one) in products.items():
+            assert torch.equal(p(x), one), name
 
 
-def test_two_python_threads_can_run_products_at_once(kernel):
+def test_two_python_threads_can_run_products_at_once(kernel, restore_threads):
     """The kernel releases the GIL, so two callers can reach the pool together: one runs its region on the pool and
     the other its tasks itself, both correct."""
     import threading
@@ -275,38 +258,30 @@ def test_two_python_threads_can_run_products_at_once(kernel):
                 if not torch.equal(p(x), one):
                     failures.append(name)
 
-    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        callers = [threading.Thread(target=caller) for _ in range(2)]
-        for c in callers:
-            c.start()
-        for c in callers:
-            c.join(timeout=120)
-        assert not any(c.is_alive() for c in callers), "a caller hung"
-    finally:
-        torch.set_num_threads(before)
+    callers = [threading.Thread(target=caller) for _ in range(2)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join(timeout=120)
+    assert not any(c.is_alive() for c in callers), "a caller hung"
     assert failures == []
 
 
-def test_a_forked_child_runs_the_pool_of_its_own(kernel):
+def test_a_forked_child_runs_the_pool_of_its_own(kernel, restore_threads):
     """A child forked after the pool started has none of its workers: its regions still finish, with the same
     result (it starts workers of its own)."""
     import multiprocessing
     products = kernel_products(kernel)
-    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        for p, x, _ in products.values():
-            p(x)                                   # the parent's pool is running
-        child = multiprocessing.get_context("fork").Process(target=_check_products, args=(products,))
-        child.start()
-        child.join(timeout=120)
-        if child.is_alive():
-            child.kill()
-        assert child.exitcode == 0, "the child hung or gave another result"
-    finally:
-        torch.set_num_threads(before)
+    for p, x, _ in products.values():
+        p(x)                                       # the parent's pool is running
+    child = multiprocessing.get_context("fork").Process(target=_check_products, args=(products,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, "the child hung or gave another result"
 
 
 def _check_products(products) -> None:
@@ -318,21 +293,17 @@ def _check_products(products) -> None:
     os._exit(0)
 
 
-def test_idle_workers_sleep_rather_than_spin(kernel):
+def test_idle_workers_sleep_rather_than_spin(kernel, restore_threads):
     """Between generations the pool's workers must give the cores back (under load a spinning worker takes a core
     from the decode): after a region they spin about a millisecond, then sleep."""
     import resource
     import time
     products = kernel_products(kernel)
-    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        for p, x, _ in products.values():
-            p(x)
-        time.sleep(0.05)
-        used = resource.getrusage(resource.RUSAGE_SELF)
-        time.sleep(0.3)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-    finally:
-        torch.set_num_threads(before)
+    for p, x, _ in products.values():
+        p(x)
+    time.sleep(0.05)
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.3)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     assert (after.ru_utime + after.ru_stime) - (used.ru_utime + used.ru_stime) < 0.05

@@ -131,13 +131,6 @@ def test_others_load_is_what_is_not_ours():
         assert others_load_cores(_state(100.0, 50.0, run_queue=5.0)) == pytest.approx(3.0)   # saturated CPU time
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_governor_sets_the_measured_threads_for_each_machine_state(restore_threads):
     choice = OpenMPChoice("stock", 2, 1, "measured", "test")
     governor = ExecutionGovernor(choice=choice)
