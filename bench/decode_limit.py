@@ -22,12 +22,13 @@ speedup over the tool's dense path at the same dtype, the ideal speedup (bytes, 
 row's dtype and the K/V cache in fp32); paired: the median over rounds of dense / pruned timed in the same round
 (the machine's drift between rounds cancels; the row's speedup divides medians taken over different rounds). A tool
 row's runtime is what its rounds ran under (the governor re-decides per run; counts where they differ). At a
-level other than idle the tool's dense path also runs at each thread count fixed (``none@1t``, ``none@2t``: the
-governor's decoder, its thread choice bypassed) in the same rounds; gov/best is the median over rounds of the
-governed dense time over the faster fixed one in that round (the issue's "within 10 % of the best setting measured in
-that state"; the minimum of two noisy times favours the fixed side when they tie), and gov/arm the median over rounds of
-the governed time over the time in that round of the fixed count whose median over rounds is lowest (the best single
-setting, chosen after the fact).
+level other than idle the tool's dense path also runs at each thread count fixed (``none@1t``, ``none@2t``: a governor
+of its own fixed at that count, so the governed one ranks the counts on its own generations only) in the same rounds;
+gov/best is the median over rounds of the governed dense time over the faster fixed one in that round (the issue's
+"within 10 % of the best setting measured in that state"; the minimum of two noisy times favours the fixed side when
+they tie), and gov/arm the median over rounds of the governed time over the time in that round of the fixed count
+whose median over rounds is lowest (the best single setting, chosen after the fact); gov/arm gm the geometric mean of
+those per-round ratios with its 95 % bootstrap interval, which says how finely the run's rounds resolve it.
 
     PYTHONPATH=. .venv/bin/python bench/decode_limit.py --levels idle,heavy --json bench/decode_limit.json
 """
@@ -45,6 +46,7 @@ import atexit  # noqa: E402
 import copy  # noqa: E402
 import importlib.util  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -62,16 +64,18 @@ from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 import model_loader  # noqa: E402
 from bench.script import bench_main  # noqa: E402
-from common.config import WEIGHT_DTYPE_BYTES, RunConfig  # noqa: E402
+from common.config import WEIGHT_DTYPE_BYTES, RunConfig, RuntimeConfig  # noqa: E402
 from common.files import atomic_write_text, strict_json  # noqa: E402
 from environments.session import build_engine  # noqa: E402
 from evaluation.speed import probe_prompt  # noqa: E402
 from machine.contention import contention, presets  # noqa: E402
 from pruners import NONE, PruningAction, PruningEngine  # noqa: E402
+from reporting.summaries import bootstrap_ci  # noqa: E402
 from runtime.matvec import KernelBuildError, matvec_kernel  # noqa: E402
 from runtime.floor import decode_matrices, measure_floor  # noqa: E402
 from runtime.generation import generate  # noqa: E402
 from runtime.governor import ExecutionGovernor  # noqa: E402
+from runtime.threads import torch_threads  # noqa: E402
 
 log = logging.getLogger("bench.decode_limit")
 ACTIONS = "ffn_neurons:0.2,attention_heads:0.2,transformer_layers:0.2"
@@ -94,6 +98,8 @@ class Row:
     ideal_speedup: float | None
     over_best_fixed: float | None = None   # not idle, dense: median over rounds of this / the faster fixed count
     over_best_arm: float | None = None     # not idle, dense: median over rounds of this / the best-median fixed count
+    # the same per-round ratios' geometric mean and its 95 % bootstrap interval (how far 9 noisy rounds resolve it)
+    arm_interval: tuple[float, float, float] | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,14 +142,10 @@ class StepClock(LogitsProcessor):
 @torch.inference_mode()
 def stock_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     """Median decode step of ``model.generate`` (greedy, EOS ignored) at torch's default thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(openmp.usable_cores())
     clock = StepClock()
-    try:
+    with torch_threads(openmp.usable_cores()):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0)
-    finally:
-        torch.set_num_threads(before)
     return clock.median_step_s()
 
 
@@ -232,27 +234,27 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
                     floors[dtype, action.label] = floor
     runs: dict[tuple[str, str, str], Callable[[], float]] = {}
     used: dict[tuple[str, str, str], list[str]] = {}    # the runtime each tool sample ran under (re-decided per run)
+    bases: dict[tuple[str, str, str], list[str]] = {}   # and what decided its thread count (RuntimeSetting.basis)
     for dtype, model in stock.items():
         runs["stock generate", dtype, NONE.label] = lambda m=model: stock_generate(m, ids, args.new_tokens)
     for dtype, engine in engines.items():
         for action in actions:
             def tool(engine=engine, action=action, governor=governors[dtype],
-                     labels=used.setdefault(("tool", dtype, action.label), [])) -> float:
-                labels.append(governor.govern().label)      # its thread count (re-checked when the state changes)
+                     labels=used.setdefault(("tool", dtype, action.label), []),
+                     basis=bases.setdefault(("tool", dtype, action.label), [])) -> float:
+                setting = governor.govern()
+                labels.append(setting.label)
+                basis.append(setting.basis)
                 with engine.pruned(action):
                     return tool_step(engine.model, engine, governor, ids, args.new_tokens)
             runs["tool", dtype, action.label] = tool
     if level != "idle":     # the governor's pick against each thread count fixed, same rounds (dense only)
         for dtype, engine in engines.items():
             for t in threads:
-                def fixed(engine=engine, governor=governors[dtype], t=t) -> float:
-                    before = torch.get_num_threads()
-                    torch.set_num_threads(t)
-                    try:
-                        return generate(engine.model, ids, args.new_tokens, engine=engine,
-                                        decoder=governor.decoder(engine.model, engine)).median_step_s
-                    finally:
-                        torch.set_num_threads(before)
+                # a governor of its own: the governed one ranks the counts on its own generations, not on these
+                def fixed(engine=engine, governor=ExecutionGovernor(RuntimeConfig(threads=t)), t=t) -> float:
+                    with torch_threads(t):
+                        return tool_step(engine.model, engine, governor, ids, args.new_tokens)
                 runs["tool", dtype, f"{NONE.label}@{t}t"] = fixed
     if llama is not None and level == "idle":
         for t in threads:
@@ -260,7 +262,7 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
     samples: dict[tuple[str, str, str], list[float]] = {k: [] for k in runs}
     for key, run in tqdm(runs.items(), desc=f"warm-up [{level}]", leave=False):
         run()
-    for labels in used.values():     # the rounds' settings, not the warm-up's
+    for labels in (*used.values(), *bases.values()):     # the rounds' settings, not the warm-up's
         labels.clear()
     for r in tqdm(range(args.rounds), desc=f"rounds [{level}]", leave=False):
         order = list(runs) if r % 2 == 0 else list(runs)[::-1]
@@ -290,19 +292,21 @@ def time_level(level: str, engines: dict[str, PruningEngine], actions: list[Prun
         governed = tool_row and action == NONE.label and dtype in best_arm
         best_fixed = statistics.median(v / min(f) for v, f in zip(samples[path, dtype, action], zip(*fixed[dtype]))) \
             if governed else None
-        over_arm = statistics.median(v / f for v, f in zip(samples[path, dtype, action], best_arm[dtype])) \
-            if governed else None
+        arm_ratios = [v / f for v, f in zip(samples[path, dtype, action], best_arm[dtype])] if governed else None
+        over_arm = statistics.median(arm_ratios) if governed else None
         rows.append(Row(level, path, dtype, action, runtime, value, floor["floor_ms"] if floor else None,
                         value / floor["floor_ms"] if floor else None, best / floor["floor_ms"] if floor else None,
                         paired_floor, dense / value if tool_row and dense else None, paired, ideal, best_fixed,
-                        over_arm))
+                        over_arm, geometric_interval(arm_ratios) if governed else None))
     return {"level": level, "runtime": {k: v.label for k, v in settings.items()},   # the first decision per row set
             "basis": {k: v.basis for k, v in settings.items()},
             "live_checks": {k: g.describe()["live_checks"] for k, g in governors.items()},
+            "observed_s_per_gb": {k: g.describe()["observed_s_per_gb"] for k, g in governors.items()},
             "floors": {f"{d}/{a}": f for (d, a), f in floors.items()},
             "round_floors_ms": {f"{d}/{a}": f for (d, a), f in round_floors.items()},
             "samples_ms": {"|".join(k): [x * 1e3 for x in v] for k, v in samples.items()},
             "runtime_per_round": {"|".join(k): v for k, v in used.items()},
+            "basis_per_round": {"|".join(k): v for k, v in bases.items()},
             "rows": [asdict(r) for r in rows], "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -346,6 +350,12 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def geometric_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """(geometric mean, 95 % low, high) of per-round ratios: a percentile bootstrap of their mean log."""
+    ci = bootstrap_ci(np.log(ratios))
+    return math.exp(ci["mean"]), math.exp(ci["lo"]), math.exp(ci["hi"])
+
+
 def runtime_label(labels: list[str]) -> str:
     """The settings a row's rounds ran under: one label, or each with its count (most used first)."""
     counts = Counter(labels)
@@ -356,6 +366,10 @@ def _f(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _interval(interval: list[float] | None) -> str:
+    return "-" if interval is None else "{:.2f} [{:.2f}, {:.2f}]".format(*interval)
+
+
 def format_tables(result: dict) -> str:
     s = result["settings"]
     omp = s["openmp"]
@@ -364,12 +378,14 @@ def format_tables(result: dict) -> str:
              f"{s['rounds']} interleaved rounds; started {s['started']}, {s['wall_s']} s"
              + ("" if s["llama_cpp"] else "; llama.cpp not installed (rows skipped)")]
     cols = ("path", "dtype", "action", "runtime", "ms/token", "floor", "ach/floor", "best/floor", "pair/floor",
-            "speedup", "paired", "ideal", "gov/best", "gov/arm")
+            "speedup", "paired", "ideal", "gov/best", "gov/arm", "gov/arm gm [95 %]")
     for level in result["levels"]:
         checks = "; ".join(f"{label} {st}: " + ", ".join(f"{t}t {v * 1e3:.1f}" for t, v in c.items())
                            for label, per in level["live_checks"].items() for st, c in per.items())
+        bases = "; ".join(f"{key.split('|', 1)[1]} " + ", ".join(f"{b} x{n}" for b, n in Counter(v).most_common())
+                          for key, v in level.get("basis_per_round", {}).items() if v)
         lines += ["", f"[{level['level']}] live thread checks, ms/token: {checks or 'none'}; "
-                  f"load avg {level['loadavg_1m']}",
+                  f"load avg {level['loadavg_1m']}", f"thread decisions per round, by basis: {bases or 'none'}",
                   " | ".join(cols), " | ".join("-" * len(c) for c in cols)]
         for r in level["rows"]:
             lines.append(" | ".join((r["path"], r["dtype"], r["action"], r["runtime"], f"{r['ms_per_token']:.1f}",
@@ -377,7 +393,7 @@ def format_tables(result: dict) -> str:
                                      _f(r.get("best_over_floor"), ".2f"), _f(r.get("paired_over_floor"), ".2f"),
                                      _f(r["speedup"], ".3f"), _f(r.get("paired_speedup"), ".3f"),
                                      _f(r["ideal_speedup"], ".3f"), _f(r.get("over_best_fixed"), ".2f"),
-                                     _f(r.get("over_best_arm"), ".2f"))))
+                                     _f(r.get("over_best_arm"), ".2f"), _interval(r.get("arm_interval")))))
     return "\n".join(lines)
 
 

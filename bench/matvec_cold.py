@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from bench.script import bench_main  # noqa: E402
 from runtime.dtype import column_blocks  # noqa: E402
 from runtime.matvec import matvec_kernel  # noqa: E402
+from runtime.threads import torch_threads  # noqa: E402
 
 SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x576": (1536, 576),
           "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
@@ -62,30 +63,26 @@ def cases(kernel, n: int, k: int, count: int) -> dict[str, tuple[Callable[[int],
 def run(args: argparse.Namespace) -> dict:
     kernel = matvec_kernel("native")
     threads = openmp.thread_candidates(openmp.usable_cores())
-    before = torch.get_num_threads()
     started = time.time()
     rows = []
-    try:
-        for shape, (n, k) in SHAPES.items():
-            count = max(2, int(args.megabytes * 1e6 // (n * k)))
-            products = cases(kernel, n, k, count)
-            best: dict[tuple[str, int], float] = {}
-            for r in range(args.rounds):
-                order = [(name, t) for name in products for t in threads]
-                for name, t in (order if r % 2 == 0 else order[::-1]):
-                    torch.set_num_threads(t)
-                    fn, _ = products[name]
+    for shape, (n, k) in SHAPES.items():
+        count = max(2, int(args.megabytes * 1e6 // (n * k)))
+        products = cases(kernel, n, k, count)
+        best: dict[tuple[str, int], float] = {}
+        for r in range(args.rounds):
+            order = [(name, t) for name in products for t in threads]
+            for name, t in (order if r % 2 == 0 else order[::-1]):
+                fn, _ = products[name]
+                with torch_threads(t):
                     fn(0)
                     start = time.perf_counter()
                     for i in range(count):
                         fn(i)
                     seconds = (time.perf_counter() - start) / count
-                    best[name, t] = min(best.get((name, t), seconds), seconds)
-            for (name, t), seconds in best.items():
-                rows.append({"shape": shape, "product": name, "threads": t, "us": seconds * 1e6,
-                             "gb_per_s": products[name][1] / seconds / 1e9})
-    finally:
-        torch.set_num_threads(before)
+                best[name, t] = min(best.get((name, t), seconds), seconds)
+        for (name, t), seconds in best.items():
+            rows.append({"shape": shape, "product": name, "threads": t, "us": seconds * 1e6,
+                         "gb_per_s": products[name][1] / seconds / 1e9})
     return {"settings": {"megabytes": args.megabytes, "rounds": args.rounds, "threads": list(threads),
                          "cpu": openmp.cpu_model(), "torch": torch.__version__, "platform": platform.platform(),
                          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),

@@ -14,12 +14,14 @@ trying of two passes over exactly the matrices one step reads (``decode_matrices
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from runtime.dtype import ShadowLinear
+from runtime.threads import torch_threads
 from runtime.timing import pass_times
 
 
@@ -45,25 +47,42 @@ def _gap_free(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t() if weight.stride(0) == 1 and weight.shape[1] > 1 else weight.contiguous()
 
 
-def decode_matrices(model: nn.Module, cache_tokens: int) -> list[torch.Tensor]:
-    """Gap-free copies of every matrix one decode step reads in the model's current (pruned, quantized) state:
-    each Linear of the kept layers as its current view (its int8/bf16 shadow where it has one), the K and V
-    cache as [kv heads x tokens, head_dim] matrices, and the lm_head."""
+Read = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]     # what a step reads, and how to copy it gap-free
+
+
+def _step_reads(model: nn.Module, cache_tokens: int) -> list[Read]:
+    """What one decode step reads in the model's current (pruned, quantized) state, in order, each with how to copy it
+    gap-free: each Linear of the kept layers as its current view (its int8/bf16 shadow where it has one), the K and V
+    cache as [kv heads x tokens, head_dim] (shape only: a meta tensor, noise when copied), and the lm_head."""
     layers = model.model.layers        # as the pruned model runs them: a replaced run is a ReplacedRun (layer + map)
     head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
         model.config.hidden_size // model.config.num_attention_heads)
-    mats = []
+    reads = []
     for layer in layers:
-        for m in layer.modules():
-            if isinstance(m, ShadowLinear):
-                mats.append(m.shadow_weight().contiguous())
-            elif isinstance(m, nn.Linear):
-                mats.append(_gap_free(m.weight.detach()))
+        reads += [_weight_read(m) for m in layer.modules() if isinstance(m, nn.Linear)]
         kv_heads = getattr(layer, "layer", layer).self_attn.k_proj.weight.shape[0] // head_dim
-        mats += [torch.randn(kv_heads * cache_tokens, head_dim) for _ in range(2)]
-    head = model.lm_head
-    mats.append(head.shadow_weight().contiguous() if isinstance(head, ShadowLinear) else _gap_free(head.weight.detach()))
-    return mats
+        reads += [(torch.empty(kv_heads * cache_tokens, head_dim, device="meta"), _noise)] * 2
+    return reads + [_weight_read(model.lm_head)]
+
+
+def _weight_read(linear: nn.Linear) -> Read:
+    if isinstance(linear, ShadowLinear):
+        return linear.shadow_weight(), torch.Tensor.contiguous
+    return linear.weight.detach(), _gap_free
+
+
+def _noise(meta: torch.Tensor) -> torch.Tensor:
+    return torch.randn(meta.shape)
+
+
+def decode_matrices(model: nn.Module, cache_tokens: int) -> list[torch.Tensor]:
+    """Gap-free copies of every matrix one decode step reads (``_step_reads``): the floor's work."""
+    return [copy(tensor) for tensor, copy in _step_reads(model, cache_tokens)]
+
+
+def step_bytes(model: nn.Module, cache_tokens: int) -> int:
+    """The bytes one decode step reads (those of ``decode_matrices``), without copying them."""
+    return sum(tensor.numel() * tensor.element_size() for tensor, _ in _step_reads(model, cache_tokens))
 
 
 def _matvec(mats: list[torch.Tensor]):
@@ -100,14 +119,10 @@ def _timed(fn, passes: int) -> float:
 @torch.inference_mode()
 def measure_floor(mats: list[torch.Tensor], threads: tuple[int, ...], passes: int = 5) -> Floor:
     """The best over ``threads`` (and passes) of a matvec pass and of a read pass over ``mats``."""
-    before = torch.get_num_threads()
     matvec, read = {}, {}
-    try:
-        for t in threads:
-            torch.set_num_threads(t)
+    for t in threads:
+        with torch_threads(t):
             matvec[t] = _timed(_matvec(mats), passes)
             read[t] = _timed(_read(mats), passes)
-    finally:
-        torch.set_num_threads(before)
     mt, rt = min(matvec, key=matvec.get), min(read, key=read.get)
     return Floor(matvec[mt], read[rt], mt, rt, sum(m.numel() * m.element_size() for m in mats))

@@ -12,8 +12,11 @@ The thread count is re-decided at run time (issue 25): the one-time probe's figu
 because a probe taken while other jobs ran chose 1 thread for the idle state (55 ms/token against 34
 for 2 threads). Once the governor knows its model (``attach``, or ``decoder``), the first decision in
 a state runs a live check (``measure_threads``: a few steps of the decoder it runs per candidate thread count, in
-alternating order, about 0.5 s on an idle 2-core machine) and later decisions in that state reuse it
-for ``RuntimeConfig.recheck_s`` seconds; ``choose_threads`` is the rule.
+alternating order, about 0.5 s on an idle 2-core machine), reused for ``RuntimeConfig.recheck_s`` seconds
+(``choose_threads`` is its rule). From then on the generations themselves decide: the decoder it hands out times
+every step and runs one step in ``RuntimeConfig.probe_every`` on another count (``ObservedDecoder``), and
+``runtime.threads.ThreadObservations`` ranks the counts on those steps, over the state's last five generations (under
+load the short check ranked the counts unlike the generations).
 
 Every timing records the ``RuntimeSetting`` it ran under (latency-table entries, speed results,
 baselines rows), and the provenance block records the OpenMP choice, so a figure always says which
@@ -24,6 +27,8 @@ runtime produced it::
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -35,9 +40,11 @@ from common.config import RuntimeConfig
 from runtime import openmp
 from runtime.compiled import CompiledDecoder, StaticCacheDecoder
 from runtime.decode_probe import decode_seconds_per_token
-from runtime.generation import Decoder, eager_decoder
+from runtime.floor import step_bytes
+from runtime.generation import Decoder, Prefill, Step, eager_decoder
 from runtime.lean import LeanDecoder, unsupported
 from runtime.openmp import BUSY, IDLE, OpenMPChoice
+from runtime.threads import Generation, ThreadObservations, torch_threads
 from machine.telemetry import HardwareProbe, HardwareState
 from machine.load_signals import LoadAwareHardware
 
@@ -54,7 +61,9 @@ class RuntimeSetting:
     threads: int
     state: str              # idle | busy: the machine state the thread count was chosen for; fixed | unmeasured
     decoder: str            # lean | eager (HF's forward over a static cache) | compiled
-    basis: str = "prior"    # live (a check in this state, this session) | prior (the one-time probe) | fixed | unmeasured
+    # observed (the fastest median step in this state's recent generations) | live (a check in this state, before its
+    # generations had steps on every count) | prior (the one-time probe) | fixed | unmeasured
+    basis: str = "prior"
 
     @property
     def label(self) -> str:
@@ -107,17 +116,12 @@ def measure_threads(model: torch.nn.Module, candidates: tuple[int, ...], steps: 
     bench run decided 1 thread from one such round, then its re-check timed 2 threads 1.7x faster), and under load a
     collapse can be a passing moment (with the work-stealing kernel, 2 threads timed 1188 ms against 1 thread's 30 in
     one check under ``heavy``, then ran 49 ms per step against 1 thread's 63 in the same run's fixed rounds)."""
-    before = torch.get_num_threads()
     out: dict[int, float] = {}
-    try:
-        for r in range(rounds):
-            order = candidates if r % 2 == 0 else candidates[::-1]
-            for threads in order:
-                torch.set_num_threads(threads)
+    for r in range(rounds):
+        for threads in candidates if r % 2 == 0 else candidates[::-1]:
+            with torch_threads(threads):
                 s = decode_seconds_per_token(model, 16, steps, max_seconds, decoder)[0]
-                out[threads] = min(out.get(threads, s), s)
-    finally:
-        torch.set_num_threads(before)
+            out[threads] = min(out.get(threads, s), s)
     return out
 
 
@@ -126,6 +130,38 @@ def compile_wanted(mode: str, device: torch.device) -> bool:
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode '{mode}': choose from {', '.join(COMPILE_MODES)}")
     return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+class ObservedDecoder:
+    """The governor's CPU decoder where it runs the lean step: ``decoder``'s generations with every step timed, per
+    byte it reads (``runtime.floor.step_bytes``), into the run ``open_run`` hands out, and the steps it names run on
+    their own thread count (None: not observed). A generation that falls back from the lean step (hooks on) is not
+    observed: HF's forward would rank the counts on other work."""
+
+    def __init__(self, decoder: LeanDecoder,
+                 open_run: Callable[[int], tuple[Generation, dict[int, int]] | None]) -> None:
+        self.decoder, self._open_run = decoder, open_run
+
+    def __call__(self, model: torch.nn.Module, pre: Prefill, new_tokens: int) -> Step:
+        step = self.decoder(model, pre, new_tokens)
+        if self.decoder.falls_back(model):
+            return step
+        opened = self._open_run(new_tokens - 1)
+        if opened is None:
+            return step
+        run, probes = opened
+        per_byte = 1.0 / step_bytes(model, pre.cache.get_seq_length() + new_tokens // 2)
+        base, index = torch.get_num_threads(), itertools.count()
+
+        def timed(token: torch.Tensor, position: int) -> torch.Tensor:
+            threads = probes.get(next(index), base)
+            with torch_threads(threads) if threads != base else contextlib.nullcontext():
+                started = time.perf_counter()
+                logits = step(token, position)
+                elapsed = time.perf_counter() - started
+            run.add(threads, elapsed * per_byte)
+            return logits
+        return timed
 
 
 class ExecutionGovernor:
@@ -142,8 +178,11 @@ class ExecutionGovernor:
         self._probe: HardwareProbe | None = None
         self._model: torch.nn.Module | None = None
         self._decoder: Decoder = eager_decoder     # the step live checks time: the one ``attach`` built
+        self._observed: ObservedDecoder | None = None    # ``_decoder`` timed, where it is the lean step
+        self._state: str | None = None             # the machine state of the last decision taken by state
         self._clock = clock
         self.checks: dict[str, ThreadCheck] = {}
+        self.observations = ThreadObservations(probe_every=self.config.probe_every)
 
     def attach(self, model: torch.nn.Module, engine=None) -> None:
         """The model live checks time, on the decode step this governor runs it with (CPU only: on CUDA the thread
@@ -155,6 +194,8 @@ class ExecutionGovernor:
         self._model = model
         if not self.compiled:
             self._decoder = self._step(model, engine)
+            lean = isinstance(self._decoder, LeanDecoder)    # the step whose bytes the observations divide by
+            self._observed = ObservedDecoder(self._decoder, self._open_run) if lean else None
 
     def candidates(self) -> tuple[int, ...]:
         return openmp.thread_candidates(openmp.usable_cores())
@@ -211,8 +252,21 @@ class ExecutionGovernor:
         if self.choice.threads_idle is None:    # a policy set by hand: the caller's thread count stands
             return RuntimeSetting(self.choice.policy, torch.get_num_threads(), "unmeasured", decoder, "unmeasured")
         state = self.machine_state(hardware)
+        self._state = state if self.config.recheck_s > 0 else None
+        observed = self.observations.choose(state, self.candidates()) if self._state else None
+        if observed is not None:
+            return RuntimeSetting(self.choice.policy, observed, state, decoder, "observed")
         threads, basis = choose_threads(self.live(state), self.priors(state), torch.get_num_threads())
         return RuntimeSetting(self.choice.policy, threads, state, decoder, basis)
+
+    def _open_run(self, steps: int) -> tuple[Generation, dict[int, int]] | None:
+        """Where a generation's step timings go (the last decision's machine state), and which of its ``steps`` run
+        on another count; None where the governor does not choose the count by state (fixed, a hand-set policy,
+        checks off)."""
+        if self._state is None:
+            return None
+        probes = self.observations.probes(torch.get_num_threads(), self.candidates(), steps)
+        return self.observations.open(self._state), probes
 
     def apply(self, setting: RuntimeSetting) -> RuntimeSetting:
         if torch.get_num_threads() != setting.threads:
@@ -226,12 +280,15 @@ class ExecutionGovernor:
 
     def decoder(self, model: torch.nn.Module, engine=None) -> Decoder:
         """The decode step this governor runs: compiled per action (runtime.compiled), the lean step on the CPU
-        (runtime.lean; it still falls back per generation, e.g. while hooks are on), else HF's forward over a
-        static cache. The model is also the one its live thread checks time (``attach``)."""
+        (runtime.lean; it still falls back per generation, e.g. while hooks are on), its steps timed to rank the thread
+        counts (``ObservedDecoder``), else HF's forward over a static cache. The model is also the one its live
+        thread checks time (``attach``)."""
         self.attach(model, engine)
         if self.compiled:
             return CompiledDecoder(model, engine)
-        return self._decoder if self.device.type == "cpu" else self._step(model, engine)
+        if self.device.type != "cpu":
+            return self._step(model, engine)
+        return self._observed if self._observed is not None else self._decoder
 
     def _step(self, model: torch.nn.Module, engine=None) -> Decoder:
         """The uncompiled step: lean where it can run the model, else HF's forward over a static cache."""
@@ -245,9 +302,12 @@ class ExecutionGovernor:
 
     def describe(self) -> dict:
         """For provenance: the OpenMP choice (with its probes) and this governor's rule."""
+        checks = {state: {str(t): s for t, s in c.s_per_token.items()} for state, c in self.checks.items()}
+        observed = {state: {str(t): s * 1e9 for t, s in self.observations.figures(state).items()}
+                    for state in (IDLE, BUSY)}
         return {"openmp": self.choice.to_dict(), "config": self.config.to_dict(),
                 "decoder": self.decoder_name, "device": str(self.device),
-                "live_checks": {state: {str(t): s for t, s in c.s_per_token.items()} for state, c in self.checks.items()}}
+                "live_checks": checks, "observed_s_per_gb": {k: v for k, v in observed.items() if v}}
 
     def close(self) -> None:
         if self._probe is not None:

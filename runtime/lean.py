@@ -242,7 +242,7 @@ class LeanDecoder:
         self.fallback = StaticCacheDecoder(model, engine)
         self._said: set[str] = set()
 
-    def _falls_back(self, model: nn.Module) -> bool:
+    def falls_back(self, model: nn.Module) -> bool:
         reason = unsupported(model, self.engine)
         if reason is not None and reason not in self._said:
             self._said.add(reason)
@@ -251,7 +251,7 @@ class LeanDecoder:
 
     @torch.inference_mode()
     def __call__(self, model: nn.Module, pre: Prefill, new_tokens: int) -> Step:
-        if self._falls_back(model):
+        if self.falls_back(model):
             return self.fallback(model, pre, new_tokens)
         return _LeanStep(model, pre, new_tokens, self.one_call)
 

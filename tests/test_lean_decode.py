@@ -219,7 +219,8 @@ def test_what_it_cannot_run_exactly_runs_hf_s_forward_and_says_why_once(tiny, ca
 def test_the_governor_decodes_lean_on_the_cpu_where_the_model_allows(tiny):
     choice = OpenMPChoice("passive", 2, 1, "measured", "test")
     governor = ExecutionGovernor(choice=choice)
-    assert isinstance(governor.decoder(tiny.model), LeanDecoder) and governor.decide().decoder == "lean"
+    lean = governor.decoder(tiny.model)        # the lean step, timed (runtime.governor.ObservedDecoder)
+    assert isinstance(lean.decoder, LeanDecoder) and governor.decide().decoder == "lean"
     other = ExecutionGovernor(choice=choice)
     decoder = other.decoder(tiny_mistral())
     assert type(decoder) is StaticCacheDecoder and other.decide().decoder == "eager"

@@ -15,7 +15,7 @@ import torch
 from common.config import WEIGHT_LAYOUT_ENV, RuntimeConfig
 from runtime import openmp
 from runtime.openmp import BUSY, IDLE, OpenMPChoice, Probe
-from runtime.governor import ExecutionGovernor, choose_threads, others_load_cores
+from runtime.governor import ExecutionGovernor, ObservedDecoder, choose_threads, others_load_cores
 from machine.telemetry import HardwareState
 from runtime.timing import RunTiming, TimingSession
 
@@ -293,10 +293,91 @@ def test_the_live_check_times_the_decoder_the_governor_runs(tiny, restore_thread
     assert governor.govern(_state(5.0, 0.0)).basis == "live"
     assert timed and all(isinstance(d, LeanDecoder) for d in timed)
     decoder = governor.decoder(tiny.model)
-    assert isinstance(decoder, LeanDecoder)
+    assert isinstance(decoder, ObservedDecoder) and isinstance(decoder.decoder, LeanDecoder)
     timed.clear()
     assert governor.govern(_state(100.0, 0.0)).basis == "live"       # the busy state: a new check, on the lean step
-    assert timed and all(d is decoder for d in timed)
+    assert timed and all(d is decoder.decoder for d in timed)
+
+
+def test_observations_rank_the_counts_on_the_steps_of_recent_generations():
+    from runtime.threads import ThreadObservations
+
+    seen = ThreadObservations(window=2, probe_every=4)
+    assert seen.probes(2, (2, 1), steps=11) == {2: 1, 6: 1, 10: 1}     # one step in four, from mid-period
+    assert seen.probes(1, (4, 2, 1), steps=11) == {2: 4, 6: 2, 10: 4}   # the other counts in turn
+    assert seen.probes(2, (2,), steps=11) == {} == ThreadObservations(probe_every=0).probes(2, (2, 1), 11)
+
+    def run(state: str, steps: dict[int, list[float]]) -> None:
+        generation = seen.open(state)
+        for threads, values in steps.items():
+            for v in values:
+                generation.add(threads, v)
+
+    assert seen.choose(IDLE, (2, 1)) is None                          # nothing yet: the live check decides
+    run(IDLE, {2: [2.0] * 6, 1: [3.0, 3.0]})
+    assert seen.choose(IDLE, (2, 1)) is None and seen.figures(IDLE) == {2: 2.0}    # 1 has too few steps
+    run(IDLE, {2: [2.0] * 6, 1: [1.0] * 3})
+    assert seen.figures(IDLE) == {2: 2.0, 1: 1.0} and seen.choose(IDLE, (2, 1)) == 1   # pooled: 3, 3, 1, 1, 1
+    assert seen.choose(BUSY, (2, 1)) is None                          # per state
+    run(IDLE, {2: [0.5] * 6, 1: [3.0] * 3})                           # the window keeps the last two generations
+    assert seen.figures(IDLE) == {2: 1.25, 1: 2.0} and seen.choose(IDLE, (2, 1)) == 2
+    run(IDLE, {2: [1.0] * 6, 1: [1.0] * 3})
+    assert seen.choose(IDLE, (2, 1)) == 2                             # a tie keeps more threads
+    with pytest.raises(ValueError, match="probe_every"):
+        ThreadObservations(probe_every=1)
+
+
+def test_the_governor_ranks_thread_counts_on_the_generations_it_decoded(tiny, restore_threads, monkeypatch):
+    """The check decides until the decoder's generations have steps on every count; then their steps decide (under
+    load the short check ranked the counts unlike 31-step generations). A generation that falls back from the lean
+    step, or one on a fixed thread count, is not observed."""
+    from runtime import governor as governor_module
+    from runtime import lean
+    from runtime.generation import generate
+    from runtime.lean import LeanDecoder
+
+    monkeypatch.setattr(governor_module, "measure_threads", lambda model, candidates, **kw: {1: 0.010, 2: 0.020})
+    monkeypatch.setattr(openmp, "usable_cores", lambda: 2)
+    choice = OpenMPChoice("spin-short", 1, 1, "measured", "t", probes(LOADED_PROBE))
+    governor = ExecutionGovernor(RuntimeConfig(recheck_s=60.0, probe_every=4), choice=choice)
+    decoder = governor.decoder(tiny.model)
+    ids = torch.arange(12)[None] + 3
+    ran: list[int] = []                                               # torch's thread count at each lean step
+    step = lean._LeanStep.__call__
+
+    def counted(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        ran.append(torch.get_num_threads())
+        return step(self, token, position)
+    monkeypatch.setattr(lean._LeanStep, "__call__", counted)
+    first = governor.govern(_state(5.0, 0.0))
+    assert (first.threads, first.basis) == (1, "live")
+    generate(tiny.model, ids, 12, decoder=decoder)                    # 11 steps: 2, 6 and 10 on 2 threads
+    assert ran == [1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 2] and torch.get_num_threads() == 1
+    figures = governor.observations.figures(IDLE)
+    assert set(figures) == {1, 2} and all(0 < s < 1e-6 for s in figures.values())      # seconds per byte
+    second = governor.govern(_state(5.0, 0.0))
+    assert (second.threads, second.basis) == (min(figures, key=lambda t: (figures[t], -t)), "observed")
+    assert set(governor.describe()["observed_s_per_gb"][IDLE]) == {"1", "2"}
+    monkeypatch.setattr(LeanDecoder, "falls_back", lambda self, model: True)
+    generate(tiny.model, ids, 12, decoder=decoder)
+    assert len(governor.observations._runs[IDLE]) == 1                # not observed
+    fixed = ExecutionGovernor(RuntimeConfig(threads=1), choice=choice)
+    fixed_decoder = fixed.decoder(tiny.model)
+    fixed.govern()
+    monkeypatch.undo()
+    generate(tiny.model, ids, 6, decoder=fixed_decoder)
+    assert fixed.observations.figures(IDLE) == {} and fixed.observations.figures(BUSY) == {}
+
+
+def test_torch_threads_restores_the_count_it_found(restore_threads):
+    from runtime.threads import torch_threads
+
+    torch.set_num_threads(1)
+    with pytest.raises(RuntimeError):
+        with torch_threads(2):
+            assert torch.get_num_threads() == 2
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == 1
 
 
 def test_a_live_check_times_every_count_in_every_round(monkeypatch, restore_threads):
@@ -334,7 +415,7 @@ def test_a_cached_choice_is_re_decided_by_the_current_rule(tmp_path, monkeypatch
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_the_floor_reads_the_step_s_bytes_and_is_never_above_its_decode(tiny, restore_threads, dtype):
     from runtime.dtype import apply_weight_dtype, weight_bytes
-    from runtime.floor import decode_matrices, measure_floor
+    from runtime.floor import decode_matrices, measure_floor, step_bytes
     from runtime.generation import generate
 
     apply_weight_dtype(tiny.model, dtype)
@@ -342,7 +423,8 @@ def test_the_floor_reads_the_step_s_bytes_and_is_never_above_its_decode(tiny, re
     mats = decode_matrices(tiny.model, cache_tokens=24)
     cfg = tiny.model.config
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 24 * 4
-    assert sum(m.numel() * m.element_size() for m in mats) == weight_bytes(tiny.model) + kv
+    read = sum(m.numel() * m.element_size() for m in mats)
+    assert read == weight_bytes(tiny.model) + kv == step_bytes(tiny.model, 24)
     floor = measure_floor(mats, (1, 2), passes=3)
     assert floor.seconds == min(floor.matvec_s, floor.read_s) and {floor.matvec_threads, floor.read_threads} <= {1, 2}
     torch.set_num_threads(1)
