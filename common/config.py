@@ -511,7 +511,7 @@ class RuntimeConfig:
     compile: str = "auto"              # per-action compiled decode: auto (CUDA only; on CPU it measured no gain) | on | off
     busy_cores: float = 1.0            # other processes' load, in cores, from which the machine counts as busy
     recheck_s: float = 120.0           # a live thread check per machine state is reused this long (0: probe priors only, nothing observed)
-    probe_every: int = 8               # one decode step in n runs on another thread count (0: the live check decides)
+    explore_cost: float = 0.025        # at most this share of decode time runs thread counts ranked slower (0: none)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -205,7 +205,7 @@ class Calibrator:
         tracker, telemetry = SlowdownTracker(), []
         # The runtime a live decision under this load gets (threads for the machine's state), as
         # PruningEnvironment.calibrate does; every entry records it.
-        runtime = self.env.governor.govern().label
+        runtime = self.env.governor.govern(explore=False).label
 
         def timer(label: str, bucket: str) -> tuple[float, float]:
             prefill_s, per_token_s = self.env.time_action(label, bucket)

@@ -189,7 +189,7 @@ class PruningEnvironment:
         A loaded scenario with load_timing="scaled": the idle table times the dense slowdown."""
         if not self._calibration_ids:
             raise RuntimeError("set_calibration_prompts() must be called before calibrate()")
-        runtime = self.governor.govern().label
+        runtime = self.governor.govern(explore=False).label
         if scenario != IDLE and self.cfg.load_timing == "scaled":
             if not self.table.has(IDLE):
                 self.calibrate(IDLE, actions)

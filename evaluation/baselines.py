@@ -174,7 +174,7 @@ class _Sweep:
     def speedup(self, pruned: Callable[[str], AbstractContextManager], engine) -> tuple[float, str]:
         """(decode speedup, the runtime label it was timed under)."""
         decoder = self.governor.decoder(self.loaded.model, engine)     # first: the live check times this step
-        session = TimingSession(self.governor.govern())
+        session = TimingSession(self.governor.govern(explore=False))
         return decode_speedup(self.loaded.model, self.prompts, self.cfg.speed_new_tokens, self.cfg.speed_repeats,
                               pruned, engine, session, decoder), session.runtime
 

@@ -77,7 +77,7 @@ def probe_speed(model: torch.nn.Module, tokenizer, route: Route, prompt_tokens: 
         controller.append(route.controller_s - before)
         return timing
 
-    session = TimingSession(governor.govern())
+    session = TimingSession(governor.govern(explore=False))
     timings = session.repeat(route.label, run, repeats)
     return SpeedResult(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
                        prefill_tokens_per_s=prompt_tokens / timings.prefill_s,

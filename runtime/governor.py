@@ -14,9 +14,11 @@ for 2 threads). Once the governor knows its model (``attach``, or ``decoder``), 
 a state runs a live check (``measure_threads``: a few steps of the decoder it runs per candidate thread count, in
 alternating order, about 0.5 s on an idle 2-core machine), reused for ``RuntimeConfig.recheck_s`` seconds
 (``choose_threads`` is its rule). From then on the generations themselves decide: the decoder it hands out times
-every step and runs one step in ``RuntimeConfig.probe_every`` on another count (``ObservedDecoder``), and
-``runtime.threads.ThreadObservations`` ranks the counts on those steps, over the state's last five generations (under
-load the short check ranked the counts unlike the generations).
+every step (``ObservedDecoder``), and ``runtime.threads.ThreadObservations`` ranks the counts on whole generations on
+each in the state, running a count it thinks slower once in a while, less often the slower it is
+(``RuntimeConfig.explore_cost``); under load the short check, and single steps on the other count, ranked the counts
+unlike the generations. Measurement sessions that compare rows (speed probe, baselines, latency tables) decide with
+``explore=False``, so no row is timed on a count chosen to explore.
 
 Every timing records the ``RuntimeSetting`` it ran under (latency-table entries, speed results,
 baselines rows), and the provenance block records the OpenMP choice, so a figure always says which
@@ -27,8 +29,6 @@ runtime produced it::
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -61,8 +61,9 @@ class RuntimeSetting:
     threads: int
     state: str              # idle | busy: the machine state the thread count was chosen for; fixed | unmeasured
     decoder: str            # lean | eager (HF's forward over a static cache) | compiled
-    # observed (the fastest median step in this state's recent generations) | live (a check in this state, before its
-    # generations had steps on every count) | prior (the one-time probe) | fixed | unmeasured
+    # observed (the fastest count over this state's recent generations) | explore (a count run to keep its figure
+    # current: runtime.threads) | live (a check in this state, before its generations ranked the counts) | prior (the
+    # one-time probe) | fixed | unmeasured
     basis: str = "prior"
 
     @property
@@ -134,32 +135,24 @@ def compile_wanted(mode: str, device: torch.device) -> bool:
 
 class ObservedDecoder:
     """The governor's CPU decoder where it runs the lean step: ``decoder``'s generations with every step timed, per
-    byte it reads (``runtime.floor.step_bytes``), into the run ``open_run`` hands out, and the steps it names run on
-    their own thread count (None: not observed). A generation that falls back from the lean step (hooks on) is not
-    observed: HF's forward would rank the counts on other work."""
+    byte it reads (``runtime.floor.step_bytes``), into the generation ``open_run`` hands out (None: not observed). A
+    generation that falls back from the lean step (hooks on) is not observed: HF's forward would rank the counts on
+    other work."""
 
-    def __init__(self, decoder: LeanDecoder,
-                 open_run: Callable[[int], tuple[Generation, dict[int, int]] | None]) -> None:
+    def __init__(self, decoder: LeanDecoder, open_run: Callable[[], Generation | None]) -> None:
         self.decoder, self._open_run = decoder, open_run
 
     def __call__(self, model: torch.nn.Module, pre: Prefill, new_tokens: int) -> Step:
         step = self.decoder(model, pre, new_tokens)
-        if self.decoder.falls_back(model):
+        run = None if self.decoder.falls_back(model) else self._open_run()
+        if run is None:
             return step
-        opened = self._open_run(new_tokens - 1)
-        if opened is None:
-            return step
-        run, probes = opened
         per_byte = 1.0 / step_bytes(model, pre.cache.get_seq_length() + new_tokens // 2)
-        base, index = torch.get_num_threads(), itertools.count()
 
         def timed(token: torch.Tensor, position: int) -> torch.Tensor:
-            threads = probes.get(next(index), base)
-            with torch_threads(threads) if threads != base else contextlib.nullcontext():
-                started = time.perf_counter()
-                logits = step(token, position)
-                elapsed = time.perf_counter() - started
-            run.add(threads, elapsed * per_byte)
+            started = time.perf_counter()
+            logits = step(token, position)
+            run.add((time.perf_counter() - started) * per_byte)
             return logits
         return timed
 
@@ -182,7 +175,7 @@ class ExecutionGovernor:
         self._state: str | None = None             # the machine state of the last decision taken by state
         self._clock = clock
         self.checks: dict[str, ThreadCheck] = {}
-        self.observations = ThreadObservations(probe_every=self.config.probe_every)
+        self.observations = ThreadObservations(explore_cost=self.config.explore_cost)
 
     def attach(self, model: torch.nn.Module, engine=None) -> None:
         """The model live checks time, on the decode step this governor runs it with (CPU only: on CUDA the thread
@@ -242,10 +235,12 @@ class ExecutionGovernor:
         time.sleep(WINDOW_S)
         return self._probe.read(start, self._probe.cpu_counters())
 
-    def decide(self, hardware: HardwareState | LoadAwareHardware | None = None) -> RuntimeSetting:
+    def decide(self, hardware: HardwareState | LoadAwareHardware | None = None,
+               explore: bool = True) -> RuntimeSetting:
         """The thread count: the configured one ("fixed"); torch's current one where the wait policy was set
         by hand ("unmeasured": no rule, nothing read); else, for the machine's state ("idle" | "busy"), the
-        fastest in a live check, else in the probe's priors."""
+        fastest over its recent generations, or a count due to be explored (not with ``explore=False``: a session
+        whose rows are compared), else the fastest in a live check, else in the probe's priors."""
         decoder = self.decoder_name
         if self.config.threads:
             return RuntimeSetting(self.choice.policy, self.config.threads, "fixed", decoder, "fixed")
@@ -253,20 +248,18 @@ class ExecutionGovernor:
             return RuntimeSetting(self.choice.policy, torch.get_num_threads(), "unmeasured", decoder, "unmeasured")
         state = self.machine_state(hardware)
         self._state = state if self.config.recheck_s > 0 else None
-        observed = self.observations.choose(state, self.candidates()) if self._state else None
+        observed = self.observations.choose(state, self.candidates(), explore) if self._state else None
         if observed is not None:
-            return RuntimeSetting(self.choice.policy, observed, state, decoder, "observed")
+            return RuntimeSetting(self.choice.policy, observed[0], state, decoder, observed[1])
         threads, basis = choose_threads(self.live(state), self.priors(state), torch.get_num_threads())
         return RuntimeSetting(self.choice.policy, threads, state, decoder, basis)
 
-    def _open_run(self, steps: int) -> tuple[Generation, dict[int, int]] | None:
-        """Where a generation's step timings go (the last decision's machine state), and which of its ``steps`` run
-        on another count; None where the governor does not choose the count by state (fixed, a hand-set policy,
-        checks off)."""
+    def _open_run(self) -> Generation | None:
+        """Where a generation's step timings go (the last decision's machine state, the count it runs on); None where
+        the governor does not choose the count by state (fixed, a hand-set policy, checks off)."""
         if self._state is None:
             return None
-        probes = self.observations.probes(torch.get_num_threads(), self.candidates(), steps)
-        return self.observations.open(self._state), probes
+        return self.observations.open(self._state, torch.get_num_threads())
 
     def apply(self, setting: RuntimeSetting) -> RuntimeSetting:
         if torch.get_num_threads() != setting.threads:
@@ -274,9 +267,10 @@ class ExecutionGovernor:
             log.debug("runtime: %s (%s machine)", setting.label, setting.state)
         return setting
 
-    def govern(self, hardware: HardwareState | LoadAwareHardware | None = None) -> RuntimeSetting:
+    def govern(self, hardware: HardwareState | LoadAwareHardware | None = None,
+               explore: bool = True) -> RuntimeSetting:
         """Decide for the machine's current state and apply it; returns what now runs."""
-        return self.apply(self.decide(hardware))
+        return self.apply(self.decide(hardware, explore))
 
     def decoder(self, model: torch.nn.Module, engine=None) -> Decoder:
         """The decode step this governor runs: compiled per action (runtime.compiled), the lean step on the CPU

@@ -1,20 +1,24 @@
 """Torch's thread count for a block of work, and the evidence the execution governor ranks the counts by.
 
-Why the generations themselves (issue 25): under ``heavy`` (a spinning process per core) the governor's live check, a
-16-token prefill and three steps per count, ranked the counts unlike the generations it decided for (a 512-token
-prompt, 31 steps): in one run it chose 1 thread in 4 of 9 rounds while fixed 2 threads beat fixed 1 thread in 8 of 9
-(fp32 medians 51.0 against 67.6 ms per token). So one decode step in ``probe_every`` of every generation on the
-governor's decoder runs on another thread count (``ThreadObservations.probes``), every step is timed, and once each
-count has steps in a state the governor runs the count with the fastest median step there; the live check decides
-only the first generation in a state. Probing inside the generations compares the counts in the regime that is served
-(its context length, its moment's load) at the cost of one step in ``probe_every``, where exploring with whole
-generations would spend whole generations on the slower count.
+Why whole generations (issue 25): under ``heavy`` (a spinning process per core) two shorter measures ranked the counts
+unlike the generations they decided for. The live check (a 16-token prefill, three steps per count) chose 1 thread in
+4 of 9 rounds while fixed 2 threads beat fixed 1 thread in 8 of 9. Single probe steps on the other count inside a
+generation (one step in eight) timed 1 thread within 4 % of 2 threads (0.169 against 0.162 s/GB over a 36-round run)
+while fixed 2-thread generations ran 17 % faster than fixed 1-thread ones in the same rounds; the governor then ran 1
+thread in 14 of 36 rounds. A step on a count the process has just switched to is not a step of a generation on that
+count. So the counts are ranked on whole generations on each: a generation's figure is its median step (the tool's
+ms/token) in seconds per byte read (its weights as pruned and quantized, its KV cache: ``runtime.floor.step_bytes``,
+so generations of different actions and prompt lengths rank the counts together), and a count's figure the median of
+its last ``window`` generations' figures in the state.
 
-A step's seconds are divided by the bytes it reads (its weights as pruned and quantized, its KV cache:
-``runtime.floor.step_bytes``), so generations of different actions and prompt lengths rank the counts together.
+Exploring spends whole generations on a count the governor thinks slower, so how often it does is priced: a count
+``excess`` slower than the best runs once in ``max(explore_min, ceil(excess / explore_cost))`` generations, which
+spends at most ``explore_cost`` of the decode time on exploring (``excess / interval``) whatever the gap, yet revisits
+a close count every few generations, where a misranking is likeliest and the ranking must follow the load.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Iterator
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MIN_STEPS = 3       # a count with fewer timed steps in a state is not ranked yet
+MIN_STEPS = 3       # a generation with fewer timed steps does not rank its count
 
 
 @contextmanager
@@ -39,51 +43,81 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 @dataclass
 class Generation:
-    """One observed generation: its steps' seconds per byte read, per thread count."""
-    steps: dict[int, list[float]] = field(default_factory=dict)
+    """One observed generation on one thread count: its steps' seconds per byte read."""
+    threads: int
+    steps: list[float] = field(default_factory=list)
 
-    def add(self, threads: int, s_per_byte: float) -> None:
-        self.steps.setdefault(threads, []).append(s_per_byte)
+    def add(self, s_per_byte: float) -> None:
+        self.steps.append(s_per_byte)
+
+    @property
+    def figure(self) -> float | None:
+        """Its median step, per byte; None with fewer than ``MIN_STEPS`` steps."""
+        return statistics.median(self.steps) if len(self.steps) >= MIN_STEPS else None
+
+
+@dataclass
+class _State:
+    """One machine state's evidence: the last generations per count, and when (in generations) each count last ran."""
+    runs: dict[int, deque[Generation]] = field(default_factory=dict)
+    opened: int = 0
+    last: dict[int, int] = field(default_factory=dict)
 
 
 class ThreadObservations:
-    """Per machine state, the last ``window`` observed generations, however old: each has steps on every count, so
-    the ranking follows a change within the state in a few generations. An age limit (the live check's 120 s) left a
-    governor that decides every two minutes (the bench's rounds under ``heavy``) on the check in most decisions."""
+    """Per machine state, each count's last ``window`` observed generations, however old (an age limit, the live
+    check's 120 s, left a governor that decides every two minutes, the bench's rounds under ``heavy``, on the check in
+    most decisions), and the exploration schedule over them."""
 
-    def __init__(self, window: int = 5, probe_every: int = 8) -> None:
-        if window < 1 or probe_every == 1 or probe_every < 0:
-            raise ValueError("window must be >= 1 and probe_every 0 (no probing) or >= 2")
-        self.window, self.probe_every = window, probe_every
-        self._runs: dict[str, deque[Generation]] = {}
+    def __init__(self, window: int = 5, explore_cost: float = 0.025, explore_min: int = 4) -> None:
+        if window < 1 or explore_cost < 0 or explore_min < 2:
+            raise ValueError("window must be >= 1, explore_cost >= 0 (0: no exploring) and explore_min >= 2")
+        self.window, self.explore_cost, self.explore_min = window, explore_cost, explore_min
+        self._states: dict[str, _State] = {}
 
-    def open(self, state: str) -> Generation:
-        """A new generation in ``state``: the caller adds each step's thread count and seconds per byte."""
-        run = Generation()
-        self._runs.setdefault(state, deque(maxlen=self.window)).append(run)
+    def open(self, state: str, threads: int) -> Generation:
+        """A new generation in ``state`` on ``threads``: the caller adds each step's seconds per byte."""
+        seen = self._states.setdefault(state, _State())
+        run = Generation(threads)
+        seen.runs.setdefault(threads, deque(maxlen=self.window)).append(run)
+        seen.last[threads] = seen.opened
+        seen.opened += 1
         return run
 
-    def probes(self, threads: int, candidates: tuple[int, ...], steps: int) -> dict[int, int]:
-        """Which of a generation's ``steps`` on ``threads`` run on another count (step index -> count): every
-        ``probe_every``-th from mid-period, the other candidates in turn."""
-        others = [t for t in candidates if t != threads]
-        if not others or not self.probe_every:
-            return {}
-        return {i: others[n % len(others)] for n, i in enumerate(range(self.probe_every // 2, steps,
-                                                                              self.probe_every))}
+    def generations(self, state: str) -> dict[int, int]:
+        """How many of each count's generations the state's window holds (ranked or not)."""
+        seen = self._states.get(state)
+        return {t: len(runs) for t, runs in seen.runs.items()} if seen else {}
 
     def figures(self, state: str) -> dict[int, float]:
-        """Seconds per byte per count with at least ``MIN_STEPS`` steps in the state's window: their median."""
-        pooled: dict[int, list[float]] = {}
-        for run in self._runs.get(state, ()):
-            for threads, steps in run.steps.items():
-                pooled.setdefault(threads, []).extend(steps)
-        return {t: statistics.median(steps) for t, steps in pooled.items() if len(steps) >= MIN_STEPS}
+        """Seconds per byte per count: the median of its window's generation figures."""
+        seen = self._states.get(state)
+        out: dict[int, float] = {}
+        for threads, runs in (seen.runs.items() if seen else ()):
+            values = [run.figure for run in runs if run.figure is not None]
+            if values:
+                out[threads] = statistics.median(values)
+        return out
 
-    def choose(self, state: str, candidates: tuple[int, ...]) -> int | None:
-        """The count with the fastest median step in ``state`` (a tie keeps more threads); None until every
-        candidate has steps there (the caller's live check decides)."""
-        figures = self.figures(state)
-        if not all(t in figures for t in candidates):
+    def interval(self, excess: float) -> int:
+        """Generations between two on a count ``excess`` (0.2: 20 %) slower than the best."""
+        return max(self.explore_min, math.ceil(excess / self.explore_cost))
+
+    def choose(self, state: str, candidates: tuple[int, ...], explore: bool = True) -> tuple[int, str] | None:
+        """(threads, basis) for the next generation in ``state``: "explore" for a count that is due (one with no
+        figure yet at once, else after ``interval`` generations since it last ran; the most overdue first), else
+        "observed", the count with the fastest figure (a tie keeps more threads). None where no candidate has a figure,
+        or where ``explore`` is off and one lacks a figure: the caller's live check decides."""
+        figures = {t: f for t, f in self.figures(state).items() if t in candidates}
+        if not figures or (not explore and len(figures) < len(candidates)):
             return None
-        return min(candidates, key=lambda t: (figures[t], -t))
+        best = min(figures, key=lambda t: (figures[t], -t))
+        if explore and self.explore_cost > 0:
+            seen = self._states[state]
+            due = {t: (seen.opened - seen.last.get(t, -math.inf)) / (
+                self.interval(figures[t] / figures[best] - 1.0) if t in figures else 1)
+                for t in candidates if t != best}
+            overdue = [t for t, waited in due.items() if waited >= 1]
+            if overdue:
+                return max(overdue, key=lambda t: (due[t], t)), "explore"
+        return best, "observed"

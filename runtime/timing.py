@@ -6,7 +6,7 @@ not compare. The protocol:
 
 1. **A run** is a greedy generation of a fixed number of new tokens with EOS ignored
    (``generation.generate(..., ignore_eos=True)``), under the execution governor's setting, decided
-   once per session (``runtime.governor``), and recorded with the timings.
+   once per session (``runtime.governor``; never a count it explores), and recorded with the timings.
 2. **Per run**: the prefill time, and the decode time per token as the median of its decode steps
    (a step preempted on a shared machine does not move it).
 3. **Warm-up**: every side (dense, each action, each policy) gets one untimed run before its first
@@ -17,7 +17,7 @@ not compare. The protocol:
 5. **Summaries are medians** over a side's runs; a speedup is median(dense) / median(pruned), for
    prefill and decode separately.
 
-    session = TimingSession(governor.govern())
+    session = TimingSession(governor.govern(explore=False))
     pair = session.compare(lambda _: RunTiming.of(generate(model, ids, 16)), lambda _: pruned_run(action),
                            range(3), pruned_side=action.label)
     pair.decode_speedup, pair.pruned.decode_per_token_s, session.runtime

@@ -299,38 +299,52 @@ def test_the_live_check_times_the_decoder_the_governor_runs(tiny, restore_thread
     assert timed and all(d is decoder.decoder for d in timed)
 
 
-def test_observations_rank_the_counts_on_the_steps_of_recent_generations():
+def test_observations_rank_the_counts_on_whole_generations_and_price_exploring():
     from runtime.threads import ThreadObservations
 
-    seen = ThreadObservations(window=2, probe_every=4)
-    assert seen.probes(2, (2, 1), steps=11) == {2: 1, 6: 1, 10: 1}     # one step in four, from mid-period
-    assert seen.probes(1, (4, 2, 1), steps=11) == {2: 4, 6: 2, 10: 4}   # the other counts in turn
-    assert seen.probes(2, (2,), steps=11) == {} == ThreadObservations(probe_every=0).probes(2, (2, 1), 11)
+    seen = ThreadObservations(window=2, explore_cost=0.05, explore_min=3)
+    assert [seen.interval(e) for e in (0.0, 0.1, 0.15, 0.16, 1.0)] == [3, 3, 3, 4, 20]   # cost: excess / interval
 
-    def run(state: str, steps: dict[int, list[float]]) -> None:
-        generation = seen.open(state)
-        for threads, values in steps.items():
-            for v in values:
-                generation.add(threads, v)
+    def run(state: str, threads: int, steps: list[float]) -> None:
+        generation = seen.open(state, threads)
+        for v in steps:
+            generation.add(v)
 
     assert seen.choose(IDLE, (2, 1)) is None                          # nothing yet: the live check decides
-    run(IDLE, {2: [2.0] * 6, 1: [3.0, 3.0]})
-    assert seen.choose(IDLE, (2, 1)) is None and seen.figures(IDLE) == {2: 2.0}    # 1 has too few steps
-    run(IDLE, {2: [2.0] * 6, 1: [1.0] * 3})
-    assert seen.figures(IDLE) == {2: 2.0, 1: 1.0} and seen.choose(IDLE, (2, 1)) == 1   # pooled: 3, 3, 1, 1, 1
+    run(IDLE, 2, [2.0, 2.0, 9.0])                                     # a generation's figure: its median step
+    assert seen.figures(IDLE) == {2: 2.0}
+    assert seen.choose(IDLE, (2, 1)) == (1, "explore")                # a count without a figure: at once
+    assert seen.choose(IDLE, (2, 1), explore=False) is None           # a compared session: the live check decides
+    run(IDLE, 1, [1.0, 1.0])                                          # too few steps to rank its count
+    assert seen.figures(IDLE) == {2: 2.0} and seen.choose(IDLE, (2, 1)) == (1, "explore")
+    run(IDLE, 1, [2.4] * 3)                                           # 1 thread 20 % slower: every 4th generation
+    assert seen.figures(IDLE) == {2: 2.0, 1: 2.4} and seen.choose(IDLE, (2, 1)) == (2, "observed")
+    for _ in range(3):
+        assert seen.choose(IDLE, (2, 1)) == (2, "observed")
+        run(IDLE, 2, [2.0] * 3)
+    assert seen.choose(IDLE, (2, 1)) == (1, "explore")                # 4 generations since 1 thread last ran
+    assert seen.choose(IDLE, (2, 1), explore=False) == (2, "observed")
     assert seen.choose(BUSY, (2, 1)) is None                          # per state
-    run(IDLE, {2: [0.5] * 6, 1: [3.0] * 3})                           # the window keeps the last two generations
-    assert seen.figures(IDLE) == {2: 1.25, 1: 2.0} and seen.choose(IDLE, (2, 1)) == 2
-    run(IDLE, {2: [1.0] * 6, 1: [1.0] * 3})
-    assert seen.choose(IDLE, (2, 1)) == 2                             # a tie keeps more threads
-    with pytest.raises(ValueError, match="probe_every"):
-        ThreadObservations(probe_every=1)
+    run(IDLE, 1, [0.5] * 3)                                           # the window: each count's last two generations
+    assert seen.figures(IDLE) == {2: 2.0, 1: 1.45} and seen.choose(IDLE, (2, 1)) == (1, "observed")
+    assert seen.generations(IDLE) == {2: 2, 1: 2}
+    run(IDLE, 2, [2.0] * 3)
+    run(IDLE, 1, [2.0] * 3)
+    run(IDLE, 1, [2.0] * 3)
+    assert seen.figures(IDLE) == {2: 2.0, 1: 2.0} and seen.choose(IDLE, (2, 1)) == (2, "observed")   # a tie: more
+    never = ThreadObservations(explore_cost=0.0)
+    for threads in (2, 2, 2, 2, 2, 2):
+        never.open(IDLE, threads).steps.extend([1.0] * 3)
+    assert never.choose(IDLE, (2, 1)) == (2, "observed")              # explore_cost 0: never explores
+    with pytest.raises(ValueError, match="explore_min"):
+        ThreadObservations(explore_min=1)
 
 
 def test_the_governor_ranks_thread_counts_on_the_generations_it_decoded(tiny, restore_threads, monkeypatch):
-    """The check decides until the decoder's generations have steps on every count; then their steps decide (under
-    load the short check ranked the counts unlike 31-step generations). A generation that falls back from the lean
-    step, or one on a fixed thread count, is not observed."""
+    """The check decides the first generation in a state; then whole generations on each count decide, the other count
+    explored at once and then on its schedule (under load the short check, and single steps on the other count,
+    ranked the counts unlike the generations). A generation that falls back from the lean step, or one on a fixed
+    thread count, is not observed; a compared session never runs an explored count."""
     from runtime import governor as governor_module
     from runtime import lean
     from runtime.generation import generate
@@ -339,7 +353,7 @@ def test_the_governor_ranks_thread_counts_on_the_generations_it_decoded(tiny, re
     monkeypatch.setattr(governor_module, "measure_threads", lambda model, candidates, **kw: {1: 0.010, 2: 0.020})
     monkeypatch.setattr(openmp, "usable_cores", lambda: 2)
     choice = OpenMPChoice("spin-short", 1, 1, "measured", "t", probes(LOADED_PROBE))
-    governor = ExecutionGovernor(RuntimeConfig(recheck_s=60.0, probe_every=4), choice=choice)
+    governor = ExecutionGovernor(RuntimeConfig(recheck_s=60.0), choice=choice)
     decoder = governor.decoder(tiny.model)
     ids = torch.arange(12)[None] + 3
     ran: list[int] = []                                               # torch's thread count at each lean step
@@ -351,16 +365,21 @@ def test_the_governor_ranks_thread_counts_on_the_generations_it_decoded(tiny, re
     monkeypatch.setattr(lean._LeanStep, "__call__", counted)
     first = governor.govern(_state(5.0, 0.0))
     assert (first.threads, first.basis) == (1, "live")
-    generate(tiny.model, ids, 12, decoder=decoder)                    # 11 steps: 2, 6 and 10 on 2 threads
-    assert ran == [1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 2] and torch.get_num_threads() == 1
+    generate(tiny.model, ids, 12, decoder=decoder)                    # 11 steps, all on the decided count
+    assert ran == [1] * 11 and torch.get_num_threads() == 1
+    assert governor.govern(_state(5.0, 0.0), explore=False).basis == "live"   # 2 threads has no generation yet
+    second = governor.govern(_state(5.0, 0.0))
+    assert (second.threads, second.basis) == (2, "explore")
+    generate(tiny.model, ids, 12, decoder=decoder)
+    assert ran[11:] == [2] * 11
     figures = governor.observations.figures(IDLE)
     assert set(figures) == {1, 2} and all(0 < s < 1e-6 for s in figures.values())      # seconds per byte
-    second = governor.govern(_state(5.0, 0.0))
-    assert (second.threads, second.basis) == (min(figures, key=lambda t: (figures[t], -t)), "observed")
+    third = governor.govern(_state(5.0, 0.0))
+    assert (third.threads, third.basis) == (min(figures, key=lambda t: (figures[t], -t)), "observed")
     assert set(governor.describe()["observed_s_per_gb"][IDLE]) == {"1", "2"}
     monkeypatch.setattr(LeanDecoder, "falls_back", lambda self, model: True)
     generate(tiny.model, ids, 12, decoder=decoder)
-    assert len(governor.observations._runs[IDLE]) == 1                # not observed
+    assert governor.observations.generations(IDLE) == {1: 1, 2: 1}   # not observed
     fixed = ExecutionGovernor(RuntimeConfig(threads=1), choice=choice)
     fixed_decoder = fixed.decoder(tiny.model)
     fixed.govern()
