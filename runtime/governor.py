@@ -44,7 +44,7 @@ from runtime.floor import step_bytes
 from runtime.generation import Decoder, Prefill, Step, eager_decoder
 from runtime.lean import LeanDecoder, unsupported
 from runtime.openmp import BUSY, IDLE, OpenMPChoice
-from runtime.threads import Generation, ThreadObservations, torch_threads
+from runtime.threads import Generation, ThreadObservations, fastest, torch_threads
 from machine.telemetry import HardwareProbe, HardwareState
 from machine.load_signals import LoadAwareHardware
 
@@ -101,9 +101,9 @@ def choose_threads(live: dict[int, float] | None, prior: dict[int, float], fallb
     else ``fallback``. Live figures replace priors wholesale: a prior was taken at another moment, so
     mixing the two would compare two machine states."""
     if live:
-        return min(live, key=lambda t: (live[t], -t)), "live"
+        return fastest(live), "live"
     if prior:
-        return min(prior, key=lambda t: (prior[t], -t)), "prior"
+        return fastest(prior), "prior"
     return fallback, "unmeasured"
 
 

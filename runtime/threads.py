@@ -41,10 +41,17 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def fastest(figures: dict[int, float]) -> int:
+    """The count with the lowest figure; a tie keeps more threads."""
+    return min(figures, key=lambda t: (figures[t], -t))
+
+
 @dataclass
 class Generation:
-    """One observed generation on one thread count: its steps' seconds per byte read."""
+    """One observed generation on one thread count: its steps' seconds per byte read, and its place among its
+    state's generations (how long ago its count last ran)."""
     threads: int
+    index: int
     steps: list[float] = field(default_factory=list)
 
     def add(self, s_per_byte: float) -> None:
@@ -58,10 +65,9 @@ class Generation:
 
 @dataclass
 class _State:
-    """One machine state's evidence: the last generations per count, and when (in generations) each count last ran."""
+    """One machine state's evidence: the last generations per count, and how many it has opened."""
     runs: dict[int, deque[Generation]] = field(default_factory=dict)
     opened: int = 0
-    last: dict[int, int] = field(default_factory=dict)
 
 
 class ThreadObservations:
@@ -78,9 +84,8 @@ class ThreadObservations:
     def open(self, state: str, threads: int) -> Generation:
         """A new generation in ``state`` on ``threads``: the caller adds each step's seconds per byte."""
         seen = self._states.setdefault(state, _State())
-        run = Generation(threads)
+        run = Generation(threads, seen.opened)
         seen.runs.setdefault(threads, deque(maxlen=self.window)).append(run)
-        seen.last[threads] = seen.opened
         seen.opened += 1
         return run
 
@@ -94,7 +99,7 @@ class ThreadObservations:
         seen = self._states.get(state)
         out: dict[int, float] = {}
         for threads, runs in (seen.runs.items() if seen else ()):
-            values = [run.figure for run in runs if run.figure is not None]
+            values = [f for f in (run.figure for run in runs) if f is not None]
             if values:
                 out[threads] = statistics.median(values)
         return out
@@ -111,10 +116,11 @@ class ThreadObservations:
         figures = {t: f for t, f in self.figures(state).items() if t in candidates}
         if not figures or (not explore and len(figures) < len(candidates)):
             return None
-        best = min(figures, key=lambda t: (figures[t], -t))
+        best = fastest(figures)
         if explore and self.explore_cost > 0:
             seen = self._states[state]
-            due = {t: (seen.opened - seen.last.get(t, -math.inf)) / (
+            last = {t: runs[-1].index for t, runs in seen.runs.items()}
+            due = {t: (seen.opened - last.get(t, -math.inf)) / (
                 self.interval(figures[t] / figures[best] - 1.0) if t in figures else 1)
                 for t in candidates if t != best}
             overdue = [t for t, waited in due.items() if waited >= 1]
